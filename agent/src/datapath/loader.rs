@@ -1,0 +1,81 @@
+//! Loading the kernel object: maps pinned (and adopted when already pinned) under a per-node bpffs
+//! directory, programs loaded and verified.
+
+use std::path::{Path, PathBuf};
+
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use weir_common::{
+    MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_IPCACHE,
+    MAP_POLICY, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD,
+};
+
+use super::object::EBPF_OBJECT;
+
+/// Maps that hold enforcement state and are pinned so it survives the agent.
+pub const PINNED_MAPS: [&str; 8] = [
+    MAP_CONFIG,
+    MAP_ENDPOINTS,
+    MAP_IPCACHE,
+    MAP_CIDR_IDENTITIES,
+    MAP_SUBJECTS,
+    MAP_POLICY,
+    MAP_CONNTRACK,
+    MAP_COUNTERS,
+];
+
+/// The programs in the object, in the order they are loaded.
+pub const PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_TO_POD];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("creating the bpffs pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel object (is bpffs mounted at the pin directory's parent?): {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("the kernel object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("loading program {name} (the verifier's log follows): {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Loads the embedded object. With `pin_dir`, every map in `PINNED_MAPS` is pinned there, or
+/// adopted when a previous agent already pinned it; without, nothing is pinned (TestRun tests).
+pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            PINNED_MAPS
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    for name in PROGRAMS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}

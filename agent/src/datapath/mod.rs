@@ -1,0 +1,5 @@
+//! The datapath owner: loads the embedded kernel programs, pins their maps under the node's
+//! bpffs directory, attaches programs to pods' veths, and writes map contents.
+
+pub mod loader;
+pub mod object;

@@ -1,0 +1,20 @@
+//! Types shared by Weir's kernel programs (`weir-ebpf`) and user space (`weir-agent`, tests).
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of fixed-width integers and byte arrays, with
+//! explicit zeroed padding: hash keys compare byte by byte, so garbage in padding is a silent miss.
+//! Addresses are 16 bytes in network order; IPv4 addresses are IPv4-mapped IPv6
+//! (`::ffff:a.b.c.d`), so one map serves both families. Ports are in network order.
+#![no_std]
+
+pub mod conntrack;
+pub mod consts;
+pub mod event;
+pub mod maps;
+pub mod policy;
+pub mod ports;
+
+pub use conntrack::*;
+pub use consts::*;
+pub use event::*;
+pub use maps::*;
+pub use policy::*;

@@ -1,0 +1,12 @@
+//! Generates the gRPC code from `weir/*.proto` with a vendored protoc, so no system protoc is needed.
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let protoc = protoc_bin_vendored::protoc_bin_path().context("locating the vendored protoc")?;
+    // SAFETY: build scripts are single-threaded; set before tonic-prost-build reads it.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    tonic_prost_build::configure()
+        .compile_protos(&["weir/agent/v1/agent.proto"], &["."])
+        .context("compiling proto/weir/agent/v1/agent.proto")?;
+    Ok(())
+}

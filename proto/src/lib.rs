@@ -1,0 +1,8 @@
+//! Generated protobuf and gRPC code for Weir's contracts.
+
+/// The agent's local API (unix socket): CNI plugin and CLI.
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("weir.agent.v1");
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers shared by the root-only tests: packet builders, namespace guards.
