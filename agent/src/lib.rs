@@ -2,3 +2,4 @@
 //! tests in `tests/` drive them directly.
 
 pub mod datapath;
+pub mod endpoints;
