@@ -3,3 +3,6 @@
 
 pub mod loader;
 pub mod object;
+pub mod addr;
+pub mod maps;
+pub mod writer;

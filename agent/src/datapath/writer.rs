@@ -1,0 +1,410 @@
+//! The datapath writer: diffs the desired map contents against what the maps hold and writes the
+//! delta, in an order that never opens a gap a packet could see:
+//!
+//! 1. new ipcache and CIDR entries (new peers become known);
+//! 2. per changed subject: its rules under a new version beside the old, then one update of the
+//!    subject entry flips to the new version (a packet sees old or new rules, never a mix), then
+//!    the old version's rules are deleted;
+//! 3. endpoints (a new endpoint appears only once its subject's rules are live);
+//! 4. removals (endpoints, subjects, ipcache/CIDR entries no longer wanted);
+//! 5. the config generation is bumped, so conntrack entries get re-checked (revocation).
+//!
+//! At start-up the writer adopts what a previous agent left in the pinned maps, so the first
+//! apply writes only differences and deletes leftovers only after the wanted state is in place.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::maps::{MapError, lpm_trie::Key};
+use ipnet::IpNet;
+use weir_common::{
+    Addr, AddrKey, Config, EndpointInfo, EndpointKey, IdentityValue, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, PolicyKey, PolicyValue, SubjectKey, SubjectPolicy,
+};
+use weir_policy::output::RuleMatch;
+
+use super::{
+    addr::{prefix_to_kernel, to_kernel},
+    maps::DatapathMaps,
+};
+
+/// What the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredMaps {
+    pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
+    pub ipcache: BTreeMap<IpNet, u32>,
+    pub cidr_identities: BTreeMap<IpNet, u32>,
+    pub subjects: BTreeMap<u32, SubjectState>,
+    /// `CONFIG_*` flags.
+    pub config_flags: u32,
+}
+
+/// One subject's isolation flags and rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubjectState {
+    /// `SUBJECT_ISOLATED_*`.
+    pub flags: u32,
+    pub rules: BTreeMap<RuleMatch, u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("writing {what} to map {map}: {source} (a full map means the capacity in weir-common is too small for this cluster)")]
+    Map {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Counts of one apply, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub writes: usize,
+    pub deletes: usize,
+    pub subjects_changed: usize,
+    pub generation: u32,
+}
+
+/// What the maps hold, as last written (or as adopted at start-up).
+#[derive(Debug, Default)]
+struct Applied {
+    endpoints: BTreeMap<Addr, EndpointInfo>,
+    ipcache: BTreeMap<(u32, Addr), u32>,
+    cidr_identities: BTreeMap<(u32, Addr), u32>,
+    /// Live version and state per subject.
+    subjects: BTreeMap<u32, (u32, SubjectState)>,
+    /// Policy keys that belong to no live (subject, version): leftovers to delete.
+    stale_policy_keys: Vec<(u32, PolicyKey)>,
+    config: Config,
+}
+
+pub struct Writer {
+    maps: DatapathMaps,
+    applied: Applied,
+}
+
+fn map_err(map: &'static str, what: impl std::fmt::Debug) -> impl FnOnce(MapError) -> WriteError {
+    let what = format!("{what:?}");
+    move |source| WriteError::Map { map, what, source }
+}
+
+/// The LPM key of one rule of a subject at a version.
+pub fn policy_key(subject: u32, version: u32, rule: &RuleMatch) -> (u32, PolicyKey) {
+    let (prefix, proto, port) = match (rule.proto, rule.port) {
+        (None, _) => (POLICY_PREFIX_ANY_PROTO, 0, 0),
+        (Some(proto), None) => (POLICY_PREFIX_ANY_PORT, proto, 0),
+        (Some(proto), Some((first, bits))) => {
+            (POLICY_PREFIX_ANY_PORT + u32::from(bits), proto, first)
+        }
+    };
+    let key = PolicyKey {
+        subject: subject.to_be(),
+        version: version.to_be(),
+        peer: rule.peer.to_be(),
+        direction: rule.direction,
+        proto,
+        port: port.to_be(),
+    };
+    (prefix, key)
+}
+
+/// The rule a policy key holds (inverse of `policy_key`), with its subject and version.
+fn rule_of_key(prefix: u32, key: &PolicyKey) -> (u32, u32, RuleMatch) {
+    let proto = (prefix >= POLICY_PREFIX_ANY_PORT).then_some(key.proto);
+    let port = (prefix > POLICY_PREFIX_ANY_PORT)
+        .then(|| (u16::from_be(key.port), (prefix - POLICY_PREFIX_ANY_PORT) as u8));
+    let rule = RuleMatch {
+        direction: key.direction,
+        peer: u32::from_be(key.peer),
+        proto,
+        port,
+    };
+    (u32::from_be(key.subject), u32::from_be(key.version), rule)
+}
+
+impl Writer {
+    /// Adopts whatever the (possibly pinned, possibly inherited) maps hold.
+    pub fn adopt(maps: DatapathMaps) -> Result<Self, WriteError> {
+        let mut applied = Applied::default();
+        for entry in maps.endpoints.iter() {
+            let (k, v) = entry.map_err(map_err("WEIR_ENDPOINTS", "iterating"))?;
+            applied.endpoints.insert(k.addr, v);
+        }
+        for entry in maps.ipcache.iter() {
+            let (k, v) = entry.map_err(map_err("WEIR_IPCACHE", "iterating"))?;
+            applied
+                .ipcache
+                .insert((k.prefix_len(), k.data().addr), v.identity);
+        }
+        for entry in maps.cidr_identities.iter() {
+            let (k, v) = entry.map_err(map_err("WEIR_CIDR_IDS", "iterating"))?;
+            applied
+                .cidr_identities
+                .insert((k.prefix_len(), k.data().addr), v.identity);
+        }
+        let mut versions = BTreeMap::new();
+        for entry in maps.subjects.iter() {
+            let (k, v) = entry.map_err(map_err("WEIR_SUBJECTS", "iterating"))?;
+            versions.insert(k.identity, v);
+            applied.subjects.insert(
+                k.identity,
+                (
+                    v.version,
+                    SubjectState {
+                        flags: v.flags,
+                        rules: BTreeMap::new(),
+                    },
+                ),
+            );
+        }
+        for entry in maps.policy.iter() {
+            let (k, v) = entry.map_err(map_err("WEIR_POLICY", "iterating"))?;
+            let (prefix, key) = (k.prefix_len(), k.data());
+            let (subject, version, rule) = rule_of_key(prefix, &key);
+            match applied.subjects.get_mut(&subject) {
+                Some((live, state)) if *live == version => {
+                    state.rules.insert(rule, v.rule);
+                }
+                _ => {
+                    applied.stale_policy_keys.push((prefix, key));
+                }
+            }
+        }
+        applied.config = maps.config.get(&0, 0).unwrap_or_default();
+        Ok(Self { maps, applied })
+    }
+
+    /// The config generation last written.
+    pub fn generation(&self) -> u32 {
+        self.applied.config.generation
+    }
+
+    /// Writes the difference between what the maps hold and `desired`.
+    pub fn apply(&mut self, desired: &DesiredMaps) -> Result<ApplyStats, WriteError> {
+        let mut stats = ApplyStats::default();
+        let ipcache = kernel_prefixes(&desired.ipcache);
+        let cidrs = kernel_prefixes(&desired.cidr_identities);
+
+        // 1. New and changed peers.
+        for (&(len, addr), &identity) in &ipcache {
+            if self.applied.ipcache.get(&(len, addr)) != Some(&identity) {
+                let key = Key::new(len, AddrKey { addr });
+                let value = IdentityValue { identity, _pad: 0 };
+                self.maps
+                    .ipcache
+                    .insert(&key, value, 0)
+                    .map_err(map_err("WEIR_IPCACHE", (len, addr)))?;
+                self.applied.ipcache.insert((len, addr), identity);
+                stats.writes += 1;
+            }
+        }
+        for (&(len, addr), &identity) in &cidrs {
+            if self.applied.cidr_identities.get(&(len, addr)) != Some(&identity) {
+                let key = Key::new(len, AddrKey { addr });
+                let value = IdentityValue { identity, _pad: 0 };
+                self.maps
+                    .cidr_identities
+                    .insert(&key, value, 0)
+                    .map_err(map_err("WEIR_CIDR_IDS", (len, addr)))?;
+                self.applied.cidr_identities.insert((len, addr), identity);
+                stats.writes += 1;
+            }
+        }
+
+        // 2. Subjects whose rules or isolation changed: new version beside the old, flip, delete.
+        for (&subject, state) in &desired.subjects {
+            let previous = self.applied.subjects.get(&subject);
+            if previous.is_some_and(|(_, applied)| applied == state) {
+                continue;
+            }
+            let version = previous.map_or(1, |(v, _)| v.wrapping_add(1).max(1));
+            self.write_rules(subject, version, state, &mut stats)?;
+            self.maps
+                .subjects
+                .insert(
+                    SubjectKey { identity: subject },
+                    SubjectPolicy {
+                        version,
+                        flags: state.flags,
+                    },
+                    0,
+                )
+                .map_err(map_err("WEIR_SUBJECTS", subject))?;
+            stats.writes += 1;
+            stats.subjects_changed += 1;
+            if let Some((old_version, old)) = self
+                .applied
+                .subjects
+                .insert(subject, (version, state.clone()))
+            {
+                self.delete_rules(subject, old_version, &old.rules, &mut stats);
+            }
+        }
+
+        // 3. Endpoints, once their subjects are live.
+        for (&addr, info) in &desired.endpoints {
+            let addr = to_kernel(addr);
+            if self.applied.endpoints.get(&addr) != Some(info) {
+                self.maps
+                    .endpoints
+                    .insert(EndpointKey { addr }, info, 0)
+                    .map_err(map_err("WEIR_ENDPOINTS", addr))?;
+                self.applied.endpoints.insert(addr, *info);
+                stats.writes += 1;
+            }
+        }
+
+        // 4. Removals: endpoints first, so nothing points at what goes next.
+        let wanted: BTreeSet<Addr> = desired.endpoints.keys().map(|a| to_kernel(*a)).collect();
+        let gone: Vec<Addr> = self
+            .applied
+            .endpoints
+            .keys()
+            .filter(|a| !wanted.contains(*a))
+            .copied()
+            .collect();
+        for addr in gone {
+            // A failed delete of an entry that is already gone is fine.
+            let _ = self.maps.endpoints.remove(&EndpointKey { addr });
+            self.applied.endpoints.remove(&addr);
+            stats.deletes += 1;
+        }
+        let gone: Vec<u32> = self
+            .applied
+            .subjects
+            .keys()
+            .filter(|s| !desired.subjects.contains_key(s))
+            .copied()
+            .collect();
+        for subject in gone {
+            let _ = self.maps.subjects.remove(&SubjectKey { identity: subject });
+            if let Some((version, old)) = self.applied.subjects.remove(&subject) {
+                self.delete_rules(subject, version, &old.rules, &mut stats);
+            }
+            stats.deletes += 1;
+        }
+        for (len, key) in std::mem::take(&mut self.applied.stale_policy_keys) {
+            let _ = self.maps.policy.remove(&Key::new(len, key));
+            stats.deletes += 1;
+        }
+        let gone: Vec<(u32, Addr)> = self
+            .applied
+            .ipcache
+            .keys()
+            .filter(|k| !ipcache.contains_key(*k))
+            .copied()
+            .collect();
+        for (len, addr) in gone {
+            let _ = self.maps.ipcache.remove(&Key::new(len, AddrKey { addr }));
+            self.applied.ipcache.remove(&(len, addr));
+            stats.deletes += 1;
+        }
+        let gone: Vec<(u32, Addr)> = self
+            .applied
+            .cidr_identities
+            .keys()
+            .filter(|k| !cidrs.contains_key(*k))
+            .copied()
+            .collect();
+        for (len, addr) in gone {
+            let _ = self
+                .maps
+                .cidr_identities
+                .remove(&Key::new(len, AddrKey { addr }));
+            self.applied.cidr_identities.remove(&(len, addr));
+            stats.deletes += 1;
+        }
+
+        // 5. Tell conntrack that policy moved.
+        let changed = stats.writes + stats.deletes > 0;
+        let config = Config {
+            generation: if changed {
+                self.applied.config.generation.wrapping_add(1)
+            } else {
+                self.applied.config.generation
+            },
+            flags: desired.config_flags,
+        };
+        if config != self.applied.config {
+            self.maps
+                .config
+                .set(0, config, 0)
+                .map_err(map_err("WEIR_CONFIG", config))?;
+            self.applied.config = config;
+        }
+        stats.generation = config.generation;
+        Ok(stats)
+    }
+
+    fn write_rules(
+        &mut self,
+        subject: u32,
+        version: u32,
+        state: &SubjectState,
+        stats: &mut ApplyStats,
+    ) -> Result<(), WriteError> {
+        for (n, (rule, &id)) in state.rules.iter().enumerate() {
+            let (len, key) = policy_key(subject, version, rule);
+            let value = PolicyValue { rule: id, _pad: 0 };
+            if let Err(source) = self.maps.policy.insert(&Key::new(len, key), value, 0) {
+                // Undo the half-written version; the live one is untouched.
+                for rule in state.rules.keys().take(n) {
+                    let (len, key) = policy_key(subject, version, rule);
+                    let _ = self.maps.policy.remove(&Key::new(len, key));
+                }
+                return Err(WriteError::Map {
+                    map: "WEIR_POLICY",
+                    what: format!("subject {subject} version {version} rule {rule:?}"),
+                    source,
+                });
+            }
+            stats.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn delete_rules(
+        &mut self,
+        subject: u32,
+        version: u32,
+        rules: &BTreeMap<RuleMatch, u32>,
+        stats: &mut ApplyStats,
+    ) {
+        for rule in rules.keys() {
+            let (len, key) = policy_key(subject, version, rule);
+            let _ = self.maps.policy.remove(&Key::new(len, key));
+            stats.deletes += 1;
+        }
+    }
+}
+
+fn kernel_prefixes(prefixes: &BTreeMap<IpNet, u32>) -> BTreeMap<(u32, Addr), u32> {
+    prefixes
+        .iter()
+        .map(|(net, id)| (prefix_to_kernel(*net), *id))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_common::{DIR_INGRESS, PROTO_TCP};
+
+    use super::*;
+
+    #[test]
+    fn policy_keys_round_trip() {
+        for rule in [
+            RuleMatch { direction: DIR_INGRESS, peer: 300, proto: None, port: None },
+            RuleMatch { direction: DIR_INGRESS, peer: 0, proto: Some(PROTO_TCP), port: None },
+            RuleMatch { direction: DIR_INGRESS, peer: 7, proto: Some(PROTO_TCP), port: Some((8080, 16)) },
+            RuleMatch { direction: DIR_INGRESS, peer: 7, proto: Some(PROTO_TCP), port: Some((1024, 6)) },
+        ] {
+            let (len, key) = policy_key(300, 4, &rule);
+            assert_eq!(rule_of_key(len, &key), (300, 4, rule));
+        }
+    }
+}
