@@ -3,3 +3,4 @@
 
 pub mod datapath;
 pub mod endpoints;
+pub mod source;

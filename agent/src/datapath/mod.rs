@@ -1,8 +1,10 @@
 //! The datapath owner: loads the embedded kernel programs, pins their maps under the node's
 //! bpffs directory, attaches programs to pods' veths, and writes map contents.
 
-pub mod loader;
-pub mod object;
 pub mod addr;
+pub mod attach;
+pub mod events;
+pub mod loader;
 pub mod maps;
+pub mod object;
 pub mod writer;

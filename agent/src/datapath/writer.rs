@@ -51,7 +51,9 @@ pub struct SubjectState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("writing {what} to map {map}: {source} (a full map means the capacity in weir-common is too small for this cluster)")]
+    #[error(
+        "writing {what} to map {map}: {source} (a full map means the capacity in weir-common is too small for this cluster)"
+    )]
     Map {
         map: &'static str,
         what: String,
@@ -115,8 +117,12 @@ pub fn policy_key(subject: u32, version: u32, rule: &RuleMatch) -> (u32, PolicyK
 /// The rule a policy key holds (inverse of `policy_key`), with its subject and version.
 fn rule_of_key(prefix: u32, key: &PolicyKey) -> (u32, u32, RuleMatch) {
     let proto = (prefix >= POLICY_PREFIX_ANY_PORT).then_some(key.proto);
-    let port = (prefix > POLICY_PREFIX_ANY_PORT)
-        .then(|| (u16::from_be(key.port), (prefix - POLICY_PREFIX_ANY_PORT) as u8));
+    let port = (prefix > POLICY_PREFIX_ANY_PORT).then(|| {
+        (
+            u16::from_be(key.port),
+            (prefix - POLICY_PREFIX_ANY_PORT) as u8,
+        )
+    });
     let rule = RuleMatch {
         direction: key.direction,
         peer: u32::from_be(key.peer),
@@ -398,10 +404,30 @@ mod tests {
     #[test]
     fn policy_keys_round_trip() {
         for rule in [
-            RuleMatch { direction: DIR_INGRESS, peer: 300, proto: None, port: None },
-            RuleMatch { direction: DIR_INGRESS, peer: 0, proto: Some(PROTO_TCP), port: None },
-            RuleMatch { direction: DIR_INGRESS, peer: 7, proto: Some(PROTO_TCP), port: Some((8080, 16)) },
-            RuleMatch { direction: DIR_INGRESS, peer: 7, proto: Some(PROTO_TCP), port: Some((1024, 6)) },
+            RuleMatch {
+                direction: DIR_INGRESS,
+                peer: 300,
+                proto: None,
+                port: None,
+            },
+            RuleMatch {
+                direction: DIR_INGRESS,
+                peer: 0,
+                proto: Some(PROTO_TCP),
+                port: None,
+            },
+            RuleMatch {
+                direction: DIR_INGRESS,
+                peer: 7,
+                proto: Some(PROTO_TCP),
+                port: Some((8080, 16)),
+            },
+            RuleMatch {
+                direction: DIR_INGRESS,
+                peer: 7,
+                proto: Some(PROTO_TCP),
+                port: Some((1024, 6)),
+            },
         ] {
             let (len, key) = policy_key(300, 4, &rule);
             assert_eq!(rule_of_key(len, &key), (300, 4, rule));
