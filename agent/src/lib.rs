@@ -1,6 +1,8 @@
 //! Weir's node agent as a library: the binary (`main.rs`) wires these together, and the root-only
 //! tests in `tests/` drive them directly.
 
+pub mod api;
 pub mod datapath;
 pub mod endpoints;
+pub mod ipam;
 pub mod source;

@@ -1,0 +1,468 @@
+//! Pod address management for this node: one address per configured family (the node's pod
+//! CIDRs), keyed by attachment (container id, interface name).
+//!
+//! Every change is persisted to `<state_dir>/ipam.json` atomically (temp file, fsync, rename,
+//! fsync of the directory) before it is acknowledged, so a crash of the agent or of a plugin in
+//! the middle of an ADD never hands the same address out twice. Allocations whose host veth
+//! vanished while the agent was down are released by [`Ipam::reconcile`] at start-up.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use weir_policy::model::ObjectKey;
+
+/// The file name under the state directory.
+pub const STATE_FILE: &str = "ipam.json";
+
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(
+        "no pod CIDR configured: IPAM needs at least one (--pod-cidr or the Node's spec.podCIDRs)"
+    )]
+    NoPodCidr,
+    #[error("two pod CIDRs of the same family ({first} and {second}); one per family is supported")]
+    DuplicateFamily { first: IpNet, second: IpNet },
+    #[error("pod CIDR {cidr} is exhausted: all {capacity} usable addresses are allocated")]
+    Exhausted { cidr: IpNet, capacity: u128 },
+    #[error("creating the IPAM state directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the IPAM state {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the IPAM state {path} is corrupt; move it away to start afresh (addresses in use may then be handed out again)"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing the IPAM state {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the IPAM state lock was poisoned by a panic")]
+    Poisoned,
+}
+
+/// One attachment's addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub container_id: String,
+    pub ifname: String,
+    pub pod: ObjectKey,
+    /// The host-side veth (`weir_proto::naming::host_veth_name`).
+    pub host_ifname: String,
+    /// One per family, in the order of the pod CIDRs.
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    version: u32,
+    /// Where the next search starts, per pool (index into the pool's usable range), so that a
+    /// released address is not handed out again at once.
+    cursors: BTreeMap<String, u128>,
+    allocations: Vec<Allocation>,
+}
+
+/// One pod CIDR and its usable range `[first, first + capacity)` as offsets from the network.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    cidr: IpNet,
+    first: u128,
+    capacity: u128,
+}
+
+impl Pool {
+    fn new(cidr: IpNet) -> Self {
+        let cidr = cidr.trunc();
+        let (host_bits, is_v4) = match cidr {
+            IpNet::V4(n) => (32 - u32::from(n.prefix_len()), true),
+            IpNet::V6(n) => (128 - u32::from(n.prefix_len()), false),
+        };
+        let size: u128 = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        // v4: skip the network and broadcast addresses; v6: skip the subnet-router anycast
+        // (first) address. Tiny pools (/31, /32, /127, /128) use every address.
+        let (first, capacity) = match (is_v4, size) {
+            (_, 0..=2) => (0, size),
+            (true, _) => (1, size - 2),
+            (false, _) => (1, size - 1),
+        };
+        Pool {
+            cidr,
+            first,
+            capacity,
+        }
+    }
+
+    fn key(&self) -> String {
+        self.cidr.to_string()
+    }
+
+    fn addr(&self, index: u128) -> IpAddr {
+        let offset = self.first + index;
+        match self.cidr {
+            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
+                u32::from(n.network()).wrapping_add(offset as u32),
+            )),
+            IpNet::V6(n) => {
+                IpAddr::V6(Ipv6Addr::from(u128::from(n.network()).wrapping_add(offset)))
+            }
+        }
+    }
+
+    fn same_family(&self, addr: &IpAddr) -> bool {
+        matches!(
+            (self.cidr, addr),
+            (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+        )
+    }
+}
+
+/// The node's IPAM. Cheap to share behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Ipam {
+    path: PathBuf,
+    pools: Vec<Pool>,
+    state: Mutex<State>,
+}
+
+impl Ipam {
+    /// Opens (or creates) the state under `state_dir` for the node's pod CIDRs (at most one per
+    /// family). Allocations made from CIDRs no longer configured are kept until released.
+    pub fn open(state_dir: &Path, pod_cidrs: &[IpNet]) -> Result<Ipam, IpamError> {
+        if pod_cidrs.is_empty() {
+            return Err(IpamError::NoPodCidr);
+        }
+        let mut pools: Vec<Pool> = Vec::new();
+        for cidr in pod_cidrs {
+            let pool = Pool::new(*cidr);
+            if let Some(other) = pools.iter().find(|p| p.same_family(&pool.cidr.network())) {
+                return Err(IpamError::DuplicateFamily {
+                    first: other.cidr,
+                    second: pool.cidr,
+                });
+            }
+            pools.push(pool);
+        }
+        fs::create_dir_all(state_dir).map_err(|source| IpamError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join(STATE_FILE);
+        let state = match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<State>(&bytes).map_err(|source| IpamError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                version: STATE_VERSION,
+                ..State::default()
+            },
+            Err(source) => {
+                return Err(IpamError::Read {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        Ok(Ipam {
+            path,
+            pools,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The configured pod CIDRs.
+    pub fn pod_cidrs(&self) -> Vec<IpNet> {
+        self.pools.iter().map(|p| p.cidr).collect()
+    }
+
+    /// The state file.
+    pub fn state_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, IpamError> {
+        self.state.lock().map_err(|_| IpamError::Poisoned)
+    }
+
+    /// Reserves one address per pool for the attachment and persists the reservation before
+    /// returning it. Idempotent: an attachment that already has addresses gets the same ones.
+    pub fn allocate(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        pod: &ObjectKey,
+        host_ifname: &str,
+    ) -> Result<Allocation, IpamError> {
+        let mut state = self.lock()?;
+        if let Some(existing) = state
+            .allocations
+            .iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+        {
+            return Ok(existing.clone());
+        }
+        let used: HashSet<IpAddr> = state
+            .allocations
+            .iter()
+            .flat_map(|a| a.addresses.iter().copied())
+            .collect();
+        let mut addresses = Vec::with_capacity(self.pools.len());
+        let mut cursors = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            let in_pool = used.iter().filter(|a| pool.cidr.contains(*a)).count() as u128;
+            if in_pool >= pool.capacity {
+                return Err(IpamError::Exhausted {
+                    cidr: pool.cidr,
+                    capacity: pool.capacity,
+                });
+            }
+            let start = state.cursors.get(&pool.key()).copied().unwrap_or(0) % pool.capacity;
+            // At most `in_pool` addresses are taken, so a free one is within `in_pool + 1` steps.
+            let mut found = None;
+            for step in 0..=in_pool {
+                let index = (start + step) % pool.capacity;
+                let addr = pool.addr(index);
+                if !used.contains(&addr) {
+                    found = Some((index, addr));
+                    break;
+                }
+            }
+            let Some((index, addr)) = found else {
+                return Err(IpamError::Exhausted {
+                    cidr: pool.cidr,
+                    capacity: pool.capacity,
+                });
+            };
+            addresses.push(addr);
+            cursors.push((pool.key(), (index + 1) % pool.capacity));
+        }
+        let allocation = Allocation {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+            pod: pod.clone(),
+            host_ifname: host_ifname.to_owned(),
+            addresses,
+        };
+        let saved_cursors = state.cursors.clone();
+        state.allocations.push(allocation.clone());
+        state.cursors.extend(cursors);
+        if let Err(e) = self.persist(&state) {
+            state.allocations.pop();
+            state.cursors = saved_cursors;
+            return Err(e);
+        }
+        Ok(allocation)
+    }
+
+    /// The attachment's allocation, if any.
+    pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
+        Ok(self
+            .lock()?
+            .allocations
+            .iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+            .cloned())
+    }
+
+    /// Frees the attachment's addresses; `None` when it had none (not an error).
+    pub fn release(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Allocation>, IpamError> {
+        let mut state = self.lock()?;
+        let Some(pos) = state
+            .allocations
+            .iter()
+            .position(|a| a.container_id == container_id && a.ifname == ifname)
+        else {
+            return Ok(None);
+        };
+        let removed = state.allocations.remove(pos);
+        if let Err(e) = self.persist(&state) {
+            state.allocations.insert(pos, removed);
+            return Err(e);
+        }
+        Ok(Some(removed))
+    }
+
+    /// Every current allocation.
+    pub fn allocations(&self) -> Result<Vec<Allocation>, IpamError> {
+        Ok(self.lock()?.allocations.clone())
+    }
+
+    /// Start-up reconciliation: releases every allocation whose host veth is not in
+    /// `existing_host_veths` (its pod was deleted, or its ADD died, while the agent was down).
+    /// Returns what was released. Call it before serving the API.
+    pub fn reconcile(
+        &self,
+        existing_host_veths: &HashSet<String>,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        self.release_where(|a| !existing_host_veths.contains(&a.host_ifname))
+    }
+
+    /// Releases every allocation for which `stale` holds, persisting once; returns them.
+    pub fn release_where(
+        &self,
+        mut stale: impl FnMut(&Allocation) -> bool,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        let mut state = self.lock()?;
+        let (released, kept): (Vec<_>, Vec<_>) =
+            state.allocations.drain(..).partition(|a| stale(a));
+        state.allocations = kept;
+        if released.is_empty() {
+            return Ok(released);
+        }
+        if let Err(e) = self.persist(&state) {
+            state.allocations.extend(released);
+            return Err(e);
+        }
+        Ok(released)
+    }
+
+    /// Writes the state atomically: temp file, fsync, rename, fsync of the directory.
+    fn persist(&self, state: &State) -> Result<(), IpamError> {
+        let write_err = |source| IpamError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| write_err(e.into()))?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            let mut file = fs::File::create(&tmp).map_err(write_err)?;
+            file.write_all(&bytes).map_err(write_err)?;
+            file.sync_all().map_err(write_err)?;
+        }
+        fs::rename(&tmp, &self.path).map_err(write_err)?;
+        if let Some(dir) = self.path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_err)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "weir-ipam-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn skips_network_and_broadcast_and_exhausts_clearly() {
+        let dir = tempdir("small");
+        let ipam = Ipam::open(&dir, &["10.0.0.0/30".parse().unwrap()]).unwrap();
+        let a = ipam.allocate("c1", "eth0", &pod("a"), "h1").unwrap();
+        let b = ipam.allocate("c2", "eth0", &pod("b"), "h2").unwrap();
+        let got: HashSet<_> = [a.addresses[0], b.addresses[0]].into();
+        let want: HashSet<IpAddr> =
+            ["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()].into();
+        assert_eq!(got, want);
+        let err = ipam.allocate("c3", "eth0", &pod("c"), "h3").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pod CIDR 10.0.0.0/30 is exhausted: all 2 usable addresses are allocated"
+        );
+        // Idempotent.
+        assert_eq!(ipam.allocate("c1", "eth0", &pod("a"), "h1").unwrap(), a);
+        ipam.release("c1", "eth0").unwrap().unwrap();
+        assert!(ipam.release("c1", "eth0").unwrap().is_none());
+        let c = ipam.allocate("c3", "eth0", &pod("c"), "h3").unwrap();
+        assert_eq!(c.addresses, a.addresses);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dual_stack_persists_and_reconciles() {
+        let dir = tempdir("dual");
+        let cidrs: Vec<IpNet> = vec![
+            "10.1.0.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
+        let first = {
+            let ipam = Ipam::open(&dir, &cidrs).unwrap();
+            let a = ipam.allocate("c1", "eth0", &pod("a"), "h1").unwrap();
+            assert_eq!(a.addresses.len(), 2);
+            assert_eq!(a.addresses[0], "10.1.0.1".parse::<IpAddr>().unwrap());
+            assert_eq!(a.addresses[1], "fd00:1::1".parse::<IpAddr>().unwrap());
+            ipam.allocate("c2", "eth0", &pod("b"), "h2").unwrap();
+            a
+        };
+        let ipam = Ipam::open(&dir, &cidrs).unwrap();
+        assert_eq!(ipam.allocations().unwrap().len(), 2);
+        assert_eq!(ipam.get("c1", "eth0").unwrap().unwrap(), first);
+        let third = ipam.allocate("c3", "eth0", &pod("c"), "h3").unwrap();
+        assert!(!third.addresses.contains(&first.addresses[0]));
+        let released = ipam.reconcile(&["h1".to_string()].into()).unwrap();
+        let names: HashSet<_> = released.iter().map(|a| a.container_id.as_str()).collect();
+        assert_eq!(names, ["c2", "c3"].into());
+        let reopened = Ipam::open(&dir, &cidrs).unwrap();
+        assert_eq!(reopened.allocations().unwrap(), vec![first]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn parallel_allocations_are_distinct() {
+        let dir = tempdir("par");
+        let ipam =
+            std::sync::Arc::new(Ipam::open(&dir, &["10.2.0.0/24".parse().unwrap()]).unwrap());
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    ipam.allocate(&format!("c{i}"), "eth0", &pod("p"), "h")
+                        .unwrap()
+                        .addresses[0]
+                })
+            })
+            .collect();
+        let addrs: HashSet<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(addrs.len(), 50);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
