@@ -43,7 +43,9 @@ pub struct SubjectRules {
 }
 
 /// Where a rule id came from, for verdict events and `explain`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct RuleOrigin {
     pub policy: ObjectKey,
     /// `weir_common::DIR_EGRESS` or `DIR_INGRESS`.

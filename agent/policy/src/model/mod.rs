@@ -1,4 +1,12 @@
-//! Kubernetes objects as the compiler reads them.
+//! Kubernetes objects as the compiler reads them, and the cluster state they add up to.
+
+mod objects;
+mod parse;
+
+use std::collections::BTreeMap;
+
+pub use objects::*;
+pub use parse::{ParseError, parse_documents};
 
 /// Namespace and name of a namespaced object.
 #[derive(
@@ -18,8 +26,122 @@ pub struct ObjectKey {
     pub name: String,
 }
 
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One object the compiler understands, defaulted as the API server would.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    NetworkPolicy(NetworkPolicy),
+    Node(Node),
+}
+
+/// Which object an [`Object`] is: its kind and key, for removal and duplicate detection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectRef {
+    Namespace(String),
+    Pod(ObjectKey),
+    NetworkPolicy(ObjectKey),
+    Node(String),
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectRef::Namespace(n) => write!(f, "Namespace {n}"),
+            ObjectRef::Pod(k) => write!(f, "Pod {k}"),
+            ObjectRef::NetworkPolicy(k) => write!(f, "NetworkPolicy {k}"),
+            ObjectRef::Node(n) => write!(f, "Node {n}"),
+        }
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    ObjectKey::new(
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone(),
+    )
+}
+
+impl Object {
+    /// The object's kind and key. Namespaced objects without a namespace are in `default`.
+    pub fn object_ref(&self) -> ObjectRef {
+        match self {
+            Object::Namespace(n) => ObjectRef::Namespace(n.metadata.name.clone()),
+            Object::Pod(p) => ObjectRef::Pod(key_of(&p.metadata)),
+            Object::NetworkPolicy(p) => ObjectRef::NetworkPolicy(key_of(&p.metadata)),
+            Object::Node(n) => ObjectRef::Node(n.metadata.name.clone()),
+        }
+    }
+}
+
+/// Everything the compiler reads: the objects of the cluster, by name or key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+impl ClusterState {
+    /// Adds or replaces an object. Defaulting is applied again (idempotent), so objects built in
+    /// code behave like parsed ones.
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Namespace(mut n) => {
+                n.apply_defaults();
+                self.namespaces.insert(n.metadata.name.clone(), n);
+            }
+            Object::Pod(mut p) => {
+                let key = key_of(&p.metadata);
+                p.metadata.namespace = Some(key.namespace.clone());
+                self.pods.insert(key, p);
+            }
+            Object::NetworkPolicy(mut p) => {
+                p.apply_defaults();
+                let key = key_of(&p.metadata);
+                p.metadata.namespace = Some(key.namespace.clone());
+                self.policies.insert(key, p);
+            }
+            Object::Node(n) => {
+                self.nodes.insert(n.metadata.name.clone(), n);
+            }
+        }
+    }
+
+    /// Removes an object; returns whether it was there.
+    pub fn remove(&mut self, what: &ObjectRef) -> bool {
+        match what {
+            ObjectRef::Namespace(n) => self.namespaces.remove(n).is_some(),
+            ObjectRef::Pod(k) => self.pods.remove(k).is_some(),
+            ObjectRef::NetworkPolicy(k) => self.policies.remove(k).is_some(),
+            ObjectRef::Node(n) => self.nodes.remove(n).is_some(),
+        }
+    }
+
+    /// Labels of a namespace. A namespace without a Namespace object (yet) still carries the
+    /// `kubernetes.io/metadata.name` label the API server would give it.
+    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        match self.namespaces.get(namespace) {
+            Some(n) => n.metadata.labels.clone(),
+            None => BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())]),
+        }
     }
 }

@@ -1,0 +1,120 @@
+//! CIDR identities: ipBlocks (with their excepts) as prefixes in an LPM trie.
+//!
+//! Every ipBlock `cidr` and every `except` of every valid policy is a prefix. A prefix `P` gets
+//! the label set `L(P)` = the ipBlocks `B` with `B.cidr ⊇ P` and no except of `B` ⊇ `P`, and one
+//! CIDR identity per distinct label set (`IDENTITY_WORLD` for the empty set, which still gets
+//! an entry so that a longer empty prefix shadows a shorter one that has labels).
+//!
+//! Why the longest match is exact: the inserted prefixes that contain an address `a` form a
+//! chain (two prefixes that share an address are nested). Let `P` be the longest of them. For
+//! any ipBlock `B`: if `a ∈ B.cidr`, then `B.cidr` is in the chain, so `B.cidr ⊇ P`; if
+//! `a ∉ B.cidr`, then `B.cidr ⊉ P` because `a ∈ P`. Likewise an except `e` of `B` contains `P`
+//! iff it contains `a`. So `B ∈ L(P)` iff `a ∈ B.cidr` and `a` is in none of `B`'s excepts, i.e.
+//! iff `a` is in `B`. If no inserted prefix contains `a`, `a` is in no ipBlock at all.
+//!
+//! Families: the kernel keeps IPv4 as `::ffff:a.b.c.d`, so an IPv6 prefix shorter than /96
+//! that covers `::ffff:0:0/96` would also be the longest match of IPv4 addresses no IPv4
+//! prefix covers. Whenever such a prefix exists, `0.0.0.0/0` is inserted too (with its own,
+//! IPv4-only label set), so IPv4 lookups always end on an IPv4 prefix. IPv6 ipBlocks inside
+//! `::ffff:0:0/96` are rejected at validation.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weir_common::IDENTITY_WORLD;
+
+use crate::{
+    identity::{AllocError, CidrLabels, IdentityAllocator},
+    validate::IpBlockLabel,
+};
+
+/// The CIDR identities of a set of ipBlocks.
+#[derive(Clone, Debug, Default)]
+pub struct CidrIdentities {
+    /// Every prefix → its identity (`IDENTITY_WORLD` when its label set is empty).
+    pub prefixes: BTreeMap<IpNet, u32>,
+    /// Every ipBlock → the CIDR identities whose label set contains it.
+    pub by_block: HashMap<Arc<IpBlockLabel>, Vec<u32>>,
+    /// Identity → its label set.
+    pub labels: BTreeMap<u32, CidrLabels>,
+}
+
+fn mapped_cover() -> Ipv6Net {
+    Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96).unwrap_or_default()
+}
+
+/// Computes the prefixes, label sets and identities of `blocks`.
+pub fn cidr_identities(
+    blocks: &BTreeSet<Arc<IpBlockLabel>>,
+    alloc: &mut IdentityAllocator,
+) -> Result<CidrIdentities, AllocError> {
+    let mut by_cidr: HashMap<IpNet, Vec<&Arc<IpBlockLabel>>> = HashMap::new();
+    let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
+    for b in blocks {
+        by_cidr.entry(b.cidr).or_default().push(b);
+        prefixes.insert(b.cidr);
+        prefixes.extend(b.except.iter().copied());
+    }
+    let cover = mapped_cover();
+    if prefixes
+        .iter()
+        .any(|p| matches!(p, IpNet::V6(v6) if v6.contains(&cover)))
+    {
+        prefixes.insert(IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or_default(),
+        ));
+    }
+
+    let mut sets: BTreeMap<IpNet, BTreeSet<&Arc<IpBlockLabel>>> = BTreeMap::new();
+    for &p in &prefixes {
+        let mut set = BTreeSet::new();
+        for len in 0..=p.prefix_len() {
+            let Ok(sup) = IpNet::new(p.addr(), len).map(|n| n.trunc()) else {
+                continue;
+            };
+            for b in by_cidr.get(&sup).into_iter().flatten() {
+                if !b.except.iter().any(|e| e.contains(&p)) {
+                    set.insert(*b);
+                }
+            }
+        }
+        sets.insert(p, set);
+    }
+
+    // Allocate in sorted label-set order so that a fresh allocator is deterministic.
+    let distinct: BTreeSet<CidrLabels> = sets
+        .values()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.iter().map(|b| (***b).clone()).collect())
+        .collect();
+    let mut ids: BTreeMap<CidrLabels, u32> = BTreeMap::new();
+    for labels in distinct {
+        let id = alloc.cidr(&labels)?;
+        ids.insert(labels, id);
+    }
+
+    let mut out = CidrIdentities::default();
+    let mut by_block: HashMap<Arc<IpBlockLabel>, BTreeSet<u32>> = HashMap::new();
+    for (p, set) in sets {
+        if set.is_empty() {
+            out.prefixes.insert(p, IDENTITY_WORLD);
+            continue;
+        }
+        let labels: CidrLabels = set.iter().map(|b| (***b).clone()).collect();
+        let id = ids.get(&labels).copied().unwrap_or(IDENTITY_WORLD);
+        out.prefixes.insert(p, id);
+        for b in set {
+            by_block.entry(Arc::clone(b)).or_default().insert(id);
+        }
+        out.labels.insert(id, labels);
+    }
+    out.by_block = by_block
+        .into_iter()
+        .map(|(b, ids)| (b, ids.into_iter().collect()))
+        .collect();
+    Ok(out)
+}

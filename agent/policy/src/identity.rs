@@ -1,0 +1,225 @@
+//! Stable numeric identities for pods and CIDR label sets, and stable rule ids.
+//!
+//! The allocator is state the agent persists in its state directory: the same (namespace,
+//! labels, named ports) keeps its identity across compiles and agent restarts, so map contents
+//! only change where the cluster changed. Ids are never handed out twice while the counter has
+//! room; after that, the lowest free id is reused.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use weir_common::{
+    IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, IDENTITY_LOCAL_MASK,
+};
+
+use crate::{output::RuleOrigin, validate::IpBlockLabel};
+
+/// A named container port of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// What a pod identity stands for. Named ports are part of it so that a named port resolves to
+/// exactly the numbers of the pods that carry the identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PodIdentityKey {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub named_ports: BTreeSet<NamedPort>,
+}
+
+impl PodIdentityKey {
+    /// The port numbers `name` stands for with protocol `proto`.
+    pub fn resolve<'a>(&'a self, proto: u8, name: &'a str) -> impl Iterator<Item = u16> + 'a {
+        self.named_ports
+            .iter()
+            .filter(move |p| p.proto == proto && p.name == name)
+            .map(|p| p.port)
+    }
+}
+
+impl std::fmt::Display for PodIdentityKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(f, "{}/{{{}}}", self.namespace, labels.join(","))?;
+        if !self.named_ports.is_empty() {
+            let ports: Vec<String> = self
+                .named_ports
+                .iter()
+                .map(|p| format!("{}={}/{}", p.name, p.port, p.proto))
+                .collect();
+            write!(f, " ports[{}]", ports.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// The label set of a CIDR identity: the ipBlocks that contain its prefixes.
+pub type CidrLabels = BTreeSet<IpBlockLabel>;
+
+/// Number of cluster-local pod identities.
+const POD_SPACE: u32 = IDENTITY_FIRST_CIDR - IDENTITY_FIRST_POD;
+/// Number of CIDR identities.
+const CIDR_SPACE: u32 = IDENTITY_LOCAL_MASK + 1 - IDENTITY_FIRST_CIDR;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Table<K: Ord> {
+    ids: BTreeMap<K, u32>,
+    /// Offset of the next never-used id.
+    next: u32,
+}
+
+impl<K: Ord> Default for Table<K> {
+    fn default() -> Self {
+        Self {
+            ids: BTreeMap::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<K: Ord + Clone> Table<K> {
+    /// Offset of `key`, allocating the next free one; `None` when the space is full.
+    fn get_or_insert(&mut self, key: &K, space: u32) -> Option<u32> {
+        if let Some(&id) = self.ids.get(key) {
+            return Some(id);
+        }
+        let id = if self.next < space {
+            self.next += 1;
+            self.next - 1
+        } else {
+            let used: BTreeSet<u32> = self.ids.values().copied().collect();
+            (0..space).find(|i| !used.contains(i))?
+        };
+        self.ids.insert(key.clone(), id);
+        Some(id)
+    }
+}
+
+/// Hands out identities and rule ids; serialisable so the agent can persist it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AllocatorRepr", into = "AllocatorRepr")]
+pub struct IdentityAllocator {
+    pods: Table<PodIdentityKey>,
+    cidrs: Table<CidrLabels>,
+    rules: Table<RuleOrigin>,
+}
+
+/// Why an identity could not be allocated.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("no free pod identity left for {key} (all {POD_SPACE} are in use)")]
+    PodsExhausted { key: String },
+    #[error("no free CIDR identity left for {labels} (all {CIDR_SPACE} are in use)")]
+    CidrsExhausted { labels: String },
+    #[error("cluster id {cluster_id} does not fit in 8 bits")]
+    BadClusterId { cluster_id: u32 },
+}
+
+impl IdentityAllocator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identity of a pod key in cluster `cluster_id` (0..=255).
+    pub fn pod(&mut self, cluster_id: u32, key: &PodIdentityKey) -> Result<u32, AllocError> {
+        if cluster_id > (u32::MAX >> IDENTITY_CLUSTER_SHIFT) {
+            return Err(AllocError::BadClusterId { cluster_id });
+        }
+        let off =
+            self.pods
+                .get_or_insert(key, POD_SPACE)
+                .ok_or_else(|| AllocError::PodsExhausted {
+                    key: key.to_string(),
+                })?;
+        Ok((cluster_id << IDENTITY_CLUSTER_SHIFT) | (IDENTITY_FIRST_POD + off))
+    }
+
+    /// The identity of a CIDR label set (must not be empty: that is `IDENTITY_WORLD`).
+    pub fn cidr(&mut self, labels: &CidrLabels) -> Result<u32, AllocError> {
+        let off = self
+            .cidrs
+            .get_or_insert(labels, CIDR_SPACE)
+            .ok_or_else(|| AllocError::CidrsExhausted {
+                labels: labels
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            })?;
+        Ok(IDENTITY_FIRST_CIDR + off)
+    }
+
+    /// The id of a rule (from 1).
+    pub fn rule(&mut self, origin: &RuleOrigin) -> u32 {
+        // The space is u32: it cannot run out in practice; saturate rather than fail.
+        self.rules
+            .get_or_insert(origin, u32::MAX - 1)
+            .map_or(u32::MAX, |o| o + 1)
+    }
+
+    /// Forgets every pod key, label set and rule not in use, so the state does not grow
+    /// without bound. Forgotten ids are not reused until the id space wraps.
+    pub fn retain(
+        &mut self,
+        pods: &BTreeSet<&PodIdentityKey>,
+        cidrs: &BTreeSet<&CidrLabels>,
+        rules: &BTreeSet<&RuleOrigin>,
+    ) {
+        self.pods.ids.retain(|k, _| pods.contains(k));
+        self.cidrs.ids.retain(|k, _| cidrs.contains(k));
+        self.rules.ids.retain(|k, _| rules.contains(k));
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct AllocatorRepr {
+    pods: Vec<(PodIdentityKey, u32)>,
+    next_pod: u32,
+    cidrs: Vec<(CidrLabels, u32)>,
+    next_cidr: u32,
+    rules: Vec<(RuleOrigin, u32)>,
+    next_rule: u32,
+}
+
+impl From<IdentityAllocator> for AllocatorRepr {
+    fn from(a: IdentityAllocator) -> Self {
+        Self {
+            pods: a.pods.ids.into_iter().collect(),
+            next_pod: a.pods.next,
+            cidrs: a.cidrs.ids.into_iter().collect(),
+            next_cidr: a.cidrs.next,
+            rules: a.rules.ids.into_iter().collect(),
+            next_rule: a.rules.next,
+        }
+    }
+}
+
+impl From<AllocatorRepr> for IdentityAllocator {
+    fn from(r: AllocatorRepr) -> Self {
+        // Keep `next` past every stored id even if the state was edited by hand.
+        fn table<K: Ord>(ids: Vec<(K, u32)>, next: u32) -> Table<K> {
+            let max = ids
+                .iter()
+                .map(|(_, v)| v.saturating_add(1))
+                .max()
+                .unwrap_or(0);
+            Table {
+                ids: ids.into_iter().collect(),
+                next: next.max(max),
+            }
+        }
+        Self {
+            pods: table(r.pods, r.next_pod),
+            cidrs: table(r.cidrs, r.next_cidr),
+            rules: table(r.rules, r.next_rule),
+        }
+    }
+}
