@@ -2,7 +2,12 @@
 //! tests in `tests/` drive them directly.
 
 pub mod api;
+pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod flows;
 pub mod ipam;
+pub mod node;
+pub mod persist;
+pub mod runtime;
 pub mod source;

@@ -1,9 +1,198 @@
-use anyhow::Context as _;
+//! `weir-agent`: the node agent. Standalone mode (`--manifests DIR`) reads the cluster from a
+//! directory; everything after the source is the same code Kubernetes mode will use.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::Parser as _;
+use tokio::sync::mpsc;
+use tracing_subscriber::EnvFilter;
+use weir_agent::{
+    api::{self, ApiConfig},
+    config::{Cli, Command, RunArgs, UninstallArgs},
+    datapath::{events::read_events, loader},
+    ipam::Ipam,
+    node,
+    runtime::{Runtime, RuntimeConfig},
+    source::manifests::{ManifestDir, follow},
+};
+use weir_common::MAP_EVENTS;
 
 fn main() -> anyhow::Result<()> {
-    let ebpf = weir_agent::datapath::loader::load(None).context("loading the datapath")?;
-    for (name, _) in ebpf.programs() {
-        println!("loaded {name}");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Uninstall(args)) => uninstall(&args),
+        None => tokio::runtime::Runtime::new()
+            .context("starting the async runtime")?
+            .block_on(run(cli.run)),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = args.node.node_name()?.to_owned();
+    let bpffs_dir = args.node.bpffs_dir()?;
+    let state_dir = args.node.state_dir()?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| format!("/run/weir/{node_name}/agent.sock").into());
+    let Some(manifests) = args.manifests.clone() else {
+        bail!(
+            "no cluster source: pass --manifests DIR (standalone mode); Kubernetes mode is not built yet"
+        );
+    };
+
+    node::prepare(&bpffs_dir).context("preparing the node")?;
+    let mut source = ManifestDir::new(&manifests);
+    let first_state = source
+        .scan()
+        .with_context(|| format!("reading the manifests in {}", manifests.display()))?;
+    let pod_cidrs = if !args.pod_cidr.is_empty() {
+        args.pod_cidr.clone()
+    } else {
+        node_pod_cidrs(&first_state, &node_name)?
+    };
+    if pod_cidrs.is_empty() {
+        bail!(
+            "no pod CIDR for node {node_name}: pass --pod-cidr, or put a Node object named {node_name} \
+             with spec.podCIDRs in {}",
+            manifests.display()
+        );
+    }
+
+    let mut ebpf = loader::load(Some(&bpffs_dir.join("maps"))).context("loading the datapath")?;
+    let events = ebpf
+        .take_map(MAP_EVENTS)
+        .context("the kernel object has no events ring buffer")?;
+    let events =
+        aya::maps::RingBuf::try_from(events).context("the events map is not a ring buffer")?;
+    let runtime = Runtime::start(
+        RuntimeConfig {
+            node_name: node_name.clone(),
+            cluster_id: 0,
+            state_dir: state_dir.clone(),
+            bpffs_dir: bpffs_dir.clone(),
+            revoke_established: args.revoke_established,
+            emit_allow_events: args.log_allowed,
+        },
+        ebpf,
+    )
+    .context("starting the runtime")?;
+
+    let ipam = Arc::new(Ipam::open(&state_dir, &pod_cidrs).context("opening IPAM")?);
+    let interfaces: HashSet<String> = nix::net::if_::if_nameindex()
+        .context("listing this node's interfaces")?
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .collect();
+    for released in ipam.reconcile(&interfaces).context("reconciling IPAM")? {
+        tracing::info!(
+            ?released,
+            "released the address of an endpoint whose veth is gone"
+        );
+    }
+
+    // Events first, so the first reconcile's drops are explained.
+    let events_runtime = runtime.clone();
+    tokio::spawn(async move {
+        if let Err(e) = read_events(events, move |event| events_runtime.record_event(&event)).await
+        {
+            tracing::error!(error = %e, "reading verdict events stopped");
+        }
+    });
+
+    runtime.set_cluster_state(first_state);
+    let (states_tx, mut states_rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        if let Err(e) = follow(source, states_tx, Duration::from_secs(2)).await {
+            tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
+        }
+    });
+    let state_runtime = runtime.clone();
+    tokio::spawn(async move {
+        while let Some(state) = states_rx.recv().await {
+            state_runtime.set_cluster_state(state);
+        }
+    });
+
+    let api_config = ApiConfig {
+        node_name: node_name.clone(),
+        default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
+    };
+    tracing::info!(node = %node_name, socket = %socket.display(), pins = %bpffs_dir.display(), "weir-agent ready");
+    api::serve_with(&socket, api_config, runtime, ipam, shutdown_signal())
+        .await
+        .context("serving the agent API")?;
+    tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
+    Ok(())
+}
+
+/// The node's pod CIDRs from its Node object (`spec.podCIDRs`, else `spec.podCIDR`).
+fn node_pod_cidrs(
+    state: &weir_policy::model::ClusterState,
+    node_name: &str,
+) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    let Some(node) = state.nodes.get(node_name) else {
+        return Ok(Vec::new());
+    };
+    let spec = &node.spec;
+    let cidrs: Vec<&String> = if spec.pod_cidrs.is_empty() {
+        spec.pod_cidr.iter().collect()
+    } else {
+        spec.pod_cidrs.iter().collect()
+    };
+    cidrs
+        .into_iter()
+        .map(|c| {
+            c.parse().with_context(|| {
+                format!("Node {node_name}: spec.podCIDRs has {c:?}, which is not a CIDR")
+            })
+        })
+        .collect()
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Removes every pin (links first, which detaches the programs) and optionally the state.
+fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let bpffs_dir = args.node.bpffs_dir()?;
+    if bpffs_dir.exists() {
+        std::fs::remove_dir_all(&bpffs_dir)
+            .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;
+        println!(
+            "removed {} (programs detached, maps unpinned)",
+            bpffs_dir.display()
+        );
+    } else {
+        println!("nothing pinned at {}", bpffs_dir.display());
+    }
+    if args.purge_state {
+        let state_dir = args.node.state_dir()?;
+        if state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("removing {}", state_dir.display()))?;
+            println!("removed {}", state_dir.display());
+        }
     }
     Ok(())
 }

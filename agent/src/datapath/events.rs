@@ -9,7 +9,9 @@ pub async fn read_events(
     ring: RingBuf<MapData>,
     mut sink: impl FnMut(VerdictEvent) + Send,
 ) -> std::io::Result<()> {
-    let mut fd = AsyncFd::new(ring)?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
+    // nothing else closes it.
+    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();

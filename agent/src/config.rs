@@ -1,0 +1,100 @@
+//! Command-line flags (each also settable through the environment, for the DaemonSet).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "weir-agent",
+    about = "Weir's node agent: enforces Kubernetes NetworkPolicy in eBPF on this node",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Remove Weir's enforcement from this node: detach every program and remove the pins.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// This node's name: Pods with this spec.nodeName are local; names the default directories.
+    /// Required.
+    #[arg(long, env = "WEIR_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where maps and links are pinned [default: /sys/fs/bpf/weir/<node>].
+    #[arg(long, env = "WEIR_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Where IPAM, endpoints, identities and the flow log live [default: /var/lib/weir/<node>].
+    #[arg(long, env = "WEIR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// The node name, or an error that says how to give it.
+    pub fn node_name(&self) -> anyhow::Result<&str> {
+        self.node_name.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--node-name (or WEIR_NODE_NAME) is required: the name of this node's Node object"
+            )
+        })
+    }
+
+    pub fn bpffs_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.bpffs_dir {
+            Some(dir) => dir.clone(),
+            None => PathBuf::from("/sys/fs/bpf/weir").join(self.node_name()?),
+        })
+    }
+
+    pub fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => PathBuf::from("/var/lib/weir").join(self.node_name()?),
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Standalone mode: read Namespace, Pod, NetworkPolicy and Node manifests from this directory
+    /// and follow its changes.
+    #[arg(long, env = "WEIR_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// This node's pod CIDR(s), comma-separated for dual-stack; wins over the Node object's
+    /// spec.podCIDRs.
+    #[arg(long, env = "WEIR_POD_CIDR", value_delimiter = ',')]
+    pub pod_cidr: Vec<IpNet>,
+    /// The local API's unix socket (the CNI plugin's `agentSocket`)
+    /// [default: /run/weir/<node>/agent.sock].
+    #[arg(long, env = "WEIR_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Cut established connections that a policy change no longer allows.
+    #[arg(long, env = "WEIR_REVOKE_ESTABLISHED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub revoke_established: bool,
+    /// Log every new allowed connection to the flow log too, not only drops.
+    #[arg(long, env = "WEIR_LOG_ALLOWED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub log_allowed: bool,
+    /// Seconds a CNI ADD waits for its Pod object before failing with "try again later".
+    #[arg(long, env = "WEIR_POD_WAIT_SECONDS", default_value_t = 10)]
+    pub pod_wait_seconds: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Also delete the state directory (IPAM allocations, endpoints, identities, flow log).
+    #[arg(long)]
+    pub purge_state: bool,
+}

@@ -1,0 +1,233 @@
+//! Verdict events made readable: which endpoint, which direction, which policies selected it and
+//! which rule (if any) allowed the packet. Each becomes a JSON line in `<state-dir>/flows.jsonl`
+//! (what `weir flows`/`explain` and the lab's demo read) and, for drops, a log line.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use weir_common::*;
+use weir_policy::{
+    model::ObjectKey,
+    output::{Compiled, RuleOrigin},
+};
+
+use crate::datapath::addr::from_kernel;
+
+/// One verdict, as written to flows.jsonl.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// "allow" or "drop".
+    pub verdict: String,
+    /// Why, e.g. "policy-denied", "revoked", "rule".
+    pub reason: String,
+    /// "ingress" or "egress", seen from `endpoint`.
+    pub direction: String,
+    /// The local pod the verdict was for ("ns/name"), if known.
+    pub endpoint: Option<String>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: String,
+    /// The peer's identity, described.
+    pub peer: String,
+    /// The policies that select the endpoint in this direction (those that isolated it).
+    pub policies: Vec<String>,
+    /// The rule that allowed it ("ns/policy ingress[0]"), if one did.
+    pub rule: Option<String>,
+}
+
+/// What the agent knows to explain verdicts, refreshed after every compile.
+#[derive(Clone, Debug, Default)]
+pub struct Explainer {
+    identity_names: BTreeMap<u32, String>,
+    rule_origins: BTreeMap<u32, RuleOrigin>,
+    endpoints: BTreeMap<IpAddr, ObjectKey>,
+    selected_by: BTreeMap<(u32, u8), Vec<String>>,
+}
+
+impl Explainer {
+    pub fn from_compiled(compiled: &Compiled) -> Self {
+        let mut selected_by = BTreeMap::new();
+        for (&subject, rules) in &compiled.subjects {
+            let names = |set: &std::collections::BTreeSet<ObjectKey>| {
+                set.iter().map(ToString::to_string).collect::<Vec<_>>()
+            };
+            selected_by.insert((subject, DIR_INGRESS), names(&rules.selected_by_ingress));
+            selected_by.insert((subject, DIR_EGRESS), names(&rules.selected_by_egress));
+        }
+        Self {
+            identity_names: compiled.identity_names.clone(),
+            rule_origins: compiled.rule_origins.clone(),
+            endpoints: compiled
+                .local_addresses
+                .iter()
+                .map(|(addr, (pod, _))| (*addr, pod.clone()))
+                .collect(),
+            selected_by,
+        }
+    }
+
+    /// Turns a kernel event into a record.
+    pub fn explain(&self, event: &VerdictEvent) -> FlowRecord {
+        let src = from_kernel(event.saddr);
+        let dst = from_kernel(event.daddr);
+        let endpoint_addr = if event.direction == DIR_EGRESS {
+            src
+        } else {
+            dst
+        };
+        let rule = (event.rule != 0).then(|| match self.rule_origins.get(&event.rule) {
+            Some(o) => format!("{} {}[{}]", o.policy, direction_name(o.direction), o.index),
+            None => format!("rule {}", event.rule),
+        });
+        FlowRecord {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            verdict: if event.verdict == VERDICT_DROP {
+                "drop"
+            } else {
+                "allow"
+            }
+            .to_owned(),
+            reason: reason_name(event.reason).to_owned(),
+            direction: direction_name(event.direction).to_owned(),
+            endpoint: self.endpoints.get(&endpoint_addr).map(ToString::to_string),
+            src,
+            dst,
+            sport: u16::from_be(event.sport),
+            dport: u16::from_be(event.dport),
+            proto: proto_name(event.proto),
+            peer: self.identity_name(event.peer),
+            policies: self
+                .selected_by
+                .get(&(event.subject, event.direction))
+                .cloned()
+                .unwrap_or_default(),
+            rule,
+        }
+    }
+
+    fn identity_name(&self, identity: u32) -> String {
+        match identity {
+            IDENTITY_ANY => "unknown".to_owned(),
+            IDENTITY_HOST => "reserved:host".to_owned(),
+            IDENTITY_WORLD => "reserved:world".to_owned(),
+            IDENTITY_REMOTE_NODE => "reserved:remote-node".to_owned(),
+            id => self
+                .identity_names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("identity {id}")),
+        }
+    }
+}
+
+impl FlowRecord {
+    /// The sentence a person reads in the agent's log.
+    pub fn describe(&self) -> String {
+        let who = self.endpoint.as_deref().unwrap_or("an unknown endpoint");
+        let what = format!(
+            "{} {}:{} -> {}:{} {} ({} {who}, peer {})",
+            self.verdict,
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            self.proto,
+            self.direction,
+            self.peer
+        );
+        let why = match self.reason.as_str() {
+            "policy-denied" => format!(
+                "isolated by {}; no rule allowed it",
+                self.policies.join(", ")
+            ),
+            "revoked" => format!(
+                "an established connection that {} no longer allow",
+                self.policies.join(", ")
+            ),
+            "unknown-endpoint" => "no endpoint is enforced for this address on this interface (before CNI ADD finished, or after DEL)".to_owned(),
+            "spoofed-source" => "the source address is not the one this pod was given".to_owned(),
+            other => other.to_owned(),
+        };
+        format!("{what}: {why}")
+    }
+}
+
+pub fn reason_name(reason: u8) -> &'static str {
+    match reason {
+        REASON_NOT_ISOLATED => "not-isolated",
+        REASON_RULE => "rule",
+        REASON_ESTABLISHED => "established",
+        REASON_RELATED => "related",
+        REASON_LINK_LOCAL => "link-local",
+        REASON_POLICY_DENIED => "policy-denied",
+        REASON_UNKNOWN_ENDPOINT => "unknown-endpoint",
+        REASON_SPOOFED_SOURCE => "spoofed-source",
+        REASON_REVOKED => "revoked",
+        REASON_MALFORMED => "malformed",
+        REASON_INTERNAL => "internal-error",
+        _ => "unknown",
+    }
+}
+
+fn direction_name(direction: u8) -> &'static str {
+    if direction == DIR_EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "TCP".to_owned(),
+        PROTO_UDP => "UDP".to_owned(),
+        PROTO_SCTP => "SCTP".to_owned(),
+        PROTO_ICMP => "ICMP".to_owned(),
+        PROTO_ICMPV6 => "ICMPv6".to_owned(),
+        other => format!("proto-{other}"),
+    }
+}
+
+/// Appends records to flows.jsonl, rotating to flows.jsonl.1 past a size limit.
+pub struct FlowLog {
+    path: PathBuf,
+    max_bytes: u64,
+}
+
+impl FlowLog {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("flows.jsonl"),
+            max_bytes: 16 << 20,
+        }
+    }
+
+    pub fn append(&self, record: &FlowRecord) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() > self.max_bytes) {
+            let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
+        }
+        let line = match serde_json::to_string(record) {
+            Ok(line) => line,
+            Err(_) => return,
+        };
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot append to the flow log");
+        }
+    }
+}

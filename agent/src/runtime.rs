@@ -1,0 +1,446 @@
+//! The agent's runtime: owns the cluster state, the local endpoints, the loaded programs and the
+//! datapath writer, and keeps the maps equal to what the compiler says they should hold.
+//!
+//! Every change — a new cluster state from the source, an endpoint added or removed — goes
+//! through `reconcile`: compile, diff, write. Start-up adopts what is pinned and changes nothing
+//! until the first cluster state has been read, so a restarted agent never garbage-collects
+//! enforcement it has not yet reconciled.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use aya::Ebpf;
+use tokio::sync::Notify;
+use weir_common::{
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, EndpointInfo, SUBJECT_ISOLATED_EGRESS,
+    SUBJECT_ISOLATED_INGRESS, VerdictEvent,
+};
+use weir_policy::{
+    compile::{CompileInput, compile},
+    identity::IdentityAllocator,
+    model::{ClusterState, ObjectKey},
+    output::{Compiled, Rejection},
+};
+
+use crate::{
+    datapath::{
+        attach::{attach_endpoint, detach_endpoint, pinned_interfaces},
+        maps::DatapathMaps,
+        writer::{ApplyStats, DesiredMaps, SubjectState, Writer},
+    },
+    endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
+    flows::{Explainer, FlowLog},
+    persist,
+};
+
+/// What the runtime is configured with.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub node_name: String,
+    /// Cluster id (top 8 bits of identities); 0 until the mesh link assigns ids.
+    pub cluster_id: u8,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    /// Cut established connections that a policy change no longer allows.
+    pub revoke_established: bool,
+    /// Emit an event for every new allowed connection too.
+    pub emit_allow_events: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Maps(#[from] crate::datapath::maps::MapsError),
+    #[error("adopting the pinned maps: {0}")]
+    Adopt(#[from] crate::datapath::writer::WriteError),
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
+}
+
+/// Endpoints by (container id, interface name).
+type EndpointId = (String, String);
+
+struct Inner {
+    ebpf: Ebpf,
+    writer: Writer,
+    /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
+    input: CompileInput,
+    /// Whether the source has delivered a cluster state yet.
+    cluster_read: bool,
+    endpoints: BTreeMap<EndpointId, LocalEndpoint>,
+    identities: IdentityAllocator,
+    compiled: Compiled,
+    /// Set when the last apply failed: enforcement may lag the cluster.
+    degraded: Option<String>,
+}
+
+pub struct Runtime {
+    config: RuntimeConfig,
+    inner: Mutex<Inner>,
+    /// Woken whenever the cluster state changes (for ADDs waiting for their Pod).
+    cluster_changed: Notify,
+    explainer: RwLock<Explainer>,
+    flow_log: FlowLog,
+}
+
+impl Runtime {
+    fn endpoints_file(&self) -> PathBuf {
+        self.config.state_dir.join("endpoints.json")
+    }
+
+    fn identities_file(config: &RuntimeConfig) -> PathBuf {
+        config.state_dir.join("identities.json")
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.config.bpffs_dir.join("links")
+    }
+
+    /// Adopts the pinned maps, restores the endpoints a previous agent registered and swaps the
+    /// loaded programs into their pinned links. Writes no map until the first cluster state.
+    pub fn start(config: RuntimeConfig, mut ebpf: Ebpf) -> Result<Arc<Self>, RuntimeError> {
+        let maps = DatapathMaps::take(&mut ebpf)?;
+        let writer = Writer::adopt(maps)?;
+        let identities = persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
+        let runtime = Arc::new(Self {
+            flow_log: FlowLog::new(&config.state_dir),
+            inner: Mutex::new(Inner {
+                ebpf,
+                writer,
+                input: CompileInput {
+                    state: ClusterState::default(),
+                    node_name: config.node_name.clone(),
+                    cluster_id: u32::from(config.cluster_id),
+                    local_endpoints: BTreeMap::new(),
+                },
+                cluster_read: false,
+                endpoints: BTreeMap::new(),
+                identities,
+                compiled: Compiled::default(),
+                degraded: None,
+            }),
+            cluster_changed: Notify::new(),
+            explainer: RwLock::new(Explainer::default()),
+            config,
+        });
+        let saved: Vec<LocalEndpoint> =
+            persist::read_json(&runtime.endpoints_file())?.unwrap_or_default();
+        {
+            let mut inner = runtime.lock();
+            for endpoint in saved {
+                if nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()).is_err() {
+                    tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname,
+                        "endpoint's veth is gone (deleted while the agent was down); forgetting it");
+                    detach_endpoint(&runtime.links_dir(), &endpoint.host_ifname);
+                    continue;
+                }
+                match attach_endpoint(&mut inner.ebpf, &runtime.links_dir(), &endpoint.host_ifname)
+                {
+                    Ok(()) => {
+                        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "adopted endpoint")
+                    }
+                    Err(e) => {
+                        tracing::error!(pod = %endpoint.pod, error = %e, "could not re-attach to an adopted endpoint; its old programs stay attached")
+                    }
+                }
+                inner.endpoints.insert(
+                    (endpoint.container_id.clone(), endpoint.ifname.clone()),
+                    endpoint,
+                );
+            }
+        }
+        runtime.save_endpoints()?;
+        Ok(runtime)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-written in a way a retry
+        // would not fix, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The local endpoints (for start-up reconciliation of IPAM).
+    pub fn endpoints(&self) -> Vec<LocalEndpoint> {
+        self.lock().endpoints.values().cloned().collect()
+    }
+
+    /// Whether the last apply failed ("degraded") and why.
+    pub fn degraded(&self) -> Option<String> {
+        self.lock().degraded.clone()
+    }
+
+    /// A new cluster state from the source.
+    pub fn set_cluster_state(&self, state: ClusterState) {
+        let mut inner = self.lock();
+        let first = !inner.cluster_read;
+        inner.input.state = state;
+        inner.cluster_read = true;
+        self.reconcile(&mut inner);
+        if first {
+            // Only now is it safe to drop what a previous agent left for veths that are gone.
+            let known: Vec<String> = inner
+                .endpoints
+                .values()
+                .map(|e| e.host_ifname.clone())
+                .collect();
+            for ifname in pinned_interfaces(&self.links_dir()) {
+                if !known.contains(&ifname) {
+                    tracing::info!(veth = %ifname, "removing links of an interface no endpoint owns");
+                    detach_endpoint(&self.links_dir(), &ifname);
+                }
+            }
+            tracing::info!(node = %self.config.node_name, "cluster state read; ready");
+        }
+        drop(inner);
+        self.cluster_changed.notify_waiters();
+    }
+
+    /// Compile and write. Failures leave the previous enforcement in place and are reported.
+    fn reconcile(&self, inner: &mut Inner) {
+        if !inner.cluster_read {
+            return;
+        }
+        let started = Instant::now();
+        let mut local: BTreeMap<ObjectKey, Vec<std::net::IpAddr>> = BTreeMap::new();
+        for e in inner.endpoints.values() {
+            local
+                .entry(e.pod.clone())
+                .or_default()
+                .extend(e.addresses.iter().copied());
+        }
+        inner.input.local_endpoints = local;
+        let Inner {
+            input, identities, ..
+        } = &mut *inner;
+        let compiled = match compile(input, identities) {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                tracing::error!(error = %e, "compiling policy failed; previous enforcement stays in place");
+                inner.degraded = Some(e.to_string());
+                return;
+            }
+        };
+        let compile_time = started.elapsed();
+        log_new_rejections(&inner.compiled.rejections, &compiled.rejections);
+        let desired = self.desired_maps(inner, &compiled);
+        match inner.writer.apply(&desired) {
+            Ok(stats) => {
+                log_apply(&stats, compile_time, started.elapsed());
+                inner.degraded = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
+                inner.degraded = Some(e.to_string());
+            }
+        }
+        if let Err(e) = persist::write_json(&Self::identities_file(&self.config), &inner.identities)
+        {
+            tracing::warn!(error = %e, "could not save identities; a restart may renumber them");
+        }
+        *self.explainer.write().unwrap_or_else(|p| p.into_inner()) =
+            Explainer::from_compiled(&compiled);
+        inner.compiled = compiled;
+    }
+
+    fn desired_maps(&self, inner: &Inner, compiled: &Compiled) -> DesiredMaps {
+        let mut endpoints = BTreeMap::new();
+        for endpoint in inner.endpoints.values() {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) else {
+                continue;
+            };
+            for addr in &endpoint.addresses {
+                if let Some((_, identity)) = compiled.local_addresses.get(addr) {
+                    endpoints.insert(
+                        *addr,
+                        EndpointInfo {
+                            ifindex,
+                            identity: *identity,
+                            flags: 0,
+                            _pad: 0,
+                        },
+                    );
+                }
+            }
+        }
+        let subjects = compiled
+            .subjects
+            .iter()
+            .map(|(&id, rules)| {
+                let mut flags = 0;
+                if rules.isolated_ingress {
+                    flags |= SUBJECT_ISOLATED_INGRESS;
+                }
+                if rules.isolated_egress {
+                    flags |= SUBJECT_ISOLATED_EGRESS;
+                }
+                (
+                    id,
+                    SubjectState {
+                        flags,
+                        rules: rules.rules.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut config_flags = 0;
+        if self.config.revoke_established {
+            config_flags |= CONFIG_REVOKE_ESTABLISHED;
+        }
+        if self.config.emit_allow_events {
+            config_flags |= CONFIG_EMIT_ALLOW_EVENTS;
+        }
+        DesiredMaps {
+            endpoints,
+            ipcache: compiled.ipcache.clone(),
+            cidr_identities: compiled.cidr_identities.clone(),
+            subjects,
+            config_flags,
+        }
+    }
+
+    fn save_endpoints(&self) -> Result<(), persist::PersistError> {
+        let endpoints: Vec<LocalEndpoint> = self.lock().endpoints.values().cloned().collect();
+        persist::write_json(&self.endpoints_file(), &endpoints)
+    }
+
+    /// Handles one verdict event from the kernel.
+    pub fn record_event(&self, event: &VerdictEvent) {
+        let record = self
+            .explainer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .explain(event);
+        if record.verdict == "drop" {
+            tracing::info!(target: "weir::flows", "{}", record.describe());
+        } else {
+            tracing::debug!(target: "weir::flows", "{}", record.describe());
+        }
+        self.flow_log.append(&record);
+    }
+}
+
+fn log_new_rejections(old: &[Rejection], new: &[Rejection]) {
+    for r in new.iter().filter(|r| !old.contains(r)) {
+        tracing::error!(policy = %r.policy, field = %r.field, "rejected NetworkPolicy: {}; every other policy is still enforced", r.reason);
+    }
+}
+
+fn log_apply(stats: &ApplyStats, compile: Duration, total: Duration) {
+    if stats.writes + stats.deletes > 0 {
+        tracing::info!(
+            writes = stats.writes,
+            deletes = stats.deletes,
+            subjects_changed = stats.subjects_changed,
+            generation = stats.generation,
+            compile_ms = compile.as_secs_f64() * 1e3,
+            total_ms = total.as_secs_f64() * 1e3,
+            "datapath updated"
+        );
+    }
+}
+
+#[tonic::async_trait]
+impl EndpointBackend for Runtime {
+    fn readiness(&self) -> Result<(), String> {
+        let inner = self.lock();
+        if !inner.cluster_read {
+            return Err("the cluster state has not been read yet".to_owned());
+        }
+        Ok(())
+    }
+
+    async fn wait_for_pod(&self, pod: &ObjectKey, timeout: Duration) -> Result<(), EndpointError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.cluster_changed.notified();
+            if self.lock().input.state.pods.contains_key(pod) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(EndpointError::PodUnknown {
+                    pod: pod.clone(),
+                    waited: timeout,
+                });
+            }
+        }
+    }
+
+    async fn activate(&self, endpoint: LocalEndpoint) -> Result<(), EndpointError> {
+        let datapath_err = |reason: String| EndpointError::Datapath {
+            pod: endpoint.pod.clone(),
+            host_ifname: endpoint.host_ifname.clone(),
+            reason,
+        };
+        {
+            let mut inner = self.lock();
+            if !inner.cluster_read {
+                return Err(EndpointError::NotReady(
+                    "the cluster state has not been read yet".to_owned(),
+                ));
+            }
+            attach_endpoint(&mut inner.ebpf, &self.links_dir(), &endpoint.host_ifname)
+                .map_err(|e| datapath_err(e.to_string()))?;
+            inner.endpoints.insert(
+                (endpoint.container_id.clone(), endpoint.ifname.clone()),
+                endpoint.clone(),
+            );
+            self.reconcile(&mut inner);
+            if let Some(reason) = inner.degraded.clone() {
+                return Err(datapath_err(reason));
+            }
+            let enforced = endpoint
+                .addresses
+                .iter()
+                .all(|a| inner.compiled.local_addresses.contains_key(a));
+            if !enforced {
+                return Err(datapath_err(
+                    "the compiler did not place the pod's addresses (is the Pod object's spec.nodeName this node?)".to_owned(),
+                ));
+            }
+        }
+        self.save_endpoints()
+            .map_err(|e| datapath_err(e.to_string()))?;
+        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, addresses = ?endpoint.addresses, "endpoint enforced");
+        Ok(())
+    }
+
+    async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
+        {
+            let mut inner = self.lock();
+            let Some(endpoint) = inner
+                .endpoints
+                .remove(&(container_id.to_owned(), ifname.to_owned()))
+            else {
+                return Ok(());
+            };
+            detach_endpoint(&self.links_dir(), &endpoint.host_ifname);
+            self.reconcile(&mut inner);
+            tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
+        }
+        self.save_endpoints()
+            .map_err(|e| EndpointError::NotReady(e.to_string()))
+    }
+
+    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
+        let inner = self.lock();
+        let Some(endpoint) = inner
+            .endpoints
+            .get(&(container_id.to_owned(), ifname.to_owned()))
+        else {
+            return false;
+        };
+        let links = self.links_dir();
+        let attached = ["from_pod", "to_pod"].iter().all(|suffix| {
+            crate::datapath::attach::link_pin(&links, &endpoint.host_ifname, suffix).exists()
+        });
+        attached
+            && endpoint
+                .addresses
+                .iter()
+                .all(|a| inner.compiled.local_addresses.contains_key(a))
+    }
+}
