@@ -1,0 +1,96 @@
+//! The ADD result (SPEC 1.1 "Success", and the 0.4.0 shape), merged with a prevResult when the
+//! plugin is chained after another.
+
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+/// What Weir wired for one attachment.
+#[derive(Debug, Clone)]
+pub struct Wired {
+    pub host_ifname: String,
+    pub host_mac: String,
+    pub pod_ifname: String,
+    pub pod_mac: String,
+    pub netns: String,
+    /// Address with prefix, and its gateway.
+    pub ips: Vec<(IpAddr, u8, IpAddr)>,
+}
+
+/// The result JSON for `cni_version`; a `prev` result (chaining) keeps all its content, and
+/// Weir's interfaces, addresses and routes are appended.
+pub fn build(cni_version: &str, wired: &Wired, prev: Option<&Value>) -> Value {
+    let legacy = cni_version.starts_with("0.");
+    let mut interfaces: Vec<Value> = prev
+        .and_then(|p| p.get("interfaces"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let base = interfaces.len();
+    interfaces.push(json!({ "name": wired.host_ifname, "mac": wired.host_mac }));
+    interfaces.push(json!({
+        "name": wired.pod_ifname, "mac": wired.pod_mac, "sandbox": wired.netns
+    }));
+    let pod_index = base + 1;
+
+    let mut ips: Vec<Value> = prev
+        .and_then(|p| p.get("ips"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut routes: Vec<Value> = prev
+        .and_then(|p| p.get("routes"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for (addr, prefix, gateway) in &wired.ips {
+        let mut ip = json!({
+            "address": format!("{addr}/{prefix}"),
+            "gateway": gateway.to_string(),
+            "interface": pod_index,
+        });
+        if legacy {
+            ip["version"] = json!(if addr.is_ipv4() { "4" } else { "6" });
+        }
+        ips.push(ip);
+        let default = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+        routes.push(json!({ "dst": default, "gw": gateway.to_string() }));
+    }
+    let dns = prev
+        .and_then(|p| p.get("dns"))
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+
+    let mut result = match prev {
+        Some(Value::Object(m)) => Value::Object(m.clone()),
+        _ => json!({}),
+    };
+    result["cniVersion"] = json!(cni_version);
+    result["interfaces"] = Value::Array(interfaces);
+    result["ips"] = Value::Array(ips);
+    result["routes"] = Value::Array(routes);
+    result["dns"] = dns;
+    result
+}
+
+/// The addresses (with prefix) a previous result lists for the interface named `ifname` in
+/// `sandbox`, for CHECK.
+pub fn prev_addresses(prev: &Value, ifname: &str) -> Vec<String> {
+    let interfaces = prev
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let Some(index) = interfaces.iter().position(|i| {
+        i.get("name").and_then(Value::as_str) == Some(ifname) && i.get("sandbox").is_some()
+    }) else {
+        return Vec::new();
+    };
+    prev.get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|ip| ip.get("interface").and_then(Value::as_u64) == Some(index as u64))
+        .filter_map(|ip| ip.get("address").and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
