@@ -15,10 +15,7 @@ use std::{
 
 use aya::Ebpf;
 use tokio::sync::Notify;
-use weir_common::{
-    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, EndpointInfo, SUBJECT_ISOLATED_EGRESS,
-    SUBJECT_ISOLATED_INGRESS, VerdictEvent,
-};
+use weir_common::{CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, VerdictEvent};
 use weir_policy::{
     compile::{CompileInput, compile},
     identity::IdentityAllocator,
@@ -29,8 +26,9 @@ use weir_policy::{
 use crate::{
     datapath::{
         attach::{attach_endpoint, detach_endpoint, pinned_interfaces},
+        desired::desired_maps,
         maps::DatapathMaps,
-        writer::{ApplyStats, DesiredMaps, SubjectState, Writer},
+        writer::{ApplyStats, DesiredMaps, Writer},
     },
     endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
     flows::{Explainer, FlowLog},
@@ -247,45 +245,15 @@ impl Runtime {
     }
 
     fn desired_maps(&self, inner: &Inner, compiled: &Compiled) -> DesiredMaps {
-        let mut endpoints = BTreeMap::new();
+        // The ifindex of every local address's veth, looked up once per endpoint.
+        let mut ifindexes = BTreeMap::new();
         for endpoint in inner.endpoints.values() {
-            let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) else {
-                continue;
-            };
-            for addr in &endpoint.addresses {
-                if let Some((_, identity)) = compiled.local_addresses.get(addr) {
-                    endpoints.insert(
-                        *addr,
-                        EndpointInfo {
-                            ifindex,
-                            identity: *identity,
-                            flags: 0,
-                            _pad: 0,
-                        },
-                    );
+            if let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) {
+                for addr in &endpoint.addresses {
+                    ifindexes.insert(*addr, ifindex);
                 }
             }
         }
-        let subjects = compiled
-            .subjects
-            .iter()
-            .map(|(&id, rules)| {
-                let mut flags = 0;
-                if rules.isolated_ingress {
-                    flags |= SUBJECT_ISOLATED_INGRESS;
-                }
-                if rules.isolated_egress {
-                    flags |= SUBJECT_ISOLATED_EGRESS;
-                }
-                (
-                    id,
-                    SubjectState {
-                        flags,
-                        rules: rules.rules.clone(),
-                    },
-                )
-            })
-            .collect();
         let mut config_flags = 0;
         if self.config.revoke_established {
             config_flags |= CONFIG_REVOKE_ESTABLISHED;
@@ -293,13 +261,7 @@ impl Runtime {
         if self.config.emit_allow_events {
             config_flags |= CONFIG_EMIT_ALLOW_EVENTS;
         }
-        DesiredMaps {
-            endpoints,
-            ipcache: compiled.ipcache.clone(),
-            cidr_identities: compiled.cidr_identities.clone(),
-            subjects,
-            config_flags,
-        }
+        desired_maps(compiled, |addr| ifindexes.get(addr).copied(), config_flags)
     }
 
     fn save_endpoints(&self) -> Result<(), persist::PersistError> {

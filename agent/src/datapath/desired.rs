@@ -1,0 +1,58 @@
+//! From the compiler's output to the maps' desired contents: the one place that turns policy
+//! terms (isolation, rules, local addresses) into kernel terms (flags, endpoint entries).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use weir_common::{EndpointInfo, SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS};
+use weir_policy::output::Compiled;
+
+use super::writer::{DesiredMaps, SubjectState};
+
+/// `ifindex_of` gives the host-side veth of a local address (None: not wired, left out).
+pub fn desired_maps(
+    compiled: &Compiled,
+    ifindex_of: impl Fn(&IpAddr) -> Option<u32>,
+    config_flags: u32,
+) -> DesiredMaps {
+    let endpoints = compiled
+        .local_addresses
+        .iter()
+        .filter_map(|(addr, (_, identity))| {
+            let ifindex = ifindex_of(addr)?;
+            Some((
+                *addr,
+                EndpointInfo {
+                    ifindex,
+                    identity: *identity,
+                    flags: 0,
+                    _pad: 0,
+                },
+            ))
+        })
+        .collect();
+    let subjects = compiled
+        .subjects
+        .iter()
+        .map(|(&id, rules)| {
+            let mut flags = 0;
+            if rules.isolated_ingress {
+                flags |= SUBJECT_ISOLATED_INGRESS;
+            }
+            if rules.isolated_egress {
+                flags |= SUBJECT_ISOLATED_EGRESS;
+            }
+            let state = SubjectState {
+                flags,
+                rules: rules.rules.clone(),
+            };
+            (id, state)
+        })
+        .collect::<BTreeMap<_, _>>();
+    DesiredMaps {
+        endpoints,
+        ipcache: compiled.ipcache.clone(),
+        cidr_identities: compiled.cidr_identities.clone(),
+        subjects,
+        config_flags,
+    }
+}
