@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything beyond a plain `cargo build`.
 
+mod demo;
 mod setup;
 mod test;
 mod toolchain;
@@ -19,11 +20,18 @@ enum Command {
     Setup,
     /// The whole test suite: formatting, clippy, unit tests, and the root-only kernel tests.
     Test(test::Options),
+    /// A lab of nodes and pods in network namespaces, on the real agent and CNI plugin.
+    #[command(subcommand)]
+    Lab(xtask::lab::cli::LabCommand),
+    /// The Brown Bear demo: a two-node lab, its reachability before and after policies.
+    Demo(demo::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
         Command::Test(options) => test::run(&options),
+        Command::Lab(command) => xtask::lab::cli::run(command),
+        Command::Demo(options) => demo::run(&options),
     }
 }

@@ -1,0 +1,881 @@
+//! A local lab of nodes and pods in network namespaces, on the real `weir-agent` and `weir-cni`.
+//!
+//! Each node is a network namespace running its own agent (standalone mode, reading the lab's
+//! manifests directory); the nodes are joined by an underlay bridge in a namespace of its own and
+//! route each other's pod CIDRs; nothing routes out of the machine. Each Pod gets a namespace wired
+//! by `weir-cni` exactly as kubelet would (Pod object first, ADD, then `status.podIPs`), and runs
+//! a TCP and a UDP server on each containerPort. Probes are real connections made from inside the
+//! pods' namespaces.
+//!
+//! All names carry the lab's name (`wl-<lab>-...`), so labs run side by side. What a lab made is
+//! recorded in /run/weir-lab/<lab>/state.json; [`down`] takes it all away from any process.
+
+pub mod cli;
+pub mod matrix;
+pub mod netns;
+pub mod objects;
+pub mod probe;
+pub mod servers;
+pub mod state;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+pub use matrix::{Difference, Expectations, Matrix, Proto, Target};
+pub use objects::Object;
+pub use probe::ProbeOptions;
+use state::{PodState, State};
+
+/// Where a lab's objects come from.
+#[derive(Clone, Debug)]
+pub enum Manifest {
+    /// A YAML/JSON file, or a directory of them.
+    Path(PathBuf),
+    /// YAML text (several documents allowed).
+    Yaml(String),
+}
+
+impl Manifest {
+    fn objects(&self) -> anyhow::Result<Vec<Object>> {
+        match self {
+            Manifest::Path(p) => objects::load(p),
+            Manifest::Yaml(text) => objects::parse(text),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// 1 to 12 characters, a-z and 0-9.
+    pub name: String,
+    pub nodes: usize,
+    pub manifests: Vec<Manifest>,
+    /// Ports every pod serves besides its containerPorts (so a probe of an undeclared port tells
+    /// a drop from a closed port).
+    pub extra_ports: Vec<u16>,
+    /// The binaries; found next to the running executable or in the workspace's target/debug
+    /// when not given (or through WEIR_AGENT_BIN, WEIR_CNI_BIN, WEIR_LAB_SERVER_BIN).
+    pub agent_bin: Option<PathBuf>,
+    pub cni_bin: Option<PathBuf>,
+    pub server_bin: Option<PathBuf>,
+}
+
+impl LabSpec {
+    pub fn new(name: &str, nodes: usize) -> Self {
+        LabSpec {
+            name: name.to_string(),
+            nodes,
+            manifests: Vec::new(),
+            extra_ports: Vec::new(),
+            agent_bin: None,
+            cni_bin: None,
+            server_bin: None,
+        }
+    }
+
+    pub fn manifest(mut self, m: Manifest) -> Self {
+        self.manifests.push(m);
+        self
+    }
+}
+
+/// Which cells to probe.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeSpec {
+    /// Probe these (port, protocol) on every pod; `None`: each pod's declared containerPorts
+    /// with their protocol.
+    pub ports: Option<Vec<(u16, Proto)>>,
+    /// More cells to probe (e.g. those an expectation names).
+    pub extra: Vec<Target>,
+    pub options: ProbeOptions,
+}
+
+/// A running lab. Dropping it takes it down, unless it was [`Lab::open`]ed or [`Lab::keep`]t.
+pub struct Lab {
+    state: State,
+    owned: bool,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned
+            && let Err(e) = down(&self.state.name)
+        {
+            eprintln!("lab {}: taking it down: {e:#}", self.state.name);
+        }
+    }
+}
+
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 12
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!("a lab name is 1 to 12 characters of a-z and 0-9, not {name:?}");
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Builds the lab: underlay, nodes, agents, pods, servers. A lab left over with the same
+    /// name is taken down first. On error, what was built is taken down.
+    pub fn up(spec: LabSpec) -> anyhow::Result<Lab> {
+        validate_name(&spec.name)?;
+        if spec.nodes == 0 || spec.nodes > 50 {
+            bail!("a lab has 1 to 50 nodes");
+        }
+        require_root()?;
+        down(&spec.name).context("taking down a previous lab of the same name")?;
+        let mut objects = Vec::new();
+        for m in &spec.manifests {
+            objects.extend(m.objects()?);
+        }
+        let dir = State::dir_of(&spec.name);
+        let mut state = State {
+            name: spec.name.clone(),
+            index: lab_index(&spec.name),
+            underlay_netns: topology::underlay_netns(&spec.name),
+            agent_bin: find_bin("weir-agent", "WEIR_AGENT_BIN", spec.agent_bin.as_deref())?,
+            cni_bin: find_bin("weir-cni", "WEIR_CNI_BIN", spec.cni_bin.as_deref())?,
+            server_bin: find_bin("xtask", "WEIR_LAB_SERVER_BIN", spec.server_bin.as_deref())?,
+            extra_ports: spec.extra_ports.clone(),
+            dir,
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+        };
+        state.nodes = topology::plan_nodes(&state, spec.nodes);
+        std::fs::create_dir_all(state.manifests_dir())?;
+        for node in &state.nodes {
+            std::fs::create_dir_all(&node.state_dir)?;
+        }
+        state.save()?;
+        // From here on, a failure takes down what was built.
+        let mut lab = Lab { state, owned: true };
+        ensure_bpffs()?;
+        topology::build(&lab.state)?;
+        let (pods, others): (Vec<Object>, Vec<Object>) =
+            objects.into_iter().partition(|o| o.kind == "Pod");
+        for object in &others {
+            objects::write(&lab.state.manifests_dir(), object)?;
+        }
+        lab.start_agents()?;
+        for (i, pod) in pods.into_iter().enumerate() {
+            let node = match pod.node_name() {
+                Some(n) => n,
+                None => lab.state.nodes[i % lab.state.nodes.len()].name.clone(),
+            };
+            lab.add_pod(pod, &node)?;
+        }
+        Ok(lab)
+    }
+
+    /// A lab that is running (made by another process); dropping it leaves it running.
+    pub fn open(name: &str) -> anyhow::Result<Lab> {
+        validate_name(name)?;
+        Ok(Lab {
+            state: State::load(name)?,
+            owned: false,
+        })
+    }
+
+    /// Leaves the lab running when this value is dropped.
+    pub fn keep(mut self) -> State {
+        self.owned = false;
+        self.state.clone()
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Takes the lab down now.
+    pub fn down(mut self) -> anyhow::Result<()> {
+        self.owned = false;
+        down(&self.state.name)
+    }
+
+    fn start_agents(&mut self) -> anyhow::Result<()> {
+        let manifests = self.state.manifests_dir();
+        for node in &mut self.state.nodes {
+            if let Some(parent) = node.socket.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let log = std::fs::File::create(&node.log)?;
+            let mut cmd = netns::command_in(&node.netns, &self.state.agent_bin);
+            cmd.arg("--node-name")
+                .arg(&node.name)
+                .arg("--manifests")
+                .arg(&manifests)
+                .arg("--pod-cidr")
+                .arg(&node.pod_cidr)
+                .arg("--socket")
+                .arg(&node.socket)
+                .arg("--state-dir")
+                .arg(&node.state_dir)
+                .arg("--bpffs-dir")
+                .arg(&node.bpffs_dir)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            netns::detach(&mut cmd);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting the agent of {}", node.name))?;
+            node.agent_pid = Some(child.id());
+            std::mem::forget(child);
+        }
+        self.state.save()?;
+        // Ready when the plugin's STATUS says so.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for node in &self.state.nodes {
+            loop {
+                let status = self.cni(&node.name, "STATUS", None)?;
+                if status.0 {
+                    break;
+                }
+                let alive = node.agent_pid.is_some_and(process_alive);
+                if !alive || Instant::now() > deadline {
+                    bail!(
+                        "the agent of {} {} (STATUS: {}); its log {:?} ends with:\n{}",
+                        node.name,
+                        if alive {
+                            "is not ready after 60 s"
+                        } else {
+                            "exited"
+                        },
+                        status.1.trim(),
+                        node.log,
+                        tail(&node.log, 30)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the plugin in a node's namespace. Returns (success, stdout or error text).
+    fn cni(
+        &self,
+        node: &str,
+        command: &str,
+        pod: Option<&PodState>,
+    ) -> anyhow::Result<(bool, String)> {
+        let node = self
+            .state
+            .node(node)
+            .with_context(|| format!("no node {node} in lab {}", self.state.name))?;
+        run_cni(&self.state, node, command, pod)
+    }
+
+    fn add_pod(&mut self, mut pod: Object, node: &str) -> anyhow::Result<()> {
+        let namespace = pod.namespace.clone().unwrap_or_default();
+        if self.state.node(node).is_none() {
+            bail!(
+                "pod {} asks for node {node:?}, which this lab does not have",
+                pod.key()
+            );
+        }
+        let key = pod.key();
+        if self.state.pods.contains_key(&key) {
+            bail!("pod {key} exists already");
+        }
+        pod.set_node_name(node);
+        let dir = self.state.manifests_dir();
+        objects::write(&dir, &pod)?;
+        let netns_name = topology::pod_netns(&self.state.name, &namespace, &pod.name);
+        netns::add(&netns_name)?;
+        let declared = pod.pod_ports();
+        let mut record = PodState {
+            namespace: namespace.clone(),
+            name: pod.name.clone(),
+            node: node.to_string(),
+            netns: netns_name.clone(),
+            container_id: format!("wl-{}-{namespace}.{}", self.state.name, pod.name),
+            ips: Vec::new(),
+            ports: declared.iter().map(|p| (p.port, p.proto)).collect(),
+            server_pid: None,
+        };
+        self.state.pods.insert(key.clone(), record.clone());
+        self.state.save()?;
+        let (ok, out) = self.cni(node, "ADD", Some(&record))?;
+        if !ok {
+            bail!("CNI ADD of {key} on {node} failed: {}", out.trim());
+        }
+        let result: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("CNI ADD of {key} printed no JSON result: {out}"))?;
+        let ips: Vec<String> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str())
+            .map(|a| a.split('/').next().unwrap_or(a).to_string())
+            .collect();
+        if ips.is_empty() {
+            bail!("CNI ADD of {key} returned no address: {out}");
+        }
+        pod.set_pod_ips(&ips);
+        objects::write(&dir, &pod)?;
+        record.ips = ips;
+        let mut ports: Vec<u16> = declared.iter().map(|p| p.port).collect();
+        ports.extend(&self.state.extra_ports);
+        ports.sort_unstable();
+        ports.dedup();
+        if !ports.is_empty() {
+            let log = self
+                .state
+                .dir
+                .join(format!("server-{namespace}.{}.log", pod.name));
+            record.server_pid = Some(servers::spawn(
+                &self.state.server_bin,
+                &netns_name,
+                &self.state.name,
+                &key,
+                &ports,
+                &log,
+            )?);
+        }
+        self.state.pods.insert(key, record);
+        self.state.save()?;
+        Ok(())
+    }
+
+    fn remove_pod(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some(pod) = self.state.pods.get(key).cloned() else {
+            return Ok(());
+        };
+        if let Some(pid) = pod.server_pid {
+            kill_if_ours(pid, &self.state.name, libc::SIGKILL);
+        }
+        let (ok, out) = self.cni(&pod.node, "DEL", Some(&pod))?;
+        if !ok {
+            eprintln!("lab: CNI DEL of {key}: {}", out.trim());
+        }
+        netns::delete(&pod.netns);
+        let _ = std::fs::remove_file(self.state.manifests_dir().join(objects::file_name(
+            "Pod",
+            Some(&pod.namespace),
+            &pod.name,
+        )));
+        self.state.pods.remove(key);
+        self.state.save()
+    }
+
+    /// Applies the objects of a file or directory: new Pods are wired (and get servers), other
+    /// objects are written for the agents to pick up. A Pod that exists is updated in place
+    /// (its labels), keeping its node and address.
+    pub fn apply(&mut self, path: &Path) -> anyhow::Result<()> {
+        self.apply_objects(objects::load(path)?)
+    }
+
+    pub fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.apply_objects(objects::parse(yaml)?)
+    }
+
+    fn apply_objects(&mut self, list: Vec<Object>) -> anyhow::Result<()> {
+        let dir = self.state.manifests_dir();
+        for object in list {
+            if object.kind == "Pod" {
+                if self.state.pods.contains_key(&object.key()) {
+                    self.set_labels(
+                        "Pod",
+                        object.namespace.as_deref(),
+                        &object.name,
+                        &object.labels(),
+                    )?;
+                } else {
+                    let node = match object.node_name() {
+                        Some(n) => n,
+                        None => {
+                            let i = self.state.pods.len() % self.state.nodes.len();
+                            self.state.nodes[i].name.clone()
+                        }
+                    };
+                    self.add_pod(object, &node)?;
+                }
+            } else {
+                objects::write(&dir, &object)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the objects a file names (Pods are torn down: DEL, server, namespace).
+    pub fn delete(&mut self, path: &Path) -> anyhow::Result<()> {
+        self.delete_objects(objects::load(path)?)
+    }
+
+    pub fn delete_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.delete_objects(objects::parse(yaml)?)
+    }
+
+    fn delete_objects(&mut self, list: Vec<Object>) -> anyhow::Result<()> {
+        for object in list {
+            if object.kind == "Pod" {
+                self.remove_pod(&object.key())?;
+            } else {
+                let _ = std::fs::remove_file(self.state.manifests_dir().join(object.file_name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every object of a kind (e.g. all NetworkPolicies, to reset between test cases).
+    pub fn delete_kind(&mut self, kind: &str) -> anyhow::Result<usize> {
+        let prefix = format!("{}_", kind.to_lowercase());
+        let mut n = 0;
+        for entry in std::fs::read_dir(self.state.manifests_dir())? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                std::fs::remove_file(entry.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Replaces the labels of a Pod or Namespace (the agents follow the change).
+    pub fn set_labels(
+        &mut self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let dir = self.state.manifests_dir();
+        let mut object = objects::read(&dir, kind, namespace, name)?;
+        object.set_labels(labels);
+        objects::write(&dir, &object)
+    }
+
+    /// The labels an object has now in the manifests directory.
+    pub fn labels(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(objects::read(&self.state.manifests_dir(), kind, namespace, name)?.labels())
+    }
+
+    /// The first address of a pod (`ns/name`).
+    pub fn pod_ip(&self, pod: &str) -> anyhow::Result<IpAddr> {
+        let record = self
+            .state
+            .pods
+            .get(pod)
+            .with_context(|| format!("no pod {pod} in lab {}", self.state.name))?;
+        Ok(record.ips.first().context("pod without address")?.parse()?)
+    }
+
+    pub fn pods(&self) -> Vec<String> {
+        self.state.pods.keys().cloned().collect()
+    }
+
+    /// Probes from every pod to the cells `spec` names, in parallel, with real connections.
+    pub fn probe(&self, spec: &ProbeSpec) -> anyhow::Result<Matrix> {
+        let mut sources = Vec::new();
+        let mut targets: Vec<(Target, IpAddr)> = Vec::new();
+        for (key, pod) in &self.state.pods {
+            let ip: IpAddr = self.pod_ip(key)?;
+            sources.push(probe::Endpoint {
+                pod: key.clone(),
+                netns: pod.netns.clone(),
+                ip,
+            });
+            let ports = spec.ports.clone().unwrap_or_else(|| pod.ports.clone());
+            for (port, proto) in ports {
+                targets.push((Target::new(key, port, proto), ip));
+            }
+        }
+        for t in &spec.extra {
+            if !targets.iter().any(|(have, _)| have == t) {
+                targets.push((t.clone(), self.pod_ip(&t.pod)?));
+            }
+        }
+        Ok(probe::probe(&sources, &targets, spec.options))
+    }
+
+    /// Probes until the matrix matches `expect` or `timeout` passes (policy changes take effect
+    /// within a second); returns the last matrix and its differences.
+    pub fn probe_until(
+        &self,
+        spec: &ProbeSpec,
+        expect: &Expectations,
+        timeout: Duration,
+    ) -> anyhow::Result<(Matrix, Vec<Difference>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matrix = self.probe(spec)?;
+            let diffs = matrix.differences(expect);
+            if diffs.is_empty() || Instant::now() > deadline {
+                return Ok((matrix, diffs));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The verdict records of every node's agent (`flows.jsonl`), oldest first per node.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        for node in &self.state.nodes {
+            let path = node.state_dir.join("flows.jsonl");
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for line in text.lines() {
+                if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) {
+                    v["node"] = serde_json::Value::String(node.name.clone());
+                    all.push(v);
+                }
+            }
+        }
+        all
+    }
+
+    /// The tail of a node's agent log (for error messages).
+    pub fn agent_log(&self, node: &str, lines: usize) -> String {
+        self.state
+            .node(node)
+            .map(|n| tail(&n.log, lines))
+            .unwrap_or_default()
+    }
+}
+
+fn run_cni(
+    state: &State,
+    node: &state::NodeState,
+    command: &str,
+    pod: Option<&PodState>,
+) -> anyhow::Result<(bool, String)> {
+    let config = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "weir",
+        "type": "weir-cni",
+        "agentSocket": node.socket,
+        "mtu": 1500,
+        "logFile": state.dir.join(format!("{}-cni.log", node.name)),
+    });
+    let mut cmd = netns::command_in(&node.netns, &state.cni_bin);
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_PATH", state.cni_bin.parent().unwrap_or(Path::new("/")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(pod) = pod {
+        cmd.env("CNI_CONTAINERID", &pod.container_id)
+            .env("CNI_NETNS", netns::path(&pod.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    pod.namespace, pod.name
+                ),
+            );
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", state.cni_bin))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(config.to_string().as_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("weir-cni {command} did not finish in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok((true, stdout))
+    } else {
+        Ok((
+            false,
+            format!(
+                "exit {}: {} {}",
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ))
+    }
+}
+
+/// Takes down the lab `name`, whatever state it is in: servers and agents (only processes this
+/// lab started, found by pid and checked by command line), CNI DEL of its pods, the agents'
+/// pins, every `wl-<name>-*` namespace, its state directory. Idempotent.
+pub fn down(name: &str) -> anyhow::Result<()> {
+    validate_name(name)?;
+    let state = State::load(name).ok();
+    let marker_server = format!("--lab {name} ");
+    let marker_agent = format!("{}/", State::dir_of(name).display());
+    // Servers first: they are ours alone.
+    let mut pids: Vec<u32> = state
+        .iter()
+        .flat_map(|s| s.pods.values().filter_map(|p| p.server_pid))
+        .collect();
+    pids.extend(find_processes(&marker_server));
+    for pid in pids {
+        kill_if_ours(pid, name, libc::SIGKILL);
+    }
+    if let Some(state) = &state {
+        // Release the pods while the agents still run (DEL also succeeds without them).
+        for pod in state.pods.values() {
+            if let Some(node) = state.node(&pod.node)
+                && node.agent_pid.is_some_and(process_alive)
+                && netns::exists(&node.netns)
+            {
+                let _ = run_cni(state, node, "DEL", Some(pod));
+            }
+        }
+    }
+    let mut agents: Vec<u32> = state
+        .iter()
+        .flat_map(|s| s.nodes.iter().filter_map(|n| n.agent_pid))
+        .collect();
+    agents.extend(find_processes(&marker_agent));
+    agents.sort_unstable();
+    agents.dedup();
+    for &pid in &agents {
+        kill_if_ours(pid, name, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while agents.iter().any(|&p| process_alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &pid in &agents {
+        kill_if_ours(pid, name, libc::SIGKILL);
+    }
+    if let Some(state) = &state {
+        for node in &state.nodes {
+            if state.agent_bin.exists() {
+                let mut cmd = if netns::exists(&node.netns) {
+                    netns::command_in(&node.netns, &state.agent_bin)
+                } else {
+                    Command::new(&state.agent_bin)
+                };
+                let _ = cmd
+                    .arg("uninstall")
+                    .arg("--node-name")
+                    .arg(&node.name)
+                    .arg("--bpffs-dir")
+                    .arg(&node.bpffs_dir)
+                    .arg("--state-dir")
+                    .arg(&node.state_dir)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    remove_pins(name);
+    for ns in netns::list(&format!("wl-{name}-")) {
+        netns::delete(&ns);
+    }
+    let dir = State::dir_of(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {dir:?}"))?;
+    }
+    let left = netns::list(&format!("wl-{name}-"));
+    if !left.is_empty() {
+        bail!("namespaces left behind: {left:?}");
+    }
+    Ok(())
+}
+
+/// Takes down every lab that has state, and namespaces named like a lab's.
+pub fn down_all() -> anyhow::Result<Vec<String>> {
+    let mut names = State::all_names();
+    for ns in netns::list("wl-") {
+        if let Some(lab) = ns.strip_prefix("wl-").and_then(|r| r.split('-').next())
+            && validate_name(lab).is_ok()
+            && !names.iter().any(|n| n == lab)
+        {
+            names.push(lab.to_string());
+        }
+    }
+    let mut errors = Vec::new();
+    for name in &names {
+        if let Err(e) = down(name) {
+            errors.push(format!("{name}: {e:#}"));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
+    Ok(names)
+}
+
+/// The bpffs pin directories of a lab's nodes (`/sys/fs/bpf/weir/<lab>-<node>`).
+pub fn pin_dirs(name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    std::fs::read_dir("/sys/fs/bpf/weir")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn remove_pins(name: &str) {
+    for dir in pin_dirs(name) {
+        if is_mountpoint(&dir) {
+            let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let p = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p.as_ref()))
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not (the agents pin under it).
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let _ = f.next();
+        f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")
+}
+
+/// A lab's address index from its name (labs live in disjoint namespaces, so equal indexes only
+/// make addresses look alike, they do not collide).
+fn lab_index(name: &str) -> u8 {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    20 + (h % 200) as u8
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab needs root: it creates network namespaces and loads eBPF programs");
+    }
+    Ok(())
+}
+
+/// A binary of the workspace: explicit, from the environment, next to the running executable
+/// (or its parent, for test binaries in target/debug/deps), or in the workspace's target/debug.
+pub fn find_bin(name: &str, env: &str, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Ok(p) = std::env::var(env) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(name));
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join(name));
+        }
+    }
+    if let Ok(target) = std::env::var("CARGO_TARGET_DIR") {
+        candidates.push(Path::new(&target).join("debug").join(name));
+    }
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/debug")
+            .join(name),
+    );
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found: run `cargo build --bins` (or set {env})"))
+}
+
+pub(crate) fn process_alive(pid: u32) -> bool {
+    // A zombie is not alive.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut s: String = raw
+        .split(|&b| b == 0)
+        .map(|part| String::from_utf8_lossy(part).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    s.push(' ');
+    Some(s)
+}
+
+/// Signals `pid` only if its command line shows it belongs to lab `name`.
+fn kill_if_ours(pid: u32, name: &str, signal: i32) {
+    let Some(cmd) = cmdline(pid) else { return };
+    let ours = cmd.contains(&format!("--lab {name} "))
+        || cmd.contains(&format!("{}/", State::dir_of(name).display()));
+    if ours {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as i32, signal);
+        }
+    }
+}
+
+fn find_processes(marker: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains(marker)))
+        .collect()
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

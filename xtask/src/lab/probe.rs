@@ -1,0 +1,107 @@
+//! Real connections from inside pods: a thread per (source, target) enters the source pod's
+//! namespace and connects to the target pod's address directly.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use super::matrix::{Matrix, Proto, Target};
+use super::netns;
+
+/// A pod as a prober sees it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// `namespace/name`
+    pub pod: String,
+    pub netns: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// TCP connect and read timeout; UDP wait per attempt.
+    pub timeout: Duration,
+    pub udp_attempts: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            timeout: Duration::from_millis(1000),
+            udp_attempts: 2,
+        }
+    }
+}
+
+/// Probes every (source, target) pair but a pod with itself, all in parallel.
+pub fn probe(sources: &[Endpoint], targets: &[(Target, IpAddr)], options: ProbeOptions) -> Matrix {
+    let mut handles = Vec::new();
+    for source in sources {
+        for (target, ip) in targets {
+            if target.pod == source.pod {
+                continue;
+            }
+            let (source, target, ip) = (source.clone(), target.clone(), *ip);
+            let handle = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let allowed = netns::enter(&source.netns).is_ok()
+                        && probe_one(SocketAddr::new(ip, target.port), target.proto, options);
+                    ((source.pod, target), allowed)
+                })
+                .expect("spawning a probe thread");
+            handles.push(handle);
+        }
+    }
+    let cells: BTreeMap<(String, Target), bool> =
+        handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    Matrix {
+        sources: sources.iter().map(|s| s.pod.clone()).collect(),
+        targets: targets.iter().map(|(t, _)| t.clone()).collect(),
+        cells,
+    }
+}
+
+/// One connection attempt, in the calling thread's namespace: TCP connect and read the server's
+/// line; UDP send and wait for the answer.
+pub fn probe_one(addr: SocketAddr, proto: Proto, options: ProbeOptions) -> bool {
+    match proto {
+        Proto::Tcp => {
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, options.timeout) else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(options.timeout));
+            let mut buf = [0u8; 256];
+            matches!(stream.read(&mut buf), Ok(n) if n > 0)
+        }
+        Proto::Udp => {
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().expect("address")
+            } else {
+                "[::]:0".parse().expect("address")
+            };
+            let Ok(socket) = UdpSocket::bind(bind) else {
+                return false;
+            };
+            if socket.connect(addr).is_err()
+                || socket.set_read_timeout(Some(options.timeout)).is_err()
+            {
+                return false;
+            }
+            let mut buf = [0u8; 256];
+            for _ in 0..options.udp_attempts.max(1) {
+                if socket.send(b"probe").is_err() {
+                    continue;
+                }
+                match socket.recv(&mut buf) {
+                    Ok(n) if n > 0 => return true,
+                    // An ICMP error (port unreachable) is an answer: denied, no retry.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return false,
+                    _ => {}
+                }
+            }
+            false
+        }
+    }
+}
