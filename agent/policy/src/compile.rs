@@ -166,14 +166,6 @@ impl Resolver<'_> {
     }
 }
 
-/// Adds `m` with rule id `rule` to `rules`, keeping the lowest id.
-fn add(rules: &mut BTreeMap<RuleMatch, u32>, m: RuleMatch, rule: u32) {
-    rules
-        .entry(m)
-        .and_modify(|r| *r = (*r).min(rule))
-        .or_insert(rule);
-}
-
 /// Port matches of one resolved port entry.
 fn port_matches(
     proto: u8,
@@ -337,6 +329,14 @@ pub fn compile(
         }
     }
     let mut used_rules: BTreeSet<RuleOrigin> = BTreeSet::new();
+    // Matches are collected per subject and sorted once at the end (much cheaper than a map
+    // insert per match: rules of many policies overlap).
+    let mut acc: HashMap<u32, Vec<(RuleMatch, u32)>> = HashMap::new();
+    // Subject → each distinct compiled rule it gets, with the lowest rule id that gave it.
+    type Shared = HashMap<*const CompiledRule, (Rc<CompiledRule>, u32)>;
+    let mut shared_acc: HashMap<u32, Shared> = HashMap::new();
+    let mut rule_memo: HashMap<RuleKey, Rc<CompiledRule>> = HashMap::new();
+    let mut scratch: Vec<RuleMatch> = Vec::new();
     for p in &policies {
         let selected: Vec<u32> = local_by_ns
             .get(p.key.namespace.as_str())
@@ -374,17 +374,58 @@ pub fn compile(
                 let rule_id = alloc.rule(&origin);
                 out.rule_origins.insert(rule_id, origin.clone());
                 used_rules.insert(origin);
-                compile_rule(
-                    &mut out.subjects,
-                    &selected,
+                let key: RuleKey = (
                     direction,
-                    rule,
-                    rule_id,
-                    &p.key.namespace,
-                    &mut resolver,
-                    &cidrs,
+                    p.key.namespace.clone(),
+                    rule.peers.clone(),
+                    rule.ports.clone(),
                 );
+                let compiled = match rule_memo.get(&key) {
+                    Some(c) => Rc::clone(c),
+                    None => {
+                        let c = Rc::new(compile_rule(
+                            direction,
+                            rule,
+                            &p.key.namespace,
+                            &mut resolver,
+                            &cidrs,
+                        ));
+                        rule_memo.insert(key, Rc::clone(&c));
+                        c
+                    }
+                };
+                for s in &selected {
+                    let shared = shared_acc.entry(*s).or_default();
+                    shared
+                        .entry(Rc::as_ptr(&compiled))
+                        .and_modify(|(_, id)| *id = (*id).min(rule_id))
+                        .or_insert((Rc::clone(&compiled), rule_id));
+                    if !compiled.named_ingress.is_empty()
+                        && let Some(k) = ids.keys.get(s)
+                    {
+                        scratch.clear();
+                        subject_matches(&compiled, k, &mut scratch);
+                        acc.entry(*s)
+                            .or_default()
+                            .extend(scratch.iter().map(|m| (*m, rule_id)));
+                    }
+                }
             }
+        }
+    }
+
+    for (subject, shared) in shared_acc {
+        let matches = acc.entry(subject).or_default();
+        for (rule, id) in shared.into_values() {
+            matches.extend(rule.common.iter().map(|m| (*m, id)));
+        }
+    }
+    for (subject, mut matches) in acc {
+        // Sorted by match, then rule id: the first of each match has the lowest id.
+        matches.sort_unstable();
+        matches.dedup_by_key(|(m, _)| *m);
+        if let Some(sr) = out.subjects.get_mut(&subject) {
+            sr.rules = matches.into_iter().collect();
         }
     }
 
@@ -394,17 +435,27 @@ pub fn compile(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The subject-independent part of a compiled rule, shared by every policy with the same rule
+/// in the same namespace.
+struct CompiledRule {
+    /// Matches that hold for every subject.
+    common: Vec<RuleMatch>,
+    /// Ingress named ports, resolved per subject.
+    named_ingress: Vec<(u8, String)>,
+    /// Every peer identity of the rule.
+    peers: Vec<u32>,
+}
+
+/// What makes two rules compile the same.
+type RuleKey = (u8, String, Vec<ValidPeer>, Vec<ValidPort>);
+
 fn compile_rule(
-    subjects: &mut BTreeMap<u32, SubjectRules>,
-    selected: &[u32],
     direction: u8,
     rule: &ValidRule,
-    rule_id: u32,
     policy_ns: &str,
     resolver: &mut Resolver<'_>,
     cidrs: &CidrIdentities,
-) {
+) -> CompiledRule {
     // Peer identities: pod identities (eligible for named-port resolution) and others.
     let mut pod_peers: BTreeSet<u32> = BTreeSet::new();
     let mut other_peers: BTreeSet<u32> = BTreeSet::new();
@@ -422,16 +473,15 @@ fn compile_rule(
             }
         }
     }
-    let all_peers: Vec<u32> = pod_peers
+    let peers: Vec<u32> = pod_peers
         .iter()
         .chain(other_peers.iter())
         .copied()
         .collect();
 
-    // Matches that do not depend on the subject.
     let mut common: Vec<RuleMatch> = Vec::new();
     let push_all = |proto: Option<u8>, port: Option<(u16, u8)>, common: &mut Vec<RuleMatch>| {
-        for &peer in &all_peers {
+        for &peer in &peers {
             common.push(RuleMatch {
                 direction,
                 peer,
@@ -443,7 +493,7 @@ fn compile_rule(
     if rule.ports.is_empty() {
         push_all(None, None, &mut common);
     }
-    let mut named: Vec<(u8, &str)> = Vec::new();
+    let mut named: Vec<(u8, String)> = Vec::new();
     for port in &rule.ports {
         match port {
             ValidPort::AnyPort(proto) => push_all(Some(*proto), None, &mut common),
@@ -452,17 +502,18 @@ fn compile_rule(
                     push_all(pr, po, &mut common)
                 });
             }
-            ValidPort::Named(proto, name) => named.push((*proto, name)),
+            ValidPort::Named(proto, name) => named.push((*proto, name.clone())),
         }
     }
     if direction == DIR_EGRESS {
-        // Named ports resolve on each peer (the destination).
-        for &(proto, name) in &named {
+        // Named ports resolve on each peer (the destination); a peer without the port gets
+        // no entry. Any peer (no `to`) means every pod identity that has the port.
+        for (proto, name) in named.drain(..) {
             if any_peer {
                 for &(peer, port) in resolver
                     .ids
                     .named
-                    .get(&(name.to_owned(), proto))
+                    .get(&(name.clone(), proto))
                     .into_iter()
                     .flatten()
                 {
@@ -476,7 +527,7 @@ fn compile_rule(
             }
             for &peer in &pod_peers {
                 if let Some(k) = resolver.ids.keys.get(&peer) {
-                    for port in k.resolve(proto, name) {
+                    for port in k.resolve(proto, &name) {
                         common.push(RuleMatch {
                             direction,
                             peer,
@@ -488,29 +539,27 @@ fn compile_rule(
             }
         }
     }
-    for s in selected {
-        let Some(subject_key) = resolver.ids.keys.get(s) else {
-            continue;
-        };
-        let mut own: Vec<RuleMatch> = Vec::new();
-        if direction == DIR_INGRESS {
-            // Named ports resolve on the subject (the destination).
-            for &(proto, name) in &named {
-                for port in subject_key.resolve(proto, name) {
-                    for &peer in &all_peers {
-                        own.push(RuleMatch {
-                            direction,
-                            peer,
-                            proto: Some(proto),
-                            port: Some((port, 16)),
-                        });
-                    }
-                }
-            }
-        }
-        if let Some(sr) = subjects.get_mut(s) {
-            for m in common.iter().chain(own.iter()) {
-                add(&mut sr.rules, *m, rule_id);
+    common.sort_unstable();
+    common.dedup();
+    CompiledRule {
+        common,
+        named_ingress: named,
+        peers,
+    }
+}
+
+/// The matches of `rule` for `subject` that depend on it: ingress named ports resolve on the
+/// subject (the destination).
+fn subject_matches(rule: &CompiledRule, subject: &PodIdentityKey, out: &mut Vec<RuleMatch>) {
+    for (proto, name) in &rule.named_ingress {
+        for port in subject.resolve(*proto, name) {
+            for &peer in &rule.peers {
+                out.push(RuleMatch {
+                    direction: DIR_INGRESS,
+                    peer,
+                    proto: Some(*proto),
+                    port: Some((port, 16)),
+                });
             }
         }
     }
