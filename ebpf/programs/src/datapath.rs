@@ -1,0 +1,271 @@
+//! The verdict of one packet at one hook: parse, endpoint, conntrack, policy.
+//!
+//! Each side of a connection is checked by the hook of the endpoint on that side: the source's
+//! egress at its `weir_from_pod`, the destination's ingress at its `weir_to_pod`. The conntrack
+//! entry (keyed by the original tuple) records which sides were allowed and under which config
+//! generation; a side checked under an older generation is checked again (revocation).
+
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::TcContext};
+use weir_common::{
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
+    CT_SEEN_REPLY, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
+    REASON_ESTABLISHED, REASON_INTERNAL, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
+    REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_SPOOFED_SOURCE,
+    REASON_UNKNOWN_ENDPOINT,
+};
+
+use crate::{
+    maps::{WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS},
+    parse::{Class, ECHO_REPLY, ECHO_REQUEST, parse, parse_ip},
+    policy::{evaluate, resolve_peer},
+    report::{Report, allow, allow_reported, drop_packet},
+};
+
+/// A helper's error code. No path produces one today (every failure is a counted, reported
+/// drop), but the entry points turn any `Err` into `TC_ACT_SHOT` all the same: fail closed.
+pub type Error = i64;
+
+#[inline(always)]
+fn is_icmp(proto: u8) -> bool {
+    proto == PROTO_ICMP || proto == PROTO_ICMPV6
+}
+
+/// The same connection seen from the other end. ICMP echo keeps its ports (id, 0) so request
+/// and reply share one entry.
+#[inline(always)]
+fn reverse(k: &CtKey) -> CtKey {
+    if is_icmp(k.proto) {
+        CtKey {
+            saddr: k.daddr,
+            daddr: k.saddr,
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            _pad: [0; 3],
+        }
+    } else {
+        k.reversed()
+    }
+}
+
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Runs the datapath for a packet at the hook enforcing direction `hook_dir` of its endpoint:
+/// `DIR_EGRESS` at `weir_from_pod`, `DIR_INGRESS` at `weir_to_pod`.
+#[inline(always)]
+pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed; `ifindex` is a readable
+    // field of `__sk_buff`.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (generation, config_flags) = match WEIR_CONFIG.get(0) {
+        Some(c) => (c.generation, c.flags),
+        None => (0, 0),
+    };
+
+    let mut key = CtKey::default();
+    let parsed = match parse(ctx, &mut key) {
+        Ok(p) => p,
+        Err(_) => {
+            let zero = CtKey::default();
+            let r = Report {
+                key: &zero,
+                direction: hook_dir,
+                ifindex,
+                subject: 0,
+                subject_version: 0,
+                peer: 0,
+                rule: 0,
+            };
+            return Ok(drop_packet(&r, REASON_MALFORMED));
+        }
+    };
+    if parsed.class == Class::NotIp || parsed.class == Class::LinkLocal {
+        return Ok(allow(REASON_LINK_LOCAL));
+    }
+
+    // The endpoint this hook enforces, and the other end.
+    let (ep_addr, peer_addr) = if hook_dir == DIR_EGRESS {
+        (key.saddr, key.daddr)
+    } else {
+        (key.daddr, key.saddr)
+    };
+    let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: ep_addr }) else {
+        let r = Report {
+            key: &key,
+            direction: hook_dir,
+            ifindex,
+            subject: 0,
+            subject_version: 0,
+            peer: resolve_peer(&peer_addr).reported(),
+            rule: 0,
+        };
+        return Ok(drop_packet(&r, REASON_UNKNOWN_ENDPOINT));
+    };
+    // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
+    let (ep_ifindex, subject) = unsafe { ((*ep).ifindex, (*ep).identity) };
+    if hook_dir == DIR_EGRESS && ep_ifindex != ifindex {
+        let r = Report {
+            key: &key,
+            direction: hook_dir,
+            ifindex,
+            subject,
+            subject_version: 0,
+            peer: resolve_peer(&peer_addr).reported(),
+            rule: 0,
+        };
+        return Ok(drop_packet(&r, REASON_SPOOFED_SOURCE));
+    }
+    // A pod talking to its own address: not subject to policy.
+    if same_addr(&key.saddr, &key.daddr) {
+        return Ok(allow(REASON_NOT_ISOLATED));
+    }
+
+    // An ICMP error about a tracked connection (in either direction) is related to it.
+    if parsed.class == Class::IcmpError {
+        let mut inner = CtKey::default();
+        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, &mut inner).is_ok() {
+            let tracked = WEIR_CONNTRACK.get_ptr(&inner).is_some()
+                || WEIR_CONNTRACK.get_ptr(&reverse(&inner)).is_some();
+            if tracked {
+                return Ok(allow(REASON_RELATED));
+            }
+        }
+        // Not about a tracked connection: an ordinary packet (its ports are 0).
+    }
+
+    // Forward entry first, then the reverse one. An echo request is looked up only as a
+    // forward packet and an echo reply only as a reply: their tuples are the same.
+    let rkey = reverse(&key);
+    let forward = if parsed.echo == ECHO_REPLY {
+        None
+    } else {
+        WEIR_CONNTRACK.get_ptr_mut(&key)
+    };
+    let (entry, is_reply) = match forward {
+        Some(e) => (Some(e), false),
+        None if parsed.echo == ECHO_REQUEST => (None, false),
+        None => match WEIR_CONNTRACK.get_ptr_mut(&rkey) {
+            Some(e) => (Some(e), true),
+            None => (None, false),
+        },
+    };
+    // The side of the original tuple this endpoint is on.
+    let side = match (hook_dir, is_reply) {
+        (DIR_EGRESS, false) | (DIR_INGRESS, true) => DIR_EGRESS,
+        _ => DIR_INGRESS,
+    };
+    let orig = if is_reply { &rkey } else { &key };
+
+    // Fast path: this side was allowed under the current generation.
+    if let Some(entry) = entry {
+        // SAFETY: the pointer comes from a successful lookup of an LRU hash value; concurrent
+        // writers race only on plain integer fields, which the next packet corrects.
+        let ct = unsafe { &mut *entry };
+        let (flag, side_generation) = side_state(ct, side);
+        if ct.flags & flag != 0 && side_generation == generation {
+            touch(ct, is_reply);
+            return Ok(allow(REASON_ESTABLISHED));
+        }
+    }
+
+    let dport = if is_icmp(orig.proto) { 0 } else { orig.dport };
+    let eval = evaluate(subject, side, &peer_addr, orig.proto, dport);
+    let report = Report {
+        key: &key,
+        direction: side,
+        ifindex,
+        subject,
+        subject_version: eval.version,
+        peer: eval.peer,
+        rule: eval.rule,
+    };
+
+    let Some(entry) = entry else {
+        // A new connection in this packet's direction.
+        if !eval.allowed {
+            return Ok(drop_packet(&report, REASON_POLICY_DENIED));
+        }
+        let mut value = CtValue {
+            last_seen_ns: now(),
+            ..CtValue::default()
+        };
+        record(&mut value, side, generation, eval.rule);
+        if WEIR_CONNTRACK.insert(&key, &value, BPF_ANY as u64).is_err() {
+            return Ok(drop_packet(&report, REASON_INTERNAL));
+        }
+        return Ok(if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
+            allow_reported(&report, eval.reason)
+        } else {
+            allow(eval.reason)
+        });
+    };
+
+    // SAFETY: as above.
+    let ct = unsafe { &mut *entry };
+    let (flag, _) = side_state(ct, side);
+    let checked = ct.flags & flag != 0;
+    // This side is checked for the first time, or again after a policy change.
+    if eval.allowed {
+        record(ct, side, generation, eval.rule);
+        touch(ct, is_reply);
+        if checked {
+            return Ok(allow(REASON_ESTABLISHED));
+        }
+        return Ok(if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
+            allow_reported(&report, eval.reason)
+        } else {
+            allow(eval.reason)
+        });
+    }
+    if !checked {
+        return Ok(drop_packet(&report, REASON_POLICY_DENIED));
+    }
+    if config_flags & CONFIG_REVOKE_ESTABLISHED != 0 {
+        let _ = WEIR_CONNTRACK.remove(orig);
+        return Ok(drop_packet(&report, REASON_REVOKED));
+    }
+    // Revocation is off: the connection keeps going, and is checked again on its next packet
+    // (so turning revocation on later still cuts it).
+    touch(ct, is_reply);
+    Ok(allow(REASON_ESTABLISHED))
+}
+
+/// This side's flag and the generation it was checked under.
+#[inline(always)]
+fn side_state(ct: &CtValue, side: u8) -> (u32, u32) {
+    if side == DIR_EGRESS {
+        (CT_EGRESS_ALLOWED, ct.egress_generation)
+    } else {
+        (CT_INGRESS_ALLOWED, ct.ingress_generation)
+    }
+}
+
+#[inline(always)]
+fn record(ct: &mut CtValue, side: u8, generation: u32, rule: u32) {
+    if side == DIR_EGRESS {
+        ct.flags |= CT_EGRESS_ALLOWED;
+        ct.egress_generation = generation;
+        ct.egress_rule = rule;
+    } else {
+        ct.flags |= CT_INGRESS_ALLOWED;
+        ct.ingress_generation = generation;
+        ct.ingress_rule = rule;
+    }
+}
+
+#[inline(always)]
+fn touch(ct: &mut CtValue, is_reply: bool) {
+    ct.last_seen_ns = now();
+    if is_reply {
+        ct.flags |= CT_SEEN_REPLY;
+    }
+}

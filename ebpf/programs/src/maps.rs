@@ -1,0 +1,56 @@
+//! Every map of the kernel object, with the names and capacities of `weir_common`.
+//!
+//! None is pinned by the object itself (`PinningType::None`): the agent pins them by path under
+//! the node's bpffs directory (and adopts them from there after a restart).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use weir_common::{
+    AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, IdentityValue,
+    MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICY_ENTRIES,
+    MAX_SUBJECTS, PolicyKey, PolicyValue, REASON_COUNT, SubjectKey, SubjectPolicy,
+};
+
+/// `WEIR_CONFIG[0]`: generation and flags.
+#[map(name = "WEIR_CONFIG")]
+pub static WEIR_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Local endpoints by address.
+#[map(name = "WEIR_ENDPOINTS")]
+pub static WEIR_ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Address → identity of pods and nodes (local and remote).
+#[map(name = "WEIR_IPCACHE")]
+pub static WEIR_IPCACHE: LpmTrie<AddrKey, IdentityValue> =
+    LpmTrie::with_max_entries(MAX_IPCACHE, 0);
+
+/// Address → CIDR identity of the policy prefixes that contain it.
+#[map(name = "WEIR_CIDR_IDS")]
+pub static WEIR_CIDR_IDS: LpmTrie<AddrKey, IdentityValue> =
+    LpmTrie::with_max_entries(MAX_CIDR_IDENTITIES, 0);
+
+/// Subject identity → isolation and live rule version.
+#[map(name = "WEIR_SUBJECTS")]
+pub static WEIR_SUBJECTS: HashMap<SubjectKey, SubjectPolicy> =
+    HashMap::with_max_entries(MAX_SUBJECTS, 0);
+
+/// (subject, version, peer, direction, proto, port prefix) → rule.
+#[map(name = "WEIR_POLICY")]
+pub static WEIR_POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+/// Connection tracking, keyed by the original 5-tuple.
+#[map(name = "WEIR_CONNTRACK")]
+pub static WEIR_CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Verdict events (`weir_common::VerdictEvent`).
+#[map(name = "WEIR_EVENTS")]
+pub static WEIR_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-CPU counters indexed by `REASON_*` (and `COUNTER_EVENTS_LOST`).
+#[map(name = "WEIR_COUNTERS")]
+pub static WEIR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

@@ -1,0 +1,84 @@
+//! Counters and verdict events.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+};
+use weir_common::{CtKey, REASON_COUNT, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent};
+
+use crate::maps::{WEIR_COUNTERS, WEIR_EVENTS};
+
+/// `WEIR_COUNTERS` slot counting events lost because the ring buffer was full (the last slot;
+/// no `REASON_*` uses it).
+pub const COUNTER_EVENTS_LOST: u32 = REASON_COUNT - 1;
+
+/// Everything a verdict event says besides the verdict and the reason.
+pub struct Report<'a> {
+    /// The packet's own tuple.
+    pub key: &'a CtKey,
+    pub direction: u8,
+    pub ifindex: u32,
+    pub subject: u32,
+    pub subject_version: u32,
+    pub peer: u32,
+    pub rule: u32,
+}
+
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(p) = WEIR_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn emit(r: &Report<'_>, verdict: u8, reason: u8) {
+    match WEIR_EVENTS.reserve::<VerdictEvent>(0) {
+        Some(mut entry) => {
+            entry.write(VerdictEvent {
+                // SAFETY: a helper without arguments.
+                timestamp_ns: unsafe { bpf_ktime_get_ns() },
+                saddr: r.key.saddr,
+                daddr: r.key.daddr,
+                sport: r.key.sport,
+                dport: r.key.dport,
+                proto: r.key.proto,
+                direction: r.direction,
+                verdict,
+                reason,
+                ifindex: r.ifindex,
+                subject: r.subject,
+                subject_version: r.subject_version,
+                peer: r.peer,
+                rule: r.rule,
+                _pad: 0,
+            });
+            entry.submit(0);
+        }
+        None => count(COUNTER_EVENTS_LOST),
+    }
+}
+
+/// Counts `reason`, reports the drop, and returns the drop verdict.
+#[inline(always)]
+pub fn drop_packet(r: &Report<'_>, reason: u8) -> i32 {
+    count(reason as u32);
+    emit(r, VERDICT_DROP, reason);
+    TC_ACT_SHOT as i32
+}
+
+/// Counts `reason` and returns the allow verdict (no event).
+#[inline(always)]
+pub fn allow(reason: u8) -> i32 {
+    count(reason as u32);
+    TC_ACT_OK as i32
+}
+
+/// Counts `reason`, reports the newly allowed connection, and returns the allow verdict.
+#[inline(always)]
+pub fn allow_reported(r: &Report<'_>, reason: u8) -> i32 {
+    count(reason as u32);
+    emit(r, VERDICT_ALLOW, reason);
+    TC_ACT_OK as i32
+}

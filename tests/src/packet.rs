@@ -1,0 +1,262 @@
+//! Packet builders for datapath tests: Ethernet frames carrying IPv4 or IPv6 with TCP, UDP,
+//! ICMP or ICMPv6, built byte by byte. Checksums are left zero: tc programs run through
+//! `BPF_PROG_TEST_RUN` never see them verified.
+//!
+//! Frames start at the Ethernet header, as a tc classifier sees them.
+
+use std::net::IpAddr;
+
+use weir_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_HLEN: usize = 14;
+
+/// Host-side veth MAC and pod MAC used in every frame (the programs do not look at them).
+const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// TCP flags.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// ICMP (v4) types.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMPv6 types.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+
+/// The 16-byte form the maps use (IPv4 mapped into `::ffff:0:0/96`).
+pub fn addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// An Ethernet frame around `payload`.
+pub fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH_HLEN + payload.len());
+    f.extend_from_slice(&DST_MAC);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 header (no options) followed by `payload`. `frag_offset` is in 8-byte units.
+pub fn ipv4_with_fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    frag_offset: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut p = Vec::with_capacity(total as usize);
+    p.push(0x45); // version 4, IHL 5
+    p.push(0); // DSCP/ECN
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
+    p.extend_from_slice(&(frag_offset & 0x1fff).to_be_bytes());
+    p.push(64); // TTL
+    p.push(proto);
+    p.extend_from_slice(&[0, 0]); // checksum
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An IPv6 header followed by `payload`.
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40 + payload.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, traffic class, flow label
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.push(next_header);
+    p.push(64); // hop limit
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An IP packet (no Ethernet header) of either family; `src` and `dst` must be of one family.
+pub fn ip(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            ipv4_with_fragment(s.octets(), d.octets(), proto, 0, payload)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s.octets(), d.octets(), proto, payload),
+        _ => panic!("mixed address families: {src} -> {dst}"),
+    }
+}
+
+/// An Ethernet frame carrying an IP packet.
+pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let ethertype = if src.is_ipv4() { ETH_P_IP } else { ETH_P_IPV6 };
+    ethernet(ethertype, &ip(src, dst, proto, payload))
+}
+
+/// A 20-byte TCP header.
+pub fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // sequence
+    h.extend_from_slice(&0u32.to_be_bytes()); // acknowledgement
+    h.push(5 << 4); // data offset
+    h.push(flags);
+    h.extend_from_slice(&64240u16.to_be_bytes()); // window
+    h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    h
+}
+
+/// An 8-byte UDP header followed by `payload`.
+pub fn udp_datagram(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An ICMP or ICMPv6 message: type, code, zero checksum, then `rest` (the 4-byte word and body).
+pub fn icmp_message(ty: u8, code: u8, rest: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(rest);
+    m
+}
+
+/// An echo request or reply body: id, sequence, a little payload.
+fn echo(ty: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut rest = Vec::with_capacity(12);
+    rest.extend_from_slice(&id.to_be_bytes());
+    rest.extend_from_slice(&seq.to_be_bytes());
+    rest.extend_from_slice(b"weir");
+    icmp_message(ty, 0, &rest)
+}
+
+fn icmp_proto(v4: bool) -> u8 {
+    if v4 { PROTO_ICMP } else { PROTO_ICMPV6 }
+}
+
+/// A TCP segment in an Ethernet frame.
+pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+    frame(src, dst, PROTO_TCP, &tcp_header(sport, dport, flags))
+}
+
+/// A UDP datagram in an Ethernet frame.
+pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    frame(src, dst, PROTO_UDP, &udp_datagram(sport, dport, b"weir"))
+}
+
+/// An echo request (ICMP or ICMPv6 by address family) in an Ethernet frame.
+pub fn ping(src: IpAddr, dst: IpAddr, id: u16) -> Vec<u8> {
+    let ty = if src.is_ipv4() {
+        ICMP_ECHO_REQUEST
+    } else {
+        ICMPV6_ECHO_REQUEST
+    };
+    frame(src, dst, icmp_proto(src.is_ipv4()), &echo(ty, id, 1))
+}
+
+/// An echo reply (ICMP or ICMPv6 by address family) in an Ethernet frame.
+pub fn pong(src: IpAddr, dst: IpAddr, id: u16) -> Vec<u8> {
+    let ty = if src.is_ipv4() {
+        ICMP_ECHO_REPLY
+    } else {
+        ICMPV6_ECHO_REPLY
+    };
+    frame(src, dst, icmp_proto(src.is_ipv4()), &echo(ty, id, 1))
+}
+
+/// An ICMP or ICMPv6 error from `src` to `dst` quoting `quoted` (an IP packet, usually the
+/// start of one the error is about: its IP header and at least 8 bytes more).
+pub fn icmp_error(src: IpAddr, dst: IpAddr, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut rest = vec![0, 0, 0, 0]; // unused (or next-hop MTU)
+    rest.extend_from_slice(quoted);
+    frame(
+        src,
+        dst,
+        icmp_proto(src.is_ipv4()),
+        &icmp_message(ty, code, &rest),
+    )
+}
+
+/// An ICMPv6 neighbour solicitation for `target`, from a link-local address.
+pub fn neighbour_solicitation(src: IpAddr, target: [u8; 16]) -> Vec<u8> {
+    let mut rest = vec![0, 0, 0, 0]; // reserved
+    rest.extend_from_slice(&target);
+    let mut dst = [0u8; 16];
+    dst[..13].copy_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff]);
+    dst[13..].copy_from_slice(&target[13..]);
+    frame(
+        src,
+        IpAddr::from(dst),
+        PROTO_ICMPV6,
+        &icmp_message(ICMPV6_NEIGHBOR_SOLICIT, 0, &rest),
+    )
+}
+
+/// An ARP request (who-has `target` tell `sender`).
+pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(28);
+    a.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    a.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    a.push(6);
+    a.push(4);
+    a.extend_from_slice(&1u16.to_be_bytes()); // request
+    a.extend_from_slice(&SRC_MAC);
+    a.extend_from_slice(&sender);
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target);
+    ethernet(ETH_P_ARP, &a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_frame_layout() {
+        let f = tcp(
+            "10.0.0.1".parse().unwrap(),
+            1234,
+            "10.0.0.2".parse().unwrap(),
+            80,
+            TCP_SYN,
+        );
+        assert_eq!(f.len(), 14 + 20 + 20);
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        assert_eq!(f[14], 0x45);
+        assert_eq!(f[14 + 9], PROTO_TCP);
+        assert_eq!(&f[14 + 12..14 + 16], &[10, 0, 0, 1]);
+        assert_eq!(&f[34..36], &1234u16.to_be_bytes());
+        assert_eq!(&f[36..38], &80u16.to_be_bytes());
+    }
+
+    #[test]
+    fn ipv6_frame_layout() {
+        let f = udp(
+            "fd00::1".parse().unwrap(),
+            53,
+            "fd00::2".parse().unwrap(),
+            5353,
+        );
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(f[14] >> 4, 6);
+        assert_eq!(f[14 + 6], PROTO_UDP);
+        assert_eq!(u16::from_be_bytes([f[18], f[19]]), 12);
+        assert_eq!(f.len(), 14 + 40 + 12);
+    }
+}
