@@ -1,0 +1,904 @@
+//! The CNI plugin driven exactly as a runtime drives it (CNI_* environment, config on stdin, run
+//! inside the node's network namespace), against the agent's real gRPC API (`api::serve`) and
+//! IPAM, with a recording `EndpointBackend` standing in for the datapath. Root only.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use weir_agent::{
+    api,
+    endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
+    ipam::Ipam,
+};
+use weir_policy::model::ObjectKey;
+use weir_proto::naming::{host_veth_name, is_host_veth_name};
+use weir_tests::{agent::bin, netns::Netns};
+
+// ---------------------------------------------------------------------------------------------
+// A recording backend.
+
+#[derive(Default)]
+struct FakeBackend {
+    /// The node namespace: activate records whether the host veth was still down.
+    node: String,
+    not_ready: Mutex<Option<String>>,
+    /// When set, only these pods are known.
+    known_pods: Mutex<Option<HashSet<ObjectKey>>>,
+    fail_activate: AtomicBool,
+    activated: Mutex<Vec<(LocalEndpoint, bool)>>,
+    deactivated: Mutex<Vec<(String, String)>>,
+    enforced: Mutex<HashSet<(String, String)>>,
+}
+
+#[tonic::async_trait]
+impl EndpointBackend for FakeBackend {
+    fn readiness(&self) -> Result<(), String> {
+        match self.not_ready.lock().unwrap().clone() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
+    }
+
+    async fn wait_for_pod(&self, pod: &ObjectKey, timeout: Duration) -> Result<(), EndpointError> {
+        let start = Instant::now();
+        loop {
+            let known = match &*self.known_pods.lock().unwrap() {
+                None => true,
+                Some(set) => set.contains(pod),
+            };
+            if known {
+                return Ok(());
+            }
+            if start.elapsed() >= timeout {
+                return Err(EndpointError::PodUnknown {
+                    pod: pod.clone(),
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn activate(&self, endpoint: LocalEndpoint) -> Result<(), EndpointError> {
+        if self.fail_activate.load(Ordering::SeqCst) {
+            return Err(EndpointError::Datapath {
+                pod: endpoint.pod.clone(),
+                host_ifname: endpoint.host_ifname.clone(),
+                reason: "injected failure".into(),
+            });
+        }
+        let flags = Command::new("ip")
+            .args([
+                "-n",
+                &self.node,
+                "-j",
+                "link",
+                "show",
+                &endpoint.host_ifname,
+            ])
+            .output()
+            .expect("ip link show");
+        let links: Value = serde_json::from_slice(&flags.stdout).unwrap_or(json!([]));
+        let up = links[0]["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP"));
+        self.enforced
+            .lock()
+            .unwrap()
+            .insert((endpoint.container_id.clone(), endpoint.ifname.clone()));
+        self.activated.lock().unwrap().push((endpoint, up));
+        Ok(())
+    }
+
+    async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
+        self.enforced
+            .lock()
+            .unwrap()
+            .remove(&(container_id.to_owned(), ifname.to_owned()));
+        self.deactivated
+            .lock()
+            .unwrap()
+            .push((container_id.to_owned(), ifname.to_owned()));
+        Ok(())
+    }
+
+    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
+        self.enforced
+            .lock()
+            .unwrap()
+            .contains(&(container_id.to_owned(), ifname.to_owned()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness: a node namespace, an in-process agent API, and the real plugin binary.
+
+struct RunningAgent {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct Harness {
+    node: Netns,
+    dir: PathBuf,
+    socket: PathBuf,
+    cidrs: Vec<IpNet>,
+    backend: Arc<FakeBackend>,
+    ipam: Option<Arc<Ipam>>,
+    agent: Option<RunningAgent>,
+}
+
+/// The result of one plugin run.
+#[derive(Debug)]
+struct Out {
+    ok: bool,
+    json: Value,
+    stdout: String,
+    took: Duration,
+}
+
+impl Out {
+    fn code(&self) -> u64 {
+        assert!(!self.ok, "expected a failure, got success: {}", self.stdout);
+        self.json["code"].as_u64().expect("error code")
+    }
+
+    #[track_caller]
+    fn expect_ok(&self) -> &Value {
+        assert!(self.ok, "plugin failed: {}", self.stdout);
+        &self.json
+    }
+}
+
+impl Harness {
+    fn new(tag: &str, cidrs: &[&str]) -> Self {
+        let node = Netns::new(&format!("cni-{tag}"));
+        let dir = std::env::temp_dir().join(format!("weir-cni-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let backend = Arc::new(FakeBackend {
+            node: node.name.clone(),
+            ..FakeBackend::default()
+        });
+        let mut h = Harness {
+            socket: dir.join("run/agent.sock"),
+            node,
+            dir,
+            cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            backend,
+            ipam: None,
+            agent: None,
+        };
+        h.start_agent();
+        h
+    }
+
+    /// Starts the API as the agent does: open IPAM, reconcile against the node's host veths,
+    /// serve.
+    fn start_agent(&mut self) {
+        let ipam = Arc::new(Ipam::open(&self.dir.join("state"), &self.cidrs).unwrap());
+        let veths: HashSet<String> = self.host_veths().into_iter().collect();
+        ipam.reconcile(&veths).unwrap();
+        self.ipam = Some(ipam.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let socket = self.socket.clone();
+        let backend: Arc<dyn EndpointBackend> = self.backend.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                api::serve(&socket, backend, ipam, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let start = Instant::now();
+        while !self.socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the API never came up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.agent = Some(RunningAgent {
+            shutdown: tx,
+            thread,
+        });
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            let _ = agent.shutdown.send(());
+            agent.thread.join().unwrap();
+        }
+        self.ipam = None;
+    }
+
+    fn ipam(&self) -> &Ipam {
+        self.ipam.as_ref().expect("agent running")
+    }
+
+    fn conf(&self) -> Value {
+        json!({
+            "cniVersion": "1.1.0",
+            "name": "weir",
+            "type": "weir-cni",
+            "agentSocket": self.socket,
+            "mtu": 1400,
+            "logFile": self.dir.join("cni.log"),
+            "podWaitSeconds": 2,
+        })
+    }
+
+    /// Runs weir-cni in the node namespace as a runtime does.
+    fn cni(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> Out {
+        let mut cmd = self.node.command(bin("weir-cni").to_str().unwrap());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let start = Instant::now();
+        let mut child = cmd.spawn().expect("spawning weir-cni");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let took = start.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.stderr.is_empty(),
+            "weir-cni wrote to stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
+        };
+        if !out.status.success() {
+            // The spec's error object.
+            for key in ["cniVersion", "code", "msg"] {
+                assert!(json.get(key).is_some(), "error without {key}: {stdout}");
+            }
+        }
+        Out {
+            ok: out.status.success(),
+            json,
+            stdout,
+            took,
+        }
+    }
+
+    fn run_verb(&self, verb: &str, container: &str, pod: Option<&Netns>, conf: &Value) -> Out {
+        let netns = pod.map(Netns::path).unwrap_or_default();
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container};K8S_POD_INFRA_CONTAINER_ID={container};K8S_POD_UID=uid-{container}"
+        );
+        let mut env = vec![
+            ("CNI_CONTAINERID", container),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", args.as_str()),
+        ];
+        if !netns.is_empty() {
+            env.push(("CNI_NETNS", netns.as_str()));
+        }
+        self.cni(verb, &env, conf.to_string().as_bytes())
+    }
+
+    fn add(&self, container: &str, pod: &Netns) -> Out {
+        self.run_verb("ADD", container, Some(pod), &self.conf())
+    }
+
+    fn del(&self, container: &str, pod: Option<&Netns>) -> Out {
+        self.run_verb("DEL", container, pod, &self.conf())
+    }
+
+    fn check(&self, container: &str, pod: &Netns, prev: &Value) -> Out {
+        let mut conf = self.conf();
+        conf["prevResult"] = prev.clone();
+        self.run_verb("CHECK", container, Some(pod), &conf)
+    }
+
+    fn host_veths(&self) -> Vec<String> {
+        let links: Value = serde_json::from_str(&self.node.ip(&["-j", "link", "show"])).unwrap();
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| is_host_veth_name(n))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ip_json(ns: &Netns, args: &[&str]) -> Value {
+    let mut full = vec!["-j"];
+    full.extend_from_slice(args);
+    serde_json::from_str(&ns.ip(&full)).unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn version_reports_supported_versions() {
+    let h = Harness::new("ver", &["10.210.0.0/24"]);
+    let out = h.cni("VERSION", &[], br#"{"cniVersion":"1.0.0"}"#);
+    let v = out.expect_ok();
+    assert_eq!(v["cniVersion"], "1.0.0");
+    assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    // With no input the latest version is reported.
+    let out = h.cni("VERSION", &[], b"");
+    assert_eq!(out.expect_ok()["cniVersion"], "1.1.0");
+}
+
+#[test]
+fn add_wires_the_pod_check_verifies_and_del_is_idempotent() {
+    let h = Harness::new("add", &["10.211.0.0/24"]);
+    let pod = Netns::new("cni-add-pod");
+    let added = h.add("c-add-1", &pod);
+    let result = added.expect_ok().clone();
+
+    // The result schema (SPEC 1.1 "Success").
+    let host = host_veth_name("c-add-1", "eth0");
+    assert_eq!(result["cniVersion"], "1.1.0");
+    let interfaces = result["interfaces"].as_array().unwrap();
+    assert_eq!(interfaces.len(), 2);
+    assert_eq!(interfaces[0]["name"], host.as_str());
+    assert!(interfaces[0]["sandbox"].is_null());
+    assert_eq!(interfaces[1]["name"], "eth0");
+    assert_eq!(interfaces[1]["sandbox"], pod.path());
+    for i in interfaces {
+        assert_eq!(i["mac"].as_str().unwrap().len(), 17, "mac of {i}");
+    }
+    let ips = result["ips"].as_array().unwrap();
+    assert_eq!(ips.len(), 1);
+    let address = ips[0]["address"].as_str().unwrap();
+    assert!(
+        address.starts_with("10.211.0.") && address.ends_with("/32"),
+        "{address}"
+    );
+    assert_eq!(ips[0]["gateway"], "169.254.1.1");
+    assert_eq!(ips[0]["interface"], 1);
+    assert_eq!(
+        result["routes"],
+        json!([{ "dst": "0.0.0.0/0", "gw": "169.254.1.1" }])
+    );
+    assert_eq!(result["dns"], json!({}));
+    let pod_ip = address.trim_end_matches("/32");
+
+    // Inside the pod: eth0 up with the /32, MTU, lo up, the default route and gateway neighbour.
+    let link = &ip_json(&pod, &["addr", "show", "eth0"])[0];
+    assert_eq!(link["mtu"], 1400);
+    assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert_eq!(link["address"], interfaces[1]["mac"]);
+    let addrs: Vec<String> = link["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    assert_eq!(addrs, vec![address.to_string()]);
+    let lo = &ip_json(&pod, &["link", "show", "lo"])[0];
+    assert!(lo["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    let routes = ip_json(&pod, &["route", "show", "default"]);
+    assert_eq!(routes[0]["gateway"], "169.254.1.1");
+    assert_eq!(routes[0]["dev"], "eth0");
+    let neigh = ip_json(&pod, &["neigh", "show", "169.254.1.1"]);
+    assert_eq!(neigh[0]["lladdr"], interfaces[0]["mac"]);
+    assert!(
+        neigh[0]["state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "PERMANENT")
+    );
+
+    // On the node: the host veth is up with the route to the pod.
+    let host_link = &ip_json(&h.node, &["link", "show", &host])[0];
+    assert!(
+        host_link["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "UP")
+    );
+    assert_eq!(host_link["mtu"], 1400);
+    let host_routes = ip_json(&h.node, &["route", "show", pod_ip]);
+    assert_eq!(host_routes[0]["dev"], host.as_str());
+
+    // Enforcement was put in place while the host veth was still down (no unenforced window).
+    {
+        let activated = h.backend.activated.lock().unwrap();
+        assert_eq!(activated.len(), 1);
+        let (endpoint, host_up) = &activated[0];
+        assert!(
+            !host_up,
+            "the host veth was up before enforcement was in place"
+        );
+        assert_eq!(endpoint.host_ifname, host);
+        assert_eq!(endpoint.pod, ObjectKey::new("default", "pod-c-add-1"));
+        assert_eq!(
+            endpoint.addresses,
+            vec![pod_ip.parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+
+    // CHECK passes; then fails once something is broken.
+    h.check("c-add-1", &pod, &result).expect_ok();
+    pod.ip(&["route", "del", "default"]);
+    let broken = h.check("c-add-1", &pod, &result);
+    assert_eq!(broken.code(), 103, "{}", broken.stdout);
+    assert!(
+        broken.json["msg"]
+            .as_str()
+            .unwrap()
+            .contains("default route"),
+        "{}",
+        broken.stdout
+    );
+    // Not enforced → CHECK fails too.
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    h.check("c-add-1", &pod, &result).expect_ok();
+    h.backend.enforced.lock().unwrap().clear();
+    let unenforced = h.check("c-add-1", &pod, &result);
+    assert_eq!(unenforced.code(), 103);
+    assert!(
+        unenforced.stdout.contains("enforcement"),
+        "{}",
+        unenforced.stdout
+    );
+    // CHECK of an unknown container: code 3.
+    assert_eq!(h.check("c-nobody", &pod, &result).code(), 3);
+
+    // DEL twice.
+    h.del("c-add-1", Some(&pod)).expect_ok();
+    assert!(h.host_veths().is_empty(), "the host veth survived DEL");
+    assert!(
+        ip_json(&pod, &["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["ifname"] != "eth0")
+    );
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(
+        h.backend
+            .deactivated
+            .lock()
+            .unwrap()
+            .contains(&("c-add-1".into(), "eth0".into()))
+    );
+    h.del("c-add-1", Some(&pod)).expect_ok();
+
+    // The log file has one line per call.
+    let log = std::fs::read_to_string(h.dir.join("cni.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ADD container=c-add-1") && l.ends_with(" ok")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("CHECK") && l.contains("code=103")),
+        "{log}"
+    );
+}
+
+#[test]
+fn del_of_unknown_container_and_of_a_gone_netns_succeed() {
+    let h = Harness::new("delgone", &["10.212.0.0/24"]);
+    h.del("never-added", None).expect_ok();
+    let pod = Netns::new("cni-delgone-pod");
+    h.del("never-added", Some(&pod)).expect_ok();
+
+    h.add("c-gone", &pod).expect_ok();
+    let path = pod.path();
+    drop(pod); // The runtime tore the sandbox down first: the veth went with it.
+    let out = h.cni(
+        "DEL",
+        &[
+            ("CNI_CONTAINERID", "c-gone"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", &path),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-c-gone",
+            ),
+        ],
+        h.conf().to_string().as_bytes(),
+    );
+    out.expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(h.host_veths().is_empty());
+}
+
+#[test]
+fn del_with_the_agent_down_releases_when_it_is_back() {
+    let mut h = Harness::new("deldown", &["10.213.0.0/24"]);
+    let pod = Netns::new("cni-deldown-pod");
+    let keep = Netns::new("cni-deldown-keep");
+    h.add("c-down", &pod).expect_ok();
+    h.add("c-keep", &keep).expect_ok();
+    h.stop_agent();
+    h.del("c-down", Some(&pod)).expect_ok();
+    assert_eq!(h.host_veths(), vec![host_veth_name("c-keep", "eth0")]);
+    // The agent comes back, reconciles against the host veths: c-down's address is free.
+    h.start_agent();
+    let left: Vec<String> = h
+        .ipam()
+        .allocations()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(left, vec!["c-keep".to_string()]);
+    h.del("c-keep", Some(&keep)).expect_ok();
+}
+
+#[test]
+fn errors_carry_the_spec_codes() {
+    let mut h = Harness::new("err", &["10.214.0.0/24"]);
+    let pod = Netns::new("cni-err-pod");
+    let conf = h.conf().to_string();
+    let env = |args: &'static str| {
+        vec![
+            ("CNI_CONTAINERID", "c-err"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", Box::leak(pod.path().into_boxed_str()) as &str),
+            ("CNI_ARGS", args),
+        ]
+    };
+    // Missing K8S_POD_NAME → 4.
+    let out = h.cni("ADD", &env("K8S_POD_NAMESPACE=default"), conf.as_bytes());
+    assert_eq!(out.code(), 4, "{}", out.stdout);
+    assert!(out.stdout.contains("K8S_POD_NAME"));
+    // Missing CNI_CONTAINERID → 4.
+    let out = h.cni("ADD", &[("CNI_IFNAME", "eth0")], conf.as_bytes());
+    assert_eq!(out.code(), 4);
+    // Undecodable config → 6.
+    let out = h.cni(
+        "ADD",
+        &env("K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+        b"{not json",
+    );
+    assert_eq!(out.code(), 6);
+    // Unsupported version → 1.
+    let mut old = h.conf();
+    old["cniVersion"] = json!("0.3.1");
+    let out = h.cni(
+        "ADD",
+        &env("K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+        old.to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), 1);
+    // An ipam section (Weir does its own) → 2.
+    let mut ipam = h.conf();
+    ipam["ipam"] = json!({"type": "host-local"});
+    let out = h.cni(
+        "ADD",
+        &env("K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+        ipam.to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), 2);
+    // Invalid config value → 7.
+    let mut mtu = h.conf();
+    mtu["mtu"] = json!(10);
+    let out = h.cni(
+        "ADD",
+        &env("K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+        mtu.to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), 7);
+    // The Pod is unknown after the bounded wait → 11, nothing left behind.
+    *h.backend.known_pods.lock().unwrap() = Some(HashSet::new());
+    let mut quick = h.conf();
+    quick["podWaitSeconds"] = json!(1);
+    let out = h.cni(
+        "ADD",
+        &env("K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+        quick.to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), 11, "{}", out.stdout);
+    assert!(out.took >= Duration::from_secs(1));
+    assert!(out.stdout.contains("default/p"), "{}", out.stdout);
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    *h.backend.known_pods.lock().unwrap() = None;
+    // Enforcement fails → the ADD fails and undoes everything.
+    h.backend.fail_activate.store(true, Ordering::SeqCst);
+    let out = h.add("c-err", &pod);
+    assert_eq!(out.code(), 100, "{}", out.stdout);
+    assert!(h.host_veths().is_empty());
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    h.backend.fail_activate.store(false, Ordering::SeqCst);
+    // No agent → 11 with a reason.
+    h.stop_agent();
+    let out = h.add("c-err", &pod);
+    assert_eq!(out.code(), 11, "{}", out.stdout);
+    let msg = out.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("cannot reach the weir agent") && msg.contains(h.socket.to_str().unwrap()),
+        "{msg}"
+    );
+    assert!(h.host_veths().is_empty());
+}
+
+#[test]
+fn status_reports_readiness() {
+    let mut h = Harness::new("status", &["10.215.0.0/24"]);
+    let conf = h.conf().to_string();
+    let out = h.cni("STATUS", &[], conf.as_bytes());
+    assert!(out.ok && out.stdout.is_empty(), "{}", out.stdout);
+    *h.backend.not_ready.lock().unwrap() = Some("datapath not loaded".into());
+    let out = h.cni("STATUS", &[], conf.as_bytes());
+    assert_eq!(out.code(), 50);
+    assert!(out.stdout.contains("datapath not loaded"));
+    *h.backend.not_ready.lock().unwrap() = None;
+    h.stop_agent();
+    let out = h.cni("STATUS", &[], conf.as_bytes());
+    assert_eq!(out.code(), 50);
+    assert!(
+        out.stdout.contains("cannot reach the weir agent"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn gc_releases_every_attachment_not_listed() {
+    let h = Harness::new("gc", &["10.216.0.0/24"]);
+    let pods: Vec<Netns> = (0..3)
+        .map(|i| Netns::new(&format!("cni-gc-p{i}")))
+        .collect();
+    for (i, pod) in pods.iter().enumerate() {
+        h.add(&format!("c-gc-{i}"), pod).expect_ok();
+    }
+    // A veth left by an ADD killed before it registered anything.
+    h.node.ip(&[
+        "link",
+        "add",
+        &host_veth_name("c-killed", "eth0"),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "tmp-peer",
+    ]);
+    let mut conf = h.conf();
+    conf["cni.dev/valid-attachments"] = json!([{ "containerID": "c-gc-0", "ifname": "eth0" }]);
+    h.cni("GC", &[], conf.to_string().as_bytes()).expect_ok();
+    let left: Vec<String> = h
+        .ipam()
+        .allocations()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(left, vec!["c-gc-0".to_string()]);
+    assert_eq!(h.host_veths(), vec![host_veth_name("c-gc-0", "eth0")]);
+    let deactivated: BTreeSet<String> = h
+        .backend
+        .deactivated
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(c, _)| c.clone())
+        .collect();
+    assert_eq!(
+        deactivated,
+        ["c-gc-1".to_string(), "c-gc-2".to_string()].into()
+    );
+    h.del("c-gc-0", Some(&pods[0])).expect_ok();
+}
+
+#[test]
+fn chained_prev_result_passes_through() {
+    let h = Harness::new("chain", &["10.217.0.0/24"]);
+    let pod = Netns::new("cni-chain-pod");
+    let prev = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{ "name": "other0", "mac": "02:00:00:00:00:01" }],
+        "ips": [{ "address": "192.0.2.10/24", "interface": 0 }],
+        "routes": [{ "dst": "198.51.100.0/24" }],
+        "dns": { "nameservers": ["192.0.2.53"] },
+    });
+    let mut conf = h.conf();
+    conf["prevResult"] = prev.clone();
+    let result = h
+        .run_verb("ADD", "c-chain", Some(&pod), &conf)
+        .expect_ok()
+        .clone();
+    let interfaces = result["interfaces"].as_array().unwrap();
+    assert_eq!(interfaces[0], prev["interfaces"][0]);
+    assert_eq!(interfaces[2]["name"], "eth0");
+    let ips = result["ips"].as_array().unwrap();
+    assert_eq!(ips[0], prev["ips"][0]);
+    assert_eq!(ips[1]["interface"], 2);
+    assert_eq!(result["routes"][0], prev["routes"][0]);
+    assert_eq!(result["dns"], prev["dns"]);
+    // A later plugin's CHECK/DEL hand the full result back as prevResult.
+    h.check("c-chain", &pod, &result).expect_ok();
+    let mut del = h.conf();
+    del["prevResult"] = result;
+    h.run_verb("DEL", "c-chain", Some(&pod), &del).expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+}
+
+#[test]
+fn dual_stack_and_legacy_result() {
+    let h = Harness::new("dual", &["10.218.0.0/24", "fd00:218::/64"]);
+    let pod = Netns::new("cni-dual-pod");
+    let mut conf = h.conf();
+    conf["cniVersion"] = json!("0.4.0");
+    let result = h
+        .run_verb("ADD", "c-dual", Some(&pod), &conf)
+        .expect_ok()
+        .clone();
+    assert_eq!(result["cniVersion"], "0.4.0");
+    let ips = result["ips"].as_array().unwrap();
+    assert_eq!(ips.len(), 2);
+    assert_eq!(ips[0]["version"], "4");
+    assert_eq!(ips[1]["version"], "6");
+    assert_eq!(ips[1]["gateway"], "fe80::1");
+    let v6 = ips[1]["address"].as_str().unwrap();
+    assert!(v6.starts_with("fd00:218::") && v6.ends_with("/128"), "{v6}");
+    let routes = ip_json(&pod, &["-6", "route", "show", "default"]);
+    assert_eq!(routes[0]["gateway"], "fe80::1");
+    let host = host_veth_name("c-dual", "eth0");
+    let host_routes = ip_json(
+        &h.node,
+        &["-6", "route", "show", v6.trim_end_matches("/128")],
+    );
+    assert_eq!(host_routes[0]["dev"], host.as_str());
+    // The v6 address is usable at once (no duplicate address detection pending).
+    let addrs = ip_json(
+        &pod,
+        &["-6", "addr", "show", "dev", "eth0", "scope", "global"],
+    );
+    let info = &addrs[0]["addr_info"][0];
+    assert_eq!(info["local"], v6.trim_end_matches("/128"));
+    assert!(info.get("tentative").is_none(), "{info}");
+    let mut check = conf.clone();
+    check["prevResult"] = result;
+    h.run_verb("CHECK", "c-dual", Some(&pod), &check)
+        .expect_ok();
+    h.run_verb("DEL", "c-dual", Some(&pod), &conf).expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+}
+
+#[test]
+fn fifty_parallel_adds_get_distinct_addresses_and_del_frees_them() {
+    const N: usize = 50;
+    let h = Harness::new("par", &["10.219.0.0/24"]);
+    let pods: Vec<Netns> = (0..N)
+        .map(|i| Netns::new(&format!("cni-par-{i}")))
+        .collect();
+    let results: Vec<Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let h = &h;
+                s.spawn(move || h.add(&format!("c-par-{i}"), pod))
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let addresses: HashSet<String> = results
+        .iter()
+        .map(|o| {
+            o.expect_ok()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(addresses.len(), N, "duplicate addresses handed out");
+    assert_eq!(h.host_veths().len(), N);
+    let mut add_times: Vec<Duration> = results.iter().map(|o| o.took).collect();
+    add_times.sort();
+
+    let dels: Vec<Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let h = &h;
+                s.spawn(move || h.del(&format!("c-par-{i}"), Some(pod)))
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for d in &dels {
+        d.expect_ok();
+    }
+    let mut del_times: Vec<Duration> = dels.iter().map(|o| o.took).collect();
+    del_times.sort();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(h.host_veths().is_empty());
+    eprintln!(
+        "{N} parallel: ADD p50 {:?} p99 {:?}; DEL p50 {:?} p99 {:?}",
+        percentile(&add_times, 0.5),
+        percentile(&add_times, 0.99),
+        percentile(&del_times, 0.5),
+        percentile(&del_times, 0.99)
+    );
+}
+
+#[test]
+fn sequential_add_del_latency() {
+    const N: usize = 20;
+    let h = Harness::new("seq", &["10.220.0.0/24"]);
+    let pods: Vec<Netns> = (0..N)
+        .map(|i| Netns::new(&format!("cni-seq-{i}")))
+        .collect();
+    let mut dels = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        h.add(&format!("c-seq-{i}"), pod).expect_ok();
+    }
+    let mut add_t = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let out = h.del(&format!("c-seq-{i}"), Some(pod));
+        out.expect_ok();
+        dels.push(out.took);
+        let out = h.add(&format!("c-seq2-{i}"), pod);
+        out.expect_ok();
+        add_t.push(out.took);
+    }
+    for (i, pod) in pods.iter().enumerate() {
+        h.del(&format!("c-seq2-{i}"), Some(pod)).expect_ok();
+    }
+    add_t.sort();
+    dels.sort();
+    eprintln!(
+        "sequential: ADD p50 {:?} p99 {:?}; DEL p50 {:?} p99 {:?} (process spawn through nsenter included)",
+        percentile(&add_t, 0.5),
+        percentile(&add_t, 0.99),
+        percentile(&dels, 0.5),
+        percentile(&dels, 0.99)
+    );
+    assert!(h.ipam().allocations().unwrap().is_empty());
+}
