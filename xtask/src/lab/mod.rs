@@ -95,6 +95,9 @@ pub struct ProbeSpec {
     /// More cells to probe (e.g. those an expectation names).
     pub extra: Vec<Target>,
     pub options: ProbeOptions,
+    /// Timeout for cells expected to be denied (by [`Lab::probe_until`]'s expectations): a
+    /// local connection that is allowed answers in well under a millisecond.
+    pub denied_timeout: Option<Duration>,
 }
 
 /// A running lab. Dropping it takes it down, unless it was [`Lab::open`]ed or [`Lab::keep`]t.
@@ -160,6 +163,21 @@ impl Lab {
         state.save()?;
         // From here on, a failure takes down what was built.
         let mut lab = Lab { state, owned: true };
+        match lab.build(objects) {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                let saved = save_logs(&lab.state);
+                Err(e.context(format!(
+                    "building lab {} (its logs are kept in {})",
+                    lab.state.name,
+                    saved.display()
+                )))
+            }
+        }
+    }
+
+    fn build(&mut self, objects: Vec<Object>) -> anyhow::Result<()> {
+        let lab = self;
         ensure_bpffs()?;
         topology::build(&lab.state)?;
         let (pods, others): (Vec<Object>, Vec<Object>) =
@@ -175,7 +193,7 @@ impl Lab {
             };
             lab.add_pod(pod, &node)?;
         }
-        Ok(lab)
+        Ok(())
     }
 
     /// A lab that is running (made by another process); dropping it leaves it running.
@@ -487,6 +505,14 @@ impl Lab {
 
     /// Probes from every pod to the cells `spec` names, in parallel, with real connections.
     pub fn probe(&self, spec: &ProbeSpec) -> anyhow::Result<Matrix> {
+        self.probe_expecting(spec, None)
+    }
+
+    fn probe_expecting(
+        &self,
+        spec: &ProbeSpec,
+        expect: Option<&Expectations>,
+    ) -> anyhow::Result<Matrix> {
         let mut sources = Vec::new();
         let mut targets: Vec<(Target, IpAddr)> = Vec::new();
         for (key, pod) in &self.state.pods {
@@ -506,7 +532,16 @@ impl Lab {
                 targets.push((t.clone(), self.pod_ip(&t.pod)?));
             }
         }
-        Ok(probe::probe(&sources, &targets, spec.options))
+        let options = |from: &str, to: &Target| {
+            let mut o = spec.options;
+            if let (Some(short), Some(e)) = (spec.denied_timeout, expect)
+                && e.get(from, to) == Some(false)
+            {
+                o.timeout = short;
+            }
+            o
+        };
+        Ok(probe::probe(&sources, &targets, options))
     }
 
     /// Probes until the matrix matches `expect` or `timeout` passes (policy changes take effect
@@ -519,7 +554,7 @@ impl Lab {
     ) -> anyhow::Result<(Matrix, Vec<Difference>)> {
         let deadline = Instant::now() + timeout;
         loop {
-            let matrix = self.probe(spec)?;
+            let matrix = self.probe_expecting(spec, Some(expect))?;
             let diffs = matrix.differences(expect);
             if diffs.is_empty() || Instant::now() > deadline {
                 return Ok((matrix, diffs));
@@ -872,6 +907,39 @@ fn find_processes(marker: &str) -> Vec<u32> {
         .filter(|&pid| pid != std::process::id())
         .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains(marker)))
         .collect()
+}
+
+/// Copies a lab's logs to /tmp/weir-lab-logs/<lab>/ (the lab directory goes away with the lab).
+fn save_logs(state: &State) -> PathBuf {
+    let to = Path::new("/tmp/weir-lab-logs").join(&state.name);
+    let _ = std::fs::remove_dir_all(&to);
+    let _ = std::fs::create_dir_all(&to);
+    let mut files: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(&state.dir) {
+        files.extend(dir.filter_map(Result::ok).map(|e| e.path()));
+    }
+    for node in &state.nodes {
+        files.push(node.log.clone());
+        files.push(node.state_dir.join("flows.jsonl"));
+    }
+    for file in files {
+        if file
+            .extension()
+            .is_some_and(|e| e == "log" || e == "jsonl" || e == "json")
+            && let Some(name) = file.file_name()
+        {
+            let prefix = file
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let _ = std::fs::copy(
+                &file,
+                to.join(format!("{prefix}-{}", name.to_string_lossy())),
+            );
+        }
+    }
+    to
 }
 
 fn tail(path: &Path, lines: usize) -> String {

@@ -34,14 +34,20 @@ impl Default for ProbeOptions {
     }
 }
 
-/// Probes every (source, target) pair but a pod with itself, all in parallel.
-pub fn probe(sources: &[Endpoint], targets: &[(Target, IpAddr)], options: ProbeOptions) -> Matrix {
+/// Probes every (source, target) pair but a pod with itself, all in parallel; `options` gives
+/// each cell its timeouts (shorter for cells expected to be denied).
+pub fn probe(
+    sources: &[Endpoint],
+    targets: &[(Target, IpAddr)],
+    options: impl Fn(&str, &Target) -> ProbeOptions,
+) -> Matrix {
     let mut handles = Vec::new();
     for source in sources {
         for (target, ip) in targets {
             if target.pod == source.pod {
                 continue;
             }
+            let options = options(&source.pod, target);
             let (source, target, ip) = (source.clone(), target.clone(), *ip);
             let handle = std::thread::Builder::new()
                 .stack_size(64 * 1024)
