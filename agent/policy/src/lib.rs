@@ -1,5 +1,76 @@
 //! The policy compiler: a pure function from cluster state (Namespaces, Pods, NetworkPolicies,
-//! Nodes) to the desired contents of the datapath maps.
+//! Nodes) to the desired contents of the datapath maps. No kernel, no API client: the agent
+//! feeds it objects ([`model::parse_documents`], [`model::ClusterState`]) and this node's
+//! endpoints, and diffs the [`output::Compiled`] result against what is pinned.
+//!
+//! # Pipeline
+//! 1. [`model`]: our own serde shapes of the objects (no k8s-openapi), read from YAML 1.2 /
+//!    JSON manifests with the API server's defaulting (`policyTypes`, protocol `TCP`, the
+//!    `kubernetes.io/metadata.name` namespace label).
+//! 2. [`validate`]: each NetworkPolicy is checked; a bad one becomes [`output::Rejection`]s
+//!    (policy, field path such as `spec.ingress[0].from[1].ipBlock.except[0]`, and what to do)
+//!    and is dropped whole. Every other policy keeps being enforced.
+//! 3. [`identity`]: every (namespace, labels, named container ports) of a pod gets a stable
+//!    identity (`IDENTITY_FIRST_POD..`, cluster id in the top 8 bits); every distinct ipBlock
+//!    label set a CIDR identity ([`cidr`], which also explains why the LPM longest match over
+//!    the inserted prefixes is exact); every rule a stable id. The [`IdentityAllocator`] is
+//!    serialisable so the agent persists it.
+//! 4. [`compile()`]: the ipcache (pod and node addresses → identity), CIDR identities, local
+//!    addresses, and per local subject identity the isolation flags and allow entries.
+//!
+//! # How the datapath uses the output
+//! For a packet between a local endpoint (the subject) and a peer address, in a direction:
+//! if the subject is not isolated in that direction the packet passes; otherwise it passes iff
+//! an entry matches for the peer's ipcache identity (`IDENTITY_WORLD` when unknown), for the
+//! peer's CIDR identity (longest match in `cidr_identities`), or for `IDENTITY_ANY`, with the
+//! packet's protocol and destination port. The tests evaluate the maps exactly that way
+//! against an independent evaluator written from the spec text.
+//!
+//! # Semantics decisions
+//! - **Upstream NetworkPolicy v1, all of it**: a peer with only `podSelector` is limited to the
+//!   policy's namespace; `namespaceSelector` alone means all pods of the matching namespaces;
+//!   both in one peer AND, several peers OR; empty selectors select all; absent or empty
+//!   `ingress`/`egress` with the type in `policyTypes` isolates with nothing allowed, `[{}]`
+//!   allows all; an absent or empty `from`/`to` is any peer (`IDENTITY_ANY`, which covers
+//!   non-pod addresses too); multiple policies add up. Rules of a direction that is not in
+//!   `policyTypes` are ignored, as upstream.
+//! - **ipBlock applies to pod addresses too** (unlike Cilium, cilium/cilium#9209): the datapath
+//!   looks up the CIDR identity of every peer address. IPv4 and IPv6 never mix: an IPv6 block
+//!   matches no IPv4 address even in the kernel's `::ffff:a.b.c.d` form (see [`cidr`]), and
+//!   IPv6 blocks inside `::ffff:0:0/96` are rejected (write the IPv4 form). Host bits in a CIDR
+//!   are masked, as the API server's CIDR parsing accepts them. An `except` must be strictly
+//!   inside its `cidr` and of the same family.
+//! - **Ports**: a rule without `ports` allows every protocol and port, ICMP included; a port
+//!   entry with a protocol and no port allows every port of that protocol; `endPort` ranges
+//!   become aligned prefix blocks (one entry each). Port 0 and ports above 65535 are rejected.
+//! - **ICMP**: a rule with `ports` never matches ICMP or ICMPv6 (ports only name TCP, UDP and
+//!   SCTP); a rule without `ports` allows everything from/to its peers, ICMP included. ICMP
+//!   errors related to an allowed connection pass through conntrack, not through rules.
+//! - **SCTP**: accepted and enforced. The datapath compares the IP protocol number (132) and
+//!   the destination port at the same offset as TCP/UDP, so it needs no SCTP support from the
+//!   kernel; on a kernel without SCTP no SCTP traffic exists to allow.
+//! - **Named ports** resolve on the destination: for ingress on the subject, for egress on
+//!   each peer pod (the protocol must match; a peer without the name gets no entry). Named
+//!   ports are part of the identity, so the resolution is exact. An egress rule with no `to`
+//!   and a named port allows exactly the pods that have that port. An egress rule that
+//!   combines a named port with an `ipBlock` peer is **rejected**: the datapath looks up the
+//!   pod and CIDR identities separately and cannot require both, and silently ignoring or
+//!   widening the rule would violate "reject loudly, never ignore".
+//! - **hostNetwork pods** get no identity and no ipcache entry: they are the node's network
+//!   stack, their traffic carries the node's address (`IDENTITY_HOST` here,
+//!   `IDENTITY_REMOTE_NODE` on other nodes, from Node `InternalIP` addresses) and no pod
+//!   selector matches them (upstream leaves this undefined). An `ipBlock` covering a node
+//!   address does match it. They are never subjects (no CNI ADD, nothing to enforce on).
+//! - **Addresses**: local pods' addresses come from the agent's IPAM (`local_endpoints`) and win
+//!   over `status.podIPs`; a pod of this node not wired yet is a subject without an address.
+//!   Other pods' addresses come from `status.podIPs`.
+//! - **Namespaces without a Namespace object** still carry the `kubernetes.io/metadata.name`
+//!   label for namespace selectors.
+//!
+//! # Cost
+//! Selector results are memoised per (namespace scope, selector) and rules are compiled once
+//! per distinct (direction, namespace, peers, ports), so compile time grows with the output,
+//! not with policies × pods. `examples/compile_bench.rs` prints timings.
 
 pub mod cidr;
 pub mod compile;
