@@ -18,11 +18,12 @@ use weir_common::{
     IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
-    PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
-    REASON_COUNT, REASON_ESTABLISHED, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
-    REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_RULE, REASON_SPOOFED_SOURCE,
-    REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS, SubjectKey,
-    SubjectPolicy, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent, ports::port_range_blocks,
+    PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
+    PolicyValue, REASON_COUNT, REASON_ESTABLISHED, REASON_LINK_LOCAL, REASON_MALFORMED,
+    REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_RULE,
+    REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS,
+    SUBJECT_ISOLATED_INGRESS, SubjectKey, SubjectPolicy, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent,
+    ports::port_range_blocks,
 };
 use weir_tests::packet::{
     self, ICMP_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, TCP_ACK, TCP_SYN, addr, arp_request,
@@ -1094,4 +1095,106 @@ fn every_verdict_is_counted() {
     }
     let total: u64 = dp.counters().iter().sum();
     assert_eq!(total, 2 * packets.len() as u64);
+}
+
+#[test]
+fn full_event_ring_still_drops_and_counts_the_loss() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    let frame = syn(WORLD, 1, POD_B, 80);
+    // EVENTS_BYTES (4 MiB) holds about 52,000 72-byte events with their headers: 60,000 drops
+    // without a reader overflow it.
+    let runs = 60_000;
+    let prog: &SchedClassifier = dp.ebpf.program(PROG_TO_POD).unwrap().try_into().unwrap();
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            repeat: runs,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(result.return_value, SHOT);
+    assert_eq!(dp.counter(REASON_POLICY_DENIED), runs as u64);
+    let lost = {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(dp.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
+        m.get(&(REASON_COUNT - 1), 0).unwrap().iter().sum::<u64>()
+    };
+    let delivered = dp.events().len() as u64;
+    assert!(lost > 0, "the ring overflowed");
+    assert_eq!(delivered + lost, runs as u64);
+}
+
+#[test]
+fn ipv4_non_first_fragment_has_no_ports() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_A,
+        Some(PROTO_TCP),
+        Ports::One(80),
+        161,
+    );
+    // A later fragment: its first payload bytes are data, not a TCP header.
+    let fragment = packet::ipv4_with_fragment(
+        [10, 1, 0, 1],
+        [10, 1, 0, 2],
+        PROTO_TCP,
+        185,
+        &[0x00, 0x50, 0x00, 0x50],
+    );
+    let frame = packet::ethernet(packet::ETH_P_IP, &fragment);
+    // Ports 0: the port-80 rule does not match it.
+    assert_eq!(dp.to_pod(&frame), SHOT);
+    // Any port of TCP does; the entry is keyed with ports 0.
+    dp.allow(ID_B, 1, DIR_INGRESS, ID_A, Some(PROTO_TCP), Ports::Any, 162);
+    assert_eq!(dp.to_pod(&frame), OK);
+    assert!(dp.ct(&ct_key(POD_A, 0, POD_B, 0, PROTO_TCP)).is_some());
+}
+
+#[test]
+fn sctp_ports() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_A,
+        Some(PROTO_SCTP),
+        Ports::One(9000),
+        171,
+    );
+    let common = |dport: u16| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&5000u16.to_be_bytes());
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&[0; 8]); // verification tag, checksum
+        packet::frame(ip_of(POD_A), ip_of(POD_B), PROTO_SCTP, &h)
+    };
+    assert_eq!(dp.to_pod(&common(9000)), OK);
+    assert_eq!(dp.to_pod(&common(9001)), SHOT);
+    assert_eq!(dp.to_pod(&common(9000)[..14 + 20 + 8]), SHOT);
+    assert_eq!(dp.counter(REASON_MALFORMED), 1);
+}
+
+#[test]
+fn programs_pass_the_verifier_within_budget() {
+    let dp = Datapath::new();
+    for name in [PROG_FROM_POD, PROG_TO_POD] {
+        let prog: &SchedClassifier = dp.ebpf.program(name).unwrap().try_into().unwrap();
+        let info = prog.info().unwrap();
+        let insns = info.size_translated().unwrap_or(0) / 8;
+        let verified = info.verified_instruction_count().unwrap_or(0);
+        println!("{name}: {insns} instructions, {verified} verified");
+        assert!(insns > 0);
+        // The kernel's limit is 1,000,000 verified instructions; stay far below it.
+        assert!(
+            verified < 200_000,
+            "{name}: {verified} verified instructions"
+        );
+    }
 }
