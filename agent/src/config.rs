@@ -69,8 +69,23 @@ pub struct RunArgs {
     pub node: NodeArgs,
     /// Standalone mode: read Namespace, Pod, NetworkPolicy and Node manifests from this directory
     /// and follow its changes.
-    #[arg(long, env = "WEIR_MANIFESTS")]
+    #[arg(long, env = "WEIR_MANIFESTS", conflicts_with = "kubernetes")]
     pub manifests: Option<PathBuf>,
+    /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies and Nodes through the API server
+    /// (in-cluster service account, or KUBECONFIG).
+    #[arg(long, env = "WEIR_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: bool,
+    /// Kubernetes mode: seconds to wait at start-up for the first complete list and, without
+    /// --pod-cidr, for this node's Node object with spec.podCIDRs.
+    #[arg(long, env = "WEIR_NODE_WAIT_SECONDS", default_value_t = 120)]
+    pub node_wait_seconds: u64,
+    /// Kubernetes mode: write a Kubernetes Event (reason PolicyRejected) on every rejected
+    /// NetworkPolicy.
+    #[arg(long, env = "WEIR_POLICY_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub policy_events: bool,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "WEIR_HEALTH_ADDR", default_value = "127.0.0.1:9876")]
+    pub health_addr: std::net::SocketAddr,
     /// This node's pod CIDR(s), comma-separated for dual-stack; wins over the Node object's
     /// spec.podCIDRs.
     #[arg(long, env = "WEIR_POD_CIDR", value_delimiter = ',')]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod endpoints;
 pub mod flows;
+pub mod health;
 pub mod ipam;
 pub mod node;
 pub mod persist;

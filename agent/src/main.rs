@@ -1,7 +1,12 @@
 //! `weir-agent`: the node agent. Standalone mode (`--manifests DIR`) reads the cluster from a
-//! directory; everything after the source is the same code Kubernetes mode will use.
+//! directory, Kubernetes mode (`--kubernetes`) from the API server; everything after the source
+//! is the same code.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
@@ -11,12 +16,17 @@ use weir_agent::{
     api::{self, ApiConfig},
     config::{Cli, Command, RunArgs, UninstallArgs},
     datapath::{events::read_events, loader},
+    health::{self, Health},
     ipam::Ipam,
     node,
     runtime::{Runtime, RuntimeConfig},
-    source::manifests::{ManifestDir, follow},
+    source::{
+        kubernetes::{self, KubeSourceConfig},
+        manifests::{ManifestDir, follow},
+    },
 };
 use weir_common::MAP_EVENTS;
+use weir_policy::model::ClusterState;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -43,29 +53,48 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| format!("/run/weir/{node_name}/agent.sock").into());
-    let Some(manifests) = args.manifests.clone() else {
-        bail!(
-            "no cluster source: pass --manifests DIR (standalone mode); Kubernetes mode is not built yet"
-        );
-    };
+    // Health first, so a liveness probe passes while the agent waits for the API server.
+    let health = Health::new();
+    let health_listener = health::bind(args.health_addr).await?;
+    tokio::spawn(health::serve(health_listener, health.clone()));
 
-    node::prepare(&bpffs_dir).context("preparing the node")?;
-    let mut source = ManifestDir::new(&manifests);
-    let first_state = source
-        .scan()
-        .with_context(|| format!("reading the manifests in {}", manifests.display()))?;
-    let pod_cidrs = if !args.pod_cidr.is_empty() {
-        args.pod_cidr.clone()
+    let (first_state, source, pod_cidrs) = if args.kubernetes {
+        node::prepare(&bpffs_dir).context("preparing the node")?;
+        let (first_state, states) = start_kubernetes(&args, &node_name, &health).await?;
+        let pod_cidrs = if !args.pod_cidr.is_empty() {
+            args.pod_cidr.clone()
+        } else {
+            node_pod_cidrs(&first_state, &node_name)?
+        };
+        (first_state, Source::Kubernetes(states), pod_cidrs)
     } else {
-        node_pod_cidrs(&first_state, &node_name)?
+        let Some(manifests) = args.manifests.clone() else {
+            bail!(
+                "no cluster source: pass --manifests DIR (standalone mode) or --kubernetes (Kubernetes mode)"
+            );
+        };
+
+        node::prepare(&bpffs_dir).context("preparing the node")?;
+        let mut source = ManifestDir::new(&manifests);
+        let first_state = source
+            .scan()
+            .with_context(|| format!("reading the manifests in {}", manifests.display()))?;
+        let pod_cidrs = if !args.pod_cidr.is_empty() {
+            args.pod_cidr.clone()
+        } else {
+            node_pod_cidrs(&first_state, &node_name)?
+        };
+        if pod_cidrs.is_empty() {
+            bail!(
+                "no pod CIDR for node {node_name}: pass --pod-cidr, or put a Node object named {node_name} \
+                 with spec.podCIDRs in {}",
+                manifests.display()
+            );
+        }
+        health.source.connected.store(true, Ordering::Relaxed);
+        (first_state, Source::Manifests(source), pod_cidrs)
     };
-    if pod_cidrs.is_empty() {
-        bail!(
-            "no pod CIDR for node {node_name}: pass --pod-cidr, or put a Node object named {node_name} \
-             with spec.podCIDRs in {}",
-            manifests.display()
-        );
-    }
+    health.set_phase("loading the datapath");
 
     let mut ebpf = loader::load(Some(&bpffs_dir.join("maps"))).context("loading the datapath")?;
     let events = ebpf
@@ -85,6 +114,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ebpf,
     )
     .context("starting the runtime")?;
+    health.attach(runtime.clone());
 
     let ipam = Arc::new(Ipam::open(&state_dir, &pod_cidrs).context("opening IPAM")?);
     let interfaces: HashSet<String> = nix::net::if_::if_nameindex()
@@ -108,16 +138,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
+    health.source.observe_state(&first_state);
     runtime.set_cluster_state(first_state);
-    let (states_tx, mut states_rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        if let Err(e) = follow(source, states_tx, Duration::from_secs(2)).await {
-            tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
+    let mut states_rx = match source {
+        Source::Manifests(source) => {
+            let (states_tx, states_rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                if let Err(e) = follow(source, states_tx, Duration::from_secs(2)).await {
+                    tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
+                }
+            });
+            states_rx
         }
-    });
+        Source::Kubernetes(states_rx) => states_rx,
+    };
     let state_runtime = runtime.clone();
+    let state_health = health.clone();
     tokio::spawn(async move {
         while let Some(state) = states_rx.recv().await {
+            state_health.source.observe_state(&state);
             state_runtime.set_cluster_state(state);
         }
     });
@@ -126,12 +165,82 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: node_name.clone(),
         default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
     };
-    tracing::info!(node = %node_name, socket = %socket.display(), pins = %bpffs_dir.display(), "weir-agent ready");
+    tracing::info!(node = %node_name, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
     api::serve_with(&socket, api_config, runtime, ipam, shutdown_signal())
         .await
         .context("serving the agent API")?;
     tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
     Ok(())
+}
+
+/// Where the cluster state comes from after the first one.
+enum Source {
+    Manifests(ManifestDir),
+    Kubernetes(mpsc::Receiver<ClusterState>),
+}
+
+/// Starts the watchers and waits (bounded) for the first complete state and, without
+/// --pod-cidr, for this node's Node object with its pod CIDRs.
+async fn start_kubernetes(
+    args: &RunArgs,
+    node_name: &str,
+    health: &Arc<Health>,
+) -> anyhow::Result<(ClusterState, mpsc::Receiver<ClusterState>)> {
+    health.set_phase("connecting to the API server");
+    let client = kubernetes::client().await?;
+    let (states_tx, mut states_rx) = mpsc::channel(4);
+    let config = KubeSourceConfig {
+        policy_events: args.policy_events,
+        ..KubeSourceConfig::new(node_name)
+    };
+    tokio::spawn(kubernetes::run(
+        client,
+        config,
+        states_tx,
+        health.source.clone(),
+    ));
+    health.set_phase("listing Pods, Namespaces, NetworkPolicies and Nodes");
+    let wait = Duration::from_secs(args.node_wait_seconds);
+    let deadline = tokio::time::Instant::now() + wait;
+    let need_cidrs = args.pod_cidr.is_empty();
+    let mut last: Option<ClusterState> = None;
+    loop {
+        match tokio::time::timeout_at(deadline, states_rx.recv()).await {
+            Ok(Some(state)) => {
+                if !need_cidrs || !node_pod_cidrs(&state, node_name)?.is_empty() {
+                    return Ok((state, states_rx));
+                }
+                health.set_phase(format!("waiting for Node {node_name} with spec.podCIDRs"));
+                if last.is_none() {
+                    tracing::info!(
+                        node = node_name,
+                        "cluster listed; waiting for this node's Node object and its spec.podCIDRs"
+                    );
+                }
+                last = Some(state);
+            }
+            Ok(None) => bail!("the Kubernetes source stopped before the first complete list"),
+            Err(_) => match last {
+                None => bail!(
+                    "no complete list of Pods, Namespaces, NetworkPolicies and Nodes from the API server \
+                     within {}s: check that the API server is reachable and that the service account may \
+                     list and watch them (see the warnings above)",
+                    wait.as_secs()
+                ),
+                Some(state) if !state.nodes.contains_key(node_name) => bail!(
+                    "there is no Node object named {node_name} (waited {}s): --node-name \
+                     (WEIR_NODE_NAME) must be this node's name as the API server knows it",
+                    wait.as_secs()
+                ),
+                Some(_) => bail!(
+                    "Node {node_name} has no spec.podCIDRs (waited {}s): let the controller manager \
+                     allocate node CIDRs (--allocate-node-cidrs with --cluster-cidr) or pass --pod-cidr \
+                     (WEIR_POD_CIDR)",
+                    wait.as_secs()
+                ),
+            },
+        }
+    }
 }
 
 /// The node's pod CIDRs from its Node object (`spec.podCIDRs`, else `spec.podCIDR`).

@@ -1,4 +1,5 @@
 //! Where cluster state comes from. Standalone mode reads a manifests directory; Kubernetes mode
-//! (kube-rs watchers) will feed the same `ClusterState` into the same runtime.
+//! (kube-rs watchers) feeds the same `ClusterState` into the same runtime.
 
+pub mod kubernetes;
 pub mod manifests;

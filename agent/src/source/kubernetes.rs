@@ -1,0 +1,659 @@
+//! Kubernetes mode's source: kube-rs watchers and reflector stores for Pods, Namespaces,
+//! NetworkPolicies and Nodes. After every change (debounced) the whole [`ClusterState`] is built
+//! from the stores and sent on, the same shape as standalone mode's manifests directory.
+//!
+//! - Objects are converted by serializing the k8s-openapi object to JSON and reading it with
+//!   [`parse_documents`], the standalone parser, so validation and defaulting are identical.
+//! - Nothing is sent until every kind has been listed completely once: a partial first state
+//!   (Pods without their policies) would briefly enforce less than the cluster says.
+//! - The watcher relists on `410 Gone` and the reflector swaps in the relisted objects, so what
+//!   disappeared while the watch was gone is deleted. Lost connections are retried with backoff
+//!   while the last state stays enforced.
+//! - Pods in phase Succeeded or Failed are left out: kubelet has released their addresses.
+//! - Rejected policies become a core/v1 Event on the NetworkPolicy (reason `PolicyRejected`). The
+//!   rejections are recomputed here with `weir_policy::validate::validate`, the function the
+//!   compiler uses. The Event's name is derived from the policy's uid, the field and the reason,
+//!   so every agent of the cluster writes the same Event: the first creates it, the others (and
+//!   restarts) only bump its `lastTimestamp`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt as _, stream::select_all};
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Container, Event, EventSource, Namespace as KNamespace, Node as KNode, ObjectReference,
+            Pod as KPod, PodSpec as KPodSpec, PodStatus as KPodStatus,
+        },
+        networking::v1::NetworkPolicy as KNetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta as KObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ObjectRef as StoreRef, Store},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::mpsc;
+use weir_policy::{
+    model::{ClusterState, Object, ObjectKey, parse_documents},
+    output::Rejection,
+};
+
+use crate::health::SourceStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error(
+        "no Kubernetes client configuration: {source}; run inside a Pod with a service account, \
+         or set KUBECONFIG"
+    )]
+    Config {
+        #[source]
+        source: kube::config::InferConfigError,
+    },
+    #[error("building the Kubernetes client: {source}")]
+    Client {
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// A client from the in-cluster service account, or KUBECONFIG / `~/.kube/config`.
+pub async fn client() -> Result<Client, KubeSourceError> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|source| KubeSourceError::Config { source })?;
+    Client::try_from(config).map_err(|source| KubeSourceError::Client { source })
+}
+
+/// How the source behaves.
+#[derive(Clone, Debug)]
+pub struct KubeSourceConfig {
+    /// This node's name (reporting instance of Events).
+    pub node_name: String,
+    /// How long a burst of changes may settle before the state is rebuilt.
+    pub debounce: Duration,
+    /// Write a Kubernetes Event for every rejected policy.
+    pub policy_events: bool,
+}
+
+impl KubeSourceConfig {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            debounce: Duration::from_millis(10),
+            policy_events: true,
+        }
+    }
+}
+
+/// The four kinds watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    Pod,
+    Namespace,
+    NetworkPolicy,
+    Node,
+}
+
+impl Kind {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pods",
+            Kind::Namespace => "Namespaces",
+            Kind::NetworkPolicy => "NetworkPolicies",
+            Kind::Node => "Nodes",
+        }
+    }
+}
+
+/// What one watcher reported, stripped of the object (the reflector has stored it).
+enum Report {
+    /// A change that completes a consistent view: an apply, a delete, the end of a (re)list.
+    Changed {
+        relisted: bool,
+    },
+    /// A (re)list in progress: wait for its end before building a state.
+    Listing,
+    Failed(watcher::Error),
+}
+
+type Reports = Pin<Box<dyn Stream<Item = (Kind, Report)> + Send>>;
+
+fn watch<K>(api: Api<K>, kind: Kind, strip: fn(&mut K)) -> (Store<K>, Reports)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer)
+        .map(move |event| {
+            let report = match event {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Report::Listing,
+                Ok(watcher::Event::InitDone) => Report::Changed { relisted: true },
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    Report::Changed { relisted: false }
+                }
+                Err(e) => Report::Failed(e),
+            };
+            (kind, report)
+        });
+    (reader, Box::pin(stream))
+}
+
+fn strip_meta(meta: &mut KObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+}
+
+/// Keeps what the compiler reads: labels, node, host network, named ports, addresses, phase.
+fn strip_pod(pod: &mut KPod) {
+    strip_meta(&mut pod.metadata);
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(KPodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            containers: spec
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Container::default()
+                })
+                .collect(),
+            ..KPodSpec::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(KPodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..KPodStatus::default()
+        });
+    }
+}
+
+fn strip_namespace(ns: &mut KNamespace) {
+    strip_meta(&mut ns.metadata);
+    ns.spec = None;
+    ns.status = None;
+}
+
+fn strip_policy(policy: &mut KNetworkPolicy) {
+    strip_meta(&mut policy.metadata);
+}
+
+/// Keeps the pod CIDRs and addresses (for routes); drops images, conditions, node info.
+fn strip_node(node: &mut KNode) {
+    strip_meta(&mut node.metadata);
+    if let Some(spec) = node.spec.as_mut() {
+        spec.taints = None;
+        spec.config_source = None;
+    }
+    if let Some(status) = node.status.take() {
+        node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses,
+            ..Default::default()
+        });
+    }
+}
+
+/// Kind, namespace (empty for cluster-scoped objects) and name.
+type CacheKey = (Kind, String, String);
+
+/// Converted objects, reused while their resourceVersion holds.
+#[derive(Default)]
+struct Converter {
+    /// The resourceVersion converted and the result (`None`: rejected, logged once).
+    cache: HashMap<CacheKey, (Option<String>, Option<Object>)>,
+    /// Objects present in the build in progress.
+    seen: BTreeSet<CacheKey>,
+}
+
+impl Converter {
+    fn add<K>(&mut self, kind: Kind, objects: &[Arc<K>], state: &mut ClusterState)
+    where
+        K: Resource + Serialize,
+    {
+        for object in objects {
+            let key = (
+                kind,
+                object.namespace().unwrap_or_default(),
+                object.name_any(),
+            );
+            self.seen.insert(key.clone());
+            let rv = object.resource_version();
+            let converted = match self.cache.get(&key) {
+                Some((cached_rv, converted)) if rv.is_some() && *cached_rv == rv => {
+                    converted.clone()
+                }
+                _ => {
+                    let converted = convert(kind, &key.1, &key.2, object.as_ref());
+                    self.cache.insert(key, (rv, converted.clone()));
+                    converted
+                }
+            };
+            if let Some(object) = converted {
+                state.apply(object);
+            }
+        }
+    }
+
+    /// Forgets objects that were not in the last build.
+    fn prune(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        self.cache.retain(|key, _| seen.contains(key));
+    }
+}
+
+/// One object through the standalone parser (JSON is YAML).
+fn convert<K: Serialize>(kind: Kind, namespace: &str, name: &str, object: &K) -> Option<Object> {
+    let origin = if namespace.is_empty() {
+        format!("the API server's {} {name}", kind.name())
+    } else {
+        format!("the API server's {} {namespace}/{name}", kind.name())
+    };
+    let json = match serde_json::to_string(object) {
+        Ok(json) => json,
+        Err(e) => {
+            tracing::error!(object = %origin, error = %e, "cannot serialize an object from the API server; it is ignored");
+            return None;
+        }
+    };
+    let mut out = None;
+    for document in parse_documents(&json, &origin) {
+        match document {
+            Ok(object) => out = Some(object),
+            Err(e) => {
+                tracing::error!(error = %e, "rejected an object from the API server; everything else is still applied");
+            }
+        }
+    }
+    out
+}
+
+fn terminated(pod: &KPod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
+}
+
+/// The reflector stores, read together to build a state.
+struct Stores {
+    pods: Store<KPod>,
+    namespaces: Store<KNamespace>,
+    policies: Store<KNetworkPolicy>,
+    nodes: Store<KNode>,
+}
+
+impl Stores {
+    fn build(&self, converter: &mut Converter) -> ClusterState {
+        let mut state = ClusterState::default();
+        let pods: Vec<Arc<KPod>> = self
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| !terminated(p))
+            .collect();
+        converter.add(Kind::Pod, &pods, &mut state);
+        converter.add(Kind::Namespace, &self.namespaces.state(), &mut state);
+        converter.add(Kind::NetworkPolicy, &self.policies.state(), &mut state);
+        converter.add(Kind::Node, &self.nodes.state(), &mut state);
+        converter.prune();
+        state
+    }
+}
+
+/// Watches the cluster and sends every new complete state on `states`. Runs until the receiver
+/// is gone; watch failures are logged, counted in `stats` and retried with backoff. (The
+/// receiver records the states themselves in `stats`.)
+pub async fn run(
+    client: Client,
+    config: KubeSourceConfig,
+    states: mpsc::Sender<ClusterState>,
+    stats: Arc<SourceStats>,
+) {
+    let (pods, pod_reports) = watch(Api::<KPod>::all(client.clone()), Kind::Pod, strip_pod);
+    let (namespaces, ns_reports) = watch(
+        Api::<KNamespace>::all(client.clone()),
+        Kind::Namespace,
+        strip_namespace,
+    );
+    let (policies, np_reports) = watch(
+        Api::<KNetworkPolicy>::all(client.clone()),
+        Kind::NetworkPolicy,
+        strip_policy,
+    );
+    let (nodes, node_reports) = watch(Api::<KNode>::all(client.clone()), Kind::Node, strip_node);
+    let stores = Stores {
+        pods,
+        namespaces,
+        policies,
+        nodes,
+    };
+    let mut reports = select_all([pod_reports, ns_reports, np_reports, node_reports]);
+
+    let events = config
+        .policy_events
+        .then(|| EventWriter::spawn(client.clone(), config.node_name.clone(), stats.clone()));
+    let mut listed = [false; 4];
+    let mut failing = [false; 4];
+    let mut pending: Option<tokio::time::Instant> = None;
+    let mut converter = Converter::default();
+    let mut last: Option<ClusterState> = None;
+    let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
+    loop {
+        let next = match pending {
+            Some(since) => tokio::select! {
+                report = reports.next() => Some(report),
+                () = tokio::time::sleep_until(since + config.debounce) => None,
+            },
+            None => Some(reports.next().await),
+        };
+        let (kind, report) = match next {
+            // The debounce timer: build and send.
+            None => {
+                pending = None;
+                if !listed.iter().all(|l| *l) {
+                    continue;
+                }
+                let state = stores.build(&mut converter);
+                if last.as_ref() == Some(&state) {
+                    continue;
+                }
+                if let Some(events) = &events {
+                    rejected = events.report_new(&state, &stores.policies, &rejected);
+                }
+                last = Some(state.clone());
+                if states.send(state).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Some(None) => return,
+            Some(Some(report)) => report,
+        };
+        let i = kind.index();
+        match report {
+            Report::Changed { relisted } => {
+                if failing[i] {
+                    failing[i] = false;
+                    tracing::info!(kind = kind.name(), "watch re-established");
+                }
+                if relisted && listed[i] {
+                    tracing::info!(
+                        kind = kind.name(),
+                        "relisted; objects that disappeared meanwhile are removed"
+                    );
+                }
+                if relisted && !listed[i] {
+                    listed[i] = true;
+                    tracing::info!(kind = kind.name(), "initial list complete");
+                }
+                pending.get_or_insert_with(tokio::time::Instant::now);
+            }
+            Report::Listing => {}
+            Report::Failed(e) => {
+                stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
+                if gone {
+                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        kind = kind.name(),
+                        "the API server no longer has our resourceVersion (410 Gone); relisting"
+                    );
+                } else if !failing[i] {
+                    failing[i] = true;
+                    if listed.iter().all(|l| *l) {
+                        tracing::warn!(kind = kind.name(), error = %e, "lost the watch; the last state stays enforced while retrying with backoff");
+                    } else {
+                        tracing::warn!(kind = kind.name(), error = %e, "cannot list yet; nothing is applied until every kind is listed, retrying with backoff");
+                    }
+                } else {
+                    tracing::debug!(kind = kind.name(), error = %e, "still failing");
+                }
+            }
+        }
+        stats
+            .connected
+            .store(failing.iter().all(|f| !f), Ordering::Relaxed);
+    }
+}
+
+/// A rejection to publish, with what the Event needs from the policy object.
+struct Publish {
+    rejection: Rejection,
+    uid: Option<String>,
+    resource_version: Option<String>,
+}
+
+/// Writes Events from a task of its own, so a slow or absent API server never delays the state.
+struct EventWriter {
+    tx: mpsc::UnboundedSender<Publish>,
+}
+
+impl EventWriter {
+    fn spawn(client: Client, node_name: String, stats: Arc<SourceStats>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
+        tokio::spawn(async move {
+            while let Some(publish) = rx.recv().await {
+                match write_event(&client, &node_name, &publish).await {
+                    Ok(()) => {
+                        stats.events_written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(policy = %publish.rejection.policy, error = %e,
+                            "could not write the Event for a rejected policy (the rejection is logged above)");
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues an Event for every rejection not in `previous`; returns the current rejections.
+    fn report_new(
+        &self,
+        state: &ClusterState,
+        policies: &Store<KNetworkPolicy>,
+        previous: &BTreeSet<Rejection>,
+    ) -> BTreeSet<Rejection> {
+        let mut current = BTreeSet::new();
+        for (key, policy) in &state.policies {
+            if let Err(rejections) = weir_policy::validate::validate(key, policy) {
+                current.extend(rejections);
+            }
+        }
+        for rejection in current.difference(previous) {
+            let object = policies
+                .get(&StoreRef::new(&rejection.policy.name).within(&rejection.policy.namespace));
+            let _ = self.tx.send(Publish {
+                rejection: rejection.clone(),
+                uid: object.as_ref().and_then(|o| o.metadata.uid.clone()),
+                resource_version: object
+                    .as_ref()
+                    .and_then(|o| o.metadata.resource_version.clone()),
+            });
+        }
+        current
+    }
+}
+
+/// FNV-1a: stable across builds and versions (the Event name must be the same on every node).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The Event's name: the policy's name (cut to fit) and a hash of what was rejected.
+pub fn event_name(policy: &ObjectKey, uid: Option<&str>, field: &str, reason: &str) -> String {
+    let hash = fnv1a(&[
+        &policy.namespace,
+        &policy.name,
+        uid.unwrap_or(""),
+        field,
+        reason,
+    ]);
+    let mut name: String = policy.name.chars().take(200).collect();
+    name = name.trim_end_matches(['.', '-']).to_owned();
+    format!("{name}.weir-{hash:016x}")
+}
+
+async fn write_event(
+    client: &Client,
+    node_name: &str,
+    publish: &Publish,
+) -> Result<(), kube::Error> {
+    let r = &publish.rejection;
+    let name = event_name(&r.policy, publish.uid.as_deref(), &r.field, &r.reason);
+    let now = Time(Timestamp::now());
+    let api: Api<Event> = Api::namespaced(client.clone(), &r.policy.namespace);
+    let event = Event {
+        metadata: KObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(r.policy.namespace.clone()),
+            ..KObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("networking.k8s.io/v1".to_owned()),
+            kind: Some("NetworkPolicy".to_owned()),
+            name: Some(r.policy.name.clone()),
+            namespace: Some(r.policy.namespace.clone()),
+            uid: publish.uid.clone(),
+            resource_version: publish.resource_version.clone(),
+            field_path: None,
+        },
+        reason: Some("PolicyRejected".to_owned()),
+        message: Some(format!(
+            "{}: {}; Weir does not enforce this policy (every other policy is still enforced)",
+            r.field, r.reason
+        )),
+        type_: Some("Warning".to_owned()),
+        source: Some(EventSource {
+            component: Some("weir-agent".to_owned()),
+            host: Some(node_name.to_owned()),
+        }),
+        reporting_component: Some("weir-agent".to_owned()),
+        reporting_instance: Some(node_name.to_owned()),
+        action: Some("Compile".to_owned()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now.clone()),
+        count: Some(1),
+        ..Event::default()
+    };
+    match api.create(&PostParams::default(), &event).await {
+        Ok(_) => {
+            tracing::info!(policy = %r.policy, event = %name, "wrote Event PolicyRejected");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            // Another node (or this agent before a restart) wrote it: mark it as seen again.
+            let patch = serde_json::json!({ "lastTimestamp": now });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_are_stable_and_valid() {
+        let key = ObjectKey::new("default", "deny-all");
+        let a = event_name(&key, Some("u1"), "spec.ingress[0]", "bad");
+        assert_eq!(a, event_name(&key, Some("u1"), "spec.ingress[0]", "bad"));
+        assert_ne!(a, event_name(&key, Some("u2"), "spec.ingress[0]", "bad"));
+        assert!(a.starts_with("deny-all.weir-"));
+        let long = ObjectKey::new("default", "x".repeat(253));
+        assert!(event_name(&long, None, "f", "r").len() <= 253);
+    }
+
+    #[test]
+    fn conversion_defaults_like_the_manifests_parser() {
+        let policy: KNetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "a"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}
+        }))
+        .unwrap();
+        let Some(Object::NetworkPolicy(p)) = convert(Kind::NetworkPolicy, "a", "p", &policy) else {
+            panic!("not converted")
+        };
+        assert_eq!(
+            p.spec.policy_types.as_deref(),
+            Some(&["Ingress".to_owned()][..])
+        );
+        let ns: KNamespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}
+        }))
+        .unwrap();
+        let Some(Object::Namespace(n)) = convert(Kind::Namespace, "", "a", &ns) else {
+            panic!("not converted")
+        };
+        assert_eq!(n.metadata.labels["kubernetes.io/metadata.name"], "a");
+    }
+
+    #[test]
+    fn stripping_keeps_what_the_compiler_reads() {
+        let mut pod: KPod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "a", "labels": {"app": "x"},
+                "annotations": {"big": "y"}, "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                "env": [{"name": "A", "value": "B"}],
+                "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        strip_pod(&mut pod);
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
+        let Some(Object::Pod(p)) = convert(Kind::Pod, "a", "p", &pod) else {
+            panic!("not converted")
+        };
+        assert_eq!(p.metadata.labels["app"], "x");
+        assert_eq!(p.spec.node_name.as_deref(), Some("n1"));
+        assert_eq!(p.spec.containers[0].ports[0].name.as_deref(), Some("http"));
+        assert_eq!(p.status.pod_ips.len(), 1);
+    }
+}
