@@ -51,7 +51,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     take_down_on_signal()?;
     let started = Instant::now();
-    let result = scenario(&example, &root, options.keep);
+    let result = scenario(&example, options.keep);
     if result.is_err() && !options.keep {
         eprintln!("\nthe demo failed; the lab's agent logs were in /run/weir-lab/{LAB}/");
     }
@@ -62,15 +62,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     result
 }
 
-fn scenario(example: &Path, root: &Path, keep: bool) -> anyhow::Result<()> {
+fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     step("Starting a two-node lab with the Brown Bear cluster (examples/brownbear/cluster.yaml)");
     let mut spec = LabSpec::new(LAB, 2).manifest(Manifest::Path(example.join("cluster.yaml")));
     // expected.md asks about mysql:3307, which no container declares: serve it too, so that a
     // closed port is not mistaken for a drop.
     spec.extra_ports = vec![3307];
-    let bin = root.join("target/debug");
-    spec.agent_bin = Some(bin.join("weir-agent"));
-    spec.cni_bin = Some(bin.join("weir-cni"));
+    // weir-agent and weir-cni are found next to this binary (target/debug), or through
+    // WEIR_AGENT_BIN / WEIR_CNI_BIN; the pods' servers are this binary.
     spec.server_bin = Some(std::env::current_exe()?);
     let mut lab = Lab::up(spec)?;
     for node in &lab.state().nodes {
@@ -100,6 +99,7 @@ fn scenario(example: &Path, root: &Path, keep: bool) -> anyhow::Result<()> {
     let (open, diffs) =
         lab.probe_until(&probe, &Expectations::all(true), Duration::from_secs(5))?;
     print!("{}", indent(&open.render(None)));
+    println!("  (. allowed, X denied, - a pod and itself, not probed)");
     if !diffs.is_empty() {
         print!("{}", indent(&lab::matrix::render_differences(&diffs)));
         bail!("pods cannot reach each other before any policy is applied");
