@@ -68,9 +68,9 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     // expected.md asks about mysql:3307, which no container declares: serve it too, so that a
     // closed port is not mistaken for a drop.
     spec.extra_ports = vec![3307];
-    // weir-agent and weir-cni are found next to this binary (target/debug), or through
-    // WEIR_AGENT_BIN / WEIR_CNI_BIN; the pods' servers are this binary.
-    spec.server_bin = Some(std::env::current_exe()?);
+    // weir-agent, weir-cni and xtask itself (the pods' servers) are found next to this binary in
+    // target/debug (the build above may have replaced it), or through WEIR_AGENT_BIN,
+    // WEIR_CNI_BIN and WEIR_LAB_SERVER_BIN.
     let mut lab = Lab::up(spec)?;
     for node in &lab.state().nodes {
         let pods: Vec<String> = lab
