@@ -1044,6 +1044,27 @@ fn namespace_selector_match_expressions_on_default_namespace_label() {
     c.validate(80, TCP, &r);
 }
 
+/// Beyond the upstream file (its endPort cases were removed with the feature gate): a port range
+/// admits every port in it and no other, for the protocol it names.
+#[test]
+fn end_port_range() {
+    let mut c = Case::new("beyond upstream: endPort ranges");
+    c.apply(&policy(
+        "x",
+        "allow-81-to-90-from-y",
+        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, endPort: 90, protocol: TCP}\n",
+    ));
+    let mut allowed = Reach::new();
+    allowed
+        .ingress(pod("x", "a"), false)
+        .peer(ns("y"), pod("x", "a"), true);
+    c.validate(81, TCP, &allowed);
+    let mut denied = Reach::new();
+    denied.ingress(pod("x", "a"), false);
+    c.validate(80, TCP, &denied);
+    c.validate(81, UDP, &denied);
+}
+
 // ---------------------------------------------------------------------------------------------
 // "NetworkPolicy between server and client using UDP"
 // ---------------------------------------------------------------------------------------------
