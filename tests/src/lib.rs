@@ -1,5 +1,8 @@
-//! Helpers shared by the root-only tests: packet builders, namespace guards, agent processes.
+//! Helpers shared by the root-only tests: packet builders, namespace guards, agent processes;
+//! and the benchmarks `cargo xtask bench` runs.
 
 pub mod agent;
+pub mod bench;
+pub mod kube_server;
 pub mod netns;
 pub mod packet;

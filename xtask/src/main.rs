@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything beyond a plain `cargo build`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Command {
     Lab(xtask::lab::cli::LabCommand),
     /// The Brown Bear demo: a two-node lab, its reachability before and after policies.
     Demo(demo::Options),
+    /// Benchmarks: per-packet cost, propagation, pod-to-pod traffic against iptables.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&options),
         Command::Lab(command) => xtask::lab::cli::run(command),
         Command::Demo(options) => demo::run(&options),
+        Command::Bench(options) => bench::run(&options),
     }
 }

@@ -143,6 +143,22 @@ fn ensure_llvm() -> anyhow::Result<()> {
     )
 }
 
+/// iptables, for the traffic benchmark's baseline (not needed to build or test).
+pub fn ensure_iptables() -> anyhow::Result<()> {
+    if output(Command::new("iptables-restore").arg("--version")).is_some() {
+        return Ok(());
+    }
+    if !(Path::new("/usr/bin/apt-get").exists() && nix_is_root()) {
+        bail!("the traffic benchmark compares against iptables: install iptables and run it again");
+    }
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "iptables"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "installing iptables for the benchmark's baseline",
+    )
+}
+
 fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }

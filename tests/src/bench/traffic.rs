@@ -1,0 +1,367 @@
+//! Pod-to-pod traffic through a node namespace: UDP request/response latency and TCP throughput
+//! with no enforcement, with Weir at 0, 1,000 and 10,000 rules, and with the same rules as
+//! iptables. A rule is one (peer, port) allowance in a policy that selects the measured pods; all
+//! but the allowances for the measured traffic name other peers.
+//!
+//! Topology: client pod ns ── veth ── node ns ── veth ── server pod ns, routed, all inside
+//! namespaces this benchmark creates and deletes.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TcAttachType},
+};
+use nix::sched::{CloneFlags, setns};
+use weir_agent::datapath::{
+    loader,
+    maps::DatapathMaps,
+    writer::{DesiredMaps, SubjectState, Writer},
+};
+use weir_common::{
+    DIR_EGRESS, DIR_INGRESS, EndpointInfo, PROG_FROM_POD, PROG_TO_POD, PROTO_TCP, PROTO_UDP,
+    SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS,
+};
+use weir_policy::output::RuleMatch;
+
+use super::stats::{Samples, us};
+use crate::netns::Netns;
+
+const CLIENT: &str = "10.77.1.2";
+const SERVER: &str = "10.77.2.2";
+const UDP_PORT: u16 = 7000;
+const TCP_PORT: u16 = 7001;
+const CLIENT_ID: u32 = 1000;
+const SERVER_ID: u32 = 1001;
+
+struct Topology {
+    client: Netns,
+    node: Netns,
+    server: Netns,
+}
+
+fn topology() -> Topology {
+    let t = Topology {
+        client: Netns::new("bc"),
+        node: Netns::new("bn"),
+        server: Netns::new("bs"),
+    };
+    for (pod, veth, node_addr, pod_addr) in [
+        (&t.client, "vc", "10.77.1.1/24", "10.77.1.2/24"),
+        (&t.server, "vs", "10.77.2.1/24", "10.77.2.2/24"),
+    ] {
+        t.node.ip(&[
+            "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ]);
+        t.node.ip(&["addr", "add", node_addr, "dev", veth]);
+        t.node.ip(&["link", "set", veth, "up"]);
+        pod.ip(&["addr", "add", pod_addr, "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        let gw = node_addr.split('/').next().unwrap_or_default();
+        pod.ip(&["route", "add", "default", "via", gw]);
+    }
+    crate::netns::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &t.node.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    t
+}
+
+/// Runs `f` on a new thread inside `netns`.
+fn in_netns<T: Send + 'static>(
+    netns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let path = netns.path();
+    thread::spawn(move || {
+        let file = File::open(&path).expect("opening the netns");
+        setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("entering the netns");
+        f()
+    })
+}
+
+/// UDP echo and TCP sink servers in the server pod; run until the process ends.
+fn start_servers(server: &Netns) -> mpsc::Receiver<(u64, Duration)> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (bytes_tx, bytes_rx) = mpsc::channel();
+    in_netns(server, move || {
+        let udp = UdpSocket::bind((SERVER, UDP_PORT)).expect("binding UDP");
+        let tcp = TcpListener::bind((SERVER, TCP_PORT)).expect("binding TCP");
+        let _ = ready_tx.send(());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&buf[..n], from);
+            }
+        });
+        for stream in tcp.incoming().flatten() {
+            let tx = bytes_tx.clone();
+            thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = vec![0u8; 1 << 18];
+                let mut total = 0u64;
+                let mut first: Option<Instant> = None;
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    first.get_or_insert_with(Instant::now);
+                    total += n as u64;
+                }
+                let _ = tx.send((total, first.map_or(Duration::ZERO, |f| f.elapsed())));
+            });
+        }
+    });
+    ready_rx.recv().expect("servers did not start");
+    bytes_rx
+}
+
+fn udp_latency(client: &Netns, iterations: usize) -> Samples {
+    in_netns(client, move || {
+        let sock = UdpSocket::bind((CLIENT, 0)).expect("binding the client");
+        sock.connect((SERVER, UDP_PORT)).expect("connecting");
+        sock.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let msg = [7u8; 64];
+        let mut buf = [0u8; 128];
+        let mut samples = Vec::with_capacity(iterations);
+        for i in 0..iterations + 1000 {
+            let started = Instant::now();
+            sock.send(&msg).expect("sending");
+            sock.recv(&mut buf)
+                .expect("no UDP reply: the path is blocked");
+            if i >= 1000 {
+                samples.push(started.elapsed());
+            }
+        }
+        Samples::new(samples)
+    })
+    .join()
+    .expect("latency client panicked")
+}
+
+fn tcp_throughput(client: &Netns, results: &mpsc::Receiver<(u64, Duration)>, secs: u64) -> f64 {
+    in_netns(client, move || {
+        let server: SocketAddr = (SERVER.parse::<IpAddr>().expect("addr"), TCP_PORT).into();
+        let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2))
+            .expect("TCP connect failed: the path is blocked");
+        let buf = vec![1u8; 1 << 17];
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            stream.write_all(&buf).expect("writing");
+        }
+        drop(stream);
+    })
+    .join()
+    .expect("throughput client panicked");
+    let (bytes, elapsed) = results
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server count");
+    bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
+}
+
+/// Weir's programs on the node's veths, with `rules` rules on each side.
+struct Weir {
+    _ebpf: Ebpf,
+}
+
+fn rules_for(direction: u8, measured_peer: u32, rules: u32) -> BTreeMap<RuleMatch, u32> {
+    let mut set = BTreeMap::new();
+    for n in 0..rules.saturating_sub(2) {
+        let rule = RuleMatch {
+            direction,
+            peer: 5000 + n,
+            proto: Some(PROTO_TCP),
+            port: Some((TCP_PORT, 16)),
+        };
+        set.insert(rule, n + 3);
+    }
+    for (id, proto, port) in [(1, PROTO_UDP, UDP_PORT), (2, PROTO_TCP, TCP_PORT)] {
+        let rule = RuleMatch {
+            direction,
+            peer: measured_peer,
+            proto: Some(proto),
+            port: Some((port, 16)),
+        };
+        set.insert(rule, id);
+    }
+    set
+}
+
+fn weir(node: &Netns, rules: u32) -> anyhow::Result<Weir> {
+    let node_path = node.path();
+    let handle = thread::spawn(move || -> anyhow::Result<Weir> {
+        setns(File::open(&node_path)?.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        let mut ebpf = loader::load(None)?;
+        let mut ifindex = BTreeMap::new();
+        for ifname in ["vc", "vs"] {
+            ifindex.insert(ifname, nix::net::if_::if_nametoindex(ifname)?);
+            for (program, attach) in [
+                (PROG_FROM_POD, TcAttachType::Ingress),
+                (PROG_TO_POD, TcAttachType::Egress),
+            ] {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(program)
+                    .ok_or_else(|| anyhow::anyhow!("no {program}"))?
+                    .try_into()?;
+                prog.attach(ifname, attach)?;
+            }
+        }
+        let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
+        let client: IpAddr = CLIENT.parse()?;
+        let server: IpAddr = SERVER.parse()?;
+        let endpoint = |ifindex: u32, identity: u32| EndpointInfo {
+            ifindex,
+            identity,
+            flags: 0,
+            _pad: 0,
+        };
+        let mut subjects = BTreeMap::new();
+        if rules > 0 {
+            subjects.insert(
+                SERVER_ID,
+                SubjectState {
+                    flags: SUBJECT_ISOLATED_INGRESS,
+                    rules: rules_for(DIR_INGRESS, CLIENT_ID, rules),
+                },
+            );
+            subjects.insert(
+                CLIENT_ID,
+                SubjectState {
+                    flags: SUBJECT_ISOLATED_EGRESS,
+                    rules: rules_for(DIR_EGRESS, SERVER_ID, rules),
+                },
+            );
+        }
+        writer.apply(&DesiredMaps {
+            endpoints: BTreeMap::from([
+                (client, endpoint(ifindex["vc"], CLIENT_ID)),
+                (server, endpoint(ifindex["vs"], SERVER_ID)),
+            ]),
+            ipcache: BTreeMap::from([(client.into(), CLIENT_ID), (server.into(), SERVER_ID)]),
+            cidr_identities: BTreeMap::new(),
+            subjects,
+            config_flags: 0,
+        })?;
+        Ok(Weir { _ebpf: ebpf })
+    });
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("attaching panicked"))?
+}
+
+fn iptables_restore(node: &Netns, rules: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+        .write_all(rules.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "iptables-restore failed");
+    Ok(())
+}
+
+/// The same rules as iptables in the node's FORWARD chain, the measured allowances last.
+fn iptables(node: &Netns, rules: u32) -> anyhow::Result<()> {
+    let mut r =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    let _ = writeln!(r, "-A FORWARD -s {SERVER}/32 -d {CLIENT}/32 -j ACCEPT");
+    for n in 0..rules.saturating_sub(2) {
+        let _ = writeln!(
+            r,
+            "-A FORWARD -s 10.88.{}.{}/32 -d {SERVER}/32 -p tcp --dport {TCP_PORT} -j ACCEPT",
+            n / 250,
+            n % 250 + 1
+        );
+    }
+    let _ = writeln!(
+        r,
+        "-A FORWARD -s {CLIENT}/32 -d {SERVER}/32 -p udp --dport {UDP_PORT} -j ACCEPT"
+    );
+    let _ = writeln!(
+        r,
+        "-A FORWARD -s {CLIENT}/32 -d {SERVER}/32 -p tcp --dport {TCP_PORT} -j ACCEPT"
+    );
+    r.push_str("COMMIT\n");
+    iptables_restore(node, &r)
+}
+
+fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
+    iptables_restore(
+        node,
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
+    )
+}
+
+pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        Command::new("iptables-restore")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "iptables-restore is not installed (the iptables baseline needs it): apt-get install iptables"
+    );
+    let t = topology();
+    let results = start_servers(&t.server);
+    let mut rows: Vec<(String, Samples, f64)> = Vec::new();
+    let mut measure = |name: String| {
+        let latency = udp_latency(&t.client, iterations);
+        let gbit = tcp_throughput(&t.client, &results, secs);
+        println!(
+            "  {name:<24} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s",
+            us(latency.percentile(50.0)),
+            us(latency.mean()),
+            us(latency.percentile(99.0)),
+            gbit
+        );
+        rows.push((name, latency, gbit));
+    };
+    println!(
+        "pod-to-pod through a node namespace ({iterations} UDP round trips, {secs} s TCP per case):"
+    );
+    measure("no enforcement".to_owned());
+    for rules in [0u32, 1_000, 10_000] {
+        let w = weir(&t.node, rules)?;
+        measure(format!("weir, {rules} rules"));
+        drop(w);
+    }
+    for rules in [1_000u32, 10_000] {
+        iptables(&t.node, rules)?;
+        measure(format!("iptables, {rules} rules"));
+    }
+    iptables_flush(&t.node)?;
+    let (_, base_lat, base_tp) = &rows[0];
+    let base_lat = base_lat.mean().as_secs_f64();
+    println!(
+        "ratios against no enforcement (latency: mean; goal for weir at 10,000 rules: latency <= 1.10x, throughput >= 0.90x):"
+    );
+    for (name, lat, tp) in &rows[1..] {
+        println!(
+            "  {name:<24} latency {:.2}x   throughput {:.2}x",
+            lat.mean().as_secs_f64() / base_lat,
+            tp / base_tp
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! `weir-bench <datapath|propagation|traffic|all>`: Weir's benchmarks (see `cargo xtask bench`).
+
+use weir_tests::bench;
+
+fn main() -> anyhow::Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    let all = which == "all";
+    let mut ran = false;
+    if all || which == "datapath" {
+        bench::datapath::run(1_000_000)?;
+        ran = true;
+    }
+    if all || which == "propagation" {
+        bench::propagation::run(200)?;
+        ran = true;
+    }
+    if all || which == "traffic" {
+        bench::traffic::run(20_000, 3)?;
+        ran = true;
+    }
+    anyhow::ensure!(
+        ran,
+        "unknown benchmark {which:?}: choose datapath, propagation, traffic or all"
+    );
+    Ok(())
+}

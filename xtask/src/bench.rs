@@ -1,0 +1,48 @@
+//! `cargo xtask bench [datapath|propagation|traffic|all]`: builds the benchmark binary in release
+//! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::setup;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
+    /// change to maps), traffic (pod-to-pod latency and throughput vs iptables), or all.
+    #[arg(default_value = "all")]
+    pub which: String,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    if !setup::is_complete() {
+        setup::run()?;
+    }
+    if matches!(options.which.as_str(), "traffic" | "all") {
+        setup::ensure_iptables()?;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "weir-tests",
+            "--bin",
+            "weir-bench",
+        ])
+        .status()
+        .context("building the benchmarks")?;
+    if !status.success() {
+        bail!("building the benchmarks failed ({status})");
+    }
+    let status = Command::new("target/release/weir-bench")
+        .arg(&options.which)
+        .status()
+        .context("running target/release/weir-bench")?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
