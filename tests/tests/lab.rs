@@ -167,6 +167,21 @@ fn lab_up_probe_down_leaves_nothing() {
     );
     assert_eq!(matrix.cells.len(), 4);
 
+    // A pod applied later is wired and served like the first ones; deleting it takes it away.
+    let three = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: three\n  namespace: la\n\
+                 spec:\n  containers:\n  - name: c\n    ports:\n    - containerPort: 80\n";
+    lab.apply_yaml(three).unwrap();
+    let netns_three = lab.state().pods["la/three"].netns.clone();
+    assert!(netns::exists(&netns_three));
+    let (matrix, diffs) = lab
+        .probe_until(&spec, &lab::Expectations::all(true), Duration::from_secs(5))
+        .unwrap();
+    assert!(diffs.is_empty(), "{}", matrix.render(None));
+    assert_eq!(matrix.cells.len(), 12);
+    lab.delete_yaml(three).unwrap();
+    assert!(!netns::exists(&netns_three));
+    assert!(!lab.pods().contains(&"la/three".to_string()));
+
     // The manifests directory follows label changes.
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), "renamed".to_string());
