@@ -44,6 +44,8 @@ impl Rng {
 struct TNs {
     name: String,
     labels: BTreeMap<String, String>,
+    /// Whether a Namespace object exists (pods and policies may live in one that has none).
+    exists: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -240,6 +242,7 @@ fn cluster(seed: u64) -> TCluster {
         .map(|i| TNs {
             name: format!("ns{i}"),
             labels: labels(&mut rng),
+            exists: rng.chance(85),
         })
         .collect();
     let pods: Vec<TPod> = (0..1 + rng.below(6))
@@ -382,7 +385,7 @@ fn rule_json(r: &TRule, peer_key: &str) -> Value {
 
 fn to_input(c: &TCluster) -> CompileInput {
     let mut items = Vec::new();
-    for n in &c.namespaces {
+    for n in c.namespaces.iter().filter(|n| n.exists) {
         items.push(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": n.name, "labels": n.labels}}));
     }
@@ -501,7 +504,7 @@ fn ns_labels(c: &TCluster, ns: &str) -> BTreeMap<String, String> {
     let mut l = c
         .namespaces
         .iter()
-        .find(|n| n.name == ns)
+        .find(|n| n.name == ns && n.exists)
         .map(|n| n.labels.clone())
         .unwrap_or_default();
     l.insert("kubernetes.io/metadata.name".into(), ns.to_owned());
@@ -604,6 +607,13 @@ fn check(seed: u64) -> Result<usize, TestCaseError> {
         "rejections {:?}",
         compiled.rejections
     );
+
+    // Deterministic: a fresh allocator gives the same output, and so does a warm one.
+    let mut alloc = IdentityAllocator::new();
+    let again = weir_policy::compile(&input, &mut alloc).expect("compiles");
+    prop_assert_eq!(&again, &compiled);
+    let warm = weir_policy::compile(&input, &mut alloc).expect("compiles");
+    prop_assert_eq!(&warm, &compiled);
 
     let mut ends: Vec<End<'_>> = Vec::new();
     for p in &c.pods {
@@ -728,4 +738,19 @@ fn random_clusters_cover_denials_and_allows() {
         allows > 100 && denies > 100,
         "allows {allows} denies {denies}"
     );
+}
+
+/// A long soak over many seeds: `cargo test --release -p weir-policy --test reference -- --ignored`.
+#[test]
+#[ignore = "long soak; run explicitly in release"]
+fn soak_many_seeds() {
+    let n: u64 = std::env::var("WEIR_SOAK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    for seed in 0..n {
+        if let Err(e) = check(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)) {
+            panic!("seed {seed}: {e}");
+        }
+    }
 }
