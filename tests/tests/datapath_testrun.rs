@@ -339,6 +339,7 @@ fn spoofed_source_drops() {
     assert_eq!(dp.from_pod(&syn(POD_A, 40000, REMOTE, 80)), OK);
     // ...an endpoint behind another interface is spoofed when its address shows up here.
     dp.endpoint(POD_B, 7, ID_B);
+    dp.subject(ID_B, 4, 0);
     assert_eq!(dp.from_pod(&syn(POD_B, 40000, REMOTE, 80)), SHOT);
     assert_eq!(dp.counter(REASON_SPOOFED_SOURCE), 1);
     // The interface check is for sources only: delivering to B is judged by B's ingress.
@@ -347,6 +348,11 @@ fn spoofed_source_drops() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].reason, REASON_SPOOFED_SOURCE);
     assert_eq!(events[0].subject, ID_B);
+    assert_eq!(events[0].subject_version, 4);
+    assert_eq!(
+        events[0].peer, IDENTITY_WORLD,
+        "REMOTE is not in this test's ipcache"
+    );
 }
 
 #[test]

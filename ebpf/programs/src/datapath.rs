@@ -17,7 +17,7 @@ use weir_common::{
 use crate::{
     maps::{WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS},
     parse::{Class, ECHO_REPLY, ECHO_REQUEST, parse, parse_ip},
-    policy::{evaluate, resolve_peer},
+    policy::{evaluate, resolve_peer, subject_policy},
     report::{Report, allow, allow_reported, drop_packet},
 };
 
@@ -118,7 +118,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
             direction: hook_dir,
             ifindex,
             subject,
-            subject_version: 0,
+            subject_version: subject_policy(subject).0,
             peer: resolve_peer(&peer_addr).reported(),
             rule: 0,
         };

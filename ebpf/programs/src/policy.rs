@@ -43,6 +43,16 @@ pub fn resolve_peer(addr: &Addr) -> Peer {
     }
 }
 
+/// `(version, flags)` of the subject's `WEIR_SUBJECTS` entry; `(0, 0)` (not isolated) without one.
+#[inline(always)]
+pub fn subject_policy(subject: u32) -> (u32, u32) {
+    match WEIR_SUBJECTS.get_ptr(&SubjectKey { identity: subject }) {
+        // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
+        Some(sp) => unsafe { ((*sp).version, (*sp).flags) },
+        None => (0, 0),
+    }
+}
+
 /// The outcome of evaluating one side.
 #[derive(Clone, Copy)]
 pub struct Eval {
@@ -62,11 +72,7 @@ pub struct Eval {
 #[inline(always)]
 pub fn evaluate(subject: u32, dir: u8, peer_addr: &Addr, proto: u8, dport: u16) -> Eval {
     let peer = resolve_peer(peer_addr);
-    let (version, flags) = match WEIR_SUBJECTS.get_ptr(&SubjectKey { identity: subject }) {
-        // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
-        Some(sp) => unsafe { ((*sp).version, (*sp).flags) },
-        None => (0, 0),
-    };
+    let (version, flags) = subject_policy(subject);
     let isolated = if dir == DIR_EGRESS {
         SUBJECT_ISOLATED_EGRESS
     } else {
