@@ -64,3 +64,20 @@ pub fn run(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `f` on a new thread inside the network namespace at `path` (a thread's namespace is its
+/// own: the rest of the process stays where it is).
+pub fn spawn_in<T: Send + 'static>(
+    path: impl Into<std::path::PathBuf>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsFd as _;
+    let path = path.into();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("entering {}: {e}", path.display()));
+        f()
+    })
+}
