@@ -164,7 +164,8 @@ fn side_by_side(matrix: &Matrix, expected: &Expectations) -> String {
         "{:<28} {:<28} {:<9} {:<9} {:<9}\n",
         "from", "to", "port", "expected", "observed"
     );
-    for ((from, to), want) in &expected.entries {
+    for (from, to) in &expected.order {
+        let want = &expected.entries[&(from.clone(), to.clone())];
         let got = matrix.get(from, to);
         let mark = match got {
             Some(g) if g == *want => "ok",

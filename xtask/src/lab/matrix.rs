@@ -253,6 +253,8 @@ pub fn render_differences(diffs: &[Difference]) -> String {
 pub struct Expectations {
     pub default: Option<bool>,
     pub entries: BTreeMap<(String, Target), bool>,
+    /// The cells in the order they were first set (a file's order).
+    pub order: Vec<(String, Target)>,
 }
 
 impl Expectations {
@@ -261,6 +263,7 @@ impl Expectations {
         Expectations {
             default: Some(default),
             entries: BTreeMap::new(),
+            order: Vec::new(),
         }
     }
 
@@ -272,7 +275,10 @@ impl Expectations {
     }
 
     pub fn set(&mut self, from: &str, to: Target, allowed: bool) {
-        self.entries.insert((from.to_string(), to), allowed);
+        let key = (from.to_string(), to);
+        if self.entries.insert(key.clone(), allowed).is_none() {
+            self.order.push(key);
+        }
     }
 
     /// Reads expectations from a file: JSON (a list of cells, or a matrix), or a Markdown table
