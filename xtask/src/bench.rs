@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|propagation|traffic|all]`: builds the benchmark binary in release
+//! `cargo xtask bench [datapath|propagation|cni|traffic|all]`: builds the benchmark binary in release
 //! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
 
 use std::process::Command;
@@ -10,7 +10,7 @@ use crate::setup;
 #[derive(clap::Args)]
 pub struct Options {
     /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
-    /// change to maps), traffic (pod-to-pod latency and throughput vs iptables), or all.
+    /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables), or all.
     #[arg(default_value = "all")]
     pub which: String,
 }
@@ -37,8 +37,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if !status.success() {
         bail!("building the benchmarks failed ({status})");
     }
+    // The CNI benchmark drives the release weir-agent and weir-cni.
     let status = Command::new("target/release/weir-bench")
         .arg(&options.which)
+        .env("WEIR_BIN_DIR", "target/release")
         .status()
         .context("running target/release/weir-bench")?;
     if !status.success() {

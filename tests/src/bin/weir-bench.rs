@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|traffic|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -14,13 +14,17 @@ fn main() -> anyhow::Result<()> {
         bench::propagation::run(200)?;
         ran = true;
     }
+    if all || which == "cni" {
+        bench::cni::run(8)?;
+        ran = true;
+    }
     if all || which == "traffic" {
         bench::traffic::run(20_000, 3)?;
         ran = true;
     }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, traffic or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic or all"
     );
     Ok(())
 }
