@@ -246,6 +246,10 @@ impl Datapath {
     }
 
     /// A packet the pod sends (tc ingress of its host-side veth).
+    #[expect(
+        clippy::wrong_self_convention,
+        reason = "named after the program it runs"
+    )]
     fn from_pod(&self, frame: &[u8]) -> u32 {
         self.run(PROG_FROM_POD, frame)
     }
