@@ -664,7 +664,7 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     validate_name(name)?;
     let state = State::load(name).ok();
     let marker_server = format!("--lab {name} ");
-    let marker_agent = format!("{}/", State::dir_of(name).display());
+    let marker_agent = agent_marker(name);
     // Servers first: they are ours alone.
     let mut pids: Vec<u32> = state
         .iter()
@@ -888,14 +888,18 @@ fn cmdline(pid: u32) -> Option<String> {
 /// Signals `pid` only if its command line shows it belongs to lab `name`.
 fn kill_if_ours(pid: u32, name: &str, signal: i32) {
     let Some(cmd) = cmdline(pid) else { return };
-    let ours = cmd.contains(&format!("--lab {name} "))
-        || cmd.contains(&format!("{}/", State::dir_of(name).display()));
+    let ours = cmd.contains(&format!("--lab {name} ")) || cmd.contains(&agent_marker(name));
     if ours {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe {
             libc::kill(pid as i32, signal);
         }
     }
+}
+
+/// What only the agents of lab `name` have on their command line.
+fn agent_marker(name: &str) -> String {
+    format!("--manifests {}/manifests ", State::dir_of(name).display())
 }
 
 fn find_processes(marker: &str) -> Vec<u32> {
