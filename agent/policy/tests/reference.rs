@@ -54,6 +54,8 @@ struct TPod {
     name: String,
     labels: BTreeMap<String, String>,
     local: bool,
+    /// A hostNetwork pod (on n2): not a pod for policy purposes; its address is n2's.
+    host_network: bool,
     addrs: Vec<IpAddr>,
     ports: Vec<(String, &'static str, u16)>,
 }
@@ -270,12 +272,18 @@ fn cluster(seed: u64) -> TCluster {
                     ));
                 }
             }
+            let host_network = rng.chance(10);
             TPod {
                 ns: namespaces[rng.below(namespaces.len())].name.clone(),
                 name: format!("p{i}"),
                 labels: labels(&mut rng),
-                local: rng.chance(60),
-                addrs,
+                local: !host_network && rng.chance(60),
+                host_network,
+                addrs: if host_network {
+                    vec![IpAddr::V4(Ipv4Addr::new(172, 16, 0, 2))]
+                } else {
+                    addrs
+                },
                 ports,
             }
         })
@@ -404,7 +412,7 @@ fn to_input(c: &TCluster) -> CompileInput {
         // Local pods' addresses come from the IPAM; their status is left empty.
         items.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": p.name, "namespace": p.ns, "labels": p.labels},
-            "spec": {"nodeName": if p.local { "n1" } else { "n2" },
+            "spec": {"nodeName": if p.local { "n1" } else { "n2" }, "hostNetwork": p.host_network,
                      "containers": [{"name": "c", "ports": ports}]},
             "status": {"podIPs": if p.local { Vec::new() } else { ips }}}));
         if p.local {
@@ -616,7 +624,7 @@ fn check(seed: u64) -> Result<usize, TestCaseError> {
     prop_assert_eq!(&warm, &compiled);
 
     let mut ends: Vec<End<'_>> = Vec::new();
-    for p in &c.pods {
+    for p in c.pods.iter().filter(|p| !p.host_network) {
         for a in &p.addrs {
             ends.push(End {
                 addr: *a,
@@ -715,8 +723,9 @@ fn random_clusters_cover_denials_and_allows() {
     let (mut allows, mut denies) = (0, 0);
     for seed in 0..300 {
         let c = cluster(seed);
-        for s in &c.pods {
-            for d in &c.pods {
+        let pods: Vec<&TPod> = c.pods.iter().filter(|p| !p.host_network).collect();
+        for s in &pods {
+            for d in &pods {
                 let e = End {
                     addr: d.addrs[0],
                     pod: Some(d),

@@ -623,3 +623,16 @@ fn objects_apply_and_remove() {
     );
     let _ = Object::Node(Default::default());
 }
+
+#[test]
+fn a_cluster_id_that_does_not_fit_is_an_error() {
+    let state = state_from_yaml(&pod("default", "a", "app: a", "n1", "10.1.0.1"));
+    let input = CompileInput {
+        state,
+        node_name: "n1".into(),
+        cluster_id: 256,
+        local_endpoints: Default::default(),
+    };
+    let e = weir_policy::compile(&input, &mut IdentityAllocator::new()).unwrap_err();
+    assert!(e.to_string().contains("cluster id 256"), "{e}");
+}
