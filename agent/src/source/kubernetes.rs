@@ -37,7 +37,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    api::{Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, ObjectRef as StoreRef, Store},
@@ -109,6 +109,8 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Node];
+
     fn index(self) -> usize {
         self as usize
     }
@@ -371,17 +373,27 @@ pub async fn run(
     let mut converter = Converter::default();
     let mut last: Option<ClusterState> = None;
     let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
+    // A watch that comes back quietly (nothing changed) reports nothing, so while a kind is
+    // failing a cheap list (limit 1) probes whether the API server answers for it again.
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Kind, bool)>();
+    let mut probe_tick = tokio::time::interval(Duration::from_secs(1));
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        let next = match pending {
-            Some(since) => tokio::select! {
-                report = reports.next() => Some(report),
-                () = tokio::time::sleep_until(since + config.debounce) => None,
+        let debounce_at = pending.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            |since| since + config.debounce,
+        );
+        let wake = tokio::select! {
+            report = reports.next() => match report {
+                Some(report) => Wake::Report(report),
+                None => return,
             },
-            None => Some(reports.next().await),
+            () = tokio::time::sleep_until(debounce_at), if pending.is_some() => Wake::Debounce,
+            _ = probe_tick.tick(), if failing.iter().any(|f| *f) => Wake::Probe,
+            Some((kind, ok)) = probe_rx.recv() => Wake::Reachable(kind, ok),
         };
-        let (kind, report) = match next {
-            // The debounce timer: build and send.
-            None => {
+        match wake {
+            Wake::Debounce => {
                 pending = None;
                 if !listed.iter().all(|l| *l) {
                     continue;
@@ -397,55 +409,109 @@ pub async fn run(
                 if states.send(state).await.is_err() {
                     return;
                 }
-                continue;
             }
-            Some(None) => return,
-            Some(Some(report)) => report,
-        };
-        let i = kind.index();
-        match report {
-            Report::Changed { relisted } => {
-                if failing[i] {
-                    failing[i] = false;
-                    tracing::info!(kind = kind.name(), "watch re-established");
+            Wake::Probe => {
+                for kind in Kind::ALL.into_iter().filter(|k| failing[k.index()]) {
+                    let client = client.clone();
+                    let probe_tx = probe_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = probe_tx.send((kind, reachable(client, kind).await));
+                    });
                 }
-                if relisted && listed[i] {
-                    tracing::info!(
-                        kind = kind.name(),
-                        "relisted; objects that disappeared meanwhile are removed"
-                    );
-                }
-                if relisted && !listed[i] {
-                    listed[i] = true;
-                    tracing::info!(kind = kind.name(), "initial list complete");
-                }
-                pending.get_or_insert_with(tokio::time::Instant::now);
             }
-            Report::Listing => {}
-            Report::Failed(e) => {
-                stats.watch_errors.fetch_add(1, Ordering::Relaxed);
-                let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
-                if gone {
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        kind = kind.name(),
-                        "the API server no longer has our resourceVersion (410 Gone); relisting"
-                    );
-                } else if !failing[i] {
-                    failing[i] = true;
-                    if listed.iter().all(|l| *l) {
-                        tracing::warn!(kind = kind.name(), error = %e, "lost the watch; the last state stays enforced while retrying with backoff");
-                    } else {
-                        tracing::warn!(kind = kind.name(), error = %e, "cannot list yet; nothing is applied until every kind is listed, retrying with backoff");
-                    }
-                } else {
-                    tracing::debug!(kind = kind.name(), error = %e, "still failing");
+            Wake::Reachable(kind, ok) => {
+                if ok && failing[kind.index()] {
+                    failing[kind.index()] = false;
+                    tracing::info!(kind = kind.name(), "the API server answers again");
                 }
+            }
+            Wake::Report((kind, report)) => {
+                handle_report(
+                    kind,
+                    report,
+                    &mut listed,
+                    &mut failing,
+                    &mut pending,
+                    &stats,
+                );
             }
         }
         stats
             .connected
             .store(failing.iter().all(|f| !f), Ordering::Relaxed);
+    }
+}
+
+/// What woke the source's loop.
+enum Wake {
+    Report((Kind, Report)),
+    Debounce,
+    Probe,
+    Reachable(Kind, bool),
+}
+
+fn handle_report(
+    kind: Kind,
+    report: Report,
+    listed: &mut [bool; 4],
+    failing: &mut [bool; 4],
+    pending: &mut Option<tokio::time::Instant>,
+    stats: &SourceStats,
+) {
+    let i = kind.index();
+    match report {
+        Report::Changed { relisted } => {
+            if failing[i] {
+                failing[i] = false;
+                tracing::info!(kind = kind.name(), "watch re-established");
+            }
+            if relisted && listed[i] {
+                tracing::info!(
+                    kind = kind.name(),
+                    "relisted; objects that disappeared meanwhile are removed"
+                );
+            }
+            if relisted && !listed[i] {
+                listed[i] = true;
+                tracing::info!(kind = kind.name(), "initial list complete");
+            }
+            pending.get_or_insert_with(tokio::time::Instant::now);
+        }
+        Report::Listing => {}
+        Report::Failed(e) => {
+            stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+            let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
+            if gone {
+                stats.relists.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    kind = kind.name(),
+                    "the API server no longer has our resourceVersion (410 Gone); relisting"
+                );
+            } else if !failing[i] {
+                failing[i] = true;
+                if listed.iter().all(|l| *l) {
+                    tracing::warn!(kind = kind.name(), error = %e, "lost the watch; the last state stays enforced while retrying with backoff");
+                } else {
+                    tracing::warn!(kind = kind.name(), error = %e, "cannot list yet; nothing is applied until every kind is listed, retrying with backoff");
+                }
+            } else {
+                tracing::debug!(kind = kind.name(), error = %e, "still failing");
+            }
+        }
+    }
+}
+
+/// Whether the API server lists `kind` for us (one object at most).
+async fn reachable(client: Client, kind: Kind) -> bool {
+    let params = ListParams::default().limit(1);
+    match kind {
+        Kind::Pod => Api::<KPod>::all(client).list(&params).await.is_ok(),
+        Kind::Namespace => Api::<KNamespace>::all(client).list(&params).await.is_ok(),
+        Kind::NetworkPolicy => Api::<KNetworkPolicy>::all(client)
+            .list(&params)
+            .await
+            .is_ok(),
+        Kind::Node => Api::<KNode>::all(client).list(&params).await.is_ok(),
     }
 }
 

@@ -1,0 +1,479 @@
+//! Kubernetes mode's source against a server that speaks the list/watch protocol over HTTP
+//! (`weir_tests::kube_server`): the states the source hands on, observed on its channel.
+//! No kernel and no root needed; they run with the rest of weir-tests.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+use weir_agent::{
+    health::SourceStats,
+    source::kubernetes::{self, KubeSourceConfig},
+};
+use weir_policy::model::{ClusterState, ObjectKey};
+use weir_tests::kube_server::{KubeServer, Resource};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+const NAMESPACE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: web}}
+"#;
+
+const NODE_1: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, "fd00:244:1::/64"]}
+status:
+  addresses: [{type: InternalIP, address: 192.168.0.1}]
+  images: [{names: [big/image], sizeBytes: 1000}]
+"#;
+
+const NODE_2: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDRs: [10.244.2.0/24]}
+"#;
+
+fn pod(name: &str, node: &str, ip: &str, app: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{app: {app}}}
+  annotations: {{kubectl.kubernetes.io/last-applied-configuration: "{{}}"}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: main
+    image: registry.example/{app}:1
+    ports: [{{name: http, containerPort: 8080}}]
+status:
+  phase: Running
+  podIP: {ip}
+  podIPs: [{{ip: {ip}}}]
+"#
+    )
+}
+
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-team, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: web}}}]
+    ports: [{port: http}]
+"#;
+
+const BAD_POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bad-cidr, namespace: shop}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/99}}]
+"#;
+
+fn seed(server: &KubeServer) {
+    server.apply(NAMESPACE);
+    server.apply(NODE_1);
+    server.apply(NODE_2);
+    server.apply(&pod("web", "n1", "10.244.1.5", "web"));
+    server.apply(&pod("db", "n2", "10.244.2.7", "db"));
+    server.apply(POLICY);
+}
+
+/// The source under test, running against `server`, with its output channel.
+struct Source {
+    states: mpsc::Receiver<ClusterState>,
+    stats: Arc<SourceStats>,
+    task: JoinHandle<()>,
+}
+
+impl Source {
+    fn start(server: &KubeServer, node: &str) -> Self {
+        let (tx, states) = mpsc::channel(64);
+        let stats = Arc::new(SourceStats::default());
+        let task = tokio::spawn(kubernetes::run(
+            server.client(),
+            KubeSourceConfig::new(node),
+            tx,
+            stats.clone(),
+        ));
+        Self {
+            states,
+            stats,
+            task,
+        }
+    }
+
+    /// The next state, failing the test after `WAIT`.
+    async fn next(&mut self) -> ClusterState {
+        tokio::time::timeout(WAIT, self.states.recv())
+            .await
+            .expect("no state from the source in time")
+            .expect("the source stopped")
+    }
+
+    /// Skips states until one satisfies `what`.
+    async fn until(&mut self, what: &str, f: impl Fn(&ClusterState) -> bool) -> ClusterState {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let state = tokio::time::timeout_at(deadline, self.states.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no state in time where {what}"))
+                .expect("the source stopped");
+            if f(&state) {
+                return state;
+            }
+        }
+    }
+
+    /// Asserts that no state arrives for `quiet`.
+    async fn assert_quiet(&mut self, quiet: Duration, why: &str) {
+        if let Ok(Some(state)) = tokio::time::timeout(quiet, self.states.recv()).await {
+            panic!("{why}, but the source sent a state: {state:#?}");
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn key(name: &str) -> ObjectKey {
+    ObjectKey::new("shop", name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_is_one_complete_state_converted_like_standalone() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    let state = source.next().await;
+
+    assert_eq!(state.pods.len(), 2);
+    assert_eq!(state.policies.len(), 1);
+    assert_eq!(state.nodes.len(), 2);
+    let web = &state.pods[&key("web")];
+    assert_eq!(web.metadata.labels["app"], "web");
+    assert_eq!(web.spec.node_name.as_deref(), Some("n1"));
+    assert_eq!(
+        web.spec.containers[0].ports[0].name.as_deref(),
+        Some("http")
+    );
+    assert_eq!(web.spec.containers[0].ports[0].protocol, "TCP", "defaulted");
+    assert_eq!(web.status.pod_ips[0].ip, "10.244.1.5");
+    // Defaulting as the API server (and the standalone parser) does.
+    assert_eq!(
+        state.namespaces["shop"].metadata.labels["kubernetes.io/metadata.name"],
+        "shop"
+    );
+    assert_eq!(
+        state.policies[&key("web-from-team")].spec.policy_types,
+        Some(vec!["Ingress".to_owned()])
+    );
+    assert_eq!(
+        state.nodes["n1"].spec.pod_cidrs,
+        ["10.244.1.0/24", "fd00:244:1::/64"]
+    );
+    assert_eq!(state.nodes["n1"].status.addresses[0].address, "192.168.0.1");
+
+    // The very same objects through the standalone parser give the very same state.
+    let mut standalone = ClusterState::default();
+    for text in [
+        NAMESPACE.to_owned(),
+        NODE_1.to_owned(),
+        NODE_2.to_owned(),
+        pod("web", "n1", "10.244.1.5", "web"),
+        pod("db", "n2", "10.244.2.7", "db"),
+        POLICY.to_owned(),
+    ] {
+        for object in weir_policy::model::parse_documents(&text, "test") {
+            standalone.apply(object.unwrap());
+        }
+    }
+    assert_eq!(state, standalone);
+
+    // Every collection was listed and then watched.
+    let requests = server.requests();
+    for path in [
+        "/api/v1/pods",
+        "/api/v1/namespaces",
+        "/api/v1/nodes",
+        "/apis/networking.k8s.io/v1/networkpolicies",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET {path}?")) && !r.contains("watch=")),
+            "no list of {path}: {requests:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_updates_and_deletes_are_followed() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+
+    server.apply(&pod("cache", "n1", "10.244.1.9", "cache"));
+    let state = source
+        .until("the new pod is there", |s| {
+            s.pods.contains_key(&key("cache"))
+        })
+        .await;
+    assert_eq!(state.pods[&key("cache")].status.pod_ips[0].ip, "10.244.1.9");
+
+    server.apply(&pod("cache", "n1", "10.244.1.9", "redis"));
+    source
+        .until("the pod's labels changed", |s| {
+            s.pods[&key("cache")].metadata.labels["app"] == "redis"
+        })
+        .await;
+
+    server.bookmark();
+    server.delete(Resource::NetworkPolicies, "shop", "web-from-team");
+    let state = source
+        .until("the policy is gone", |s| s.policies.is_empty())
+        .await;
+    assert_eq!(state.pods.len(), 3);
+
+    server.delete(Resource::Namespaces, "", "shop");
+    source
+        .until("the namespace is gone", |s| s.namespaces.is_empty())
+        .await;
+    assert!(source.stats.watch_errors.load(Ordering::Relaxed) == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_relist_drops_what_was_deleted_meanwhile() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    assert!(source.next().await.pods.contains_key(&key("db")));
+    // Give the watches time to start, so the next one resumes from their resourceVersion.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The deletion is never sent as a watch event: the history is compacted and the watches
+    // end; resuming gets 410 Gone, and only the relist can tell that db is gone.
+    server.delete_and_compact(Resource::Pods, "shop", "db");
+    let state = source
+        .until("db is gone", |s| !s.pods.contains_key(&key("db")))
+        .await;
+    assert!(
+        state.pods.contains_key(&key("web")),
+        "a relist keeps what is still there"
+    );
+    assert_eq!(state.policies.len(), 1);
+    assert!(source.stats.relists.load(Ordering::Relaxed) >= 1);
+    let pod_lists = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
+        .count();
+    assert!(pod_lists >= 2, "Pods were not relisted");
+
+    // And it goes on following changes after the relist.
+    server.apply(&pod("db", "n2", "10.244.2.8", "db"));
+    source
+        .until("db is back", |s| s.pods.contains_key(&key("db")))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_going_away_keeps_the_last_state_and_reconnects() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        source.stats.connected.load(Ordering::Relaxed),
+        "{:?} {:?}",
+        source.stats,
+        server.requests()
+    );
+
+    server.stop().await;
+    // Changes made while the agent cannot see them.
+    server.apply(&pod("late", "n1", "10.244.1.20", "web"));
+    server.delete(Resource::Pods, "shop", "db");
+    source
+        .assert_quiet(
+            Duration::from_secs(2),
+            "the API server is gone, so the last state must stay",
+        )
+        .await;
+    assert!(
+        !source.stats.connected.load(Ordering::Relaxed),
+        "the lost connection is not reported"
+    );
+    assert!(source.stats.watch_errors.load(Ordering::Relaxed) > 0);
+
+    server.start().await;
+    let state = source
+        .until("the changes made while away arrived", |s| {
+            s.pods.contains_key(&key("late")) && !s.pods.contains_key(&key("db"))
+        })
+        .await;
+    assert_eq!(state.policies.len(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(source.stats.connected.load(Ordering::Relaxed));
+
+    // Restarted with its history gone (an API server whose etcd was compacted meanwhile).
+    server.stop().await;
+    server.delete_and_compact(Resource::Pods, "shop", "late");
+    server.start().await;
+    source
+        .until("late is gone after the relist", |s| {
+            !s.pods.contains_key(&key("late"))
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_appears_after_its_add_started_is_delivered() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    // kubelet ran the CNI ADD; the Pod object (with the node) arrives a little later, and then
+    // its addresses: every step is a new state (the runtime's ADD waits on these).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: slow, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: main, image: x}]}
+status: {phase: Pending}
+"#,
+    );
+    let state = source
+        .until("slow is there", |s| s.pods.contains_key(&key("slow")))
+        .await;
+    assert!(state.pods[&key("slow")].status.pod_ips.is_empty());
+    server.apply(&pod("slow", "n1", "10.244.1.33", "web"));
+    source
+        .until("slow has its address", |s| {
+            s.pods[&key("slow")].status.pod_ips.len() == 1
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_sent_until_every_kind_is_listed() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    server.fail(Resource::NetworkPolicies, 403);
+    let mut source = Source::start(&server, "n1");
+    source
+        .assert_quiet(
+            Duration::from_secs(2),
+            "a state without the policies would enforce less than the cluster says",
+        )
+        .await;
+    assert!(source.stats.watch_errors.load(Ordering::Relaxed) > 0);
+    server.heal(Resource::NetworkPolicies);
+    let state = source.next().await;
+    assert_eq!(state.policies.len(), 1);
+    assert_eq!(state.pods.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_pods_are_left_out() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let done = pod("job", "n1", "10.244.1.40", "job").replace("phase: Running", "phase: Succeeded");
+    server.apply(&done);
+    let mut source = Source::start(&server, "n1");
+    let state = source.next().await;
+    assert!(state.pods.contains_key(&key("web")));
+    assert!(
+        !state.pods.contains_key(&key("job")),
+        "a Succeeded pod's address is released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_policy_gets_one_event_from_all_agents() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    server.apply(BAD_POLICY);
+    let mut source = Source::start(&server, "n1");
+    let state = source.next().await;
+    assert_eq!(
+        state.policies.len(),
+        2,
+        "the state carries it; the compiler rejects it"
+    );
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.events().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no Event written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = server.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let ((namespace, _), event) = events.into_iter().next().unwrap();
+    assert_eq!(namespace, "shop");
+    assert_eq!(event["reason"], "PolicyRejected");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["involvedObject"]["kind"], "NetworkPolicy");
+    assert_eq!(event["involvedObject"]["name"], "bad-cidr");
+    assert_eq!(
+        event["involvedObject"]["uid"],
+        "uid-NetworkPolicy-shop-bad-cidr"
+    );
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.ingress[0].from[0].ipBlock.cidr") && message.contains("10.0.0.0/99"),
+        "the message names the field and the reason: {message}"
+    );
+    assert_eq!(event["reportingInstance"], "n1");
+
+    // Other changes do not repeat it.
+    server.apply(&pod("more", "n1", "10.244.1.50", "web"));
+    source
+        .until("more is there", |s| s.pods.contains_key(&key("more")))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.events().len(), 1);
+
+    // A second node's agent finds it written and only marks it as seen again.
+    let mut other = Source::start(&server, "n2");
+    other.next().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("PATCH /api/v1/namespaces/shop/events/"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no PATCH of the Event"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.events().len(),
+        1,
+        "one Event per rejection, cluster-wide"
+    );
+}
