@@ -144,11 +144,25 @@ impl Pool {
 }
 
 /// The node's IPAM. Cheap to share behind an `Arc`; all methods take `&self`.
+///
+/// Persistence is a group commit: a change is made in memory under `state` (so concurrent
+/// callers never pick the same address), then the caller waits until a snapshot that contains
+/// its change is on disk. One writer at a time (`durable`) writes the newest snapshot, so
+/// concurrent ADDs share one fsync instead of queueing for one each.
 #[derive(Debug)]
 pub struct Ipam {
     path: PathBuf,
     pools: Vec<Pool>,
-    state: Mutex<State>,
+    state: Mutex<Versioned>,
+    /// The newest change number known to be on disk; held while writing.
+    durable: Mutex<u64>,
+}
+
+#[derive(Debug)]
+struct Versioned {
+    state: State,
+    /// Bumped by every change.
+    changes: u64,
 }
 
 impl Ipam {
@@ -195,7 +209,8 @@ impl Ipam {
         Ok(Ipam {
             path,
             pools,
-            state: Mutex::new(state),
+            state: Mutex::new(Versioned { state, changes: 0 }),
+            durable: Mutex::new(0),
         })
     }
 
@@ -209,8 +224,27 @@ impl Ipam {
         &self.path
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, IpamError> {
+    fn lock(&self) -> Result<MutexGuard<'_, Versioned>, IpamError> {
         self.state.lock().map_err(|_| IpamError::Poisoned)
+    }
+
+    /// Returns once change number `change` (or a later one) is on disk.
+    fn commit(&self, change: u64) -> Result<(), IpamError> {
+        let mut durable = self.durable.lock().map_err(|_| IpamError::Poisoned)?;
+        if *durable >= change {
+            return Ok(());
+        }
+        let (bytes, snapshot) = {
+            let v = self.lock()?;
+            let bytes = serde_json::to_vec_pretty(&v.state).map_err(|e| IpamError::Write {
+                path: self.path.clone(),
+                source: e.into(),
+            })?;
+            (bytes, v.changes)
+        };
+        self.write(&bytes)?;
+        *durable = snapshot;
+        Ok(())
     }
 
     /// Reserves one address per pool for the attachment and persists the reservation before
@@ -222,14 +256,46 @@ impl Ipam {
         pod: &ObjectKey,
         host_ifname: &str,
     ) -> Result<Allocation, IpamError> {
-        let mut state = self.lock()?;
-        if let Some(existing) = state
-            .allocations
-            .iter()
-            .find(|a| a.container_id == container_id && a.ifname == ifname)
-        {
-            return Ok(existing.clone());
+        let (allocation, change) = {
+            let mut v = self.lock()?;
+            if let Some(existing) = v
+                .state
+                .allocations
+                .iter()
+                .find(|a| a.container_id == container_id && a.ifname == ifname)
+                .cloned()
+            {
+                // It may still be on its way to disk (a concurrent ADD of the same attachment).
+                let change = v.changes;
+                drop(v);
+                self.commit(change)?;
+                return Ok(existing);
+            }
+            let allocation = self.pick(&mut v.state, container_id, ifname, pod, host_ifname)?;
+            v.changes += 1;
+            (allocation, v.changes)
+        };
+        if let Err(e) = self.commit(change) {
+            // Not on disk: take it back, so the address is not handed out as if it were.
+            let mut v = self.lock()?;
+            if let Some(pos) = v.state.allocations.iter().position(|a| a == &allocation) {
+                v.state.allocations.remove(pos);
+                v.changes += 1;
+            }
+            return Err(e);
         }
+        Ok(allocation)
+    }
+
+    /// Chooses the addresses and records the allocation in `state` (in memory).
+    fn pick(
+        &self,
+        state: &mut State,
+        container_id: &str,
+        ifname: &str,
+        pod: &ObjectKey,
+        host_ifname: &str,
+    ) -> Result<Allocation, IpamError> {
         let used: HashSet<IpAddr> = state
             .allocations
             .iter()
@@ -272,14 +338,8 @@ impl Ipam {
             host_ifname: host_ifname.to_owned(),
             addresses,
         };
-        let saved_cursors = state.cursors.clone();
         state.allocations.push(allocation.clone());
         state.cursors.extend(cursors);
-        if let Err(e) = self.persist(&state) {
-            state.allocations.pop();
-            state.cursors = saved_cursors;
-            return Err(e);
-        }
         Ok(allocation)
     }
 
@@ -287,37 +347,27 @@ impl Ipam {
     pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
         Ok(self
             .lock()?
+            .state
             .allocations
             .iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
             .cloned())
     }
 
-    /// Frees the attachment's addresses; `None` when it had none (not an error).
+    /// Frees the attachment's addresses; `None` when it had none (not an error). When this
+    /// returns `Ok`, the release is on disk.
     pub fn release(
         &self,
         container_id: &str,
         ifname: &str,
     ) -> Result<Option<Allocation>, IpamError> {
-        let mut state = self.lock()?;
-        let Some(pos) = state
-            .allocations
-            .iter()
-            .position(|a| a.container_id == container_id && a.ifname == ifname)
-        else {
-            return Ok(None);
-        };
-        let removed = state.allocations.remove(pos);
-        if let Err(e) = self.persist(&state) {
-            state.allocations.insert(pos, removed);
-            return Err(e);
-        }
-        Ok(Some(removed))
+        self.release_where(|a| a.container_id == container_id && a.ifname == ifname)
+            .map(|mut released| released.pop())
     }
 
     /// Every current allocation.
     pub fn allocations(&self) -> Result<Vec<Allocation>, IpamError> {
-        Ok(self.lock()?.allocations.clone())
+        Ok(self.lock()?.state.allocations.clone())
     }
 
     /// Start-up reconciliation: releases every allocation whose host veth is not in
@@ -331,35 +381,38 @@ impl Ipam {
     }
 
     /// Releases every allocation for which `stale` holds, persisting once; returns them.
+    ///
+    /// A release whose write fails stays released in memory (the address may already be handed
+    /// out again); the next successful write records it, and the caller's retry (DEL is retried)
+    /// waits for that.
     pub fn release_where(
         &self,
         mut stale: impl FnMut(&Allocation) -> bool,
     ) -> Result<Vec<Allocation>, IpamError> {
-        let mut state = self.lock()?;
-        let (released, kept): (Vec<_>, Vec<_>) =
-            state.allocations.drain(..).partition(|a| stale(a));
-        state.allocations = kept;
-        if released.is_empty() {
-            return Ok(released);
-        }
-        if let Err(e) = self.persist(&state) {
-            state.allocations.extend(released);
-            return Err(e);
-        }
+        let (released, change) = {
+            let mut v = self.lock()?;
+            let (released, kept): (Vec<_>, Vec<_>) =
+                v.state.allocations.drain(..).partition(|a| stale(a));
+            v.state.allocations = kept;
+            if !released.is_empty() {
+                v.changes += 1;
+            }
+            (released, v.changes)
+        };
+        self.commit(change)?;
         Ok(released)
     }
 
-    /// Writes the state atomically: temp file, fsync, rename, fsync of the directory.
-    fn persist(&self, state: &State) -> Result<(), IpamError> {
+    /// Writes a snapshot atomically: temp file, fsync, rename, fsync of the directory.
+    fn write(&self, bytes: &[u8]) -> Result<(), IpamError> {
         let write_err = |source| IpamError::Write {
             path: self.path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| write_err(e.into()))?;
         let tmp = self.path.with_extension("json.tmp");
         {
             let mut file = fs::File::create(&tmp).map_err(write_err)?;
-            file.write_all(&bytes).map_err(write_err)?;
+            file.write_all(bytes).map_err(write_err)?;
             file.sync_all().map_err(write_err)?;
         }
         fs::rename(&tmp, &self.path).map_err(write_err)?;
@@ -463,6 +516,15 @@ mod tests {
             .collect();
         let addrs: HashSet<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(addrs.len(), 50);
+        // Every returned address is on disk (group commit waited for it).
+        let reopened = Ipam::open(&dir, &["10.2.0.0/24".parse().unwrap()]).unwrap();
+        let on_disk: HashSet<_> = reopened
+            .allocations()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.addresses[0])
+            .collect();
+        assert_eq!(on_disk, addrs);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

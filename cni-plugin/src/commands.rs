@@ -99,6 +99,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
     rt.block_on(async {
         let mut client = agent::connect(&conf.agent_socket()).await?;
         let wait = conf.pod_wait();
+        crate::log::mark("connect");
         let allocated = client
             .allocate_endpoint(request(
                 AllocateEndpointRequest {
@@ -112,6 +113,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
             .await
             .map_err(|s| PluginError::from_status("AllocateEndpoint", s))?
             .into_inner();
+        crate::log::mark("allocate");
         let ips = allocated
             .ips
             .iter()
@@ -167,6 +169,7 @@ async fn wire(
     // A veth of this name is left over from an ADD that died: it is ours, replace it.
     netlink::delete_link(handle, host_ifname).await?;
     let host = netlink::create_veth(handle, host_ifname, &env.ifname, netns, conf.mtu()).await?;
+    crate::log::mark("veth");
 
     let pod_ifname = env.ifname.clone();
     let host_mac = host.mac;
@@ -198,6 +201,7 @@ async fn wire(
         }
         Ok(link)
     })?;
+    crate::log::mark("pod");
 
     // Enforcement into the datapath before the host side comes up: the pod's interface has no
     // carrier until then, so its first packet meets its policy.
@@ -213,6 +217,7 @@ async fn wire(
         ))
         .await
         .map_err(|s| PluginError::from_status("ActivateEndpoint", s))?;
+    crate::log::mark("activate");
 
     netlink::set_up(handle, host.index, host_ifname).await?;
     if ips.iter().any(|(a, _, _)| a.is_ipv6()) {
@@ -223,6 +228,7 @@ async fn wire(
         netlink::add_route(handle, host.index, *addr, full, None, host_ifname).await?;
         netlink::add_neighbour(handle, host.index, *addr, &pod_link.mac, host_ifname).await?;
     }
+    crate::log::mark("host");
     Ok(Wired {
         host_ifname: host_ifname.to_owned(),
         host_mac: netlink::format_mac(&host.mac),
@@ -242,6 +248,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<String>, PluginError> {
         let handle = netlink::connect()?;
         netlink::delete_link(&handle, &host_ifname).await?;
         let socket = conf.agent_socket();
+        crate::log::mark("delete-veth");
         let mut client = match agent::connect(&socket).await {
             Ok(c) => c,
             Err(e) => {
@@ -250,6 +257,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<String>, PluginError> {
                 )));
             }
         };
+        crate::log::mark("connect");
         client
             .release_endpoint(request(
                 ReleaseEndpointRequest {
@@ -259,6 +267,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<String>, PluginError> {
             ))
             .await
             .map_err(|s| PluginError::from_status("ReleaseEndpoint", s))?;
+        crate::log::mark("release");
         Ok(None)
     })
 }

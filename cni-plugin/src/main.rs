@@ -150,7 +150,7 @@ fn main() -> ExitCode {
             ctx.command.map_or("?", Command::as_str),
             &ctx.env.container_id,
             &ctx.env.ifname,
-            started.elapsed(),
+            started,
             &logged,
         );
     }

@@ -36,6 +36,8 @@ struct FakeBackend {
     /// When set, only these pods are known.
     known_pods: Mutex<Option<HashSet<ObjectKey>>>,
     fail_activate: AtomicBool,
+    /// Record whether the host veth was up at activation (costs an `ip` run per ADD).
+    probe_host_veth: AtomicBool,
     activated: Mutex<Vec<(LocalEndpoint, bool)>>,
     deactivated: Mutex<Vec<(String, String)>>,
     enforced: Mutex<HashSet<(String, String)>>,
@@ -78,21 +80,24 @@ impl EndpointBackend for FakeBackend {
                 reason: "injected failure".into(),
             });
         }
-        let flags = Command::new("ip")
-            .args([
-                "-n",
-                &self.node,
-                "-j",
-                "link",
-                "show",
-                &endpoint.host_ifname,
-            ])
-            .output()
-            .expect("ip link show");
-        let links: Value = serde_json::from_slice(&flags.stdout).unwrap_or(json!([]));
-        let up = links[0]["flags"]
-            .as_array()
-            .is_some_and(|f| f.iter().any(|x| x == "UP"));
+        let mut up = false;
+        if self.probe_host_veth.load(Ordering::SeqCst) {
+            let flags = Command::new("ip")
+                .args([
+                    "-n",
+                    &self.node,
+                    "-j",
+                    "link",
+                    "show",
+                    &endpoint.host_ifname,
+                ])
+                .output()
+                .expect("ip link show");
+            let links: Value = serde_json::from_slice(&flags.stdout).unwrap_or(json!([]));
+            up = links[0]["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "UP"));
+        }
         self.enforced
             .lock()
             .unwrap()
@@ -155,6 +160,12 @@ impl Out {
     }
 
     #[track_caller]
+    fn expect_ok_took(&self) -> Duration {
+        self.expect_ok();
+        self.took
+    }
+
+    #[track_caller]
     fn expect_ok(&self) -> &Value {
         assert!(self.ok, "plugin failed: {}", self.stdout);
         &self.json
@@ -169,6 +180,7 @@ impl Harness {
         std::fs::create_dir_all(&dir).unwrap();
         let backend = Arc::new(FakeBackend {
             node: node.name.clone(),
+            probe_host_veth: AtomicBool::new(true),
             ..FakeBackend::default()
         });
         let mut h = Harness {
@@ -868,37 +880,85 @@ fn fifty_parallel_adds_get_distinct_addresses_and_del_frees_them() {
     );
 }
 
+/// A quick measurement, not a benchmark (`cargo xtask bench` is): ADD and DEL one at a time and
+/// 16 at once, as seen by the runtime (process spawn and nsenter included) and by the plugin.
 #[test]
-fn sequential_add_del_latency() {
-    const N: usize = 20;
-    let h = Harness::new("seq", &["10.220.0.0/24"]);
+fn add_del_latency() {
+    const N: usize = 16;
+    const ROUNDS: usize = 4;
+    let h = Harness::new("lat", &["10.220.0.0/24"]);
+    h.backend.probe_host_veth.store(false, Ordering::SeqCst);
     let pods: Vec<Netns> = (0..N)
-        .map(|i| Netns::new(&format!("cni-seq-{i}")))
+        .map(|i| Netns::new(&format!("cni-lat-{i}")))
         .collect();
-    let mut dels = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        h.add(&format!("c-seq-{i}"), pod).expect_ok();
+    let report = |what: &str, mut add: Vec<Duration>, mut del: Vec<Duration>| {
+        add.sort();
+        del.sort();
+        eprintln!(
+            "{what}: ADD p50 {:?} p99 {:?}; DEL p50 {:?} p99 {:?} (spawn + nsenter included)",
+            percentile(&add, 0.5),
+            percentile(&add, 0.99),
+            percentile(&del, 0.5),
+            percentile(&del, 0.99)
+        );
+    };
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for (i, pod) in pods.iter().enumerate() {
+            let c = format!("c-lat-{round}-{i}");
+            add.push(h.add(&c, pod).expect_ok_took());
+            del.push(h.del(&c, Some(pod)).expect_ok_took());
+        }
     }
-    let mut add_t = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        let out = h.del(&format!("c-seq-{i}"), Some(pod));
-        out.expect_ok();
-        dels.push(out.took);
-        let out = h.add(&format!("c-seq2-{i}"), pod);
-        out.expect_ok();
-        add_t.push(out.took);
+    report("one at a time", add, del);
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let run = |verb: &str| -> Vec<Duration> {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = pods
+                    .iter()
+                    .enumerate()
+                    .map(|(i, pod)| {
+                        let (h, c) = (&h, format!("c-latp-{round}-{i}"));
+                        s.spawn(move || match verb {
+                            "ADD" => h.add(&c, pod).expect_ok_took(),
+                            _ => h.del(&c, Some(pod)).expect_ok_took(),
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|t| t.join().unwrap()).collect()
+            })
+        };
+        add.extend(run("ADD"));
+        del.extend(run("DEL"));
     }
-    for (i, pod) in pods.iter().enumerate() {
-        h.del(&format!("c-seq2-{i}"), Some(pod)).expect_ok();
-    }
-    add_t.sort();
-    dels.sort();
-    eprintln!(
-        "sequential: ADD p50 {:?} p99 {:?}; DEL p50 {:?} p99 {:?} (process spawn through nsenter included)",
-        percentile(&add_t, 0.5),
-        percentile(&add_t, 0.99),
-        percentile(&dels, 0.5),
-        percentile(&dels, 0.99)
-    );
+    report(&format!("{N} at once"), add, del);
     assert!(h.ipam().allocations().unwrap().is_empty());
+    // The plugin's own time (from its log), without process spawn and nsenter, and its phases.
+    let log = std::fs::read_to_string(h.dir.join("cni.log")).unwrap();
+    for verb in ["ADD", "DEL"] {
+        let mut took: Vec<Duration> = log
+            .lines()
+            .filter(|l| l.contains(&format!(" {verb} ")))
+            .filter_map(|l| {
+                l.split(" took=")
+                    .nth(1)?
+                    .split("ms")
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        took.sort();
+        eprintln!(
+            "{verb} in the plugin (all runs): p50 {:?} p99 {:?}; e.g. {}",
+            percentile(&took, 0.5),
+            percentile(&took, 0.99),
+            log.lines()
+                .rev()
+                .find(|l| l.contains(&format!(" {verb} ")))
+                .unwrap_or_default()
+        );
+    }
 }
