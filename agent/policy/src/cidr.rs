@@ -118,3 +118,40 @@ pub fn cidr_identities(
         .collect();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(cidr: &str, except: &[&str]) -> Arc<IpBlockLabel> {
+        Arc::new(IpBlockLabel {
+            cidr: cidr.parse().unwrap(),
+            except: except.iter().map(|e| e.parse().unwrap()).collect(),
+        })
+    }
+
+    #[test]
+    fn label_sets_follow_containment_and_excepts() {
+        let a = block("10.0.0.0/8", &["10.1.0.0/16"]);
+        let b = block("10.1.0.0/16", &[]);
+        let blocks = BTreeSet::from([Arc::clone(&a), Arc::clone(&b)]);
+        let c = cidr_identities(&blocks, &mut IdentityAllocator::new()).unwrap();
+        let id = |p: &str| c.prefixes[&p.parse::<IpNet>().unwrap()];
+        // 10/8 has {a}; 10.1/16 has {b} only (a excepts it).
+        assert_ne!(id("10.0.0.0/8"), id("10.1.0.0/16"));
+        assert_eq!(c.labels[&id("10.0.0.0/8")], BTreeSet::from([(*a).clone()]));
+        assert_eq!(c.labels[&id("10.1.0.0/16")], BTreeSet::from([(*b).clone()]));
+        assert_eq!(c.by_block[&a], vec![id("10.0.0.0/8")]);
+        assert_eq!(c.prefixes.len(), 2);
+    }
+
+    #[test]
+    fn empty_label_sets_are_world_and_v6_covers_get_a_v4_root() {
+        let a = block("::/0", &["fd00::/8"]);
+        let blocks = BTreeSet::from([Arc::clone(&a)]);
+        let c = cidr_identities(&blocks, &mut IdentityAllocator::new()).unwrap();
+        assert_eq!(c.prefixes[&"fd00::/8".parse().unwrap()], IDENTITY_WORLD);
+        assert_eq!(c.prefixes[&"0.0.0.0/0".parse().unwrap()], IDENTITY_WORLD);
+        assert!(c.prefixes[&"::/0".parse().unwrap()] >= weir_common::IDENTITY_FIRST_CIDR);
+    }
+}

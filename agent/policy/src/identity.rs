@@ -223,3 +223,54 @@ impl From<AllocatorRepr> for IdentityAllocator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(app: &str) -> PodIdentityKey {
+        PodIdentityKey {
+            namespace: "ns".into(),
+            labels: BTreeMap::from([("app".into(), app.into())]),
+            named_ports: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_and_not_reused_until_the_space_wraps() {
+        let mut a = IdentityAllocator::new();
+        let x = a.pod(0, &key("x")).unwrap();
+        let y = a.pod(0, &key("y")).unwrap();
+        assert_eq!((x, y), (IDENTITY_FIRST_POD, IDENTITY_FIRST_POD + 1));
+        assert_eq!(a.pod(0, &key("x")).unwrap(), x);
+        assert_eq!(a.pod(3, &key("x")).unwrap(), (3 << 24) | x);
+        // Forget x: its id is not handed out again.
+        let ky = key("y");
+        a.retain(&BTreeSet::from([&ky]), &BTreeSet::new(), &BTreeSet::new());
+        assert_eq!(a.pod(0, &key("z")).unwrap(), IDENTITY_FIRST_POD + 2);
+        assert_eq!(a.pod(0, &key("x")).unwrap(), IDENTITY_FIRST_POD + 3);
+    }
+
+    #[test]
+    fn a_full_table_reuses_the_lowest_free_id() {
+        let mut t: Table<u32> = Table::default();
+        for k in 0..4 {
+            assert_eq!(t.get_or_insert(&k, 4), Some(k));
+        }
+        assert_eq!(t.get_or_insert(&9, 4), None);
+        t.ids.remove(&2);
+        assert_eq!(t.get_or_insert(&9, 4), Some(2));
+    }
+
+    #[test]
+    fn rule_ids_start_at_one() {
+        let mut a = IdentityAllocator::new();
+        let o = RuleOrigin {
+            policy: crate::model::ObjectKey::new("a", "b"),
+            direction: 1,
+            index: 0,
+        };
+        assert_eq!(a.rule(&o), 1);
+        assert_eq!(a.rule(&o), 1);
+    }
+}

@@ -32,3 +32,25 @@ impl Selector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators() {
+        let l = BTreeMap::from([("a".to_owned(), "1".to_owned())]);
+        let s = |r: Requirement| Selector {
+            requirements: vec![r],
+        };
+        let set = |v: &str| BTreeSet::from([v.to_owned()]);
+        assert!(Selector::all().matches(&l));
+        assert!(s(Requirement::In("a".into(), set("1"))).matches(&l));
+        assert!(!s(Requirement::In("b".into(), set("1"))).matches(&l));
+        assert!(!s(Requirement::NotIn("a".into(), set("1"))).matches(&l));
+        assert!(s(Requirement::NotIn("b".into(), set("1"))).matches(&l));
+        assert!(s(Requirement::Exists("a".into())).matches(&l));
+        assert!(!s(Requirement::DoesNotExist("a".into())).matches(&l));
+        assert!(s(Requirement::DoesNotExist("b".into())).matches(&l));
+    }
+}
