@@ -5,16 +5,19 @@
 //! entry (keyed by the original tuple) records which sides were allowed and under which config
 //! generation; a side checked under an older generation is checked again (revocation).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::TcContext};
 use weir_common::{
     CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
-    CT_SEEN_REPLY, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
+    CT_SEEN_REPLY, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
     REASON_ESTABLISHED, REASON_INTERNAL, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
     REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_SPOOFED_SOURCE,
     REASON_UNKNOWN_ENDPOINT,
 };
 
 use crate::{
+    key::KeyBuf,
     maps::{WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS},
     parse::{Class, ECHO_REPLY, ECHO_REQUEST, parse, parse_ip},
     policy::{evaluate, resolve_peer, subject_policy},
@@ -28,24 +31,6 @@ pub type Error = i64;
 #[inline(always)]
 fn is_icmp(proto: u8) -> bool {
     proto == PROTO_ICMP || proto == PROTO_ICMPV6
-}
-
-/// The same connection seen from the other end. ICMP echo keeps its ports (id, 0) so request
-/// and reply share one entry.
-#[inline(always)]
-fn reverse(k: &CtKey) -> CtKey {
-    if is_icmp(k.proto) {
-        CtKey {
-            saddr: k.daddr,
-            daddr: k.saddr,
-            sport: k.sport,
-            dport: k.dport,
-            proto: k.proto,
-            _pad: [0; 3],
-        }
-    } else {
-        k.reversed()
-    }
 }
 
 #[inline(always)]
@@ -71,13 +56,15 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         None => (0, 0),
     };
 
-    let mut key = CtKey::default();
-    let parsed = match parse(ctx, &mut key) {
+    let mut slot = MaybeUninit::uninit();
+    let buf = KeyBuf::zeroed_in(&mut slot);
+    let parsed = match parse(ctx, buf) {
         Ok(p) => p,
         Err(_) => {
-            let zero = CtKey::default();
+            // Whatever was parsed is not reported.
+            let mut zero = MaybeUninit::uninit();
             let r = Report {
-                key: &zero,
+                key: &KeyBuf::zeroed_in(&mut zero).key,
                 direction: hook_dir,
                 ifindex,
                 subject: 0,
@@ -88,6 +75,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
             return Ok(drop_packet(&r, REASON_MALFORMED));
         }
     };
+    let key = &buf.key;
     if parsed.class == Class::NotIp || parsed.class == Class::LinkLocal {
         return Ok(allow(REASON_LINK_LOCAL));
     }
@@ -100,7 +88,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     };
     let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: ep_addr }) else {
         let r = Report {
-            key: &key,
+            key,
             direction: hook_dir,
             ifindex,
             subject: 0,
@@ -114,7 +102,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     let (ep_ifindex, subject) = unsafe { ((*ep).ifindex, (*ep).identity) };
     if hook_dir == DIR_EGRESS && ep_ifindex != ifindex {
         let r = Report {
-            key: &key,
+            key,
             direction: hook_dir,
             ifindex,
             subject,
@@ -131,10 +119,14 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
 
     // An ICMP error about a tracked connection (in either direction) is related to it.
     if parsed.class == Class::IcmpError {
-        let mut inner = CtKey::default();
-        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, &mut inner).is_ok() {
-            let tracked = WEIR_CONNTRACK.get_ptr(&inner).is_some()
-                || WEIR_CONNTRACK.get_ptr(&reverse(&inner)).is_some();
+        let mut inner_slot = MaybeUninit::uninit();
+        let inner = KeyBuf::zeroed_in(&mut inner_slot);
+        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, inner).is_ok() {
+            let mut reversed = MaybeUninit::uninit();
+            let tracked = WEIR_CONNTRACK.get_ptr(&inner.key).is_some()
+                || WEIR_CONNTRACK
+                    .get_ptr(&KeyBuf::reverse_in(&mut reversed, &inner.key).key)
+                    .is_some();
             if tracked {
                 return Ok(allow(REASON_RELATED));
             }
@@ -144,16 +136,17 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
 
     // Forward entry first, then the reverse one. An echo request is looked up only as a
     // forward packet and an echo reply only as a reply: their tuples are the same.
-    let rkey = reverse(&key);
+    let mut rslot = MaybeUninit::uninit();
+    let rkey = &KeyBuf::reverse_in(&mut rslot, key).key;
     let forward = if parsed.echo == ECHO_REPLY {
         None
     } else {
-        WEIR_CONNTRACK.get_ptr_mut(&key)
+        WEIR_CONNTRACK.get_ptr_mut(key)
     };
     let (entry, is_reply) = match forward {
         Some(e) => (Some(e), false),
         None if parsed.echo == ECHO_REQUEST => (None, false),
-        None => match WEIR_CONNTRACK.get_ptr_mut(&rkey) {
+        None => match WEIR_CONNTRACK.get_ptr_mut(rkey) {
             Some(e) => (Some(e), true),
             None => (None, false),
         },
@@ -163,7 +156,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         (DIR_EGRESS, false) | (DIR_INGRESS, true) => DIR_EGRESS,
         _ => DIR_INGRESS,
     };
-    let orig = if is_reply { &rkey } else { &key };
+    let orig = if is_reply { rkey } else { key };
 
     // Fast path: this side was allowed under the current generation.
     if let Some(entry) = entry {
@@ -180,7 +173,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     let dport = if is_icmp(orig.proto) { 0 } else { orig.dport };
     let eval = evaluate(subject, side, &peer_addr, orig.proto, dport);
     let report = Report {
-        key: &key,
+        key,
         direction: side,
         ifindex,
         subject,
@@ -199,7 +192,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
             ..CtValue::default()
         };
         record(&mut value, side, generation, eval.rule);
-        if WEIR_CONNTRACK.insert(&key, &value, BPF_ANY as u64).is_err() {
+        if WEIR_CONNTRACK.insert(key, &value, BPF_ANY as u64).is_err() {
             return Ok(drop_packet(&report, REASON_INTERNAL));
         }
         return Ok(if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {

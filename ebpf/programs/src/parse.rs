@@ -4,10 +4,10 @@
 //! All reads go through `bpf_skb_load_bytes`, which fails when the packet is shorter than the
 //! read: a truncated header is `Malformed`.
 
-use aya_ebpf::programs::TcContext;
-use weir_common::{
-    Addr, CtKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, ipv4_mapped,
-};
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use weir_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+use crate::key::{DADDR_WORD, KeyBuf, SADDR_WORD};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -55,6 +55,21 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, Malformed> {
     ctx.load::<T>(off).map_err(|_| Malformed)
 }
 
+/// Loads 16 bytes straight into `dst` (no stack temporary).
+#[inline(always)]
+fn load_addr(ctx: &TcContext, off: usize, dst: &mut Addr) -> Result<(), Malformed> {
+    // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(Malformed) }
+}
+
 /// Fails unless the packet holds at least `len` bytes from `off`.
 #[inline(always)]
 fn require(ctx: &TcContext, off: usize, len: usize) -> Result<(), Malformed> {
@@ -70,9 +85,10 @@ fn ports(b: [u8; 4]) -> (u16, u16) {
     )
 }
 
-/// Parses the whole packet from the Ethernet header into `key` (the packet's own tuple).
+/// Parses the whole packet from the Ethernet header into `key` (the packet's own tuple), which
+/// must be zeroed.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, key: &mut CtKey) -> Result<Parsed, Malformed> {
+pub fn parse(ctx: &TcContext, key: &mut KeyBuf) -> Result<Parsed, Malformed> {
     let eth_type: [u8; 2] = load(ctx, 12)?;
     match u16::from_be_bytes(eth_type) {
         ETH_P_IP => parse_ip(ctx, ETH_HLEN, false, false, key),
@@ -86,7 +102,8 @@ pub fn parse(ctx: &TcContext, key: &mut CtKey) -> Result<Parsed, Malformed> {
     }
 }
 
-/// Parses the IP header at `off` and the transport header after it into `key`.
+/// Parses the IP header at `off` and the transport header after it into `key`, which must be
+/// zeroed (fields the packet does not have, such as ports, stay 0).
 ///
 /// `inner`: this is the packet quoted by an ICMP error, of which only the IP header and the
 /// first 8 bytes of the transport header are guaranteed; no further error or link-local
@@ -97,7 +114,7 @@ pub fn parse_ip(
     off: usize,
     v6: bool,
     inner: bool,
-    key: &mut CtKey,
+    buf: &mut KeyBuf,
 ) -> Result<Parsed, Malformed> {
     let proto: u8;
     let l4: usize;
@@ -109,8 +126,8 @@ pub fn parse_ip(
         }
         require(ctx, off, IPV6_HLEN)?;
         proto = load(ctx, off + 6)?;
-        key.saddr = load::<Addr>(ctx, off + 8)?;
-        key.daddr = load::<Addr>(ctx, off + 24)?;
+        load_addr(ctx, off + 8, &mut buf.key.saddr)?;
+        load_addr(ctx, off + 24, &mut buf.key.daddr)?;
         l4 = off + IPV6_HLEN;
     } else {
         let hdr: [u8; IPV4_MIN_HLEN] = load(ctx, off)?;
@@ -124,14 +141,12 @@ pub fn parse_ip(
         require(ctx, off, ihl)?;
         proto = hdr[9];
         first_fragment = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff == 0;
-        key.saddr = ipv4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-        key.daddr = ipv4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+        buf.set_ipv4(SADDR_WORD, [hdr[12], hdr[13], hdr[14], hdr[15]]);
+        buf.set_ipv4(DADDR_WORD, [hdr[16], hdr[17], hdr[18], hdr[19]]);
         l4 = off + ihl;
     }
+    let key = &mut buf.key;
     key.proto = proto;
-    key.sport = 0;
-    key.dport = 0;
-    key._pad = [0; 3];
     let mut parsed = Parsed {
         class: Class::Normal,
         inner_off: 0,
