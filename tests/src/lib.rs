@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cni;
 pub mod kube_server;
 pub mod netns;
 pub mod packet;

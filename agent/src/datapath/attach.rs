@@ -49,18 +49,17 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (PROG_TO_POD, TcAttachType::Egress, "to_pod"),
 ];
 
-/// Where the links of one veth are pinned.
+/// Where the links of one veth are pinned: a directory per interface (bpffs reserves dots in
+/// names, so `<ifname>.<hook>` is not an option).
 pub fn link_pin(links_dir: &Path, ifname: &str, suffix: &str) -> PathBuf {
-    links_dir.join(format!("{ifname}.{suffix}"))
+    links_dir.join(ifname).join(suffix)
 }
 
 /// Attaches both programs to `ifname` (or re-points pinned links at the loaded programs) and
 /// pins the links under `links_dir`. Idempotent.
 pub fn attach_endpoint(ebpf: &mut Ebpf, links_dir: &Path, ifname: &str) -> Result<(), AttachError> {
-    std::fs::create_dir_all(links_dir).map_err(|source| AttachError::PinDir {
-        path: links_dir.to_owned(),
-        source,
-    })?;
+    let dir = links_dir.join(ifname);
+    std::fs::create_dir_all(&dir).map_err(|source| AttachError::PinDir { path: dir, source })?;
     for (program, attach_type, suffix) in HOOKS {
         let pin = link_pin(links_dir, ifname, suffix);
         let prog: &mut SchedClassifier = ebpf
@@ -113,13 +112,11 @@ pub fn attach_endpoint(ebpf: &mut Ebpf, links_dir: &Path, ifname: &str) -> Resul
 /// Detaches `ifname`'s programs by removing their pins (the link goes with its last reference).
 /// Idempotent; fine when the veth is already gone.
 pub fn detach_endpoint(links_dir: &Path, ifname: &str) {
-    for (_, _, suffix) in HOOKS {
-        let pin = link_pin(links_dir, ifname, suffix);
-        if let Err(e) = std::fs::remove_file(&pin)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(pin = %pin.display(), error = %e, "could not remove a link pin");
-        }
+    let dir = links_dir.join(ifname);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(pins = %dir.display(), error = %e, "could not remove an interface's link pins");
     }
 }
 
@@ -130,12 +127,8 @@ pub fn pinned_interfaces(links_dir: &Path) -> Vec<String> {
     };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.rsplit_once('.').map(|(ifname, _)| ifname.to_owned())
-        })
+        .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
-    names.dedup();
     names
 }

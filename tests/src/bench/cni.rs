@@ -2,17 +2,13 @@
 //! one at a time and 16 at once, as kubelet would run the plugin: directly, in the node's network
 //! namespace (the forking thread is inside it, so the plugin inherits it).
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use super::stats::{Samples, ms};
 use crate::{
-    agent::{Agent, AgentDirs, bin},
-    netns::{Netns, spawn_in},
+    agent::{Agent, AgentDirs},
+    cni::{Plugin, PodRef},
+    netns::Netns,
 };
 
 const NODE: &str = "bench";
@@ -30,53 +26,12 @@ fn pods_yaml(n: usize) -> String {
     y
 }
 
-struct Plugin {
-    node_netns: String,
-    config: String,
-}
-
-impl Plugin {
-    /// Runs one verb for pod `i` (in netns `pod_netns`); returns how long it took.
-    fn run(&self, verb: &str, i: usize, pod_netns: &str) -> Duration {
-        let (node, config, pod_netns) = (
-            format!("/run/netns/{}", self.node_netns),
-            self.config.clone(),
-            format!("/run/netns/{pod_netns}"),
-        );
-        let verb = verb.to_owned();
-        spawn_in(node, move || {
-            let started = Instant::now();
-            let mut child = Command::new(bin("weir-cni"))
-                .env("CNI_COMMAND", &verb)
-                .env("CNI_CONTAINERID", format!("bench-{i}"))
-                .env("CNI_NETNS", &pod_netns)
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/opt/cni/bin")
-                .env(
-                    "CNI_ARGS",
-                    format!("K8S_POD_NAMESPACE=cb;K8S_POD_NAME=p{i}"),
-                )
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawning weir-cni");
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(config.as_bytes())
-                .expect("writing the config");
-            let out = child.wait_with_output().expect("waiting for weir-cni");
-            assert!(
-                out.status.success(),
-                "weir-cni {verb} of pod {i} failed: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-            started.elapsed()
-        })
-        .join()
-        .expect("plugin thread panicked")
+fn pod_ref<'a>(container_id: &'a str, name: &'a str, netns: &'a str) -> PodRef<'a> {
+    PodRef {
+        container_id,
+        namespace: "cb",
+        name,
+        netns,
     }
 }
 
@@ -98,22 +53,26 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     std::fs::write(dirs.manifests.join("pods.yaml"), pods_yaml(PODS))?;
     let _agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", "10.230.0.0/24"]);
     let pods: Vec<Netns> = (0..PODS).map(|i| Netns::new(&format!("cb{i}"))).collect();
-    let plugin = Arc::new(Plugin {
-        node_netns: node.name.clone(),
-        config: format!(
-            r#"{{"cniVersion":"1.1.0","name":"weir","type":"weir-cni","agentSocket":"{}","logFile":"{}"}}"#,
-            dirs.socket.display(),
-            dirs.root.join("cni.log").display()
-        ),
-    });
+    let plugin = Arc::new(Plugin::new(
+        &node.name,
+        &dirs.socket,
+        &dirs.root.join("cni.log"),
+    ));
+    let names: Vec<(String, String)> = (0..PODS)
+        .map(|i| (format!("bench-{i}"), format!("p{i}")))
+        .collect();
+    let timed = |verb: &str, i: usize, pod: &Netns| {
+        let (id, name) = &names[i];
+        plugin.ok(verb, &pod_ref(id, name, &pod.name)).1
+    };
     println!(
         "CNI latency against the real agent, {PODS} pods, {rounds} rounds (process spawn included):"
     );
     let (mut add, mut del) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         for (i, pod) in pods.iter().enumerate() {
-            add.push(plugin.run("ADD", i, &pod.name));
-            del.push(plugin.run("DEL", i, &pod.name));
+            add.push(timed("ADD", i, pod));
+            del.push(timed("DEL", i, pod));
         }
     }
     report("one at a time", add, del);
@@ -125,8 +84,8 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
                     .iter()
                     .enumerate()
                     .map(|(i, pod)| {
-                        let plugin = plugin.clone();
-                        s.spawn(move || plugin.run(verb, i, &pod.name))
+                        let timed = &timed;
+                        s.spawn(move || timed(verb, i, pod))
                     })
                     .collect();
                 handles

@@ -1,0 +1,97 @@
+//! Running `weir-cni` as a container runtime does: CNI_* environment, the network config on
+//! stdin, in the node's network namespace (the forking thread is inside it, so the plugin
+//! inherits it, as it does from kubelet's host namespace).
+
+use std::{
+    io::Write as _,
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{agent::bin, netns::spawn_in};
+
+/// The plugin as one node's runtime would call it.
+#[derive(Clone)]
+pub struct Plugin {
+    pub node_netns: String,
+    /// The network config handed on stdin.
+    pub config: String,
+}
+
+/// One pod's CNI identity.
+pub struct PodRef<'a> {
+    pub container_id: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// Name of the pod's network namespace (under /run/netns).
+    pub netns: &'a str,
+}
+
+impl Plugin {
+    /// The config the README documents, pointing at `socket`.
+    pub fn new(node_netns: &str, socket: &Path, log_file: &Path) -> Self {
+        Self {
+            node_netns: node_netns.to_owned(),
+            config: format!(
+                r#"{{"cniVersion":"1.1.0","name":"weir","type":"weir-cni","agentSocket":"{}","mtu":1500,"logFile":"{}"}}"#,
+                socket.display(),
+                log_file.display()
+            ),
+        }
+    }
+
+    /// Runs `verb` for `pod`; returns the output and how long the plugin took.
+    pub fn run(&self, verb: &str, pod: &PodRef<'_>) -> (Output, Duration) {
+        let node = format!("/run/netns/{}", self.node_netns);
+        let config = self.config.clone();
+        let env = [
+            ("CNI_COMMAND", verb.to_owned()),
+            ("CNI_CONTAINERID", pod.container_id.to_owned()),
+            ("CNI_NETNS", format!("/run/netns/{}", pod.netns)),
+            ("CNI_IFNAME", "eth0".to_owned()),
+            ("CNI_PATH", "/opt/cni/bin".to_owned()),
+            (
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    pod.namespace, pod.name
+                ),
+            ),
+        ];
+        spawn_in(node, move || {
+            let started = Instant::now();
+            let mut child = Command::new(bin("weir-cni"))
+                .envs(env)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawning weir-cni");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(config.as_bytes())
+                .expect("writing the config");
+            let out = child.wait_with_output().expect("waiting for weir-cni");
+            (out, started.elapsed())
+        })
+        .join()
+        .expect("plugin thread panicked")
+    }
+
+    /// Runs `verb` and panics with the plugin's error JSON when it fails.
+    pub fn ok(&self, verb: &str, pod: &PodRef<'_>) -> (String, Duration) {
+        let (out, took) = self.run(verb, pod);
+        assert!(
+            out.status.success(),
+            "weir-cni {verb} of {}/{} failed: {}{}",
+            pod.namespace,
+            pod.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (String::from_utf8_lossy(&out.stdout).into_owned(), took)
+    }
+}

@@ -1,0 +1,277 @@
+//! The standalone contract, driven exactly as the README documents it: a manifests directory, the
+//! agent run with `nsenter --net` in a node namespace, `weir-cni` run with the CNI environment and
+//! the documented conflist, real TCP between pod namespaces. Root only; never skipped.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use weir_tests::{
+    agent::{Agent, AgentDirs},
+    cni::{Plugin, PodRef},
+    netns::{Netns, spawn_in},
+};
+
+const NODE: &str = "n1";
+const PORT: u16 = 8080;
+
+fn namespace(name: &str, labels: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\n")
+}
+
+fn pod(ns: &str, name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: {app}}}\n\
+         spec:\n  nodeName: {NODE}\n  containers:\n  - name: c\n    ports:\n    - containerPort: {PORT}\n      name: web\n"
+    )
+}
+
+/// Ingress to app=server only from app=client, on the named port.
+fn policy(ns: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: server-from-client\n  namespace: {ns}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from:\n    - podSelector: {{matchLabels: {{app: client}}}}\n    ports:\n    - port: web\n"
+    )
+}
+
+/// Ingress to app=server only from namespaces labelled team=blue.
+fn policy_by_namespace(ns: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: server-from-blue\n  namespace: {ns}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from:\n    - namespaceSelector: {{matchLabels: {{team: blue}}}}\n"
+    )
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    std::fs::write(dir.join(file), text).unwrap();
+}
+
+/// A TCP server in the pod that answers every connection with "hi".
+fn serve(pod: &Netns, ip: IpAddr) {
+    spawn_in(pod.path(), move || {
+        let listener = TcpListener::bind((ip, PORT)).unwrap();
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hi");
+        }
+    });
+}
+
+fn connects(from: &Netns, to: IpAddr) -> bool {
+    spawn_in(from.path(), move || {
+        let addr = SocketAddr::from((to, PORT));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).is_ok() && &buf == b"hi"
+    })
+    .join()
+    .unwrap()
+}
+
+/// Waits (the contract: within 1 s) until `from` → `to` reaches `want`.
+fn eventually(from: &Netns, to: IpAddr, want: bool, what: &str, agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if connects(from, to) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: expected {} within 1 s; agent log:\n{}",
+            if want { "allowed" } else { "denied" },
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn address_of(add_result: &str) -> IpAddr {
+    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
+    let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
+    cidr.split('/').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_documented_standalone_contract_holds() {
+    let node = Netns::new("sc");
+    let dirs = AgentDirs::new("sc", NODE);
+    let m = &dirs.manifests;
+    write(m, "ns.yaml", &namespace("app", "team: red"));
+    write(m, "client-ns.yaml", &namespace("other", "team: blue"));
+    write(m, "client.yaml", &pod("app", "client", "client"));
+    write(m, "intruder.yaml", &pod("app", "intruder", "intruder"));
+    write(m, "server.yaml", &pod("app", "server", "server"));
+    write(m, "blue.yaml", &pod("other", "blue", "blue"));
+    let agent = Agent::start(
+        &node,
+        NODE,
+        &dirs,
+        &["--pod-cidr", "10.210.1.0/24", "--pod-wait-seconds", "2"],
+    );
+    let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
+    let status_pod = PodRef {
+        container_id: "status",
+        namespace: "",
+        name: "",
+        netns: &node.name,
+    };
+    plugin.ok("STATUS", &status_pod);
+
+    let pods: Vec<(&str, &str, Netns)> = [
+        ("app", "client"),
+        ("app", "intruder"),
+        ("app", "server"),
+        ("other", "blue"),
+    ]
+    .into_iter()
+    .map(|(ns, name)| (ns, name, Netns::new(&format!("sc{}", &name[..3]))))
+    .collect();
+    let mut ips = Vec::new();
+    for (ns, name, netns) in &pods {
+        let id = format!("ctr-{name}");
+        let (out, _) = plugin.ok(
+            "ADD",
+            &PodRef {
+                container_id: &id,
+                namespace: ns,
+                name,
+                netns: &netns.name,
+            },
+        );
+        ips.push(address_of(&out));
+    }
+    let (client, intruder, server, blue) = (&pods[0].2, &pods[1].2, &pods[2].2, &pods[3].2);
+    let server_ip = ips[2];
+    serve(server, server_ip);
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        connects(client, server_ip),
+        "no policy: client reaches server"
+    );
+    assert!(
+        connects(intruder, server_ip),
+        "no policy: intruder reaches server"
+    );
+
+    // Dotfiles and editor leftovers are ignored; a rename into place is picked up.
+    write(m, ".policy.yaml", &policy("app"));
+    write(m, "policy.yaml.swp", &policy("app"));
+    write(m, "policy.yaml~", &policy("app"));
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        connects(intruder, server_ip),
+        "ignored files must not apply"
+    );
+    std::fs::rename(m.join(".policy.yaml"), m.join("policy.yaml")).unwrap();
+    eventually(
+        intruder,
+        server_ip,
+        false,
+        "policy renamed into the directory",
+        &agent,
+    );
+    assert!(
+        connects(client, server_ip),
+        "the policy allows the client (named port)"
+    );
+    assert!(!connects(blue, server_ip), "blue is not app=client");
+
+    // An invalid policy beside it is rejected and harms nothing else.
+    write(
+        m,
+        "broken.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: broken\n  namespace: app\n\
+         spec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.log_text().contains("broken"),
+        "the rejection names the policy"
+    );
+    assert!(connects(client, server_ip) && !connects(intruder, server_ip));
+
+    // Namespace labels take effect without a policy change.
+    write(m, "policy2.yaml", &policy_by_namespace("app"));
+    eventually(
+        blue,
+        server_ip,
+        true,
+        "namespace other has team=blue",
+        &agent,
+    );
+    write(m, "client-ns.yaml", &namespace("other", "team: green"));
+    eventually(
+        blue,
+        server_ip,
+        false,
+        "team label changed to green",
+        &agent,
+    );
+
+    // Deleting the file deletes its objects.
+    std::fs::remove_file(m.join("policy.yaml")).unwrap();
+    std::fs::remove_file(m.join("policy2.yaml")).unwrap();
+    eventually(intruder, server_ip, true, "policies deleted", &agent);
+
+    // The Pod object may come after ADD started: ADD waits for it.
+    let late = Netns::new("sclate");
+    let writer_dir = m.clone();
+    let later = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(400));
+        write(&writer_dir, "late.yaml", &pod("app", "late", "client"));
+    });
+    plugin.ok(
+        "ADD",
+        &PodRef {
+            container_id: "ctr-late",
+            namespace: "app",
+            name: "late",
+            netns: &late.name,
+        },
+    );
+    later.join().unwrap();
+
+    // A Pod that never comes: code 11 after the bound.
+    let never = Netns::new("scnever");
+    let (out, took) = plugin.run(
+        "ADD",
+        &PodRef {
+            container_id: "ctr-never",
+            namespace: "app",
+            name: "never",
+            netns: &never.name,
+        },
+    );
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    assert_eq!(
+        err["code"], 11,
+        "unknown Pod must be 'try again later': {err}"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "ADD should wait for the Pod object"
+    );
+
+    // SIGTERM leaves enforcement in place.
+    write(m, "policy.yaml", &policy("app"));
+    eventually(intruder, server_ip, false, "policy back", &agent);
+    assert!(agent.stop(Signal::SIGTERM).success());
+    assert!(
+        !connects(intruder, server_ip),
+        "after SIGTERM the policy is still enforced"
+    );
+    assert!(
+        connects(client, server_ip),
+        "after SIGTERM allowed traffic still flows"
+    );
+}
