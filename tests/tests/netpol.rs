@@ -276,12 +276,18 @@ impl Case {
             ..ProbeSpec::default()
         };
         let t = Instant::now();
+        let since = std::time::SystemTime::now();
         let (matrix, diffs) = self
             .lab
             .probe_until(&spec, &expect, SETTLE)
             .expect("probing");
         if !diffs.is_empty() {
             let mut logs = String::new();
+            for d in diffs.iter().filter(|d| !d.observed) {
+                for line in self.lab.explain_drop(&d.from, &d.to, since) {
+                    logs.push_str(&format!("{} -> {}: {line}\n", d.from, d.to.pod));
+                }
+            }
             for node in ["node1", "node2"] {
                 logs.push_str(&format!(
                     "\n--- {node} agent log (tail) ---\n{}\n",

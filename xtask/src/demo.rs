@@ -3,7 +3,6 @@
 //! what is expected, explains every drop from the agents' flow records, then adds the missing
 //! egress policy and shows what changed. The lab is taken down at the end, on error and on Ctrl-C.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -106,6 +105,7 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     }
 
     step("Applying the design notes' policies (examples/brownbear/policies.yaml)");
+    let applied = std::time::SystemTime::now();
     lab.apply(&example.join("policies.yaml"))?;
     let (with_policy, diffs) = lab.probe_until(&probe, &expected, Duration::from_secs(5))?;
     print!("{}", indent(&with_policy.render(Some(&expected))));
@@ -114,7 +114,7 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     print!("{}", indent(&lab::matrix::render_differences(&diffs)));
 
     step("Why each drop happened (from the agents' flow records)");
-    explain_drops(&lab, &with_policy);
+    explain_drops(&lab, &with_policy, applied);
 
     step("Fixing the policy set: web may call the API (examples/brownbear/fix-web-egress.yaml)");
     lab.apply(&example.join("fix-web-egress.yaml"))?;
@@ -186,60 +186,18 @@ fn side_by_side(matrix: &Matrix, expected: &Expectations) -> String {
 
 /// For every denied cell, the agents' drop records for that flow: where it was dropped, which
 /// policies isolated the pod, and that no rule allowed it.
-fn explain_drops(lab: &Lab, matrix: &Matrix) {
-    let flows = lab.flows();
-    let ip_of: BTreeMap<String, String> = lab
-        .state()
-        .pods
-        .iter()
-        .filter_map(|(k, p)| Some((k.clone(), p.ips.first()?.clone())))
-        .collect();
+fn explain_drops(lab: &Lab, matrix: &Matrix, since: std::time::SystemTime) {
     for ((from, to), allowed) in &matrix.cells {
         if *allowed {
             continue;
         }
-        let (Some(src), Some(dst)) = (ip_of.get(from), ip_of.get(&to.pod)) else {
-            continue;
-        };
         println!("  {from} -> {} {}/{} is denied:", to.pod, to.port, to.proto);
-        let proto = to.proto.to_string();
-        let mut seen = Vec::new();
-        for f in flows.iter().filter(|f| {
-            f["verdict"] == "drop"
-                && f["src"].as_str() == Some(src)
-                && f["dst"].as_str() == Some(dst)
-                && f["dport"].as_u64() == Some(u64::from(to.port))
-                && f["proto"].as_str() == Some(proto.as_str())
-        }) {
-            let direction = f["direction"].as_str().unwrap_or("?");
-            let endpoint = f["endpoint"].as_str().unwrap_or("?");
-            let policies: Vec<&str> = f["policies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.as_str())
-                .collect();
-            let line = format!(
-                "    dropped at {endpoint}'s {direction} on {} ({}): isolated by {}; {}",
-                f["node"].as_str().unwrap_or("?"),
-                f["reason"].as_str().unwrap_or("?"),
-                if policies.is_empty() {
-                    "no policy".to_string()
-                } else {
-                    policies.join(", ")
-                },
-                match f["rule"].as_str() {
-                    Some(rule) => format!("rule {rule}"),
-                    None => format!("no {direction} rule of these policies allows it"),
-                }
-            );
-            if !seen.contains(&line) {
-                println!("{line}");
-                seen.push(line);
-            }
-        }
-        if seen.is_empty() {
+        let why = lab.explain_drop(from, to, since);
+        if why.is_empty() {
             println!("    (no drop record for this flow in the nodes' flows.jsonl)");
+        }
+        for line in why {
+            println!("    {line}");
         }
     }
 }

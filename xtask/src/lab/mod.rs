@@ -581,6 +581,68 @@ impl Lab {
         all
     }
 
+    /// Why the agents dropped `from`'s traffic to `to`, one line per distinct drop record in
+    /// the nodes' flows.jsonl: where it was dropped, which policies isolated the pod, and which
+    /// rule (none, for a policy denial) would have allowed it. Only records from `since` on
+    /// (the agents keep appending; older records may describe older policies).
+    pub fn explain_drop(
+        &self,
+        from: &str,
+        to: &Target,
+        since: std::time::SystemTime,
+    ) -> Vec<String> {
+        let since_ms = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let ip = |pod: &str| {
+            self.state
+                .pods
+                .get(pod)
+                .and_then(|p| p.ips.first().cloned())
+        };
+        let (Some(src), Some(dst)) = (ip(from), ip(&to.pod)) else {
+            return Vec::new();
+        };
+        let proto = to.proto.to_string();
+        let mut lines: Vec<String> = Vec::new();
+        for f in self.flows().iter().filter(|f| {
+            f["verdict"] == "drop"
+                && f["time_ms"].as_u64().is_none_or(|t| t >= since_ms)
+                && f["src"].as_str() == Some(src.as_str())
+                && f["dst"].as_str() == Some(dst.as_str())
+                && f["dport"].as_u64() == Some(u64::from(to.port))
+                && f["proto"].as_str() == Some(proto.as_str())
+        }) {
+            let direction = f["direction"].as_str().unwrap_or("?");
+            let policies: Vec<&str> = f["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .collect();
+            let line = format!(
+                "dropped at {}'s {direction} on {} ({}): isolated by {}; {}",
+                f["endpoint"].as_str().unwrap_or("?"),
+                f["node"].as_str().unwrap_or("?"),
+                f["reason"].as_str().unwrap_or("?"),
+                if policies.is_empty() {
+                    "no policy".to_string()
+                } else {
+                    policies.join(", ")
+                },
+                match f["rule"].as_str() {
+                    Some(rule) => format!("rule {rule}"),
+                    None => format!("no {direction} rule of these policies allows it"),
+                }
+            );
+            if !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
     /// The tail of a node's agent log (for error messages).
     pub fn agent_log(&self, node: &str, lines: usize) -> String {
         self.state
