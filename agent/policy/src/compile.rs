@@ -242,6 +242,8 @@ pub fn compile(
             }
             // A pod of this node that the agent has not wired (yet) has no address here.
             None if on_this_node => {}
+            // A terminated pod's addresses may already belong to another pod.
+            None if pod.status.terminated() => {}
             None => {
                 for ip in &pod.status.pod_ips {
                     if let Ok(a) = ip.ip.trim().parse::<IpAddr>() {

@@ -63,7 +63,9 @@
 //!   address does match it. They are never subjects (no CNI ADD, nothing to enforce on).
 //! - **Addresses**: local pods' addresses come from the agent's IPAM (`local_endpoints`) and win
 //!   over `status.podIPs`; a pod of this node not wired yet is a subject without an address.
-//!   Other pods' addresses come from `status.podIPs`.
+//!   Other pods' addresses come from `status.podIPs`, except for terminated pods (phase
+//!   `Succeeded`/`Failed`), whose addresses may already be reused. When two pods still claim
+//!   one address, the local one wins, then the first by namespace/name.
 //! - **Namespaces without a Namespace object** still carry the `kubernetes.io/metadata.name`
 //!   label for namespace selectors.
 //!

@@ -636,3 +636,34 @@ fn a_cluster_id_that_does_not_fit_is_an_error() {
     let e = weir_policy::compile(&input, &mut IdentityAllocator::new()).unwrap_err();
     assert!(e.to_string().contains("cluster id 256"), "{e}");
 }
+
+#[test]
+fn terminated_pods_do_not_claim_their_old_addresses() {
+    let text = format!(
+        "{}apiVersion: v1
+kind: Pod
+metadata: {{name: done, namespace: default, labels: {{app: job}}}}
+spec: {{nodeName: n2}}
+status: {{phase: Succeeded, podIPs: [{{ip: 10.1.0.2}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: new, namespace: default, labels: {{app: web}}}}
+spec: {{nodeName: n2}}
+status: {{phase: Running, podIPs: [{{ip: 10.1.0.2}}]}}
+---
+{NP}metadata: {{name: p, namespace: default}}
+spec: {{podSelector: {{}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]}}]}}
+",
+        pod("default", "a", "app: a", "n1", "10.1.0.1"),
+    );
+    let c = compile_local(&state_from_yaml(&text), &[("default", "a", &["10.1.0.1"])]);
+    assert!(allow(
+        &c,
+        DIR_INGRESS,
+        "10.1.0.1",
+        "10.1.0.2",
+        PROTO_TCP,
+        80
+    ));
+}

@@ -74,6 +74,17 @@ pub struct ContainerPort {
 pub struct PodStatus {
     #[serde(default, deserialize_with = "null_default", rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`. Pods that have terminated
+    /// (`Succeeded`, `Failed`) no longer own their addresses: they may already be reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+impl PodStatus {
+    /// Whether the pod has terminated and released its addresses.
+    pub fn terminated(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
