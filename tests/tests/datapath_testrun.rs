@@ -922,6 +922,40 @@ fn icmp_error_related_to_a_tracked_flow_passes() {
 }
 
 #[test]
+fn icmp_error_must_go_back_to_the_quoted_sender() {
+    let mut dp = Datapath::with_pods();
+    // A talks to B on 80; B accepts only A.
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_A,
+        Some(PROTO_TCP),
+        Ports::One(80),
+        181,
+    );
+    assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), OK);
+    assert_eq!(dp.to_pod(&syn(POD_A, 40000, POD_B, 80)), OK);
+    // C forges an error to B quoting A's segment: not related, and B does not accept C.
+    let quoted = ip(
+        ip_of(POD_A),
+        ip_of(POD_B),
+        PROTO_TCP,
+        &tcp_header(40000, 80, TCP_SYN),
+    );
+    let forged = icmp_error(ip_of(POD_C), ip_of(POD_B), ICMP_DEST_UNREACH, 3, &quoted);
+    assert_eq!(dp.from_pod(&forged), OK, "C's egress is not isolated");
+    assert_eq!(dp.to_pod(&forged), SHOT);
+    assert_eq!(dp.counter(REASON_RELATED), 0);
+    assert_eq!(dp.counter(REASON_POLICY_DENIED), 1);
+    // The same quote sent to A, the quoted sender, is related.
+    let genuine = icmp_error(ip_of(POD_C), ip_of(POD_A), ICMP_DEST_UNREACH, 3, &quoted);
+    assert_eq!(dp.to_pod(&genuine), OK);
+    assert_eq!(dp.counter(REASON_RELATED), 1);
+}
+
+#[test]
 fn icmpv6_error_related_to_a_tracked_flow_passes() {
     let mut dp = Datapath::new();
     let (a, far) = ("fd00:10:1::1", "2001:db8::80");

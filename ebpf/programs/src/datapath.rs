@@ -117,11 +117,15 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         return Ok(allow(REASON_NOT_ISOLATED));
     }
 
-    // An ICMP error about a tracked connection (in either direction) is related to it.
+    // An ICMP error about a tracked connection (in either direction) is related to it. It
+    // goes back to whoever sent the quoted packet: an error addressed to anyone else (a pod
+    // quoting somebody else's connection to get past an isolated peer) is not related.
     if parsed.class == Class::IcmpError {
         let mut inner_slot = MaybeUninit::uninit();
         let inner = KeyBuf::zeroed_in(&mut inner_slot);
-        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, inner).is_ok() {
+        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, inner).is_ok()
+            && same_addr(&inner.key.saddr, &key.daddr)
+        {
             let mut reversed = MaybeUninit::uninit();
             let tracked = WEIR_CONNTRACK.get_ptr(&inner.key).is_some()
                 || WEIR_CONNTRACK
