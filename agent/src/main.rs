@@ -165,7 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: node_name.clone(),
         default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
     };
-    tracing::info!(node = %node_name, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
+    tracing::info!(node = %node_name, ?pod_cidrs, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
     api::serve_with(&socket, api_config, runtime, ipam, shutdown_signal())
         .await
         .context("serving the agent API")?;

@@ -125,6 +125,19 @@ impl KubeServer {
     /// Starts a server on a free port of 127.0.0.1. Needs a tokio runtime.
     pub async fn start_new() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        Self::start_with_listener(listener)
+    }
+
+    /// Starts a server on a listener bound elsewhere (e.g. inside a node's network namespace,
+    /// with [`crate::netns::spawn_in`]). Needs a tokio runtime.
+    pub fn start_on(listener: std::net::TcpListener) -> Self {
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        Self::start_with_listener(TcpListener::from_std(listener).expect("tokio listener"))
+    }
+
+    fn start_with_listener(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("local address");
         let server = Self {
             shared: Arc::new(Shared {
@@ -140,6 +153,17 @@ impl KubeServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points at this server (for a `weir-agent --kubernetes` process).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n",
+            self.url()
+        )
     }
 
     /// A kube client for this server.

@@ -1,6 +1,7 @@
 //! Kubernetes mode's source against a server that speaks the list/watch protocol over HTTP
 //! (`weir_tests::kube_server`): the states the source hands on, observed on its channel.
-//! No kernel and no root needed; they run with the rest of weir-tests.
+//! The source's tests need no kernel and no root; the last ones run the `weir-agent` binary in
+//! Kubernetes mode in a node namespace (root, like the rest of weir-tests).
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -13,7 +14,11 @@ use weir_agent::{
     source::kubernetes::{self, KubeSourceConfig},
 };
 use weir_policy::model::{ClusterState, ObjectKey};
-use weir_tests::kube_server::{KubeServer, Resource};
+use weir_tests::{
+    agent::{AgentDirs, bin},
+    kube_server::{KubeServer, Resource},
+    netns::{Netns, spawn_in},
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -476,4 +481,210 @@ async fn a_rejected_policy_gets_one_event_from_all_agents() {
         1,
         "one Event per rejection, cluster-wide"
     );
+}
+
+// ---- The agent binary in Kubernetes mode (root: it loads the datapath in a node namespace). ----
+
+/// One `weir-agent --kubernetes` in its own namespace, with the test server inside that
+/// namespace too (the agent reaches it at 127.0.0.1 through a kubeconfig).
+struct KubeNode {
+    netns: Netns,
+    dirs: AgentDirs,
+    server: KubeServer,
+    health_port: u16,
+}
+
+impl KubeNode {
+    fn new(tag: &str) -> Self {
+        let netns = Netns::new(tag);
+        let listener = spawn_in(netns.path(), || {
+            std::net::TcpListener::bind("127.0.0.1:0").expect("binding in the namespace")
+        })
+        .join()
+        .unwrap();
+        let server = KubeServer::start_on(listener);
+        let dirs = AgentDirs::new(tag, "n1");
+        std::fs::write(dirs.root.join("kubeconfig"), server.kubeconfig()).unwrap();
+        let health_port = 19000 + (std::process::id() % 1000) as u16;
+        Self {
+            netns,
+            dirs,
+            server,
+            health_port,
+        }
+    }
+
+    fn command(&self, extra: &[&str]) -> std::process::Command {
+        let mut cmd = self.netns.command(bin("weir-agent").to_str().unwrap());
+        cmd.args(["--node-name", "n1", "--kubernetes"])
+            .arg("--state-dir")
+            .arg(&self.dirs.state)
+            .arg("--socket")
+            .arg(&self.dirs.socket)
+            .arg("--bpffs-dir")
+            .arg(&self.dirs.bpffs)
+            .args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
+            .args(extra)
+            .env("KUBECONFIG", self.dirs.root.join("kubeconfig"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null());
+        cmd
+    }
+
+    /// `GET path` on the agent's health port, from inside the namespace.
+    fn get(&self, path: &str) -> (u16, String) {
+        let port = self.health_port;
+        let path = path.to_owned();
+        spawn_in(self.netns.path(), move || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return (0, String::new());
+            };
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let status = response
+                .get(9..12)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            (status, body)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+async fn wait_for(what: &str, log: &std::path::Path, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; the agent's log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_in_kubernetes_mode_enforces_reports_health_and_writes_events() {
+    let node = KubeNode::new("k8s-agent");
+    node.server.apply(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.201.1.0/24]}\n",
+    );
+    node.server
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    node.server.apply(POLICY);
+    let log = node.dirs.root.join("agent.log");
+    let mut child = node
+        .command(&[])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = scopeguard(&mut child);
+
+    wait_for("the agent API", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("serving the agent API")
+    })
+    .await;
+    assert_eq!(node.get("/healthz"), (200, "ok\n".to_owned()));
+    wait_for("/readyz to say enforcing", &log, || {
+        node.get("/readyz") == (200, "enforcing\n".to_owned())
+    })
+    .await;
+    let metrics = node.get("/metrics").1;
+    for sample in [
+        "weir_enforcement_state{state=\"enforcing\"} 1\n",
+        "weir_cluster_objects{kind=\"Node\"} 1\n",
+        "weir_cluster_objects{kind=\"NetworkPolicy\"} 1\n",
+        "weir_source_connected 1\n",
+        "weir_endpoints 0\n",
+    ] {
+        assert!(metrics.contains(sample), "no {sample:?} in\n{metrics}");
+    }
+    // The pod CIDR came from the Node object.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let ready = text
+        .lines()
+        .find(|l| l.contains("weir-agent ready"))
+        .unwrap_or_default();
+    assert!(
+        ready.contains("10.201.1.0/24"),
+        "the pod CIDR does not come from the Node's spec.podCIDRs: {ready}"
+    );
+
+    // A policy the compiler rejects: a log line and an Event, written by the agent.
+    node.server.apply(BAD_POLICY);
+    wait_for("the PolicyRejected Event", &log, || {
+        node.server
+            .events()
+            .values()
+            .any(|e| e["reason"] == "PolicyRejected" && e["involvedObject"]["name"] == "bad-cidr")
+    })
+    .await;
+    wait_for("the rejection's log line", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("rejected NetworkPolicy")
+    })
+    .await;
+    wait_for("the metrics to count it", &log, || {
+        node.get("/metrics")
+            .1
+            .contains("weir_rejected_policies 1\n")
+    })
+    .await;
+
+    // The API server goes away: enforcement and readiness stay, the metric says so.
+    node.server.stop().await;
+    wait_for("the source to report the lost connection", &log, || {
+        node.get("/metrics").1.contains("weir_source_connected 0\n")
+    })
+    .await;
+    assert_eq!(node.get("/readyz"), (200, "enforcing\n".to_owned()));
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_node_object_the_agent_stops_with_a_clear_error() {
+    let node = KubeNode::new("k8s-nonode");
+    node.server
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let output = tokio::task::spawn_blocking({
+        let mut cmd = node.command(&["--node-wait-seconds", "2"]);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("there is no Node object named n1"),
+        "the error should name the missing Node: {stderr}"
+    );
+}
+
+/// Kills the agent when the test ends, however it ends.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+fn scopeguard(child: &mut std::process::Child) -> KillOnDrop<'_> {
+    KillOnDrop(child)
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
 }
