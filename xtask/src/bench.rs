@@ -23,19 +23,32 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         setup::ensure_iptables()?;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args([
+    for args in [
+        &[
             "build",
             "--release",
             "--package",
             "weir-tests",
             "--bin",
             "weir-bench",
-        ])
-        .status()
-        .context("building the benchmarks")?;
-    if !status.success() {
-        bail!("building the benchmarks failed ({status})");
+        ][..],
+        &[
+            "build",
+            "--release",
+            "--package",
+            "weir-agent",
+            "--package",
+            "weir-cni",
+            "--bins",
+        ][..],
+    ] {
+        let status = Command::new(&cargo)
+            .args(args)
+            .status()
+            .context("building the benchmarks")?;
+        if !status.success() {
+            bail!("building the benchmarks failed ({status})");
+        }
     }
     // The CNI benchmark drives the release weir-agent and weir-cni.
     let status = Command::new("target/release/weir-bench")

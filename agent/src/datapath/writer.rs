@@ -17,7 +17,7 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::maps::{LpmTrie, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use weir_common::{
     Addr, AddrKey, Config, EndpointInfo, EndpointKey, IdentityValue, POLICY_PREFIX_ANY_PORT,
@@ -196,30 +196,21 @@ impl Writer {
         let cidrs = kernel_prefixes(&desired.cidr_identities);
 
         // 1. New and changed peers.
-        for (&(len, addr), &identity) in &ipcache {
-            if self.applied.ipcache.get(&(len, addr)) != Some(&identity) {
-                let key = Key::new(len, AddrKey { addr });
-                let value = IdentityValue { identity, _pad: 0 };
-                self.maps
-                    .ipcache
-                    .insert(&key, value, 0)
-                    .map_err(map_err("WEIR_IPCACHE", (len, addr)))?;
-                self.applied.ipcache.insert((len, addr), identity);
-                stats.writes += 1;
-            }
-        }
-        for (&(len, addr), &identity) in &cidrs {
-            if self.applied.cidr_identities.get(&(len, addr)) != Some(&identity) {
-                let key = Key::new(len, AddrKey { addr });
-                let value = IdentityValue { identity, _pad: 0 };
-                self.maps
-                    .cidr_identities
-                    .insert(&key, value, 0)
-                    .map_err(map_err("WEIR_CIDR_IDS", (len, addr)))?;
-                self.applied.cidr_identities.insert((len, addr), identity);
-                stats.writes += 1;
-            }
-        }
+        let (maps, applied) = (&mut self.maps, &mut self.applied);
+        write_prefixes(
+            &mut maps.ipcache,
+            "WEIR_IPCACHE",
+            &mut applied.ipcache,
+            &ipcache,
+            &mut stats,
+        )?;
+        write_prefixes(
+            &mut maps.cidr_identities,
+            "WEIR_CIDR_IDS",
+            &mut applied.cidr_identities,
+            &cidrs,
+            &mut stats,
+        )?;
 
         // 2. Subjects whose rules or isolation changed: new version beside the old, flip, delete.
         for (&subject, state) in &desired.subjects {
@@ -297,33 +288,19 @@ impl Writer {
             let _ = self.maps.policy.remove(&Key::new(len, key));
             stats.deletes += 1;
         }
-        let gone: Vec<(u32, Addr)> = self
-            .applied
-            .ipcache
-            .keys()
-            .filter(|k| !ipcache.contains_key(*k))
-            .copied()
-            .collect();
-        for (len, addr) in gone {
-            let _ = self.maps.ipcache.remove(&Key::new(len, AddrKey { addr }));
-            self.applied.ipcache.remove(&(len, addr));
-            stats.deletes += 1;
-        }
-        let gone: Vec<(u32, Addr)> = self
-            .applied
-            .cidr_identities
-            .keys()
-            .filter(|k| !cidrs.contains_key(*k))
-            .copied()
-            .collect();
-        for (len, addr) in gone {
-            let _ = self
-                .maps
-                .cidr_identities
-                .remove(&Key::new(len, AddrKey { addr }));
-            self.applied.cidr_identities.remove(&(len, addr));
-            stats.deletes += 1;
-        }
+        let (maps, applied) = (&mut self.maps, &mut self.applied);
+        delete_prefixes(
+            &mut maps.ipcache,
+            &mut applied.ipcache,
+            &ipcache,
+            &mut stats,
+        );
+        delete_prefixes(
+            &mut maps.cidr_identities,
+            &mut applied.cidr_identities,
+            &cidrs,
+            &mut stats,
+        );
 
         // 5. Tell conntrack that policy moved.
         let changed = stats.writes + stats.deletes > 0;
@@ -386,6 +363,46 @@ impl Writer {
             stats.deletes += 1;
         }
     }
+}
+
+/// An address-prefix trie (ipcache, CIDR identities) and what it holds.
+type PrefixMap = LpmTrie<MapData, AddrKey, IdentityValue>;
+
+/// Writes the prefixes whose identity is new or changed.
+fn write_prefixes(
+    map: &mut PrefixMap,
+    name: &'static str,
+    applied: &mut BTreeMap<(u32, Addr), u32>,
+    desired: &BTreeMap<(u32, Addr), u32>,
+    stats: &mut ApplyStats,
+) -> Result<(), WriteError> {
+    for (&(len, addr), &identity) in desired {
+        if applied.get(&(len, addr)) != Some(&identity) {
+            let value = IdentityValue { identity, _pad: 0 };
+            map.insert(&Key::new(len, AddrKey { addr }), value, 0)
+                .map_err(map_err(name, (len, addr)))?;
+            applied.insert((len, addr), identity);
+            stats.writes += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the prefixes no longer desired (already-gone entries are fine).
+fn delete_prefixes(
+    map: &mut PrefixMap,
+    applied: &mut BTreeMap<(u32, Addr), u32>,
+    desired: &BTreeMap<(u32, Addr), u32>,
+    stats: &mut ApplyStats,
+) {
+    applied.retain(|&(len, addr), _| {
+        if desired.contains_key(&(len, addr)) {
+            return true;
+        }
+        let _ = map.remove(&Key::new(len, AddrKey { addr }));
+        stats.deletes += 1;
+        false
+    });
 }
 
 fn kernel_prefixes(prefixes: &BTreeMap<IpNet, u32>) -> BTreeMap<(u32, Addr), u32> {
