@@ -246,7 +246,7 @@ pub fn compile(
             None if pod.status.terminated() => {}
             None => {
                 for ip in &pod.status.pod_ips {
-                    if let Ok(a) = ip.ip.trim().parse::<IpAddr>() {
+                    if let Ok(a) = ip.ip.trim().parse::<IpAddr>().map(|a| a.to_canonical()) {
                         pod_addrs.push((false, a, id, key));
                     }
                 }
@@ -279,7 +279,7 @@ pub fn compile(
             if a.kind != "InternalIP" {
                 continue;
             }
-            if let Ok(addr) = a.address.trim().parse::<IpAddr>() {
+            if let Ok(addr) = a.address.trim().parse::<IpAddr>().map(|a| a.to_canonical()) {
                 out.ipcache.entry(IpNet::from(addr)).or_insert(id);
             }
         }
