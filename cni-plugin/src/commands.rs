@@ -95,44 +95,70 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
         uid: env.args.pod_uid.clone().unwrap_or_default(),
     };
     let netns = open_netns(&env.netns)?;
+    let host_ifname = naming::host_veth_name(&env.container_id, &env.ifname);
     let rt = runtime()?;
     rt.block_on(async {
-        let mut client = agent::connect(&conf.agent_socket()).await?;
-        let wait = conf.pod_wait();
-        crate::log::mark("connect");
-        let allocated = client
-            .allocate_endpoint(request(
-                AllocateEndpointRequest {
-                    attachment: attachment(env),
-                    pod: Some(pod.clone()),
-                    netns: env.netns.clone(),
-                    pod_wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
-                },
-                wait + RPC_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| PluginError::from_status("AllocateEndpoint", s))?
-            .into_inner();
-        crate::log::mark("allocate");
-        let ips = allocated
-            .ips
-            .iter()
-            .map(|ip| parse_ip(&ip.address, &ip.gateway))
-            .collect::<Result<Vec<_>, _>>()?;
-        let host_ifname = allocated.host_ifname.clone();
         let handle = netlink::connect()?;
-        match wire(
-            conf,
-            env,
-            &mut client,
-            &handle,
-            &netns,
-            &pod,
-            &host_ifname,
-            &ips,
-        )
-        .await
-        {
+        let wait = conf.pod_wait();
+        // The agent's allocation and the veth pair (its name is deterministic) at the same time.
+        let allocation = async {
+            let mut client = agent::connect(&conf.agent_socket()).await?;
+            let reply = client
+                .allocate_endpoint(request(
+                    AllocateEndpointRequest {
+                        attachment: attachment(env),
+                        pod: Some(pod.clone()),
+                        netns: env.netns.clone(),
+                        pod_wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+                    },
+                    wait + RPC_TIMEOUT,
+                ))
+                .await
+                .map_err(|s| PluginError::from_status("AllocateEndpoint", s))?
+                .into_inner();
+            crate::log::mark("allocate");
+            Ok::<_, PluginError>((client, reply))
+        };
+        let veth = async {
+            // A veth of this name is left over from an ADD that died: it is ours, replace it.
+            netlink::delete_link(&handle, &host_ifname).await?;
+            let link =
+                netlink::create_veth(&handle, &host_ifname, &env.ifname, &netns, conf.mtu())
+                    .await?;
+            crate::log::mark("veth");
+            Ok::<_, PluginError>(link)
+        };
+        let (allocation, veth) = tokio::join!(allocation, veth);
+        let (mut client, allocated) = match allocation {
+            Ok(a) => a,
+            Err(e) => {
+                if veth.is_ok() {
+                    let _ = netlink::delete_link(&handle, &host_ifname).await;
+                }
+                return Err(e);
+            }
+        };
+        let outcome = async {
+            let host = veth?;
+            if allocated.host_ifname != host_ifname {
+                return Err(PluginError::AgentFailed {
+                    rpc: "AllocateEndpoint",
+                    code: tonic::Code::Internal,
+                    message: format!(
+                        "the agent named the host veth {}, the plugin {host_ifname}: versions differ?",
+                        allocated.host_ifname
+                    ),
+                });
+            }
+            let ips = allocated
+                .ips
+                .iter()
+                .map(|ip| parse_ip(&ip.address, &ip.gateway))
+                .collect::<Result<Vec<_>, _>>()?;
+            wire(env, &mut client, &handle, &netns, &pod, &host, &host_ifname, &ips).await
+        }
+        .await;
+        match outcome {
             Ok(wired) => Ok(result::build(
                 &conf.cni_version,
                 &wired,
@@ -157,20 +183,15 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
 
 #[allow(clippy::too_many_arguments)]
 async fn wire(
-    conf: &NetConf,
     env: &Env,
     client: &mut Client,
     handle: &rtnetlink::Handle,
     netns: &OwnedFd,
     pod: &PodRef,
+    host: &netlink::Link,
     host_ifname: &str,
     ips: &[(IpAddr, u8, IpAddr)],
 ) -> Result<Wired, PluginError> {
-    // A veth of this name is left over from an ADD that died: it is ours, replace it.
-    netlink::delete_link(handle, host_ifname).await?;
-    let host = netlink::create_veth(handle, host_ifname, &env.ifname, netns, conf.mtu()).await?;
-    crate::log::mark("veth");
-
     let pod_ifname = env.ifname.clone();
     let host_mac = host.mac;
     let pod_link = netlink::in_netns(netns, || async {
@@ -246,29 +267,38 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<String>, PluginError> {
     let rt = runtime()?;
     rt.block_on(async {
         let handle = netlink::connect()?;
-        netlink::delete_link(&handle, &host_ifname).await?;
         let socket = conf.agent_socket();
-        crate::log::mark("delete-veth");
-        let mut client = match agent::connect(&socket).await {
-            Ok(c) => c,
-            Err(e) => {
-                return Ok(Some(format!(
-                    "veth removed; address release deferred to the agent's start-up: {e}"
-                )));
-            }
+        // The veth and the agent's release at the same time: the agent deactivates the endpoint
+        // before it frees the address, so the order here does not matter for safety.
+        let release = async {
+            let mut client = agent::connect(&socket).await?;
+            client
+                .release_endpoint(request(
+                    ReleaseEndpointRequest {
+                        attachment: attachment(env),
+                    },
+                    RPC_TIMEOUT,
+                ))
+                .await
+                .map_err(|s| PluginError::from_status("ReleaseEndpoint", s))?;
+            crate::log::mark("release");
+            Ok::<_, PluginError>(())
         };
-        crate::log::mark("connect");
-        client
-            .release_endpoint(request(
-                ReleaseEndpointRequest {
-                    attachment: attachment(env),
-                },
-                RPC_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| PluginError::from_status("ReleaseEndpoint", s))?;
-        crate::log::mark("release");
-        Ok(None)
+        let delete = async {
+            let deleted = netlink::delete_link(&handle, &host_ifname).await;
+            crate::log::mark("delete-veth");
+            deleted
+        };
+        let (released, deleted) = tokio::join!(release, delete);
+        deleted?;
+        match released {
+            Ok(()) => Ok(None),
+            // With the veth gone, the agent releases the address when it starts (reconcile).
+            Err(e @ PluginError::AgentUnreachable { .. }) => Ok(Some(format!(
+                "veth removed; address release deferred to the agent's start-up: {e}"
+            ))),
+            Err(e) => Err(e),
+        }
     })
 }
 
