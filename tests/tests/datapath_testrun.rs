@@ -12,9 +12,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use weir_common::{
-    AddrKey, CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, CT_EGRESS_ALLOWED,
-    CT_INGRESS_ALLOWED, CT_SEEN_REPLY, Config, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
-    EndpointInfo, EndpointKey, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_WORLD,
+    AddrKey, CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST,
+    CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, CT_SEEN_REPLY, Config, CtKey, CtValue, DIR_EGRESS,
+    DIR_INGRESS, EndpointInfo, EndpointKey, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_WORLD,
     IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
@@ -1162,7 +1162,7 @@ fn full_event_ring_still_drops_and_counts_the_loss() {
     let lost = {
         let m: PerCpuArray<_, u64> =
             PerCpuArray::try_from(dp.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
-        m.get(&(REASON_COUNT - 1), 0).unwrap().iter().sum::<u64>()
+        m.get(&COUNTER_EVENTS_LOST, 0).unwrap().iter().sum::<u64>()
     };
     let delivered = dp.events().len() as u64;
     assert!(lost > 0, "the ring overflowed");

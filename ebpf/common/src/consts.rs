@@ -61,6 +61,8 @@ pub const REASON_MALFORMED: u8 = 20;
 pub const REASON_INTERNAL: u8 = 21;
 /// Number of counter slots (reasons are < this).
 pub const REASON_COUNT: u32 = 32;
+/// `WEIR_COUNTERS` slot (not a reason) counting verdict events lost to a full ring buffer.
+pub const COUNTER_EVENTS_LOST: u32 = REASON_COUNT - 1;
 
 /// `Config::flags`: cut established connections that a policy change no longer allows.
 pub const CONFIG_REVOKE_ESTABLISHED: u32 = 1 << 0;

@@ -4,13 +4,9 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
 };
-use weir_common::{CtKey, REASON_COUNT, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent};
+use weir_common::{COUNTER_EVENTS_LOST, CtKey, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent};
 
 use crate::maps::{WEIR_COUNTERS, WEIR_EVENTS};
-
-/// `WEIR_COUNTERS` slot counting events lost because the ring buffer was full (the last slot;
-/// no `REASON_*` uses it).
-pub const COUNTER_EVENTS_LOST: u32 = REASON_COUNT - 1;
 
 /// Everything a verdict event says besides the verdict and the reason.
 pub struct Report<'a> {
