@@ -226,63 +226,117 @@ impl Lab {
     }
 
     fn start_agents(&mut self) -> anyhow::Result<()> {
-        let manifests = self.state.manifests_dir();
-        for node in &mut self.state.nodes {
-            if let Some(parent) = node.socket.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let log = std::fs::File::create(&node.log)?;
-            let mut cmd = netns::command_in(&node.netns, &self.state.agent_bin);
-            cmd.arg("--node-name")
-                .arg(&node.name)
-                .arg("--manifests")
-                .arg(&manifests)
-                .arg("--pod-cidr")
-                .arg(&node.pod_cidr)
-                .arg("--socket")
-                .arg(&node.socket)
-                .arg("--state-dir")
-                .arg(&node.state_dir)
-                .arg("--bpffs-dir")
-                .arg(&node.bpffs_dir)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            netns::detach(&mut cmd);
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("starting the agent of {}", node.name))?;
-            node.agent_pid = Some(child.id());
-            std::mem::forget(child);
+        let names: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+        for name in &names {
+            self.spawn_agent(name)?;
         }
-        self.state.save()?;
-        // Ready when the plugin's STATUS says so.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for node in &self.state.nodes {
-            loop {
-                let status = self.cni(&node.name, "STATUS", None)?;
-                if status.0 {
-                    break;
-                }
-                let alive = node.agent_pid.is_some_and(process_alive);
-                if !alive || Instant::now() > deadline {
-                    bail!(
-                        "the agent of {} {} (STATUS: {}); its log {:?} ends with:\n{}",
-                        node.name,
-                        if alive {
-                            "is not ready after 60 s"
-                        } else {
-                            "exited"
-                        },
-                        status.1.trim(),
-                        node.log,
-                        tail(&node.log, 30)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        for name in &names {
+            self.wait_agent_ready(name)?;
         }
         Ok(())
+    }
+
+    /// SIGKILLs a node's agent (as a crash or an OOM kill would) and waits until it is gone.
+    /// Its pinned programs and maps stay: enforcement goes on without it.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let record = self
+            .state
+            .node(node)
+            .with_context(|| format!("no node {node} in lab {}", self.state.name))?;
+        let Some(pid) = record.agent_pid else {
+            bail!("the agent of {node} is not running");
+        };
+        kill_if_ours(pid, &self.state.name, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("the agent of {node} (pid {pid}) survived SIGKILL for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(record) = self.state.nodes.iter_mut().find(|n| n.name == node) {
+            record.agent_pid = None;
+        }
+        self.state.save()
+    }
+
+    /// Starts a node's agent again (after [`Lab::kill_agent`]) and waits until it is ready.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.spawn_agent(node)?;
+        self.wait_agent_ready(node)
+    }
+
+    /// Starts one node's agent in its namespace, detached; its log is appended to.
+    fn spawn_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let manifests = self.state.manifests_dir();
+        let agent_bin = self.state.agent_bin.clone();
+        let node = self
+            .state
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))?;
+        if let Some(parent) = node.socket.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut cmd = netns::command_in(&node.netns, &agent_bin);
+        cmd.arg("--node-name")
+            .arg(&node.name)
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--pod-cidr")
+            .arg(&node.pod_cidr)
+            .arg("--socket")
+            .arg(&node.socket)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        netns::detach(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the agent of {}", node.name))?;
+        node.agent_pid = Some(child.id());
+        std::mem::forget(child);
+        self.state.save()
+    }
+
+    /// Ready when the plugin's STATUS says so.
+    fn wait_agent_ready(&self, name: &str) -> anyhow::Result<()> {
+        let node = self
+            .state
+            .node(name)
+            .with_context(|| format!("no node {name}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.cni(&node.name, "STATUS", None)?;
+            if status.0 {
+                return Ok(());
+            }
+            let alive = node.agent_pid.is_some_and(process_alive);
+            if !alive || Instant::now() > deadline {
+                bail!(
+                    "the agent of {} {} (STATUS: {}); its log {:?} ends with:\n{}",
+                    node.name,
+                    if alive {
+                        "is not ready after 60 s"
+                    } else {
+                        "exited"
+                    },
+                    status.1.trim(),
+                    node.log,
+                    tail(&node.log, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs the plugin in a node's namespace. Returns (success, stdout or error text).
