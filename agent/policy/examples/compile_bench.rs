@@ -11,7 +11,9 @@ use weir_policy::{
     model::{ClusterState, NetworkPolicy, Object, ObjectKey, Pod},
 };
 
-fn cluster(pods: usize, policies: usize, namespaces: usize) -> CompileInput {
+/// `distinct`: every policy gets its own ipBlock (10k CIDR prefixes at 10k policies) and no two
+/// policies share a rule.
+fn cluster(pods: usize, policies: usize, namespaces: usize, distinct: bool) -> CompileInput {
     let mut state = ClusterState::default();
     let mut local_endpoints = BTreeMap::new();
     for n in 0..namespaces {
@@ -42,6 +44,17 @@ fn cluster(pods: usize, policies: usize, namespaces: usize) -> CompileInput {
     }
     for j in 0..policies {
         let ns = format!("ns{}", j % namespaces);
+        let (cidr, except) = if distinct {
+            (
+                format!("172.{}.{}.0/24", 16 + j / 250 % 200, j % 250),
+                format!("172.{}.{}.128/25", 16 + j / 250 % 200, j % 250),
+            )
+        } else {
+            (
+                format!("172.{}.0.0/16", j % 200),
+                format!("172.{}.1.0/24", j % 200),
+            )
+        };
         let p: NetworkPolicy = serde_json::from_value(json!({
             "metadata": {"name": format!("pol{j}"), "namespace": ns},
             "spec": {
@@ -52,7 +65,7 @@ fn cluster(pods: usize, policies: usize, namespaces: usize) -> CompileInput {
                               {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 7)}},
                                "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["tier1", "tier2"]}]}}],
                      "ports": [{"port": 80}, {"port": "http"}, {"port": 30000, "endPort": 32767, "protocol": "UDP"}]},
-                    {"from": [{"ipBlock": {"cidr": format!("172.{}.0.0/16", j % 200), "except": [format!("172.{}.1.0/24", j % 200)]}}]}
+                    {"from": [{"ipBlock": {"cidr": cidr, "except": [except]}}]}
                 ],
                 "egress": [
                     {"to": [{"namespaceSelector": {}}], "ports": [{"port": 53, "protocol": "UDP"}]},
@@ -73,12 +86,14 @@ fn cluster(pods: usize, policies: usize, namespaces: usize) -> CompileInput {
 }
 
 fn main() {
-    for (pods, policies, namespaces) in [
-        (1_000, 1_000, 50),
-        (1_000, 10_000, 50),
-        (5_000, 10_000, 100),
+    for (pods, policies, namespaces, distinct) in [
+        (1_000, 1_000, 50, false),
+        (1_000, 10_000, 50, false),
+        (5_000, 10_000, 100, false),
+        (1_000, 1_000, 50, true),
+        (1_000, 10_000, 50, true),
     ] {
-        let input = cluster(pods, policies, namespaces);
+        let input = cluster(pods, policies, namespaces, distinct);
         let mut alloc = IdentityAllocator::new();
         let t = Instant::now();
         let out = weir_policy::compile(&input, &mut alloc).expect("compile");
@@ -89,7 +104,7 @@ fn main() {
         assert_eq!(out, again, "compile is deterministic with a warm allocator");
         let entries: usize = out.subjects.values().map(|s| s.rules.len()).sum();
         println!(
-            "{pods} pods, {policies} policies, {namespaces} namespaces: first compile {first:?}, \
+            "{pods} pods, {policies} policies, {namespaces} namespaces, distinct rules {distinct}: first compile {first:?}, \
              recompile {second:?}; {} subjects, {entries} policy entries, {} ipcache, {} cidr prefixes, {} rejections",
             out.subjects.len(),
             out.ipcache.len(),
