@@ -531,6 +531,34 @@ impl KubeNode {
         cmd
     }
 
+    /// A `weir-cni` invocation for pod `shop/<name>` (container id = name) and its stdin.
+    fn cni(&self, verb: &str, name: &str, pod: &Netns) -> (std::process::Command, String) {
+        let mut cmd = self.netns.command(bin("weir-cni").to_str().unwrap());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", name)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name}"),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "weir",
+            "type": "weir-cni",
+            "agentSocket": self.dirs.socket,
+            "logFile": self.dirs.root.join("cni.log"),
+            "podWaitSeconds": 20,
+        });
+        (cmd, conf.to_string())
+    }
+
     /// `GET path` on the agent's health port, from inside the namespace.
     fn get(&self, path: &str) -> (u16, String) {
         let port = self.health_port;
@@ -575,7 +603,7 @@ async fn wait_for(what: &str, log: &std::path::Path, mut f: impl FnMut() -> bool
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_in_kubernetes_mode_enforces_reports_health_and_writes_events() {
+async fn the_agent_in_kubernetes_mode_serves_a_late_pod_reports_health_and_writes_events() {
     let node = KubeNode::new("k8s-agent");
     node.server.apply(
         "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.201.1.0/24]}\n",
@@ -622,6 +650,33 @@ async fn the_agent_in_kubernetes_mode_enforces_reports_health_and_writes_events(
         ready.contains("10.201.1.0/24"),
         "the pod CIDR does not come from the Node's spec.podCIDRs: {ready}"
     );
+
+    // kubelet runs the CNI ADD before the agent has seen the Pod: ADD waits for it.
+    let pod_ns = Netns::new("k8s-pod");
+    let add = tokio::task::spawn_blocking({
+        let cmd = node.cni("ADD", "late", &pod_ns);
+        move || run_cni(cmd)
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!add.is_finished(), "ADD finished before its Pod existed");
+    node.server.apply(&pod("late", "n1", "10.201.1.99", "web"));
+    let (ok, result) = add.await.unwrap();
+    assert!(ok, "ADD failed: {result}");
+    let address = result["ips"][0]["address"].as_str().unwrap_or_default();
+    assert!(
+        address.starts_with("10.201.1."),
+        "the pod's address is not from the Node's pod CIDR: {result}"
+    );
+    wait_for("the endpoint metric", &log, || {
+        node.get("/metrics").1.contains("weir_endpoints 1\n")
+    })
+    .await;
+    let del = tokio::task::spawn_blocking({
+        let cmd = node.cni("DEL", "late", &pod_ns);
+        move || run_cni(cmd)
+    });
+    let (ok, result) = del.await.unwrap();
+    assert!(ok, "DEL failed: {result}");
 
     // A policy the compiler rejects: a log line and an Event, written by the agent.
     node.server.apply(BAD_POLICY);
@@ -672,6 +727,22 @@ async fn without_its_node_object_the_agent_stops_with_a_clear_error() {
         stderr.contains("there is no Node object named n1"),
         "the error should name the missing Node: {stderr}"
     );
+}
+
+/// Runs weir-cni with the environment and stdin `cmd` carries; returns success and its JSON.
+fn run_cni((mut cmd, stdin): (std::process::Command, String)) -> (bool, serde_json::Value) {
+    use std::io::Write as _;
+    let mut child = cmd.spawn().expect("spawning weir-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), json)
 }
 
 /// Kills the agent when the test ends, however it ends.
