@@ -36,7 +36,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PersistErr
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    // Unique per call: two threads saving the same file must not share a temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| err(e.into()))?;
     let mut file = std::fs::File::create(&tmp).map_err(err)?;
     file.write_all(&bytes).map_err(err)?;

@@ -150,8 +150,8 @@ impl Runtime {
                     endpoint,
                 );
             }
+            runtime.save_endpoints(&inner)?;
         }
-        runtime.save_endpoints()?;
         Ok(runtime)
     }
 
@@ -264,8 +264,10 @@ impl Runtime {
         desired_maps(compiled, |addr| ifindexes.get(addr).copied(), config_flags)
     }
 
-    fn save_endpoints(&self) -> Result<(), persist::PersistError> {
-        let endpoints: Vec<LocalEndpoint> = self.lock().endpoints.values().cloned().collect();
+    /// Saves the endpoints; called with the lock held, so saves happen in the order of the
+    /// changes and an older snapshot never overwrites a newer one.
+    fn save_endpoints(&self, inner: &Inner) -> Result<(), persist::PersistError> {
+        let endpoints: Vec<&LocalEndpoint> = inner.endpoints.values().collect();
         persist::write_json(&self.endpoints_file(), &endpoints)
     }
 
@@ -363,9 +365,9 @@ impl EndpointBackend for Runtime {
                     "the compiler did not place the pod's addresses (is the Pod object's spec.nodeName this node?)".to_owned(),
                 ));
             }
+            self.save_endpoints(&inner)
+                .map_err(|e| datapath_err(e.to_string()))?;
         }
-        self.save_endpoints()
-            .map_err(|e| datapath_err(e.to_string()))?;
         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, addresses = ?endpoint.addresses, "endpoint enforced");
         Ok(())
     }
@@ -382,9 +384,9 @@ impl EndpointBackend for Runtime {
             detach_endpoint(&self.links_dir(), &endpoint.host_ifname);
             self.reconcile(&mut inner);
             tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
+            self.save_endpoints(&inner)
+                .map_err(|e| EndpointError::NotReady(e.to_string()))
         }
-        self.save_endpoints()
-            .map_err(|e| EndpointError::NotReady(e.to_string()))
     }
 
     fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
