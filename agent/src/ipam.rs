@@ -62,6 +62,19 @@ pub enum IpamError {
     },
     #[error("the IPAM state lock was poisoned by a panic")]
     Poisoned,
+    #[error("listing the node's network interfaces")]
+    ListLinks(#[source] nix::Error),
+}
+
+/// The Weir host veths (`weir_proto::naming::is_host_veth_name`) in the calling thread's
+/// network namespace (the node's), for [`Ipam::reconcile`] at start-up.
+pub fn existing_host_veths() -> Result<HashSet<String>, IpamError> {
+    let links = nix::net::if_::if_nameindex().map_err(IpamError::ListLinks)?;
+    Ok(links
+        .iter()
+        .filter_map(|l| l.name().to_str().ok().map(str::to_owned))
+        .filter(|name| weir_proto::naming::is_host_veth_name(name))
+        .collect())
 }
 
 /// One attachment's addresses.
@@ -372,7 +385,9 @@ impl Ipam {
 
     /// Start-up reconciliation: releases every allocation whose host veth is not in
     /// `existing_host_veths` (its pod was deleted, or its ADD died, while the agent was down).
-    /// Returns what was released. Call it before serving the API.
+    /// Returns what was released, whose enforcement state the caller removes too
+    /// (`EndpointBackend::deactivate`). Call it before serving the API, in the node's network
+    /// namespace: `ipam.reconcile(&ipam::existing_host_veths()?)`.
     pub fn reconcile(
         &self,
         existing_host_veths: &HashSet<String>,

@@ -200,7 +200,15 @@ impl Harness {
     /// serve.
     fn start_agent(&mut self) {
         let ipam = Arc::new(Ipam::open(&self.dir.join("state"), &self.cidrs).unwrap());
-        let veths: HashSet<String> = self.host_veths().into_iter().collect();
+        // As the agent does at start-up, in the node's namespace.
+        let node = std::fs::File::open(self.node.path()).unwrap();
+        let veths = std::thread::spawn(move || {
+            nix::sched::setns(&node, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            weir_agent::ipam::existing_host_veths().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(veths, self.host_veths().into_iter().collect::<HashSet<_>>());
         ipam.reconcile(&veths).unwrap();
         self.ipam = Some(ipam.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -259,6 +267,24 @@ impl Harness {
     }
 
     /// Runs weir-cni in the node namespace as a runtime does.
+    /// Starts weir-cni in the node namespace; stdin written and closed.
+    fn spawn_cni(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> std::process::Child {
+        let mut cmd = self.node.command(bin("weir-cni").to_str().unwrap());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning weir-cni");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child
+    }
+
     fn cni(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> Out {
         let mut cmd = self.node.command(bin("weir-cni").to_str().unwrap());
         cmd.env_clear()
@@ -961,4 +987,85 @@ fn add_del_latency() {
                 .unwrap_or_default()
         );
     }
+}
+
+/// Churn: 500 ADD/DEL, some plugin processes SIGKILLed in the middle of their ADD (their
+/// sandboxes left as they were, as after a runtime crash). Afterwards a GC with no valid
+/// attachments leaves no address, no host veth and no enforced endpoint behind, and no two
+/// completed ADDs ever held the same address at once.
+#[test]
+fn churn_with_killed_adds_leaves_nothing_after_gc() {
+    const TOTAL: usize = 500;
+    const WORKERS: usize = 4;
+    let h = Harness::new("churn", &["10.221.0.0/24"]);
+    h.backend.probe_host_veth.store(false, Ordering::SeqCst);
+    let held: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let killed_sandboxes: Mutex<Vec<Netns>> = Mutex::new(Vec::new());
+    let killed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for w in 0..WORKERS {
+            let (h, held, killed_sandboxes, killed) = (&h, &held, &killed_sandboxes, &killed);
+            s.spawn(move || {
+                let mut pod = Netns::new(&format!("cni-churn-w{w}"));
+                for i in (w..TOTAL).step_by(WORKERS) {
+                    let c = format!("c-churn-{i}");
+                    if i % 10 == 3 {
+                        // Kill the plugin somewhere in its ADD.
+                        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{c}");
+                        let path = pod.path();
+                        let mut child = h.spawn_cni(
+                            "ADD",
+                            &[
+                                ("CNI_CONTAINERID", &c),
+                                ("CNI_IFNAME", "eth0"),
+                                ("CNI_NETNS", &path),
+                                ("CNI_ARGS", &args),
+                            ],
+                            h.conf().to_string().as_bytes(),
+                        );
+                        std::thread::sleep(Duration::from_micros(((i * 7919) % 25_000) as u64));
+                        let _ = child.kill();
+                        let out = child.wait_with_output().unwrap();
+                        if out.status.success() {
+                            // It finished first: a normal ADD, then DEL.
+                            h.del(&c, Some(&pod)).expect_ok();
+                        } else {
+                            killed.fetch_add(1, Ordering::SeqCst);
+                            // The sandbox stays as the killed plugin left it; a new one is used.
+                            let fresh = Netns::new(&format!("cni-churn-w{w}-{i}"));
+                            killed_sandboxes
+                                .lock()
+                                .unwrap()
+                                .push(std::mem::replace(&mut pod, fresh));
+                        }
+                        continue;
+                    }
+                    let out = h.add(&c, &pod);
+                    let address = out.expect_ok()["ips"][0]["address"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    assert!(
+                        held.lock().unwrap().insert(address.clone()),
+                        "{address} handed out twice"
+                    );
+                    h.del(&c, Some(&pod)).expect_ok();
+                    held.lock().unwrap().remove(&address);
+                }
+            });
+        }
+    });
+    let leftover = h.ipam().allocations().unwrap().len();
+    eprintln!(
+        "churn: {TOTAL} ADDs, {} killed mid-ADD; before GC {leftover} allocations, {} host veths",
+        killed.load(Ordering::SeqCst),
+        h.host_veths().len()
+    );
+    let mut conf = h.conf();
+    conf["cni.dev/valid-attachments"] = json!([]);
+    h.cni("GC", &[], conf.to_string().as_bytes()).expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(h.host_veths().is_empty(), "{:?}", h.host_veths());
+    assert!(h.backend.enforced.lock().unwrap().is_empty());
+    drop(killed_sandboxes);
 }
