@@ -54,9 +54,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("/run/weir/{node_name}/agent.sock").into());
     // Health first, so a liveness probe passes while the agent waits for the API server.
+    // A taken port costs the probes, not enforcement: say so loudly and go on.
     let health = Health::new();
-    let health_listener = health::bind(args.health_addr).await?;
-    tokio::spawn(health::serve(health_listener, health.clone()));
+    match health::bind(args.health_addr).await {
+        Ok(listener) => {
+            tokio::spawn(health::serve(listener, health.clone()));
+        }
+        Err(e) => tracing::error!(error = %e, "no health endpoint; enforcing without it"),
+    }
 
     let (first_state, source, pod_cidrs) = if args.kubernetes {
         node::prepare(&bpffs_dir).context("preparing the node")?;
