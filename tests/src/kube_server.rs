@@ -282,6 +282,13 @@ impl KubeServer {
         self.shared.changed.notify_waiters();
     }
 
+    /// Ends every open watch stream, as the API server does when a watch's timeout expires: the
+    /// client resumes from its last resourceVersion (no relist needed).
+    pub fn end_watches(&self) {
+        self.shared.store().epoch += 1;
+        self.shared.changed.notify_waiters();
+    }
+
     /// Forgets the change history: watches from older resourceVersions get 410 Gone. Open
     /// watches end.
     pub fn compact(&self) {

@@ -302,6 +302,71 @@ async fn a_410_gone_relist_drops_what_was_deleted_meanwhile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_watch_resumes_where_it_was_without_a_relist() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lists = |server: &KubeServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && !r.contains("watch="))
+            .count()
+    };
+    let lists_before = lists(&server);
+    server.end_watches();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.apply(&pod("after", "n1", "10.244.1.60", "web"));
+    source
+        .until("the change after the restart arrived", |s| {
+            s.pods.contains_key(&key("after"))
+        })
+        .await;
+    let watches_resumed = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch="))
+        .count();
+    assert!(watches_resumed >= 2, "the Pods watch was not restarted");
+    assert_eq!(
+        lists(&server),
+        lists_before,
+        "a resumed watch needs no relist"
+    );
+    assert_eq!(source.stats.relists.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_debounced_into_few_states() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    for i in 0..200 {
+        server.apply(&pod(
+            &format!("burst-{i}"),
+            "n2",
+            &format!("10.244.2.{}", i + 10),
+            "web",
+        ));
+    }
+    let mut states = 0;
+    loop {
+        let state = source.next().await;
+        states += 1;
+        if state.pods.len() == 202 {
+            break;
+        }
+    }
+    assert!(
+        states < 200,
+        "every change produced its own state ({states} states for 200 changes)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_going_away_keeps_the_last_state_and_reconnects() {
     let server = KubeServer::start_new().await;
     seed(&server);
