@@ -266,3 +266,54 @@ pub fn check_version(version: &str) -> Result<(), PluginError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_accept_what_runtimes_send() {
+        let args = parse_cni_args(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u",
+        )
+        .unwrap();
+        assert_eq!(args.pod_namespace.as_deref(), Some("ns"));
+        assert_eq!(args.pod_name.as_deref(), Some("p"));
+        assert_eq!(args.pod_uid.as_deref(), Some("u"));
+        assert!(parse_cni_args("").unwrap().pod_name.is_none());
+        assert_eq!(parse_cni_args("garbage").unwrap_err().code(), 4);
+    }
+
+    #[test]
+    fn netconf_defaults_and_validation() {
+        let conf =
+            parse_netconf(br#"{"cniVersion":"1.1.0","name":"weir","type":"weir-cni"}"#).unwrap();
+        assert_eq!(conf.agent_socket(), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(conf.mtu(), 1500);
+        assert_eq!(conf.pod_wait(), Duration::from_secs(10));
+        let code = |s: &str| parse_netconf(s.as_bytes()).unwrap_err().code();
+        assert_eq!(code(r#"{"cniVersion":"0.3.1"}"#), 1);
+        assert_eq!(
+            code(r#"{"cniVersion":"1.1.0","ipam":{"type":"host-local"}}"#),
+            2
+        );
+        assert_eq!(code("{"), 6);
+        assert_eq!(code(r#"{"cniVersion":"1.1.0","mtu":20}"#), 7);
+        assert_eq!(code(r#"{"cniVersion":"1.1.0","prevResult":[]}"#), 7);
+        let gc = parse_netconf(
+            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(gc.valid_attachments.unwrap()[0].container_id, "c");
+    }
+
+    #[test]
+    fn interface_names_and_container_ids_are_validated() {
+        assert!(validate_ifname("eth0").is_ok());
+        assert!(validate_ifname("a-very-long-name-x").is_err());
+        assert!(validate_ifname("a/b").is_err());
+        assert!(validate_ifname("..").is_err());
+        assert!(validate_container_id("abc_1.2-3").is_ok());
+        assert!(validate_container_id("a b").is_err());
+    }
+}

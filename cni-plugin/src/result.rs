@@ -94,3 +94,59 @@ pub fn prev_addresses(prev: &Value, ifname: &str) -> Vec<String> {
         .filter_map(|ip| ip.get("address").and_then(Value::as_str).map(str::to_owned))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wired() -> Wired {
+        Wired {
+            host_ifname: "weir0123456789a".into(),
+            host_mac: "02:00:00:00:00:01".into(),
+            pod_ifname: "eth0".into(),
+            pod_mac: "02:00:00:00:00:02".into(),
+            netns: "/run/netns/p".into(),
+            ips: vec![
+                (
+                    "10.0.0.5".parse().unwrap(),
+                    32,
+                    "169.254.1.1".parse().unwrap(),
+                ),
+                ("fd00::5".parse().unwrap(), 128, "fe80::1".parse().unwrap()),
+            ],
+        }
+    }
+
+    #[test]
+    fn result_has_the_spec_shape() {
+        let r = build("1.1.0", &wired(), None);
+        assert_eq!(r["interfaces"][1]["sandbox"], "/run/netns/p");
+        assert_eq!(r["ips"][0]["address"], "10.0.0.5/32");
+        assert_eq!(r["ips"][0]["interface"], 1);
+        assert!(r["ips"][0].get("version").is_none());
+        assert_eq!(r["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
+        assert_eq!(r["dns"], json!({}));
+        let legacy = build("0.4.0", &wired(), None);
+        assert_eq!(legacy["ips"][1]["version"], "6");
+        assert_eq!(
+            prev_addresses(&r, "eth0"),
+            vec!["10.0.0.5/32".to_string(), "fd00::5/128".to_string()]
+        );
+    }
+
+    #[test]
+    fn prev_result_is_kept_and_indices_shift() {
+        let prev = json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "x"}],
+            "ips": [{"address": "192.0.2.1/24", "interface": 0}],
+            "dns": {"nameservers": ["192.0.2.53"]},
+            "custom": 1,
+        });
+        let r = build("1.1.0", &wired(), Some(&prev));
+        assert_eq!(r["interfaces"][0], json!({"name": "x"}));
+        assert_eq!(r["ips"][1]["interface"], 2);
+        assert_eq!(r["dns"], prev["dns"]);
+        assert_eq!(r["custom"], 1);
+    }
+}

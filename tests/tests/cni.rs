@@ -959,6 +959,24 @@ fn add_del_latency() {
         del.extend(run("DEL"));
     }
     report(&format!("{N} at once"), add, del);
+    // CPU time of the plugin processes (user + system), per call: on 2 cores this bounds what 16
+    // concurrent ADDs can achieve.
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let cpu = Duration::from_micros(
+        (usage.ru_utime.tv_sec * 1_000_000
+            + usage.ru_utime.tv_usec
+            + usage.ru_stime.tv_sec * 1_000_000
+            + usage.ru_stime.tv_usec) as u64,
+    );
+    eprintln!(
+        "plugin CPU per call (ADD and DEL, all children of this test process): {:?}",
+        cpu / (4 * N * ROUNDS) as u32
+    );
     assert!(h.ipam().allocations().unwrap().is_empty());
     // The plugin's own time (from its log), without process spawn and nsenter, and its phases.
     let log = std::fs::read_to_string(h.dir.join("cni.log")).unwrap();
