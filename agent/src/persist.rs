@@ -1,5 +1,9 @@
-//! Small JSON state files in the agent's state directory, written atomically (temp file, fsync,
-//! rename) so a crash leaves either the old file or the new, never half of one.
+//! Small JSON state files in the agent's state directory, written atomically (temp file, rename)
+//! so a crash of the agent leaves either the old file or the new, never half of one.
+//!
+//! No fsync, on purpose: it would put a disk flush (milliseconds, serialised) on every CNI ADD,
+//! and it protects only against losing the machine, after which every pod, veth and pin these
+//! files describe is gone too and start-up reconciliation rebuilds them from what exists.
 
 use std::{io::Write as _, path::Path};
 
@@ -27,7 +31,7 @@ pub enum PersistError {
     },
 }
 
-/// Writes `value` as JSON to `path`, atomically and durably.
+/// Writes `value` as JSON to `path`, atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PersistError> {
     let err = |source| PersistError::Write {
         path: path.display().to_string(),
@@ -43,7 +47,6 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PersistErr
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| err(e.into()))?;
     let mut file = std::fs::File::create(&tmp).map_err(err)?;
     file.write_all(&bytes).map_err(err)?;
-    file.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
     Ok(())
 }

@@ -71,6 +71,8 @@ struct Inner {
     cluster_read: bool,
     endpoints: BTreeMap<EndpointId, LocalEndpoint>,
     identities: IdentityAllocator,
+    /// What identities.json holds, so it is written only when identities change.
+    saved_identities: IdentityAllocator,
     compiled: Compiled,
     /// Set when the last apply failed: enforcement may lag the cluster.
     degraded: Option<String>,
@@ -103,7 +105,8 @@ impl Runtime {
     pub fn start(config: RuntimeConfig, mut ebpf: Ebpf) -> Result<Arc<Self>, RuntimeError> {
         let maps = DatapathMaps::take(&mut ebpf)?;
         let writer = Writer::adopt(maps)?;
-        let identities = persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
+        let identities: IdentityAllocator =
+            persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
         let runtime = Arc::new(Self {
             flow_log: FlowLog::new(&config.state_dir),
             inner: Mutex::new(Inner {
@@ -117,6 +120,7 @@ impl Runtime {
                 },
                 cluster_read: false,
                 endpoints: BTreeMap::new(),
+                saved_identities: identities.clone(),
                 identities,
                 compiled: Compiled::default(),
                 degraded: None,

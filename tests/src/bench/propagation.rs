@@ -57,7 +57,7 @@ fn policy_yaml(j: usize, port: u16) -> String {
         (j + 1) % 20,
         j % 3
     );
-    if j % 10 == 0 {
+    if j.is_multiple_of(10) {
         let _ = write!(
             y,
             "  - from:\n    - ipBlock:\n        cidr: 10.{}.0.0/16\n        except: [10.{}.1.0/24]\n",
