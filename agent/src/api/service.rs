@@ -43,6 +43,22 @@ impl AgentService {
         }
     }
 
+    /// Runs a backend call on the blocking pool. The backend may hold a lock across a compile
+    /// and a datapath write (tens of ms); run on a worker thread, that would stall every other
+    /// RPC (Status, AllocateEndpoint) behind it.
+    async fn backend<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn EndpointBackend>) -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let backend = self.backend.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || handle.block_on(f(backend)))
+            .await
+            .map_err(|e| Status::internal(format!("the endpoint backend task failed: {e}")))
+    }
+
     async fn ipam<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Ipam) -> Result<T, IpamError> + Send + 'static,
@@ -133,7 +149,7 @@ fn released(a: Allocation) -> ReleasedEndpoint {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let (ready, reason) = match self.backend.readiness() {
+        let (ready, reason) = match self.backend(|b| async move { b.readiness() }).await? {
             Ok(()) => (true, String::new()),
             Err(reason) => (false, reason),
         };
@@ -151,17 +167,17 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let (container_id, ifname) = attachment(req.attachment.as_ref())?;
         let pod = pod_key(req.pod.as_ref())?;
-        self.backend
-            .readiness()
-            .map_err(|reason| endpoint_status(EndpointError::NotReady(reason)))?;
         let wait = match req.pod_wait_ms {
             0 => self.config.default_pod_wait,
             ms => Duration::from_millis(ms.into()).min(MAX_POD_WAIT),
         };
-        self.backend
-            .wait_for_pod(&pod, wait)
-            .await
-            .map_err(endpoint_status)?;
+        let waited_for = pod.clone();
+        self.backend(move |b| async move {
+            b.readiness().map_err(EndpointError::NotReady)?;
+            b.wait_for_pod(&waited_for, wait).await
+        })
+        .await?
+        .map_err(endpoint_status)?;
         let host_ifname = naming::host_veth_name(&container_id, &ifname);
         let (cid, ifn, host) = (container_id.clone(), ifname.clone(), host_ifname.clone());
         let allocation = self
@@ -218,9 +234,8 @@ impl Agent for AgentService {
             addresses,
         };
         tracing::info!(?endpoint, "activating endpoint");
-        self.backend
-            .activate(endpoint)
-            .await
+        self.backend(move |b| async move { b.activate(endpoint).await })
+            .await?
             .map_err(endpoint_status)?;
         Ok(Response::new(ActivateEndpointReply {}))
     }
@@ -231,9 +246,9 @@ impl Agent for AgentService {
     ) -> Result<Response<ReleaseEndpointReply>, Status> {
         let (container_id, ifname) = attachment(request.get_ref().attachment.as_ref())?;
         // Enforcement first: an address is never free while the datapath still names it.
-        self.backend
-            .deactivate(&container_id, &ifname)
-            .await
+        let (cid, ifn) = (container_id.clone(), ifname.clone());
+        self.backend(move |b| async move { b.deactivate(&cid, &ifn).await })
+            .await?
             .map_err(endpoint_status)?;
         let (cid, ifn) = (container_id.clone(), ifname.clone());
         let removed = self.ipam(move |ipam| ipam.release(&cid, &ifn)).await?;
@@ -262,9 +277,9 @@ impl Agent for AgentService {
             if valid.contains(&(a.container_id.clone(), a.ifname.clone())) {
                 continue;
             }
-            self.backend
-                .deactivate(&a.container_id, &a.ifname)
-                .await
+            let (cid, ifn) = (a.container_id.clone(), a.ifname.clone());
+            self.backend(move |b| async move { b.deactivate(&cid, &ifn).await })
+                .await?
                 .map_err(endpoint_status)?;
             let (cid, ifn) = (a.container_id.clone(), a.ifname.clone());
             if let Some(removed) = self.ipam(move |ipam| ipam.release(&cid, &ifn)).await? {
@@ -287,7 +302,9 @@ impl Agent for AgentService {
         };
         Ok(Response::new(CheckEndpointReply {
             known: true,
-            enforced: self.backend.is_enforced(&container_id, &ifname),
+            enforced: self
+                .backend(move |b| async move { b.is_enforced(&container_id, &ifname) })
+                .await?,
             ips: ip_configs(&a.addresses),
             host_ifname: a.host_ifname,
             pod: Some(PodRef {
