@@ -239,9 +239,13 @@ impl Runtime {
                 inner.degraded = Some(e.to_string());
             }
         }
-        if let Err(e) = persist::write_json(&Self::identities_file(&self.config), &inner.identities)
-        {
-            tracing::warn!(error = %e, "could not save identities; a restart may renumber them");
+        if inner.identities != inner.saved_identities {
+            match persist::write_json(&Self::identities_file(&self.config), &inner.identities) {
+                Ok(()) => inner.saved_identities = inner.identities.clone(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not save identities; a restart may renumber them")
+                }
+            }
         }
         *self.explainer.write().unwrap_or_else(|p| p.into_inner()) =
             Explainer::from_compiled(&compiled);

@@ -1107,7 +1107,15 @@ fn non_ip_and_neighbour_discovery_pass_uncounted_by_policy() {
         dp.from_pod(&neighbour_solicitation(ip_of("fe80::2"), target)),
         OK
     );
-    assert_eq!(dp.counter(REASON_LINK_LOCAL), 3);
+    // An MLDv2 listener report to ff02::16, as every IPv6 interface sends when it comes up.
+    let mld_report = ip(
+        ip_of("fe80::2"),
+        ip_of("ff02::16"),
+        PROTO_ICMPV6,
+        &packet::icmp_message(143, 0, &[0; 4]),
+    );
+    assert_eq!(dp.from_pod(&packet::ethernet(packet::ETH_P_IPV6, &mld_report)), OK);
+    assert_eq!(dp.counter(REASON_LINK_LOCAL), 4);
     assert!(dp.events().is_empty());
     // Other ICMPv6 from an unknown address is not link-local.
     assert_eq!(

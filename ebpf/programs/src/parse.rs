@@ -25,7 +25,9 @@ pub struct Malformed;
 pub enum Class {
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): allowed without a policy check.
     NotIp,
-    /// ICMPv6 neighbour discovery or router solicitation/advertisement (types 133-137).
+    /// ICMPv6 the link itself needs: neighbour discovery, router solicitation/advertisement
+    /// (types 133-137) and multicast listener discovery (130-132, 143). All are link-scoped
+    /// (hop limit 255 or 1), so letting them through opens no path to another pod.
     LinkLocal,
     /// An ordinary IP packet.
     Normal,
@@ -175,7 +177,7 @@ pub fn parse_ip(
             } else {
                 ECHO_REPLY
             };
-        } else if !inner && v6 && (133..=137).contains(&ty) {
+        } else if !inner && v6 && matches!(ty, 130..=132 | 133..=137 | 143) {
             parsed.class = Class::LinkLocal;
         } else if !inner && error {
             parsed.class = Class::IcmpError;
