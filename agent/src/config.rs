@@ -69,7 +69,7 @@ pub struct RunArgs {
     pub node: NodeArgs,
     /// Standalone mode: read Namespace, Pod, NetworkPolicy and Node manifests from this directory
     /// and follow its changes.
-    #[arg(long, env = "WEIR_MANIFESTS", conflicts_with = "kubernetes")]
+    #[arg(long, env = "WEIR_MANIFESTS")]
     pub manifests: Option<PathBuf>,
     /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies and Nodes through the API server
     /// (in-cluster service account, or KUBECONFIG).

@@ -63,6 +63,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %e, "no health endpoint; enforcing without it"),
     }
 
+    if args.kubernetes && args.manifests.is_some() {
+        bail!(
+            "two cluster sources: --kubernetes (WEIR_KUBERNETES) and --manifests (WEIR_MANIFESTS); pass one"
+        );
+    }
     let (first_state, source, pod_cidrs) = if args.kubernetes {
         node::prepare(&bpffs_dir).context("preparing the node")?;
         let (first_state, states) = start_kubernetes(&args, &node_name, &health).await?;

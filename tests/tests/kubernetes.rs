@@ -555,6 +555,20 @@ async fn a_rejected_policy_gets_one_event_from_all_agents() {
     );
 }
 
+#[test]
+fn the_cli_selects_kubernetes_mode_from_a_flag_or_the_environment() {
+    use clap::Parser as _;
+    use weir_agent::config::Cli;
+    let cli = Cli::try_parse_from(["weir-agent", "--node-name", "n1", "--kubernetes"]).unwrap();
+    assert!(cli.run.kubernetes && cli.run.manifests.is_none());
+    assert_eq!(cli.run.health_addr.to_string(), "127.0.0.1:9876");
+    let cli =
+        Cli::try_parse_from(["weir-agent", "--kubernetes=false", "--manifests", "/m"]).unwrap();
+    assert!(!cli.run.kubernetes);
+    let cli = Cli::try_parse_from(["weir-agent", "--health-addr", "0.0.0.0:9000"]).unwrap();
+    assert_eq!(cli.run.health_addr.port(), 9000);
+}
+
 // ---- The agent binary in Kubernetes mode (root: it loads the datapath in a node namespace). ----
 
 /// One `weir-agent --kubernetes` in its own namespace, with the test server inside that
