@@ -256,6 +256,7 @@ async fn wire(
         pod_ifname: env.ifname.clone(),
         pod_mac: netlink::format_mac(&pod_link.mac),
         netns: env.netns.clone(),
+        mtu: host.mtu,
         ips: ips.to_vec(),
     })
 }

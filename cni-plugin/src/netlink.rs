@@ -26,6 +26,7 @@ pub struct Link {
     pub index: u32,
     pub mac: [u8; 6],
     pub up: bool,
+    pub mtu: u32,
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
@@ -48,17 +49,19 @@ pub fn connect() -> Result<Handle, PluginError> {
 
 fn link_from(msg: &LinkMessage) -> Link {
     let mut mac = [0u8; 6];
+    let mut mtu = 0;
     for attr in &msg.attributes {
-        if let LinkAttribute::Address(a) = attr
-            && a.len() == 6
-        {
-            mac.copy_from_slice(a);
+        match attr {
+            LinkAttribute::Address(a) if a.len() == 6 => mac.copy_from_slice(a),
+            LinkAttribute::Mtu(m) => mtu = *m,
+            _ => {}
         }
     }
     Link {
         index: msg.header.index,
         mac,
         up: msg.header.flags.contains(LinkFlags::Up),
+        mtu,
     }
 }
 

@@ -13,6 +13,7 @@ pub struct Wired {
     pub pod_ifname: String,
     pub pod_mac: String,
     pub netns: String,
+    pub mtu: u32,
     /// Address with prefix, and its gateway.
     pub ips: Vec<(IpAddr, u8, IpAddr)>,
 }
@@ -27,10 +28,17 @@ pub fn build(cni_version: &str, wired: &Wired, prev: Option<&Value>) -> Value {
         .cloned()
         .unwrap_or_default();
     let base = interfaces.len();
-    interfaces.push(json!({ "name": wired.host_ifname, "mac": wired.host_mac }));
-    interfaces.push(json!({
+    let mut host = json!({ "name": wired.host_ifname, "mac": wired.host_mac });
+    let mut pod = json!({
         "name": wired.pod_ifname, "mac": wired.pod_mac, "sandbox": wired.netns
-    }));
+    });
+    if cni_version == "1.1.0" {
+        // Interface `mtu` is new in 1.1.
+        host["mtu"] = json!(wired.mtu);
+        pod["mtu"] = json!(wired.mtu);
+    }
+    interfaces.push(host);
+    interfaces.push(pod);
     let pod_index = base + 1;
 
     let mut ips: Vec<Value> = prev
@@ -106,6 +114,7 @@ mod tests {
             pod_ifname: "eth0".into(),
             pod_mac: "02:00:00:00:00:02".into(),
             netns: "/run/netns/p".into(),
+            mtu: 1500,
             ips: vec![
                 (
                     "10.0.0.5".parse().unwrap(),
@@ -121,6 +130,7 @@ mod tests {
     fn result_has_the_spec_shape() {
         let r = build("1.1.0", &wired(), None);
         assert_eq!(r["interfaces"][1]["sandbox"], "/run/netns/p");
+        assert_eq!(r["interfaces"][1]["mtu"], 1500);
         assert_eq!(r["ips"][0]["address"], "10.0.0.5/32");
         assert_eq!(r["ips"][0]["interface"], 1);
         assert!(r["ips"][0].get("version").is_none());
@@ -128,6 +138,7 @@ mod tests {
         assert_eq!(r["dns"], json!({}));
         let legacy = build("0.4.0", &wired(), None);
         assert_eq!(legacy["ips"][1]["version"], "6");
+        assert!(legacy["interfaces"][1].get("mtu").is_none());
         assert_eq!(
             prev_addresses(&r, "eth0"),
             vec!["10.0.0.5/32".to_string(), "fd00::5/128".to_string()]

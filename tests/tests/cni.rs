@@ -421,6 +421,7 @@ fn add_wires_the_pod_check_verifies_and_del_is_idempotent() {
     assert_eq!(interfaces[1]["sandbox"], pod.path());
     for i in interfaces {
         assert_eq!(i["mac"].as_str().unwrap().len(), 17, "mac of {i}");
+        assert_eq!(i["mtu"], 1400, "mtu of {i}");
     }
     let ips = result["ips"].as_array().unwrap();
     assert_eq!(ips.len(), 1);
