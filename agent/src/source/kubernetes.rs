@@ -522,6 +522,9 @@ struct Publish {
     resource_version: Option<String>,
 }
 
+/// How often writing one Event is tried (2 s, 4 s, 8 s, 16 s apart).
+const EVENT_TRIES: u32 = 5;
+
 /// Writes Events from a task of its own, so a slow or absent API server never delays the state.
 struct EventWriter {
     tx: mpsc::UnboundedSender<Publish>,
@@ -532,13 +535,24 @@ impl EventWriter {
         let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
         tokio::spawn(async move {
             while let Some(publish) = rx.recv().await {
-                match write_event(&client, &node_name, &publish).await {
-                    Ok(()) => {
-                        stats.events_written.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(policy = %publish.rejection.policy, error = %e,
-                            "could not write the Event for a rejected policy (the rejection is logged above)");
+                // A few tries over about a minute (the API server may be restarting), then give
+                // up: the rejection is in the log and the metrics either way.
+                let mut delay = Duration::from_secs(2);
+                for attempt in 1..=EVENT_TRIES {
+                    match write_event(&client, &node_name, &publish).await {
+                        Ok(()) => {
+                            stats.events_written.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) if attempt == EVENT_TRIES => {
+                            tracing::warn!(policy = %publish.rejection.policy, error = %e,
+                                "could not write the Event for a rejected policy (the rejection is logged above)");
+                        }
+                        Err(e) => {
+                            tracing::debug!(policy = %publish.rejection.policy, error = %e, "writing the Event failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
                     }
                 }
             }
