@@ -14,8 +14,13 @@ pub type Client = AgentClient<Channel>;
 /// How long connecting to the agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest any call on the connection may take, enforced here even when the agent stops
+/// answering (the per-request deadlines sent with each call are enforced by the agent).
+pub const CALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Connects eagerly, so an absent agent is reported as such (code 11) before anything else.
-pub async fn connect(socket: &Path) -> Result<Client, PluginError> {
+/// Every call is bounded by `call_limit`.
+pub async fn connect(socket: &Path, call_limit: Duration) -> Result<Client, PluginError> {
     let unreachable = |reason: String| PluginError::AgentUnreachable {
         socket: socket.to_owned(),
         reason,
@@ -29,7 +34,8 @@ pub async fn connect(socket: &Path) -> Result<Client, PluginError> {
     let path = socket.to_owned();
     let endpoint = Endpoint::try_from("http://[::]:50051")
         .map_err(|e| unreachable(error_chain(&e)))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(call_limit);
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();

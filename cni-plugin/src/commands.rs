@@ -102,7 +102,9 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
         let wait = conf.pod_wait();
         // The agent's allocation and the veth pair (its name is deterministic) at the same time.
         let allocation = async {
-            let mut client = agent::connect(&conf.agent_socket()).await?;
+            // Allocation waits for the Pod; activation gets the usual limit after it.
+            let limit = wait + ACTIVATE_TIMEOUT + agent::CALL_LIMIT;
+            let mut client = agent::connect(&conf.agent_socket(), limit).await?;
             let reply = client
                 .allocate_endpoint(request(
                     AllocateEndpointRequest {
@@ -272,7 +274,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<String>, PluginError> {
         // The veth and the agent's release at the same time: the agent deactivates the endpoint
         // before it frees the address, so the order here does not matter for safety.
         let release = async {
-            let mut client = agent::connect(&socket).await?;
+            let mut client = agent::connect(&socket, agent::CALL_LIMIT).await?;
             client
                 .release_endpoint(request(
                     ReleaseEndpointRequest {
@@ -309,7 +311,7 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), PluginError> {
     let netns = open_netns(&env.netns)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let mut client = agent::connect(&conf.agent_socket()).await?;
+        let mut client = agent::connect(&conf.agent_socket(), agent::CALL_LIMIT).await?;
         let reply = client
             .check_endpoint(request(
                 CheckEndpointRequest {
@@ -418,12 +420,11 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), PluginError> {
 pub fn status(conf: &NetConf) -> Result<(), PluginError> {
     let rt = runtime()?;
     rt.block_on(async {
-        let mut client =
-            agent::connect(&conf.agent_socket())
-                .await
-                .map_err(|e| PluginError::NotReady {
-                    reason: e.to_string(),
-                })?;
+        let mut client = agent::connect(&conf.agent_socket(), agent::CALL_LIMIT)
+            .await
+            .map_err(|e| PluginError::NotReady {
+                reason: e.to_string(),
+            })?;
         let reply = client
             .status(request(StatusRequest {}, RPC_TIMEOUT))
             .await
@@ -462,7 +463,7 @@ pub fn gc(conf: &NetConf) -> Result<String, PluginError> {
             }
         }
         let socket: &Path = &conf.agent_socket();
-        let mut client = agent::connect(socket).await?;
+        let mut client = agent::connect(socket, agent::CALL_LIMIT).await?;
         let reply = client
             .garbage_collect(request(
                 GarbageCollectRequest {

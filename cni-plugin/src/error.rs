@@ -117,7 +117,8 @@ impl PluginError {
             Code::Unavailable
             | Code::FailedPrecondition
             | Code::DeadlineExceeded
-            | Code::Aborted => PluginError::AgentBusy { rpc, message },
+            | Code::Aborted
+            | Code::Cancelled => PluginError::AgentBusy { rpc, message },
             Code::ResourceExhausted => PluginError::Exhausted { message },
             code => PluginError::AgentFailed { rpc, code, message },
         }
