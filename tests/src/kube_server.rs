@@ -98,6 +98,8 @@ struct Store {
     events: BTreeMap<Key, Value>,
     /// Resources whose requests fail with this HTTP status.
     failing: BTreeMap<Resource, u16>,
+    /// Writes of Events fail with 503 while set.
+    failing_events: bool,
     /// Every request line, for assertions.
     requests: Vec<String>,
 }
@@ -330,6 +332,11 @@ impl KubeServer {
         self.shared.store().failing.remove(&resource);
     }
 
+    /// Writes of Events fail (503) until called again with `false`.
+    pub fn fail_events(&self, fail: bool) {
+        self.shared.store().failing_events = fail;
+    }
+
     /// Events written by clients, by (namespace, name).
     pub fn events(&self) -> BTreeMap<(String, String), Value> {
         self.shared.store().events.clone()
@@ -439,6 +446,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null);
         let mut store = shared.store();
+        if store.failing_events {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "failing on purpose"),
+            );
+        }
         return match (rest, body) {
             ([], mut event) if event.is_object() => {
                 let name = event["metadata"]["name"].as_str().unwrap_or("").to_owned();

@@ -489,6 +489,28 @@ async fn terminated_pods_are_left_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_cannot_be_written_yet_is_retried() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    server.apply(BAD_POLICY);
+    server.fail_events(true);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(server.events().is_empty());
+    server.fail_events(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.events().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Event was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(source.stats.events_written.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_policy_gets_one_event_from_all_agents() {
     let server = KubeServer::start_new().await;
     seed(&server);
