@@ -196,7 +196,14 @@ async fn wire(
 ) -> Result<Wired, PluginError> {
     let pod_ifname = env.ifname.clone();
     let host_mac = host.mac;
-    let pod_link = netlink::in_netns(netns, || async {
+    let pod_ips = ips.to_vec();
+    let pod_netns = netns.try_clone().map_err(|source| PluginError::Io {
+        what: "duplicating the pod's namespace handle".into(),
+        source,
+    })?;
+    // The pod side and the enforcement at the same time: the pod's interface has no carrier
+    // until the host veth is set up below, after both.
+    let pod_side = netlink::spawn_in_netns(pod_netns, move || async move {
         let h = netlink::connect()?;
         let link = netlink::link_by_name(&h, &pod_ifname)
             .await?
@@ -206,11 +213,11 @@ async fn wire(
         if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
             netlink::set_up(&h, lo.index, "lo").await?;
         }
-        for (addr, prefix, _) in ips {
+        for (addr, prefix, _) in &pod_ips {
             netlink::add_address(&h, link.index, *addr, *prefix, &pod_ifname).await?;
         }
         netlink::set_up(&h, link.index, &pod_ifname).await?;
-        let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
+        let mut gateways: Vec<IpAddr> = pod_ips.iter().map(|(_, _, g)| *g).collect();
         gateways.dedup();
         for gw in gateways {
             // The gateway is the host veth: no ARP/NDP, no proxy ARP needed.
@@ -222,25 +229,31 @@ async fn wire(
             };
             netlink::add_route(&h, link.index, default, 0, Some(gw), &pod_ifname).await?;
         }
+        crate::log::mark("pod");
         Ok(link)
-    })?;
-    crate::log::mark("pod");
+    });
 
-    // Enforcement into the datapath before the host side comes up: the pod's interface has no
-    // carrier until then, so its first packet meets its policy.
-    client
-        .activate_endpoint(request(
-            ActivateEndpointRequest {
-                attachment: attachment(env),
-                pod: Some(pod.clone()),
-                host_ifname: host_ifname.to_owned(),
-                addresses: ips.iter().map(|(a, _, _)| a.to_string()).collect(),
-            },
-            ACTIVATE_TIMEOUT,
-        ))
-        .await
-        .map_err(|s| PluginError::from_status("ActivateEndpoint", s))?;
-    crate::log::mark("activate");
+    // Enforcement into the datapath before the host side comes up, so the pod's first packet
+    // meets its policy.
+    let activate = async {
+        client
+            .activate_endpoint(request(
+                ActivateEndpointRequest {
+                    attachment: attachment(env),
+                    pod: Some(pod.clone()),
+                    host_ifname: host_ifname.to_owned(),
+                    addresses: ips.iter().map(|(a, _, _)| a.to_string()).collect(),
+                },
+                ACTIVATE_TIMEOUT,
+            ))
+            .await
+            .map_err(|s| PluginError::from_status("ActivateEndpoint", s))?;
+        crate::log::mark("activate");
+        Ok::<_, PluginError>(())
+    };
+    let (pod_link, activated) = tokio::join!(pod_side, activate);
+    activated?;
+    let pod_link = pod_link?;
 
     netlink::set_up(handle, host.index, host_ifname).await?;
     if ips.iter().any(|(a, _, _)| a.is_ipv6()) {

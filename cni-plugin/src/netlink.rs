@@ -348,3 +348,49 @@ where
             .unwrap_or_else(|panic| Err(PluginError::Panic(crate::panic_message(&panic))))
     })
 }
+
+/// Like [`in_netns`], but on a thread of its own that the caller awaits, so the caller's runtime
+/// keeps running (e.g. an RPC) meanwhile.
+pub fn spawn_in_netns<T, F, Fut>(
+    netns: OwnedFd,
+    f: F,
+) -> impl Future<Output = Result<T, PluginError>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, PluginError>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("pod-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                    |e| PluginError::Io {
+                        what: "entering the pod's network namespace".into(),
+                        source: e.into(),
+                    },
+                )?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| PluginError::Io {
+                        what: "starting a runtime in the pod's network namespace".into(),
+                        source,
+                    })?;
+                rt.block_on(f())
+            })();
+            let _ = tx.send(result);
+        });
+    async move {
+        spawned.map_err(|source| PluginError::Io {
+            what: "starting a thread for the pod's network namespace".into(),
+            source,
+        })?;
+        rx.await.unwrap_or_else(|_| {
+            Err(PluginError::Panic(
+                "the thread configuring the pod's namespace died".into(),
+            ))
+        })
+    }
+}
