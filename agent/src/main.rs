@@ -303,6 +303,10 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
             "removed {} (programs detached, maps unpinned)",
             bpffs_dir.display()
         );
+        // The per-node directory's parent (e.g. /sys/fs/bpf/weir) goes too once no node uses it.
+        if let Some(parent) = bpffs_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     } else {
         println!("nothing pinned at {}", bpffs_dir.display());
     }
