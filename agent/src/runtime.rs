@@ -25,7 +25,9 @@ use weir_policy::{
 
 use crate::{
     datapath::{
-        attach::{attach_endpoint, detach_endpoint, pinned_interfaces},
+        attach::{
+            LINK_PINS, Programs, attach_endpoint, detach_endpoint, link_pin, pinned_interfaces,
+        },
         desired::desired_maps,
         maps::DatapathMaps,
         writer::{ApplyStats, DesiredMaps, Writer},
@@ -57,13 +59,16 @@ pub enum RuntimeError {
     Adopt(#[from] crate::datapath::writer::WriteError),
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
+    #[error(transparent)]
+    Attach(#[from] crate::datapath::attach::AttachError),
 }
 
 /// Endpoints by (container id, interface name).
 type EndpointId = (String, String);
 
 struct Inner {
-    ebpf: Ebpf,
+    /// Holds the loaded object (programs and the maps not taken by the writer).
+    _ebpf: Ebpf,
     writer: Writer,
     /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
     input: CompileInput,
@@ -80,6 +85,8 @@ struct Inner {
 
 pub struct Runtime {
     config: RuntimeConfig,
+    /// The loaded programs' fds: attaching needs no lock.
+    programs: Programs,
     inner: Mutex<Inner>,
     /// Woken whenever the cluster state changes (for ADDs waiting for their Pod).
     cluster_changed: Notify,
@@ -104,13 +111,15 @@ impl Runtime {
     /// loaded programs into their pinned links. Writes no map until the first cluster state.
     pub fn start(config: RuntimeConfig, mut ebpf: Ebpf) -> Result<Arc<Self>, RuntimeError> {
         let maps = DatapathMaps::take(&mut ebpf)?;
+        let programs = Programs::from_ebpf(&ebpf)?;
         let writer = Writer::adopt(maps)?;
         let identities: IdentityAllocator =
             persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
         let runtime = Arc::new(Self {
             flow_log: FlowLog::new(&config.state_dir),
+            programs,
             inner: Mutex::new(Inner {
-                ebpf,
+                _ebpf: ebpf,
                 writer,
                 input: CompileInput {
                     state: ClusterState::default(),
@@ -140,8 +149,11 @@ impl Runtime {
                     detach_endpoint(&runtime.links_dir(), &endpoint.host_ifname);
                     continue;
                 }
-                match attach_endpoint(&mut inner.ebpf, &runtime.links_dir(), &endpoint.host_ifname)
-                {
+                match attach_endpoint(
+                    &runtime.programs,
+                    &runtime.links_dir(),
+                    &endpoint.host_ifname,
+                ) {
                     Ok(()) => {
                         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "adopted endpoint")
                     }
@@ -347,15 +359,16 @@ impl EndpointBackend for Runtime {
             host_ifname: endpoint.host_ifname.clone(),
             reason,
         };
+        if !self.lock().cluster_read {
+            return Err(EndpointError::NotReady(
+                "the cluster state has not been read yet".to_owned(),
+            ));
+        }
+        // Outside the lock: concurrent ADDs wait for their attach's RCU grace period together.
+        attach_endpoint(&self.programs, &self.links_dir(), &endpoint.host_ifname)
+            .map_err(|e| datapath_err(e.to_string()))?;
         {
             let mut inner = self.lock();
-            if !inner.cluster_read {
-                return Err(EndpointError::NotReady(
-                    "the cluster state has not been read yet".to_owned(),
-                ));
-            }
-            attach_endpoint(&mut inner.ebpf, &self.links_dir(), &endpoint.host_ifname)
-                .map_err(|e| datapath_err(e.to_string()))?;
             inner.endpoints.insert(
                 (endpoint.container_id.clone(), endpoint.ifname.clone()),
                 endpoint.clone(),
@@ -406,9 +419,9 @@ impl EndpointBackend for Runtime {
             return false;
         };
         let links = self.links_dir();
-        let attached = ["from_pod", "to_pod"].iter().all(|suffix| {
-            crate::datapath::attach::link_pin(&links, &endpoint.host_ifname, suffix).exists()
-        });
+        let attached = LINK_PINS
+            .iter()
+            .all(|hook| link_pin(&links, &endpoint.host_ifname, hook).exists());
         attached
             && endpoint
                 .addresses

@@ -1,39 +1,39 @@
 //! Attaching the programs to a pod's host-side veth with TCX, and pinning the links so they stay
 //! attached when the agent exits or dies. A restarted agent swaps its freshly loaded programs into
-//! the pinned links atomically (`bpf_link_update`), so a veth is never without a program.
+//! the pinned links atomically (`BPF_LINK_UPDATE`), so a veth is never without a program.
 
 use std::{
     io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
+    programs::{ProgramFd, SchedClassifier},
 };
 use weir_common::{PROG_FROM_POD, PROG_TO_POD};
 
+use super::tcx;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("the kernel object has no program {0}")]
-    MissingProgram(&'static str),
-    #[error("attaching {program} to {ifname}: {source}")]
-    Attach {
-        program: &'static str,
+    #[error("the kernel object has no loaded program {name}: {reason}")]
+    Program { name: &'static str, reason: String },
+    #[error("{ifname} does not exist in this network namespace: {source}")]
+    NoInterface {
         ifname: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: nix::Error,
     },
-    #[error("pinning the link of {program} on {ifname} at {path}: {reason}")]
-    Pin {
+    #[error("{what} {program} on {ifname} (pin {path}): {source}")]
+    Link {
+        what: &'static str,
         program: &'static str,
         ifname: String,
         path: PathBuf,
-        reason: String,
+        #[source]
+        source: io::Error,
     },
     #[error("creating the link pin directory {path}: {source}")]
     PinDir {
@@ -43,68 +43,87 @@ pub enum AttachError {
     },
 }
 
-/// (program, tc direction, pin suffix) for each hook on a pod's host-side veth.
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
-    (PROG_FROM_POD, TcAttachType::Ingress, "from_pod"),
-    (PROG_TO_POD, TcAttachType::Egress, "to_pod"),
-];
+/// The loaded programs' fds, cloned out of the object so attaching needs no lock on it.
+pub struct Programs {
+    from_pod: ProgramFd,
+    to_pod: ProgramFd,
+}
+
+impl Programs {
+    pub fn from_ebpf(ebpf: &Ebpf) -> Result<Self, AttachError> {
+        let fd = |name: &'static str| -> Result<ProgramFd, AttachError> {
+            let err = |reason: String| AttachError::Program { name, reason };
+            let program: &SchedClassifier = ebpf
+                .program(name)
+                .ok_or_else(|| err("missing".to_owned()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
+            program
+                .fd()
+                .map_err(|e| err(e.to_string()))?
+                .try_clone()
+                .map_err(|e| err(e.to_string()))
+        };
+        Ok(Self {
+            from_pod: fd(PROG_FROM_POD)?,
+            to_pod: fd(PROG_TO_POD)?,
+        })
+    }
+
+    /// (program name, its fd, tc ingress?, pin name) for each hook on a pod's host-side veth:
+    /// tc ingress sees what the pod sends, tc egress what it receives.
+    fn hooks(&self) -> [(&'static str, &ProgramFd, bool, &'static str); 2] {
+        [
+            (PROG_FROM_POD, &self.from_pod, true, "from_pod"),
+            (PROG_TO_POD, &self.to_pod, false, "to_pod"),
+        ]
+    }
+}
+
+/// The pin names of an interface's links.
+pub const LINK_PINS: [&str; 2] = ["from_pod", "to_pod"];
 
 /// Where the links of one veth are pinned: a directory per interface (bpffs reserves dots in
 /// names, so `<ifname>.<hook>` is not an option).
-pub fn link_pin(links_dir: &Path, ifname: &str, suffix: &str) -> PathBuf {
-    links_dir.join(ifname).join(suffix)
+pub fn link_pin(links_dir: &Path, ifname: &str, hook: &str) -> PathBuf {
+    links_dir.join(ifname).join(hook)
 }
 
-/// Attaches both programs to `ifname` (or re-points pinned links at the loaded programs) and
-/// pins the links under `links_dir`. Idempotent.
-pub fn attach_endpoint(ebpf: &mut Ebpf, links_dir: &Path, ifname: &str) -> Result<(), AttachError> {
+/// Attaches both programs to `ifname` (or re-points its pinned links at them) and pins the
+/// links under `links_dir`. Idempotent; safe to run for different interfaces in parallel.
+pub fn attach_endpoint(
+    programs: &Programs,
+    links_dir: &Path,
+    ifname: &str,
+) -> Result<(), AttachError> {
     let dir = links_dir.join(ifname);
     std::fs::create_dir_all(&dir).map_err(|source| AttachError::PinDir { path: dir, source })?;
-    for (program, attach_type, suffix) in HOOKS {
-        let pin = link_pin(links_dir, ifname, suffix);
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program)
-            .ok_or(AttachError::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| AttachError::Attach {
-                program,
-                ifname: ifname.to_owned(),
-                source,
-            })?;
-        let attach_err = |source| AttachError::Attach {
-            program,
+    let ifindex =
+        nix::net::if_::if_nametoindex(ifname).map_err(|source| AttachError::NoInterface {
             ifname: ifname.to_owned(),
             source,
-        };
-        let pin_err = |reason: String| AttachError::Pin {
+        })?;
+    for (program, fd, ingress, hook) in programs.hooks() {
+        let pin = link_pin(links_dir, ifname, hook);
+        let err = |what: &'static str, source: io::Error| AttachError::Link {
+            what,
             program,
             ifname: ifname.to_owned(),
             path: pin.clone(),
-            reason,
+            source,
         };
-        let link_id = match PinnedLink::from_pin(&pin) {
+        match tcx::obj_get(&pin) {
             // A previous agent attached it: swap our program in, atomically.
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| pin_err(e.to_string()))?;
-                prog.attach_to_link(link).map_err(attach_err)?
+            Ok(link) => tcx::link_update(link.as_fd(), fd.as_fd())
+                .map_err(|e| err("re-pointing the pinned link of", e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let link = tcx::link_create(fd.as_fd(), ifindex, ingress)
+                    .map_err(|e| err("attaching", e))?;
+                // The pin holds the link once our fd is closed.
+                tcx::obj_pin(link.as_fd(), &pin).map_err(|e| err("pinning the link of", e))?;
             }
-            Err(_) => prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(attach_err)?,
-        };
-        let link = prog.take_link(link_id).map_err(attach_err)?;
-        let fd_link: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
-        if !pin.exists() {
-            fd_link.pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+            Err(e) => return Err(err("opening the pinned link of", e)),
         }
-        // Dropping the fd keeps the link: the pin holds it.
     }
     Ok(())
 }

@@ -8,4 +8,5 @@ pub mod events;
 pub mod loader;
 pub mod maps;
 pub mod object;
+pub mod tcx;
 pub mod writer;
