@@ -1,15 +1,14 @@
 //! Pod address management for this node: one address per configured family (the node's pod
 //! CIDRs), keyed by attachment (container id, interface name).
 //!
-//! Every change is persisted to `<state_dir>/ipam.json` atomically (temp file, fsync, rename,
-//! fsync of the directory) before it is acknowledged, so a crash of the agent or of a plugin in
-//! the middle of an ADD never hands the same address out twice. Allocations whose host veth
+//! Every change is persisted to `<state_dir>/ipam.json` atomically (`persist::write_json`: temp
+//! file, rename) under the lock, before it is acknowledged, so a crash of the agent or of a plugin
+//! in the middle of an ADD never hands the same address out twice. (No fsync: see `persist`.) Allocations whose host veth
 //! vanished while the agent was down are released by [`Ipam::reconcile`] at start-up.
 
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
-    io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
@@ -54,12 +53,8 @@ pub enum IpamError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("writing the IPAM state {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("saving the IPAM state: {0}")]
+    Write(#[from] crate::persist::PersistError),
     #[error("the IPAM state lock was poisoned by a panic")]
     Poisoned,
     #[error("listing the node's network interfaces")]
@@ -156,26 +151,13 @@ impl Pool {
     }
 }
 
-/// The node's IPAM. Cheap to share behind an `Arc`; all methods take `&self`.
-///
-/// Persistence is a group commit: a change is made in memory under `state` (so concurrent
-/// callers never pick the same address), then the caller waits until a snapshot that contains
-/// its change is on disk. One writer at a time (`durable`) writes the newest snapshot, so
-/// concurrent ADDs share one fsync instead of queueing for one each.
+/// The node's IPAM. Cheap to share behind an `Arc`; all methods take `&self`. Changes are made
+/// and saved under one lock, so concurrent callers never pick the same address.
 #[derive(Debug)]
 pub struct Ipam {
     path: PathBuf,
     pools: Vec<Pool>,
-    state: Mutex<Versioned>,
-    /// The newest change number known to be on disk; held while writing.
-    durable: Mutex<u64>,
-}
-
-#[derive(Debug)]
-struct Versioned {
-    state: State,
-    /// Bumped by every change.
-    changes: u64,
+    state: Mutex<State>,
 }
 
 impl Ipam {
@@ -222,8 +204,7 @@ impl Ipam {
         Ok(Ipam {
             path,
             pools,
-            state: Mutex::new(Versioned { state, changes: 0 }),
-            durable: Mutex::new(0),
+            state: Mutex::new(state),
         })
     }
 
@@ -237,30 +218,11 @@ impl Ipam {
         &self.path
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Versioned>, IpamError> {
+    fn lock(&self) -> Result<MutexGuard<'_, State>, IpamError> {
         self.state.lock().map_err(|_| IpamError::Poisoned)
     }
 
-    /// Returns once change number `change` (or a later one) is on disk.
-    fn commit(&self, change: u64) -> Result<(), IpamError> {
-        let mut durable = self.durable.lock().map_err(|_| IpamError::Poisoned)?;
-        if *durable >= change {
-            return Ok(());
-        }
-        let (bytes, snapshot) = {
-            let v = self.lock()?;
-            let bytes = serde_json::to_vec_pretty(&v.state).map_err(|e| IpamError::Write {
-                path: self.path.clone(),
-                source: e.into(),
-            })?;
-            (bytes, v.changes)
-        };
-        self.write(&bytes)?;
-        *durable = snapshot;
-        Ok(())
-    }
-
-    /// Reserves one address per pool for the attachment and persists the reservation before
+    /// Reserves one address per pool for the attachment and saves the reservation before
     /// returning it. Idempotent: an attachment that already has addresses gets the same ones.
     pub fn allocate(
         &self,
@@ -269,33 +231,21 @@ impl Ipam {
         pod: &ObjectKey,
         host_ifname: &str,
     ) -> Result<Allocation, IpamError> {
-        let (allocation, change) = {
-            let mut v = self.lock()?;
-            if let Some(existing) = v
-                .state
-                .allocations
-                .iter()
-                .find(|a| a.container_id == container_id && a.ifname == ifname)
-                .cloned()
-            {
-                // It may still be on its way to disk (a concurrent ADD of the same attachment).
-                let change = v.changes;
-                drop(v);
-                self.commit(change)?;
-                return Ok(existing);
-            }
-            let allocation = self.pick(&mut v.state, container_id, ifname, pod, host_ifname)?;
-            v.changes += 1;
-            (allocation, v.changes)
-        };
-        if let Err(e) = self.commit(change) {
-            // Not on disk: take it back, so the address is not handed out as if it were.
-            let mut v = self.lock()?;
-            if let Some(pos) = v.state.allocations.iter().position(|a| a == &allocation) {
-                v.state.allocations.remove(pos);
-                v.changes += 1;
-            }
-            return Err(e);
+        let mut state = self.lock()?;
+        if let Some(existing) = state
+            .allocations
+            .iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+        {
+            return Ok(existing.clone());
+        }
+        let cursors = state.cursors.clone();
+        let allocation = self.pick(&mut state, container_id, ifname, pod, host_ifname)?;
+        if let Err(e) = crate::persist::write_json(&self.path, &*state) {
+            // Not saved: take it back, so the address is not handed out as if it were.
+            state.allocations.retain(|a| a != &allocation);
+            state.cursors = cursors;
+            return Err(e.into());
         }
         Ok(allocation)
     }
@@ -360,7 +310,6 @@ impl Ipam {
     pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
         Ok(self
             .lock()?
-            .state
             .allocations
             .iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
@@ -380,7 +329,7 @@ impl Ipam {
 
     /// Every current allocation.
     pub fn allocations(&self) -> Result<Vec<Allocation>, IpamError> {
-        Ok(self.lock()?.state.allocations.clone())
+        Ok(self.lock()?.allocations.clone())
     }
 
     /// Start-up reconciliation: releases every allocation whose host veth is not in
@@ -395,48 +344,24 @@ impl Ipam {
         self.release_where(|a| !existing_host_veths.contains(&a.host_ifname))
     }
 
-    /// Releases every allocation for which `stale` holds, persisting once; returns them.
-    ///
-    /// A release whose write fails stays released in memory (the address may already be handed
-    /// out again); the next successful write records it, and the caller's retry (DEL is retried)
-    /// waits for that.
+    /// Releases every allocation for which `stale` holds, saving once; returns them. When the
+    /// save fails nothing is released (the caller's DEL is retried).
     pub fn release_where(
         &self,
         mut stale: impl FnMut(&Allocation) -> bool,
     ) -> Result<Vec<Allocation>, IpamError> {
-        let (released, change) = {
-            let mut v = self.lock()?;
-            let (released, kept): (Vec<_>, Vec<_>) =
-                v.state.allocations.drain(..).partition(|a| stale(a));
-            v.state.allocations = kept;
-            if !released.is_empty() {
-                v.changes += 1;
-            }
-            (released, v.changes)
-        };
-        self.commit(change)?;
+        let mut state = self.lock()?;
+        let (released, kept): (Vec<_>, Vec<_>) =
+            state.allocations.iter().cloned().partition(|a| stale(a));
+        if released.is_empty() {
+            return Ok(released);
+        }
+        let before = std::mem::replace(&mut state.allocations, kept);
+        if let Err(e) = crate::persist::write_json(&self.path, &*state) {
+            state.allocations = before;
+            return Err(e.into());
+        }
         Ok(released)
-    }
-
-    /// Writes a snapshot atomically: temp file, fsync, rename, fsync of the directory.
-    fn write(&self, bytes: &[u8]) -> Result<(), IpamError> {
-        let write_err = |source| IpamError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            let mut file = fs::File::create(&tmp).map_err(write_err)?;
-            file.write_all(bytes).map_err(write_err)?;
-            file.sync_all().map_err(write_err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(write_err)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(write_err)?;
-        }
-        Ok(())
     }
 }
 

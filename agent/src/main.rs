@@ -3,7 +3,6 @@
 //! is the same code.
 
 use std::{
-    collections::HashSet,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -127,12 +126,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     health.attach(runtime.clone());
 
     let ipam = Arc::new(Ipam::open(&state_dir, &pod_cidrs).context("opening IPAM")?);
-    let interfaces: HashSet<String> = nix::net::if_::if_nameindex()
-        .context("listing this node's interfaces")?
-        .iter()
-        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
-        .collect();
-    for released in ipam.reconcile(&interfaces).context("reconciling IPAM")? {
+    let veths =
+        weir_agent::ipam::existing_host_veths().context("listing this node's interfaces")?;
+    for released in ipam.reconcile(&veths).context("reconciling IPAM")? {
         tracing::info!(
             ?released,
             "released the address of an endpoint whose veth is gone"

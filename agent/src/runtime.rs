@@ -394,7 +394,9 @@ impl EndpointBackend for Runtime {
     }
 
     async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
-        {
+        // First out of the maps (its packets now drop as unknown), then off the veth: never the
+        // other way round, which would let the veth carry traffic with no program on it.
+        let endpoint = {
             let mut inner = self.lock();
             let Some(endpoint) = inner
                 .endpoints
@@ -402,12 +404,15 @@ impl EndpointBackend for Runtime {
             else {
                 return Ok(());
             };
-            detach_endpoint(&self.links_dir(), &endpoint.host_ifname);
             self.reconcile(&mut inner);
-            tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
             self.save_endpoints(&inner)
-                .map_err(|e| EndpointError::NotReady(e.to_string()))
-        }
+                .map_err(|e| EndpointError::NotReady(e.to_string()))?;
+            endpoint
+        };
+        // Outside the lock: a TCX detach waits for an RCU grace period.
+        detach_endpoint(&self.links_dir(), &endpoint.host_ifname);
+        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
+        Ok(())
     }
 
     fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
