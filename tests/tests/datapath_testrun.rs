@@ -1114,7 +1114,10 @@ fn non_ip_and_neighbour_discovery_pass_uncounted_by_policy() {
         PROTO_ICMPV6,
         &packet::icmp_message(143, 0, &[0; 4]),
     );
-    assert_eq!(dp.from_pod(&packet::ethernet(packet::ETH_P_IPV6, &mld_report)), OK);
+    assert_eq!(
+        dp.from_pod(&packet::ethernet(packet::ETH_P_IPV6, &mld_report)),
+        OK
+    );
     assert_eq!(dp.counter(REASON_LINK_LOCAL), 4);
     assert!(dp.events().is_empty());
     // Other ICMPv6 from an unknown address is not link-local.

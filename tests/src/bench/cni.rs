@@ -101,6 +101,13 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         }
     }
     report("16 at once", add, del);
+    // Where the time goes: the plugin logs its phases, the agent its compile and write times.
+    let log = std::fs::read_to_string(dirs.root.join("cni.log")).unwrap_or_default();
+    for verb in [" ADD ", " DEL "] {
+        if let Some(line) = log.lines().rev().find(|l| l.contains(verb)) {
+            println!("  phases of the last{verb}(plugin log): {line}");
+        }
+    }
     println!("  goal: ADD p99 <= 30 ms at 16 concurrent");
     Ok(())
 }
