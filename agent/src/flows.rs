@@ -86,6 +86,9 @@ impl Explainer {
         };
         let rule = (event.rule != 0).then(|| match self.rule_origins.get(&event.rule) {
             Some(o) => format!("{} {}[{}]", o.policy, direction_name(o.direction), o.index),
+            None if event.rule == RULE_FROM_HOST => {
+                "built-in: the node reaches its own pods".into()
+            }
             None => format!("rule {}", event.rule),
         });
         FlowRecord {

@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 use weir_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, ports::port_range_blocks,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, RULE_FROM_HOST, ports::port_range_blocks,
 };
 
 use crate::{
@@ -429,6 +429,17 @@ pub fn compile(
         if let Some(sr) = out.subjects.get_mut(&subject) {
             sr.rules = matches.into_iter().collect();
         }
+    }
+    // The node itself reaches its own pods even when they are isolated: kubelet's probes come
+    // from there. A rule that already allows the host keeps its own id.
+    let from_host = RuleMatch {
+        direction: DIR_INGRESS,
+        peer: IDENTITY_HOST,
+        proto: None,
+        port: None,
+    };
+    for sr in out.subjects.values_mut().filter(|sr| sr.isolated_ingress) {
+        sr.rules.entry(from_host).or_insert(RULE_FROM_HOST);
     }
 
     let pods_used: BTreeSet<&PodIdentityKey> = ids.keys.values().collect();

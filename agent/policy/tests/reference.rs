@@ -584,6 +584,12 @@ fn direction_allows(
     if selecting.is_empty() {
         return true;
     }
+    // Weir's one addition to the spec: the local node (n1) reaches its own pods (kubelet probes).
+    let from_local_node =
+        other.pod.is_none() && c.nodes.iter().any(|(n, a)| n == "n1" && *a == other.addr);
+    if ingress && pod.local && from_local_node {
+        return true;
+    }
     selecting.iter().any(|p| {
         let rules = if ingress { &p.ingress } else { &p.egress };
         rules.iter().flatten().any(|r| {
@@ -593,13 +599,16 @@ fn direction_allows(
     })
 }
 
-/// The whole verdict from the spec: the source's egress and the destination's ingress.
+/// The whole verdict from the spec: the source's egress and the destination's ingress. Weir's
+/// one addition: the local node (n1) always reaches its own pods (kubelet probes).
 fn allowed(c: &TCluster, src: End<'_>, dst: End<'_>, proto: u8, port: u16) -> bool {
+    let from_local_node =
+        src.pod.is_none() && c.nodes.iter().any(|(n, a)| n == "n1" && *a == src.addr);
     src.pod
         .is_none_or(|s| direction_allows(c, s, dst, false, proto, port, dst.pod))
-        && dst
-            .pod
-            .is_none_or(|d| direction_allows(c, d, src, true, proto, port, dst.pod))
+        && dst.pod.is_none_or(|d| {
+            (from_local_node && d.local) || direction_allows(c, d, src, true, proto, port, dst.pod)
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -80,9 +80,9 @@ spec:
         s.selected_by_ingress.iter().next(),
         Some(&ObjectKey::new("default", "test-network-policy"))
     );
-    // Every rule id is explained.
+    // Every rule id is explained: by its policy, or it is the built-in allowance for the node.
     for id in s.rules.values() {
-        assert!(c.rule_origins.contains_key(id));
+        assert!(c.rule_origins.contains_key(id) || *id == weir_common::RULE_FROM_HOST);
     }
 }
 

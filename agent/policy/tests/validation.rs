@@ -167,5 +167,11 @@ fn a_rejected_policy_does_not_disturb_the_others() {
         s.selected_by_ingress.iter().cloned().collect::<Vec<_>>(),
         vec![ObjectKey::new("default", "good")]
     );
-    assert_eq!(s.rules.len(), 1);
+    // The good policy's one rule, and the built-in allowance for the node itself.
+    assert_eq!(s.rules.len(), 2);
+    assert!(
+        s.rules
+            .values()
+            .any(|id| *id == weir_common::RULE_FROM_HOST)
+    );
 }

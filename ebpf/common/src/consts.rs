@@ -30,6 +30,10 @@ pub const IDENTITY_FIRST_POD: u32 = 256;
 /// CIDR identities (ipBlock label sets) live in this cluster-local range.
 pub const IDENTITY_FIRST_CIDR: u32 = 0x0080_0000;
 
+/// The rule id of the built-in allowance for traffic from the node itself to its local pods
+/// (kubelet's liveness and readiness probes), as Cilium and Calico allow by default.
+pub const RULE_FROM_HOST: u32 = u32::MAX;
+
 /// Verdicts.
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DROP: u8 = 2;
