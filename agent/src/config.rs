@@ -94,6 +94,9 @@ pub struct RunArgs {
     /// [default: /run/weir/<node>/agent.sock].
     #[arg(long, env = "WEIR_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Route other nodes' pod CIDRs (their Node objects' spec.podCIDRs) via their InternalIP.
+    #[arg(long, env = "WEIR_NATIVE_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub native_routing: bool,
     /// Cut established connections that a policy change no longer allows.
     #[arg(long, env = "WEIR_REVOKE_ESTABLISHED", default_value_t = true, action = clap::ArgAction::Set)]
     pub revoke_established: bool,

@@ -10,5 +10,6 @@ pub mod health;
 pub mod ipam;
 pub mod node;
 pub mod persist;
+pub mod routes;
 pub mod runtime;
 pub mod source;

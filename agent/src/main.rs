@@ -18,6 +18,7 @@ use weir_agent::{
     health::{self, Health},
     ipam::Ipam,
     node,
+    routes::{NodeRoutes, desired_routes},
     runtime::{Runtime, RuntimeConfig},
     source::{
         kubernetes::{self, KubeSourceConfig},
@@ -144,6 +145,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
+    // Routes to the other nodes' pod CIDRs, from their Node objects.
+    let mut routes = match args.native_routing {
+        true => Some(
+            NodeRoutes::open()
+                .await
+                .context("opening netlink for node routes")?,
+        ),
+        false => None,
+    };
+    if let Some(routes) = routes.as_mut() {
+        routes.sync(&desired_routes(&first_state, &node_name)).await;
+    }
     health.source.observe_state(&first_state);
     runtime.set_cluster_state(first_state);
     let mut states_rx = match source {
@@ -160,9 +173,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let state_runtime = runtime.clone();
     let state_health = health.clone();
+    let routes_node = node_name.clone();
     tokio::spawn(async move {
         while let Some(state) = states_rx.recv().await {
             state_health.source.observe_state(&state);
+            if let Some(routes) = routes.as_mut() {
+                routes.sync(&desired_routes(&state, &routes_node)).await;
+            }
             state_runtime.set_cluster_state(state);
         }
     });

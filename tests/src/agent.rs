@@ -49,6 +49,16 @@ impl AgentDirs {
     }
 }
 
+impl AgentDirs {
+    /// Directories for another node of the same cluster: its own state, socket and pins, the
+    /// first node's manifests directory (one API server for all).
+    pub fn sharing_manifests(tag: &str, node: &str, first: &AgentDirs) -> Self {
+        let mut dirs = Self::new(&format!("{tag}-{node}"), node);
+        dirs.manifests = first.manifests.clone();
+        dirs
+    }
+}
+
 impl Drop for AgentDirs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);

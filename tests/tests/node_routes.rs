@@ -1,0 +1,186 @@
+//! Native routing between nodes: each agent routes the other nodes' pod CIDRs (from their Node
+//! objects) via their InternalIP, pods on different nodes talk over it, the receiving node
+//! enforces by the sender's identity, and a Node that goes away takes its route with it.
+//! Root only; never skipped.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weir_tests::{
+    agent::{Agent, AgentDirs},
+    cni::{Plugin, PodRef},
+    netns::{Netns, spawn_in},
+};
+
+const PORT: u16 = 8080;
+
+fn node(name: &str, cidr: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: ['{cidr}']}}\n\
+         status: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
+    )
+}
+
+fn pod(name: &str, node: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {PORT}}}]}}]}}\n"
+    )
+}
+
+fn with_ip(pod_yaml: &str, ip: IpAddr) -> String {
+    format!("{pod_yaml}status: {{podIPs: [{{ip: '{ip}'}}]}}\n")
+}
+
+fn routes(netns: &Netns) -> String {
+    netns.ip(&["route", "show", "proto", "87"])
+}
+
+fn connects(from: &Netns, to: IpAddr) -> bool {
+    spawn_in(from.path(), move || {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), Duration::from_millis(300))
+        else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 3 s"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn agents_route_pod_cidrs_between_nodes_and_enforce_by_identity() {
+    let (n1, n2) = (Netns::new("rt1"), Netns::new("rt2"));
+    // The underlay: one veth between the two node namespaces.
+    n1.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
+    ]);
+    n1.ip(&["addr", "add", "192.168.77.1/24", "dev", "eth0"]);
+    n2.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"]);
+    n1.ip(&["link", "set", "eth0", "up"]);
+    n2.ip(&["link", "set", "eth0", "up"]);
+
+    let d1 = AgentDirs::new("rt", "n1");
+    let d2 = AgentDirs::sharing_manifests("rt", "n2", &d1);
+    let m = &d1.manifests; // one shared directory, as one API server
+    let nodes = [
+        ("n1.yaml", node("n1", "10.151.1.0/24", "192.168.77.1")),
+        ("n2.yaml", node("n2", "10.151.2.0/24", "192.168.77.2")),
+    ];
+    for (file, yaml) in &nodes {
+        std::fs::write(m.join(file), yaml).unwrap();
+    }
+    let pods = [
+        ("client", "n1", "client"),
+        ("intruder", "n1", "intruder"),
+        ("server", "n2", "server"),
+    ];
+    for (name, node, app) in pods {
+        std::fs::write(m.join(format!("{name}.yaml")), pod(name, node, app)).unwrap();
+    }
+    let a1 = Agent::start(&n1, "n1", &d1, &[]);
+    let a2 = Agent::start(&n2, "n2", &d2, &[]);
+    assert!(
+        routes(&n1).contains("10.151.2.0/24 via 192.168.77.2"),
+        "n1 routes: {}",
+        routes(&n1)
+    );
+    assert!(
+        routes(&n2).contains("10.151.1.0/24 via 192.168.77.1"),
+        "n2 routes: {}",
+        routes(&n2)
+    );
+
+    let p1 = Plugin::new(&n1.name, &d1.socket, &d1.root.join("cni.log"));
+    let p2 = Plugin::new(&n2.name, &d2.socket, &d2.root.join("cni.log"));
+    let mut ips = Vec::new();
+    let netns: Vec<Netns> = pods
+        .iter()
+        .map(|(name, _, _)| Netns::new(&format!("rt{}", &name[..3])))
+        .collect();
+    for ((name, node, app), ns) in pods.iter().zip(&netns) {
+        let plugin = if *node == "n1" { &p1 } else { &p2 };
+        let id = format!("ctr-{name}");
+        let (out, _) = plugin.ok(
+            "ADD",
+            &PodRef {
+                container_id: &id,
+                namespace: "default",
+                name,
+                netns: &ns.name,
+            },
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let ip: IpAddr = v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // As kubelet does: publish the address so the other node learns it.
+        std::fs::write(
+            m.join(format!("{name}.yaml")),
+            with_ip(&pod(name, node, app), ip),
+        )
+        .unwrap();
+        ips.push(ip);
+    }
+    let server_ip = ips[2];
+    spawn_in(netns[2].path(), move || {
+        let listener = TcpListener::bind((server_ip, PORT)).unwrap();
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hi");
+        }
+    });
+    eventually("client reaches the server on the other node", || {
+        connects(&netns[0], server_ip)
+    });
+    assert!(
+        connects(&netns[1], server_ip),
+        "no policy yet: the intruder reaches it too"
+    );
+
+    // The server's node enforces ingress by the sender's identity (from the client's pod IP).
+    std::fs::write(
+        m.join("policy.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\n\
+         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
+    )
+    .unwrap();
+    eventually("the intruder is denied across nodes", || {
+        !connects(&netns[1], server_ip)
+    });
+    assert!(
+        connects(&netns[0], server_ip),
+        "the client is still allowed across nodes"
+    );
+
+    // A Node that goes away takes its route with it.
+    std::fs::remove_file(m.join("n2.yaml")).unwrap();
+    eventually("n2's route is removed", || {
+        !routes(&n1).contains("10.151.2.0/24")
+    });
+    drop((a1, a2));
+}
