@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
 use futures::TryStreamExt as _;
@@ -318,6 +318,29 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// On the calling thread (which must be one of its own): enters `netns` and runs `f` on a
+/// current-thread runtime, so `f`'s netlink sockets are opened in that namespace.
+fn enter_and_run<T, F, Fut>(netns: BorrowedFd<'_>, f: F) -> Result<T, PluginError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, PluginError>>,
+{
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+        PluginError::Io {
+            what: "entering the pod's network namespace".into(),
+            source: e.into(),
+        }
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| PluginError::Io {
+            what: "starting a runtime in the pod's network namespace".into(),
+            source,
+        })?;
+    rt.block_on(f())
+}
+
 /// Runs `f` on a fresh thread inside the network namespace `netns`, with its own current-thread
 /// runtime (and so its own netlink sockets, opened in that namespace).
 pub fn in_netns<T, F, Fut>(netns: &OwnedFd, f: F) -> Result<T, PluginError>
@@ -328,22 +351,7 @@ where
 {
     std::thread::scope(|scope| {
         scope
-            .spawn(|| {
-                nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                    |e| PluginError::Io {
-                        what: "entering the pod's network namespace".into(),
-                        source: e.into(),
-                    },
-                )?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|source| PluginError::Io {
-                        what: "starting a runtime in the pod's network namespace".into(),
-                        source,
-                    })?;
-                rt.block_on(f())
-            })
+            .spawn(|| enter_and_run(netns.as_fd(), f))
             .join()
             .unwrap_or_else(|panic| Err(PluginError::Panic(crate::panic_message(&panic))))
     })
@@ -364,22 +372,7 @@ where
     let spawned = std::thread::Builder::new()
         .name("pod-netns".into())
         .spawn(move || {
-            let result = (|| {
-                nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                    |e| PluginError::Io {
-                        what: "entering the pod's network namespace".into(),
-                        source: e.into(),
-                    },
-                )?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|source| PluginError::Io {
-                        what: "starting a runtime in the pod's network namespace".into(),
-                        source,
-                    })?;
-                rt.block_on(f())
-            })();
+            let result = enter_and_run(netns.as_fd(), f);
             let _ = tx.send(result);
         });
     async move {
