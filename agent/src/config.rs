@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// [default: /run/weir/<node>/agent.sock].
     #[arg(long, env = "WEIR_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Reach other nodes' pods through a VXLAN overlay instead of native routes (for underlays
+    /// that cannot route pod addresses): `none` or `vxlan`. IPv4.
+    #[arg(long, env = "WEIR_OVERLAY", default_value = "none", value_parser = ["none", "vxlan"])]
+    pub overlay: String,
     /// Route other nodes' pod CIDRs (their Node objects' spec.podCIDRs) via their InternalIP.
     #[arg(long, env = "WEIR_NATIVE_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
     pub native_routing: bool,

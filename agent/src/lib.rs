@@ -9,6 +9,7 @@ pub mod flows;
 pub mod health;
 pub mod ipam;
 pub mod node;
+pub mod overlay;
 pub mod persist;
 pub mod routes;
 pub mod runtime;

@@ -18,6 +18,7 @@ use weir_agent::{
     health::{self, Health},
     ipam::Ipam,
     node,
+    overlay::Overlay,
     routes::{NodeRoutes, desired_routes},
     runtime::{Runtime, RuntimeConfig},
     source::{
@@ -145,18 +146,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    // Routes to the other nodes' pod CIDRs, from their Node objects.
-    let mut routes = match args.native_routing {
-        true => Some(
+    // Other nodes' pods: native routes, or the VXLAN overlay, from their Node objects.
+    let mut peers = if args.overlay == "vxlan" {
+        let (underlay, cidr) = overlay_endpoint(&first_state, &node_name, &pod_cidrs)?;
+        let overlay = Overlay::open(underlay, cidr)
+            .await
+            .context("setting up the VXLAN overlay")?;
+        NodePeers::Overlay(overlay)
+    } else if args.native_routing {
+        NodePeers::Routes(
             NodeRoutes::open()
                 .await
                 .context("opening netlink for node routes")?,
-        ),
-        false => None,
+        )
+    } else {
+        NodePeers::None
     };
-    if let Some(routes) = routes.as_mut() {
-        routes.sync(&desired_routes(&first_state, &node_name)).await;
-    }
+    peers.sync(&desired_routes(&first_state, &node_name)).await;
     health.source.observe_state(&first_state);
     runtime.set_cluster_state(first_state);
     let mut states_rx = match source {
@@ -177,9 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Some(state) = states_rx.recv().await {
             state_health.source.observe_state(&state);
-            if let Some(routes) = routes.as_mut() {
-                routes.sync(&desired_routes(&state, &routes_node)).await;
-            }
+            peers.sync(&desired_routes(&state, &routes_node)).await;
             state_runtime.set_cluster_state(state);
         }
     });
@@ -290,6 +294,49 @@ fn node_pod_cidrs(
         .collect()
 }
 
+/// How this node reaches other nodes' pods.
+enum NodePeers {
+    None,
+    Routes(NodeRoutes),
+    Overlay(Overlay),
+}
+
+impl NodePeers {
+    async fn sync(&mut self, desired: &std::collections::BTreeMap<ipnet::IpNet, std::net::IpAddr>) {
+        match self {
+            NodePeers::None => {}
+            NodePeers::Routes(routes) => routes.sync(desired).await,
+            NodePeers::Overlay(overlay) => overlay.sync(desired).await,
+        }
+    }
+}
+
+/// This node's overlay endpoint: its Node's IPv4 InternalIP and its IPv4 pod CIDR.
+fn overlay_endpoint(
+    state: &weir_policy::model::ClusterState,
+    node_name: &str,
+    pod_cidrs: &[ipnet::IpNet],
+) -> anyhow::Result<(std::net::Ipv4Addr, ipnet::Ipv4Net)> {
+    let underlay = state
+        .nodes
+        .get(node_name)
+        .into_iter()
+        .flat_map(|n| n.status.addresses.iter())
+        .filter(|a| a.kind == "InternalIP")
+        .find_map(|a| a.address.trim().parse::<std::net::Ipv4Addr>().ok())
+        .with_context(|| {
+            format!("--overlay vxlan needs this node's IPv4 InternalIP: Node {node_name} has none in status.addresses")
+        })?;
+    let cidr = pod_cidrs
+        .iter()
+        .find_map(|c| match c {
+            ipnet::IpNet::V4(v4) => Some(*v4),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .context("--overlay vxlan needs an IPv4 pod CIDR for this node")?;
+    Ok((underlay, cidr))
+}
+
 /// SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -323,6 +370,16 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     } else {
         println!("nothing pinned at {}", bpffs_dir.display());
     }
+    // Routes to other nodes' pods and the overlay device: the agent's own, found by protocol
+    // and name.
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(async {
+            NodeRoutes::open().await?.sync(&Default::default()).await;
+            weir_agent::overlay::remove_device().await
+        })
+        .context("removing Weir's routes and overlay device")?;
+    println!("removed Weir's routes to other nodes' pods and its overlay device, if any");
     if args.purge_state {
         let state_dir = args.node.state_dir()?;
         if state_dir.exists() {

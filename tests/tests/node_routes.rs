@@ -70,7 +70,32 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn agents_route_pod_cidrs_between_nodes_and_enforce_by_identity() {
-    let (n1, n2) = (Netns::new("rt1"), Netns::new("rt2"));
+    cross_node(
+        "rt",
+        &[],
+        "10.151.2.0/24 via 192.168.77.2",
+        "10.151.1.0/24 via 192.168.77.1",
+    );
+}
+
+#[test]
+fn the_vxlan_overlay_carries_pods_between_nodes_and_keeps_identity() {
+    cross_node(
+        "vx",
+        &["--overlay", "vxlan"],
+        "10.151.2.0/24 via 10.151.2.0 dev weir-vxlan",
+        "10.151.1.0/24 via 10.151.1.0 dev weir-vxlan",
+    );
+}
+
+/// Two node namespaces on one underlay link, an agent each (with `args`), pods wired by the
+/// plugin on both, traffic and a policy across them. `route1`/`route2`: what each node's route
+/// to the other's pod CIDR must look like.
+fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
+    let (n1, n2) = (
+        Netns::new(&format!("{tag}1")),
+        Netns::new(&format!("{tag}2")),
+    );
     // The underlay: one veth between the two node namespaces.
     n1.ip(&[
         "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
@@ -80,8 +105,8 @@ fn agents_route_pod_cidrs_between_nodes_and_enforce_by_identity() {
     n1.ip(&["link", "set", "eth0", "up"]);
     n2.ip(&["link", "set", "eth0", "up"]);
 
-    let d1 = AgentDirs::new("rt", "n1");
-    let d2 = AgentDirs::sharing_manifests("rt", "n2", &d1);
+    let d1 = AgentDirs::new(tag, "n1");
+    let d2 = AgentDirs::sharing_manifests(tag, "n2", &d1);
     let m = &d1.manifests; // one shared directory, as one API server
     let nodes = [
         ("n1.yaml", node("n1", "10.151.1.0/24", "192.168.77.1")),
@@ -98,25 +123,17 @@ fn agents_route_pod_cidrs_between_nodes_and_enforce_by_identity() {
     for (name, node, app) in pods {
         std::fs::write(m.join(format!("{name}.yaml")), pod(name, node, app)).unwrap();
     }
-    let a1 = Agent::start(&n1, "n1", &d1, &[]);
-    let a2 = Agent::start(&n2, "n2", &d2, &[]);
-    assert!(
-        routes(&n1).contains("10.151.2.0/24 via 192.168.77.2"),
-        "n1 routes: {}",
-        routes(&n1)
-    );
-    assert!(
-        routes(&n2).contains("10.151.1.0/24 via 192.168.77.1"),
-        "n2 routes: {}",
-        routes(&n2)
-    );
+    let a1 = Agent::start(&n1, "n1", &d1, args);
+    let a2 = Agent::start(&n2, "n2", &d2, args);
+    assert!(routes(&n1).contains(route1), "n1 routes: {}", routes(&n1));
+    assert!(routes(&n2).contains(route2), "n2 routes: {}", routes(&n2));
 
     let p1 = Plugin::new(&n1.name, &d1.socket, &d1.root.join("cni.log"));
     let p2 = Plugin::new(&n2.name, &d2.socket, &d2.root.join("cni.log"));
     let mut ips = Vec::new();
     let netns: Vec<Netns> = pods
         .iter()
-        .map(|(name, _, _)| Netns::new(&format!("rt{}", &name[..3])))
+        .map(|(name, _, _)| Netns::new(&format!("{tag}{}", &name[..3])))
         .collect();
     for ((name, node, app), ns) in pods.iter().zip(&netns) {
         let plugin = if *node == "n1" { &p1 } else { &p2 };
@@ -177,10 +194,39 @@ fn agents_route_pod_cidrs_between_nodes_and_enforce_by_identity() {
         "the client is still allowed across nodes"
     );
 
+    // With the overlay, the traffic really went through the tunnel.
+    if args.contains(&"vxlan") {
+        let stats = n1.ip(&["-s", "link", "show", "weir-vxlan"]);
+        // The line after "TX:" holds bytes, packets, ...
+        let tx_packets: u64 = stats
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("TX:"))
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        assert!(tx_packets > 0, "nothing went through the tunnel:\n{stats}");
+    }
     // A Node that goes away takes its route with it.
     std::fs::remove_file(m.join("n2.yaml")).unwrap();
     eventually("n2's route is removed", || {
         !routes(&n1).contains("10.151.2.0/24")
     });
+    // Removing Weir from a node takes its routes and overlay device too.
     drop((a1, a2));
+    let out = n2
+        .command(weir_tests::agent::bin("weir-agent").to_str().unwrap())
+        .args(["uninstall", "--node-name", "n2", "--bpffs-dir"])
+        .arg(&d2.bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(routes(&n2).trim(), "", "uninstall left routes behind");
+    assert!(
+        !n2.ip(&["link"]).contains("weir-vxlan"),
+        "uninstall left the overlay device"
+    );
 }
