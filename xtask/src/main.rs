@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod kind;
 mod setup;
 mod test;
 mod toolchain;
@@ -28,6 +29,9 @@ enum Command {
     Demo(demo::Options),
     /// Benchmarks: per-packet cost, propagation, pod-to-pod traffic against iptables.
     Bench(bench::Options),
+    /// Weir on a kind cluster with the Brown Bear probes (needs Docker, kind and kubectl; never
+    /// run on the development machines, which have no Docker engine).
+    Kind(kind::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(command) => xtask::lab::cli::run(command),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Kind(options) => kind::run(&options),
     }
 }
