@@ -20,7 +20,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
-use crate::routes::{ROUTE_PROTOCOL, RoutesError};
+use crate::routes::{ROUTE_PROTOCOL, RoutesError, connect};
 
 pub const VXLAN_DEVICE: &str = "weir-vxlan";
 pub const VXLAN_VNI: u32 = 87;
@@ -55,19 +55,9 @@ impl Overlay {
     /// Creates (or adopts) the VXLAN device in the calling thread's network namespace, bound
     /// to `underlay` (this node's InternalIP), with this node's VTEP address and MAC.
     pub async fn open(underlay: Ipv4Addr, own_cidr: Ipv4Net) -> Result<Self, RoutesError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutesError::Connect)?;
-        tokio::spawn(connection);
-        let existing = handle
-            .link()
-            .get()
-            .match_name(VXLAN_DEVICE.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .ok()
-            .flatten();
-        let index = match existing {
-            Some(link) => link.header.index,
+        let handle = connect()?;
+        let index = match device_index(&handle).await {
+            Some(index) => index,
             None => {
                 let msg = LinkVxlan::new(VXLAN_DEVICE, VXLAN_VNI)
                     .port(VXLAN_PORT)
@@ -80,15 +70,7 @@ impl Overlay {
                     .execute()
                     .await
                     .map_err(netlink_err(format!("creating {VXLAN_DEVICE}")))?;
-                let link = handle
-                    .link()
-                    .get()
-                    .match_name(VXLAN_DEVICE.to_owned())
-                    .execute()
-                    .try_next()
-                    .await
-                    .map_err(netlink_err(format!("finding {VXLAN_DEVICE}")))?;
-                link.map(|l| l.header.index).unwrap_or_default()
+                device_index(&handle).await.unwrap_or_default()
             }
         };
         let set = LinkUnspec::new_with_index(index)
@@ -147,11 +129,7 @@ impl Overlay {
             .copied()
             .collect();
         for cidr in stale {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(cidr.network(), cidr.prefix_len())
-                .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-                .build();
-            match self.handle.route().del(route).execute().await {
+            match self.handle.route().del(self.route(cidr)).execute().await {
                 Ok(()) => {
                     tracing::info!(%cidr, "removed the overlay route of a node that is gone");
                     self.installed.remove(&cidr);
@@ -159,6 +137,17 @@ impl Overlay {
                 Err(e) => tracing::warn!(%cidr, error = %e, "cannot remove a stale overlay route"),
             }
         }
+    }
+
+    /// The route to a remote pod CIDR: via the remote VTEP, on the VXLAN device.
+    fn route(&self, cidr: Ipv4Net) -> netlink_packet_route::route::RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(cidr.network(), cidr.prefix_len())
+            .gateway(vtep_addr(cidr))
+            .output_interface(self.index)
+            .onlink()
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+            .build()
     }
 
     /// Neighbour (remote VTEP address → its MAC), FDB (MAC → remote underlay address) and the
@@ -184,16 +173,9 @@ impl Overlay {
             .execute()
             .await
             .map_err(netlink_err(format!("forwarding entry for {underlay}")))?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(cidr.network(), cidr.prefix_len())
-            .gateway(vtep)
-            .output_interface(self.index)
-            .onlink()
-            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-            .build();
         self.handle
             .route()
-            .add(route)
+            .add(self.route(cidr))
             .replace()
             .execute()
             .await
@@ -201,24 +183,29 @@ impl Overlay {
     }
 }
 
-/// Deletes the VXLAN device, if there is one (removing Weir from a node); its routes, neighbour
-/// and forwarding entries go with it.
-pub async fn remove_device() -> Result<(), RoutesError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutesError::Connect)?;
-    tokio::spawn(connection);
-    let link = handle
+/// The VXLAN device's ifindex, if it exists.
+async fn device_index(handle: &Handle) -> Option<u32> {
+    let mut links = handle
         .link()
         .get()
         .match_name(VXLAN_DEVICE.to_owned())
-        .execute()
+        .execute();
+    links
         .try_next()
         .await
         .ok()
-        .flatten();
-    if let Some(link) = link {
+        .flatten()
+        .map(|l| l.header.index)
+}
+
+/// Deletes the VXLAN device, if there is one (removing Weir from a node); its routes, neighbour
+/// and forwarding entries go with it.
+pub async fn remove_device() -> Result<(), RoutesError> {
+    let handle = connect()?;
+    if let Some(index) = device_index(&handle).await {
         handle
             .link()
-            .del(link.header.index)
+            .del(index)
             .execute()
             .await
             .map_err(netlink_err(format!("deleting {VXLAN_DEVICE}")))?;

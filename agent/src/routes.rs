@@ -65,6 +65,13 @@ pub fn desired_routes(state: &ClusterState, node_name: &str) -> BTreeMap<IpNet, 
     routes
 }
 
+/// A netlink handle in the calling thread's network namespace (the node's).
+pub(crate) fn connect() -> Result<Handle, RoutesError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutesError::Connect)?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
 /// The routes the agent keeps in the node's main table.
 pub struct NodeRoutes {
     handle: Handle,
@@ -107,8 +114,7 @@ impl NodeRoutes {
     /// Connects to netlink in the calling thread's network namespace (the node's) and adopts
     /// the routes a previous agent installed.
     pub async fn open() -> Result<Self, RoutesError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutesError::Connect)?;
-        tokio::spawn(connection);
+        let handle = connect()?;
         let mut installed = BTreeMap::new();
         for query in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
