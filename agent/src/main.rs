@@ -357,14 +357,24 @@ async fn shutdown_signal() {
     }
 }
 
-/// Removes every pin (links first, which detaches the programs) and optionally the state.
+/// Takes the programs off every Weir host veth, removes every pin and optionally the state.
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let mut detached = Vec::new();
+    for veth in weir_agent::ipam::existing_host_veths().context("listing this node's interfaces")? {
+        if weir_agent::datapath::attach::detach_endpoint(&veth)
+            .with_context(|| format!("taking Weir's programs off {veth}"))?
+        {
+            detached.push(veth);
+        }
+    }
+    detached.sort();
+    println!("took Weir's programs off {} veth(s) {detached:?}", detached.len());
     let bpffs_dir = args.node.bpffs_dir()?;
     if bpffs_dir.exists() {
         std::fs::remove_dir_all(&bpffs_dir)
             .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;
         println!(
-            "removed {} (programs detached, maps unpinned)",
+            "removed {} (maps unpinned)",
             bpffs_dir.display()
         );
         // The per-node directory's parent (e.g. /sys/fs/bpf/weir) goes too once no node uses it.

@@ -25,9 +25,7 @@ use weir_policy::{
 
 use crate::{
     datapath::{
-        attach::{
-            LINK_PINS, Programs, attach_endpoint, detach_endpoint, link_pin, pinned_interfaces,
-        },
+        attach::{Programs, attach_endpoint, is_attached, remove_legacy_tcx_links},
         desired::desired_maps,
         maps::DatapathMaps,
         writer::{ApplyStats, DesiredMaps, Writer},
@@ -103,7 +101,8 @@ impl Runtime {
         config.state_dir.join("identities.json")
     }
 
-    fn links_dir(&self) -> PathBuf {
+    /// Where Weir before 0.1's clsact switch pinned its TCX links (removed at start-up).
+    fn legacy_links_dir(&self) -> PathBuf {
         self.config.bpffs_dir.join("links")
     }
 
@@ -146,14 +145,9 @@ impl Runtime {
                 if nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()).is_err() {
                     tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname,
                         "endpoint's veth is gone (deleted while the agent was down); forgetting it");
-                    detach_endpoint(&runtime.links_dir(), &endpoint.host_ifname);
                     continue;
                 }
-                match attach_endpoint(
-                    &runtime.programs,
-                    &runtime.links_dir(),
-                    &endpoint.host_ifname,
-                ) {
+                match attach_endpoint(&runtime.programs, &endpoint.host_ifname) {
                     Ok(()) => {
                         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "adopted endpoint")
                     }
@@ -168,6 +162,7 @@ impl Runtime {
             }
             runtime.save_endpoints(&inner)?;
         }
+        remove_legacy_tcx_links(&runtime.legacy_links_dir());
         Ok(runtime)
     }
 
@@ -195,18 +190,6 @@ impl Runtime {
         inner.cluster_read = true;
         self.reconcile(&mut inner);
         if first {
-            // Only now is it safe to drop what a previous agent left for veths that are gone.
-            let known: Vec<String> = inner
-                .endpoints
-                .values()
-                .map(|e| e.host_ifname.clone())
-                .collect();
-            for ifname in pinned_interfaces(&self.links_dir()) {
-                if !known.contains(&ifname) {
-                    tracing::info!(veth = %ifname, "removing links of an interface no endpoint owns");
-                    detach_endpoint(&self.links_dir(), &ifname);
-                }
-            }
             tracing::info!(node = %self.config.node_name, "cluster state read; ready");
         }
         drop(inner);
@@ -364,8 +347,8 @@ impl EndpointBackend for Runtime {
                 "the cluster state has not been read yet".to_owned(),
             ));
         }
-        // Outside the lock: concurrent ADDs wait for their attach's RCU grace period together.
-        attach_endpoint(&self.programs, &self.links_dir(), &endpoint.host_ifname)
+        // Outside the lock: concurrent ADDs attach in parallel.
+        attach_endpoint(&self.programs, &endpoint.host_ifname)
             .map_err(|e| datapath_err(e.to_string()))?;
         {
             let mut inner = self.lock();
@@ -394,8 +377,8 @@ impl EndpointBackend for Runtime {
     }
 
     async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
-        // First out of the maps (its packets now drop as unknown), then off the veth: never the
-        // other way round, which would let the veth carry traffic with no program on it.
+        // Out of the maps: its packets now drop as unknown. The programs stay on the veth until
+        // the veth goes (DEL deletes it), so it never carries traffic unchecked.
         let endpoint = {
             let mut inner = self.lock();
             let Some(endpoint) = inner
@@ -409,8 +392,6 @@ impl EndpointBackend for Runtime {
                 .map_err(|e| EndpointError::NotReady(e.to_string()))?;
             endpoint
         };
-        // Outside the lock: a TCX detach waits for an RCU grace period.
-        detach_endpoint(&self.links_dir(), &endpoint.host_ifname);
         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
         Ok(())
     }
@@ -423,11 +404,7 @@ impl EndpointBackend for Runtime {
         else {
             return false;
         };
-        let links = self.links_dir();
-        let attached = LINK_PINS
-            .iter()
-            .all(|hook| link_pin(&links, &endpoint.host_ifname, hook).exists());
-        attached
+        is_attached(&self.programs, &endpoint.host_ifname)
             && endpoint
                 .addresses
                 .iter()

@@ -1,12 +1,9 @@
-//! Attaching the programs to a pod's host-side veth with TCX, and pinning the links so they stay
-//! attached when the agent exits or dies. A restarted agent swaps its freshly loaded programs into
-//! the pinned links atomically (`BPF_LINK_UPDATE`), so a veth is never without a program.
+//! Putting the programs on a pod's host-side veth: a clsact qdisc and one direct-action cls_bpf
+//! filter per direction (see `tc` for why not TCX). The kernel keeps filters, and the programs
+//! they hold, when the agent exits or dies; a restarted agent replaces each filter's program with
+//! its freshly loaded one atomically, so a veth is never without a program.
 
-use std::{
-    io,
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::{io, os::fd::AsFd, path::Path};
 
 use aya::{
     Ebpf,
@@ -14,7 +11,7 @@ use aya::{
 };
 use weir_common::{PROG_FROM_POD, PROG_TO_POD};
 
-use super::tcx;
+use super::tc::{Hook, Tc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -26,128 +23,139 @@ pub enum AttachError {
         #[source]
         source: nix::Error,
     },
-    #[error("{what} {program} on {ifname} (pin {path}): {source}")]
-    Link {
-        what: &'static str,
-        program: &'static str,
+    #[error("opening a netlink socket to attach to {ifname}: {source}")]
+    Netlink {
         ifname: String,
-        path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("creating the link pin directory {path}: {source}")]
-    PinDir {
-        path: PathBuf,
+    #[error("{what} on {ifname}: {source}")]
+    Tc {
+        what: String,
+        ifname: String,
         #[source]
         source: io::Error,
     },
 }
 
-/// The loaded programs' fds, cloned out of the object so attaching needs no lock on it.
+/// One loaded program: its fd (cloned out of the object, so attaching needs no lock on it) and
+/// its kernel id (to tell our filters from stale ones).
+struct Loaded {
+    fd: ProgramFd,
+    id: u32,
+}
+
+/// The loaded programs.
 pub struct Programs {
-    from_pod: ProgramFd,
-    to_pod: ProgramFd,
+    from_pod: Loaded,
+    to_pod: Loaded,
 }
 
 impl Programs {
     pub fn from_ebpf(ebpf: &Ebpf) -> Result<Self, AttachError> {
-        let fd = |name: &'static str| -> Result<ProgramFd, AttachError> {
+        let loaded = |name: &'static str| -> Result<Loaded, AttachError> {
             let err = |reason: String| AttachError::Program { name, reason };
             let program: &SchedClassifier = ebpf
                 .program(name)
                 .ok_or_else(|| err("missing".to_owned()))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
-            program
-                .fd()
-                .map_err(|e| err(e.to_string()))?
-                .try_clone()
-                .map_err(|e| err(e.to_string()))
+            Ok(Loaded {
+                fd: program
+                    .fd()
+                    .map_err(|e| err(e.to_string()))?
+                    .try_clone()
+                    .map_err(|e| err(e.to_string()))?,
+                id: program.info().map_err(|e| err(e.to_string()))?.id(),
+            })
         };
         Ok(Self {
-            from_pod: fd(PROG_FROM_POD)?,
-            to_pod: fd(PROG_TO_POD)?,
+            from_pod: loaded(PROG_FROM_POD)?,
+            to_pod: loaded(PROG_TO_POD)?,
         })
     }
 
-    /// (program name, its fd, tc ingress?, pin name) for each hook on a pod's host-side veth:
-    /// tc ingress sees what the pod sends, tc egress what it receives.
-    fn hooks(&self) -> [(&'static str, &ProgramFd, bool, &'static str); 2] {
+    /// (program name, the program, hook) for each direction on a pod's host-side veth: tc
+    /// ingress sees what the pod sends, tc egress what it receives.
+    fn hooks(&self) -> [(&'static str, &Loaded, Hook); 2] {
         [
-            (PROG_FROM_POD, &self.from_pod, true, "from_pod"),
-            (PROG_TO_POD, &self.to_pod, false, "to_pod"),
+            (PROG_FROM_POD, &self.from_pod, Hook::Ingress),
+            (PROG_TO_POD, &self.to_pod, Hook::Egress),
         ]
     }
 }
 
-/// The pin names of an interface's links.
-pub const LINK_PINS: [&str; 2] = ["from_pod", "to_pod"];
-
-/// Where the links of one veth are pinned: a directory per interface (bpffs reserves dots in
-/// names, so `<ifname>.<hook>` is not an option).
-pub fn link_pin(links_dir: &Path, ifname: &str, hook: &str) -> PathBuf {
-    links_dir.join(ifname).join(hook)
+fn ifindex(ifname: &str) -> Result<u32, AttachError> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|source| AttachError::NoInterface {
+        ifname: ifname.to_owned(),
+        source,
+    })
 }
 
-/// Attaches both programs to `ifname` (or re-points its pinned links at them) and pins the
-/// links under `links_dir`. Idempotent; safe to run for different interfaces in parallel.
-pub fn attach_endpoint(
-    programs: &Programs,
-    links_dir: &Path,
-    ifname: &str,
-) -> Result<(), AttachError> {
-    let dir = links_dir.join(ifname);
-    std::fs::create_dir_all(&dir).map_err(|source| AttachError::PinDir { path: dir, source })?;
-    let ifindex =
-        nix::net::if_::if_nametoindex(ifname).map_err(|source| AttachError::NoInterface {
-            ifname: ifname.to_owned(),
-            source,
-        })?;
-    for (program, fd, ingress, hook) in programs.hooks() {
-        let pin = link_pin(links_dir, ifname, hook);
-        let err = |what: &'static str, source: io::Error| AttachError::Link {
+fn open(ifname: &str) -> Result<Tc, AttachError> {
+    Tc::open().map_err(|source| AttachError::Netlink {
+        ifname: ifname.to_owned(),
+        source,
+    })
+}
+
+/// Attaches both programs to `ifname`, or swaps them in for what an earlier agent attached.
+/// Idempotent; safe to run for different interfaces in parallel (each call has its own socket).
+pub fn attach_endpoint(programs: &Programs, ifname: &str) -> Result<(), AttachError> {
+    let ifindex = ifindex(ifname)?;
+    let mut tc = open(ifname)?;
+    let err = |what: String| {
+        let ifname = ifname.to_owned();
+        move |source| AttachError::Tc {
             what,
-            program,
-            ifname: ifname.to_owned(),
-            path: pin.clone(),
+            ifname,
             source,
-        };
-        match tcx::obj_get(&pin) {
-            // A previous agent attached it: swap our program in, atomically.
-            Ok(link) => tcx::link_update(link.as_fd(), fd.as_fd())
-                .map_err(|e| err("re-pointing the pinned link of", e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let link = tcx::link_create(fd.as_fd(), ifindex, ingress)
-                    .map_err(|e| err("attaching", e))?;
-                // The pin holds the link once our fd is closed.
-                tcx::obj_pin(link.as_fd(), &pin).map_err(|e| err("pinning the link of", e))?;
-            }
-            Err(e) => return Err(err("opening the pinned link of", e)),
         }
+    };
+    tc.ensure_clsact(ifindex)
+        .map_err(err("adding the clsact qdisc".into()))?;
+    for (name, program, hook) in programs.hooks() {
+        tc.replace_filter(ifindex, hook, program.fd.as_fd(), name)
+            .map_err(err(format!("attaching {name} at tc {hook:?}")))?;
     }
     Ok(())
 }
 
-/// Detaches `ifname`'s programs by removing their pins (the link goes with its last reference).
-/// Idempotent; fine when the veth is already gone.
-pub fn detach_endpoint(links_dir: &Path, ifname: &str) {
-    let dir = links_dir.join(ifname);
-    if let Err(e) = std::fs::remove_dir_all(&dir)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(pins = %dir.display(), error = %e, "could not remove an interface's link pins");
-    }
+/// Whether `ifname` runs exactly our loaded programs on both hooks.
+pub fn is_attached(programs: &Programs, ifname: &str) -> bool {
+    let Ok(ifindex) = ifindex(ifname) else {
+        return false;
+    };
+    let Ok(mut tc) = open(ifname) else {
+        return false;
+    };
+    programs.hooks().iter().all(|(_, program, hook)| {
+        tc.filter_programs(ifindex, *hook)
+            .is_ok_and(|ids| ids.contains(&program.id))
+    })
 }
 
-/// The veth names that have pinned links (to reconcile at start-up).
-pub fn pinned_interfaces(links_dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(links_dir) else {
-        return Vec::new();
+/// Takes Weir's programs off `ifname` (its clsact qdisc goes, with every filter on it).
+/// `Ok(false)` when it had none or the interface is gone.
+pub fn detach_endpoint(ifname: &str) -> Result<bool, AttachError> {
+    let Ok(ifindex) = ifindex(ifname) else {
+        return Ok(false);
     };
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
+    open(ifname)?
+        .delete_clsact(ifindex)
+        .map_err(|source| AttachError::Tc {
+            what: "removing the clsact qdisc".into(),
+            ifname: ifname.to_owned(),
+            source,
+        })
+}
+
+/// Removes the TCX links an earlier Weir pinned under `links_dir` (it attached with TCX). Called
+/// once the clsact filters are in place, so the veths are never without a program.
+pub fn remove_legacy_tcx_links(links_dir: &Path) {
+    match std::fs::remove_dir_all(links_dir) {
+        Ok(()) => tracing::info!(pins = %links_dir.display(), "removed the TCX links of an earlier Weir; its programs are replaced by clsact filters"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(pins = %links_dir.display(), error = %e, "could not remove the TCX links of an earlier Weir"),
+    }
 }

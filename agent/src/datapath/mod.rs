@@ -1,5 +1,5 @@
 //! The datapath owner: loads the embedded kernel programs, pins their maps under the node's
-//! bpffs directory, attaches programs to pods' veths, and writes map contents.
+//! bpffs directory, attaches programs to pods' veths (tc clsact), and writes map contents.
 
 pub mod addr;
 pub mod attach;
@@ -8,5 +8,5 @@ pub mod events;
 pub mod loader;
 pub mod maps;
 pub mod object;
-pub mod tcx;
+pub mod tc;
 pub mod writer;

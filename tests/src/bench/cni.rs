@@ -51,7 +51,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     let node = Netns::new("cbn");
     let dirs = AgentDirs::new("cnibench", NODE);
     std::fs::write(dirs.manifests.join("pods.yaml"), pods_yaml(PODS))?;
-    let _agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", "10.230.0.0/24"]);
+    let agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", "10.230.0.0/24"]);
     let pods: Vec<Netns> = (0..PODS).map(|i| Netns::new(&format!("cb{i}"))).collect();
     let plugin = Arc::new(Plugin::new(
         &node.name,
@@ -107,6 +107,11 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         if let Some(line) = log.lines().rev().find(|l| l.contains(verb)) {
             println!("  phases of the last{verb}(plugin log): {line}");
         }
+    }
+    // The agent's log outlives the run's directories, for a closer look at its side.
+    let kept = std::path::Path::new("target/cni-bench-agent.log");
+    if std::fs::copy(&agent.log, kept).is_ok() {
+        println!("  the agent's log: {}", kept.display());
     }
     println!("  goal: ADD p99 <= 30 ms at 16 concurrent");
     Ok(())

@@ -1,0 +1,205 @@
+//! The tc messages the agent needs to put its programs on a pod's host veth: a clsact qdisc and
+//! one cls_bpf filter (direct action) per direction, over a synchronous rtnetlink socket.
+//!
+//! Why clsact and not TCX links: on this kernel every TCX attach (and every detach, and the
+//! removal of a device that still has TCX links) waits for a normal RCU grace period while it
+//! holds RTNL (`tcx_entry_sync`), about 12 ms here. Two per pod, serialised across the whole node
+//! with every other netlink change, made 16 concurrent CNI ADDs take ~0.5 s. A cls_bpf filter
+//! change waits for no grace period: 16 veths get a qdisc and both filters in ~20 ms.
+//!
+//! Synchronous on purpose: attaching runs on the caller's (blocking) thread with a socket of its
+//! own, so concurrent ADDs do not queue behind one shared connection task.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Our filters' priority on each hook. One filter per hook: a replace with the same priority and
+/// handle swaps the program atomically (a restarted agent's fresh programs).
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: u32 = 1;
+/// `ETH_P_ALL`, in network byte order as tc expects it.
+const ETH_P_ALL_BE: u16 = 0x0003u16.to_be();
+
+/// A tc hook on an interface: ingress sees what the interface receives, egress what it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn parent(self) -> TcHandle {
+        TcHandle {
+            major: 0xffff,
+            minor: match self {
+                Hook::Ingress => TcHandle::MIN_INGRESS,
+                Hook::Egress => TcHandle::MIN_EGRESS,
+            },
+        }
+    }
+}
+
+/// A netlink route socket in the calling thread's network namespace.
+pub struct Tc {
+    socket: Socket,
+    sequence: u32,
+}
+
+impl Tc {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self {
+            socket,
+            sequence: 0,
+        })
+    }
+
+    /// Adds a clsact qdisc to `ifindex`; one that is already there is fine.
+    pub fn ensure_clsact(&mut self, ifindex: u32) -> io::Result<()> {
+        let mut message = TcMessage::with_index(ifindex as i32);
+        message.header.parent = TcHandle::CLSACT;
+        message.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        message.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self.request(
+            RouteNetlinkMessage::NewQueueDiscipline(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Puts `program` (direct action) on `hook` of `ifindex`, replacing the program of our filter
+    /// if there is one: the hook is never without a program in between.
+    pub fn replace_filter(
+        &mut self,
+        ifindex: u32,
+        hook: Hook,
+        program: BorrowedFd<'_>,
+        name: &str,
+    ) -> io::Result<()> {
+        let mut message = filter_message(ifindex, hook);
+        message.attributes.push(TcAttribute::Kind("bpf".into()));
+        message.attributes.push(TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(program.as_raw_fd() as u32)),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_owned())),
+            TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+        ]));
+        self.request(RouteNetlinkMessage::NewTrafficFilter(message), NLM_F_CREATE)
+            .map(drop)
+    }
+
+    /// The ids of the BPF programs of the filters on `hook` of `ifindex` (empty when the
+    /// interface has no clsact qdisc).
+    pub fn filter_programs(&mut self, ifindex: u32, hook: Hook) -> io::Result<Vec<u32>> {
+        let mut message = TcMessage::with_index(ifindex as i32);
+        message.header.parent = hook.parent();
+        let replies = match self.request(RouteNetlinkMessage::GetTrafficFilter(message), NLM_F_DUMP)
+        {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                return Ok(Vec::new());
+            }
+            other => other?,
+        };
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
+                _ => None,
+            })
+            .flat_map(|f| f.attributes)
+            .filter_map(|a| match a {
+                TcAttribute::Options(options) => Some(options),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|o| match o {
+                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(id),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Removes the clsact qdisc of `ifindex` and every filter on it. `false` if it had none.
+    pub fn delete_clsact(&mut self, ifindex: u32) -> io::Result<bool> {
+        let mut message = TcMessage::with_index(ifindex as i32);
+        message.header.parent = TcHandle::CLSACT;
+        message.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        match self.request(RouteNetlinkMessage::DelQueueDiscipline(message), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one request and collects the replies up to its ACK (or the end of a dump).
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let sequence = self.sequence;
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        request.header.sequence_number = sequence;
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+
+        let mut replies = Vec::new();
+        let mut receive = Vec::with_capacity(64 * 1024);
+        loop {
+            receive.clear();
+            self.socket.recv(&mut receive, 0)?;
+            let mut offset = 0;
+            while offset < receive.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let length = reply.header.length as usize;
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+                if reply.header.sequence_number != sequence {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(replies),
+                    NetlinkPayload::Error(e) => return Err(e.to_io()),
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn filter_message(ifindex: u32, hook: Hook) -> TcMessage {
+    let mut message = TcMessage::with_index(ifindex as i32);
+    message.header.parent = hook.parent();
+    message.header.handle = TcHandle::from(FILTER_HANDLE);
+    message.header.info = (u32::from(FILTER_PRIORITY) << 16) | u32::from(ETH_P_ALL_BE);
+    message
+}
