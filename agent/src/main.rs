@@ -368,15 +368,15 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         }
     }
     detached.sort();
-    println!("took Weir's programs off {} veth(s) {detached:?}", detached.len());
+    println!(
+        "took Weir's programs off {} veth(s) {detached:?}",
+        detached.len()
+    );
     let bpffs_dir = args.node.bpffs_dir()?;
     if bpffs_dir.exists() {
         std::fs::remove_dir_all(&bpffs_dir)
             .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;
-        println!(
-            "removed {} (maps unpinned)",
-            bpffs_dir.display()
-        );
+        println!("removed {} (maps unpinned)", bpffs_dir.display());
         // The per-node directory's parent (e.g. /sys/fs/bpf/weir) goes too once no node uses it.
         if let Some(parent) = bpffs_dir.parent() {
             let _ = std::fs::remove_dir(parent);

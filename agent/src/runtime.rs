@@ -397,17 +397,24 @@ impl EndpointBackend for Runtime {
     }
 
     fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
-        let inner = self.lock();
-        let Some(endpoint) = inner
-            .endpoints
-            .get(&(container_id.to_owned(), ifname.to_owned()))
-        else {
-            return false;
-        };
-        is_attached(&self.programs, &endpoint.host_ifname)
-            && endpoint
+        let host_ifname = {
+            let inner = self.lock();
+            let Some(endpoint) = inner
+                .endpoints
+                .get(&(container_id.to_owned(), ifname.to_owned()))
+            else {
+                return false;
+            };
+            if !endpoint
                 .addresses
                 .iter()
                 .all(|a| inner.compiled.local_addresses.contains_key(a))
+            {
+                return false;
+            }
+            endpoint.host_ifname.clone()
+        };
+        // Asking the kernel needs no lock.
+        is_attached(&self.programs, &host_ifname)
     }
 }

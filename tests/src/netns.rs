@@ -34,6 +34,17 @@ impl Netns {
         cmd
     }
 
+    /// The tc filters on one hook ("ingress" or "egress") of `ifname` in this namespace, as
+    /// `tc filter show` prints them (empty when the interface has no clsact qdisc).
+    pub fn tc_filters(&self, ifname: &str, hook: &str) -> String {
+        let out = self
+            .command("tc")
+            .args(["filter", "show", "dev", ifname, hook])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run tc: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `ip <args>` in the namespace and panics with its output on failure.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["-n", &self.name];

@@ -211,7 +211,24 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     eventually("n2's route is removed", || {
         !routes(&n1).contains("10.151.2.0/24")
     });
-    // Removing Weir from a node takes its routes and overlay device too.
+    // Each pod's host veth carries Weir's two programs as clsact filters.
+    let n2_veths: Vec<String> = n2
+        .ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1)?.split('@').next().map(str::to_owned))
+        .filter(|name| weir_proto::naming::is_host_veth_name(name))
+        .collect();
+    assert!(!n2_veths.is_empty(), "no Weir host veth on n2");
+    for veth in &n2_veths {
+        for (hook, program) in [("ingress", "from_pod"), ("egress", "to_pod")] {
+            let filters = n2.tc_filters(veth, hook);
+            assert!(
+                filters.contains(program) && filters.contains("direct-action"),
+                "{veth} has no {program} filter at tc {hook}:\n{filters}"
+            );
+        }
+    }
+    // Removing Weir from a node takes its programs, routes and overlay device too.
     drop((a1, a2));
     let out = n2
         .command(weir_tests::agent::bin("weir-agent").to_str().unwrap())
@@ -225,6 +242,15 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(routes(&n2).trim(), "", "uninstall left routes behind");
+    for veth in &n2_veths {
+        for hook in ["ingress", "egress"] {
+            let filters = n2.tc_filters(veth, hook);
+            assert!(
+                filters.trim().is_empty(),
+                "uninstall left filters on {veth} at tc {hook}:\n{filters}"
+            );
+        }
+    }
     assert!(
         !n2.ip(&["link"]).contains("weir-vxlan"),
         "uninstall left the overlay device"

@@ -240,6 +240,31 @@ fn the_documented_standalone_contract_holds() {
     );
     later.join().unwrap();
 
+    // CHECK looks at the kernel: with the programs taken off the pod's host veth it fails and
+    // says why; DEL still cleans up.
+    let late_pod = PodRef {
+        container_id: "ctr-late",
+        namespace: "app",
+        name: "late",
+        netns: &late.name,
+    };
+    plugin.ok("CHECK", &late_pod);
+    let late_veth = weir_proto::naming::host_veth_name("ctr-late", "eth0");
+    let out = node
+        .command("tc")
+        .args(["qdisc", "del", "dev", &late_veth, "clsact"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (out, _) = plugin.run("CHECK", &late_pod);
+    assert!(!out.status.success(), "CHECK passed without programs on {late_veth}");
+    let err: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    assert!(
+        err["msg"].as_str().unwrap_or("").contains("not in the datapath"),
+        "CHECK should say the enforcement is missing: {err}"
+    );
+    plugin.ok("DEL", &late_pod);
+
     // A Pod that never comes: code 11 after the bound.
     let never = Netns::new("scnever");
     let (out, took) = plugin.run(

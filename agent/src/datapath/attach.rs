@@ -154,8 +154,12 @@ pub fn detach_endpoint(ifname: &str) -> Result<bool, AttachError> {
 /// once the clsact filters are in place, so the veths are never without a program.
 pub fn remove_legacy_tcx_links(links_dir: &Path) {
     match std::fs::remove_dir_all(links_dir) {
-        Ok(()) => tracing::info!(pins = %links_dir.display(), "removed the TCX links of an earlier Weir; its programs are replaced by clsact filters"),
+        Ok(()) => {
+            tracing::info!(pins = %links_dir.display(), "removed the TCX links of an earlier Weir; its programs are replaced by clsact filters")
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(pins = %links_dir.display(), error = %e, "could not remove the TCX links of an earlier Weir"),
+        Err(e) => {
+            tracing::warn!(pins = %links_dir.display(), error = %e, "could not remove the TCX links of an earlier Weir")
+        }
     }
 }

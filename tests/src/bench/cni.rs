@@ -46,6 +46,42 @@ fn report(what: &str, add: Vec<Duration>, del: Vec<Duration>) {
     );
 }
 
+/// CPU time (user, system) of this process's waited-for children: the plugin processes.
+fn children_cpu() -> (Duration, Duration) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (
+        Duration::from_micros(us(u.ru_utime)),
+        Duration::from_micros(us(u.ru_stime)),
+    )
+}
+
+/// CPU time (user, system) of a running process, from /proc (in clock ticks).
+fn process_cpu(pid: u32) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the command.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / hz);
+    (time(ticks(11)), time(ticks(12)))
+}
+
 pub fn run(rounds: usize) -> anyhow::Result<()> {
     const PODS: usize = 16;
     let node = Netns::new("cbn");
@@ -77,6 +113,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     }
     report("one at a time", add, del);
     let (mut add, mut del) = (Vec::new(), Vec::new());
+    let (plugin_cpu, agent_cpu) = (children_cpu(), process_cpu(agent.child.id()));
     for _ in 0..rounds {
         for verb in ["ADD", "DEL"] {
             let took: Vec<Duration> = std::thread::scope(|s| {
@@ -101,6 +138,21 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         }
     }
     report("16 at once", add, del);
+    // On 2 cores, 16 concurrent ADDs cannot finish sooner than their CPU time allows. System
+    // time includes the kernel's work done in the calls (veth creation, netlink).
+    let calls = (2 * rounds * PODS) as u32;
+    let per_call = |(user0, sys0): (Duration, Duration), (user1, sys1): (Duration, Duration)| {
+        format!(
+            "{} user + {} system",
+            ms((user1 - user0) / calls),
+            ms((sys1 - sys0) / calls)
+        )
+    };
+    println!(
+        "  CPU per call (ADD or DEL, 16 at once): plugin process {}; agent {}",
+        per_call(plugin_cpu, children_cpu()),
+        per_call(agent_cpu, process_cpu(agent.child.id()))
+    );
     // Where the time goes: the plugin logs its phases, the agent its compile and write times.
     let log = std::fs::read_to_string(dirs.root.join("cni.log")).unwrap_or_default();
     for verb in [" ADD ", " DEL "] {
