@@ -255,12 +255,22 @@ fn the_documented_standalone_contract_holds() {
         .args(["qdisc", "del", "dev", &late_veth, "clsact"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (out, _) = plugin.run("CHECK", &late_pod);
-    assert!(!out.status.success(), "CHECK passed without programs on {late_veth}");
+    assert!(
+        !out.status.success(),
+        "CHECK passed without programs on {late_veth}"
+    );
     let err: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
     assert!(
-        err["msg"].as_str().unwrap_or("").contains("not in the datapath"),
+        err["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not in the datapath"),
         "CHECK should say the enforcement is missing: {err}"
     );
     plugin.ok("DEL", &late_pod);
