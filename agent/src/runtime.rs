@@ -25,7 +25,7 @@ use weir_policy::{
 
 use crate::{
     datapath::{
-        attach::{Programs, attach_endpoint, is_attached, remove_legacy_tcx_links},
+        attach::{Programs, attach_endpoint, is_attached, retire_legacy_tcx_links},
         desired::desired_maps,
         maps::DatapathMaps,
         writer::{ApplyStats, DesiredMaps, Writer},
@@ -101,7 +101,7 @@ impl Runtime {
         config.state_dir.join("identities.json")
     }
 
-    /// Where Weir before 0.1's clsact switch pinned its TCX links (removed at start-up).
+    /// Where earlier Weir versions pinned the TCX links of pods' veths (retired at start-up).
     fn legacy_links_dir(&self) -> PathBuf {
         self.config.bpffs_dir.join("links")
     }
@@ -162,7 +162,7 @@ impl Runtime {
             }
             runtime.save_endpoints(&inner)?;
         }
-        remove_legacy_tcx_links(&runtime.legacy_links_dir());
+        retire_legacy_tcx_links(&runtime.programs, &runtime.legacy_links_dir());
         Ok(runtime)
     }
 

@@ -15,7 +15,7 @@ use serde_json::Value;
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
-    netns::{Netns, spawn_in},
+    netns::{Netns, run, spawn_in},
 };
 
 const NODE: &str = "n1";
@@ -229,36 +229,24 @@ fn the_documented_standalone_contract_holds() {
         thread::sleep(Duration::from_millis(400));
         write(&writer_dir, "late.yaml", &pod("app", "late", "client"));
     });
-    plugin.ok(
-        "ADD",
-        &PodRef {
-            container_id: "ctr-late",
-            namespace: "app",
-            name: "late",
-            netns: &late.name,
-        },
-    );
-    later.join().unwrap();
-
-    // CHECK looks at the kernel: with the programs taken off the pod's host veth it fails and
-    // says why; DEL still cleans up.
     let late_pod = PodRef {
         container_id: "ctr-late",
         namespace: "app",
         name: "late",
         netns: &late.name,
     };
+    plugin.ok("ADD", &late_pod);
+    later.join().unwrap();
+
+    // CHECK looks at the kernel: with the programs taken off the pod's host veth it fails and
+    // says why; DEL still cleans up.
     plugin.ok("CHECK", &late_pod);
     let late_veth = weir_proto::naming::host_veth_name("ctr-late", "eth0");
-    let out = node
-        .command("tc")
-        .args(["qdisc", "del", "dev", &late_veth, "clsact"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run(
+        "tc",
+        &[
+            "-n", &node.name, "qdisc", "del", "dev", &late_veth, "clsact",
+        ],
     );
     let (out, _) = plugin.run("CHECK", &late_pod);
     assert!(

@@ -150,16 +150,34 @@ pub fn detach_endpoint(ifname: &str) -> Result<bool, AttachError> {
         })
 }
 
-/// Removes the TCX links an earlier Weir pinned under `links_dir` (it attached with TCX). Called
-/// once the clsact filters are in place, so the veths are never without a program.
-pub fn remove_legacy_tcx_links(links_dir: &Path) {
-    match std::fs::remove_dir_all(links_dir) {
-        Ok(()) => {
-            tracing::info!(pins = %links_dir.display(), "removed the TCX links of an earlier Weir; its programs are replaced by clsact filters")
+/// Retires the TCX links that earlier Weir versions pinned under `links_dir` (one directory per
+/// interface). A veth's links go only once our clsact filters are on it (attached here if they
+/// are not yet), or when the veth is gone, so no veth is ever left without a program.
+pub fn retire_legacy_tcx_links(programs: &Programs, links_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(links_dir) else {
+        return;
+    };
+    for ifname in entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
+        let exists = nix::net::if_::if_nametoindex(ifname.as_str()).is_ok();
+        if exists
+            && !is_attached(programs, &ifname)
+            && let Err(e) = attach_endpoint(programs, &ifname)
+        {
+            tracing::warn!(veth = %ifname, error = %e, "keeping the TCX links of an earlier Weir: the clsact filters could not be attached");
+            continue;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(pins = %links_dir.display(), error = %e, "could not remove the TCX links of an earlier Weir")
+        let dir = links_dir.join(&ifname);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::info!(veth = %ifname, "replaced the TCX links of an earlier Weir by clsact filters")
+            }
+            Err(e) => {
+                tracing::warn!(pins = %dir.display(), error = %e, "could not remove the TCX links of an earlier Weir")
+            }
         }
     }
+    let _ = std::fs::remove_dir(links_dir);
 }
