@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cni;
+pub mod cpu;
 pub mod kube_server;
 pub mod netns;
 pub mod packet;

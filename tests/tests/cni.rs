@@ -23,7 +23,7 @@ use weir_agent::{
 };
 use weir_policy::model::ObjectKey;
 use weir_proto::naming::{host_veth_name, is_host_veth_name};
-use weir_tests::{agent::bin, netns::Netns};
+use weir_tests::{agent::bin, cpu::CpuTime, netns::Netns};
 
 // ---------------------------------------------------------------------------------------------
 // A recording backend.
@@ -962,18 +962,7 @@ fn add_del_latency() {
     report(&format!("{N} at once"), add, del);
     // CPU time of the plugin processes (user + system), per call: on 2 cores this bounds what 16
     // concurrent ADDs can achieve.
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
-        u
-    };
-    let cpu = Duration::from_micros(
-        (usage.ru_utime.tv_sec * 1_000_000
-            + usage.ru_utime.tv_usec
-            + usage.ru_stime.tv_sec * 1_000_000
-            + usage.ru_stime.tv_usec) as u64,
-    );
+    let cpu = CpuTime::children().total();
     eprintln!(
         "plugin CPU per call (ADD and DEL, all children of this test process): {:?}",
         cpu / (4 * N * ROUNDS) as u32

@@ -69,15 +69,8 @@ impl Tc {
 
     /// Adds a clsact qdisc to `ifindex`; one that is already there is fine.
     pub fn ensure_clsact(&mut self, ifindex: u32) -> io::Result<()> {
-        let mut message = TcMessage::with_index(ifindex as i32);
-        message.header.parent = TcHandle::CLSACT;
-        message.header.handle = TcHandle {
-            major: 0xffff,
-            minor: 0,
-        };
-        message.attributes.push(TcAttribute::Kind("clsact".into()));
         match self.request(
-            RouteNetlinkMessage::NewQueueDiscipline(message),
+            RouteNetlinkMessage::NewQueueDiscipline(clsact_message(ifindex)),
             NLM_F_CREATE | NLM_F_EXCL,
         ) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
@@ -138,13 +131,10 @@ impl Tc {
 
     /// Removes the clsact qdisc of `ifindex` and every filter on it. `false` if it had none.
     pub fn delete_clsact(&mut self, ifindex: u32) -> io::Result<bool> {
-        let mut message = TcMessage::with_index(ifindex as i32);
-        message.header.parent = TcHandle::CLSACT;
-        message.header.handle = TcHandle {
-            major: 0xffff,
-            minor: 0,
-        };
-        match self.request(RouteNetlinkMessage::DelQueueDiscipline(message), 0) {
+        match self.request(
+            RouteNetlinkMessage::DelQueueDiscipline(clsact_message(ifindex)),
+            0,
+        ) {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(false),
             Err(e) => Err(e),
@@ -196,6 +186,19 @@ impl Tc {
     }
 }
 
+/// The clsact qdisc of `ifindex` (to add or delete).
+fn clsact_message(ifindex: u32) -> TcMessage {
+    let mut message = TcMessage::with_index(ifindex as i32);
+    message.header.parent = TcHandle::CLSACT;
+    message.header.handle = TcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    message.attributes.push(TcAttribute::Kind("clsact".into()));
+    message
+}
+
+/// Our filter on `hook` of `ifindex`.
 fn filter_message(ifindex: u32, hook: Hook) -> TcMessage {
     let mut message = TcMessage::with_index(ifindex as i32);
     message.header.parent = hook.parent();

@@ -8,6 +8,7 @@ use super::stats::{Samples, ms};
 use crate::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
+    cpu::CpuTime,
     netns::Netns,
 };
 
@@ -46,42 +47,6 @@ fn report(what: &str, add: Vec<Duration>, del: Vec<Duration>) {
     );
 }
 
-/// CPU time (user, system) of this process's waited-for children: the plugin processes.
-fn children_cpu() -> (Duration, Duration) {
-    // SAFETY: getrusage only writes the struct it is given.
-    let u = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
-        u
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    (
-        Duration::from_micros(us(u.ru_utime)),
-        Duration::from_micros(us(u.ru_stime)),
-    )
-}
-
-/// CPU time (user, system) of a running process, from /proc (in clock ticks).
-fn process_cpu(pid: u32) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the command.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / hz);
-    (time(ticks(11)), time(ticks(12)))
-}
-
 pub fn run(rounds: usize) -> anyhow::Result<()> {
     const PODS: usize = 16;
     let node = Netns::new("cbn");
@@ -113,7 +78,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     }
     report("one at a time", add, del);
     let (mut add, mut del) = (Vec::new(), Vec::new());
-    let (plugin_cpu, agent_cpu) = (children_cpu(), process_cpu(agent.child.id()));
+    let (plugin_cpu, agent_cpu) = (CpuTime::children(), CpuTime::of_process(agent.child.id()));
     for _ in 0..rounds {
         for verb in ["ADD", "DEL"] {
             let took: Vec<Duration> = std::thread::scope(|s| {
@@ -141,25 +106,18 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     // On 2 cores, 16 concurrent ADDs cannot finish sooner than their CPU time allows. System
     // time includes the kernel's work done in the calls (veth creation, netlink).
     let calls = (2 * rounds * PODS) as u32;
-    let per_call = |(user0, sys0): (Duration, Duration), (user1, sys1): (Duration, Duration)| {
+    let per_call = |used: CpuTime| {
         format!(
             "{} user + {} system",
-            ms((user1 - user0) / calls),
-            ms((sys1 - sys0) / calls)
+            ms(used.user / calls),
+            ms(used.system / calls)
         )
     };
     println!(
         "  CPU per call (ADD or DEL, 16 at once): plugin process {}; agent {}",
-        per_call(plugin_cpu, children_cpu()),
-        per_call(agent_cpu, process_cpu(agent.child.id()))
+        per_call(CpuTime::children().since(plugin_cpu)),
+        per_call(CpuTime::of_process(agent.child.id()).since(agent_cpu))
     );
-    // Where the time goes: the plugin logs its phases, the agent its compile and write times.
-    let log = std::fs::read_to_string(dirs.root.join("cni.log")).unwrap_or_default();
-    for verb in [" ADD ", " DEL "] {
-        if let Some(line) = log.lines().rev().find(|l| l.contains(verb)) {
-            println!("  phases of the last{verb}(plugin log): {line}");
-        }
-    }
     // The agent's log outlives the run's directories, for a closer look at its side.
     let kept = std::path::Path::new("target/cni-bench-agent.log");
     if std::fs::copy(&agent.log, kept).is_ok() {
