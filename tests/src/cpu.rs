@@ -41,13 +41,30 @@ impl CpuTime {
                 .and_then(|f| f.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / hz);
         // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the command.
         Self {
-            user: time(ticks(11)),
-            system: time(ticks(12)),
+            user: ticks_to_duration(ticks(11)),
+            system: ticks_to_duration(ticks(12)),
+        }
+    }
+
+    /// The whole machine's busy time so far, all CPUs and all processes, kernel threads and
+    /// interrupts included (the first line of /proc/stat, in clock ticks).
+    pub fn machine() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal ...
+        Self {
+            user: ticks_to_duration(field(0) + field(1)),
+            system: ticks_to_duration(field(2) + field(5) + field(6)),
         }
     }
 
@@ -59,7 +76,20 @@ impl CpuTime {
         }
     }
 
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
     pub fn total(self) -> Duration {
         self.user + self.system
     }
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }

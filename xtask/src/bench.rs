@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::setup;
+use crate::{build, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -23,34 +23,22 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         setup::ensure_iptables()?;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for args in [
-        &[
+    let status = Command::new(&cargo)
+        .args([
             "build",
             "--release",
             "--package",
             "weir-tests",
             "--bin",
             "weir-bench",
-        ][..],
-        &[
-            "build",
-            "--release",
-            "--package",
-            "weir-agent",
-            "--package",
-            "weir-cni",
-            "--bins",
-        ][..],
-    ] {
-        let status = Command::new(&cargo)
-            .args(args)
-            .status()
-            .context("building the benchmarks")?;
-        if !status.success() {
-            bail!("building the benchmarks failed ({status})");
-        }
+        ])
+        .status()
+        .context("building the benchmarks")?;
+    if !status.success() {
+        bail!("building the benchmarks failed ({status})");
     }
-    // The CNI benchmark drives the release weir-agent and weir-cni.
+    build::binaries(true)?;
+    // The CNI benchmark drives the release weir-agent and (static) weir-cni.
     let status = Command::new("target/release/weir-bench")
         .arg(&options.which)
         .env("WEIR_BIN_DIR", "target/release")

@@ -4,20 +4,19 @@
 //! egress policy and shows what changed. The lab is taken down at the end, on error and on Ctrl-C.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
 use xtask::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
 
-use crate::setup;
+use crate::{build, setup};
 
 const LAB: &str = "demo";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Do not run `cargo build --bins` first.
+    /// Do not build the binaries first (`cargo xtask build`).
     #[arg(long)]
     pub no_build: bool,
     /// Leave the lab running at the end (take it down with `cargo xtask lab down --name demo`).
@@ -38,15 +37,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         if !setup::is_complete() {
             setup::run()?;
         }
-        step("Building weir-agent, weir-cni and the lab's servers (cargo build --bins)");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--bins"])
-            .current_dir(&root)
-            .status()
-            .context("starting cargo")?;
-        if !status.success() {
-            bail!("cargo build --bins failed");
-        }
+        step("Building weir-agent, weir-cni and the lab's servers (cargo xtask build)");
+        build::binaries(false)?;
     }
     take_down_on_signal()?;
     let started = Instant::now();

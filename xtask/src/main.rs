@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything beyond a plain `cargo build`.
 
 mod bench;
+mod build;
 mod demo;
 mod kind;
 mod setup;
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Check, and install where missing, what building the kernel programs needs.
     Setup,
+    /// The shipped binaries: weir-agent, and weir-cni as a static executable (target/<profile>).
+    Build(build::Options),
     /// The whole test suite: formatting, clippy, unit tests, and the root-only kernel tests.
     Test(test::Options),
     /// A lab of nodes and pods in network namespaces, on the real agent and CNI plugin.
@@ -37,6 +40,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Build(options) => build::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Lab(command) => xtask::lab::cli::run(command),
         Command::Demo(options) => demo::run(&options),

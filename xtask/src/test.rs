@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::setup;
+use crate::{build, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -53,7 +53,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     // Binaries the end-to-end tests drive, built first so tests find them in target/debug.
-    cargo(&["build", "--bins"], "building weir-agent and weir-cni")?;
+    build::binaries(false)?;
     let mut root = vec!["test", "--package", "weir-tests", "--"];
     root.extend(&filter);
     cargo(&root, "root-only kernel and end-to-end tests")?;
