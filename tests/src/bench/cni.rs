@@ -47,6 +47,24 @@ fn report(what: &str, add: Vec<Duration>, del: Vec<Duration>) {
     );
 }
 
+/// Runs `f` for every pod at the same time (a thread each); returns what each returned.
+fn at_once<T: Send>(pods: &[Netns], f: impl Fn(usize, &Netns) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let f = &f;
+                s.spawn(move || f(i, pod))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a benchmark thread panicked"))
+            .collect()
+    })
+}
+
 pub fn run(rounds: usize) -> anyhow::Result<()> {
     const PODS: usize = 16;
     let node = Netns::new("cbn");
@@ -77,6 +95,29 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         }
     }
     report("one at a time", add, del);
+    // The floor under 16 concurrent ADDs on this machine, measured in the same run: 16 processes
+    // at once that each only create a veth pair with its peer in a pod's namespace (`ip link
+    // add`, one netlink request), then delete it, so no ADD can beat the first line.
+    let (mut floor_add, mut floor_del) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (verb, floor) in [("add", &mut floor_add), ("del", &mut floor_del)] {
+            floor.extend(at_once(&pods, |i, pod| {
+                let veth = format!("flr{i}");
+                let mut ip = std::process::Command::new("ip");
+                match verb {
+                    "add" => ip
+                        .args(["link", "add", &veth, "type", "veth", "peer", "name"])
+                        .args(["eth0", "netns", &pod.name]),
+                    _ => ip.args(["link", "del", &veth]),
+                };
+                let started = std::time::Instant::now();
+                let status = ip.status().expect("running ip");
+                assert!(status.success(), "ip link {verb} {veth} failed");
+                started.elapsed()
+            }));
+        }
+    }
+    report("floor (ip link)", floor_add.clone(), floor_del);
     // CPU per verb: the plugin processes, the agent, and the whole machine (kernel threads and
     // interrupts included, e.g. the work a veth's deletion defers).
     let agent_pid = agent.child.id();
@@ -91,17 +132,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
                 CpuTime::machine(),
             ];
             let started = std::time::Instant::now();
-            std::thread::scope(|s| {
-                let handles: Vec<_> = pods
-                    .iter()
-                    .enumerate()
-                    .map(|(i, pod)| {
-                        let timed = &timed;
-                        s.spawn(move || timed(verb, i, pod))
-                    })
-                    .collect();
-                took[v].extend(handles.into_iter().map(|h| h.join().expect("join")));
-            });
+            took[v].extend(at_once(&pods, |i, pod| timed(verb, i, pod)));
             wall[v] += started.elapsed();
             let after = [
                 CpuTime::children(),
@@ -114,7 +145,15 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         }
     }
     let [add, del] = took;
+    let (floor_p99, add_p99) = (
+        Samples::new(floor_add).percentile(99.0),
+        Samples::new(add.clone()).percentile(99.0),
+    );
     report("16 at once", add, del);
+    println!(
+        "  ADD p99 at 16 at once is {:.2}x the floor's p99 (16 processes at once creating only a veth pair)",
+        add_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
     // On 2 cores, 16 concurrent ADDs cannot finish sooner than their CPU time allows.
     let calls = (rounds * PODS) as u32;
     let per_call = |used: CpuTime| {
