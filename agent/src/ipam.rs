@@ -1,9 +1,9 @@
 //! Pod address management for this node: one address per configured family (the node's pod
 //! CIDRs), keyed by attachment (container id, interface name).
 //!
-//! Every change is persisted to `<state_dir>/ipam.json` atomically (`persist::write_json`: temp
-//! file, rename) under the lock, before it is acknowledged, so a crash of the agent or of a plugin
-//! in the middle of an ADD never hands the same address out twice. (No fsync: see `persist`.) Allocations whose host veth
+//! Every change is saved to `<state_dir>/ipam.jsonl` (a `persist::SnapshotLog`) under the lock,
+//! before it is acknowledged, so a crash of the agent or of a plugin in the middle of an ADD never
+//! hands the same address out twice. (No fsync: see `persist`.) Allocations whose host veth
 //! vanished while the agent was down are released by [`Ipam::reconcile`] at start-up.
 
 use std::{
@@ -18,8 +18,12 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use weir_policy::model::ObjectKey;
 
+use crate::persist::SnapshotLog;
+
 /// The file name under the state directory.
-pub const STATE_FILE: &str = "ipam.json";
+pub const STATE_FILE: &str = "ipam.jsonl";
+/// Where versions before the snapshot log kept the state (moved into `STATE_FILE` at start-up).
+const LEGACY_STATE_FILE: &str = "ipam.json";
 
 const STATE_VERSION: u32 = 1;
 
@@ -39,20 +43,10 @@ pub enum IpamError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading the IPAM state {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(
-        "the IPAM state {path} is corrupt; move it away to start afresh (addresses in use may then be handed out again)"
+        "the IPAM state: {0} (moving it aside starts afresh, but addresses in use may then be handed out again)"
     )]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    Open(#[source] crate::persist::PersistError),
     #[error("saving the IPAM state: {0}")]
     Write(#[from] crate::persist::PersistError),
     #[error("the IPAM state lock was poisoned by a panic")]
@@ -157,7 +151,14 @@ impl Pool {
 pub struct Ipam {
     path: PathBuf,
     pools: Vec<Pool>,
-    state: Mutex<State>,
+    store: Mutex<Store>,
+}
+
+/// The state and the log it is saved to, under one lock.
+#[derive(Debug)]
+struct Store {
+    state: State,
+    log: SnapshotLog,
 }
 
 impl Ipam {
@@ -183,28 +184,16 @@ impl Ipam {
             source,
         })?;
         let path = state_dir.join(STATE_FILE);
-        let state = match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice::<State>(&bytes).map_err(|source| IpamError::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
-                version: STATE_VERSION,
-                ..State::default()
-            },
-            Err(source) => {
-                return Err(IpamError::Read {
-                    path: path.clone(),
-                    source,
-                });
-            }
-        };
+        let (log, state) = SnapshotLog::open::<State>(&path, &state_dir.join(LEGACY_STATE_FILE))
+            .map_err(IpamError::Open)?;
+        let state = state.unwrap_or(State {
+            version: STATE_VERSION,
+            ..State::default()
+        });
         Ok(Ipam {
             path,
             pools,
-            state: Mutex::new(state),
+            store: Mutex::new(Store { state, log }),
         })
     }
 
@@ -218,8 +207,8 @@ impl Ipam {
         &self.path
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, State>, IpamError> {
-        self.state.lock().map_err(|_| IpamError::Poisoned)
+    fn lock(&self) -> Result<MutexGuard<'_, Store>, IpamError> {
+        self.store.lock().map_err(|_| IpamError::Poisoned)
     }
 
     /// Reserves one address per pool for the attachment and saves the reservation before
@@ -231,7 +220,8 @@ impl Ipam {
         pod: &ObjectKey,
         host_ifname: &str,
     ) -> Result<Allocation, IpamError> {
-        let mut state = self.lock()?;
+        let mut store = self.lock()?;
+        let Store { state, log } = &mut *store;
         if let Some(existing) = state
             .allocations
             .iter()
@@ -240,8 +230,8 @@ impl Ipam {
             return Ok(existing.clone());
         }
         let cursors = state.cursors.clone();
-        let allocation = self.pick(&mut state, container_id, ifname, pod, host_ifname)?;
-        if let Err(e) = crate::persist::write_json(&self.path, &*state) {
+        let allocation = self.pick(state, container_id, ifname, pod, host_ifname)?;
+        if let Err(e) = log.save(state) {
             // Not saved: take it back, so the address is not handed out as if it were.
             state.allocations.retain(|a| a != &allocation);
             state.cursors = cursors;
@@ -310,6 +300,7 @@ impl Ipam {
     pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
         Ok(self
             .lock()?
+            .state
             .allocations
             .iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
@@ -329,7 +320,7 @@ impl Ipam {
 
     /// Every current allocation.
     pub fn allocations(&self) -> Result<Vec<Allocation>, IpamError> {
-        Ok(self.lock()?.allocations.clone())
+        Ok(self.lock()?.state.allocations.clone())
     }
 
     /// Start-up reconciliation: releases every allocation whose host veth is not in
@@ -350,14 +341,15 @@ impl Ipam {
         &self,
         mut stale: impl FnMut(&Allocation) -> bool,
     ) -> Result<Vec<Allocation>, IpamError> {
-        let mut state = self.lock()?;
+        let mut store = self.lock()?;
+        let Store { state, log } = &mut *store;
         let (released, kept): (Vec<_>, Vec<_>) =
             state.allocations.iter().cloned().partition(|a| stale(a));
         if released.is_empty() {
             return Ok(released);
         }
         let before = std::mem::replace(&mut state.allocations, kept);
-        if let Err(e) = crate::persist::write_json(&self.path, &*state) {
+        if let Err(e) = log.save(state) {
             state.allocations = before;
             return Err(e.into());
         }
@@ -440,6 +432,31 @@ mod tests {
     }
 
     #[test]
+    fn the_state_of_an_earlier_version_is_adopted() {
+        let dir = tempdir("legacy");
+        let cidrs: Vec<IpNet> = vec!["10.3.0.0/24".parse().unwrap()];
+        let earlier = Allocation {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            pod: pod("a"),
+            host_ifname: "h1".into(),
+            addresses: vec!["10.3.0.1".parse().unwrap()],
+        };
+        let state = State {
+            version: STATE_VERSION,
+            cursors: [("10.3.0.0/24".to_string(), 1)].into(),
+            allocations: vec![earlier.clone()],
+        };
+        crate::persist::write_json(&dir.join(LEGACY_STATE_FILE), &state).unwrap();
+        let ipam = Ipam::open(&dir, &cidrs).unwrap();
+        assert_eq!(ipam.allocations().unwrap(), vec![earlier]);
+        assert!(!dir.join(LEGACY_STATE_FILE).exists());
+        let next = ipam.allocate("c2", "eth0", &pod("b"), "h2").unwrap();
+        assert_eq!(next.addresses, vec!["10.3.0.2".parse::<IpAddr>().unwrap()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn parallel_allocations_are_distinct() {
         let dir = tempdir("par");
         let ipam =
@@ -456,7 +473,7 @@ mod tests {
             .collect();
         let addrs: HashSet<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(addrs.len(), 50);
-        // Every returned address is on disk (group commit waited for it).
+        // Every returned address is on disk (saved before it was returned).
         let reopened = Ipam::open(&dir, &["10.2.0.0/24".parse().unwrap()]).unwrap();
         let on_disk: HashSet<_> = reopened
             .allocations()

@@ -32,7 +32,7 @@ use crate::{
     },
     endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
     flows::{Explainer, FlowLog},
-    persist,
+    persist::{self, SnapshotLog},
 };
 
 /// What the runtime is configured with.
@@ -90,11 +90,19 @@ pub struct Runtime {
     cluster_changed: Notify,
     explainer: RwLock<Explainer>,
     flow_log: FlowLog,
+    /// Locked only by `save_endpoints`, which runs under `inner`'s lock.
+    endpoints_log: Mutex<SnapshotLog>,
 }
 
 impl Runtime {
-    fn endpoints_file(&self) -> PathBuf {
-        self.config.state_dir.join("endpoints.json")
+    /// The registered endpoints, saved on every ADD and DEL (a `SnapshotLog`).
+    fn endpoints_file(config: &RuntimeConfig) -> PathBuf {
+        config.state_dir.join("endpoints.jsonl")
+    }
+
+    /// Where versions before the snapshot log kept them (moved into the log at start-up).
+    fn legacy_endpoints_file(config: &RuntimeConfig) -> PathBuf {
+        config.state_dir.join("endpoints.json")
     }
 
     fn identities_file(config: &RuntimeConfig) -> PathBuf {
@@ -114,8 +122,13 @@ impl Runtime {
         let writer = Writer::adopt(maps)?;
         let identities: IdentityAllocator =
             persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
+        let (endpoints_log, saved) = SnapshotLog::open::<Vec<LocalEndpoint>>(
+            &Self::endpoints_file(&config),
+            &Self::legacy_endpoints_file(&config),
+        )?;
         let runtime = Arc::new(Self {
             flow_log: FlowLog::new(&config.state_dir),
+            endpoints_log: Mutex::new(endpoints_log),
             programs,
             inner: Mutex::new(Inner {
                 _ebpf: ebpf,
@@ -137,11 +150,9 @@ impl Runtime {
             explainer: RwLock::new(Explainer::default()),
             config,
         });
-        let saved: Vec<LocalEndpoint> =
-            persist::read_json(&runtime.endpoints_file())?.unwrap_or_default();
         {
             let mut inner = runtime.lock();
-            for endpoint in saved {
+            for endpoint in saved.unwrap_or_default() {
                 if nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()).is_err() {
                     tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname,
                         "endpoint's veth is gone (deleted while the agent was down); forgetting it");
@@ -271,7 +282,10 @@ impl Runtime {
     /// changes and an older snapshot never overwrites a newer one.
     fn save_endpoints(&self, inner: &Inner) -> Result<(), persist::PersistError> {
         let endpoints: Vec<&LocalEndpoint> = inner.endpoints.values().collect();
-        persist::write_json(&self.endpoints_file(), &endpoints)
+        self.endpoints_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save(&endpoints)
     }
 
     /// Handles one verdict event from the kernel.
