@@ -1,7 +1,12 @@
 //! The verbs: ADD, CHECK, DEL, STATUS, GC (VERSION is answered in `main`).
 
 use std::{
-    collections::HashSet, fs::File, net::IpAddr, os::fd::OwnedFd, path::Path, time::Duration,
+    collections::HashSet,
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -194,44 +199,41 @@ async fn wire(
     host_ifname: &str,
     ips: &[(IpAddr, u8, IpAddr)],
 ) -> Result<Wired, PluginError> {
-    let pod_ifname = env.ifname.clone();
-    let host_mac = host.mac;
-    let pod_ips = ips.to_vec();
-    let pod_netns = netns.try_clone().map_err(|source| PluginError::Io {
-        what: "duplicating the pod's namespace handle".into(),
-        source,
-    })?;
+    let pod_ifname = &env.ifname;
+    let h = netlink::connect_in(netns.as_fd())?;
     // The pod side and the enforcement at the same time: the pod's interface has no carrier
     // until the host veth is set up below, after both.
-    let pod_side = netlink::spawn_in_netns(pod_netns, move || async move {
-        let h = netlink::connect()?;
-        let link = netlink::link_by_name(&h, &pod_ifname)
+    let pod_side = async {
+        let link = netlink::link_by_name(&h, pod_ifname)
             .await?
             .ok_or_else(|| {
                 PluginError::CheckFailed(format!("{pod_ifname} did not appear in the pod"))
             })?;
-        if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
+        // The runtime usually brings lo up itself; a link change costs the kernel, skip it then.
+        if let Some(lo) = netlink::link_by_name(&h, "lo").await?
+            && !lo.up
+        {
             netlink::set_up(&h, lo.index, "lo").await?;
         }
-        for (addr, prefix, _) in &pod_ips {
-            netlink::add_address(&h, link.index, *addr, *prefix, &pod_ifname).await?;
+        for (addr, prefix, _) in ips {
+            netlink::add_address(&h, link.index, *addr, *prefix, pod_ifname).await?;
         }
-        netlink::set_up(&h, link.index, &pod_ifname).await?;
-        let mut gateways: Vec<IpAddr> = pod_ips.iter().map(|(_, _, g)| *g).collect();
+        netlink::set_up(&h, link.index, pod_ifname).await?;
+        let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
         gateways.dedup();
         for gw in gateways {
             // The gateway is the host veth: no ARP/NDP, no proxy ARP needed.
-            netlink::add_neighbour(&h, link.index, gw, &host_mac, &pod_ifname).await?;
+            netlink::add_neighbour(&h, link.index, gw, &host.mac, pod_ifname).await?;
             let default: IpAddr = if gw.is_ipv4() {
                 std::net::Ipv4Addr::UNSPECIFIED.into()
             } else {
                 std::net::Ipv6Addr::UNSPECIFIED.into()
             };
-            netlink::add_route(&h, link.index, default, 0, Some(gw), &pod_ifname).await?;
+            netlink::add_route(&h, link.index, default, 0, Some(gw), pod_ifname).await?;
         }
         crate::log::mark("pod");
-        Ok(link)
-    });
+        Ok::<_, PluginError>(link)
+    };
 
     // Enforcement into the datapath before the host side comes up, so the pod's first packet
     // meets its policy.
@@ -394,33 +396,28 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), PluginError> {
             }
         }
 
-        let ifname = env.ifname.clone();
-        let pod_problems = netlink::in_netns(&netns, || async {
-            let mut problems = Vec::new();
-            let h = netlink::connect()?;
-            let Some(link) = netlink::link_by_name(&h, &ifname).await? else {
-                problems.push(format!("{ifname} is missing in the pod's namespace"));
-                return Ok(problems);
-            };
-            if !link.up {
-                problems.push(format!("{ifname} is down"));
-            }
-            let have = netlink::addresses(&h, link.index).await?;
-            for (addr, prefix, gw) in &ips {
-                if !have.contains(&(*addr, *prefix)) {
-                    problems.push(format!("{ifname} lacks {addr}/{prefix}"));
+        let ifname = &env.ifname;
+        let h = netlink::connect_in(netns.as_fd())?;
+        match netlink::link_by_name(&h, ifname).await? {
+            None => problems.push(format!("{ifname} is missing in the pod's namespace")),
+            Some(link) => {
+                if !link.up {
+                    problems.push(format!("{ifname} is down"));
                 }
-                let routes = netlink::routes(&h, addr.is_ipv6()).await?;
-                if !routes
-                    .iter()
-                    .any(|r| r.prefix == 0 && r.gateway == Some(*gw) && r.oif == Some(link.index))
-                {
-                    problems.push(format!("default route via {gw} dev {ifname} is missing"));
+                let have = netlink::addresses(&h, link.index).await?;
+                for (addr, prefix, gw) in &ips {
+                    if !have.contains(&(*addr, *prefix)) {
+                        problems.push(format!("{ifname} lacks {addr}/{prefix}"));
+                    }
+                    let routes = netlink::routes(&h, addr.is_ipv6()).await?;
+                    if !routes.iter().any(|r| {
+                        r.prefix == 0 && r.gateway == Some(*gw) && r.oif == Some(link.index)
+                    }) {
+                        problems.push(format!("default route via {gw} dev {ifname} is missing"));
+                    }
                 }
             }
-            Ok(problems)
-        })?;
-        problems.extend(pod_problems);
+        }
         if problems.is_empty() {
             Ok(())
         } else {

@@ -318,72 +318,26 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-/// On the calling thread (which must be one of its own): enters `netns` and runs `f` on a
-/// current-thread runtime, so `f`'s netlink sockets are opened in that namespace.
-fn enter_and_run<T, F, Fut>(netns: BorrowedFd<'_>, f: F) -> Result<T, PluginError>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<T, PluginError>>,
-{
-    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-        PluginError::Io {
-            what: "entering the pod's network namespace".into(),
-            source: e.into(),
-        }
-    })?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| PluginError::Io {
-            what: "starting a runtime in the pod's network namespace".into(),
-            source,
-        })?;
-    rt.block_on(f())
-}
-
-/// Runs `f` on a fresh thread inside the network namespace `netns`, with its own current-thread
-/// runtime (and so its own netlink sockets, opened in that namespace).
-pub fn in_netns<T, F, Fut>(netns: &OwnedFd, f: F) -> Result<T, PluginError>
-where
-    T: Send,
-    F: FnOnce() -> Fut + Send,
-    Fut: Future<Output = Result<T, PluginError>>,
-{
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| enter_and_run(netns.as_fd(), f))
-            .join()
-            .unwrap_or_else(|panic| Err(PluginError::Panic(crate::panic_message(&panic))))
-    })
-}
-
-/// Like [`in_netns`], but on a thread of its own that the caller awaits, so the caller's runtime
-/// keeps running (e.g. an RPC) meanwhile.
-pub fn spawn_in_netns<T, F, Fut>(
-    netns: OwnedFd,
-    f: F,
-) -> impl Future<Output = Result<T, PluginError>>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, PluginError>>,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("pod-netns".into())
-        .spawn(move || {
-            let result = enter_and_run(netns.as_fd(), f);
-            let _ = tx.send(result);
-        });
-    async move {
-        spawned.map_err(|source| PluginError::Io {
-            what: "starting a thread for the pod's network namespace".into(),
-            source,
-        })?;
-        rx.await.unwrap_or_else(|_| {
-            Err(PluginError::Panic(
-                "the thread configuring the pod's namespace died".into(),
-            ))
-        })
-    }
+/// A netlink connection inside the network namespace `netns`, driven by the current runtime
+/// like [`connect`]'s. A socket belongs to the namespace its thread was in when it was created,
+/// so the calling thread enters `netns` just to open it and then returns to its own namespace:
+/// no thread of its own, no second runtime, and the pod's side is configured concurrently with
+/// the node's on one thread.
+pub fn connect_in(netns: BorrowedFd<'_>) -> Result<Handle, PluginError> {
+    let io = |what: &str, source: std::io::Error| PluginError::Io {
+        what: what.into(),
+        source,
+    };
+    let own = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| io("opening this thread's network namespace", e))?;
+    let enter = |ns: BorrowedFd<'_>, what: &str| {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| io(what, e.into()))
+    };
+    enter(netns, "entering the pod's network namespace")?;
+    let opened = rtnetlink::new_connection();
+    // Back before anything else: the node's side must not be configured in the pod's namespace.
+    enter(own.as_fd(), "returning to the node's network namespace")?;
+    let (conn, handle, _) = opened.map_err(|e| io("opening a netlink socket in the pod", e))?;
+    tokio::spawn(conn);
+    Ok(handle)
 }
