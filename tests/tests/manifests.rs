@@ -503,9 +503,17 @@ fn the_containerfile_ships_both_binaries_where_the_daemonset_runs_them() {
         text.contains("cargo xtask setup"),
         "the build stage sets up the eBPF toolchain"
     );
+    // `cargo xtask build` builds both, weir-cni statically (it runs on the node, not in the
+    // image).
+    assert!(
+        text.contains("cargo xtask build --release --locked"),
+        "the binaries are built as xtask ships them"
+    );
     for bin in ["weir-agent", "weir-cni"] {
-        assert!(text.contains(&format!("--bin {bin}")), "{bin} is not built");
-        assert!(text.contains(&format!("/out/{bin}")), "{bin} is not copied");
+        assert!(
+            text.contains(&format!("target/release/{bin} /out/{bin}")),
+            "{bin} is not copied"
+        );
     }
     assert!(text.contains("/usr/local/bin/"));
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
