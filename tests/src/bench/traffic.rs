@@ -4,7 +4,10 @@
 //! but the allowances for the measured traffic name other peers.
 //!
 //! Topology: client pod ns ── veth ── node ns ── veth ── server pod ns, routed, all inside
-//! namespaces this benchmark creates and deletes.
+//! namespaces this benchmark creates and deletes. Weir's programs go onto the node's veths the
+//! way the agent attaches them (tc clsact, `datapath::attach`). The cases run in turn, several
+//! rounds over, so a slow spell of the machine spreads over all of them instead of landing on
+//! one; each case's latency pools its rounds' round trips, its throughput is the median round.
 
 use std::{
     collections::BTreeMap,
@@ -19,19 +22,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TcAttachType},
-};
+use aya::Ebpf;
 use nix::sched::{CloneFlags, setns};
 use weir_agent::datapath::{
+    attach::{Programs, attach_endpoint, detach_endpoint},
     loader,
     maps::DatapathMaps,
     writer::{DesiredMaps, SubjectState, Writer},
 };
 use weir_common::{
-    DIR_EGRESS, DIR_INGRESS, EndpointInfo, PROG_FROM_POD, PROG_TO_POD, PROTO_TCP, PROTO_UDP,
-    SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS,
+    DIR_EGRESS, DIR_INGRESS, EndpointInfo, PROTO_TCP, PROTO_UDP, SUBJECT_ISOLATED_EGRESS,
+    SUBJECT_ISOLATED_INGRESS,
 };
 use weir_policy::output::RuleMatch;
 
@@ -129,7 +130,8 @@ fn start_servers(server: &Netns) -> mpsc::Receiver<(u64, Duration)> {
     bytes_rx
 }
 
-fn udp_latency(client: &Netns, iterations: usize) -> Samples {
+/// `iterations` UDP round-trip times, after 1,000 to warm up.
+fn udp_latency(client: &Netns, iterations: usize) -> Vec<Duration> {
     in_netns(client, move || {
         let sock = UdpSocket::bind((CLIENT, 0)).expect("binding the client");
         sock.connect((SERVER, UDP_PORT)).expect("connecting");
@@ -147,7 +149,7 @@ fn udp_latency(client: &Netns, iterations: usize) -> Samples {
                 samples.push(started.elapsed());
             }
         }
-        Samples::new(samples)
+        samples
     })
     .join()
     .expect("latency client panicked")
@@ -173,9 +175,27 @@ fn tcp_throughput(client: &Netns, results: &mpsc::Receiver<(u64, Duration)>, sec
     bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
 }
 
-/// Weir's programs on the node's veths, with `rules` rules on each side.
+/// The node's veths, which carry Weir's programs during its cases.
+const NODE_VETHS: [&str; 2] = ["vc", "vs"];
+
+/// Weir's programs on the node's veths, with `rules` rules on each side; taken off again on drop.
 struct Weir {
     _ebpf: Ebpf,
+    node_path: String,
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        // The kernel keeps tc filters (and their programs) after the loader is gone: without
+        // this, the next cases would still run Weir's programs.
+        let detached = spawn_in(self.node_path.clone(), || {
+            NODE_VETHS.map(|veth| detach_endpoint(veth).map(|_| ()))
+        })
+        .join();
+        if !matches!(detached, Ok(results) if results.iter().all(Result::is_ok)) {
+            eprintln!("warning: could not take Weir's programs off the benchmark's veths");
+        }
+    }
 }
 
 fn rules_for(direction: u8, measured_peer: u32, rules: u32) -> BTreeMap<RuleMatch, u32> {
@@ -206,19 +226,11 @@ fn weir(node: &Netns, rules: u32) -> anyhow::Result<Weir> {
     let handle = thread::spawn(move || -> anyhow::Result<Weir> {
         setns(File::open(&node_path)?.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let mut ebpf = loader::load(None)?;
+        let programs = Programs::from_ebpf(&ebpf)?;
         let mut ifindex = BTreeMap::new();
-        for ifname in ["vc", "vs"] {
+        for ifname in NODE_VETHS {
             ifindex.insert(ifname, nix::net::if_::if_nametoindex(ifname)?);
-            for (program, attach) in [
-                (PROG_FROM_POD, TcAttachType::Ingress),
-                (PROG_TO_POD, TcAttachType::Egress),
-            ] {
-                let prog: &mut SchedClassifier = ebpf
-                    .program_mut(program)
-                    .ok_or_else(|| anyhow::anyhow!("no {program}"))?
-                    .try_into()?;
-                prog.attach(ifname, attach)?;
-            }
+            attach_endpoint(&programs, ifname)?;
         }
         let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
         let client: IpAddr = CLIENT.parse()?;
@@ -256,7 +268,10 @@ fn weir(node: &Netns, rules: u32) -> anyhow::Result<Weir> {
             subjects,
             config_flags: 0,
         })?;
-        Ok(Weir { _ebpf: ebpf })
+        Ok(Weir {
+            _ebpf: ebpf,
+            node_path,
+        })
     });
     handle
         .join()
@@ -309,6 +324,34 @@ fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
     )
 }
 
+const ROUNDS: usize = 3;
+
+#[derive(Clone, Copy)]
+enum Case {
+    NoEnforcement,
+    Weir(u32),
+    Iptables(u32),
+}
+
+const CASES: [Case; 6] = [
+    Case::NoEnforcement,
+    Case::Weir(0),
+    Case::Weir(1_000),
+    Case::Weir(10_000),
+    Case::Iptables(1_000),
+    Case::Iptables(10_000),
+];
+
+impl Case {
+    fn name(self) -> String {
+        match self {
+            Case::NoEnforcement => "no enforcement".to_owned(),
+            Case::Weir(rules) => format!("weir, {rules} rules"),
+            Case::Iptables(rules) => format!("iptables, {rules} rules"),
+        }
+    }
+}
+
 pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     anyhow::ensure!(
         Command::new("iptables-restore")
@@ -319,33 +362,48 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     );
     let t = topology();
     let results = start_servers(&t.server);
-    let mut rows: Vec<(String, Samples, f64)> = Vec::new();
-    let mut measure = |name: String| {
-        let latency = udp_latency(&t.client, iterations);
-        let gbit = tcp_throughput(&t.client, &results, secs);
+    println!(
+        "pod-to-pod through a node namespace ({ROUNDS} rounds over the cases; per case and round {iterations} UDP round trips, {secs} s TCP):"
+    );
+    let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); CASES.len()];
+    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    for _ in 0..ROUNDS {
+        for (i, case) in CASES.iter().enumerate() {
+            // Held for the case's measurement: Weir's programs come off when it drops.
+            let weir_attached = match case {
+                Case::NoEnforcement => None,
+                Case::Weir(rules) => Some(weir(&t.node, *rules)?),
+                Case::Iptables(rules) => {
+                    iptables(&t.node, *rules)?;
+                    None
+                }
+            };
+            latency[i].extend(udp_latency(&t.client, iterations));
+            throughput[i].push(tcp_throughput(&t.client, &results, secs));
+            drop(weir_attached);
+            if matches!(case, Case::Iptables(_)) {
+                iptables_flush(&t.node)?;
+            }
+        }
+    }
+    let rows: Vec<(String, Samples, f64)> = CASES
+        .iter()
+        .zip(latency)
+        .zip(throughput)
+        .map(|((case, lat), mut gbit)| {
+            gbit.sort_by(f64::total_cmp);
+            (case.name(), Samples::new(lat), gbit[gbit.len() / 2])
+        })
+        .collect();
+    for (name, lat, gbit) in &rows {
         println!(
             "  {name:<24} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s",
-            us(latency.percentile(50.0)),
-            us(latency.mean()),
-            us(latency.percentile(99.0)),
+            us(lat.percentile(50.0)),
+            us(lat.mean()),
+            us(lat.percentile(99.0)),
             gbit
         );
-        rows.push((name, latency, gbit));
-    };
-    println!(
-        "pod-to-pod through a node namespace ({iterations} UDP round trips, {secs} s TCP per case):"
-    );
-    measure("no enforcement".to_owned());
-    for rules in [0u32, 1_000, 10_000] {
-        let w = weir(&t.node, rules)?;
-        measure(format!("weir, {rules} rules"));
-        drop(w);
     }
-    for rules in [1_000u32, 10_000] {
-        iptables(&t.node, rules)?;
-        measure(format!("iptables, {rules} rules"));
-    }
-    iptables_flush(&t.node)?;
     let (_, base_lat, base_tp) = &rows[0];
     let (base_p50, base_mean) = (
         base_lat.percentile(50.0).as_secs_f64(),
