@@ -218,7 +218,7 @@ async fn wire(
         for (addr, prefix, _) in ips {
             netlink::add_address(&h, link.index, *addr, *prefix, pod_ifname).await?;
         }
-        netlink::set_up(&h, link.index, pod_ifname).await?;
+        netlink::set_veth_up(&h, link.index, pod_ifname).await?;
         let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
         gateways.dedup();
         for gw in gateways {
@@ -257,7 +257,7 @@ async fn wire(
     activated?;
     let pod_link = pod_link?;
 
-    netlink::set_up(handle, host.index, host_ifname).await?;
+    netlink::set_veth_up(handle, host.index, host_ifname).await?;
     if ips.iter().any(|(a, _, _)| a.is_ipv6()) {
         netlink::add_address(handle, host.index, GATEWAY_V6.into(), 64, host_ifname).await?;
     }

@@ -10,7 +10,10 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressFlags},
-    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+    link::{
+        AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+        LinkFlags, LinkMessage,
+    },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -149,6 +152,26 @@ pub async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), Plugi
         .execute()
         .await
         .map_err(|e| PluginError::netlink(format!("setting {name} up"), e))
+}
+
+/// Sets one end of the pod's veth up with IPv6 address generation off, in the same request, so
+/// it holds before the link has carrier. A routed veth with permanent neighbours needs no
+/// link-local address, and without one the kernel sends no duplicate address detection, router
+/// solicitations or MLD reports through the pod's policy, where they would only be dropped (and
+/// logged as drops). The addresses the plugin assigns are added explicitly. Where the kernel has
+/// no IPv6 at all, a plain up.
+pub async fn set_veth_up(handle: &Handle, index: u32, name: &str) -> Result<(), PluginError> {
+    let mut msg = LinkUnspec::new_with_index(index).up().build();
+    msg.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+            vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+        )]));
+    match handle.link().set(msg).execute().await {
+        Err(e) if netlink_errno(&e) == Some(libc::EAFNOSUPPORT) => {
+            set_up(handle, index, name).await
+        }
+        done => done.map_err(|e| PluginError::netlink(format!("setting {name} up"), e)),
+    }
 }
 
 /// Adds `addr/prefix` to the link; IPv6 without duplicate address detection (usable at once).

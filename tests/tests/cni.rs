@@ -378,6 +378,17 @@ impl Drop for Harness {
     }
 }
 
+/// The IPv6 addresses (address/prefix) on `ifname` in `ns`.
+fn ipv6_addresses(ns: &Netns, ifname: &str) -> Vec<String> {
+    ip_json(ns, &["-6", "addr", "show", "dev", ifname])
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect()
+}
+
 fn ip_json(ns: &Netns, args: &[&str]) -> Value {
     let mut full = vec!["-j"];
     full.extend_from_slice(args);
@@ -479,6 +490,12 @@ fn add_wires_the_pod_check_verifies_and_del_is_idempotent() {
     assert_eq!(host_link["mtu"], 1400);
     let host_routes = ip_json(&h.node, &["route", "show", pod_ip]);
     assert_eq!(host_routes[0]["dev"], host.as_str());
+
+    // No IPv6 link-local address on either end (an IPv4 pod has no IPv6 address at all): none is
+    // needed with permanent neighbours, and without one no duplicate address detection, router
+    // solicitation or MLD report crosses the pod's policy.
+    assert_eq!(ipv6_addresses(&pod, "eth0"), Vec::<String>::new());
+    assert_eq!(ipv6_addresses(&h.node, &host), Vec::<String>::new());
 
     // Enforcement was put in place while the host veth was still down (no unenforced window).
     {
@@ -840,6 +857,12 @@ fn dual_stack_and_legacy_result() {
     let info = &addrs[0]["addr_info"][0];
     assert_eq!(info["local"], v6.trim_end_matches("/128"));
     assert!(info.get("tentative").is_none(), "{info}");
+    // Only the addresses the plugin assigned: no generated link-local on either end.
+    assert_eq!(ipv6_addresses(&pod, "eth0"), vec![v6.to_string()]);
+    assert_eq!(
+        ipv6_addresses(&h.node, &host),
+        vec!["fe80::1/64".to_string()]
+    );
     let mut check = conf.clone();
     check["prevResult"] = result;
     h.run_verb("CHECK", "c-dual", Some(&pod), &check)
