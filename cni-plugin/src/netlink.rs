@@ -156,10 +156,11 @@ pub async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), Plugi
 
 /// Sets one end of the pod's veth up with IPv6 address generation off, in the same request, so
 /// it holds before the link has carrier. A routed veth with permanent neighbours needs no
-/// link-local address, and without one the kernel sends no duplicate address detection, router
-/// solicitations or MLD reports through the pod's policy, where they would only be dropped (and
-/// logged as drops). The addresses the plugin assigns are added explicitly. Where the kernel has
-/// no IPv6 at all, a plain up.
+/// link-local address, and without one neither end sends duplicate address detection probes or
+/// router solicitations, nor the pod's end MLD reports, through the pod's policy, where they would
+/// only be dropped and logged as drops. (The host end still reports joining all-routers when the
+/// node forwards IPv6.) The addresses the plugin assigns are added explicitly. Where the kernel
+/// has no IPv6 at all, a plain up.
 pub async fn set_veth_up(handle: &Handle, index: u32, name: &str) -> Result<(), PluginError> {
     let mut msg = LinkUnspec::new_with_index(index).up().build();
     msg.attributes

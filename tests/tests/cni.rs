@@ -492,8 +492,8 @@ fn add_wires_the_pod_check_verifies_and_del_is_idempotent() {
     assert_eq!(host_routes[0]["dev"], host.as_str());
 
     // No IPv6 link-local address on either end (an IPv4 pod has no IPv6 address at all): none is
-    // needed with permanent neighbours, and without one no duplicate address detection, router
-    // solicitation or MLD report crosses the pod's policy.
+    // needed with permanent neighbours, and without one no duplicate address detection probe or
+    // router solicitation crosses the pod's policy.
     assert_eq!(ipv6_addresses(&pod, "eth0"), Vec::<String>::new());
     assert_eq!(ipv6_addresses(&h.node, &host), Vec::<String>::new());
 
