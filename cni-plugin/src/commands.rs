@@ -200,36 +200,36 @@ async fn wire(
     ips: &[(IpAddr, u8, IpAddr)],
 ) -> Result<Wired, PluginError> {
     let pod_ifname = &env.ifname;
-    let h = netlink::connect_in(netns.as_fd())?;
+    let in_pod = netlink::connect_in(netns.as_fd())?;
     // The pod side and the enforcement at the same time: the pod's interface has no carrier
     // until the host veth is set up below, after both.
     let pod_side = async {
-        let link = netlink::link_by_name(&h, pod_ifname)
+        let link = netlink::link_by_name(&in_pod, pod_ifname)
             .await?
             .ok_or_else(|| {
                 PluginError::CheckFailed(format!("{pod_ifname} did not appear in the pod"))
             })?;
         // The runtime usually brings lo up itself; a link change costs the kernel, skip it then.
-        if let Some(lo) = netlink::link_by_name(&h, "lo").await?
+        if let Some(lo) = netlink::link_by_name(&in_pod, "lo").await?
             && !lo.up
         {
-            netlink::set_up(&h, lo.index, "lo").await?;
+            netlink::set_up(&in_pod, lo.index, "lo").await?;
         }
         for (addr, prefix, _) in ips {
-            netlink::add_address(&h, link.index, *addr, *prefix, pod_ifname).await?;
+            netlink::add_address(&in_pod, link.index, *addr, *prefix, pod_ifname).await?;
         }
-        netlink::set_veth_up(&h, link.index, pod_ifname).await?;
+        netlink::set_veth_up(&in_pod, link.index, pod_ifname).await?;
         let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
         gateways.dedup();
         for gw in gateways {
             // The gateway is the host veth: no ARP/NDP, no proxy ARP needed.
-            netlink::add_neighbour(&h, link.index, gw, &host.mac, pod_ifname).await?;
+            netlink::add_neighbour(&in_pod, link.index, gw, &host.mac, pod_ifname).await?;
             let default: IpAddr = if gw.is_ipv4() {
                 std::net::Ipv4Addr::UNSPECIFIED.into()
             } else {
                 std::net::Ipv6Addr::UNSPECIFIED.into()
             };
-            netlink::add_route(&h, link.index, default, 0, Some(gw), pod_ifname).await?;
+            netlink::add_route(&in_pod, link.index, default, 0, Some(gw), pod_ifname).await?;
         }
         crate::log::mark("pod");
         Ok::<_, PluginError>(link)
@@ -397,19 +397,19 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), PluginError> {
         }
 
         let ifname = &env.ifname;
-        let h = netlink::connect_in(netns.as_fd())?;
-        match netlink::link_by_name(&h, ifname).await? {
+        let in_pod = netlink::connect_in(netns.as_fd())?;
+        match netlink::link_by_name(&in_pod, ifname).await? {
             None => problems.push(format!("{ifname} is missing in the pod's namespace")),
             Some(link) => {
                 if !link.up {
                     problems.push(format!("{ifname} is down"));
                 }
-                let have = netlink::addresses(&h, link.index).await?;
+                let have = netlink::addresses(&in_pod, link.index).await?;
                 for (addr, prefix, gw) in &ips {
                     if !have.contains(&(*addr, *prefix)) {
                         problems.push(format!("{ifname} lacks {addr}/{prefix}"));
                     }
-                    let routes = netlink::routes(&h, addr.is_ipv6()).await?;
+                    let routes = netlink::routes(&in_pod, addr.is_ipv6()).await?;
                     if !routes.iter().any(|r| {
                         r.prefix == 0 && r.gateway == Some(*gw) && r.oif == Some(link.index)
                     }) {

@@ -103,7 +103,9 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         for (verb, floor) in [("add", &mut floor_add), ("del", &mut floor_del)] {
             floor.extend(at_once(&pods, |i, pod| {
                 let veth = format!("flr{i}");
+                // In the node's namespace, as the plugin's veths are (and gone with it).
                 let mut ip = std::process::Command::new("ip");
+                ip.args(["-n", &node.name]);
                 match verb {
                     "add" => ip
                         .args(["link", "add", &veth, "type", "veth", "peer", "name"])
