@@ -88,6 +88,18 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Ve
     p
 }
 
+/// An MLDv2 listener report as the kernel sends it: hop limit 1, a hop-by-hop header carrying
+/// the router alert option, then ICMPv6 type 143, in an Ethernet frame.
+pub fn mld_report(src: [u8; 16]) -> Vec<u8> {
+    let dst: [u8; 16] = "ff02::16".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    // Next header ICMPv6, length 0 (8 bytes): router alert (type 5, 2 bytes, MLD), PadN of 2.
+    let mut payload = vec![PROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0];
+    payload.extend_from_slice(&icmp_message(143, 0, &[0; 4]));
+    let mut packet = ipv6(src, dst, 0, &payload);
+    packet[7] = 1; // hop limit
+    ethernet(ETH_P_IPV6, &packet)
+}
+
 /// An IP packet (no Ethernet header) of either family; `src` and `dst` must be of one family.
 pub fn ip(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     match (src, dst) {

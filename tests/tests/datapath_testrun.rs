@@ -1107,19 +1107,31 @@ fn non_ip_and_neighbour_discovery_pass_uncounted_by_policy() {
         dp.from_pod(&neighbour_solicitation(ip_of("fe80::2"), target)),
         OK
     );
-    // An MLDv2 listener report to ff02::16, as every IPv6 interface sends when it comes up.
-    let mld_report = ip(
+    // An MLD message without the hop-by-hop header it always has in practice.
+    let bare_mld = ip(
         ip_of("fe80::2"),
         ip_of("ff02::16"),
         PROTO_ICMPV6,
         &packet::icmp_message(143, 0, &[0; 4]),
     );
     assert_eq!(
-        dp.from_pod(&packet::ethernet(packet::ETH_P_IPV6, &mld_report)),
+        dp.from_pod(&packet::ethernet(packet::ETH_P_IPV6, &bare_mld)),
         OK
     );
-    assert_eq!(dp.counter(REASON_LINK_LOCAL), 4);
+    // MLDv2 listener reports as interfaces send them when they come up (behind a hop-by-hop
+    // header with the router alert), from a link-local address or, before it has one, from ::.
+    let unspecified = [0u8; 16];
+    let link_local = "fe80::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    for src in [link_local, unspecified] {
+        assert_eq!(dp.from_pod(&packet::mld_report(src)), OK);
+        assert_eq!(dp.to_pod(&packet::mld_report(src)), OK);
+    }
+    assert_eq!(dp.counter(REASON_LINK_LOCAL), 8);
     assert!(dp.events().is_empty());
+    // A hop-by-hop header with hop limit 64 is not MLD: it meets the policy (no endpoint here).
+    let mut routed = packet::mld_report(link_local);
+    routed[packet::ETH_HLEN + 7] = 64;
+    assert_eq!(dp.from_pod(&routed), SHOT);
     // Other ICMPv6 from an unknown address is not link-local.
     assert_eq!(
         dp.from_pod(&ping(ip_of("fe80::2"), ip_of("fe80::1"), 1)),

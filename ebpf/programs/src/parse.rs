@@ -1,5 +1,6 @@
-//! Packet parsing: Ethernet, IPv4 (IHL honoured) or IPv6 (fixed header), and the first bytes of
-//! the transport header, into the 16-byte-address 5-tuple of `CtKey`.
+//! Packet parsing: Ethernet, IPv4 (IHL honoured) or IPv6 (fixed header; extension headers are
+//! not walked, except a hop-by-hop header in front of MLD), and the first bytes of the transport
+//! header, into the 16-byte-address 5-tuple of `CtKey`.
 //!
 //! All reads go through `bpf_skb_load_bytes`, which fails when the packet is shorter than the
 //! read: a truncated header is `Malformed`.
@@ -14,6 +15,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+/// IPv6 next header: hop-by-hop options.
+const IPV6_HOP_BY_HOP: u8 = 0;
 /// ICMP and ICMPv6 headers, including the echo id/sequence or the unused word of errors.
 const ICMP_HLEN: usize = 8;
 
@@ -87,6 +90,22 @@ fn ports(b: [u8; 4]) -> (u16, u16) {
     )
 }
 
+/// Whether the IPv6 packet at `off`, whose first extension header at `l4` is hop-by-hop, is an
+/// MLD message: every MLD message carries its router alert in a hop-by-hop header and has hop
+/// limit 1 (RFC 2710, 3810). The one extension header looked past: MLD is link-scoped like
+/// neighbour discovery, which needs none.
+#[inline(always)]
+fn is_mld_behind_hop_by_hop(ctx: &TcContext, off: usize, l4: usize) -> Result<bool, Malformed> {
+    let hop_limit: u8 = load(ctx, off + 7)?;
+    // Next header, then the header's length in 8-byte units, not counting the first 8.
+    let hbh: [u8; 2] = load(ctx, l4)?;
+    if hbh[0] != PROTO_ICMPV6 || hop_limit != 1 {
+        return Ok(false);
+    }
+    let icmp_type: u8 = load(ctx, l4 + (hbh[1] as usize + 1) * 8)?;
+    Ok(matches!(icmp_type, 130..=132 | 143))
+}
+
 /// Parses the whole packet from the Ethernet header into `key` (the packet's own tuple), which
 /// must be zeroed.
 #[inline(always)]
@@ -157,6 +176,10 @@ pub fn parse_ip(
     };
     if !first_fragment {
         // No transport header in this fragment: ports 0.
+        return Ok(parsed);
+    }
+    if v6 && !inner && proto == IPV6_HOP_BY_HOP && is_mld_behind_hop_by_hop(ctx, off, l4)? {
+        parsed.class = Class::LinkLocal;
         return Ok(parsed);
     }
     let is_icmp = (proto == PROTO_ICMP && !v6) || (proto == PROTO_ICMPV6 && v6);
