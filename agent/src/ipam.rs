@@ -149,7 +149,6 @@ impl Pool {
 /// and saved under one lock, so concurrent callers never pick the same address.
 #[derive(Debug)]
 pub struct Ipam {
-    path: PathBuf,
     pools: Vec<Pool>,
     store: Mutex<Store>,
 }
@@ -183,15 +182,16 @@ impl Ipam {
             path: state_dir.to_owned(),
             source,
         })?;
-        let path = state_dir.join(STATE_FILE);
-        let (log, state) = SnapshotLog::open::<State>(&path, &state_dir.join(LEGACY_STATE_FILE))
-            .map_err(IpamError::Open)?;
+        let (log, state) = SnapshotLog::open::<State>(
+            &state_dir.join(STATE_FILE),
+            &state_dir.join(LEGACY_STATE_FILE),
+        )
+        .map_err(IpamError::Open)?;
         let state = state.unwrap_or(State {
             version: STATE_VERSION,
             ..State::default()
         });
         Ok(Ipam {
-            path,
             pools,
             store: Mutex::new(Store { state, log }),
         })
@@ -200,11 +200,6 @@ impl Ipam {
     /// The configured pod CIDRs.
     pub fn pod_cidrs(&self) -> Vec<IpNet> {
         self.pools.iter().map(|p| p.cidr).collect()
-    }
-
-    /// The state file.
-    pub fn state_path(&self) -> &Path {
-        &self.path
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Store>, IpamError> {

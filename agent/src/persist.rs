@@ -218,17 +218,18 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
-    fn temp_dir(tag: &str) -> PathBuf {
+    /// A fresh directory, and the paths of a log and of its legacy file in it.
+    fn log_paths(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("weir-persist-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        (dir, path, legacy)
     }
 
     #[test]
     fn snapshot_log_returns_the_last_state_saved() {
-        let dir = temp_dir("last");
-        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        let (dir, path, legacy) = log_paths("last");
         let (mut log, state) = SnapshotLog::open::<Vec<u32>>(&path, &legacy).unwrap();
         assert_eq!(state, None);
         log.save(&vec![1u32]).unwrap();
@@ -244,8 +245,7 @@ mod tests {
 
     #[test]
     fn a_torn_append_is_cut_off_and_the_previous_state_kept() {
-        let dir = temp_dir("torn");
-        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        let (dir, path, legacy) = log_paths("torn");
         std::fs::write(&path, b"[1]\n[1,2]\n[1,2,").unwrap();
         let (mut log, state) = SnapshotLog::open::<Vec<u32>>(&path, &legacy).unwrap();
         assert_eq!(state, Some(vec![1, 2]));
@@ -257,8 +257,7 @@ mod tests {
 
     #[test]
     fn a_garbled_last_line_is_an_error_that_names_the_file() {
-        let dir = temp_dir("garbled");
-        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        let (dir, path, legacy) = log_paths("garbled");
         std::fs::write(&path, b"[1]\n{not json\n").unwrap();
         let err = SnapshotLog::open::<Vec<u32>>(&path, &legacy).unwrap_err();
         assert!(err.to_string().contains("s.jsonl"), "{err}");
@@ -268,8 +267,7 @@ mod tests {
 
     #[test]
     fn the_legacy_file_moves_into_the_log() {
-        let dir = temp_dir("legacy");
-        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        let (dir, path, legacy) = log_paths("legacy");
         write_json(&legacy, &vec![4u32, 5]).unwrap();
         let (_, state) = SnapshotLog::open::<Vec<u32>>(&path, &legacy).unwrap();
         assert_eq!(state, Some(vec![4, 5]));
@@ -281,8 +279,7 @@ mod tests {
 
     #[test]
     fn a_full_log_is_compacted_to_the_latest_state() {
-        let dir = temp_dir("compact");
-        let (path, legacy) = (dir.join("s.jsonl"), dir.join("s.json"));
+        let (dir, path, legacy) = log_paths("compact");
         let (mut log, _) = SnapshotLog::open::<Vec<u32>>(&path, &legacy).unwrap();
         let big: Vec<u32> = (0..20_000).collect();
         let line = serde_json::to_vec(&big).unwrap().len() as u64 + 1;

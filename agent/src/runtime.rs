@@ -73,6 +73,8 @@ struct Inner {
     /// Whether the source has delivered a cluster state yet.
     cluster_read: bool,
     endpoints: BTreeMap<EndpointId, LocalEndpoint>,
+    /// Where `endpoints` is saved on every change (under this lock, so in order).
+    endpoints_log: SnapshotLog,
     identities: IdentityAllocator,
     /// What identities.json holds, so it is written only when identities change.
     saved_identities: IdentityAllocator,
@@ -90,8 +92,6 @@ pub struct Runtime {
     cluster_changed: Notify,
     explainer: RwLock<Explainer>,
     flow_log: FlowLog,
-    /// Locked only by `save_endpoints`, which runs under `inner`'s lock.
-    endpoints_log: Mutex<SnapshotLog>,
 }
 
 impl Runtime {
@@ -128,7 +128,6 @@ impl Runtime {
         )?;
         let runtime = Arc::new(Self {
             flow_log: FlowLog::new(&config.state_dir),
-            endpoints_log: Mutex::new(endpoints_log),
             programs,
             inner: Mutex::new(Inner {
                 _ebpf: ebpf,
@@ -141,6 +140,7 @@ impl Runtime {
                 },
                 cluster_read: false,
                 endpoints: BTreeMap::new(),
+                endpoints_log,
                 saved_identities: identities.clone(),
                 identities,
                 compiled: Compiled::default(),
@@ -171,7 +171,7 @@ impl Runtime {
                     endpoint,
                 );
             }
-            runtime.save_endpoints(&inner)?;
+            Self::save_endpoints(&mut inner)?;
         }
         retire_legacy_tcx_links(&runtime.programs, &runtime.legacy_links_dir());
         Ok(runtime)
@@ -280,12 +280,9 @@ impl Runtime {
 
     /// Saves the endpoints; called with the lock held, so saves happen in the order of the
     /// changes and an older snapshot never overwrites a newer one.
-    fn save_endpoints(&self, inner: &Inner) -> Result<(), persist::PersistError> {
+    fn save_endpoints(inner: &mut Inner) -> Result<(), persist::PersistError> {
         let endpoints: Vec<&LocalEndpoint> = inner.endpoints.values().collect();
-        self.endpoints_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save(&endpoints)
+        inner.endpoints_log.save(&endpoints)
     }
 
     /// Handles one verdict event from the kernel.
@@ -383,8 +380,7 @@ impl EndpointBackend for Runtime {
                     "the compiler did not place the pod's addresses (is the Pod object's spec.nodeName this node?)".to_owned(),
                 ));
             }
-            self.save_endpoints(&inner)
-                .map_err(|e| datapath_err(e.to_string()))?;
+            Self::save_endpoints(&mut inner).map_err(|e| datapath_err(e.to_string()))?;
         }
         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, addresses = ?endpoint.addresses, "endpoint enforced");
         Ok(())
@@ -402,8 +398,7 @@ impl EndpointBackend for Runtime {
                 return Ok(());
             };
             self.reconcile(&mut inner);
-            self.save_endpoints(&inner)
-                .map_err(|e| EndpointError::NotReady(e.to_string()))?;
+            Self::save_endpoints(&mut inner).map_err(|e| EndpointError::NotReady(e.to_string()))?;
             endpoint
         };
         tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");

@@ -358,10 +358,8 @@ pub fn connect_in(netns: BorrowedFd<'_>) -> Result<Handle, PluginError> {
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| io(what, e.into()))
     };
     enter(netns, "entering the pod's network namespace")?;
-    let opened = rtnetlink::new_connection();
+    let opened = connect();
     // Back before anything else: the node's side must not be configured in the pod's namespace.
     enter(own.as_fd(), "returning to the node's network namespace")?;
-    let (conn, handle, _) = opened.map_err(|e| io("opening a netlink socket in the pod", e))?;
-    tokio::spawn(conn);
-    Ok(handle)
+    opened
 }

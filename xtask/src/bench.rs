@@ -22,21 +22,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if matches!(options.which.as_str(), "traffic" | "all") {
         setup::ensure_iptables()?;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args([
+    build::cargo(
+        &[
             "build",
             "--release",
             "--package",
             "weir-tests",
             "--bin",
             "weir-bench",
-        ])
-        .status()
-        .context("building the benchmarks")?;
-    if !status.success() {
-        bail!("building the benchmarks failed ({status})");
-    }
+        ],
+        &[],
+        "building the benchmarks",
+    )?;
     build::binaries(true)?;
     // The CNI benchmark drives the release weir-agent and (static) weir-cni.
     let status = Command::new("target/release/weir-bench")

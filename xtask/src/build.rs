@@ -93,14 +93,17 @@ fn build(release: bool, locked: bool) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace's root directory (where Cargo.toml, target/ and examples/ are).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-fn cargo(args: &[&str], env: &[(&str, &str)], what: &str) -> anyhow::Result<()> {
+/// Runs `cargo <args>` in the workspace root with `env` added, saying what it does; an error
+/// names `what` when cargo fails.
+pub fn cargo(args: &[&str], env: &[(&str, &str)], what: &str) -> anyhow::Result<()> {
     println!("\n==> {what}: cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)

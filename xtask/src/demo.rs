@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use nix::sys::signal::{SigSet, Signal};
 use xtask::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
 
@@ -28,11 +28,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
-    let example = root.join("examples/brownbear");
+    let example = build::workspace_root().join("examples/brownbear");
     if !options.no_build {
         if !setup::is_complete() {
             setup::run()?;

@@ -1,9 +1,7 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Nothing is skipped: the kernel tests need
 //! root, and without root this fails and says so rather than passing quietly.
 
-use std::process::Command;
-
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::{build, setup};
 
@@ -17,11 +15,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if !setup::is_complete() {
         setup::run()?;
     }
-    cargo(
+    build::cargo(
         &["fmt", "--all", "--check"],
+        &[],
         "formatting (fix with `cargo fmt --all`)",
     )?;
-    cargo(
+    build::cargo(
         &[
             "clippy",
             "--workspace",
@@ -32,6 +31,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ],
+        &[],
         "clippy",
     )?;
     let filter: Vec<&str> = options.filter.iter().map(String::as_str).collect();
@@ -45,7 +45,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "--",
     ];
     unit.extend(&filter);
-    cargo(&unit, "unit tests")?;
+    build::cargo(&unit, &[], "unit tests")?;
     if !is_root() {
         bail!(
             "the kernel and end-to-end tests (crate weir-tests) need root: they load eBPF programs and \
@@ -56,20 +56,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     build::binaries(false)?;
     let mut root = vec!["test", "--package", "weir-tests", "--"];
     root.extend(&filter);
-    cargo(&root, "root-only kernel and end-to-end tests")?;
+    build::cargo(&root, &[], "root-only kernel and end-to-end tests")?;
     println!("xtask test: all passed");
-    Ok(())
-}
-
-fn cargo(args: &[&str], what: &str) -> anyhow::Result<()> {
-    println!("\n==> {what}: cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .status()
-        .with_context(|| format!("{what}: could not start cargo"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
     Ok(())
 }
 

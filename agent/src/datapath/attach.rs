@@ -92,6 +92,16 @@ fn ifindex(ifname: &str) -> Result<u32, AttachError> {
     })
 }
 
+/// What a failed tc request on `ifname` becomes.
+fn tc_error(ifname: &str, what: String) -> impl FnOnce(io::Error) -> AttachError {
+    let ifname = ifname.to_owned();
+    move |source| AttachError::Tc {
+        what,
+        ifname,
+        source,
+    }
+}
+
 fn open(ifname: &str) -> Result<Tc, AttachError> {
     Tc::open().map_err(|source| AttachError::Netlink {
         ifname: ifname.to_owned(),
@@ -104,19 +114,11 @@ fn open(ifname: &str) -> Result<Tc, AttachError> {
 pub fn attach_endpoint(programs: &Programs, ifname: &str) -> Result<(), AttachError> {
     let ifindex = ifindex(ifname)?;
     let mut tc = open(ifname)?;
-    let err = |what: String| {
-        let ifname = ifname.to_owned();
-        move |source| AttachError::Tc {
-            what,
-            ifname,
-            source,
-        }
-    };
     tc.ensure_clsact(ifindex)
-        .map_err(err("adding the clsact qdisc".into()))?;
+        .map_err(tc_error(ifname, "adding the clsact qdisc".into()))?;
     for (name, program, hook) in programs.hooks() {
         tc.replace_filter(ifindex, hook, program.fd.as_fd(), name)
-            .map_err(err(format!("attaching {name} at tc {hook:?}")))?;
+            .map_err(tc_error(ifname, format!("attaching {name} at tc {hook:?}")))?;
     }
     Ok(())
 }
@@ -143,11 +145,7 @@ pub fn detach_endpoint(ifname: &str) -> Result<bool, AttachError> {
     };
     open(ifname)?
         .delete_clsact(ifindex)
-        .map_err(|source| AttachError::Tc {
-            what: "removing the clsact qdisc".into(),
-            ifname: ifname.to_owned(),
-            source,
-        })
+        .map_err(tc_error(ifname, "removing the clsact qdisc".into()))
 }
 
 /// Retires the TCX links that earlier Weir versions pinned under `links_dir` (one directory per
@@ -161,7 +159,7 @@ pub fn retire_legacy_tcx_links(programs: &Programs, links_dir: &Path) {
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
     {
-        let exists = nix::net::if_::if_nametoindex(ifname.as_str()).is_ok();
+        let exists = ifindex(&ifname).is_ok();
         if exists
             && !is_attached(programs, &ifname)
             && let Err(e) = attach_endpoint(programs, &ifname)
