@@ -5,8 +5,7 @@
 //!   (identities).
 //! - [`SnapshotLog`] appends each new state as one line: for state that changes on every CNI ADD
 //!   and DEL (IPAM, endpoints). On ext4 a rename that replaces a file also flushes the new file's
-//!   blocks, 0.2 to 0.4 ms of CPU measured here, paid twice per ADD; an append is one write into
-//!   the page cache (microseconds).
+//!   blocks, paid twice per ADD; an append is one write into the page cache.
 //!
 //! No fsync, on purpose: it would put a disk flush (milliseconds, serialised) on every CNI ADD,
 //! and it protects only against losing the machine, after which every pod, veth and pin these
