@@ -160,6 +160,8 @@ impl FlowRecord {
             ),
             "unknown-endpoint" => "no endpoint is enforced for this address on this interface (before CNI ADD finished, or after DEL)".to_owned(),
             "spoofed-source" => "the source address is not the one this pod was given".to_owned(),
+            "fragment-without-first" => "a later fragment of a datagram whose first fragment (the one with the ports) was not seen here: out of order, lost or forged, so it cannot be checked against the policies".to_owned(),
+            "ipv6-extension-headers" => "an IPv6 extension header chain that is not walked (more than 6 headers, a header of unknown layout such as mobility or HIP, a second Fragment header, or hop-by-hop not first)".to_owned(),
             other => other.to_owned(),
         };
         format!("{what}: {why}")
@@ -179,6 +181,8 @@ pub fn reason_name(reason: u8) -> &'static str {
         REASON_REVOKED => "revoked",
         REASON_MALFORMED => "malformed",
         REASON_INTERNAL => "internal-error",
+        REASON_FRAGMENT_WITHOUT_FIRST => "fragment-without-first",
+        REASON_IPV6_EXTENSIONS => "ipv6-extension-headers",
         _ => "unknown",
     }
 }
