@@ -214,7 +214,10 @@ impl<'a> Fragmented<'a> {
     /// headers, then `transport`: the transport header and its payload) cut into pieces of
     /// `piece` bytes (a multiple of 8).
     pub fn frames(&self, transport: &[u8], piece: usize) -> Vec<Vec<u8>> {
-        assert!(piece % 8 == 0, "fragments are cut at multiples of 8 bytes");
+        assert!(
+            piece.is_multiple_of(8),
+            "fragments are cut at multiples of 8 bytes"
+        );
         let mut whole = Vec::new();
         for (i, ext) in self.fragmentable.iter().enumerate() {
             let next = self

@@ -242,10 +242,6 @@ impl Datapath {
     }
 
     /// A packet the pod sends (tc ingress of its host-side veth).
-    #[expect(
-        clippy::wrong_self_convention,
-        reason = "named after the program it runs"
-    )]
     pub fn from_pod(&self, frame: &[u8]) -> u32 {
         self.run(PROG_FROM_POD, frame)
     }

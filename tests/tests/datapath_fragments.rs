@@ -257,7 +257,7 @@ fn link_local_icmpv6_behind_extension_headers_is_only_mld_behind_hop_by_hop() {
     assert_eq!(dp.counter(REASON_LINK_LOCAL), 2);
     // Behind any other chain, ND and MLD messages are ordinary ICMPv6 and meet the policy (here:
     // no endpoint for the address).
-    let mut behind = |exts: &[Ext], ty: u8| {
+    let behind = |exts: &[Ext], ty: u8| {
         let mut packet = ipv6_chain(
             link_local,
             v6("ff02::16"),
