@@ -160,6 +160,8 @@ impl FlowRecord {
             ),
             "unknown-endpoint" => "no endpoint is enforced for this address on this interface (before CNI ADD finished, or after DEL)".to_owned(),
             "spoofed-source" => "the source address is not the one this pod was given".to_owned(),
+            "fragment-without-first" => "a later fragment of a datagram whose first fragment (the one with the ports) was not seen here: out of order, lost or forged, so it cannot be checked against the policies".to_owned(),
+            "ipv6-extension-headers" => "an IPv6 extension header chain that is not walked (more than 6 headers, a header of unknown layout such as mobility or HIP, a second Fragment header, or hop-by-hop not first)".to_owned(),
             other => other.to_owned(),
         };
         format!("{what}: {why}")
@@ -179,6 +181,8 @@ pub fn reason_name(reason: u8) -> &'static str {
         REASON_REVOKED => "revoked",
         REASON_MALFORMED => "malformed",
         REASON_INTERNAL => "internal-error",
+        REASON_FRAGMENT_WITHOUT_FIRST => "fragment-without-first",
+        REASON_IPV6_EXTENSIONS => "ipv6-extension-headers",
         _ => "unknown",
     }
 }
@@ -232,5 +236,57 @@ impl FlowLog {
         if let Err(e) = written {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot append to the flow log");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_the_programs_count_has_a_name() {
+        let reasons = [
+            REASON_NOT_ISOLATED,
+            REASON_RULE,
+            REASON_ESTABLISHED,
+            REASON_RELATED,
+            REASON_LINK_LOCAL,
+            REASON_POLICY_DENIED,
+            REASON_UNKNOWN_ENDPOINT,
+            REASON_SPOOFED_SOURCE,
+            REASON_REVOKED,
+            REASON_MALFORMED,
+            REASON_INTERNAL,
+            REASON_FRAGMENT_WITHOUT_FIRST,
+            REASON_IPV6_EXTENSIONS,
+        ];
+        let names: std::collections::BTreeSet<&str> =
+            reasons.iter().map(|&r| reason_name(r)).collect();
+        assert_eq!(names.len(), reasons.len(), "names are distinct: {names:?}");
+        assert!(!names.contains("unknown"));
+        assert!(reasons.iter().all(|&r| u32::from(r) < COUNTER_EVENTS_LOST));
+    }
+
+    #[test]
+    fn fragment_and_extension_header_drops_are_explained() {
+        let event = VerdictEvent {
+            saddr: ipv4_mapped([10, 0, 0, 1]),
+            daddr: ipv4_mapped([10, 0, 0, 2]),
+            proto: PROTO_UDP,
+            direction: DIR_INGRESS,
+            verdict: VERDICT_DROP,
+            reason: REASON_FRAGMENT_WITHOUT_FIRST,
+            ..VerdictEvent::default()
+        };
+        let explainer = Explainer::default();
+        let record = explainer.explain(&event);
+        assert_eq!(record.reason, "fragment-without-first");
+        assert!(record.describe().contains("first fragment"));
+        let record = explainer.explain(&VerdictEvent {
+            reason: REASON_IPV6_EXTENSIONS,
+            ..event
+        });
+        assert_eq!(record.reason, "ipv6-extension-headers");
+        assert!(record.describe().contains("extension header chain"));
     }
 }

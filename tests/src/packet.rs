@@ -59,13 +59,28 @@ pub fn ipv4_with_fragment(
     frag_offset: u16,
     payload: &[u8],
 ) -> Vec<u8> {
+    ipv4_fragment(src, dst, proto, 0x1234, frag_offset, false, payload)
+}
+
+/// An IPv4 header (no options) with identification `id`, fragment offset `frag_offset` (8-byte
+/// units) and the more-fragments flag `more`, followed by `payload`.
+pub fn ipv4_fragment(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    id: u16,
+    frag_offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let total = (20 + payload.len()) as u16;
     let mut p = Vec::with_capacity(total as usize);
     p.push(0x45); // version 4, IHL 5
     p.push(0); // DSCP/ECN
     p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
-    p.extend_from_slice(&(frag_offset & 0x1fff).to_be_bytes());
+    p.extend_from_slice(&id.to_be_bytes());
+    let more_fragments = if more { 0x2000 } else { 0 };
+    p.extend_from_slice(&((frag_offset & 0x1fff) | more_fragments).to_be_bytes());
     p.push(64); // TTL
     p.push(proto);
     p.extend_from_slice(&[0, 0]); // checksum
@@ -86,6 +101,173 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Ve
     p.extend_from_slice(&dst);
     p.extend_from_slice(payload);
     p
+}
+
+/// An IPv6 extension header, for `ipv6_chain`.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    /// Hop-by-hop options: 8 bytes of padding (PadN).
+    HopByHop,
+    /// A segment routing header (type 4) with one segment and none left: 24 bytes.
+    Routing,
+    /// Destination options: 16 bytes of padding (PadN), so its length field is not 0.
+    DestOpts,
+    /// A Fragment header: offset in 8-byte units, more-fragments flag, identification.
+    Fragment { offset: u16, more: bool, id: u32 },
+    /// An authentication header with a 12-byte ICV: 24 bytes, length in 4-byte units.
+    Ah,
+    /// Any other next header value, with 8 bytes of content (mobility 135, HIP 139, ...).
+    Other(u8),
+}
+
+impl Ext {
+    /// Its next header value.
+    pub fn next_header(self) -> u8 {
+        match self {
+            Ext::HopByHop => 0,
+            Ext::Routing => 43,
+            Ext::Fragment { .. } => 44,
+            Ext::Ah => 51,
+            Ext::DestOpts => 60,
+            Ext::Other(n) => n,
+        }
+    }
+
+    /// The header's bytes, announcing `next` as the header after it.
+    pub fn bytes(self, next: u8) -> Vec<u8> {
+        match self {
+            Ext::HopByHop => vec![next, 0, 1, 4, 0, 0, 0, 0],
+            Ext::DestOpts => {
+                let mut h = vec![next, 1, 1, 12];
+                h.extend_from_slice(&[0; 12]);
+                h
+            }
+            Ext::Routing => {
+                let mut h = vec![next, 2, 4, 0, 0, 0, 0, 0];
+                h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+                h
+            }
+            Ext::Fragment { offset, more, id } => {
+                let mut h = vec![next, 0];
+                h.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+                h.extend_from_slice(&id.to_be_bytes());
+                h
+            }
+            Ext::Ah => {
+                let mut h = vec![next, 4, 0, 0];
+                h.extend_from_slice(&0x100u32.to_be_bytes()); // SPI
+                h.extend_from_slice(&1u32.to_be_bytes()); // sequence number
+                h.extend_from_slice(&[0; 12]); // ICV
+                h
+            }
+            Ext::Other(_) => vec![next, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+}
+
+/// An IPv6 packet with the extension headers `exts` (in order) in front of `payload` of protocol
+/// `proto` (for a later fragment: whatever the Fragment header says comes next).
+pub fn ipv6_chain(
+    src: [u8; 16],
+    dst: [u8; 16],
+    exts: &[Ext],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, ext) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(proto, |e| e.next_header());
+        body.extend_from_slice(&ext.bytes(next));
+    }
+    body.extend_from_slice(payload);
+    let first = exts.first().map_or(proto, |e| e.next_header());
+    ipv6(src, dst, first, &body)
+}
+
+/// One datagram to be sent in fragments.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragmented<'a> {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// IPv4: the header's identification (low 16 bits); IPv6: the Fragment header's.
+    pub id: u32,
+    /// IPv6: extension headers in front of the Fragment header (in every fragment).
+    pub unfragmentable: &'a [Ext],
+    /// IPv6: extension headers behind it (part of the datagram: in the first fragment only).
+    pub fragmentable: &'a [Ext],
+}
+
+impl<'a> Fragmented<'a> {
+    pub fn new(src: IpAddr, dst: IpAddr, proto: u8, id: u32) -> Self {
+        Self {
+            src,
+            dst,
+            proto,
+            id,
+            unfragmentable: &[],
+            fragmentable: &[],
+        }
+    }
+
+    /// The fragments, in Ethernet frames, in order: the datagram (fragmentable extension
+    /// headers, then `transport`: the transport header and its payload) cut into pieces of
+    /// `piece` bytes (a multiple of 8).
+    pub fn frames(&self, transport: &[u8], piece: usize) -> Vec<Vec<u8>> {
+        assert!(
+            piece.is_multiple_of(8),
+            "fragments are cut at multiples of 8 bytes"
+        );
+        let mut whole = Vec::new();
+        for (i, ext) in self.fragmentable.iter().enumerate() {
+            let next = self
+                .fragmentable
+                .get(i + 1)
+                .map_or(self.proto, |e| e.next_header());
+            whole.extend_from_slice(&ext.bytes(next));
+        }
+        whole.extend_from_slice(transport);
+        // What the Fragment header (IPv6) announces: the first header of the datagram.
+        let after_fragment = self
+            .fragmentable
+            .first()
+            .map_or(self.proto, |e| e.next_header());
+        whole
+            .chunks(piece)
+            .enumerate()
+            .map(|(n, chunk)| {
+                let offset = (n * piece / 8) as u16;
+                let more = (n + 1) * piece < whole.len();
+                match (self.src, self.dst) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => ethernet(
+                        ETH_P_IP,
+                        &ipv4_fragment(
+                            s.octets(),
+                            d.octets(),
+                            self.proto,
+                            self.id as u16,
+                            offset,
+                            more,
+                            chunk,
+                        ),
+                    ),
+                    (IpAddr::V6(s), IpAddr::V6(d)) => {
+                        let mut exts = self.unfragmentable.to_vec();
+                        exts.push(Ext::Fragment {
+                            offset,
+                            more,
+                            id: self.id,
+                        });
+                        ethernet(
+                            ETH_P_IPV6,
+                            &ipv6_chain(s.octets(), d.octets(), &exts, after_fragment, chunk),
+                        )
+                    }
+                    (s, d) => panic!("mixed address families: {s} -> {d}"),
+                }
+            })
+            .collect()
+    }
 }
 
 /// An MLDv2 listener report as the kernel sends it: hop limit 1, a hop-by-hop header carrying

@@ -1,321 +1,31 @@
 //! Datapath unit tests through `BPF_PROG_TEST_RUN`: the real kernel object, maps seeded from user
 //! space with the shared types, packets built in Rust, verdicts, conntrack and counters asserted.
+//! The harness is `weir_tests::testrun`; fragments and IPv6 extension headers have their own file
+//! (`datapath_fragments.rs`).
 //!
 //! Root only (loading programs needs CAP_BPF and CAP_NET_ADMIN); CI runs them as root through
 //! `cargo xtask test`. Each test loads its own, unpinned object, so tests are independent.
 
-use std::net::IpAddr;
-
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::PerCpuArray,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use weir_common::{
-    AddrKey, CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST,
-    CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, CT_SEEN_REPLY, Config, CtKey, CtValue, DIR_EGRESS,
-    DIR_INGRESS, EndpointInfo, EndpointKey, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_WORLD,
-    IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
-    PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
-    PolicyValue, REASON_COUNT, REASON_ESTABLISHED, REASON_LINK_LOCAL, REASON_MALFORMED,
-    REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_RULE,
-    REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS,
-    SUBJECT_ISOLATED_INGRESS, SubjectKey, SubjectPolicy, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent,
-    ports::port_range_blocks,
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST, CT_EGRESS_ALLOWED,
+    CT_INGRESS_ALLOWED, CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY,
+    IDENTITY_FIRST_CIDR, IDENTITY_WORLD, MAP_COUNTERS, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED, REASON_LINK_LOCAL,
+    REASON_MALFORMED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED,
+    REASON_RULE, REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS,
+    SUBJECT_ISOLATED_INGRESS, VERDICT_ALLOW, VERDICT_DROP,
 };
-use weir_tests::packet::{
-    self, ICMP_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, TCP_ACK, TCP_SYN, addr, arp_request,
-    icmp_error, ip, neighbour_solicitation, ping, pong, tcp, tcp_header, udp, udp_datagram,
+use weir_tests::{
+    packet::{
+        self, ICMP_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, TCP_ACK, TCP_SYN, addr, arp_request,
+        icmp_error, ip, neighbour_solicitation, ping, pong, tcp_header, udp, udp_datagram,
+    },
+    testrun::*,
 };
-
-const OK: u32 = 0; // TC_ACT_OK
-const SHOT: u32 = 2; // TC_ACT_SHOT
-
-/// `skb->ifindex` as `BPF_PROG_TEST_RUN` presents it without a `__sk_buff` context: the
-/// loopback device. `spoofed_source_drops` checks this.
-const TEST_RUN_IFINDEX: u32 = 1;
-
-/// Two local pods, a remote pod, an address nobody knows.
-const POD_A: &str = "10.1.0.1";
-const POD_B: &str = "10.1.0.2";
-const POD_C: &str = "10.1.0.3";
-const REMOTE: &str = "10.2.0.9";
-const WORLD: &str = "192.0.2.10";
-const ID_A: u32 = 300;
-const ID_B: u32 = 301;
-const ID_C: u32 = 302;
-const ID_REMOTE: u32 = 400;
-
-fn ip_of(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-/// LPM prefix length of `ip/len` in the 16-byte form.
-fn prefix_bits(ip: IpAddr, len: u32) -> u32 {
-    if ip.is_ipv4() {
-        IPV4_MAPPED_PREFIX_BITS + len
-    } else {
-        len
-    }
-}
-
-/// Which ports a rule allows.
-#[derive(Clone, Copy)]
-enum Ports {
-    Any,
-    One(u16),
-    Range(u16, u16),
-}
-
-/// A loaded object and helpers to seed and inspect its maps.
-struct Datapath {
-    ebpf: Ebpf,
-}
-
-impl Datapath {
-    /// Loads the object; config generation 1, no flags.
-    fn new() -> Self {
-        let ebpf = weir_agent::datapath::loader::load(None)
-            .expect("loading the kernel object (needs root; verifier log in the error)");
-        let mut dp = Self { ebpf };
-        dp.config(1, 0);
-        dp
-    }
-
-    /// Loads the object with pods A, B and C as local endpoints on the test-run interface and
-    /// the three pods plus the remote pod in the ipcache.
-    fn with_pods() -> Self {
-        let mut dp = Self::new();
-        dp.endpoint(POD_A, TEST_RUN_IFINDEX, ID_A);
-        dp.endpoint(POD_B, TEST_RUN_IFINDEX, ID_B);
-        dp.endpoint(POD_C, TEST_RUN_IFINDEX, ID_C);
-        dp.ipcache(POD_A, 32, ID_A);
-        dp.ipcache(POD_B, 32, ID_B);
-        dp.ipcache(POD_C, 32, ID_C);
-        dp.ipcache(REMOTE, 32, ID_REMOTE);
-        dp
-    }
-
-    fn config(&mut self, generation: u32, flags: u32) {
-        let mut m: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
-        m.set(0, Config { generation, flags }, 0).unwrap();
-    }
-
-    fn endpoint(&mut self, ip: &str, ifindex: u32, identity: u32) {
-        let mut m: HashMap<_, EndpointKey, EndpointInfo> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_ENDPOINTS).unwrap()).unwrap();
-        let info = EndpointInfo {
-            ifindex,
-            identity,
-            ..Default::default()
-        };
-        m.insert(
-            EndpointKey {
-                addr: addr(ip_of(ip)),
-            },
-            info,
-            0,
-        )
-        .unwrap();
-    }
-
-    fn lpm_insert(&mut self, map: &str, ip: &str, len: u32, identity: u32) {
-        let mut m: LpmTrie<_, AddrKey, IdentityValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map).unwrap()).unwrap();
-        let ip = ip_of(ip);
-        let key = Key::new(prefix_bits(ip, len), AddrKey { addr: addr(ip) });
-        m.insert(
-            &key,
-            IdentityValue {
-                identity,
-                ..Default::default()
-            },
-            0,
-        )
-        .unwrap();
-    }
-
-    fn ipcache(&mut self, ip: &str, len: u32, identity: u32) {
-        self.lpm_insert(MAP_IPCACHE, ip, len, identity);
-    }
-
-    fn cidr(&mut self, ip: &str, len: u32, identity: u32) {
-        self.lpm_insert(MAP_CIDR_IDENTITIES, ip, len, identity);
-    }
-
-    fn subject(&mut self, identity: u32, version: u32, flags: u32) {
-        let mut m: HashMap<_, SubjectKey, SubjectPolicy> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_SUBJECTS).unwrap()).unwrap();
-        m.insert(SubjectKey { identity }, SubjectPolicy { version, flags }, 0)
-            .unwrap();
-    }
-
-    /// The LPM keys of one rule, as the agent writes them.
-    fn rule_keys(
-        subject: u32,
-        version: u32,
-        direction: u8,
-        peer: u32,
-        proto: Option<u8>,
-        ports: Ports,
-    ) -> Vec<Key<PolicyKey>> {
-        let key = |prefix: u32, proto: u8, port: u16| {
-            Key::new(
-                prefix,
-                PolicyKey {
-                    subject: subject.to_be(),
-                    version: version.to_be(),
-                    peer: peer.to_be(),
-                    direction,
-                    proto,
-                    port: port.to_be(),
-                },
-            )
-        };
-        match (proto, ports) {
-            (None, _) => vec![key(POLICY_PREFIX_ANY_PROTO, 0, 0)],
-            (Some(p), Ports::Any) => vec![key(POLICY_PREFIX_ANY_PORT, p, 0)],
-            (Some(p), Ports::One(port)) => vec![key(POLICY_PREFIX_FULL, p, port)],
-            (Some(p), Ports::Range(start, end)) => {
-                let (blocks, n) = port_range_blocks(start, end);
-                blocks[..n]
-                    .iter()
-                    .map(|&(first, bits)| key(POLICY_PREFIX_ANY_PORT + bits as u32, p, first))
-                    .collect()
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn allow(
-        &mut self,
-        subject: u32,
-        version: u32,
-        direction: u8,
-        peer: u32,
-        proto: Option<u8>,
-        ports: Ports,
-        rule: u32,
-    ) {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(MAP_POLICY).unwrap()).unwrap();
-        for key in Self::rule_keys(subject, version, direction, peer, proto, ports) {
-            m.insert(
-                &key,
-                PolicyValue {
-                    rule,
-                    ..Default::default()
-                },
-                0,
-            )
-            .unwrap();
-        }
-    }
-
-    fn revoke(
-        &mut self,
-        subject: u32,
-        version: u32,
-        direction: u8,
-        peer: u32,
-        proto: Option<u8>,
-        ports: Ports,
-    ) {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(MAP_POLICY).unwrap()).unwrap();
-        for key in Self::rule_keys(subject, version, direction, peer, proto, ports) {
-            m.remove(&key).unwrap();
-        }
-    }
-
-    fn run(&self, program: &str, frame: &[u8]) -> u32 {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(program)
-            .expect("program in object")
-            .try_into()
-            .expect("a classifier");
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ..Default::default()
-        };
-        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
-    }
-
-    /// A packet the pod sends (tc ingress of its host-side veth).
-    #[expect(
-        clippy::wrong_self_convention,
-        reason = "named after the program it runs"
-    )]
-    fn from_pod(&self, frame: &[u8]) -> u32 {
-        self.run(PROG_FROM_POD, frame)
-    }
-
-    /// A packet delivered to the pod (tc egress of its host-side veth).
-    fn to_pod(&self, frame: &[u8]) -> u32 {
-        self.run(PROG_TO_POD, frame)
-    }
-
-    fn counter(&self, reason: u8) -> u64 {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
-        m.get(&(reason as u32), 0).unwrap().iter().sum()
-    }
-
-    /// All counters, indexed by reason.
-    fn counters(&self) -> Vec<u64> {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
-        (0..REASON_COUNT)
-            .map(|i| m.get(&i, 0).unwrap().iter().sum())
-            .collect()
-    }
-
-    fn ct(&self, key: &CtKey) -> Option<CtValue> {
-        let m: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map(MAP_CONNTRACK).unwrap()).unwrap();
-        m.get(key, 0).ok()
-    }
-
-    fn ct_len(&self) -> usize {
-        let m: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map(MAP_CONNTRACK).unwrap()).unwrap();
-        m.keys().count()
-    }
-
-    fn events(&mut self) -> Vec<VerdictEvent> {
-        let mut ring = RingBuf::try_from(self.ebpf.map_mut(MAP_EVENTS).unwrap()).unwrap();
-        let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            assert_eq!(item.len(), size_of::<VerdictEvent>());
-            // SAFETY: the kernel wrote a whole VerdictEvent, a plain-integer repr(C) struct.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) });
-        }
-        out
-    }
-}
-
-fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey {
-    CtKey {
-        saddr: addr(ip_of(src)),
-        daddr: addr(ip_of(dst)),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
-fn syn(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-    tcp(ip_of(src), sport, ip_of(dst), dport, TCP_SYN)
-}
-
-fn ack(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-    tcp(ip_of(src), sport, ip_of(dst), dport, TCP_ACK)
-}
 
 #[test]
 fn unknown_endpoint_drops() {
@@ -1190,36 +900,6 @@ fn full_event_ring_still_drops_and_counts_the_loss() {
     let delivered = dp.events().len() as u64;
     assert!(lost > 0, "the ring overflowed");
     assert_eq!(delivered + lost, runs as u64);
-}
-
-#[test]
-fn ipv4_non_first_fragment_has_no_ports() {
-    let mut dp = Datapath::with_pods();
-    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
-    dp.allow(
-        ID_B,
-        1,
-        DIR_INGRESS,
-        ID_A,
-        Some(PROTO_TCP),
-        Ports::One(80),
-        161,
-    );
-    // A later fragment: its first payload bytes are data, not a TCP header.
-    let fragment = packet::ipv4_with_fragment(
-        [10, 1, 0, 1],
-        [10, 1, 0, 2],
-        PROTO_TCP,
-        185,
-        &[0x00, 0x50, 0x00, 0x50],
-    );
-    let frame = packet::ethernet(packet::ETH_P_IP, &fragment);
-    // Ports 0: the port-80 rule does not match it.
-    assert_eq!(dp.to_pod(&frame), SHOT);
-    // Any port of TCP does; the entry is keyed with ports 0.
-    dp.allow(ID_B, 1, DIR_INGRESS, ID_A, Some(PROTO_TCP), Ports::Any, 162);
-    assert_eq!(dp.to_pod(&frame), OK);
-    assert!(dp.ct(&ct_key(POD_A, 0, POD_B, 0, PROTO_TCP)).is_some());
 }
 
 #[test]

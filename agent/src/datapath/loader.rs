@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use weir_common::{
-    MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_IPCACHE,
-    MAP_POLICY, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD,
+    MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_FRAGMENTS,
+    MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD,
 };
 
 use super::object::EBPF_OBJECT;
 
-/// Maps that hold enforcement state and are pinned so it survives the agent.
-pub const PINNED_MAPS: [&str; 8] = [
+/// Maps that hold enforcement state and are pinned so it survives the agent (the fragment map
+/// too: a datagram in flight while the agent restarts keeps its first fragment's verdict).
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_CONFIG,
     MAP_ENDPOINTS,
     MAP_IPCACHE,
@@ -20,6 +21,7 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_SUBJECTS,
     MAP_POLICY,
     MAP_CONNTRACK,
+    MAP_FRAGMENTS,
     MAP_COUNTERS,
 ];
 

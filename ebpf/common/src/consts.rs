@@ -63,6 +63,13 @@ pub const REASON_REVOKED: u8 = 19;
 pub const REASON_MALFORMED: u8 = 20;
 /// Dropped: an internal error (map update failed); fail closed.
 pub const REASON_INTERNAL: u8 = 21;
+/// Dropped: a later fragment of a datagram whose first fragment (the one with the ports) this
+/// hook never saw: out of order, lost, or forged. It cannot be checked against port rules.
+pub const REASON_FRAGMENT_WITHOUT_FIRST: u8 = 22;
+/// Dropped: an IPv6 extension header chain the parser does not walk: longer than
+/// `MAX_IPV6_EXTENSION_HEADERS`, or holding a header whose layout it does not know (mobility,
+/// HIP, shim6, experimental), a second Fragment header or a misplaced hop-by-hop header.
+pub const REASON_IPV6_EXTENSIONS: u8 = 23;
 /// Number of counter slots (reasons are < this).
 pub const REASON_COUNT: u32 = 32;
 /// `WEIR_COUNTERS` slot (not a reason) counting verdict events lost to a full ring buffer.
@@ -77,6 +84,11 @@ pub const CONFIG_EMIT_ALLOW_EVENTS: u32 = 1 << 1;
 pub const SUBJECT_ISOLATED_INGRESS: u32 = 1 << 0;
 pub const SUBJECT_ISOLATED_EGRESS: u32 = 1 << 1;
 
+/// IPv6 extension headers the parser walks in front of the transport header (hop-by-hop,
+/// routing, fragment, destination options, AH; RFC 8200's recommended order has at most six,
+/// with destination options twice). A longer chain is dropped (`REASON_IPV6_EXTENSIONS`).
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 6;
+
 /// Map names, as in the kernel object and under the bpffs pin directory.
 pub const MAP_CONFIG: &str = "WEIR_CONFIG";
 pub const MAP_ENDPOINTS: &str = "WEIR_ENDPOINTS";
@@ -87,6 +99,7 @@ pub const MAP_POLICY: &str = "WEIR_POLICY";
 pub const MAP_CONNTRACK: &str = "WEIR_CONNTRACK";
 pub const MAP_EVENTS: &str = "WEIR_EVENTS";
 pub const MAP_COUNTERS: &str = "WEIR_COUNTERS";
+pub const MAP_FRAGMENTS: &str = "WEIR_FRAGMENTS";
 
 /// Program names in the kernel object.
 /// Attached at tc ingress of a pod's host-side veth: packets the pod sends.
@@ -101,4 +114,6 @@ pub const MAX_CIDR_IDENTITIES: u32 = 65_536;
 pub const MAX_SUBJECTS: u32 = 65_536;
 pub const MAX_POLICY_ENTRIES: u32 = 1_048_576;
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Fragmented datagrams in flight (per hook), as Cilium's default.
+pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const EVENTS_BYTES: u32 = 1 << 22;

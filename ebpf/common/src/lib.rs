@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod consts;
 pub mod event;
+pub mod fragments;
 pub mod maps;
 pub mod policy;
 pub mod ports;
@@ -16,5 +17,6 @@ pub mod ports;
 pub use conntrack::*;
 pub use consts::*;
 pub use event::*;
+pub use fragments::*;
 pub use maps::*;
 pub use policy::*;

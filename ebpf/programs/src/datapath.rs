@@ -4,24 +4,29 @@
 //! egress at its `weir_from_pod`, the destination's ingress at its `weir_to_pod`. The conntrack
 //! entry (keyed by the original tuple) records which sides were allowed and under which config
 //! generation; a side checked under an older generation is checked again (revocation).
+//!
+//! A fragmented datagram is decided by its first fragment, which carries the ports; the later
+//! fragments take them from `WEIR_FRAGMENTS` and go the same way (see `fragments`).
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::TcContext};
 use weir_common::{
     CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
-    CT_SEEN_REPLY, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
-    REASON_ESTABLISHED, REASON_INTERNAL, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
+    CT_SEEN_REPLY, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ECHO_REPLY, ECHO_REQUEST, EndpointKey,
+    PROTO_ICMP, PROTO_ICMPV6, REASON_ESTABLISHED, REASON_FRAGMENT_WITHOUT_FIRST, REASON_INTERNAL,
+    REASON_IPV6_EXTENSIONS, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
     REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_SPOOFED_SOURCE,
     REASON_UNKNOWN_ENDPOINT,
 };
 
 use crate::{
+    fragments::{Datagram, record_first, resume_later},
     key::KeyBuf,
     maps::{WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS},
-    parse::{Class, ECHO_REPLY, ECHO_REQUEST, parse, parse_ip},
+    parse::{Class, Fragment, ParseError, Parsed, parse, parse_ip},
     policy::{evaluate, resolve_peer, subject_policy},
-    report::{Report, allow, allow_reported, drop_packet},
+    report::{Report, Verdict, allow, allow_reported, drop_packet},
 };
 
 /// A helper's error code. No path produces one today (every failure is a counted, reported
@@ -51,16 +56,12 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed; `ifindex` is a readable
     // field of `__sk_buff`.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (generation, config_flags) = match WEIR_CONFIG.get(0) {
-        Some(c) => (c.generation, c.flags),
-        None => (0, 0),
-    };
 
     let mut slot = MaybeUninit::uninit();
     let buf = KeyBuf::zeroed_in(&mut slot);
-    let parsed = match parse(ctx, buf) {
+    let mut parsed = match parse(ctx, buf) {
         Ok(p) => p,
-        Err(_) => {
+        Err(ParseError::Malformed) => {
             // Whatever was parsed is not reported.
             let mut zero = MaybeUninit::uninit();
             let r = Report {
@@ -72,31 +73,88 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
                 peer: 0,
                 rule: 0,
             };
-            return Ok(drop_packet(&r, REASON_MALFORMED));
+            return Ok(drop_packet(&r, REASON_MALFORMED).action);
+        }
+        Err(ParseError::Extensions) => {
+            // The addresses were parsed; protocol and ports stay 0.
+            let r = hook_report(&buf.key, hook_dir, ifindex);
+            return Ok(drop_packet(&r, REASON_IPV6_EXTENSIONS).action);
         }
     };
-    let key = &buf.key;
-    if parsed.class == Class::NotIp || parsed.class == Class::LinkLocal {
-        return Ok(allow(REASON_LINK_LOCAL));
+    if parsed.fragment == Fragment::Later {
+        match resume_later(&mut buf.key, &mut parsed, hook_dir) {
+            Datagram::Allowed => {}
+            Datagram::Dropped(reason) => {
+                let r = hook_report(&buf.key, hook_dir, ifindex);
+                return Ok(drop_packet(&r, reason).action);
+            }
+            Datagram::Unknown => {
+                let r = hook_report(&buf.key, hook_dir, ifindex);
+                return Ok(drop_packet(&r, REASON_FRAGMENT_WITHOUT_FIRST).action);
+            }
+        }
     }
+    let verdict = decide(ctx, hook_dir, ifindex, &parsed, &buf.key);
+    if parsed.fragment == Fragment::First {
+        record_first(&buf.key, &parsed, hook_dir, &verdict);
+    }
+    Ok(verdict.action)
+}
 
-    // The endpoint this hook enforces, and the other end.
-    let (ep_addr, peer_addr) = if hook_dir == DIR_EGRESS {
-        (key.saddr, key.daddr)
+/// The endpoint this hook enforces and the other end of `key`.
+#[inline(always)]
+fn ends(key: &CtKey, hook_dir: u8) -> (&[u8; 16], &[u8; 16]) {
+    if hook_dir == DIR_EGRESS {
+        (&key.saddr, &key.daddr)
     } else {
-        (key.daddr, key.saddr)
+        (&key.daddr, &key.saddr)
+    }
+}
+
+/// The report of a drop decided before conntrack and policy, at this hook: its endpoint (if the
+/// address is one) and the peer, so the drop is explained like any other.
+#[inline(always)]
+fn hook_report(key: &CtKey, hook_dir: u8, ifindex: u32) -> Report<'_> {
+    let (ep_addr, peer_addr) = ends(key, hook_dir);
+    let subject = match WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) {
+        // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
+        Some(ep) => unsafe { (*ep).identity },
+        None => 0,
     };
-    let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: ep_addr }) else {
+    Report {
+        key,
+        direction: hook_dir,
+        ifindex,
+        subject,
+        subject_version: subject_policy(subject).0,
+        peer: resolve_peer(peer_addr).reported(),
+        rule: 0,
+    }
+}
+
+/// The verdict of a parsed packet (for a later fragment: with its first fragment's protocol and
+/// ports): endpoint, conntrack, policy.
+#[inline(always)]
+fn decide(ctx: &TcContext, hook_dir: u8, ifindex: u32, parsed: &Parsed, key: &CtKey) -> Verdict {
+    let (generation, config_flags) = match WEIR_CONFIG.get(0) {
+        Some(c) => (c.generation, c.flags),
+        None => (0, 0),
+    };
+    if parsed.class == Class::NotIp || parsed.class == Class::LinkLocal {
+        return allow(REASON_LINK_LOCAL);
+    }
+    let (ep_addr, peer_addr) = ends(key, hook_dir);
+    let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) else {
         let r = Report {
             key,
             direction: hook_dir,
             ifindex,
             subject: 0,
             subject_version: 0,
-            peer: resolve_peer(&peer_addr).reported(),
+            peer: resolve_peer(peer_addr).reported(),
             rule: 0,
         };
-        return Ok(drop_packet(&r, REASON_UNKNOWN_ENDPOINT));
+        return drop_packet(&r, REASON_UNKNOWN_ENDPOINT);
     };
     // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
     let (ep_ifindex, subject) = unsafe { ((*ep).ifindex, (*ep).identity) };
@@ -107,14 +165,14 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
             ifindex,
             subject,
             subject_version: subject_policy(subject).0,
-            peer: resolve_peer(&peer_addr).reported(),
+            peer: resolve_peer(peer_addr).reported(),
             rule: 0,
         };
-        return Ok(drop_packet(&r, REASON_SPOOFED_SOURCE));
+        return drop_packet(&r, REASON_SPOOFED_SOURCE);
     }
     // A pod talking to its own address: not subject to policy.
     if same_addr(&key.saddr, &key.daddr) {
-        return Ok(allow(REASON_NOT_ISOLATED));
+        return allow(REASON_NOT_ISOLATED);
     }
 
     // An ICMP error about a tracked connection (in either direction) is related to it. It
@@ -132,7 +190,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
                     .get_ptr(&KeyBuf::reverse_in(&mut reversed, &inner.key).key)
                     .is_some();
             if tracked {
-                return Ok(allow(REASON_RELATED));
+                return allow(REASON_RELATED);
             }
         }
         // Not about a tracked connection: an ordinary packet (its ports are 0).
@@ -170,12 +228,12 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         let (flag, side_generation) = side_state(ct, side);
         if ct.flags & flag != 0 && side_generation == generation {
             touch(ct, is_reply);
-            return Ok(allow(REASON_ESTABLISHED));
+            return allow(REASON_ESTABLISHED);
         }
     }
 
     let dport = if is_icmp(orig.proto) { 0 } else { orig.dport };
-    let eval = evaluate(subject, side, &peer_addr, orig.proto, dport);
+    let eval = evaluate(subject, side, peer_addr, orig.proto, dport);
     let report = Report {
         key,
         direction: side,
@@ -189,7 +247,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     let Some(entry) = entry else {
         // A new connection in this packet's direction.
         if !eval.allowed {
-            return Ok(drop_packet(&report, REASON_POLICY_DENIED));
+            return drop_packet(&report, REASON_POLICY_DENIED);
         }
         let mut value = CtValue {
             last_seen_ns: now(),
@@ -197,13 +255,13 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         };
         record(&mut value, side, generation, eval.rule);
         if WEIR_CONNTRACK.insert(key, &value, BPF_ANY as u64).is_err() {
-            return Ok(drop_packet(&report, REASON_INTERNAL));
+            return drop_packet(&report, REASON_INTERNAL);
         }
-        return Ok(if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
+        return if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
             allow_reported(&report, eval.reason)
         } else {
             allow(eval.reason)
-        });
+        };
     };
 
     // SAFETY: as above.
@@ -215,25 +273,25 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         record(ct, side, generation, eval.rule);
         touch(ct, is_reply);
         if checked {
-            return Ok(allow(REASON_ESTABLISHED));
+            return allow(REASON_ESTABLISHED);
         }
-        return Ok(if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
+        return if config_flags & CONFIG_EMIT_ALLOW_EVENTS != 0 {
             allow_reported(&report, eval.reason)
         } else {
             allow(eval.reason)
-        });
+        };
     }
     if !checked {
-        return Ok(drop_packet(&report, REASON_POLICY_DENIED));
+        return drop_packet(&report, REASON_POLICY_DENIED);
     }
     if config_flags & CONFIG_REVOKE_ESTABLISHED != 0 {
         let _ = WEIR_CONNTRACK.remove(orig);
-        return Ok(drop_packet(&report, REASON_REVOKED));
+        return drop_packet(&report, REASON_REVOKED);
     }
     // Revocation is off: the connection keeps going, and is checked again on its next packet
     // (so turning revocation on later still cuts it).
     touch(ct, is_reply);
-    Ok(allow(REASON_ESTABLISHED))
+    allow(REASON_ESTABLISHED)
 }
 
 /// This side's flag and the generation it was checked under.

@@ -10,6 +10,7 @@
 #![no_main]
 
 mod datapath;
+mod fragments;
 mod key;
 mod maps;
 mod parse;

@@ -8,9 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use weir_common::{
-    AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, IdentityValue,
-    MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICY_ENTRIES,
-    MAX_SUBJECTS, PolicyKey, PolicyValue, REASON_COUNT, SubjectKey, SubjectPolicy,
+    AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, FragKey, FragValue,
+    IdentityValue, MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
+    MAX_POLICY_ENTRIES, MAX_SUBJECTS, PolicyKey, PolicyValue, REASON_COUNT, SubjectKey,
+    SubjectPolicy,
 };
 
 /// `WEIR_CONFIG[0]`: generation and flags.
@@ -46,6 +47,11 @@ pub static WEIR_POLICY: LpmTrie<PolicyKey, PolicyValue> =
 #[map(name = "WEIR_CONNTRACK")]
 pub static WEIR_CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Fragmented datagrams per hook: the first fragment's ports and verdict, for the later ones.
+#[map(name = "WEIR_FRAGMENTS")]
+pub static WEIR_FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
 /// Verdict events (`weir_common::VerdictEvent`).
 #[map(name = "WEIR_EVENTS")]

@@ -8,6 +8,20 @@ use weir_common::{COUNTER_EVENTS_LOST, CtKey, VERDICT_ALLOW, VERDICT_DROP, Verdi
 
 use crate::maps::{WEIR_COUNTERS, WEIR_EVENTS};
 
+/// What a hook decided for a packet: the tc action and the reason it was counted under.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub action: i32,
+    pub reason: u8,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub fn allowed(&self) -> bool {
+        self.action == TC_ACT_OK as i32
+    }
+}
+
 /// Everything a verdict event says besides the verdict and the reason.
 pub struct Report<'a> {
     /// The packet's own tuple.
@@ -58,23 +72,32 @@ pub fn emit(r: &Report<'_>, verdict: u8, reason: u8) {
 
 /// Counts `reason`, reports the drop, and returns the drop verdict.
 #[inline(always)]
-pub fn drop_packet(r: &Report<'_>, reason: u8) -> i32 {
+pub fn drop_packet(r: &Report<'_>, reason: u8) -> Verdict {
     count(reason as u32);
     emit(r, VERDICT_DROP, reason);
-    TC_ACT_SHOT as i32
+    Verdict {
+        action: TC_ACT_SHOT as i32,
+        reason,
+    }
 }
 
 /// Counts `reason` and returns the allow verdict (no event).
 #[inline(always)]
-pub fn allow(reason: u8) -> i32 {
+pub fn allow(reason: u8) -> Verdict {
     count(reason as u32);
-    TC_ACT_OK as i32
+    Verdict {
+        action: TC_ACT_OK as i32,
+        reason,
+    }
 }
 
 /// Counts `reason`, reports the newly allowed connection, and returns the allow verdict.
 #[inline(always)]
-pub fn allow_reported(r: &Report<'_>, reason: u8) -> i32 {
+pub fn allow_reported(r: &Report<'_>, reason: u8) -> Verdict {
     count(reason as u32);
     emit(r, VERDICT_ALLOW, reason);
-    TC_ACT_OK as i32
+    Verdict {
+        action: TC_ACT_OK as i32,
+        reason,
+    }
 }

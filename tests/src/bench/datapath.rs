@@ -1,5 +1,7 @@
 //! Per-packet program cost through `BPF_PROG_TEST_RUN` with many repeats: the same packets with
 //! 10 and with 10,000 rules on the subject. The rules are written by the agent's own writer.
+//! Besides a new and an established connection: a later fragment of an allowed datagram (the
+//! fragment map, then conntrack) and an established IPv6 connection behind three extension headers.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -12,10 +14,12 @@ use weir_agent::datapath::{
 use weir_common::{DIR_INGRESS, EndpointInfo, PROG_TO_POD, PROTO_TCP, SUBJECT_ISOLATED_INGRESS};
 use weir_policy::output::RuleMatch;
 
-use crate::packet::{TCP_SYN, tcp};
+use crate::packet::{ETH_P_IPV6, Ext, Fragmented, TCP_SYN, ethernet, ipv6_chain, tcp, tcp_header};
 
 const CLIENT: &str = "10.61.0.1";
 const SERVER: &str = "10.61.0.2";
+const CLIENT_V6: &str = "fd00:61::1";
+const SERVER_V6: &str = "fd00:61::2";
 const CLIENT_ID: u32 = 1000;
 const SERVER_ID: u32 = 1001;
 const ALLOWED_PORT: u16 = 8080;
@@ -28,6 +32,8 @@ const TEST_RUN_IFINDEX: u32 = 1;
 fn desired(rules: u32) -> DesiredMaps {
     let client: IpAddr = CLIENT.parse().expect("address");
     let server: IpAddr = SERVER.parse().expect("address");
+    let client_v6: IpAddr = CLIENT_V6.parse().expect("address");
+    let server_v6: IpAddr = SERVER_V6.parse().expect("address");
     let mut set = BTreeMap::new();
     for n in 0..rules.saturating_sub(1) {
         let rule = RuleMatch {
@@ -45,17 +51,15 @@ fn desired(rules: u32) -> DesiredMaps {
         port: Some((ALLOWED_PORT, 16)),
     };
     set.insert(allow, 1);
+    let endpoint = EndpointInfo {
+        ifindex: TEST_RUN_IFINDEX,
+        identity: SERVER_ID,
+        flags: 0,
+        _pad: 0,
+    };
     DesiredMaps {
-        endpoints: BTreeMap::from([(
-            server,
-            EndpointInfo {
-                ifindex: TEST_RUN_IFINDEX,
-                identity: SERVER_ID,
-                flags: 0,
-                _pad: 0,
-            },
-        )]),
-        ipcache: BTreeMap::from([(client.into(), CLIENT_ID)]),
+        endpoints: BTreeMap::from([(server, endpoint), (server_v6, endpoint)]),
+        ipcache: BTreeMap::from([(client.into(), CLIENT_ID), (client_v6.into(), CLIENT_ID)]),
         cidr_identities: BTreeMap::new(),
         subjects: BTreeMap::from([(
             SERVER_ID,
@@ -68,18 +72,41 @@ fn desired(rules: u32) -> DesiredMaps {
     }
 }
 
-/// Average ns per run of the to-pod program for `frame`.
-fn per_packet(program: &SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
+/// tc verdicts.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// Average ns per run of the to-pod program for `frame`, which must get the verdict `expect` (a
+/// case that took another path would measure the wrong thing).
+fn per_packet(
+    program: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+    expect: u32,
+) -> anyhow::Result<Duration> {
     let result = program.test_run(TestRunOptions {
         data_in: Some(frame),
         repeat,
         ..TestRunOptions::new()
     })?;
+    anyhow::ensure!(
+        result.return_value == expect,
+        "the benchmark packet got verdict {} instead of {expect}",
+        result.return_value
+    );
     Ok(result.duration)
 }
 
-/// (denied new connection, established connection) per-packet times at `rules` rules.
-fn measure(rules: u32, repeat: u32) -> anyhow::Result<(Duration, Duration)> {
+/// Per-packet times of the cases at one rule count.
+struct Costs {
+    denied: Duration,
+    established: Duration,
+    later_fragment: Duration,
+    ipv6_extensions: Duration,
+}
+
+/// The per-packet times at `rules` rules.
+fn measure(rules: u32, repeat: u32) -> anyhow::Result<Costs> {
     let mut ebpf = loader::load(None)?;
     let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
     writer.apply(&desired(rules))?;
@@ -93,30 +120,67 @@ fn measure(rules: u32, repeat: u32) -> anyhow::Result<(Duration, Duration)> {
     let denied = tcp(client, 40000, server, DENIED_PORT, TCP_SYN);
     // The first run creates the conntrack entry; the rest hit it.
     let established = tcp(client, 40001, server, ALLOWED_PORT, TCP_SYN);
-    let denied_cost = per_packet(program, &denied, repeat)?;
-    let established_cost = per_packet(program, &established, repeat)?;
-    Ok((denied_cost, established_cost))
+    // A datagram in fragments of 24 bytes: the first one runs once (conntrack entry and
+    // fragment record), then a later one is repeated.
+    let mut segment = tcp_header(40002, ALLOWED_PORT, TCP_SYN);
+    segment.extend_from_slice(&[0; 40]);
+    let fragments = Fragmented::new(client, server, PROTO_TCP, 0x4242).frames(&segment, 24);
+    per_packet(program, &fragments[0], 1, TC_ACT_OK)?;
+    // Hop-by-hop, routing and destination options in front of TCP; established after the
+    // first run.
+    let (client_v6, server_v6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (CLIENT_V6.parse()?, SERVER_V6.parse()?);
+    let behind_extensions = ethernet(
+        ETH_P_IPV6,
+        &ipv6_chain(
+            client_v6.octets(),
+            server_v6.octets(),
+            &[Ext::HopByHop, Ext::Routing, Ext::DestOpts],
+            PROTO_TCP,
+            &tcp_header(40003, ALLOWED_PORT, TCP_SYN),
+        ),
+    );
+    Ok(Costs {
+        denied: per_packet(program, &denied, repeat, TC_ACT_SHOT)?,
+        established: per_packet(program, &established, repeat, TC_ACT_OK)?,
+        later_fragment: per_packet(program, &fragments[1], repeat, TC_ACT_OK)?,
+        ipv6_extensions: per_packet(program, &behind_extensions, repeat, TC_ACT_OK)?,
+    })
 }
 
 pub fn run(repeat: u32) -> anyhow::Result<()> {
     println!("per-packet cost of weir_to_pod via BPF_PROG_TEST_RUN, {repeat} repeats per case");
-    let (denied_10, est_10) = measure(10, repeat)?;
-    let (denied_10k, est_10k) = measure(10_000, repeat)?;
+    let few = measure(10, repeat)?;
+    let many = measure(10_000, repeat)?;
     let row = |name: &str, a: Duration, b: Duration| {
         println!(
-            "  {name:<44} {:>8} ns  {:>8} ns  ratio {:.3}",
+            "  {name:<52} {:>8} ns  {:>8} ns  ratio {:.3}",
             a.as_nanos(),
             b.as_nanos(),
             b.as_secs_f64() / a.as_secs_f64().max(1e-12)
         );
     };
-    println!("  {:<44} {:>11} {:>11}", "case", "10 rules", "10,000 rules");
+    println!("  {:<52} {:>11} {:>11}", "case", "10 rules", "10,000 rules");
     row(
         "new connection, full policy lookup (denied)",
-        denied_10,
-        denied_10k,
+        few.denied,
+        many.denied,
     );
-    row("established connection (conntrack hit)", est_10, est_10k);
+    row(
+        "established connection (conntrack hit)",
+        few.established,
+        many.established,
+    );
+    row(
+        "later fragment of an allowed datagram",
+        few.later_fragment,
+        many.later_fragment,
+    );
+    row(
+        "established IPv6 behind 3 extension headers",
+        few.ipv6_extensions,
+        many.ipv6_extensions,
+    );
     println!("  goal: ratio <= 1.10");
     Ok(())
 }
