@@ -78,6 +78,7 @@ pub mod cidr;
 pub mod compile;
 pub mod identity;
 pub mod model;
+pub mod names;
 pub mod output;
 pub mod selector;
 pub mod validate;
