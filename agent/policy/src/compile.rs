@@ -202,6 +202,7 @@ pub fn compile(
         match check(key, p) {
             Ok(v) => policies.push(v),
             Err(r) => {
+                let r = *r;
                 out.rejections.extend(r.rejections);
                 policies.push(r.isolation);
             }

@@ -435,7 +435,7 @@ pub struct Rejected {
 }
 
 /// Validates a (defaulted) policy; a rejected one still isolates what it selects.
-pub fn check(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Rejected> {
+pub fn check(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Box<Rejected>> {
     let mut c = Checker {
         key,
         rejections: Vec::new(),
@@ -499,7 +499,7 @@ pub fn check(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Rej
         } else {
             (true, true)
         };
-        return Err(Rejected {
+        return Err(Box::new(Rejected {
             rejections: c.rejections,
             isolation: ValidPolicy {
                 key: key.clone(),
@@ -511,7 +511,7 @@ pub fn check(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Rej
                 ingress: ingress.then(Vec::new),
                 egress: egress.then(Vec::new),
             },
-        });
+        }));
     }
     Ok(ValidPolicy {
         key: key.clone(),

@@ -160,7 +160,7 @@ fn invalid_at(text: &str, field: &str, reason_has: &str) {
         .find_map(|r| r.as_ref().err())
         .unwrap_or_else(|| panic!("rejected: {text}"));
     assert!(
-        matches!(e, ParseError::Invalid { field: f, reason, .. } if f == field && reason.contains(reason_has)),
+        matches!(e, ParseError::Invalid(i) if i.field == field && i.reason.contains(reason_has)),
         "expected {field} ({reason_has}), got {e}"
     );
 }

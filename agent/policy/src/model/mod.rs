@@ -6,7 +6,7 @@ mod parse;
 use std::collections::BTreeMap;
 
 pub use objects::*;
-pub use parse::{MAX_FILE_BYTES, MAX_OBJECT_BYTES, ParseError, parse_documents};
+pub use parse::{InvalidObject, MAX_FILE_BYTES, MAX_OBJECT_BYTES, ParseError, parse_documents};
 
 /// Namespace and name of a namespaced object.
 #[derive(

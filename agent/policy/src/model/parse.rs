@@ -132,16 +132,8 @@ pub enum ParseError {
         api_version: String,
         expected: &'static str,
     },
-    #[error("{origin}: document {document}{item}: {kind} {name}: {field}: {reason}")]
-    Invalid {
-        origin: String,
-        document: usize,
-        item: ItemIndex,
-        kind: &'static str,
-        name: String,
-        field: String,
-        reason: String,
-    },
+    #[error("{0}")]
+    Invalid(Box<InvalidObject>),
     #[error(
         "{origin}: document {document}{item}: NetworkPolicy {name}: metadata.namespace is not a string; the policy cannot be placed in a namespace and is ignored"
     )]
@@ -151,6 +143,30 @@ pub enum ParseError {
         item: ItemIndex,
         name: String,
     },
+}
+
+/// An object with a field the API server would refuse.
+#[derive(Debug)]
+pub struct InvalidObject {
+    pub origin: String,
+    pub document: usize,
+    pub item: ItemIndex,
+    pub kind: &'static str,
+    /// The object's name, cut if long.
+    pub name: String,
+    /// JSON path of the field, e.g. `metadata.labels`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for InvalidObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: document {}{}: {} {}: {}: {}",
+            self.origin, self.document, self.item, self.kind, self.name, self.field, self.reason
+        )
+    }
 }
 
 /// Position inside a `kind: List` (displayed as ` item N`), or nothing at top level.
@@ -314,14 +330,16 @@ fn read_value(
         return;
     }
     let name = names::shown(&raw_name);
-    let invalid = |field: &str, reason: String| ParseError::Invalid {
-        origin: origin.to_owned(),
-        document,
-        item: at.item.clone(),
-        kind,
-        name: name.clone(),
-        field: field.to_owned(),
-        reason,
+    let invalid = |field: &str, reason: String| {
+        ParseError::Invalid(Box::new(InvalidObject {
+            origin: origin.to_owned(),
+            document,
+            item: at.item.clone(),
+            kind,
+            name: name.clone(),
+            field: field.to_owned(),
+            reason,
+        }))
     };
     let name_problem = if kind == "Namespace" {
         names::dns1123_label(&raw_name)
