@@ -335,4 +335,33 @@ mod tests {
         assert_eq!(a.rule(&o), 1);
         assert_eq!(a.rule(&o), 1);
     }
+
+    #[test]
+    fn cidr_labels_keep_the_old_stored_form_and_round_trip() {
+        let block = IpBlockLabel {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: BTreeSet::new(),
+        };
+        let plain = CidrLabels::blocks(BTreeSet::from([block.clone()]));
+        let pod = CidrLabels {
+            blocks: BTreeSet::from([block]),
+            pod_ports: BTreeSet::from([NamedPort {
+                name: "http".into(),
+                proto: 6,
+                port: 80,
+            }]),
+        };
+        let mut a = IdentityAllocator::new();
+        let plain_id = a.cidr(&plain).unwrap();
+        let pod_id = a.cidr(&pod).unwrap();
+        let json = serde_json::to_value(&a).unwrap();
+        // Labels without pod ports are stored as before (a list of blocks), so an
+        // identities.json written by an older agent still loads with the same ids.
+        assert!(json["cidrs"][0][0].is_array(), "{json}");
+        assert!(json["cidrs"][1][0].is_object(), "{json}");
+        let mut back: IdentityAllocator = serde_json::from_value(json).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(back.cidr(&plain).unwrap(), plain_id);
+        assert_eq!(back.cidr(&pod).unwrap(), pod_id);
+    }
 }

@@ -85,7 +85,11 @@
 //! # Cost
 //! Selector results are memoised per (namespace scope, selector) and rules are compiled once
 //! per distinct (direction, namespace, peers, ports), so compile time grows with the output,
-//! not with policies × pods. `examples/compile_bench.rs` prints timings.
+//! not with policies × pods. `examples/compile_bench.rs` prints timings. Exact pod prefixes
+//! for named ports with ipBlocks add one CIDR map entry per pod address inside such a block
+//! whose pod has one of the rules' port names (the map holds 65,536 prefixes); their
+//! identities are shared by pods with the same blocks and named ports, so the policy entries
+//! grow with those distinct combinations, not with the pods.
 
 pub mod cidr;
 pub mod compile;
