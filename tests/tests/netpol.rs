@@ -21,6 +21,9 @@
 //! probe TCP (an SCTP allowance must not open TCP, and must still isolate) are ported: they do not
 //! need SCTP traffic.
 //!
+//! After the upstream cases come Weir's own (`weir_*`): a named port with an ipBlock peer, and
+//! policies only a manifest can carry, which are rejected and fail closed (issue 11).
+//!
 //! The cases share the lab and run one at a time (a mutex); the lab is brought up by the first
 //! case and taken down when the test binary exits (and by the next run if it was killed).
 

@@ -74,6 +74,11 @@ fn policy_types_defaulting() {
         }
     };
     assert_eq!(types("{podSelector: {}}"), vec!["Ingress"]);
+    // An empty list is defaulted too (the API server checks `len(policyTypes) == 0`).
+    assert_eq!(
+        types("{podSelector: {}, policyTypes: [], egress: [{}]}"),
+        vec!["Ingress", "Egress"]
+    );
     assert_eq!(types("{podSelector: {}, egress: []}"), vec!["Ingress"]);
     assert_eq!(
         types("{podSelector: {}, egress: [{}]}"),

@@ -335,10 +335,12 @@ fn cluster(seed: u64) -> TCluster {
         .collect();
     let policies: Vec<TPolicy> = (0..rng.below(5))
         .map(|i| {
-            let types = match rng.below(5) {
+            let types = match rng.below(6) {
                 0 => Some(vec!["Ingress"]),
                 1 => Some(vec!["Egress"]),
                 2 => Some(vec!["Ingress", "Egress"]),
+                // Defaulted like an absent list.
+                3 => Some(vec![]),
                 _ => None,
             };
             let invalid = if rng.chance(12) {
@@ -586,10 +588,10 @@ fn policy_types(p: &TPolicy) -> (bool, bool) {
         return (true, true);
     }
     match &p.types {
-        Some(t) => (t.contains(&"Ingress"), t.contains(&"Egress")),
+        Some(t) if !t.is_empty() => (t.contains(&"Ingress"), t.contains(&"Egress")),
         // "If no policyTypes are specified on a NetworkPolicy then by default Ingress will
         // always be set and Egress will be set if the NetworkPolicy has any egress rules."
-        None => (true, p.egress.as_ref().is_some_and(|e| !e.is_empty())),
+        _ => (true, p.egress.as_ref().is_some_and(|e| !e.is_empty())),
     }
 }
 

@@ -221,6 +221,16 @@ fn names_labels_and_selector_syntax() {
             .all(|id| *id == weir_common::RULE_FROM_HOST)
     );
 
+    // A name of 100,000 characters: rejected, and cut in the key so logs and Events stay small.
+    let text = format!(
+        "{POD}apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {}, namespace: default}}\nspec: {{podSelector: {{}}}}\n",
+        "n".repeat(100_000)
+    );
+    let c = compile_local(&state_from_yaml(&text), &[("default", "a", &["10.0.0.1"])]);
+    assert_eq!(c.rejections.len(), 1, "{:?}", c.rejections);
+    assert!(c.rejections[0].policy.name.len() < 200);
+    assert!(c.rejections[0].policy.name.contains("(100000 bytes)"));
+
     rejected_at(
         "  podSelector: {matchLabels: {'bad key!': a}}",
         "spec.podSelector.matchLabels",

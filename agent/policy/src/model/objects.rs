@@ -267,10 +267,10 @@ impl Namespace {
 }
 
 impl NetworkPolicy {
-    /// Defaulting as the API server does it: `policyTypes` absent → `Ingress`, plus `Egress`
-    /// when there are egress rules. (Protocols default to TCP on read.)
+    /// Defaulting as the API server does it: `policyTypes` absent or empty → `Ingress`, plus
+    /// `Egress` when there are egress rules. (Protocols default to TCP on read.)
     pub fn apply_defaults(&mut self) {
-        if self.spec.policy_types.is_none() {
+        if self.spec.policy_types.as_ref().is_none_or(Vec::is_empty) {
             let mut types = vec!["Ingress".to_owned()];
             if self.spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
                 types.push("Egress".to_owned());

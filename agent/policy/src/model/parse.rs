@@ -550,17 +550,8 @@ fn network_policy(value: Value, api_version: &str, at: &At<'_>) -> Result<Object
         },
     };
     let both = || vec!["Ingress".to_owned(), "Egress".to_owned()];
-    let policy_types = match spec.and_then(|s| s.get("policyTypes")) {
-        None | Some(Value::Null) => {
-            let mut t = vec!["Ingress".to_owned()];
-            // Egress rules of any shape (unreadable ones too) mean Egress, as defaulting does.
-            match spec.and_then(|s| s.get("egress")) {
-                None | Some(Value::Null) => {}
-                Some(Value::Sequence(rules)) if rules.is_empty() => {}
-                Some(_) => t.push("Egress".to_owned()),
-            }
-            t
-        }
+    let declared = match spec.and_then(|s| s.get("policyTypes")) {
+        None | Some(Value::Null) => Vec::new(),
         Some(v) => match from_value::<Vec<String>>(v.clone()) {
             Ok(t) if t.iter().all(|t| t.len() <= 16) => t,
             _ => {
@@ -572,6 +563,19 @@ fn network_policy(value: Value, api_version: &str, at: &At<'_>) -> Result<Object
                 both()
             }
         },
+    };
+    // Defaulting, as for a readable policy: absent or empty → Ingress, plus Egress when there
+    // are egress rules (of any shape, unreadable ones too).
+    let policy_types = if declared.is_empty() {
+        let mut t = vec!["Ingress".to_owned()];
+        match spec.and_then(|s| s.get("egress")) {
+            None | Some(Value::Null) => {}
+            Some(Value::Sequence(rules)) if rules.is_empty() => {}
+            Some(_) => t.push("Egress".to_owned()),
+        }
+        t
+    } else {
+        declared
     };
     let mut p = NetworkPolicy::default();
     p.metadata.name = name;
