@@ -303,7 +303,7 @@ impl Runtime {
 
 fn log_new_rejections(old: &[Rejection], new: &[Rejection]) {
     for r in new.iter().filter(|r| !old.contains(r)) {
-        tracing::error!(policy = %r.policy, field = %r.field, "rejected NetworkPolicy: {}; every other policy is still enforced", r.reason);
+        tracing::error!(policy = %r.policy, field = %r.field, "rejected NetworkPolicy: {}; it allows nothing, the pods it selects stay isolated in its directions, every other policy is still enforced", r.reason);
     }
 }
 

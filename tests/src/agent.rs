@@ -117,6 +117,11 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The agent's process id (nsenter execs the agent, so the child is the agent).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal and waits for the exit status.
     pub fn stop(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
         // nsenter execs the agent, so the child pid is the agent's.

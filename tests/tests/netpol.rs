@@ -21,6 +21,9 @@
 //! probe TCP (an SCTP allowance must not open TCP, and must still isolate) are ported: they do not
 //! need SCTP traffic.
 //!
+//! After the upstream cases come Weir's own (`weir_*`): a named port with an ipBlock peer, and
+//! policies only a manifest can carry, which are rejected and fail closed (issue 11).
+//!
 //! The cases share the lab and run one at a time (a mutex); the lab is brought up by the first
 //! case and taken down when the test binary exits (and by the next run if it was killed).
 
@@ -1120,3 +1123,111 @@ fn udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector() {
 
 // "NetworkPolicy between server and client using SCTP" (3 cases): not ported, this kernel has no
 // SCTP to probe with (see the module comment).
+
+// ---------------------------------------------------------------------------------------------
+// Beyond upstream: named ports with ipBlocks, and rejected policies (issue 11)
+// ---------------------------------------------------------------------------------------------
+
+impl Case {
+    /// An ipBlock covering every pod of the lab (the nodes' pod CIDRs are 10.<lab>.<node>.0/24).
+    fn pods_cover(&self) -> String {
+        let ip = self.pod_ip("x/a");
+        let octets: Vec<&str> = ip.split('.').collect();
+        format!("{}.{}.0.0/16", octets[0], octets[1])
+    }
+
+    /// Waits (bounded) until both agents' logs contain every one of `texts`.
+    fn wait_for_logs(&self, texts: &[&str]) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let logs: Vec<String> = ["node1", "node2"]
+                .iter()
+                .map(|n| self.lab.agent_log(n, 100_000))
+                .collect();
+            if logs.iter().all(|l| texts.iter().all(|t| l.contains(t))) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agents' logs do not say {texts:?}:\n{}",
+                logs.join("\n---\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The policy of issue 11, which Weir used to reject whole (and so fail open): ingress from
+/// pod=b and from an ipBlock with two excepts naming pods of other namespaces, egress to an
+/// ipBlock on `[{protocol: TCP}, {port: serve-80-tcp}]`. Accepted now, and enforced exactly.
+#[test]
+fn weir_issue_11_named_port_and_ip_block_policy() {
+    let mut c = Case::new("Weir: a named port with an ipBlock peer is enforced (issue 11)");
+    let cover = c.pods_cover();
+    let (ya, zb, yc) = (c.pod_ip("y/a"), c.pod_ip("z/b"), c.pod_ip("y/c"));
+    c.apply(&policy(
+        "x",
+        "mixed",
+        &format!(
+            "  podSelector: {{}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - podSelector: {{matchLabels: {{pod: b}}}}\n    - ipBlock:\n        cidr: {cover}\n        except: [{ya}/32, {zb}/32]\n  egress:\n  - ports: [{{protocol: TCP}}, {{port: serve-80-tcp}}]\n    to:\n    - ipBlock: {{cidr: {cover}, except: [{yc}/32]}}\n"
+        ),
+    ));
+    let mut r = Reach::new();
+    r.pair(pod("y", "a"), ns("x"), false)
+        .pair(pod("z", "b"), ns("x"), false)
+        .pair(ns("x"), pod("y", "c"), false);
+    c.validate(80, TCP, &r);
+    c.validate(81, TCP, &r);
+    // Egress allows TCP only: UDP out of x is denied; ingress (no ports) is as for TCP.
+    let mut u = r.clone();
+    u.egress(ns("x"), false);
+    c.validate(80, UDP, &u);
+}
+
+/// A named port resolved on each pod inside an ipBlock: UDP to `serve-80-udp` of the pods in
+/// the block (but the excepted one), nothing else.
+#[test]
+fn weir_named_port_to_ip_block_is_exact() {
+    let mut c = Case::new("Weir: egress to a named port of the pods in an ipBlock");
+    let cover = c.pods_cover();
+    let zc = c.pod_ip("z/c");
+    c.apply(&policy(
+        "x",
+        "udp-80-by-name",
+        &format!(
+            "  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{{protocol: UDP, port: serve-80-udp}}]\n    to: [{{ipBlock: {{cidr: {cover}, except: [{zc}/32]}}}}]\n"
+        ),
+    ));
+    let mut r = Reach::new();
+    r.pair(pod("x", "a"), pod("z", "c"), false);
+    c.validate(80, UDP, &r);
+    let mut closed = Reach::new();
+    closed.egress(pod("x", "a"), false);
+    c.validate(81, UDP, &closed);
+    c.validate(80, TCP, &closed);
+}
+
+/// Policies only a manifest can carry (the API server refuses them) are rejected, visibly, and
+/// fail closed: each allows nothing, and the pods it selects stay isolated in its directions
+/// (all pods of its namespace when its podSelector is invalid).
+#[test]
+fn weir_rejected_policies_fail_closed() {
+    let mut c = Case::new("Weir: a rejected policy never allows what it would have denied");
+    // Would admit only x/b into x/a; its name is invalid.
+    c.apply(&policy(
+        "x",
+        "UPPER_case!",
+        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n",
+    ));
+    // Would allow all egress of y/a; its podSelector is invalid, so all of y is isolated.
+    c.apply(&policy(
+        "y",
+        "bad-selector",
+        "  podSelector: {matchExpressions: [{key: pod, operator: Near, values: [a]}]}\n  policyTypes: [Egress]\n  egress: [{}]\n",
+    ));
+    let mut r = Reach::new();
+    r.ingress(pod("x", "a"), false).egress(ns("y"), false);
+    c.validate(80, TCP, &r);
+    c.validate(81, UDP, &r);
+    c.wait_for_logs(&["rejected NetworkPolicy", "UPPER_case!", "y/bad-selector"]);
+}

@@ -94,6 +94,44 @@ fn eventually(from: &Netns, to: IpAddr, want: bool, what: &str, agent: &Agent) {
     }
 }
 
+/// Waits (bounded) until `done` holds.
+fn wait_until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen; agent log:\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The agent's /metrics, from inside the node's namespace (it listens on 127.0.0.1:9876).
+fn metrics(node: &Netns) -> String {
+    spawn_in(node.path(), || {
+        let Ok(mut s) = TcpStream::connect("127.0.0.1:9876") else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .join()
+    .unwrap()
+}
+
+/// The agent's resident set size.
+fn rss_kib(agent: &Agent) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
 fn address_of(add_result: &str) -> IpAddr {
     let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
     let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
@@ -186,18 +224,63 @@ fn the_documented_standalone_contract_holds() {
     assert!(!connects(blue, server_ip), "blue is not app=client");
 
     // An invalid policy beside it is rejected and harms nothing else.
+    serve(client, ips[0]);
+    eventually(
+        intruder,
+        ips[0],
+        true,
+        "the client is not isolated yet",
+        &agent,
+    );
     write(
         m,
         "broken.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: broken\n  namespace: app\n\
          spec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
     );
-    thread::sleep(Duration::from_millis(300));
-    assert!(
-        agent.log_text().contains("broken"),
-        "the rejection names the policy"
+    wait_until(
+        "the rejection's log line, naming the policy",
+        &agent,
+        || {
+            agent.log_text().contains("rejected NetworkPolicy")
+                && agent.log_text().contains("broken")
+        },
     );
+    wait_until("the metric to count the rejection", &agent, || {
+        metrics(&node).contains("weir_rejected_policies 1\n")
+    });
     assert!(connects(client, server_ip) && !connects(intruder, server_ip));
+    // Fail closed: it selects every pod of `app` for ingress and allows nothing, so the client
+    // (otherwise not isolated) is no longer reachable.
+    eventually(
+        intruder,
+        ips[0],
+        false,
+        "the rejected policy still isolates what it selects",
+        &agent,
+    );
+
+    // Objects the API server would refuse: a 20 MB label value (the file is refused before it
+    // is parsed: the agent does not grow) and a Pod with an invalid label (never wired).
+    let rss_before = rss_kib(&agent);
+    let huge = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: huge\n  labels:\n    x: {}\n",
+        "v".repeat(20_000_000)
+    );
+    // Renamed into place, so the agent never reads it half written.
+    write(m, ".huge.yaml", &huge);
+    drop(huge);
+    std::fs::rename(m.join(".huge.yaml"), m.join("huge.yaml")).unwrap();
+    wait_until("the huge file's rejection", &agent, || {
+        agent.log_text().contains("a manifest file may have")
+    });
+    let rss_after = rss_kib(&agent);
+    eprintln!("agent RSS around a refused 20 MB manifest: {rss_before} KiB -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the agent's RSS grew from {rss_before} KiB to {rss_after} KiB on a refused 20 MB file"
+    );
+    std::fs::remove_file(m.join("huge.yaml")).unwrap();
 
     // Namespace labels take effect without a policy change.
     write(m, "policy2.yaml", &policy_by_namespace("app"));
@@ -220,6 +303,7 @@ fn the_documented_standalone_contract_holds() {
     // Deleting the file deletes its objects.
     std::fs::remove_file(m.join("policy.yaml")).unwrap();
     std::fs::remove_file(m.join("policy2.yaml")).unwrap();
+    std::fs::remove_file(m.join("broken.yaml")).unwrap();
     eventually(intruder, server_ip, true, "policies deleted", &agent);
 
     // The Pod object may come after ADD started: ADD waits for it.
@@ -284,6 +368,30 @@ fn the_documented_standalone_contract_holds() {
         took >= Duration::from_secs(2),
         "ADD should wait for the Pod object"
     );
+
+    // A Pod whose manifest the API server would refuse is rejected, so it cannot be wired
+    // (rather than run unenforced).
+    write(
+        m,
+        "badpod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: badpod\n  namespace: app\n  labels: {app: 'not a label value!'}\nspec:\n  nodeName: n1\n",
+    );
+    wait_until("the bad Pod's rejection", &agent, || {
+        agent.log_text().contains("Pod `badpod`")
+    });
+    let bad = Netns::new("scbad");
+    let (out, _) = plugin.run(
+        "ADD",
+        &PodRef {
+            container_id: "ctr-bad",
+            namespace: "app",
+            name: "badpod",
+            netns: &bad.name,
+        },
+    );
+    assert!(!out.status.success(), "a rejected Pod must not be wired");
+    let err: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    assert_eq!(err["code"], 11, "{err}");
 
     // SIGTERM leaves enforcement in place.
     write(m, "policy.yaml", &policy("app"));

@@ -12,6 +12,16 @@
 //! iff it contains `a`. So `B ∈ L(P)` iff `a ∈ B.cidr` and `a` is in none of `B`'s excepts, i.e.
 //! iff `a` is in `B`. If no inserted prefix contains `a`, `a` is in no ipBlock at all.
 //!
+//! Named ports with ipBlocks: an egress rule with a named port and an ipBlock peer allows an
+//! address only if it is a pod whose named port resolves to the packet's port. For that, every
+//! pod address inside such a block whose pod has one of the rules' port names gets its own
+//! exact prefix (/32, /128), labelled like any prefix (the blocks containing it, computed the
+//! same way, so the argument above holds: the exact prefix is the longest match of exactly its
+//! address and carries every block that contains the address) plus the pod's named ports
+//! ([`CidrLabels::pod_ports`]). Rules with that block compile for these identities to the ports
+//! the names resolve to; numeric rules see the same blocks as before. The prefixes follow the
+//! pods: they are recomputed on every compile from the ipcache.
+//!
 //! Families: the kernel keeps IPv4 as `::ffff:a.b.c.d`, so an IPv6 prefix shorter than /96
 //! that covers `::ffff:0:0/96` would also be the longest match of IPv4 addresses no IPv4
 //! prefix covers. Whenever such a prefix exists, `0.0.0.0/0` is inserted too (with its own,
@@ -28,7 +38,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weir_common::IDENTITY_WORLD;
 
 use crate::{
-    identity::{AllocError, CidrLabels, IdentityAllocator},
+    identity::{AllocError, CidrLabels, IdentityAllocator, NamedPort},
     validate::IpBlockLabel,
 };
 
@@ -47,9 +57,11 @@ fn mapped_cover() -> Ipv6Net {
     Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96).unwrap_or_default()
 }
 
-/// Computes the prefixes, label sets and identities of `blocks`.
+/// Computes the prefixes, label sets and identities of `blocks`, and of the exact pod prefixes
+/// `pod_prefixes` (address prefix → the pod's named ports that rules use).
 pub fn cidr_identities(
     blocks: &BTreeSet<Arc<IpBlockLabel>>,
+    pod_prefixes: &BTreeMap<IpNet, BTreeSet<NamedPort>>,
     alloc: &mut IdentityAllocator,
 ) -> Result<CidrIdentities, AllocError> {
     let mut by_cidr: HashMap<IpNet, Vec<&Arc<IpBlockLabel>>> = HashMap::new();
@@ -59,6 +71,7 @@ pub fn cidr_identities(
         prefixes.insert(b.cidr);
         prefixes.extend(b.except.iter().copied());
     }
+    prefixes.extend(pod_prefixes.keys().copied());
     let cover = mapped_cover();
     if prefixes
         .iter()
@@ -85,11 +98,15 @@ pub fn cidr_identities(
         sets.insert(p, set);
     }
 
+    let label_set = |p: &IpNet, set: &BTreeSet<&Arc<IpBlockLabel>>| CidrLabels {
+        blocks: set.iter().map(|b| (***b).clone()).collect(),
+        pod_ports: pod_prefixes.get(p).cloned().unwrap_or_default(),
+    };
     // Allocate in sorted label-set order so that a fresh allocator is deterministic.
     let distinct: BTreeSet<CidrLabels> = sets
-        .values()
-        .filter(|s| !s.is_empty())
-        .map(|s| s.iter().map(|b| (***b).clone()).collect())
+        .iter()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(p, s)| label_set(p, s))
         .collect();
     let mut ids: BTreeMap<CidrLabels, u32> = BTreeMap::new();
     for labels in distinct {
@@ -100,11 +117,13 @@ pub fn cidr_identities(
     let mut out = CidrIdentities::default();
     let mut by_block: HashMap<Arc<IpBlockLabel>, BTreeSet<u32>> = HashMap::new();
     for (p, set) in sets {
+        // A prefix in no block: also a pod prefix cannot be (pod prefixes are only made for
+        // addresses inside a block), so its pod ports never matter.
         if set.is_empty() {
             out.prefixes.insert(p, IDENTITY_WORLD);
             continue;
         }
-        let labels: CidrLabels = set.iter().map(|b| (***b).clone()).collect();
+        let labels = label_set(&p, &set);
         let id = ids.get(&labels).copied().unwrap_or(IDENTITY_WORLD);
         out.prefixes.insert(p, id);
         for b in set {
@@ -135,12 +154,18 @@ mod tests {
         let a = block("10.0.0.0/8", &["10.1.0.0/16"]);
         let b = block("10.1.0.0/16", &[]);
         let blocks = BTreeSet::from([Arc::clone(&a), Arc::clone(&b)]);
-        let c = cidr_identities(&blocks, &mut IdentityAllocator::new()).unwrap();
+        let c = cidr_identities(&blocks, &BTreeMap::new(), &mut IdentityAllocator::new()).unwrap();
         let id = |p: &str| c.prefixes[&p.parse::<IpNet>().unwrap()];
         // 10/8 has {a}; 10.1/16 has {b} only (a excepts it).
         assert_ne!(id("10.0.0.0/8"), id("10.1.0.0/16"));
-        assert_eq!(c.labels[&id("10.0.0.0/8")], BTreeSet::from([(*a).clone()]));
-        assert_eq!(c.labels[&id("10.1.0.0/16")], BTreeSet::from([(*b).clone()]));
+        assert_eq!(
+            c.labels[&id("10.0.0.0/8")],
+            CidrLabels::blocks(BTreeSet::from([(*a).clone()]))
+        );
+        assert_eq!(
+            c.labels[&id("10.1.0.0/16")],
+            CidrLabels::blocks(BTreeSet::from([(*b).clone()]))
+        );
         assert_eq!(c.by_block[&a], vec![id("10.0.0.0/8")]);
         assert_eq!(c.prefixes.len(), 2);
     }
@@ -149,9 +174,45 @@ mod tests {
     fn empty_label_sets_are_world_and_v6_covers_get_a_v4_root() {
         let a = block("::/0", &["fd00::/8"]);
         let blocks = BTreeSet::from([Arc::clone(&a)]);
-        let c = cidr_identities(&blocks, &mut IdentityAllocator::new()).unwrap();
+        let c = cidr_identities(&blocks, &BTreeMap::new(), &mut IdentityAllocator::new()).unwrap();
         assert_eq!(c.prefixes[&"fd00::/8".parse().unwrap()], IDENTITY_WORLD);
         assert_eq!(c.prefixes[&"0.0.0.0/0".parse().unwrap()], IDENTITY_WORLD);
         assert!(c.prefixes[&"::/0".parse().unwrap()] >= weir_common::IDENTITY_FIRST_CIDR);
+    }
+
+    #[test]
+    fn pod_prefixes_carry_every_block_of_their_address_and_their_ports() {
+        let a = block("10.0.0.0/8", &["10.1.0.0/16"]);
+        let b = block("10.0.0.0/24", &[]);
+        let blocks = BTreeSet::from([Arc::clone(&a), Arc::clone(&b)]);
+        let http = NamedPort {
+            name: "http".into(),
+            proto: 6,
+            port: 80,
+        };
+        let pods = BTreeMap::from([
+            (
+                "10.0.0.5/32".parse().unwrap(),
+                BTreeSet::from([http.clone()]),
+            ),
+            (
+                "10.2.0.5/32".parse().unwrap(),
+                BTreeSet::from([http.clone()]),
+            ),
+        ]);
+        let c = cidr_identities(&blocks, &pods, &mut IdentityAllocator::new()).unwrap();
+        let id = |p: &str| c.prefixes[&p.parse::<IpNet>().unwrap()];
+        let in_both = &c.labels[&id("10.0.0.5/32")];
+        assert_eq!(in_both.blocks, BTreeSet::from([(*a).clone(), (*b).clone()]));
+        assert_eq!(in_both.pod_ports, BTreeSet::from([http]));
+        assert_eq!(
+            c.labels[&id("10.2.0.5/32")].blocks,
+            BTreeSet::from([(*a).clone()])
+        );
+        // The pod prefixes are distinct from their covering prefixes, and reached from the block.
+        assert_ne!(id("10.0.0.5/32"), id("10.0.0.0/24"));
+        assert!(c.by_block[&a].contains(&id("10.0.0.5/32")));
+        assert!(c.by_block[&b].contains(&id("10.0.0.5/32")));
+        assert!(!c.by_block[&b].contains(&id("10.2.0.5/32")));
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     model::{ClusterState, ObjectKey, Pod},
     output::{Compiled, RuleMatch, RuleOrigin, SubjectRules},
     selector::Selector,
-    validate::{IpBlockLabel, ValidPeer, ValidPolicy, ValidPort, ValidRule, validate},
+    validate::{IpBlockLabel, ValidPeer, ValidPolicy, ValidPort, ValidRule, check},
 };
 
 /// What the compiler needs besides the cluster objects.
@@ -105,7 +105,10 @@ impl Resolver<'_> {
         let r: Rc<Vec<String>> = Rc::new(
             self.namespaces
                 .iter()
-                .filter(|ns| sel.matches(&self.state.namespace_labels(ns)))
+                .filter(|ns| {
+                    self.state.namespace_selectable(ns)
+                        && sel.matches(&self.state.namespace_labels(ns))
+                })
                 .cloned()
                 .collect(),
         );
@@ -193,12 +196,16 @@ pub fn compile(
     };
     let mut out = Compiled::default();
 
-    // 1. Validate policies.
+    // 1. Validate policies. A rejected one still isolates what it selects (fail closed).
     let mut policies: Vec<ValidPolicy> = Vec::new();
     for (key, p) in &state.policies {
-        match validate(key, p) {
+        match check(key, p) {
             Ok(v) => policies.push(v),
-            Err(r) => out.rejections.extend(r),
+            Err(r) => {
+                let r = *r;
+                out.rejections.extend(r.rejections);
+                policies.push(r.isolation);
+            }
         }
     }
 
@@ -301,12 +308,11 @@ pub fn compile(
             ValidPeer::Pods { .. } => None,
         })
         .collect();
-    let cidrs: CidrIdentities = cidr_identities(&blocks, alloc).map_err(err)?;
+    let pod_prefixes = named_port_pod_prefixes(&policies, &out.ipcache, &ids);
+    let cidrs: CidrIdentities = cidr_identities(&blocks, &pod_prefixes, alloc).map_err(err)?;
     out.cidr_identities = cidrs.prefixes.clone();
     for (id, labels) in &cidrs.labels {
-        let l: Vec<String> = labels.iter().map(ToString::to_string).collect();
-        out.identity_names
-            .insert(*id, format!("cidr:{}", l.join(" | ")));
+        out.identity_names.insert(*id, format!("cidr:{labels}"));
     }
 
     // 5. Subjects.
@@ -448,6 +454,63 @@ pub fn compile(
     Ok(out)
 }
 
+/// The exact prefixes of pod addresses that egress rules with a named port and an ipBlock peer
+/// can allow (see [`crate::cidr`]): every pod address inside such a block whose pod has a port
+/// name (and protocol) those rules use, with those named ports.
+fn named_port_pod_prefixes(
+    policies: &[ValidPolicy],
+    ipcache: &BTreeMap<IpNet, u32>,
+    ids: &Identities,
+) -> BTreeMap<IpNet, BTreeSet<NamedPort>> {
+    let mut blocks: BTreeSet<&IpBlockLabel> = BTreeSet::new();
+    let mut names: BTreeSet<(&str, u8)> = BTreeSet::new();
+    for rule in policies.iter().flat_map(|p| p.egress.iter().flatten()) {
+        let named: Vec<(&str, u8)> = rule
+            .ports
+            .iter()
+            .filter_map(|p| match p {
+                ValidPort::Named(proto, name) => Some((name.as_str(), *proto)),
+                _ => None,
+            })
+            .collect();
+        let rule_blocks: Vec<&IpBlockLabel> = rule
+            .peers
+            .iter()
+            .filter_map(|p| match p {
+                ValidPeer::IpBlock(b) => Some(b.as_ref()),
+                ValidPeer::Pods { .. } => None,
+            })
+            .collect();
+        if !named.is_empty() && !rule_blocks.is_empty() {
+            blocks.extend(rule_blocks);
+            names.extend(named);
+        }
+    }
+    let mut out = BTreeMap::new();
+    if blocks.is_empty() {
+        return out;
+    }
+    for (prefix, id) in ipcache {
+        let Some(key) = ids.keys.get(id) else {
+            continue; // a node address: not a pod, no named ports
+        };
+        let ports: BTreeSet<NamedPort> = key
+            .named_ports
+            .iter()
+            .filter(|np| names.contains(&(np.name.as_str(), np.proto)))
+            .cloned()
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let addr = prefix.addr();
+        if blocks.iter().any(|b| b.contains(&addr)) {
+            out.insert(*prefix, ports);
+        }
+    }
+    out
+}
+
 /// The subject-independent part of a compiled rule, shared by every policy with the same rule
 /// in the same namespace.
 struct CompiledRule {
@@ -536,6 +599,29 @@ fn compile_rule(
                         proto: Some(proto),
                         port: Some((port, 16)),
                     });
+                }
+            }
+            // An ipBlock peer: the exact prefixes of pods inside the block that have the port.
+            for peer in &rule.peers {
+                let ValidPeer::IpBlock(b) = peer else {
+                    continue;
+                };
+                for &id in cidrs.by_block.get(b).into_iter().flatten() {
+                    let Some(labels) = cidrs.labels.get(&id) else {
+                        continue;
+                    };
+                    for np in labels
+                        .pod_ports
+                        .iter()
+                        .filter(|np| np.proto == proto && np.name == name)
+                    {
+                        common.push(RuleMatch {
+                            direction,
+                            peer: id,
+                            proto: Some(proto),
+                            port: Some((np.port, 16)),
+                        });
+                    }
                 }
             }
             for &peer in &pod_peers {

@@ -61,8 +61,74 @@ impl std::fmt::Display for PodIdentityKey {
     }
 }
 
-/// The label set of a CIDR identity: the ipBlocks that contain its prefixes.
-pub type CidrLabels = BTreeSet<IpBlockLabel>;
+/// The label set of a CIDR identity: the ipBlocks that contain its prefixes and, for the exact
+/// prefix of a pod address (see [`crate::cidr`]), the named ports that pod has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "CidrLabelsRepr", into = "CidrLabelsRepr")]
+pub struct CidrLabels {
+    pub blocks: BTreeSet<IpBlockLabel>,
+    /// Empty except on a pod address's own prefix.
+    pub pod_ports: BTreeSet<NamedPort>,
+}
+
+impl CidrLabels {
+    pub fn blocks(blocks: BTreeSet<IpBlockLabel>) -> Self {
+        Self {
+            blocks,
+            pod_ports: BTreeSet::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for CidrLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let blocks: Vec<String> = self.blocks.iter().map(ToString::to_string).collect();
+        write!(f, "{}", blocks.join(" | "))?;
+        if !self.pod_ports.is_empty() {
+            let ports: Vec<String> = self
+                .pod_ports
+                .iter()
+                .map(|p| format!("{}={}/{}", p.name, p.port, p.proto))
+                .collect();
+            write!(f, " pod ports[{}]", ports.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// Stored form: a plain list of blocks when there are no pod ports (what identities.json held
+/// before pod prefixes existed, so old state files still load), else both.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum CidrLabelsRepr {
+    Blocks(BTreeSet<IpBlockLabel>),
+    Pod {
+        blocks: BTreeSet<IpBlockLabel>,
+        pod_ports: BTreeSet<NamedPort>,
+    },
+}
+
+impl From<CidrLabelsRepr> for CidrLabels {
+    fn from(r: CidrLabelsRepr) -> Self {
+        match r {
+            CidrLabelsRepr::Blocks(blocks) => Self::blocks(blocks),
+            CidrLabelsRepr::Pod { blocks, pod_ports } => Self { blocks, pod_ports },
+        }
+    }
+}
+
+impl From<CidrLabels> for CidrLabelsRepr {
+    fn from(l: CidrLabels) -> Self {
+        if l.pod_ports.is_empty() {
+            Self::Blocks(l.blocks)
+        } else {
+            Self::Pod {
+                blocks: l.blocks,
+                pod_ports: l.pod_ports,
+            }
+        }
+    }
+}
 
 /// Number of cluster-local pod identities.
 const POD_SPACE: u32 = IDENTITY_FIRST_CIDR - IDENTITY_FIRST_POD;
@@ -142,17 +208,13 @@ impl IdentityAllocator {
         Ok((cluster_id << IDENTITY_CLUSTER_SHIFT) | (IDENTITY_FIRST_POD + off))
     }
 
-    /// The identity of a CIDR label set (must not be empty: that is `IDENTITY_WORLD`).
+    /// The identity of a CIDR label set (its blocks must not be empty: that is `IDENTITY_WORLD`).
     pub fn cidr(&mut self, labels: &CidrLabels) -> Result<u32, AllocError> {
         let off = self
             .cidrs
             .get_or_insert(labels, CIDR_SPACE)
             .ok_or_else(|| AllocError::CidrsExhausted {
-                labels: labels
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" | "),
+                labels: labels.to_string(),
             })?;
         Ok(IDENTITY_FIRST_CIDR + off)
     }
@@ -272,5 +334,34 @@ mod tests {
         };
         assert_eq!(a.rule(&o), 1);
         assert_eq!(a.rule(&o), 1);
+    }
+
+    #[test]
+    fn cidr_labels_keep_the_old_stored_form_and_round_trip() {
+        let block = IpBlockLabel {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: BTreeSet::new(),
+        };
+        let plain = CidrLabels::blocks(BTreeSet::from([block.clone()]));
+        let pod = CidrLabels {
+            blocks: BTreeSet::from([block]),
+            pod_ports: BTreeSet::from([NamedPort {
+                name: "http".into(),
+                proto: 6,
+                port: 80,
+            }]),
+        };
+        let mut a = IdentityAllocator::new();
+        let plain_id = a.cidr(&plain).unwrap();
+        let pod_id = a.cidr(&pod).unwrap();
+        let json = serde_json::to_value(&a).unwrap();
+        // Labels without pod ports are stored as before (a list of blocks), so an
+        // identities.json written by an older agent still loads with the same ids.
+        assert!(json["cidrs"][0][0].is_array(), "{json}");
+        assert!(json["cidrs"][1][0].is_object(), "{json}");
+        let mut back: IdentityAllocator = serde_json::from_value(json).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(back.cidr(&plain).unwrap(), plain_id);
+        assert_eq!(back.cidr(&pod).unwrap(), pod_id);
     }
 }

@@ -6,15 +6,17 @@
 //! # Pipeline
 //! 1. [`model`]: our own serde shapes of the objects (no k8s-openapi), read from YAML 1.2 /
 //!    JSON manifests with the API server's defaulting (`policyTypes`, protocol `TCP`, the
-//!    `kubernetes.io/metadata.name` namespace label).
-//! 2. [`validate`]: each NetworkPolicy is checked; a bad one becomes [`output::Rejection`]s
-//!    (policy, field path such as `spec.ingress[0].from[1].ipBlock.except[0]`, and what to do)
-//!    and is dropped whole. Every other policy keeps being enforced.
+//!    `kubernetes.io/metadata.name` namespace label) and its checks of names, labels,
+//!    `apiVersion` and size ([`names`], [`model::parse_documents`]).
+//! 2. [`validate`]: each NetworkPolicy is checked as the API server checks it; a bad one
+//!    becomes [`output::Rejection`]s (policy, field path such as
+//!    `spec.ingress[0].from[1].ipBlock.except[0]`, and what to do), allows nothing, and still
+//!    isolates the pods it selects (fail closed). Every other policy keeps being enforced.
 //! 3. [`identity`]: every (namespace, labels, named container ports) of a pod gets a stable
 //!    identity (`IDENTITY_FIRST_POD..`, cluster id in the top 8 bits); every distinct ipBlock
 //!    label set a CIDR identity ([`cidr`], which also explains why the LPM longest match over
-//!    the inserted prefixes is exact); every rule a stable id. The [`IdentityAllocator`] is
-//!    serialisable so the agent persists it.
+//!    the inserted prefixes is exact, exact pod prefixes included); every rule a stable id.
+//!    The [`IdentityAllocator`] is serialisable so the agent persists it.
 //! 4. [`compile()`]: the ipcache (pod and node addresses → identity), CIDR identities, local
 //!    addresses, and per local subject identity the isolation flags and allow entries.
 //!
@@ -36,10 +38,11 @@
 //!   `policyTypes` are ignored, as upstream.
 //! - **ipBlock applies to pod addresses too** (unlike Cilium, cilium/cilium#9209): the datapath
 //!   looks up the CIDR identity of every peer address. IPv4 and IPv6 never mix: an IPv6 block
-//!   matches no IPv4 address even in the kernel's `::ffff:a.b.c.d` form (see [`cidr`]), and
-//!   IPv6 blocks inside `::ffff:0:0/96` are rejected (write the IPv4 form). Host bits in a CIDR
-//!   are masked, as the API server's CIDR parsing accepts them. An `except` must be strictly
-//!   inside its `cidr` and of the same family.
+//!   matches no IPv4 address even in the kernel's `::ffff:a.b.c.d` form (see [`cidr`]). CIDRs
+//!   parse as the API server's Go code does: host bits are masked, IPv4 octets may have leading
+//!   zeros (decimal), and an IPv6 prefix of /96 or longer inside `::ffff:0:0/96` means its IPv4
+//!   form. An `except` must be strictly inside its `cidr` (by the prefix lengths as written,
+//!   as the API server compares them) and of the same family.
 //! - **Ports**: a rule without `ports` allows every protocol and port, ICMP included; a port
 //!   entry with a protocol and no port allows every port of that protocol; `endPort` ranges
 //!   become aligned prefix blocks (one entry each). Port 0 and ports above 65535 are rejected.
@@ -52,10 +55,20 @@
 //! - **Named ports** resolve on the destination: for ingress on the subject, for egress on
 //!   each peer pod (the protocol must match; a peer without the name gets no entry). Named
 //!   ports are part of the identity, so the resolution is exact. An egress rule with no `to`
-//!   and a named port allows exactly the pods that have that port. An egress rule that
-//!   combines a named port with an `ipBlock` peer is **rejected**: the datapath looks up the
-//!   pod and CIDR identities separately and cannot require both, and silently ignoring or
-//!   widening the rule would violate "reject loudly, never ignore".
+//!   and a named port allows exactly the pods that have that port. An egress rule with a named
+//!   port and an `ipBlock` peer allows an address only if it is in the block (minus its
+//!   excepts) **and** is a pod whose named port resolves to the packet's port; non-pod
+//!   addresses have no named ports and never match. Each such pod address gets an exact
+//!   /32 (/128) CIDR prefix whose identity carries the pod's named ports (see [`cidr`]),
+//!   recomputed on every compile so it follows pod churn.
+//! - **Validation and fail closed**: no policy the API server accepts is rejected. What only a
+//!   manifest can carry (an invalid name, label, selector, CIDR, port, `apiVersion`, a field of
+//!   the wrong shape, a too large object) is rejected with the object, the field and the
+//!   reason, and fails closed: a rejected NetworkPolicy allows nothing, and the pods its
+//!   `podSelector` selects stay isolated in the directions its `policyTypes` declare after
+//!   defaulting (every pod of its namespace when the selector is invalid, both directions when
+//!   the types are). A rejected Namespace is matched by no `namespaceSelector`; a rejected Pod
+//!   or Node is dropped (a dropped local Pod cannot be wired). See [`model::parse_documents`].
 //! - **hostNetwork pods** get no identity and no ipcache entry: they are the node's network
 //!   stack, their traffic carries the node's address (`IDENTITY_HOST` here,
 //!   `IDENTITY_REMOTE_NODE` on other nodes, from Node `InternalIP` addresses) and no pod
@@ -72,12 +85,17 @@
 //! # Cost
 //! Selector results are memoised per (namespace scope, selector) and rules are compiled once
 //! per distinct (direction, namespace, peers, ports), so compile time grows with the output,
-//! not with policies × pods. `examples/compile_bench.rs` prints timings.
+//! not with policies × pods. `examples/compile_bench.rs` prints timings. Exact pod prefixes
+//! for named ports with ipBlocks add one CIDR map entry per pod address inside such a block
+//! whose pod has one of the rules' port names (the map holds 65,536 prefixes); their
+//! identities are shared by pods with the same blocks and named ports, so the policy entries
+//! grow with those distinct combinations, not with the pods.
 
 pub mod cidr;
 pub mod compile;
 pub mod identity;
 pub mod model;
+pub mod names;
 pub mod output;
 pub mod selector;
 pub mod validate;

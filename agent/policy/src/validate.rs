@@ -1,13 +1,16 @@
 //! NetworkPolicy validation: the raw object → a checked, normalised policy, or the reasons it is
-//! rejected. A rejected policy is dropped whole; the others keep being enforced.
+//! rejected, as the API server checks it (names, labels and selectors, CIDRs, ports, peers).
+//! A rejected policy allows nothing but still isolates the pods its `podSelector` selects in
+//! the directions it declares ([`Rejected::isolation`]); the others keep being enforced.
 
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weir_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     model::{IntOrString, IpBlock, LabelSelector, NetworkPolicy, ObjectKey, Peer, PolicyPort},
+    names,
     output::Rejection,
     selector::{Requirement, Selector},
 };
@@ -97,12 +100,38 @@ impl Checker<'_> {
     fn selector(&mut self, field: &str, s: &LabelSelector) -> Selector {
         let mut requirements = Vec::new();
         for (k, v) in &s.match_labels {
+            if let Some(why) = names::label_key(k).or_else(|| names::label_value(v)) {
+                self.reject(
+                    format!("{field}.matchLabels"),
+                    format!(
+                        "{} is not a valid label: {why}",
+                        names::shown(&format!("{k}: {v}"))
+                    ),
+                );
+                continue;
+            }
             requirements.push(Requirement::In(k.clone(), BTreeSet::from([v.clone()])));
         }
         for (i, e) in s.match_expressions.iter().enumerate() {
             let path = format!("{field}.matchExpressions[{i}]");
-            if e.key.is_empty() {
-                self.reject(format!("{path}.key"), "key must not be empty");
+            if let Some(why) = names::label_key(&e.key) {
+                self.reject(
+                    format!("{path}.key"),
+                    format!("label key {}", names::why_of(&e.key, &why)),
+                );
+                continue;
+            }
+            if let Some((j, v, why)) = e
+                .values
+                .iter()
+                .flatten()
+                .enumerate()
+                .find_map(|(j, v)| names::label_value(v).map(|why| (j, v, why)))
+            {
+                self.reject(
+                    format!("{path}.values[{j}]"),
+                    format!("label value {}", names::why_of(v, &why)),
+                );
                 continue;
             }
             let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
@@ -154,51 +183,53 @@ impl Checker<'_> {
         Selector { requirements }
     }
 
-    fn cidr(&mut self, field: &str, text: &str) -> Option<IpNet> {
-        match text.trim().parse::<IpNet>() {
-            Ok(net) => {
-                if let IpNet::V6(v6) = net
-                    && v6.prefix_len() >= 96
-                    && mapped_v4_range().contains(&v6)
-                {
-                    self.reject(
-                        field,
-                        format!(
-                            "`{text}` is an IPv4-mapped IPv6 prefix; write the IPv4 form (e.g. 10.0.0.0/8) instead"
-                        ),
-                    );
-                    return None;
-                }
-                Some(net.trunc())
+    /// A CIDR as the API server parses it (`netutils.ParseCIDRSloppy`): IPv4 octets may have
+    /// leading zeros (read as decimal) and host bits are masked. An IPv6 prefix of at least /96
+    /// inside `::ffff:0:0/96` is IPv4-mapped and means its IPv4 form, as Go's `net.IPNet` treats
+    /// it. Returns the prefix and the prefix length as written (the API server compares those
+    /// for `except`).
+    fn cidr(&mut self, field: &str, text: &str) -> Option<(IpNet, u8)> {
+        let Ok(net) = sloppy_cidr(text.trim()) else {
+            self.reject(
+                field,
+                format!(
+                    "{} is not a CIDR; write an address with a prefix length, e.g. 10.0.0.0/8 or fd00::/64",
+                    names::shown(text)
+                ),
+            );
+            return None;
+        };
+        let written = net.prefix_len();
+        let net = match net {
+            IpNet::V6(v6) if v6.prefix_len() >= 96 && mapped_v4_range().contains(&v6) => {
+                let v4 = v6
+                    .network()
+                    .to_ipv4_mapped()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4)
             }
-            Err(_) => {
-                self.reject(
-                    field,
-                    format!(
-                        "`{text}` is not a CIDR; write an address with a prefix length, e.g. 10.0.0.0/8 or fd00::/64"
-                    ),
-                );
-                None
-            }
-        }
+            other => other,
+        };
+        Some((net.trunc(), written))
     }
 
     fn ip_block(&mut self, field: &str, b: &IpBlock) -> Option<IpBlockLabel> {
-        let cidr = self.cidr(&format!("{field}.cidr"), &b.cidr)?;
+        let (cidr, cidr_len) = self.cidr(&format!("{field}.cidr"), &b.cidr)?;
         let mut except = BTreeSet::new();
         let mut ok = true;
         for (i, e) in b.except.iter().enumerate() {
             let path = format!("{field}.except[{i}]");
-            let Some(net) = self.cidr(&path, e) else {
+            let Some((net, len)) = self.cidr(&path, e) else {
                 ok = false;
                 continue;
             };
-            if !cidr.contains(&net) || net.prefix_len() <= cidr.prefix_len() {
+            if !cidr.contains(&net) || len <= cidr_len || net.prefix_len() <= cidr.prefix_len() {
                 self.reject(
                     path,
                     format!(
-                        "except `{e}` is not strictly inside cidr `{}`; every except must be a smaller block within the cidr (and of the same address family)",
-                        b.cidr
+                        "except {} is not strictly inside cidr {}; every except must be a smaller block within the cidr (and of the same address family)",
+                        names::shown(e),
+                        names::shown(&b.cidr)
                     ),
                 );
                 ok = false;
@@ -326,7 +357,6 @@ impl Checker<'_> {
         index: usize,
         peers: &[Peer],
         ports: &[PolicyPort],
-        egress: bool,
     ) -> ValidRule {
         let peers: Vec<ValidPeer> = peers
             .iter()
@@ -338,22 +368,37 @@ impl Checker<'_> {
             .enumerate()
             .filter_map(|(i, p)| self.port(&format!("{field}.ports[{i}]"), p))
             .collect();
-        if egress && ports.iter().any(|p| matches!(p, ValidPort::Named(..))) {
-            for (i, p) in peers.iter().enumerate() {
-                if matches!(p, ValidPeer::IpBlock(_)) {
-                    self.reject(
-                        format!("{field}.{peer_list}[{i}].ipBlock"),
-                        "an egress rule with a named port cannot have an ipBlock peer: the datapath cannot tie the name to pods inside the block; use numeric ports or put the ipBlock in its own rule",
-                    );
-                }
-            }
-        }
         ValidRule {
             index: index as u32,
             peers,
             ports,
         }
     }
+}
+
+/// Go's `ParseCIDRSloppy`: leading zeros in IPv4 octets are decimal (`010.0.0.0/8` is
+/// `10.0.0.0/8`), which the strict parser refuses.
+fn sloppy_cidr(text: &str) -> Result<IpNet, ipnet::AddrParseError> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    let (addr, len) = text.rsplit_once('/').unwrap_or((text, ""));
+    let (head, dotted) = match addr.rfind(':') {
+        Some(i) => addr.split_at(i + 1),
+        None => ("", addr),
+    };
+    let octets: Vec<&str> = dotted
+        .split('.')
+        .map(|o| {
+            let t = o.trim_start_matches('0');
+            if t.is_empty() && !o.is_empty() {
+                "0"
+            } else {
+                t
+            }
+        })
+        .collect();
+    format!("{head}{}/{len}", octets.join(".")).parse::<IpNet>()
 }
 
 fn mapped_v4_range() -> Ipv6Net {
@@ -376,18 +421,59 @@ pub fn valid_port_name(name: &str) -> bool {
 
 /// Validates a (defaulted) policy. `key` names it in rejections.
 pub fn validate(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Vec<Rejection>> {
+    check(key, policy).map_err(|r| r.rejections)
+}
+
+/// A rejected policy: why, and what is still enforced for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub rejections: Vec<Rejection>,
+    /// The policy's fail-closed remainder: the pods its `podSelector` selects (every pod of its
+    /// namespace when the selector is invalid) are isolated in the directions it declares (both
+    /// when its `policyTypes` are invalid), with no rule: it allows nothing.
+    pub isolation: ValidPolicy,
+}
+
+/// Validates a (defaulted) policy; a rejected one still isolates what it selects.
+pub fn check(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, Box<Rejected>> {
     let mut c = Checker {
         key,
         rejections: Vec::new(),
     };
+    for p in &policy.problems {
+        c.reject(p.field.clone(), p.reason.clone());
+    }
+    let unnamed = policy.problems.iter().any(|p| p.field == "metadata.name");
+    if let Some(why) = names::dns1123_subdomain(&key.name).filter(|_| !unnamed) {
+        c.reject(
+            "metadata.name",
+            format!("NetworkPolicy name {}", names::why_of(&key.name, &why)),
+        );
+    }
+    if let Some(why) = names::dns1123_label(&key.namespace) {
+        c.reject(
+            "metadata.namespace",
+            format!("namespace {}", names::why_of(&key.namespace, &why)),
+        );
+    }
+    if let Some(why) = names::first_bad_label(&policy.metadata.labels) {
+        c.reject("metadata.labels", why);
+    }
     let spec = &policy.spec;
+    let before = c.rejections.len();
     let subjects = c.selector("spec.podSelector", &spec.pod_selector);
+    let subjects_valid = c.rejections.len() == before;
+    let mut types_valid = true;
     if let Some(types) = &spec.policy_types {
         for (i, t) in types.iter().enumerate() {
             if t != "Ingress" && t != "Egress" {
+                types_valid = false;
                 c.reject(
                     format!("spec.policyTypes[{i}]"),
-                    format!("unknown policy type `{t}`; use Ingress or Egress"),
+                    format!(
+                        "unknown policy type {}; use Ingress or Egress",
+                        names::shown(t)
+                    ),
                 );
             }
         }
@@ -398,26 +484,34 @@ pub fn validate(key: &ObjectKey, policy: &NetworkPolicy) -> Result<ValidPolicy, 
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, r)| {
-            c.rule(
-                &format!("spec.ingress[{i}]"),
-                "from",
-                i,
-                &r.from,
-                &r.ports,
-                false,
-            )
-        })
+        .map(|(i, r)| c.rule(&format!("spec.ingress[{i}]"), "from", i, &r.from, &r.ports))
         .collect();
     let egress: Vec<ValidRule> = spec
         .egress
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, r)| c.rule(&format!("spec.egress[{i}]"), "to", i, &r.to, &r.ports, true))
+        .map(|(i, r)| c.rule(&format!("spec.egress[{i}]"), "to", i, &r.to, &r.ports))
         .collect();
     if !c.rejections.is_empty() {
-        return Err(c.rejections);
+        let (ingress, egress) = if types_valid {
+            (isolate_ingress, isolate_egress)
+        } else {
+            (true, true)
+        };
+        return Err(Box::new(Rejected {
+            rejections: c.rejections,
+            isolation: ValidPolicy {
+                key: key.clone(),
+                subjects: if subjects_valid {
+                    subjects
+                } else {
+                    Selector::all()
+                },
+                ingress: ingress.then(Vec::new),
+                egress: egress.then(Vec::new),
+            },
+        }));
     }
     Ok(ValidPolicy {
         key: key.clone(),

@@ -99,10 +99,25 @@ struct TRule {
     explicit_empty: bool,
 }
 
+/// How a generated policy is made invalid (the API server would refuse it; standalone manifests
+/// can carry it). A rejected policy allows nothing but keeps isolating what it selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Invalid {
+    /// `metadata.name: UPPER_case!`.
+    Name,
+    /// A podSelector expression with an unknown operator: every pod of the namespace.
+    Selector,
+    /// `policyTypes` with an unknown type: both directions.
+    Types,
+    /// An ingress rule with a CIDR that does not parse.
+    Cidr,
+}
+
 #[derive(Clone, Debug)]
 struct TPolicy {
     ns: String,
     name: String,
+    invalid: Option<Invalid>,
     sel: TSel,
     types: Option<Vec<&'static str>>,
     ingress: Option<Vec<TRule>>,
@@ -178,6 +193,36 @@ fn selector(rng: &mut Rng) -> TSel {
 }
 
 fn rule(rng: &mut Rng) -> TRule {
+    if rng.chance(12) {
+        // The shape of issue 11: a named port (and maybe a protocol-only entry) to an ipBlock
+        // that holds pods.
+        let (cidr, excepts) = BLOCKS[*rng.pick(&[0, 1, 2, 4, 6, 8])];
+        let except = excepts
+            .iter()
+            .filter(|_| rng.chance(40))
+            .map(|e| (*e).to_owned())
+            .collect();
+        let mut ports = vec![TPort {
+            proto: *rng.pick(&[None, Some("TCP"), Some("UDP")]),
+            port: Some(TPortV::Name((*rng.pick(PORT_NAMES)).to_owned())),
+            end: None,
+        }];
+        if rng.chance(50) {
+            ports.push(TPort {
+                proto: Some("UDP"),
+                port: None,
+                end: None,
+            });
+        }
+        return TRule {
+            peers: vec![TPeer::Block {
+                cidr: cidr.to_owned(),
+                except,
+            }],
+            ports,
+            explicit_empty: false,
+        };
+    }
     let mut peers = Vec::new();
     if !rng.chance(25) {
         for _ in 0..1 + rng.below(2) {
@@ -290,15 +335,32 @@ fn cluster(seed: u64) -> TCluster {
         .collect();
     let policies: Vec<TPolicy> = (0..rng.below(5))
         .map(|i| {
-            let types = match rng.below(5) {
+            let types = match rng.below(6) {
                 0 => Some(vec!["Ingress"]),
                 1 => Some(vec!["Egress"]),
                 2 => Some(vec!["Ingress", "Egress"]),
+                // Defaulted like an absent list.
+                3 => Some(vec![]),
                 _ => None,
+            };
+            let invalid = if rng.chance(12) {
+                Some(*rng.pick(&[
+                    Invalid::Name,
+                    Invalid::Selector,
+                    Invalid::Types,
+                    Invalid::Cidr,
+                ]))
+            } else {
+                None
             };
             TPolicy {
                 ns: namespaces[rng.below(namespaces.len())].name.clone(),
-                name: format!("pol{i}"),
+                name: if invalid == Some(Invalid::Name) {
+                    format!("UPPER_case{i}!")
+                } else {
+                    format!("pol{i}")
+                },
+                invalid,
                 sel: selector(&mut rng),
                 types,
                 ingress: rules(&mut rng),
@@ -427,12 +489,33 @@ fn to_input(c: &TCluster) -> CompileInput {
     }
     for p in &c.policies {
         let mut spec = serde_json::Map::new();
-        spec.insert("podSelector".into(), sel_json(&p.sel));
-        if let Some(t) = &p.types {
-            spec.insert("policyTypes".into(), json!(t));
+        let mut sel = sel_json(&p.sel);
+        if p.invalid == Some(Invalid::Selector) {
+            sel["matchExpressions"]
+                .as_array_mut()
+                .expect("expressions")
+                .push(json!({"key": "app", "operator": "Near", "values": ["a"]}));
         }
-        if let Some(r) = &p.ingress {
-            let r: Vec<Value> = r.iter().map(|r| rule_json(r, "from")).collect();
+        spec.insert("podSelector".into(), sel);
+        if let Some(t) = &p.types {
+            let mut t: Vec<&str> = t.clone();
+            if p.invalid == Some(Invalid::Types) {
+                t.push("Sideways");
+            }
+            spec.insert("policyTypes".into(), json!(t));
+        } else if p.invalid == Some(Invalid::Types) {
+            spec.insert("policyTypes".into(), json!(["Sideways"]));
+        }
+        let mut ingress: Option<Vec<Value>> = p
+            .ingress
+            .as_ref()
+            .map(|r| r.iter().map(|r| rule_json(r, "from")).collect());
+        if p.invalid == Some(Invalid::Cidr) {
+            ingress
+                .get_or_insert_with(Vec::new)
+                .push(json!({"from": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}));
+        }
+        if let Some(r) = ingress {
             spec.insert("ingress".into(), Value::Array(r));
         }
         if let Some(r) = &p.egress {
@@ -488,23 +571,27 @@ fn proto_num(p: Option<&str>) -> u8 {
     }
 }
 
-/// A policy the API server or our validation rejects is not enforced at all.
+/// Every policy the API server accepts is enforced; the generated invalid ones are rejected.
 fn policy_is_valid(p: &TPolicy) -> bool {
-    // An egress rule with a named port and an ipBlock peer is rejected by Weir (documented).
-    !p.egress.iter().flatten().any(|r| {
-        r.ports
-            .iter()
-            .any(|p| matches!(p.port, Some(TPortV::Name(_))))
-            && r.peers.iter().any(|p| matches!(p, TPeer::Block { .. }))
-    })
+    p.invalid.is_none()
+}
+
+/// The pods a policy selects: by its podSelector, or every pod of its namespace when that is
+/// invalid (a rejected policy fails closed).
+fn policy_selects(p: &TPolicy, pod: &TPod) -> bool {
+    p.ns == pod.ns && (p.invalid == Some(Invalid::Selector) || sel_matches(&p.sel, &pod.labels))
 }
 
 fn policy_types(p: &TPolicy) -> (bool, bool) {
+    if p.invalid == Some(Invalid::Types) {
+        // Unknown policy types: both directions stay isolated.
+        return (true, true);
+    }
     match &p.types {
-        Some(t) => (t.contains(&"Ingress"), t.contains(&"Egress")),
+        Some(t) if !t.is_empty() => (t.contains(&"Ingress"), t.contains(&"Egress")),
         // "If no policyTypes are specified on a NetworkPolicy then by default Ingress will
         // always be set and Egress will be set if the NetworkPolicy has any egress rules."
-        None => (true, p.egress.as_ref().is_some_and(|e| !e.is_empty())),
+        _ => (true, p.egress.as_ref().is_some_and(|e| !e.is_empty())),
     }
 }
 
@@ -574,8 +661,7 @@ fn direction_allows(
     let selecting: Vec<&TPolicy> = c
         .policies
         .iter()
-        .filter(|p| policy_is_valid(p))
-        .filter(|p| p.ns == pod.ns && sel_matches(&p.sel, &pod.labels))
+        .filter(|p| policy_selects(p, pod))
         .filter(|p| {
             let (i, e) = policy_types(p);
             if ingress { i } else { e }
@@ -590,7 +676,8 @@ fn direction_allows(
     if ingress && pod.local && from_local_node {
         return true;
     }
-    selecting.iter().any(|p| {
+    // A rejected policy isolates but allows nothing.
+    selecting.iter().filter(|p| policy_is_valid(p)).any(|p| {
         let rules = if ingress { &p.ingress } else { &p.egress };
         rules.iter().flatten().any(|r| {
             (r.peers.is_empty() || r.peers.iter().any(|peer| peer_matches(c, p, peer, other)))
@@ -730,8 +817,41 @@ proptest! {
 #[test]
 fn random_clusters_cover_denials_and_allows() {
     let (mut allows, mut denies) = (0, 0);
+    let (mut named_blocks, mut rejected) = (0, 0);
     for seed in 0..300 {
         let c = cluster(seed);
+        rejected += c.policies.iter().filter(|p| !policy_is_valid(p)).count();
+        // Egress rules with a named port and an ipBlock that holds a pod with that port name.
+        named_blocks += c
+            .policies
+            .iter()
+            .flat_map(|p| p.egress.iter().flatten())
+            .filter(|r| {
+                r.ports.iter().any(|port| {
+                    let Some(TPortV::Name(name)) = &port.port else {
+                        return false;
+                    };
+                    c.pods.iter().any(|pod| {
+                        !pod.host_network
+                            && pod.ports.iter().any(|(n, ..)| n == name)
+                            && r.peers.iter().any(|peer| {
+                                matches!(peer, TPeer::Block { .. })
+                                    && pod.addrs.iter().any(|a| {
+                                        peer_matches(
+                                            &c,
+                                            &c.policies[0],
+                                            peer,
+                                            End {
+                                                addr: *a,
+                                                pod: Some(pod),
+                                            },
+                                        )
+                                    })
+                            })
+                    })
+                })
+            })
+            .count();
         let pods: Vec<&TPod> = c.pods.iter().filter(|p| !p.host_network).collect();
         for s in &pods {
             for d in &pods {
@@ -755,6 +875,10 @@ fn random_clusters_cover_denials_and_allows() {
     assert!(
         allows > 100 && denies > 100,
         "allows {allows} denies {denies}"
+    );
+    assert!(
+        named_blocks > 10 && rejected > 20,
+        "named-port ipBlock rules {named_blocks}, rejected policies {rejected}"
     );
 }
 

@@ -667,3 +667,163 @@ spec: {{podSelector: {{}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{ap
         80
     ));
 }
+
+/// A named port with an ipBlock peer (egress): the destination must be in the block (minus its
+/// excepts) and a pod whose named port resolves to the packet's port; non-pod addresses never
+/// match. Numeric rules with blocks still see the pods' addresses as before.
+#[test]
+fn named_port_with_ip_block_is_exact() {
+    let pod_with_http = |name: &str, port: u16, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: web}}}}\nspec: {{nodeName: n2, containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\nstatus: {{podIPs: [{{ip: '{ip}'}}]}}\n---\n"
+        )
+    };
+    let text = format!(
+        "{}{}{}{}{}{}{}{NP}metadata: {{name: out, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{app: a}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 10.1.0.0/16, except: [10.1.0.2/32]}}}}]
+    ports: [{{protocol: UDP}}, {{port: http}}]
+---
+{NP}metadata: {{name: in, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{app: a}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.1.0.0/24}}}}], ports: [{{port: 80}}]}}]
+",
+        ns("x", ""),
+        pod("x", "a", "app: a", "n1", "10.1.0.1"),
+        pod_with_http("b", 8080, "10.1.0.2"),
+        pod_with_http("c", 9090, "10.1.0.3"),
+        // d and e have the same identity (labels and ports); only e is inside the block.
+        pod_with_http("d", 8080, "10.2.0.4"),
+        pod_with_http("e", 8080, "10.1.0.5"),
+        pod_with_http("f", 8080, "fd00::5"),
+    );
+    let mut state = state_from_yaml(&text);
+    let c = compile_local(&state, &[("x", "a", &["10.1.0.1"])]);
+    assert!(c.rejections.is_empty(), "{:?}", c.rejections);
+    let a = "10.1.0.1";
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.0.3", PROTO_TCP, 9090));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.3", PROTO_TCP, 8080));
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.0.5", PROTO_TCP, 8080));
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.0.5", PROTO_UDP, 53));
+    // Excepted, outside the block, another family: no.
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.2", PROTO_TCP, 8080));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.2", PROTO_UDP, 53));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.2.0.4", PROTO_TCP, 8080));
+    // A non-pod address in the block has no named ports; the protocol-only entry matches it.
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.200", PROTO_TCP, 8080));
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.0.200", PROTO_UDP, 53));
+    // The numeric ipBlock rule still matches pod addresses and others.
+    assert!(allow(&c, DIR_INGRESS, a, "10.1.0.5", PROTO_TCP, 80));
+    assert!(allow(&c, DIR_INGRESS, a, "10.1.0.200", PROTO_TCP, 80));
+    assert!(!allow(&c, DIR_INGRESS, a, "10.1.0.5", PROTO_TCP, 81));
+    // Exact prefixes for the pods inside the block that have the port (a itself too), besides
+    // the except; none for d (outside) or the non-pod address.
+    let exact: Vec<String> = c
+        .cidr_identities
+        .keys()
+        .filter(|p| p.prefix_len() == 32)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        exact,
+        vec!["10.1.0.1/32", "10.1.0.2/32", "10.1.0.3/32", "10.1.0.5/32"]
+    );
+
+    // Pod churn: e leaves, c's port changes; the next compile follows.
+    state.remove(&ObjectRef::Pod(ObjectKey::new("x", "e")));
+    state.apply(common::object(&pod_with_http("c", 7070, "10.1.0.3")));
+    let c = compile_local(&state, &[("x", "a", &["10.1.0.1"])]);
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.5", PROTO_TCP, 8080));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.0.3", PROTO_TCP, 9090));
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.0.3", PROTO_TCP, 7070));
+}
+
+/// The example of issue 11, compiled: accepted, and every rule enforced.
+#[test]
+fn issue_11_example_is_enforced() {
+    let text = format!(
+        "{}{}{}{}{}{NP}metadata: {{name: mixed, namespace: x}}
+spec:
+  podSelector: {{}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {{matchLabels: {{pod: b}}}}
+    - ipBlock: {{cidr: 10.1.0.0/16, except: [10.1.2.0/24, 10.1.3.0/24]}}
+  egress:
+  - ports: [{{protocol: TCP}}, {{port: http}}]
+    to: [{{ipBlock: {{cidr: 10.1.0.0/16}}}}]
+",
+        ns("x", ""),
+        ns("y", ""),
+        pod("x", "a", "pod: a", "n1", "10.1.1.1"),
+        pod("x", "b", "pod: b", "n2", "10.1.2.2"),
+        pod("y", "c", "pod: c", "n2", "10.1.3.3"),
+    );
+    let c = compile_local(&state_from_yaml(&text), &[("x", "a", &["10.1.1.1"])]);
+    assert!(c.rejections.is_empty(), "{:?}", c.rejections);
+    let a = "10.1.1.1";
+    // Ingress: from b (a pod of x, although in an except), not from c (y, in an except).
+    assert!(allow(&c, DIR_INGRESS, a, "10.1.2.2", PROTO_TCP, 80));
+    assert!(!allow(&c, DIR_INGRESS, a, "10.1.3.3", PROTO_TCP, 80));
+    assert!(allow(&c, DIR_INGRESS, a, "10.1.4.4", PROTO_UDP, 53));
+    assert!(!allow(&c, DIR_INGRESS, a, "10.2.0.1", PROTO_TCP, 80));
+    // Egress: any TCP into the block; UDP only to the `http` port of pods (none is UDP).
+    assert!(allow(&c, DIR_EGRESS, a, "10.1.3.3", PROTO_TCP, 1234));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.1.3.3", PROTO_UDP, 8080));
+    assert!(!allow(&c, DIR_EGRESS, a, "10.2.0.1", PROTO_TCP, 80));
+}
+
+/// A Namespace whose manifest is rejected (a bad label) is matched by no namespaceSelector, so
+/// its pods do not fall into a `NotIn` their real labels keep them out of.
+#[test]
+fn a_rejected_namespace_matches_no_namespace_selector() {
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: prod, labels: {{env: prod, 'bad key!': x}}}}\n---\n{}{}{}{NP}metadata: {{name: p, namespace: default}}
+spec:
+  podSelector: {{}}
+  ingress: [{{from: [{{namespaceSelector: {{matchExpressions: [{{key: env, operator: NotIn, values: [prod]}}]}}}}]}}]
+",
+        ns("default", ""),
+        pod("default", "a", "app: a", "n1", "10.1.0.1"),
+        pod("prod", "p", "app: p", "n2", "10.1.0.2"),
+    );
+    let mut state = ClusterState::default();
+    let mut errors = 0;
+    for o in weir_policy::model::parse_documents(&text, "t.yaml") {
+        match o {
+            Ok(o) => state.apply(o),
+            Err(e) => {
+                assert!(e.to_string().contains("bad key!"), "{e}");
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(errors, 1);
+    assert!(state.namespaces["prod"].rejected.is_some());
+    assert!(!state.namespaces["prod"].metadata.labels.contains_key("env"));
+    let c = compile_local(&state, &[("default", "a", &["10.1.0.1"])]);
+    assert!(!allow(
+        &c,
+        DIR_INGRESS,
+        "10.1.0.1",
+        "10.1.0.2",
+        PROTO_TCP,
+        80
+    ));
+    // Without a Namespace object at all, prod would have matched (it has no env label).
+    state.remove(&ObjectRef::Namespace("prod".into()));
+    let c = compile_local(&state, &[("default", "a", &["10.1.0.1"])]);
+    assert!(allow(
+        &c,
+        DIR_INGRESS,
+        "10.1.0.1",
+        "10.1.0.2",
+        PROTO_TCP,
+        80
+    ));
+}

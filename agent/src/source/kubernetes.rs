@@ -640,7 +640,7 @@ async fn write_event(
         },
         reason: Some("PolicyRejected".to_owned()),
         message: Some(format!(
-            "{}: {}; Weir does not enforce this policy (every other policy is still enforced)",
+            "{}: {}; Weir enforces none of this policy's rules: the pods it selects stay isolated in its directions, with nothing allowed by it (every other policy is still enforced)",
             r.field, r.reason
         )),
         type_: Some("Warning".to_owned()),

@@ -6,7 +6,7 @@ mod parse;
 use std::collections::BTreeMap;
 
 pub use objects::*;
-pub use parse::{ParseError, parse_documents};
+pub use parse::{InvalidObject, MAX_FILE_BYTES, MAX_OBJECT_BYTES, ParseError, parse_documents};
 
 /// Namespace and name of a namespaced object.
 #[derive(
@@ -134,6 +134,14 @@ impl ClusterState {
             ObjectRef::NetworkPolicy(k) => self.policies.remove(k).is_some(),
             ObjectRef::Node(n) => self.nodes.remove(n).is_some(),
         }
+    }
+
+    /// Whether `namespaceSelector`s may match the namespace: not when its Namespace object
+    /// was rejected (its real labels are unknown, so it matches none, fail closed).
+    pub fn namespace_selectable(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .is_none_or(|n| n.rejected.is_none())
     }
 
     /// Labels of a namespace. A namespace without a Namespace object (yet) still carries the

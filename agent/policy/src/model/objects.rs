@@ -26,6 +26,11 @@ pub struct ObjectMeta {
 pub struct Namespace {
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// Set when the manifest was rejected (bad labels, too large) but its name is valid: the
+    /// namespace is then matched by no `namespaceSelector`, so that its pods never match a
+    /// selector that its real labels would have kept them out of. The labels are not kept.
+    #[serde(skip)]
+    pub rejected: Option<String>,
 }
 
 /// `v1/Pod`.
@@ -132,6 +137,20 @@ pub struct NetworkPolicy {
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "null_default")]
     pub spec: NetworkPolicySpec,
+    /// What the parser could not read (wrong apiVersion, a field of the wrong shape, too
+    /// large). Such a policy keeps only what fails closed: its `podSelector` (empty, i.e. every
+    /// pod of its namespace, when that could not be read) and its `policyTypes` (both when they
+    /// could not be read); validation rejects it with these problems.
+    #[serde(skip)]
+    pub problems: Vec<Problem>,
+}
+
+/// A field the parser could not read, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// JSON path of the field, e.g. `spec.ingress`.
+    pub field: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,10 +267,10 @@ impl Namespace {
 }
 
 impl NetworkPolicy {
-    /// Defaulting as the API server does it: `policyTypes` absent → `Ingress`, plus `Egress`
-    /// when there are egress rules. (Protocols default to TCP on read.)
+    /// Defaulting as the API server does it: `policyTypes` absent or empty → `Ingress`, plus
+    /// `Egress` when there are egress rules. (Protocols default to TCP on read.)
     pub fn apply_defaults(&mut self) {
-        if self.spec.policy_types.is_none() {
+        if self.spec.policy_types.as_ref().is_none_or(Vec::is_empty) {
             let mut types = vec!["Ingress".to_owned()];
             if self.spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
                 types.push("Egress".to_owned());
