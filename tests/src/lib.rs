@@ -8,3 +8,4 @@ pub mod cpu;
 pub mod kube_server;
 pub mod netns;
 pub mod packet;
+pub mod ping;
