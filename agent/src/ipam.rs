@@ -37,6 +37,15 @@ pub enum IpamError {
     DuplicateFamily { first: IpNet, second: IpNet },
     #[error("pod CIDR {cidr} is exhausted: all {capacity} usable addresses are allocated")]
     Exhausted { cidr: IpNet, capacity: u128 },
+    #[error(
+        "attachment {container_id}/{ifname} already holds {addresses:?} on {host_ifname}; it needs a release (CNI DEL) before it is allocated again"
+    )]
+    AlreadyAllocated {
+        container_id: String,
+        ifname: String,
+        addresses: Vec<IpAddr>,
+        host_ifname: String,
+    },
     #[error("creating the IPAM state directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -85,6 +94,21 @@ struct State {
     /// released address is not handed out again at once.
     cursors: BTreeMap<String, u128>,
     allocations: Vec<Allocation>,
+}
+
+/// How full one pod CIDR is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub cidr: IpNet,
+    /// Usable addresses (network and broadcast excluded, see [`Pool::new`]).
+    pub usable: u128,
+    pub allocated: u128,
+}
+
+impl PoolUsage {
+    pub fn exhausted(&self) -> bool {
+        self.allocated >= self.usable
+    }
 }
 
 /// One pod CIDR and its usable range `[first, first + capacity)` as offsets from the network.
@@ -206,8 +230,30 @@ impl Ipam {
         self.store.lock().map_err(|_| IpamError::Poisoned)
     }
 
+    /// How full each pod CIDR is (allocations from CIDRs no longer configured are not counted).
+    pub fn usage(&self) -> Result<Vec<PoolUsage>, IpamError> {
+        let store = self.lock()?;
+        let addresses: Vec<IpAddr> = store
+            .state
+            .allocations
+            .iter()
+            .flat_map(|a| a.addresses.iter().copied())
+            .collect();
+        Ok(self
+            .pools
+            .iter()
+            .map(|pool| PoolUsage {
+                cidr: pool.cidr,
+                usable: pool.capacity,
+                allocated: addresses.iter().filter(|a| pool.cidr.contains(*a)).count() as u128,
+            })
+            .collect())
+    }
+
     /// Reserves one address per pool for the attachment and saves the reservation before
-    /// returning it. Idempotent: an attachment that already has addresses gets the same ones.
+    /// returning it. An attachment that already has addresses keeps them and gets
+    /// [`IpamError::AlreadyAllocated`]: a second CNI ADD without a DEL must fail without touching
+    /// the first.
     pub fn allocate(
         &self,
         container_id: &str,
@@ -222,7 +268,12 @@ impl Ipam {
             .iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
         {
-            return Ok(existing.clone());
+            return Err(IpamError::AlreadyAllocated {
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
+                addresses: existing.addresses.clone(),
+                host_ifname: existing.host_ifname.clone(),
+            });
         }
         let cursors = state.cursors.clone();
         let allocation = self.pick(state, container_id, ifname, pod, host_ifname)?;
@@ -388,10 +439,18 @@ mod tests {
             err.to_string(),
             "pod CIDR 10.0.0.0/30 is exhausted: all 2 usable addresses are allocated"
         );
-        // Idempotent.
-        assert_eq!(ipam.allocate("c1", "eth0", &pod("a"), "h1").unwrap(), a);
+        // A second allocation of the same attachment fails and keeps the first.
+        assert!(matches!(
+            ipam.allocate("c1", "eth0", &pod("a"), "h1").unwrap_err(),
+            IpamError::AlreadyAllocated { addresses, .. } if addresses == a.addresses
+        ));
+        assert_eq!(ipam.get("c1", "eth0").unwrap().unwrap(), a);
+        let usage = ipam.usage().unwrap();
+        assert_eq!((usage[0].usable, usage[0].allocated), (2, 2));
+        assert!(usage[0].exhausted());
         ipam.release("c1", "eth0").unwrap().unwrap();
         assert!(ipam.release("c1", "eth0").unwrap().is_none());
+        assert!(!ipam.usage().unwrap()[0].exhausted());
         let c = ipam.allocate("c3", "eth0", &pod("c"), "h3").unwrap();
         assert_eq!(c.addresses, a.addresses);
         fs::remove_dir_all(&dir).unwrap();

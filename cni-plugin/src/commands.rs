@@ -15,6 +15,7 @@ use weir_proto::{
         ActivateEndpointRequest, AllocateEndpointRequest, Attachment, CheckEndpointRequest,
         GarbageCollectRequest, PodRef, ReleaseEndpointRequest, StatusRequest,
     },
+    gateway::pod_gateway,
     naming,
 };
 
@@ -22,7 +23,7 @@ use crate::{
     agent::{self, Client, request},
     config::{Env, NetConf},
     error::PluginError,
-    netlink::{self, GATEWAY_V4, GATEWAY_V6},
+    netlink,
     result::{self, Wired},
 };
 
@@ -72,8 +73,7 @@ fn parse_ip(address: &str, gateway: &str) -> Result<(IpAddr, u8, IpAddr), Plugin
         .parse()
         .map_err(|_| bad(&format!("a malformed prefix in {address:?}")))?;
     let gateway: IpAddr = match gateway {
-        "" if addr.is_ipv4() => GATEWAY_V4.into(),
-        "" => GATEWAY_V6.into(),
+        "" => pod_gateway(&addr),
         g => g
             .parse()
             .map_err(|_| bad(&format!("a malformed gateway {g:?}")))?,
@@ -106,6 +106,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
         let handle = netlink::connect()?;
         let wait = conf.pod_wait();
         // The agent's allocation and the veth pair (its name is deterministic) at the same time.
+        // The agent refuses an attachment it already holds, and the kernel refuses a veth whose
+        // name exists on either side, so a second ADD of a live attachment changes nothing.
         let allocation = async {
             // Allocation waits for the Pod; activation gets the usual limit after it.
             let limit = wait + ACTIVATE_TIMEOUT + agent::CALL_LIMIT;
@@ -121,24 +123,26 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
                     wait + RPC_TIMEOUT,
                 ))
                 .await
-                .map_err(|s| PluginError::from_status("AllocateEndpoint", s))?
+                .map_err(|s| match s.code() {
+                    tonic::Code::AlreadyExists => already_exists(env, s.message().to_owned()),
+                    _ => PluginError::from_status("AllocateEndpoint", s),
+                })?
                 .into_inner();
             crate::log::mark("allocate");
             Ok::<_, PluginError>((client, reply))
         };
         let veth = async {
-            // A veth of this name is left over from an ADD that died: it is ours, replace it.
-            netlink::delete_link(&handle, &host_ifname).await?;
             let link =
                 netlink::create_veth(&handle, &host_ifname, &env.ifname, &netns, conf.mtu())
-                    .await?;
+                    .await;
             crate::log::mark("veth");
-            Ok::<_, PluginError>(link)
+            link
         };
         let (allocation, veth) = tokio::join!(allocation, veth);
         let (mut client, allocated) = match allocation {
             Ok(a) => a,
             Err(e) => {
+                // Only a veth this ADD created goes; a failed creation touched nothing.
                 if veth.is_ok() {
                     let _ = netlink::delete_link(&handle, &host_ifname).await;
                 }
@@ -146,7 +150,13 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
             }
         };
         let outcome = async {
-            let host = veth?;
+            let host = match veth {
+                Ok(host) => host,
+                Err(e) if e.errno() == Some(libc::EEXIST) => {
+                    replace_leftover_veth(conf, env, &handle, &netns, &host_ifname).await?
+                }
+                Err(e) => return Err(e),
+            };
             if allocated.host_ifname != host_ifname {
                 return Err(PluginError::AgentFailed {
                     rpc: "AllocateEndpoint",
@@ -167,13 +177,16 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
         .await;
         match outcome {
             Ok(wired) => Ok(result::build(
-                &conf.cni_version,
+                conf.cni_version(),
                 &wired,
                 conf.prev_result.as_ref(),
             )),
             Err(e) => {
-                // Undo: no veth, no address left behind by a failed ADD.
-                let _ = netlink::delete_link(&handle, &host_ifname).await;
+                // Undo: the allocation is this ADD's own (the agent refuses a second one), and
+                // so is a veth of this name unless the pod's interface was already there.
+                if !matches!(e, PluginError::AlreadyExists { .. }) {
+                    let _ = netlink::delete_link(&handle, &host_ifname).await;
+                }
                 let _ = client
                     .release_endpoint(request(
                         ReleaseEndpointRequest {
@@ -186,6 +199,40 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
             }
         }
     })
+}
+
+fn already_exists(env: &Env, what: String) -> PluginError {
+    PluginError::AlreadyExists {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        what,
+    }
+}
+
+/// The veth could not be created because a name is taken. An interface of the pod's name in the
+/// pod is an error (SPEC 1.1: "If an interface of the requested name already exists in the
+/// container, the CNI plugin MUST return with an error"). Otherwise the host veth is a leftover:
+/// the agent held no allocation for this attachment, so it belongs to no live attachment (an
+/// ADD killed before it registered, whose pod went elsewhere); it is replaced.
+async fn replace_leftover_veth(
+    conf: &NetConf,
+    env: &Env,
+    handle: &rtnetlink::Handle,
+    netns: &OwnedFd,
+    host_ifname: &str,
+) -> Result<netlink::Link, PluginError> {
+    let in_pod = netlink::connect_in(netns.as_fd())?;
+    if netlink::link_by_name(&in_pod, &env.ifname).await?.is_some() {
+        return Err(already_exists(
+            env,
+            format!(
+                "an interface named {} already exists in the container's network namespace {}",
+                env.ifname, env.netns
+            ),
+        ));
+    }
+    netlink::delete_link(handle, host_ifname).await?;
+    netlink::create_veth(handle, host_ifname, &env.ifname, netns, conf.mtu()).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -221,6 +268,7 @@ async fn wire(
         netlink::set_veth_up(&in_pod, link.index, pod_ifname).await?;
         let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
         gateways.dedup();
+        let mut priorities = Vec::new();
         for gw in gateways {
             // The gateway is the host veth: no ARP/NDP, no proxy ARP needed.
             netlink::add_neighbour(&in_pod, link.index, gw, &host.mac, pod_ifname).await?;
@@ -229,10 +277,21 @@ async fn wire(
             } else {
                 std::net::Ipv6Addr::UNSPECIFIED.into()
             };
-            netlink::add_route(&in_pod, link.index, default, 0, Some(gw), pod_ifname).await?;
+            let priority = default_route_priority(&in_pod, gw.is_ipv6(), link.index).await?;
+            netlink::add_route(
+                &in_pod,
+                link.index,
+                default,
+                0,
+                Some(gw),
+                priority,
+                pod_ifname,
+            )
+            .await?;
+            priorities.push((gw.is_ipv6(), priority));
         }
         crate::log::mark("pod");
-        Ok::<_, PluginError>(link)
+        Ok::<_, PluginError>((link, priorities))
     };
 
     // Enforcement into the datapath before the host side comes up, so the pod's first packet
@@ -253,17 +312,19 @@ async fn wire(
         crate::log::mark("activate");
         Ok::<_, PluginError>(())
     };
-    let (pod_link, activated) = tokio::join!(pod_side, activate);
+    let (pod_side, activated) = tokio::join!(pod_side, activate);
     activated?;
-    let pod_link = pod_link?;
+    let (pod_link, priorities) = pod_side?;
 
     netlink::set_veth_up(handle, host.index, host_ifname).await?;
-    if ips.iter().any(|(a, _, _)| a.is_ipv6()) {
-        netlink::add_address(handle, host.index, GATEWAY_V6.into(), 64, host_ifname).await?;
+    let mut gateways: Vec<IpAddr> = ips.iter().map(|(_, _, g)| *g).collect();
+    gateways.dedup();
+    for gw in gateways {
+        netlink::add_gateway_address(handle, host.index, gw, host_ifname).await?;
     }
     for (addr, _, _) in ips {
         let full = if addr.is_ipv4() { 32 } else { 128 };
-        netlink::add_route(handle, host.index, *addr, full, None, host_ifname).await?;
+        netlink::add_route(handle, host.index, *addr, full, None, None, host_ifname).await?;
         netlink::add_neighbour(handle, host.index, *addr, &pod_link.mac, host_ifname).await?;
     }
     crate::log::mark("host");
@@ -275,7 +336,25 @@ async fn wire(
         netns: env.netns.clone(),
         mtu: host.mtu,
         ips: ips.to_vec(),
+        default_route_priorities: priorities,
     })
+}
+
+/// The metric for this interface's default route of one family: the kernel's default when the
+/// pod has none, else one above every other interface's, so that a second interface (eth1)
+/// never takes the default route from the first and its DEL removes only its own.
+async fn default_route_priority(
+    in_pod: &rtnetlink::Handle,
+    v6: bool,
+    index: u32,
+) -> Result<Option<u32>, PluginError> {
+    let others = netlink::routes(in_pod, v6)
+        .await?
+        .into_iter()
+        .filter(|r| r.prefix == 0 && r.oif != Some(index))
+        .map(|r| r.metric())
+        .max();
+    Ok(others.map(|m| m.saturating_add(1)))
 }
 
 /// DEL: idempotent; the veth goes by its deterministic name even when the agent is down (the
@@ -426,7 +505,10 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), PluginError> {
     })
 }
 
-/// STATUS: success when the agent is reachable and ready to serve ADD.
+/// STATUS: success when the agent is reachable, ready to serve ADD, and every pod CIDR has a free
+/// address (SPEC 1.1: "if a plugin has a limited number of resources (e.g. IP addresses ...), it
+/// should return an error if those resources are exhausted and no new ADD requests can be
+/// serviced").
 pub fn status(conf: &NetConf) -> Result<(), PluginError> {
     let rt = runtime()?;
     rt.block_on(async {
@@ -442,12 +524,17 @@ pub fn status(conf: &NetConf) -> Result<(), PluginError> {
                 reason: format!("Status failed: {}", s.message()),
             })?
             .into_inner();
-        if reply.ready {
-            Ok(())
-        } else {
-            Err(PluginError::NotReady {
+        if !reply.ready {
+            return Err(PluginError::NotReady {
                 reason: reply.reason,
-            })
+            });
+        }
+        match reply.pod_cidrs.iter().find(|p| p.allocated >= p.usable) {
+            Some(full) => Err(PluginError::PoolExhausted {
+                cidr: full.cidr.clone(),
+                usable: full.usable,
+            }),
+            None => Ok(()),
         }
     })
 }

@@ -169,11 +169,20 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs, PluginError> {
     Ok(args)
 }
 
-/// The network configuration (one plugin entry of a conflist, as the runtime passes it).
+/// The network configuration (one plugin entry of a conflist, as the runtime passes it: SPEC 1.1
+/// section 3 has the runtime insert `cniVersion` and the network's `name` into it).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
-    pub cni_version: String,
+    /// Required; optional here only so that a missing one is reported as code 7, not 6.
+    #[serde(default)]
+    cni_version: Option<String>,
+    /// The network's name (required).
+    #[serde(default)]
+    name: Option<String>,
+    /// The plugin binary's name (required).
+    #[serde(default, rename = "type")]
+    plugin_type: Option<String>,
     #[serde(default)]
     pub agent_socket: Option<PathBuf>,
     #[serde(default)]
@@ -198,6 +207,11 @@ pub struct ValidAttachment {
 }
 
 impl NetConf {
+    /// The validated `cniVersion` ([`parse_netconf`] refuses a configuration without one).
+    pub fn cni_version(&self) -> &str {
+        self.cni_version.as_deref().unwrap_or(LATEST_VERSION)
+    }
+
     pub fn agent_socket(&self) -> PathBuf {
         self.agent_socket
             .clone()
@@ -219,7 +233,7 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, PluginError> {
         what: "the network configuration on stdin",
         source,
     })?;
-    check_version(&conf.cni_version)?;
+    check_required(&conf)?;
     if conf.ipam.is_some() {
         return Err(PluginError::UnsupportedField {
             field: "ipam".into(),
@@ -254,6 +268,51 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, PluginError> {
         });
     }
     Ok(conf)
+}
+
+/// The keys SPEC 1.1 requires of every request configuration, each refused with code 7 (invalid
+/// network config) when missing or malformed; a `cniVersion` this plugin does not speak is code 1.
+fn check_required(conf: &NetConf) -> Result<(), PluginError> {
+    let missing = |key: &str, what: &str| PluginError::InvalidConfig {
+        reason: format!("the required key {key:?} is missing or empty: {what}"),
+    };
+    let version = conf
+        .cni_version
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            missing(
+                "cniVersion",
+                "the CNI version the runtime speaks, e.g. \"1.1.0\"",
+            )
+        })?;
+    let name = conf
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| missing("name", "the network's name, from the conflist"))?;
+    // SPEC 1.1 section 1: an alphanumeric character, then alphanumerics, '_', '.' or '-'.
+    let mut chars = name.chars();
+    let valid_name = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !valid_name {
+        return Err(PluginError::InvalidConfig {
+            reason: format!(
+                "name {name:?} must start with a letter or digit, followed by letters, digits, '_', '.' or '-'"
+            ),
+        });
+    }
+    let plugin_type = conf
+        .plugin_type
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| missing("type", "the plugin's binary name, \"weir-cni\""))?;
+    if plugin_type.contains(['/', '\\']) {
+        return Err(PluginError::InvalidConfig {
+            reason: format!("type {plugin_type:?} must not contain '/' or '\\'"),
+        });
+    }
+    check_version(version)
 }
 
 pub fn check_version(version: &str) -> Result<(), PluginError> {
@@ -291,17 +350,48 @@ mod tests {
         assert_eq!(conf.agent_socket(), PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(conf.mtu(), 1500);
         assert_eq!(conf.pod_wait(), Duration::from_secs(10));
-        let code = |s: &str| parse_netconf(s.as_bytes()).unwrap_err().code();
-        assert_eq!(code(r#"{"cniVersion":"0.3.1"}"#), 1);
-        assert_eq!(
-            code(r#"{"cniVersion":"1.1.0","ipam":{"type":"host-local"}}"#),
-            2
-        );
-        assert_eq!(code("{"), 6);
-        assert_eq!(code(r#"{"cniVersion":"1.1.0","mtu":20}"#), 7);
-        assert_eq!(code(r#"{"cniVersion":"1.1.0","prevResult":[]}"#), 7);
+        assert_eq!(conf.cni_version(), "1.1.0");
+        // Each case: the valid base with `extra` merged in (a null removes the key).
+        let code = |extra: &str| {
+            let mut base: serde_json::Map<String, Value> =
+                serde_json::from_str(r#"{"cniVersion":"1.1.0","name":"weir","type":"weir-cni"}"#)
+                    .unwrap();
+            let extra: serde_json::Map<String, Value> = serde_json::from_str(extra).unwrap();
+            for (k, v) in extra {
+                if v.is_null() {
+                    base.remove(&k);
+                } else {
+                    base.insert(k, v);
+                }
+            }
+            parse_netconf(Value::Object(base).to_string().as_bytes()).map(|_| ())
+        };
+        let err = |extra: &str| code(extra).unwrap_err().code();
+        assert_eq!(err(r#"{"cniVersion":"0.3.1"}"#), 1);
+        assert_eq!(err(r#"{"ipam":{"type":"host-local"}}"#), 2);
+        assert_eq!(parse_netconf(b"{").unwrap_err().code(), 6);
+        assert_eq!(err(r#"{"name":7}"#), 6);
+        assert_eq!(err(r#"{"mtu":20}"#), 7);
+        assert_eq!(err(r#"{"prevResult":[]}"#), 7);
+        // The keys SPEC 1.1 requires: missing, empty or malformed → 7.
+        for bad in [
+            r#"{"name":null}"#,
+            r#"{"name":""}"#,
+            r#"{"name":"-weir"}"#,
+            r#"{"name":"we/ir"}"#,
+            r#"{"type":null}"#,
+            r#"{"type":""}"#,
+            r#"{"type":"../weir-cni"}"#,
+            r#"{"cniVersion":null}"#,
+            r#"{"cniVersion":""}"#,
+        ] {
+            assert_eq!(err(bad), 7, "{bad}");
+        }
+        let msg = code(r#"{"name":null}"#).unwrap_err().to_string();
+        assert!(msg.contains("\"name\""), "{msg}");
+        assert!(code(r#"{"name":"k8s-pod_network.v1"}"#).is_ok());
         let gc = parse_netconf(
-            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}]}"#,
+            br#"{"cniVersion":"1.1.0","name":"weir","type":"weir-cni","cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}]}"#,
         )
         .unwrap();
         assert_eq!(gc.valid_attachments.unwrap()[0].container_id, "c");

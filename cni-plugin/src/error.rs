@@ -40,6 +40,17 @@ pub enum PluginError {
     },
     #[error("invalid environment variable {var}: {reason}")]
     InvalidEnv { var: &'static str, reason: String },
+    /// SPEC 1.1 ADD: "If an interface of the requested name already exists in the container,
+    /// the CNI plugin MUST return with an error." Code 4: the variables naming the attachment
+    /// cannot be used.
+    #[error(
+        "CNI_CONTAINERID={container_id} CNI_IFNAME={ifname} cannot be added: {what}; the first attachment is left as it was (DEL it before adding it again, or use another CNI_IFNAME)"
+    )]
+    AlreadyExists {
+        container_id: String,
+        ifname: String,
+        what: String,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -79,6 +90,10 @@ pub enum PluginError {
     CheckFailed(String),
     #[error("the weir agent is not ready to serve ADD: {reason}")]
     NotReady { reason: String },
+    #[error(
+        "no address left for another pod: pod CIDR {cidr} has all {usable} usable addresses allocated; ADD is possible again once a pod is deleted"
+    )]
+    PoolExhausted { cidr: String, usable: u64 },
     #[error("the plugin panicked: {0}")]
     Panic(String),
 }
@@ -90,7 +105,7 @@ impl PluginError {
             PluginError::IncompatibleVersion { .. } => INCOMPATIBLE_VERSION,
             PluginError::UnsupportedField { .. } => UNSUPPORTED_FIELD,
             PluginError::UnknownContainer { .. } => UNKNOWN_CONTAINER,
-            PluginError::InvalidEnv { .. } => INVALID_ENV,
+            PluginError::InvalidEnv { .. } | PluginError::AlreadyExists { .. } => INVALID_ENV,
             PluginError::Io { .. } => IO,
             PluginError::Decode { .. } => DECODE,
             PluginError::InvalidConfig { .. } => INVALID_CONFIG,
@@ -99,7 +114,11 @@ impl PluginError {
             PluginError::Exhausted { .. } => ADDRESSES_EXHAUSTED,
             PluginError::Netlink { .. } => WIRING_FAILED,
             PluginError::CheckFailed(_) => CHECK_FAILED,
-            PluginError::NotReady { .. } => PLUGIN_NOT_AVAILABLE,
+            // Existing pods keep their wiring and enforcement in both cases, so 50, not 51
+            // ("existing containers ... may have limited connectivity").
+            PluginError::NotReady { .. } | PluginError::PoolExhausted { .. } => {
+                PLUGIN_NOT_AVAILABLE
+            }
             PluginError::Panic(_) => INTERNAL,
         }
     }
@@ -121,6 +140,14 @@ impl PluginError {
             | Code::Cancelled => PluginError::AgentBusy { rpc, message },
             Code::ResourceExhausted => PluginError::Exhausted { message },
             code => PluginError::AgentFailed { rpc, code, message },
+        }
+    }
+
+    /// The errno of a failed netlink request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            PluginError::Netlink { source, .. } => netlink_errno(source),
+            _ => None,
         }
     }
 

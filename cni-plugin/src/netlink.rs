@@ -9,7 +9,7 @@ use std::{
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
-    address::{AddressAttribute, AddressFlags},
+    address::{AddressAttribute, AddressFlags, AddressScope},
     link::{
         AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
         LinkFlags, LinkMessage,
@@ -19,9 +19,6 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::error::{PluginError, netlink_errno};
-
-pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// A link as CNI reports it.
 #[derive(Clone, Debug)]
@@ -194,6 +191,37 @@ pub async fn add_address(
         .map_err(|e| PluginError::netlink(format!("adding {addr}/{prefix} to {name}"), e))
 }
 
+/// Puts the pod's gateway on the host veth, so that the node itself answers it (ping, and
+/// anything else the node serves there; the pod's egress policy still applies to it).
+///
+/// IPv4: `169.254.1.1/32` with scope host. Every host veth carries it (the kernel keeps the
+/// local route while any of them does). Scope host keeps it out of source address selection:
+/// traffic the node starts towards a pod (kubelet's probes) keeps the node's own address, which
+/// policy knows as the host, and never comes from the gateway address. IPv6: `fe80::1/64`,
+/// link-local to each veth.
+pub async fn add_gateway_address(
+    handle: &Handle,
+    index: u32,
+    gateway: IpAddr,
+    name: &str,
+) -> Result<(), PluginError> {
+    let prefix = if gateway.is_ipv4() { 32 } else { 64 };
+    let mut req = handle.address().add(index, gateway, prefix).replace();
+    if gateway.is_ipv4() {
+        req.message_mut().header.scope = AddressScope::Host;
+    } else {
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    req.execute().await.map_err(|e| {
+        PluginError::netlink(
+            format!("adding the gateway {gateway}/{prefix} to {name}"),
+            e,
+        )
+    })
+}
+
 /// A permanent neighbour entry: `ip` is at `mac` on the link.
 pub async fn add_neighbour(
     handle: &Handle,
@@ -212,16 +240,21 @@ pub async fn add_neighbour(
         .map_err(|e| PluginError::netlink(format!("adding neighbour {ip} on {name}"), e))
 }
 
-/// A route to `dst/prefix` over the link (scope link), optionally via a gateway (on-link).
+/// A route to `dst/prefix` over the link (scope link), optionally via a gateway (on-link) and
+/// with a metric (`None`: the kernel's default, 0 for IPv4 and 1024 for IPv6).
 pub async fn add_route(
     handle: &Handle,
     index: u32,
     dst: IpAddr,
     prefix: u8,
     gateway: Option<IpAddr>,
+    priority: Option<u32>,
     name: &str,
 ) -> Result<(), PluginError> {
-    let msg = route_message(index, dst, prefix, gateway);
+    let mut msg = route_message(index, dst, prefix, gateway);
+    if let Some(p) = priority {
+        msg.attributes.push(RouteAttribute::Priority(p));
+    }
     handle
         .route()
         .add(msg)
@@ -230,7 +263,11 @@ pub async fn add_route(
         .await
         .map_err(|e| {
             let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-            PluginError::netlink(format!("adding route {dst}/{prefix}{via} dev {name}"), e)
+            let metric = priority.map(|p| format!(" metric {p}")).unwrap_or_default();
+            PluginError::netlink(
+                format!("adding route {dst}/{prefix}{via} dev {name}{metric}"),
+                e,
+            )
         })
 }
 
@@ -290,6 +327,15 @@ pub struct Route {
     pub prefix: u8,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
+    /// The metric; `None` when the kernel reports none (IPv4 metric 0).
+    pub priority: Option<u32>,
+}
+
+impl Route {
+    /// The metric as the kernel orders routes by it.
+    pub fn metric(&self) -> u32 {
+        self.priority.unwrap_or(0)
+    }
 }
 
 /// The main table's routes of one family.
@@ -316,6 +362,7 @@ pub async fn routes(handle: &Handle, v6: bool) -> Result<Vec<Route>, PluginError
             prefix: msg.header.destination_prefix_length,
             gateway: None,
             oif: None,
+            priority: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -326,6 +373,7 @@ pub async fn routes(handle: &Handle, v6: bool) -> Result<Vec<Route>, PluginError
                 }
                 RouteAttribute::Gateway(a) => route.gateway = route_ip(a),
                 RouteAttribute::Oif(i) => route.oif = Some(*i),
+                RouteAttribute::Priority(p) => route.priority = Some(*p),
                 _ => {}
             }
         }

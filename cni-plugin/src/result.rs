@@ -16,6 +16,18 @@ pub struct Wired {
     pub mtu: u32,
     /// Address with prefix, and its gateway.
     pub ips: Vec<(IpAddr, u8, IpAddr)>,
+    /// Per family (IPv6?), the metric the default route was given, when not the kernel's
+    /// default (another interface of the pod had a default route first).
+    pub default_route_priorities: Vec<(bool, Option<u32>)>,
+}
+
+impl Wired {
+    fn default_route_priority(&self, v6: bool) -> Option<u32> {
+        self.default_route_priorities
+            .iter()
+            .find(|(family, _)| *family == v6)
+            .and_then(|(_, p)| *p)
+    }
 }
 
 /// The result JSON for `cni_version`; a `prev` result (chaining) keeps all its content, and
@@ -62,7 +74,14 @@ pub fn build(cni_version: &str, wired: &Wired, prev: Option<&Value>) -> Value {
         }
         ips.push(ip);
         let default = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-        routes.push(json!({ "dst": default, "gw": gateway.to_string() }));
+        let mut route = json!({ "dst": default, "gw": gateway.to_string() });
+        // Route `priority` is new in 1.1.
+        if let Some(p) = wired.default_route_priority(addr.is_ipv6())
+            && cni_version == "1.1.0"
+        {
+            route["priority"] = json!(p);
+        }
+        routes.push(route);
     }
     let dns = prev
         .and_then(|p| p.get("dns"))
@@ -123,6 +142,7 @@ mod tests {
                 ),
                 ("fd00::5".parse().unwrap(), 128, "fe80::1".parse().unwrap()),
             ],
+            default_route_priorities: vec![(false, None), (true, None)],
         }
     }
 
@@ -143,6 +163,22 @@ mod tests {
             prev_addresses(&r, "eth0"),
             vec!["10.0.0.5/32".to_string(), "fd00::5/128".to_string()]
         );
+    }
+
+    #[test]
+    fn a_second_interfaces_route_metric_is_reported_in_1_1() {
+        let mut second = wired();
+        second.default_route_priorities = vec![(false, Some(1)), (true, Some(1025))];
+        let r = build("1.1.0", &second, None);
+        assert_eq!(
+            r["routes"],
+            json!([
+                {"dst": "0.0.0.0/0", "gw": "169.254.1.1", "priority": 1},
+                {"dst": "::/0", "gw": "fe80::1", "priority": 1025},
+            ])
+        );
+        let legacy = build("1.0.0", &second, None);
+        assert!(legacy["routes"][0].get("priority").is_none());
     }
 
     #[test]

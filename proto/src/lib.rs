@@ -1,5 +1,6 @@
 //! Generated protobuf and gRPC code for Weir's contracts, and the names both sides derive.
 
+pub mod gateway;
 pub mod naming;
 
 /// The agent's local API (unix socket): CNI plugin and CLI.

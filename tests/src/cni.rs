@@ -41,15 +41,35 @@ impl Plugin {
         }
     }
 
-    /// Runs `verb` for `pod`; returns the output and how long the plugin took.
+    /// Runs `verb` for `pod`'s eth0; returns the output and how long the plugin took.
     pub fn run(&self, verb: &str, pod: &PodRef<'_>) -> (Output, Duration) {
+        self.run_on(verb, pod, "eth0", None)
+    }
+
+    /// Runs `verb` for the pod interface `ifname`, with `prev_result` in the config when given
+    /// (CHECK and DEL after a chained ADD, as a runtime passes it).
+    pub fn run_on(
+        &self,
+        verb: &str,
+        pod: &PodRef<'_>,
+        ifname: &str,
+        prev_result: Option<&serde_json::Value>,
+    ) -> (Output, Duration) {
         let node = format!("/run/netns/{}", self.node_netns);
-        let config = self.config.clone();
+        let config = match prev_result {
+            None => self.config.clone(),
+            Some(prev) => {
+                let mut config: serde_json::Value =
+                    serde_json::from_str(&self.config).expect("the config is JSON");
+                config["prevResult"] = prev.clone();
+                config.to_string()
+            }
+        };
         let env = [
             ("CNI_COMMAND", verb.to_owned()),
             ("CNI_CONTAINERID", pod.container_id.to_owned()),
             ("CNI_NETNS", format!("/run/netns/{}", pod.netns)),
-            ("CNI_IFNAME", "eth0".to_owned()),
+            ("CNI_IFNAME", ifname.to_owned()),
             ("CNI_PATH", "/opt/cni/bin".to_owned()),
             (
                 "CNI_ARGS",

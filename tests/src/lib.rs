@@ -8,4 +8,5 @@ pub mod cpu;
 pub mod kube_server;
 pub mod netns;
 pub mod packet;
+pub mod ping;
 pub mod testrun;

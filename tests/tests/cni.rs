@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     io::Write as _,
+    net::IpAddr,
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -23,7 +24,13 @@ use weir_agent::{
 };
 use weir_policy::model::ObjectKey;
 use weir_proto::naming::{host_veth_name, is_host_veth_name};
-use weir_tests::{agent::bin, cpu::CpuTime, netns::Netns};
+use weir_tests::{
+    agent::{Agent, AgentDirs, bin},
+    cni::{Plugin, PodRef},
+    cpu::CpuTime,
+    netns::Netns,
+    ping::{ping, ping_until_answered},
+};
 
 // ---------------------------------------------------------------------------------------------
 // A recording backend.
@@ -329,13 +336,25 @@ impl Harness {
     }
 
     fn run_verb(&self, verb: &str, container: &str, pod: Option<&Netns>, conf: &Value) -> Out {
+        self.run_verb_on(verb, container, "eth0", pod, conf)
+    }
+
+    /// `run_verb` for the pod interface `ifname`.
+    fn run_verb_on(
+        &self,
+        verb: &str,
+        container: &str,
+        ifname: &str,
+        pod: Option<&Netns>,
+        conf: &Value,
+    ) -> Out {
         let netns = pod.map(Netns::path).unwrap_or_default();
         let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container};K8S_POD_INFRA_CONTAINER_ID={container};K8S_POD_UID=uid-{container}"
         );
         let mut env = vec![
             ("CNI_CONTAINERID", container),
-            ("CNI_IFNAME", "eth0"),
+            ("CNI_IFNAME", ifname),
             ("CNI_ARGS", args.as_str()),
         ];
         if !netns.is_empty() {
@@ -490,6 +509,11 @@ fn add_wires_the_pod_check_verifies_and_del_is_idempotent() {
     assert_eq!(host_link["mtu"], 1400);
     let host_routes = ip_json(&h.node, &["route", "show", pod_ip]);
     assert_eq!(host_routes[0]["dev"], host.as_str());
+    // The gateway is the node's, on the host veth, with scope host (never a source address).
+    let gateway = &ip_json(&h.node, &["-4", "addr", "show", "dev", &host])[0]["addr_info"];
+    assert_eq!(gateway[0]["local"], "169.254.1.1", "{gateway}");
+    assert_eq!(gateway[0]["prefixlen"], 32);
+    assert_eq!(gateway[0]["scope"], "host");
 
     // No IPv6 link-local address on either end (an IPv4 pod has no IPv6 address at all): none is
     // needed with permanent neighbours, and without one no duplicate address detection probe or
@@ -1099,4 +1123,432 @@ fn churn_with_killed_adds_leaves_nothing_after_gc() {
     assert!(h.host_veths().is_empty(), "{:?}", h.host_veths());
     assert!(h.backend.enforced.lock().unwrap().is_empty());
     drop(killed_sandboxes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SPEC 1.1 to the letter: a second ADD, a second interface, STATUS and the required keys.
+
+/// Everything ADD wired for one attachment, as `ip -j` prints it: the pod's interface, its
+/// addresses, routes and neighbours, and the host veth with its addresses and routes. Two
+/// snapshots are equal only if nothing was rebuilt (ifindexes and MACs included).
+fn wiring(h: &Harness, pod: &Netns, ifname: &str, host: &str) -> Vec<Value> {
+    vec![
+        ip_json(pod, &["addr", "show", "dev", ifname]),
+        ip_json(pod, &["-4", "route", "show"]),
+        ip_json(pod, &["-6", "route", "show"]),
+        ip_json(pod, &["neigh", "show", "dev", ifname]),
+        ip_json(&h.node, &["addr", "show", "dev", host]),
+        ip_json(&h.node, &["-4", "route", "show", "dev", host]),
+        ip_json(&h.node, &["-6", "route", "show", "dev", host]),
+        ip_json(&h.node, &["neigh", "show", "dev", host]),
+    ]
+}
+
+/// `(dev, metric)` of the pod's default routes of one family.
+fn default_routes(pod: &Netns, family: &str) -> Vec<(String, u64)> {
+    ip_json(pod, &[family, "route", "show", "default"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["dev"].as_str().unwrap().to_owned(),
+                r["metric"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_second_add_fails_and_leaves_the_first_attachment_as_it_was() {
+    let h = Harness::new("dup", &["10.222.0.0/24", "fd00:222::/64"]);
+    let pod = Netns::new("cni-dup-pod");
+    let host = host_veth_name("c-dup", "eth0");
+    let first = h.add("c-dup", &pod).expect_ok().clone();
+    let before = wiring(&h, &pod, "eth0", &host);
+    let allocations = h.ipam().allocations().unwrap();
+
+    // SPEC 1.1 ADD: "If an interface of the requested name already exists in the container,
+    // the CNI plugin MUST return with an error." Code 4 names the variables.
+    let again = h.add("c-dup", &pod);
+    assert_eq!(again.code(), 4, "{}", again.stdout);
+    let msg = again.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("CNI_CONTAINERID=c-dup") && msg.contains("CNI_IFNAME=eth0"),
+        "{msg}"
+    );
+    assert!(msg.contains("already holds"), "{msg}");
+    // Nothing of the first was rebuilt, released or deactivated.
+    assert_eq!(wiring(&h, &pod, "eth0", &host), before);
+    assert_eq!(h.ipam().allocations().unwrap(), allocations);
+    assert!(h.backend.deactivated.lock().unwrap().is_empty());
+    assert_eq!(h.backend.activated.lock().unwrap().len(), 1);
+    assert!(h.backend.is_enforced("c-dup", "eth0"));
+    h.check("c-dup", &pod, &first).expect_ok();
+
+    // Another container ID asking for the same interface in the same namespace: the interface
+    // exists. Its own fresh allocation is undone; the first attachment is untouched.
+    let other = h.add("c-other", &pod);
+    assert_eq!(other.code(), 4, "{}", other.stdout);
+    assert!(
+        other.stdout.contains("already exists in the container"),
+        "{}",
+        other.stdout
+    );
+    assert_eq!(wiring(&h, &pod, "eth0", &host), before);
+    assert_eq!(h.ipam().allocations().unwrap(), allocations);
+    assert_eq!(h.host_veths(), vec![host.clone()]);
+    assert!(
+        !h.backend
+            .deactivated
+            .lock()
+            .unwrap()
+            .contains(&("c-dup".into(), "eth0".into()))
+    );
+    h.check("c-dup", &pod, &first).expect_ok();
+
+    // After its DEL, the attachment can be added again.
+    h.del("c-dup", Some(&pod)).expect_ok();
+    h.add("c-dup", &pod).expect_ok();
+    h.del("c-dup", Some(&pod)).expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(h.host_veths().is_empty());
+}
+
+#[test]
+fn a_second_interface_leaves_the_first_ones_default_route() {
+    let h = Harness::new("eth1", &["10.223.0.0/24", "fd00:223::/64"]);
+    let pod = Netns::new("cni-eth1-pod");
+    let conf = h.conf();
+    let first = h.add("c-multi", &pod).expect_ok().clone();
+    let eth0 = wiring(&h, &pod, "eth0", &host_veth_name("c-multi", "eth0"));
+    let second = h
+        .run_verb_on("ADD", "c-multi", "eth1", Some(&pod), &conf)
+        .expect_ok()
+        .clone();
+    // eth1's default routes come after eth0's (IPv4 metric 0, IPv6 1024), and say so.
+    assert_eq!(
+        default_routes(&pod, "-4"),
+        vec![("eth0".into(), 0), ("eth1".into(), 1)]
+    );
+    assert_eq!(
+        default_routes(&pod, "-6"),
+        vec![("eth0".into(), 1024), ("eth1".into(), 1025)]
+    );
+    assert_eq!(
+        second["routes"],
+        json!([
+            {"dst": "0.0.0.0/0", "gw": "169.254.1.1", "priority": 1},
+            {"dst": "::/0", "gw": "fe80::1", "priority": 1025},
+        ])
+    );
+    let out = ip_json(&pod, &["route", "get", "192.0.2.1"]);
+    assert_eq!(out[0]["dev"], "eth0", "{out}");
+    let check_eth1 = |prev: &Value| {
+        let mut c = h.conf();
+        c["prevResult"] = prev.clone();
+        h.run_verb_on("CHECK", "c-multi", "eth1", Some(&pod), &c)
+    };
+    h.check("c-multi", &pod, &first).expect_ok();
+    check_eth1(&second).expect_ok();
+
+    // DEL of eth1 removes only what eth1 added.
+    h.run_verb_on("DEL", "c-multi", "eth1", Some(&pod), &conf)
+        .expect_ok();
+    assert_eq!(default_routes(&pod, "-4"), vec![("eth0".into(), 0)]);
+    assert_eq!(default_routes(&pod, "-6"), vec![("eth0".into(), 1024)]);
+    assert_eq!(
+        wiring(&h, &pod, "eth0", &host_veth_name("c-multi", "eth0")),
+        eth0
+    );
+    h.check("c-multi", &pod, &first).expect_ok();
+
+    // And the other way round: with eth0 gone, eth1's default route still carries the pod.
+    let second = h
+        .run_verb_on("ADD", "c-multi", "eth1", Some(&pod), &conf)
+        .expect_ok()
+        .clone();
+    h.del("c-multi", Some(&pod)).expect_ok();
+    assert_eq!(default_routes(&pod, "-4"), vec![("eth1".into(), 1)]);
+    check_eth1(&second).expect_ok();
+    h.run_verb_on("DEL", "c-multi", "eth1", Some(&pod), &conf)
+        .expect_ok();
+    assert!(h.ipam().allocations().unwrap().is_empty());
+}
+
+#[test]
+fn the_required_keys_of_a_configuration_are_checked() {
+    let h = Harness::new("keys", &["10.224.0.0/24"]);
+    let pod = Netns::new("cni-keys-pod");
+    let env = [
+        ("CNI_CONTAINERID", "c-keys"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", &pod.path()),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+    ];
+    let with = |key: &str, value: Value| {
+        let mut conf = h.conf();
+        match value {
+            Value::Null => conf.as_object_mut().unwrap().remove(key),
+            v => conf.as_object_mut().unwrap().insert(key.to_owned(), v),
+        };
+        conf.to_string()
+    };
+    // SPEC 1.1 section 3: the runtime always inserts `cniVersion` and the network's `name`;
+    // section 1 requires `type`. Missing or malformed → 7 (invalid network config), an unknown
+    // version → 1, a value of the wrong JSON type → 6 (failed to decode).
+    for (verb, key, value, code, names) in [
+        ("ADD", "name", Value::Null, 7, "\"name\""),
+        ("ADD", "name", json!(""), 7, "\"name\""),
+        ("ADD", "name", json!("bad/name"), 7, "bad/name"),
+        ("DEL", "name", Value::Null, 7, "\"name\""),
+        ("STATUS", "name", Value::Null, 7, "\"name\""),
+        ("GC", "name", Value::Null, 7, "\"name\""),
+        ("ADD", "type", Value::Null, 7, "\"type\""),
+        ("ADD", "type", json!("../weir-cni"), 7, "../weir-cni"),
+        ("ADD", "cniVersion", Value::Null, 7, "\"cniVersion\""),
+        ("ADD", "cniVersion", json!("2.0.0"), 1, "2.0.0"),
+        ("ADD", "name", json!(42), 6, "network configuration"),
+    ] {
+        let out = h.cni(verb, &env, with(key, value.clone()).as_bytes());
+        assert_eq!(
+            out.code(),
+            code,
+            "{verb} with {key}={value}: {}",
+            out.stdout
+        );
+        let msg = out.json["msg"].as_str().unwrap();
+        assert!(msg.contains(names), "{verb} with {key}={value}: {msg}");
+    }
+    assert!(h.ipam().allocations().unwrap().is_empty());
+    assert!(h.host_veths().is_empty());
+    h.add("c-keys", &pod).expect_ok();
+    h.del("c-keys", Some(&pod)).expect_ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the real agent: datapath, IPAM and the manifests directory, as the README documents.
+
+/// One node: its namespace, a real `weir-agent` on a manifests directory, and the plugin.
+struct RealNode {
+    plugin: Plugin,
+    agent: Agent,
+    dirs: AgentDirs,
+    node: Netns,
+}
+
+impl RealNode {
+    /// Pods named in `pods` (namespace `gw`, label app=<name>) and `extra` manifests are written
+    /// before the agent starts, so its first cluster state has them.
+    fn start(tag: &str, pod_cidrs: &str, pods: &[&str], extra: &[(&str, &str)]) -> Self {
+        let node = Netns::new(tag);
+        let dirs = AgentDirs::new(tag, "n1");
+        let write =
+            |file: &str, text: &str| std::fs::write(dirs.manifests.join(file), text).unwrap();
+        write(
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: gw}\n",
+        );
+        for name in pods {
+            write(
+                &format!("pod-{name}.yaml"),
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: gw, labels: {{app: {name}}}}}\n\
+                     spec: {{nodeName: n1, containers: [{{name: c}}]}}\n"
+                ),
+            );
+        }
+        for (file, text) in extra {
+            write(file, text);
+        }
+        let agent = Agent::start(
+            &node,
+            "n1",
+            &dirs,
+            &["--pod-cidr", pod_cidrs, "--pod-wait-seconds", "5"],
+        );
+        let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
+        Self {
+            plugin,
+            agent,
+            dirs,
+            node,
+        }
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        std::fs::write(self.dirs.manifests.join(file), text).unwrap();
+    }
+
+    /// Runs `verb` for pod `name`'s `ifname` (container id `ctr-<name>`); the parsed output.
+    fn run(&self, verb: &str, name: &str, pod: &Netns, ifname: &str, prev: Option<&Value>) -> Out {
+        let container_id = format!("ctr-{name}");
+        let pod_ref = PodRef {
+            container_id: &container_id,
+            namespace: "gw",
+            name,
+            netns: &pod.name,
+        };
+        let (out, took) = self.plugin.run_on(verb, &pod_ref, ifname, prev);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Out {
+            ok: out.status.success(),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            took,
+        }
+    }
+
+    fn ok(&self, verb: &str, name: &str, pod: &Netns, ifname: &str, prev: Option<&Value>) -> Value {
+        let out = self.run(verb, name, pod, ifname, prev);
+        assert!(
+            out.ok,
+            "{verb} {name}/{ifname} failed: {}\nagent log:\n{}",
+            out.stdout,
+            self.agent.log_text()
+        );
+        out.json
+    }
+
+    fn status(&self) -> Out {
+        self.run("STATUS", "status", &self.node, "eth0", None)
+    }
+}
+
+/// The pod addresses an ADD result lists, in order.
+fn addresses(result: &Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ip| {
+            let cidr = ip["address"].as_str().unwrap();
+            cidr.split('/').next().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+const V4_GATEWAY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1));
+const V6_GATEWAY: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+
+/// Long enough for any reply on a loaded machine; a ping that must fail waits `DENIED` only.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(10);
+const DENIED: Duration = Duration::from_secs(1);
+
+fn answers(from: &Netns, dst: IpAddr) -> bool {
+    ping_until_answered(from, dst, "eth0", Instant::now() + ANSWERED_WITHIN)
+}
+
+/// The pod's gateway is the node: it answers ping on both families (as Cilium's does), and the
+/// pod's egress policy applies to it as to any other destination (as Cilium's and Calico's
+/// does): an egress-isolated pod reaches it only where a rule allows it, and allowing it opens
+/// nothing else. The node's own traffic to a pod keeps the node's address (kubelet's probes
+/// still pass the host allowance). A second ADD of a live attachment fails and leaves it
+/// working; a second interface and its DEL leave the first one's routes.
+#[test]
+fn the_gateway_answers_ping_and_the_pods_egress_policy_applies_to_it() {
+    let isolate = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                   metadata: {name: iso-isolated, namespace: gw}\n\
+                   spec: {podSelector: {matchLabels: {app: iso}}, policyTypes: [Ingress, Egress]}\n";
+    let node_object = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n\
+                       status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}\n";
+    let n = RealNode::start(
+        "cni-gw",
+        "10.225.1.0/24,fd00:225:1::/64",
+        &["a", "b", "iso"],
+        &[("isolate.yaml", isolate), ("node.yaml", node_object)],
+    );
+    // The node's own address, where a real node has it.
+    n.node.ip(&["addr", "add", "192.168.77.1/32", "dev", "lo"]);
+    let (a, b, iso) = (
+        Netns::new("cni-gw-a"),
+        Netns::new("cni-gw-b"),
+        Netns::new("cni-gw-iso"),
+    );
+    let a_result = n.ok("ADD", "a", &a, "eth0", None);
+    let b_ips = addresses(&n.ok("ADD", "b", &b, "eth0", None));
+    let iso_ips = addresses(&n.ok("ADD", "iso", &iso, "eth0", None));
+
+    // The gateway answers, over IPv4 and IPv6; the pods reach each other.
+    assert!(answers(&a, V4_GATEWAY), "{}", n.agent.log_text());
+    assert!(answers(&a, V6_GATEWAY), "{}", n.agent.log_text());
+    assert!(answers(&a, b_ips[0]) && answers(&a, b_ips[1]));
+
+    // An egress-isolated pod does not reach it: it is a destination like any other.
+    assert!(!ping(&iso, V4_GATEWAY, "eth0", DENIED));
+    assert!(!ping(&iso, V6_GATEWAY, "eth0", DENIED));
+    // The node reaches the isolated pod from its own address, which policy knows as the host,
+    // never from the gateway address, which it does not.
+    let route = ip_json(&n.node, &["route", "get", &iso_ips[0].to_string()]);
+    assert_eq!(route[0]["prefsrc"], "192.168.77.1", "{route}");
+    assert!(answers(&n.node, iso_ips[0]), "{}", n.agent.log_text());
+    // A rule allowing the gateway opens the gateway, and nothing else.
+    n.write(
+        "iso-gateway.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: iso-to-gateway, namespace: gw}\n\
+         spec:\n  podSelector: {matchLabels: {app: iso}}\n  policyTypes: [Egress]\n  egress:\n\
+         \x20 - to: [{ipBlock: {cidr: 169.254.1.1/32}}, {ipBlock: {cidr: 'fe80::1/128'}}]\n",
+    );
+    assert!(answers(&iso, V4_GATEWAY), "{}", n.agent.log_text());
+    assert!(answers(&iso, V6_GATEWAY), "{}", n.agent.log_text());
+    assert!(!ping(&iso, b_ips[0], "eth0", DENIED));
+    assert!(!ping(&iso, b_ips[1], "eth0", DENIED));
+
+    // A second ADD of a's live attachment fails (code 4) and leaves it as it was: same MAC,
+    // still enforced (the agent's CHECK), still reaching the gateway and b.
+    let a_mac = ip_json(&a, &["link", "show", "eth0"])[0]["address"].clone();
+    let again = n.run("ADD", "a", &a, "eth0", None);
+    assert!(!again.ok);
+    assert_eq!(again.json["code"], 4, "{}", again.stdout);
+    assert_eq!(ip_json(&a, &["link", "show", "eth0"])[0]["address"], a_mac);
+    n.ok("CHECK", "a", &a, "eth0", Some(&a_result));
+    assert!(answers(&a, V4_GATEWAY) && answers(&a, b_ips[0]));
+
+    // A second interface keeps the first one's default routes; its DEL removes only its own.
+    let eth1_result = n.ok("ADD", "a", &a, "eth1", None);
+    let via = ip_json(&a, &["route", "get", &b_ips[0].to_string()]);
+    assert_eq!(via[0]["dev"], "eth0", "{via}");
+    n.ok("CHECK", "a", &a, "eth0", Some(&a_result));
+    n.ok("CHECK", "a", &a, "eth1", Some(&eth1_result));
+    n.ok("DEL", "a", &a, "eth1", Some(&eth1_result));
+    n.ok("CHECK", "a", &a, "eth0", Some(&a_result));
+    assert!(answers(&a, b_ips[0]) && answers(&a, b_ips[1]));
+
+    // The gateway address lives on every host veth; b's going leaves it on a's.
+    n.ok("DEL", "b", &b, "eth0", None);
+    assert!(answers(&a, V4_GATEWAY) && answers(&a, V6_GATEWAY));
+    n.ok("DEL", "a", &a, "eth0", None);
+    n.ok("DEL", "iso", &iso, "eth0", None);
+}
+
+#[test]
+fn status_fails_while_the_pool_is_exhausted_and_recovers() {
+    // A /30: two usable addresses.
+    let n = RealNode::start("cni-full", "10.226.1.0/30", &["p1", "p2", "p3"], &[]);
+    let pods: Vec<Netns> = (1..=3)
+        .map(|i| Netns::new(&format!("cni-full-p{i}")))
+        .collect();
+    n.status().expect_ok();
+    n.ok("ADD", "p1", &pods[0], "eth0", None);
+    n.status().expect_ok();
+    n.ok("ADD", "p2", &pods[1], "eth0", None);
+
+    // SPEC 1.1 STATUS: "if a plugin has a limited number of resources (e.g. IP addresses ...),
+    // it should return an error if those resources are exhausted". 50, not 51: existing pods
+    // keep their connectivity.
+    let full = n.status();
+    assert_eq!(full.code(), 50, "{}", full.stdout);
+    let msg = full.json["msg"].as_str().unwrap();
+    assert!(msg.contains("10.226.1.0/30") && msg.contains('2'), "{msg}");
+    let refused = n.run("ADD", "p3", &pods[2], "eth0", None);
+    assert_eq!(refused.code(), 101, "{}", refused.stdout);
+
+    n.ok("DEL", "p2", &pods[1], "eth0", None);
+    n.status().expect_ok();
+    n.ok("ADD", "p3", &pods[2], "eth0", None);
+    assert_eq!(n.status().code(), 50);
+    n.ok("DEL", "p1", &pods[0], "eth0", None);
+    n.ok("DEL", "p3", &pods[2], "eth0", None);
+    n.status().expect_ok();
 }

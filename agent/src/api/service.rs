@@ -8,9 +8,11 @@ use weir_proto::{
     agent::v1::{
         ActivateEndpointReply, ActivateEndpointRequest, AllocateEndpointReply,
         AllocateEndpointRequest, Attachment, CheckEndpointReply, CheckEndpointRequest,
-        GarbageCollectReply, GarbageCollectRequest, IpConfig, PodRef, ReleaseEndpointReply,
-        ReleaseEndpointRequest, ReleasedEndpoint, StatusReply, StatusRequest, agent_server::Agent,
+        GarbageCollectReply, GarbageCollectRequest, IpConfig, PodCidrUsage, PodRef,
+        ReleaseEndpointReply, ReleaseEndpointRequest, ReleasedEndpoint, StatusReply, StatusRequest,
+        agent_server::Agent,
     },
+    gateway::pod_gateway,
     naming,
 };
 
@@ -19,12 +21,6 @@ use crate::{
     endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
     ipam::{Allocation, Ipam, IpamError},
 };
-
-/// The pod's IPv4 gateway: link-local, answered by the host veth (a permanent neighbour entry
-/// in the pod points it at the host veth's MAC).
-pub const GATEWAY_V4: &str = "169.254.1.1";
-/// The pod's IPv6 gateway.
-pub const GATEWAY_V6: &str = "fe80::1";
 
 /// The gRPC service. Construct it through [`super::serve`] or, for embedding in another tonic
 /// server, [`AgentService::new`].
@@ -83,6 +79,7 @@ fn ipam_status(e: IpamError) -> Status {
     let msg = error_chain(&e);
     match e {
         IpamError::Exhausted { .. } => Status::resource_exhausted(msg),
+        IpamError::AlreadyAllocated { .. } => Status::already_exists(msg),
         _ => Status::internal(msg),
     }
 }
@@ -122,15 +119,9 @@ fn pod_key(p: Option<&PodRef>) -> Result<ObjectKey, Status> {
 fn ip_configs(addresses: &[IpAddr]) -> Vec<IpConfig> {
     addresses
         .iter()
-        .map(|a| match a {
-            IpAddr::V4(_) => IpConfig {
-                address: format!("{a}/32"),
-                gateway: GATEWAY_V4.into(),
-            },
-            IpAddr::V6(_) => IpConfig {
-                address: format!("{a}/128"),
-                gateway: GATEWAY_V6.into(),
-            },
+        .map(|a| IpConfig {
+            address: format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }),
+            gateway: pod_gateway(a).to_string(),
         })
         .collect()
 }
@@ -153,10 +144,21 @@ impl Agent for AgentService {
             Ok(()) => (true, String::new()),
             Err(reason) => (false, reason),
         };
+        let pod_cidrs = self
+            .ipam(|ipam| ipam.usage())
+            .await?
+            .into_iter()
+            .map(|u| PodCidrUsage {
+                cidr: u.cidr.to_string(),
+                usable: u64::try_from(u.usable).unwrap_or(u64::MAX),
+                allocated: u64::try_from(u.allocated).unwrap_or(u64::MAX),
+            })
+            .collect();
         Ok(Response::new(StatusReply {
             ready,
             reason,
             node_name: self.config.node_name.clone(),
+            pod_cidrs,
         }))
     }
 
@@ -171,6 +173,16 @@ impl Agent for AgentService {
             0 => self.config.default_pod_wait,
             ms => Duration::from_millis(ms.into()).min(MAX_POD_WAIT),
         };
+        // A second ADD of a live attachment fails at once, before any wait, and changes nothing.
+        let (cid, ifn) = (container_id.clone(), ifname.clone());
+        if let Some(a) = self.ipam(move |ipam| ipam.get(&cid, &ifn)).await? {
+            return Err(ipam_status(IpamError::AlreadyAllocated {
+                container_id,
+                ifname,
+                addresses: a.addresses,
+                host_ifname: a.host_ifname,
+            }));
+        }
         let waited_for = pod.clone();
         self.backend(move |b| async move {
             b.readiness().map_err(EndpointError::NotReady)?;
