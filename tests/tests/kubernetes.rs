@@ -10,7 +10,7 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use weir_agent::{
-    health::SourceStats,
+    source::SourceStats,
     source::kubernetes::{self, KubeSourceConfig},
 };
 use weir_policy::model::{ClusterState, ObjectKey};
