@@ -761,4 +761,41 @@ mod tests {
         assert_eq!(p.spec.containers[0].ports[0].name.as_deref(), Some("http"));
         assert_eq!(p.status.pod_ips.len(), 1);
     }
+
+    fn namespace(rv: &str, labels: serde_json::Value) -> Arc<KNamespace> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "a", "resourceVersion": rv, "labels": labels}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_converter_reports_only_changes_the_compiler_sees() {
+        let mut converter = Converter::default();
+        let refresh = |converter: &mut Converter, objects: &[Arc<KNamespace>]| {
+            converter.refresh(Kind::Namespace, objects);
+            converter.finish()
+        };
+        let first = [namespace("1", serde_json::json!({"team": "x"}))];
+        assert!(refresh(&mut converter, &first), "new object");
+        assert_eq!(converter.state().namespaces.len(), 1);
+        // A relist or a resumed watch: the same objects at the same resourceVersions.
+        assert!(!refresh(&mut converter, &first));
+        // A new resourceVersion that changes nothing the compiler reads.
+        let same = [namespace("2", serde_json::json!({"team": "x"}))];
+        assert!(!refresh(&mut converter, &same));
+        // A label change is a change, and so is a deletion.
+        let relabelled = [namespace("3", serde_json::json!({"team": "y"}))];
+        assert!(refresh(&mut converter, &relabelled));
+        assert_eq!(
+            converter.state().namespaces["a"].metadata.labels["team"],
+            "y"
+        );
+        assert!(refresh(&mut converter, &[]));
+        assert!(converter.state().namespaces.is_empty());
+        assert!(!refresh(&mut converter, &[]));
+    }
 }
