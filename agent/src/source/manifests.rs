@@ -288,11 +288,34 @@ fn parse_file(path: &Path, text: &str) -> Vec<Object> {
 }
 
 /// What the watcher tells the follow loop.
+#[derive(Debug, PartialEq, Eq)]
 enum Change {
-    /// These files were written, created, renamed or removed.
+    /// These manifests were written, created, renamed or removed.
     Files(Vec<PathBuf>),
     /// inotify lost events (queue overflow): every file must be compared.
     Lost,
+}
+
+impl Change {
+    /// What an inotify event means for the manifests, if anything. Opening a file or the
+    /// directory changes nothing (and every scan opens the directory, every read a file: were
+    /// those events followed, each scan would cause the next); nor does anything happening to
+    /// files the agent does not read (an editor's swap file, a dotfile written before its
+    /// rename into place).
+    fn of(event: notify::Result<notify::Event>) -> Option<Self> {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            _ => return Some(Change::Lost),
+        };
+        if let EventKind::Access(kind) = event.kind
+            && kind != AccessKind::Close(AccessMode::Write)
+        {
+            return None;
+        }
+        let paths: Vec<PathBuf> = event.paths.into_iter().filter(|p| is_manifest(p)).collect();
+        (!paths.is_empty()).then_some(Change::Files(paths))
+    }
 }
 
 impl ManifestDir {
@@ -314,12 +337,9 @@ pub async fn follow(
 ) -> Result<(), SourceError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let change = match event {
-            Ok(event) if event.need_rescan() => Change::Lost,
-            Ok(event) => Change::Files(event.paths),
-            Err(_) => Change::Lost,
-        };
-        let _ = tx.send(change);
+        if let Some(change) = Change::of(event) {
+            let _ = tx.send(change);
+        }
     })
     .map_err(|source| SourceError::Watch {
         path: dir.dir.clone(),
@@ -509,6 +529,83 @@ mod tests {
         assert!(source.rescan().unwrap().changed);
         assert!(source.state().namespaces.is_empty());
         assert!(!source.rescan().unwrap().changed);
+    }
+
+    #[test]
+    fn only_writes_to_manifests_are_changes() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, Event, EventKind, Flag, MetadataKind, ModifyKind,
+            RenameMode,
+        };
+        let event = |kind: EventKind, paths: &[&str]| {
+            Ok(Event {
+                kind,
+                paths: paths.iter().map(PathBuf::from).collect(),
+                attrs: Default::default(),
+            })
+        };
+        let files = |paths: &[&str]| Some(Change::Files(paths.iter().map(PathBuf::from).collect()));
+        // The agent's own scans and reads (and anyone else's).
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        assert_eq!(Change::of(event(open, &["/m"])), None);
+        assert_eq!(Change::of(event(open, &["/m/a.yaml"])), None);
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(
+            Change::of(event(closed, &["/m/a.yaml"])),
+            files(&["/m/a.yaml"])
+        );
+        let created = EventKind::Create(CreateKind::File);
+        assert_eq!(Change::of(event(created, &["/m/.a.yaml.swp"])), None);
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert_eq!(
+            Change::of(event(renamed, &["/m/.a.yaml.tmp", "/m/a.yaml"])),
+            files(&["/m/a.yaml"])
+        );
+        let touched = EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any));
+        assert_eq!(
+            Change::of(event(touched, &["/m/a.json"])),
+            files(&["/m/a.json"])
+        );
+        let overflow = Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan));
+        assert_eq!(Change::of(overflow), Some(Change::Lost));
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_causes_no_scan() {
+        let tmp = TempDir::new("reads");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(100, 80)).unwrap();
+        let stats = Arc::new(SourceStats::default());
+        let mut source = ManifestDir::new(&tmp.0).with_stats(stats.clone());
+        source.scan().unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        // No periodic rescan during the test: every scan after the first is an event's.
+        let task = tokio::spawn(follow(source, tx, Duration::from_secs(3600)));
+        while stats.manifest_scans.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The follow loop's first scan read every file; someone else reads them too.
+        for _ in 0..5 {
+            std::fs::read_to_string(&path).unwrap();
+            std::fs::read_dir(&tmp.0).unwrap().for_each(drop);
+        }
+        // Then a change, renamed into place: its state is the next thing handed on.
+        std::fs::write(tmp.0.join(".extra.yaml"), NS).unwrap();
+        std::fs::rename(tmp.0.join(".extra.yaml"), tmp.0.join("extra.yaml")).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no state after a change")
+            .unwrap();
+        assert!(next.namespaces.contains_key("x"));
+        // The start-up scan, the first follow scan, and the rename's (one event, perhaps
+        // split in two by the debounce); reads would add scans that cause more.
+        let scans = stats.manifest_scans.load(Ordering::Relaxed);
+        assert!(
+            scans <= 4,
+            "{scans} scans: reads of the directory caused scans"
+        );
+        assert_eq!(stats.manifest_files_parsed.load(Ordering::Relaxed), 2);
+        task.abort();
     }
 
     #[tokio::test]
