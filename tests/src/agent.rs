@@ -167,16 +167,23 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = cmd.spawn().expect("starting weir-agent");
-        let agent = Self { child, log };
-        agent.wait_ready(Duration::from_secs(20));
+        let mut agent = Self { child, log };
+        // A large cluster (the benchmarks') takes a while to read and compile.
+        agent.wait_ready(Duration::from_secs(120));
         agent
     }
 
-    fn wait_ready(&self, timeout: Duration) {
+    fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.log_text().contains("serving the agent API") {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "weir-agent exited ({status}) before it was ready; its log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
