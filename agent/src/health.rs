@@ -12,19 +12,17 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use crate::{endpoints::EndpointBackend, runtime::Runtime, source::SourceStats};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use weir_policy::model::ClusterState;
-
-use crate::{endpoints::EndpointBackend, runtime::Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -53,6 +51,8 @@ pub trait Enforcement: Send + Sync {
     fn enforcement(&self) -> Result<(), NotEnforcing>;
     /// Number of local endpoints (pod interfaces) the agent enforces.
     fn endpoint_count(&self) -> usize;
+    /// Policy compiles since start (a changed cluster state, an endpoint added or removed).
+    fn compiles(&self) -> u64;
 }
 
 impl Enforcement for Runtime {
@@ -67,45 +67,9 @@ impl Enforcement for Runtime {
     fn endpoint_count(&self) -> usize {
         self.endpoints().len()
     }
-}
 
-/// Counters the cluster source updates (cheap atomics; read by `/metrics`).
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    /// Whether every watch of the source is currently established (standalone: always).
-    pub connected: AtomicBool,
-    /// Watch and list failures (connection refused, 410 Gone, API errors), all kinds together.
-    pub watch_errors: AtomicU64,
-    /// 410 Gone answers that forced a relist.
-    pub relists: AtomicU64,
-    /// Complete cluster states handed to the runtime.
-    pub updates: AtomicU64,
-    /// Kubernetes Events written for rejected policies.
-    pub events_written: AtomicU64,
-    pods: AtomicU64,
-    namespaces: AtomicU64,
-    policies: AtomicU64,
-    nodes: AtomicU64,
-    rejected_policies: AtomicU64,
-}
-
-impl SourceStats {
-    /// Records a cluster state about to be handed to the runtime.
-    pub fn observe_state(&self, state: &ClusterState) {
-        let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
-        self.pods.store(n(state.pods.len()), Ordering::Relaxed);
-        self.namespaces
-            .store(n(state.namespaces.len()), Ordering::Relaxed);
-        self.policies
-            .store(n(state.policies.len()), Ordering::Relaxed);
-        self.nodes.store(n(state.nodes.len()), Ordering::Relaxed);
-        let rejected = state
-            .policies
-            .iter()
-            .filter(|(key, policy)| weir_policy::validate::validate(key, policy).is_err())
-            .count();
-        self.rejected_policies.store(n(rejected), Ordering::Relaxed);
-        self.updates.fetch_add(1, Ordering::Relaxed);
+    fn compiles(&self) -> u64 {
+        Runtime::compiles(self)
     }
 }
 
@@ -165,7 +129,9 @@ impl Health {
     pub fn metrics(&self) -> String {
         let state = self.state();
         let endpoints = self.enforcement.get().map_or(0, |e| e.endpoint_count());
+        let compiles = self.enforcement.get().map_or(0, |e| e.compiles());
         let s = &self.source;
+        let objects = s.object_counts();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let flag = |b: bool| u8::from(b);
@@ -199,10 +165,10 @@ impl Health {
             "gauge",
             "Objects in the last cluster state handed to the runtime, by kind.",
             &[
-                ("kind=\"Pod\"", load(&s.pods)),
-                ("kind=\"Namespace\"", load(&s.namespaces)),
-                ("kind=\"NetworkPolicy\"", load(&s.policies)),
-                ("kind=\"Node\"", load(&s.nodes)),
+                ("kind=\"Pod\"", objects.pods),
+                ("kind=\"Namespace\"", objects.namespaces),
+                ("kind=\"NetworkPolicy\"", objects.policies),
+                ("kind=\"Node\"", objects.nodes),
             ],
         );
         family(
@@ -210,7 +176,7 @@ impl Health {
             "weir_rejected_policies",
             "gauge",
             "NetworkPolicies rejected (in whole or in part) in the last cluster state.",
-            &[("", load(&s.rejected_policies))],
+            &[("", objects.rejected_policies)],
         );
         family(
             &mut out,
@@ -218,6 +184,27 @@ impl Health {
             "counter",
             "Complete cluster states handed to the runtime.",
             &[("", load(&s.updates))],
+        );
+        family(
+            &mut out,
+            "weir_policy_compiles_total",
+            "counter",
+            "Policy compiles: a changed cluster state, a local endpoint added or removed (an unchanged state compiles nothing).",
+            &[("", compiles)],
+        );
+        family(
+            &mut out,
+            "weir_manifest_scans_total",
+            "counter",
+            "Scans of the manifests directory (standalone mode): after an inotify event, and the periodic rescan.",
+            &[("", load(&s.manifest_scans))],
+        );
+        family(
+            &mut out,
+            "weir_manifest_files_parsed_total",
+            "counter",
+            "Manifest files parsed (standalone mode): new files and files whose bytes changed.",
+            &[("", load(&s.manifest_files_parsed))],
         );
         family(
             &mut out,
@@ -355,6 +342,8 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    use weir_policy::model::ClusterState;
+
     use super::*;
 
     struct Fake(Mutex<Result<(), NotEnforcing>>, usize);
@@ -365,6 +354,9 @@ mod tests {
         }
         fn endpoint_count(&self) -> usize {
             self.1
+        }
+        fn compiles(&self) -> u64 {
+            7
         }
     }
 
@@ -405,6 +397,7 @@ mod tests {
         assert!(metrics.contains("weir_enforcement_state{state=\"enforcing\"} 1\n"));
         assert!(metrics.contains("weir_enforcement_state{state=\"degraded\"} 0\n"));
         assert!(metrics.contains("# TYPE weir_endpoints gauge\nweir_endpoints 3\n"));
+        assert!(metrics.contains("\nweir_policy_compiles_total 7\n"));
 
         *fake.0.lock().unwrap() = Err(NotEnforcing::Degraded("map full".to_owned()));
         assert_eq!(

@@ -90,7 +90,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
 
         node::prepare(&bpffs_dir).context("preparing the node")?;
-        let mut source = ManifestDir::new(&manifests);
+        let mut source = ManifestDir::new(&manifests).with_stats(health.source.clone());
         let first_state = source
             .scan()
             .with_context(|| format!("reading the manifests in {}", manifests.display()))?;

@@ -2,14 +2,18 @@
 //! datapath writer, and keeps the maps equal to what the compiler says they should hold.
 //!
 //! Every change — a new cluster state from the source, an endpoint added or removed — goes
-//! through `reconcile`: compile, diff, write. Start-up adopts what is pinned and changes nothing
+//! through `reconcile`: compile, diff, write. A cluster state equal to the one in force changes
+//! nothing and compiles nothing. Start-up adopts what is pinned and changes nothing
 //! until the first cluster state has been read, so a restarted agent never garbage-collects
 //! enforcement it has not yet reconciled.
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -92,6 +96,8 @@ pub struct Runtime {
     cluster_changed: Notify,
     explainer: RwLock<Explainer>,
     flow_log: FlowLog,
+    /// Compiles since start (the health endpoint's `weir_policy_compiles_total`).
+    compiles: AtomicU64,
 }
 
 impl Runtime {
@@ -148,6 +154,7 @@ impl Runtime {
             }),
             cluster_changed: Notify::new(),
             explainer: RwLock::new(Explainer::default()),
+            compiles: AtomicU64::new(0),
             config,
         });
         {
@@ -193,10 +200,20 @@ impl Runtime {
         self.lock().degraded.clone()
     }
 
-    /// A new cluster state from the source.
-    pub fn set_cluster_state(&self, state: ClusterState) {
+    /// Policy compiles since start.
+    pub fn compiles(&self) -> u64 {
+        self.compiles.load(Ordering::Relaxed)
+    }
+
+    /// A new cluster state from the source. Returns whether it was applied: a state equal to
+    /// the one in force (a relist, a rewritten file with the same objects) is not compiled again.
+    pub fn set_cluster_state(&self, state: ClusterState) -> bool {
         let mut inner = self.lock();
         let first = !inner.cluster_read;
+        if !first && inner.input.state == state {
+            tracing::debug!("cluster state unchanged; nothing to compile");
+            return false;
+        }
         inner.input.state = state;
         inner.cluster_read = true;
         self.reconcile(&mut inner);
@@ -205,6 +222,7 @@ impl Runtime {
         }
         drop(inner);
         self.cluster_changed.notify_waiters();
+        true
     }
 
     /// Compile and write. Failures leave the previous enforcement in place and are reported.
@@ -224,6 +242,7 @@ impl Runtime {
         let Inner {
             input, identities, ..
         } = &mut *inner;
+        self.compiles.fetch_add(1, Ordering::Relaxed);
         let compiled = match compile(input, identities) {
             Ok(compiled) => compiled,
             Err(e) => {

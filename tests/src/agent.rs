@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::Netns;
+use crate::netns::{Netns, spawn_in};
 
 /// Where cargo put the binaries (`cargo build --bins` runs before these tests in `xtask test`).
 pub fn bin(name: &str) -> PathBuf {
@@ -69,6 +69,53 @@ impl Drop for AgentDirs {
     }
 }
 
+/// Where an agent reads the cluster from.
+#[derive(Clone, Copy, Debug)]
+pub enum ClusterSource<'a> {
+    /// Standalone mode: the [`AgentDirs`]' manifests directory.
+    Manifests,
+    /// Kubernetes mode: the API server this kubeconfig points at.
+    Kubernetes { kubeconfig: &'a Path },
+}
+
+/// `GET path` on an agent's health endpoint at 127.0.0.1:`port` inside `netns`: the status code
+/// and body (0 and empty when nothing answers).
+pub fn health_get(netns: &Netns, port: u16, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    spawn_in(netns.path(), move || {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return (0, String::new());
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut response = String::new();
+        if stream.write_all(request.as_bytes()).is_err()
+            || stream.read_to_string(&mut response).is_err()
+        {
+            return (0, String::new());
+        }
+        let status = response
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    })
+    .join()
+    .expect("the health request's thread panicked")
+}
+
+/// The value of one sample (`name` or `name{labels}`, exactly) in Prometheus text.
+pub fn metric(metrics: &str, sample: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok())?
+    })
+}
+
 /// A running agent. Dropping it kills it (SIGKILL: pins stay; `AgentDirs` removes them).
 pub struct Agent {
     pub child: Child,
@@ -76,15 +123,41 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `weir-agent` in `netns` and waits until its socket answers.
+    /// Starts `weir-agent` in standalone mode in `netns` and waits until its socket answers.
     pub fn start(netns: &Netns, node: &str, dirs: &AgentDirs, extra: &[&str]) -> Self {
+        Self::start_with(
+            &bin("weir-agent"),
+            ClusterSource::Manifests,
+            netns,
+            node,
+            dirs,
+            extra,
+        )
+    }
+
+    /// Starts `program` (a `weir-agent` binary, e.g. another build to compare with) reading
+    /// `source`, and waits until its socket answers.
+    pub fn start_with(
+        program: &Path,
+        source: ClusterSource<'_>,
+        netns: &Netns,
+        node: &str,
+        dirs: &AgentDirs,
+        extra: &[&str],
+    ) -> Self {
         let log = dirs.root.join(format!("{node}-agent.log"));
         let log_file = std::fs::File::create(&log).expect("creating the agent log");
-        let mut cmd = netns.command(bin("weir-agent").to_str().expect("utf-8 path"));
-        cmd.args(["--node-name", node])
-            .arg("--manifests")
-            .arg(&dirs.manifests)
-            .arg("--state-dir")
+        let mut cmd = netns.command(program.to_str().expect("utf-8 path"));
+        cmd.args(["--node-name", node]);
+        match source {
+            ClusterSource::Manifests => {
+                cmd.arg("--manifests").arg(&dirs.manifests);
+            }
+            ClusterSource::Kubernetes { kubeconfig } => {
+                cmd.arg("--kubernetes").env("KUBECONFIG", kubeconfig);
+            }
+        }
+        cmd.arg("--state-dir")
             .arg(&dirs.state)
             .arg("--socket")
             .arg(&dirs.socket)
@@ -94,16 +167,23 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = cmd.spawn().expect("starting weir-agent");
-        let agent = Self { child, log };
-        agent.wait_ready(Duration::from_secs(20));
+        let mut agent = Self { child, log };
+        // A large cluster (the benchmarks') takes a while to read and compile.
+        agent.wait_ready(Duration::from_secs(120));
         agent
     }
 
-    fn wait_ready(&self, timeout: Duration) {
+    fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.log_text().contains("serving the agent API") {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "weir-agent exited ({status}) before it was ready; its log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -120,6 +200,18 @@ impl Agent {
     /// The agent's process id (nsenter execs the agent, so the child is the agent).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Resident memory of the agent process (VmRSS), in MiB; 0 if it is gone.
+    pub fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
     }
 
     /// Sends a signal and waits for the exit status.

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use weir_agent::{
-    health::SourceStats,
+    source::SourceStats,
     source::kubernetes::{self, KubeSourceConfig},
 };
 use weir_policy::model::{ClusterState, ObjectKey};
@@ -865,5 +865,53 @@ impl Drop for KillOnDrop<'_> {
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_resumed_watches_and_relists_of_unchanged_objects_send_no_state() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    let mut source = Source::start(&server, "n1");
+    source.next().await;
+    let watches = |server: &KubeServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.contains("watch=true"))
+            .count()
+    };
+    // A bookmark, watches ended by the server (resumed), and a compaction (410 Gone: relist),
+    // each waited for until the source has come back for every kind.
+    let before = watches(&server);
+    server.bookmark();
+    server.end_watches();
+    wait_until("the watches to resume", || watches(&server) >= before + 4).await;
+    let before = watches(&server);
+    server.compact();
+    // Per kind: the resumed watch that gets 410, then the watch after the relist.
+    wait_until("a relist of every kind", || {
+        source.stats.relists.load(Ordering::Relaxed) >= 4 && watches(&server) >= before + 8
+    })
+    .await;
+    // Then a real change. States are sent in order, so had any of the above sent one, it
+    // would come first.
+    server.apply(&pod("late", "n2", "10.244.2.9", "db"));
+    let next = source.next().await;
+    assert!(
+        next.pods.contains_key(&key("late")),
+        "the source sent a state for unchanged objects: {next:#?}"
+    );
+    assert_eq!(next.pods.len(), 3);
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! - Objects are converted by serializing the k8s-openapi object to JSON and reading it with
 //!   [`parse_documents`], the standalone parser, so validation and defaulting are identical.
+//!   An object is converted again only when its resourceVersion changes, and a state is built
+//!   and sent only when a converted object changed, came or went: relists, resumed watches and
+//!   bookmarks of unchanged objects cost a lookup per object and compile nothing.
 //! - Nothing is sent until every kind has been listed completely once: a partial first state
 //!   (Pods without their policies) would briefly enforce less than the cluster says.
 //! - The watcher relists on `410 Gone` and the reflector swaps in the relisted objects, so what
@@ -17,7 +20,7 @@
 //!   restarts) only bump its `lastTimestamp`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -51,7 +54,7 @@ use weir_policy::{
     output::Rejection,
 };
 
-use crate::health::SourceStats;
+use super::SourceStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -236,12 +239,15 @@ type CacheKey = (Kind, String, String);
 struct Converter {
     /// The resourceVersion converted and the result (`None`: rejected, logged once).
     cache: HashMap<CacheKey, (Option<String>, Option<Object>)>,
-    /// Objects present in the build in progress.
-    seen: BTreeSet<CacheKey>,
+    /// Objects present in the refresh in progress.
+    seen: HashSet<CacheKey>,
+    /// Whether the refresh in progress changed a converted object, added or removed one.
+    changed: bool,
 }
 
 impl Converter {
-    fn add<K>(&mut self, kind: Kind, objects: &[Arc<K>], state: &mut ClusterState)
+    /// Converts the objects whose resourceVersion is new; an unchanged object costs a lookup.
+    fn refresh<K>(&mut self, kind: Kind, objects: &[Arc<K>])
     where
         K: Resource + Serialize,
     {
@@ -251,28 +257,46 @@ impl Converter {
                 object.namespace().unwrap_or_default(),
                 object.name_any(),
             );
-            self.seen.insert(key.clone());
             let rv = object.resource_version();
-            let converted = match self.cache.get(&key) {
-                Some((cached_rv, converted)) if rv.is_some() && *cached_rv == rv => {
-                    converted.clone()
-                }
-                _ => {
+            match self.cache.get_mut(&key) {
+                Some((cached_rv, _)) if rv.is_some() && *cached_rv == rv => {}
+                Some(cached) => {
                     let converted = convert(kind, &key.1, &key.2, object.as_ref());
-                    self.cache.insert(key, (rv, converted.clone()));
-                    converted
+                    // A new resourceVersion with the same converted object (an annotation, a
+                    // status condition) changes nothing the compiler reads.
+                    self.changed |= cached.1 != converted;
+                    *cached = (rv, converted);
                 }
-            };
-            if let Some(object) = converted {
-                state.apply(object);
+                None => {
+                    let converted = convert(kind, &key.1, &key.2, object.as_ref());
+                    self.changed |= converted.is_some();
+                    self.cache.insert(key.clone(), (rv, converted));
+                }
             }
+            self.seen.insert(key);
         }
     }
 
-    /// Forgets objects that were not in the last build.
-    fn prune(&mut self) {
+    /// Forgets objects that were not in this refresh; returns whether anything changed since
+    /// the last refresh.
+    fn finish(&mut self) -> bool {
         let seen = std::mem::take(&mut self.seen);
-        self.cache.retain(|key, _| seen.contains(key));
+        let mut removed_objects = false;
+        self.cache.retain(|key, (_, converted)| {
+            let keep = seen.contains(key);
+            removed_objects |= !keep && converted.is_some();
+            keep
+        });
+        std::mem::take(&mut self.changed) || removed_objects
+    }
+
+    /// The state the converted objects make.
+    fn state(&self) -> ClusterState {
+        let mut state = ClusterState::default();
+        for object in self.cache.values().filter_map(|(_, o)| o.as_ref()) {
+            state.apply(object.clone());
+        }
+        state
     }
 }
 
@@ -318,20 +342,19 @@ struct Stores {
 }
 
 impl Stores {
-    fn build(&self, converter: &mut Converter) -> ClusterState {
-        let mut state = ClusterState::default();
+    /// Brings the converter up to date with the stores; returns whether the state changed.
+    fn refresh(&self, converter: &mut Converter) -> bool {
         let pods: Vec<Arc<KPod>> = self
             .pods
             .state()
             .into_iter()
             .filter(|p| !terminated(p))
             .collect();
-        converter.add(Kind::Pod, &pods, &mut state);
-        converter.add(Kind::Namespace, &self.namespaces.state(), &mut state);
-        converter.add(Kind::NetworkPolicy, &self.policies.state(), &mut state);
-        converter.add(Kind::Node, &self.nodes.state(), &mut state);
-        converter.prune();
-        state
+        converter.refresh(Kind::Pod, &pods);
+        converter.refresh(Kind::Namespace, &self.namespaces.state());
+        converter.refresh(Kind::NetworkPolicy, &self.policies.state());
+        converter.refresh(Kind::Node, &self.nodes.state());
+        converter.finish()
     }
 }
 
@@ -371,7 +394,7 @@ pub async fn run(
     let mut failing = [false; 4];
     let mut pending: Option<tokio::time::Instant> = None;
     let mut converter = Converter::default();
-    let mut last: Option<ClusterState> = None;
+    let mut sent_once = false;
     let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
     // A watch that comes back quietly (nothing changed) reports nothing, so while a kind is
     // failing a cheap list (limit 1) probes whether the API server answers for it again.
@@ -398,14 +421,16 @@ pub async fn run(
                 if !listed.iter().all(|l| *l) {
                     continue;
                 }
-                let state = stores.build(&mut converter);
-                if last.as_ref() == Some(&state) {
+                // A relist, a resumed watch or an object rewritten with what it had: nothing
+                // to hand on, and no state is even built.
+                if !stores.refresh(&mut converter) && sent_once {
                     continue;
                 }
+                let state = converter.state();
                 if let Some(events) = &events {
                     rejected = events.report_new(&state, &stores.policies, &rejected);
                 }
-                last = Some(state.clone());
+                sent_once = true;
                 if states.send(state).await.is_err() {
                     return;
                 }
@@ -735,5 +760,42 @@ mod tests {
         assert_eq!(p.spec.node_name.as_deref(), Some("n1"));
         assert_eq!(p.spec.containers[0].ports[0].name.as_deref(), Some("http"));
         assert_eq!(p.status.pod_ips.len(), 1);
+    }
+
+    fn namespace(rv: &str, labels: serde_json::Value) -> Arc<KNamespace> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "a", "resourceVersion": rv, "labels": labels}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_converter_reports_only_changes_the_compiler_sees() {
+        let mut converter = Converter::default();
+        let refresh = |converter: &mut Converter, objects: &[Arc<KNamespace>]| {
+            converter.refresh(Kind::Namespace, objects);
+            converter.finish()
+        };
+        let first = [namespace("1", serde_json::json!({"team": "x"}))];
+        assert!(refresh(&mut converter, &first), "new object");
+        assert_eq!(converter.state().namespaces.len(), 1);
+        // A relist or a resumed watch: the same objects at the same resourceVersions.
+        assert!(!refresh(&mut converter, &first));
+        // A new resourceVersion that changes nothing the compiler reads.
+        let same = [namespace("2", serde_json::json!({"team": "x"}))];
+        assert!(!refresh(&mut converter, &same));
+        // A label change is a change, and so is a deletion.
+        let relabelled = [namespace("3", serde_json::json!({"team": "y"}))];
+        assert!(refresh(&mut converter, &relabelled));
+        assert_eq!(
+            converter.state().namespaces["a"].metadata.labels["team"],
+            "y"
+        );
+        assert!(refresh(&mut converter, &[]));
+        assert!(converter.state().namespaces.is_empty());
+        assert!(!refresh(&mut converter, &[]));
     }
 }

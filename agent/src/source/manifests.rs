@@ -4,17 +4,34 @@
 //! Rules (the standalone contract): files ending in `.yaml`, `.yml` or `.json` are read;
 //! dotfiles, editor leftovers (`~`, `.swp`, `.tmp`) and subdirectories are ignored; deleting a file
 //! deletes its objects; when two files define the same object, the one seen first wins and the
-//! agent logs both names. Files are re-parsed only when their size or mtime changes.
+//! agent logs both names.
+//!
+//! The work follows changes, not the size of the directory:
+//! - a scan stats every file and reads only those whose stamp (device, inode, size, mtime,
+//!   ctime) changed or that inotify named since the last scan;
+//! - a file read with the same bytes as last time (a `touch`, a rewrite of the same content) is
+//!   not parsed again;
+//! - the state is rebuilt and handed on only when some file's objects changed or a file came or
+//!   went.
+//!
+//! inotify names the files it saw written because a stamp alone can miss a rewrite: a file
+//! rewritten with the same size within the filesystem's timestamp granularity keeps its stamp.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
+    hash::{BuildHasher as _, RandomState},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use weir_policy::model::{ClusterState, Object, ObjectRef, parse_documents};
+
+use super::SourceStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -34,12 +51,48 @@ pub enum SourceError {
     },
 }
 
-/// A file's parsed contents, kept until its size or mtime changes.
+/// What tells a file's versions apart without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A file's parsed contents, kept until its bytes change.
 struct ParsedFile {
-    stamp: (u64, Option<SystemTime>),
+    stamp: Stamp,
+    /// Hash of the bytes `objects` were parsed from (`None`: the file could not be read).
+    content: Option<u64>,
     objects: Vec<Object>,
     /// Order in which the file was first seen: earlier files win duplicates.
     first_seen: u64,
+}
+
+/// What a scan found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Files whose bytes were read.
+    pub read: u64,
+    /// Files parsed (new, or their bytes changed).
+    pub parsed: u64,
+    /// Whether the objects the directory describes changed (a file's objects, a file added or
+    /// removed).
+    pub changed: bool,
 }
 
 /// The directory and what was read from it.
@@ -49,6 +102,14 @@ pub struct ManifestDir {
     next_seen: u64,
     /// Duplicates already reported, so a steady state does not repeat the error.
     reported_duplicates: BTreeSet<(ObjectRef, PathBuf)>,
+    /// File names inotify reported since the last scan: read even when their stamp is the same.
+    dirty: BTreeSet<OsString>,
+    /// Every file is read at the next scan (inotify lost events, or the watch just started).
+    all_dirty: bool,
+    /// Keyed per process, so file contents cannot be crafted to collide.
+    hasher: RandomState,
+    /// Where scans and parses are counted.
+    stats: Arc<SourceStats>,
 }
 
 /// Whether a directory entry is a manifest the agent reads.
@@ -71,71 +132,116 @@ impl ManifestDir {
             files: BTreeMap::new(),
             next_seen: 0,
             reported_duplicates: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: false,
+            hasher: RandomState::new(),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts scans and parses in `stats` (the health endpoint's).
+    pub fn with_stats(mut self, stats: Arc<SourceStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Reads what changed and returns the whole cluster state the directory describes.
     pub fn scan(&mut self) -> Result<ClusterState, SourceError> {
+        self.rescan()?;
+        Ok(self.state())
+    }
+
+    /// The next scan reads this file even if its stamp is unchanged.
+    pub fn mark_dirty(&mut self, path: &Path) {
+        if let Some(name) = path.file_name() {
+            self.dirty.insert(name.to_owned());
+        }
+    }
+
+    /// The next scan reads every file (their bytes are compared, not parsed again if equal).
+    pub fn mark_all_dirty(&mut self) {
+        self.all_dirty = true;
+    }
+
+    /// Stats every file and reads the ones that may have changed; [`Self::state`] then builds
+    /// the state.
+    pub fn rescan(&mut self) -> Result<ScanReport, SourceError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|source| SourceError::ReadDir {
             path: self.dir.clone(),
             source,
         })?;
+        let dirty = std::mem::take(&mut self.dirty);
+        let all_dirty = std::mem::take(&mut self.all_dirty);
+        let mut report = ScanReport::default();
         let mut present = BTreeSet::new();
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
+            if !is_manifest(&path) {
+                continue;
+            }
             let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() || !is_manifest(&path) {
+            if !meta.is_file() {
                 continue;
             }
             present.insert(path.clone());
-            let stamp = (meta.len(), meta.modified().ok());
-            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+            let stamp = Stamp::of(&meta);
+            let known = self.files.get(&path);
+            let named = all_dirty || dirty.contains(&entry.file_name());
+            if known.is_some_and(|f| f.stamp == stamp) && !named {
                 continue;
             }
-            let first_seen = match self.files.get(&path) {
-                Some(f) => f.first_seen,
-                None => {
-                    self.next_seen += 1;
-                    self.next_seen
+            report.read += 1;
+            let content = std::fs::read_to_string(&path);
+            let hash = content.as_ref().ok().map(|text| self.hasher.hash_one(text));
+            if let Some(file) = self.files.get_mut(&path)
+                && file.content.is_some()
+                && file.content == hash
+            {
+                file.stamp = stamp;
+                continue;
+            }
+            report.parsed += 1;
+            let objects = match content {
+                Ok(text) => parse_file(&path, &text),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read manifest; its objects are ignored until it is readable");
+                    Vec::new()
                 }
             };
-            let objects = self.parse_file(&path);
-            self.files.insert(
-                path,
-                ParsedFile {
-                    stamp,
-                    objects,
-                    first_seen,
-                },
-            );
-        }
-        self.files.retain(|path, _| present.contains(path));
-        Ok(self.merge())
-    }
-
-    fn parse_file(&self, path: &Path) -> Vec<Object> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "cannot read manifest; its objects are ignored until it is readable");
-                return Vec::new();
-            }
-        };
-        let origin = path.display().to_string();
-        parse_documents(&text, &origin)
-            .into_iter()
-            .filter_map(|doc| match doc {
-                Ok(object) => Some(object),
-                Err(e) => {
-                    tracing::error!(file = %origin, error = %e, "rejected a manifest document; the rest of the directory is still applied");
-                    None
+            match self.files.get_mut(&path) {
+                Some(file) => {
+                    report.changed |= file.objects != objects;
+                    file.stamp = stamp;
+                    file.content = hash;
+                    file.objects = objects;
                 }
-            })
-            .collect()
+                None => {
+                    report.changed = true;
+                    self.next_seen += 1;
+                    self.files.insert(
+                        path,
+                        ParsedFile {
+                            stamp,
+                            content: hash,
+                            objects,
+                            first_seen: self.next_seen,
+                        },
+                    );
+                }
+            }
+        }
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains(path));
+        report.changed |= self.files.len() != before;
+        self.stats.manifest_scans.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .manifest_files_parsed
+            .fetch_add(report.parsed, Ordering::Relaxed);
+        Ok(report)
     }
 
     /// Builds the state, earlier-seen files first, so the first definition of an object wins.
-    fn merge(&mut self) -> ClusterState {
+    pub fn state(&mut self) -> ClusterState {
         let mut files: Vec<(&PathBuf, &ParsedFile)> = self.files.iter().collect();
         files.sort_by_key(|(_, f)| f.first_seen);
         let mut owners: BTreeMap<ObjectRef, &PathBuf> = BTreeMap::new();
@@ -167,8 +273,63 @@ impl ManifestDir {
     }
 }
 
-/// Follows the directory, sending the whole state after every change (debounced) and on a
-/// periodic rescan. Returns when the receiver is gone.
+fn parse_file(path: &Path, text: &str) -> Vec<Object> {
+    let origin = path.display().to_string();
+    parse_documents(text, &origin)
+        .into_iter()
+        .filter_map(|doc| match doc {
+            Ok(object) => Some(object),
+            Err(e) => {
+                tracing::error!(file = %origin, error = %e, "rejected a manifest document; the rest of the directory is still applied");
+                None
+            }
+        })
+        .collect()
+}
+
+/// What the watcher tells the follow loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// These manifests were written, created, renamed or removed.
+    Files(Vec<PathBuf>),
+    /// inotify lost events (queue overflow): every file must be compared.
+    Lost,
+}
+
+impl Change {
+    /// What an inotify event means for the manifests, if anything. Opening a file or the
+    /// directory changes nothing (and every scan opens the directory, every read a file: were
+    /// those events followed, each scan would cause the next); nor does anything happening to
+    /// files the agent does not read (an editor's swap file, a dotfile written before its
+    /// rename into place).
+    fn of(event: notify::Result<notify::Event>) -> Option<Self> {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            _ => return Some(Change::Lost),
+        };
+        if let EventKind::Access(kind) = event.kind
+            && kind != AccessKind::Close(AccessMode::Write)
+        {
+            return None;
+        }
+        let paths: Vec<PathBuf> = event.paths.into_iter().filter(|p| is_manifest(p)).collect();
+        (!paths.is_empty()).then_some(Change::Files(paths))
+    }
+}
+
+impl ManifestDir {
+    fn note(&mut self, change: Change) {
+        match change {
+            Change::Files(paths) => paths.iter().for_each(|p| self.mark_dirty(p)),
+            Change::Lost => self.mark_all_dirty(),
+        }
+    }
+}
+
+/// Follows the directory, sending the whole state after every change (debounced) and after a
+/// periodic rescan that found one. `dir` has been scanned once and its state handed on by the
+/// caller. Returns when the receiver is gone.
 pub async fn follow(
     mut dir: ManifestDir,
     states: mpsc::Sender<ClusterState>,
@@ -176,8 +337,8 @@ pub async fn follow(
 ) -> Result<(), SourceError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+        if let Some(change) = Change::of(event) {
+            let _ = tx.send(change);
         }
     })
     .map_err(|source| SourceError::Watch {
@@ -190,24 +351,25 @@ pub async fn follow(
             path: dir.dir.clone(),
             source,
         })?;
-    let mut last: Option<ClusterState> = None;
+    // What was written between the caller's scan and the watch's start has no event.
+    dir.mark_all_dirty();
     loop {
-        match dir.scan() {
-            Ok(state) => {
-                if last.as_ref() != Some(&state) {
-                    last = Some(state.clone());
-                    if states.send(state).await.is_err() {
-                        return Ok(());
-                    }
+        match dir.rescan() {
+            Ok(report) => {
+                if report.changed && states.send(dir.state()).await.is_err() {
+                    return Ok(());
                 }
             }
             Err(e) => tracing::error!(error = %e, "scanning the manifests directory"),
         }
         tokio::select! {
-            _ = rx.recv() => {
+            Some(change) = rx.recv() => {
+                dir.note(change);
                 // Let a burst of writes (an editor's save, a rename) settle, then read once.
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                while rx.try_recv().is_ok() {}
+                while let Ok(change) = rx.try_recv() {
+                    dir.note(change);
+                }
             }
             _ = tokio::time::sleep(rescan_every) => {}
         }
@@ -216,9 +378,43 @@ pub async fn follow(
 
 #[cfg(test)]
 mod tests {
+    use std::{fmt::Write as _, fs::File, time::SystemTime};
+
     use super::*;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n";
+
+    /// A directory of its own under /tmp, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("weir-manifests-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `n` NetworkPolicies in one `kind: List` whose first policy admits `port`.
+    fn policies(n: usize, port: u16) -> String {
+        let mut y = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..n {
+            let port = if i == 0 { port } else { 80 };
+            let _ = write!(
+                y,
+                "- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {{name: p{i}, namespace: x}}\n  spec:\n    podSelector: {{matchLabels: {{app: a{i}}}}}\n    ingress: [{{ports: [{{port: {port}}}]}}]\n"
+            );
+        }
+        y
+    }
 
     #[test]
     fn only_manifests_are_read() {
@@ -232,10 +428,10 @@ mod tests {
 
     #[test]
     fn duplicates_keep_the_first_and_deletion_removes() {
-        let dir = std::env::temp_dir().join(format!("weir-manifests-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir::new("dup");
+        let dir = &tmp.0;
         std::fs::write(dir.join("a.yaml"), NS).unwrap();
-        let mut source = ManifestDir::new(&dir);
+        let mut source = ManifestDir::new(dir);
         assert!(source.scan().unwrap().namespaces.contains_key("x"));
         let with_label = format!("{NS}  labels:\n    team: b\n");
         std::fs::write(dir.join("b.yaml"), with_label).unwrap();
@@ -246,6 +442,202 @@ mod tests {
         assert_eq!(state.namespaces["x"].metadata.labels["team"], "b");
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         assert!(source.scan().unwrap().namespaces.is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unchanged_directory_is_only_statted() {
+        let tmp = TempDir::new("unchanged");
+        std::fs::write(tmp.0.join("policies.yaml"), policies(200, 80)).unwrap();
+        std::fs::write(tmp.0.join("ns.yaml"), NS).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        let first = source.rescan().unwrap();
+        assert_eq!((first.read, first.parsed, first.changed), (2, 2, true));
+        assert_eq!(source.state().policies.len(), 200);
+        for _ in 0..3 {
+            assert_eq!(source.rescan().unwrap(), ScanReport::default());
+        }
+    }
+
+    #[test]
+    fn same_bytes_under_a_new_stamp_are_read_but_not_parsed() {
+        let tmp = TempDir::new("touch");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(50, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        source.rescan().unwrap();
+        // touch: a new mtime, the same bytes.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        let report = source.rescan().unwrap();
+        assert_eq!((report.read, report.parsed, report.changed), (1, 0, false));
+        // Every file compared after lost inotify events: still nothing parsed.
+        source.mark_all_dirty();
+        let report = source.rescan().unwrap();
+        assert_eq!((report.read, report.parsed, report.changed), (1, 0, false));
+    }
+
+    #[test]
+    fn new_bytes_with_the_same_objects_change_nothing() {
+        let tmp = TempDir::new("comment");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(50, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        source.rescan().unwrap();
+        std::fs::write(&path, format!("# reviewed\n{}", policies(50, 80))).unwrap();
+        let report = source.rescan().unwrap();
+        assert_eq!((report.read, report.parsed, report.changed), (1, 1, false));
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_the_stamp_is_found_through_inotify() {
+        let tmp = TempDir::new("stamp");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(20, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        let before = source.scan().unwrap();
+        // Same size; pretend it landed in the same timestamp tick as the first write (the
+        // filesystem's clock is coarser than a fast writer), so the stamp does not change.
+        std::fs::write(&path, policies(20, 81)).unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&path).unwrap());
+        source.files.get_mut(&path).unwrap().stamp = stamp;
+        assert!(
+            !source.rescan().unwrap().changed,
+            "the stamp alone cannot tell"
+        );
+        source.mark_dirty(&path);
+        let report = source.rescan().unwrap();
+        assert_eq!((report.read, report.parsed, report.changed), (1, 1, true));
+        assert_ne!(source.state(), before);
+    }
+
+    #[test]
+    fn renames_and_deletes_are_changes() {
+        let tmp = TempDir::new("rename");
+        std::fs::write(tmp.0.join("a.yaml"), NS).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        source.rescan().unwrap();
+        std::fs::rename(tmp.0.join("a.yaml"), tmp.0.join("b.yaml")).unwrap();
+        let report = source.rescan().unwrap();
+        assert!(report.changed);
+        assert!(source.state().namespaces.contains_key("x"));
+        // Renamed out of the manifests (a dotfile is ignored): its objects go.
+        std::fs::rename(tmp.0.join("b.yaml"), tmp.0.join(".b.yaml")).unwrap();
+        assert!(source.rescan().unwrap().changed);
+        assert!(source.state().namespaces.is_empty());
+        assert!(!source.rescan().unwrap().changed);
+    }
+
+    #[test]
+    fn only_writes_to_manifests_are_changes() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, Event, EventKind, Flag, MetadataKind, ModifyKind,
+            RenameMode,
+        };
+        let event = |kind: EventKind, paths: &[&str]| {
+            Ok(Event {
+                kind,
+                paths: paths.iter().map(PathBuf::from).collect(),
+                attrs: Default::default(),
+            })
+        };
+        let files = |paths: &[&str]| Some(Change::Files(paths.iter().map(PathBuf::from).collect()));
+        // The agent's own scans and reads (and anyone else's).
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        assert_eq!(Change::of(event(open, &["/m"])), None);
+        assert_eq!(Change::of(event(open, &["/m/a.yaml"])), None);
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(
+            Change::of(event(closed, &["/m/a.yaml"])),
+            files(&["/m/a.yaml"])
+        );
+        let created = EventKind::Create(CreateKind::File);
+        assert_eq!(Change::of(event(created, &["/m/.a.yaml.swp"])), None);
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert_eq!(
+            Change::of(event(renamed, &["/m/.a.yaml.tmp", "/m/a.yaml"])),
+            files(&["/m/a.yaml"])
+        );
+        let touched = EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any));
+        assert_eq!(
+            Change::of(event(touched, &["/m/a.json"])),
+            files(&["/m/a.json"])
+        );
+        let overflow = Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan));
+        assert_eq!(Change::of(overflow), Some(Change::Lost));
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_causes_no_scan() {
+        let tmp = TempDir::new("reads");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(100, 80)).unwrap();
+        let stats = Arc::new(SourceStats::default());
+        let mut source = ManifestDir::new(&tmp.0).with_stats(stats.clone());
+        source.scan().unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        // No periodic rescan during the test: every scan after the first is an event's.
+        let task = tokio::spawn(follow(source, tx, Duration::from_secs(3600)));
+        while stats.manifest_scans.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The follow loop's first scan read every file; someone else reads them too.
+        for _ in 0..5 {
+            std::fs::read_to_string(&path).unwrap();
+            std::fs::read_dir(&tmp.0).unwrap().for_each(drop);
+        }
+        // Then a change, renamed into place: its state is the next thing handed on.
+        std::fs::write(tmp.0.join(".extra.yaml"), NS).unwrap();
+        std::fs::rename(tmp.0.join(".extra.yaml"), tmp.0.join("extra.yaml")).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no state after a change")
+            .unwrap();
+        assert!(next.namespaces.contains_key("x"));
+        // The start-up scan, the first follow scan, and the rename's (one event, perhaps
+        // split in two by the debounce); reads would add scans that cause more.
+        let scans = stats.manifest_scans.load(Ordering::Relaxed);
+        assert!(
+            scans <= 4,
+            "{scans} scans: reads of the directory caused scans"
+        );
+        assert_eq!(stats.manifest_files_parsed.load(Ordering::Relaxed), 2);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn follow_hands_on_changes_only() {
+        let tmp = TempDir::new("follow");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(100, 80)).unwrap();
+        let stats = Arc::new(SourceStats::default());
+        let mut source = ManifestDir::new(&tmp.0).with_stats(stats.clone());
+        let first = source.scan().unwrap();
+        assert_eq!(stats.manifest_files_parsed.load(Ordering::Relaxed), 1);
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(follow(source, tx, Duration::from_millis(20)));
+        // Several rescans of an unchanged directory: nothing parsed again, nothing handed on.
+        while stats.manifest_scans.load(Ordering::Relaxed) < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(stats.manifest_files_parsed.load(Ordering::Relaxed), 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "an unchanged directory sent a state"
+        );
+        // A real change is handed on, and it is the next state. (Renamed into place, so no scan
+        // sees the file half-written.)
+        std::fs::write(tmp.0.join(".policies.yaml"), policies(100, 81)).unwrap();
+        std::fs::rename(tmp.0.join(".policies.yaml"), &path).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no state after a change")
+            .unwrap();
+        assert_ne!(next, first);
+        assert_eq!(next.policies.len(), 100);
+        task.abort();
     }
 }

@@ -1,5 +1,79 @@
 //! Where cluster state comes from. Standalone mode reads a manifests directory; Kubernetes mode
 //! (kube-rs watchers) feeds the same `ClusterState` into the same runtime.
+//!
+//! Both sources hand on a state only when it differs from the last one they handed on: the
+//! agent's CPU follows changes, not the size of what it watches.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use weir_policy::model::ClusterState;
 
 pub mod kubernetes;
 pub mod manifests;
+
+/// Counters the cluster source updates (cheap atomics; the health endpoint's `/metrics` reads
+/// them).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Whether every watch of the source is currently established (standalone: always).
+    pub connected: AtomicBool,
+    /// Watch and list failures (connection refused, 410 Gone, API errors), all kinds together.
+    pub watch_errors: AtomicU64,
+    /// 410 Gone answers that forced a relist.
+    pub relists: AtomicU64,
+    /// Complete cluster states handed to the runtime.
+    pub updates: AtomicU64,
+    /// Kubernetes Events written for rejected policies.
+    pub events_written: AtomicU64,
+    /// Scans of the manifests directory (after an inotify event, or the periodic rescan).
+    pub manifest_scans: AtomicU64,
+    /// Manifest files parsed: new files and files whose bytes changed.
+    pub manifest_files_parsed: AtomicU64,
+    pods: AtomicU64,
+    namespaces: AtomicU64,
+    policies: AtomicU64,
+    nodes: AtomicU64,
+    rejected_policies: AtomicU64,
+}
+
+/// The object counts of the last state handed on, as `/metrics` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectCounts {
+    pub pods: u64,
+    pub namespaces: u64,
+    pub policies: u64,
+    pub nodes: u64,
+    pub rejected_policies: u64,
+}
+
+impl SourceStats {
+    /// Records a cluster state about to be handed to the runtime.
+    pub fn observe_state(&self, state: &ClusterState) {
+        let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
+        self.pods.store(n(state.pods.len()), Ordering::Relaxed);
+        self.namespaces
+            .store(n(state.namespaces.len()), Ordering::Relaxed);
+        self.policies
+            .store(n(state.policies.len()), Ordering::Relaxed);
+        self.nodes.store(n(state.nodes.len()), Ordering::Relaxed);
+        let rejected = state
+            .policies
+            .iter()
+            .filter(|(key, policy)| weir_policy::validate::validate(key, policy).is_err())
+            .count();
+        self.rejected_policies.store(n(rejected), Ordering::Relaxed);
+        self.updates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The object counts of the last state observed.
+    pub fn object_counts(&self) -> ObjectCounts {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ObjectCounts {
+            pods: load(&self.pods),
+            namespaces: load(&self.namespaces),
+            policies: load(&self.policies),
+            nodes: load(&self.nodes),
+            rejected_policies: load(&self.rejected_policies),
+        }
+    }
+}

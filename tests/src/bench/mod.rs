@@ -3,6 +3,7 @@
 
 pub mod cni;
 pub mod datapath;
+pub mod idle;
 pub mod propagation;
 pub mod stats;
 pub mod traffic;
