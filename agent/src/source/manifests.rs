@@ -29,7 +29,7 @@ use std::{
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use weir_policy::model::{ClusterState, Object, ObjectRef, parse_documents};
+use weir_policy::model::{ClusterState, MAX_FILE_BYTES, Object, ObjectRef, parse_documents};
 
 use super::SourceStats;
 
@@ -191,8 +191,8 @@ impl ManifestDir {
                 continue;
             }
             report.read += 1;
-            let content = std::fs::read_to_string(&path);
-            let hash = content.as_ref().ok().map(|text| self.hasher.hash_one(text));
+            let read = read_file(&path, meta.len());
+            let hash = read.as_ref().ok().map(|text| self.hasher.hash_one(text));
             if let Some(file) = self.files.get_mut(&path)
                 && file.content.is_some()
                 && file.content == hash
@@ -201,21 +201,34 @@ impl ManifestDir {
                 continue;
             }
             report.parsed += 1;
-            let objects = match content {
+            let parsed = match read {
                 Ok(text) => parse_file(&path, &text),
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "cannot read manifest; its objects are ignored until it is readable");
-                    Vec::new()
-                }
+                Err(reason) => FileContents {
+                    objects: Vec::new(),
+                    whole: Some(reason),
+                },
             };
             match self.files.get_mut(&path) {
-                Some(file) => {
-                    report.changed |= file.objects != objects;
+                // A file that cannot be read whole keeps the objects it last held: an edit
+                // that breaks the YAML must not take the file's policies away and open what
+                // they isolate, just as a failed `kubectl apply` leaves the cluster as it was.
+                Some(file) if parsed.whole.is_some() => {
+                    tracing::error!(file = %path.display(), reason = parsed.whole.as_deref().unwrap_or_default(), kept = file.objects.len(),
+                        "manifest cannot be read whole; the objects it held before stay in force until it is fixed or deleted");
                     file.stamp = stamp;
                     file.content = hash;
-                    file.objects = objects;
+                }
+                Some(file) => {
+                    report.changed |= file.objects != parsed.objects;
+                    file.stamp = stamp;
+                    file.content = hash;
+                    file.objects = parsed.objects;
                 }
                 None => {
+                    if let Some(reason) = &parsed.whole {
+                        tracing::error!(file = %path.display(), %reason, applied = parsed.objects.len(),
+                            "manifest cannot be read whole and was never read before; only the objects in front of the error are applied until it is fixed");
+                    }
                     report.changed = true;
                     self.next_seen += 1;
                     self.files.insert(
@@ -223,7 +236,7 @@ impl ManifestDir {
                         ParsedFile {
                             stamp,
                             content: hash,
-                            objects,
+                            objects: parsed.objects,
                             first_seen: self.next_seen,
                         },
                     );
@@ -273,18 +286,40 @@ impl ManifestDir {
     }
 }
 
-fn parse_file(path: &Path, text: &str) -> Vec<Object> {
+/// The objects read from one file, and why the file as a whole could not be read, if it could
+/// not (a read error, a size over the limit, a YAML syntax error: after one, what the rest of the
+/// file holds is unknown).
+struct FileContents {
+    objects: Vec<Object>,
+    whole: Option<String>,
+}
+
+/// The file's text; a file over the size limit is refused from its length, without reading it.
+fn read_file(path: &Path, len: u64) -> Result<String, String> {
+    if len > MAX_FILE_BYTES as u64 {
+        return Err(format!(
+            "{len} bytes, more than the {MAX_FILE_BYTES} a manifest file may have; split it into several files"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
+}
+
+fn parse_file(path: &Path, text: &str) -> FileContents {
     let origin = path.display().to_string();
-    parse_documents(text, &origin)
-        .into_iter()
-        .filter_map(|doc| match doc {
-            Ok(object) => Some(object),
+    let mut contents = FileContents {
+        objects: Vec::new(),
+        whole: None,
+    };
+    for document in parse_documents(text, &origin) {
+        match document {
+            Ok(object) => contents.objects.push(object),
+            Err(e) if e.is_whole_file() => contents.whole = Some(e.to_string()),
             Err(e) => {
                 tracing::error!(file = %origin, error = %e, "rejected a manifest document; the rest of the directory is still applied");
-                None
             }
-        })
-        .collect()
+        }
+    }
+    contents
 }
 
 /// What the watcher tells the follow loop.
@@ -442,6 +477,38 @@ mod tests {
         assert_eq!(state.namespaces["x"].metadata.labels["team"], "b");
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         assert!(source.scan().unwrap().namespaces.is_empty());
+    }
+
+    #[test]
+    fn a_file_that_breaks_keeps_the_objects_it_held() {
+        let tmp = TempDir::new("broken");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(3, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        assert_eq!(source.scan().unwrap().policies.len(), 3);
+        // An edit that breaks the YAML (here in the middle of the file) takes nothing away.
+        let broken = policies(3, 81).replacen("kind: NetworkPolicy", "kind: [NetworkPolicy", 2);
+        std::fs::write(&path, broken).unwrap();
+        let report = source.rescan().unwrap();
+        assert_eq!((report.parsed, report.changed), (1, false));
+        let state = source.state();
+        assert_eq!(state.policies.len(), 3);
+        assert!(
+            state
+                .policies
+                .values()
+                .all(|p| !format!("{p:?}").contains("81"))
+        );
+        // Fixed: the new version applies.
+        std::fs::write(&path, policies(2, 81)).unwrap();
+        assert_eq!(source.scan().unwrap().policies.len(), 2);
+        // A new file that is broken from the start applies what stands in front of the error.
+        let fresh = policies(2, 80).replacen("kind: NetworkPolicy", "kind: [NetworkPolicy", 2);
+        std::fs::write(tmp.0.join("fresh.yaml"), fresh).unwrap();
+        assert_eq!(source.scan().unwrap().policies.len(), 2);
+        // Deleting the broken file removes what it held.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(source.scan().unwrap().policies.len(), 0);
     }
 
     #[test]

@@ -216,6 +216,14 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<Object, ParseErro
     out
 }
 
+impl ParseError {
+    /// Whether the error concerns the whole file rather than one document: the file is too large
+    /// or its YAML stream broke, so what the rest of it holds is unknown.
+    pub fn is_whole_file(&self) -> bool {
+        matches!(self, Self::Syntax { .. } | Self::FileTooLarge { .. })
+    }
+}
+
 trait DeserializeFrom: Sized {
     fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error>;
 }
