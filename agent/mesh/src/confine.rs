@@ -24,6 +24,8 @@ pub const CLUSTER_LABEL: &str = "weir.io/cluster";
 /// Why something a peer sent was refused. Also the index of its counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Refusal {
+    /// A session whose Hello names another cluster than the peer's certificate.
+    Impersonation,
     /// An endpoint address outside the peer's allowed prefixes.
     AddressOutsidePrefixes,
     /// An endpoint address inside our own pod prefixes.
@@ -51,7 +53,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 12] = [
+    pub const ALL: [Refusal; 13] = [
+        Refusal::Impersonation,
         Refusal::AddressOutsidePrefixes,
         Refusal::AddressOurs,
         Refusal::AddressThirdCluster,
@@ -69,6 +72,7 @@ impl Refusal {
     /// A stable name for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Refusal::Impersonation => "impersonation",
             Refusal::AddressOutsidePrefixes => "address_outside_prefixes",
             Refusal::AddressOurs => "address_ours",
             Refusal::AddressThirdCluster => "address_third_cluster",

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod codec;
 pub mod confine;
 pub mod export;
+pub mod link;
 pub mod sync;
 pub mod tls;
 pub mod transport;
