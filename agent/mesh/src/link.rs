@@ -443,10 +443,15 @@ impl Link {
                         cursor = exporter.version();
                         exporter.catch_up(Some(from), max_delta, false)
                     };
+                    let mut failed = None;
                     for f in frames {
                         if let Err(e) = send(&outbound, frame_to_wire(&f)).await {
-                            return Err(e);
+                            failed = Some(e);
+                            break;
                         }
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
                     }
                 }
                 _ = replaced.changed() => break Err(SessionError::Replaced),

@@ -414,7 +414,8 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
 
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut evil = Evil::new(&lab, &west, "mallory");
-    let cases: Vec<(&str, Vec<(String, Export)>, Refusal)> = vec![
+    type Case = (&'static str, Vec<(String, Export)>, Refusal);
+    let cases: Vec<Case> = vec![
         (
             "our address",
             vec![endpoint("10.244.3.3", 300)],
