@@ -265,6 +265,7 @@ impl Link {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         let wanted: BTreeMap<String, PeerSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let before = peers.len();
         peers.retain(|name, peer| {
             let keep = wanted.contains_key(name);
             if !keep {
@@ -298,8 +299,11 @@ impl Link {
             peers.insert(name, Arc::clone(&peer));
             added.push(peer);
         }
+        let removed = before + added.len() != peers.len();
         drop(peers);
-        self.imports.send_modify(|v| *v += 1);
+        if removed || !added.is_empty() {
+            self.imports.send_modify(|v| *v += 1);
+        }
         added
     }
 

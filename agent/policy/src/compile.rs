@@ -105,7 +105,7 @@ impl Resolver<'_> {
         let r: Rc<Vec<String>> = Rc::new(
             self.namespaces
                 .iter()
-                .filter(|ns| sel.matches(&self.state.namespace_labels(ns)))
+                .filter(|ns| sel.matches_namespace(&self.state.namespace_labels(ns)))
                 .cloned()
                 .collect(),
         );

@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use super::{Namespace, NetworkPolicy, Node, Object, Pod};
+use super::{MeshPeer, Namespace, NetworkPolicy, Node, Object, Pod};
 
 /// Why one document (or one item of a `List`) could not be read. Every variant names the file
 /// (`origin`) and the document's index in it (from 0); items of a `List` also their index.
@@ -33,7 +33,7 @@ pub enum ParseError {
         item: ItemIndex,
     },
     #[error(
-        "{origin}: document {document}{item}: unsupported kind `{kind}` (apiVersion `{api_version}`); Weir reads v1 Namespace, Pod, Node, List and networking.k8s.io/v1 NetworkPolicy"
+        "{origin}: document {document}{item}: unsupported kind `{kind}` (apiVersion `{api_version}`); Weir reads v1 Namespace, Pod, Node, List, networking.k8s.io/v1 NetworkPolicy and weir.io/v1alpha1 MeshPeer"
     )]
     UnknownKind {
         origin: String,
@@ -207,6 +207,10 @@ fn read_value(
         ("v1", "Node") => typed("Node").and_then(|()| {
             let n: Node = from_value(value).map_err(|e| shape("Node", e))?;
             Ok(Object::Node(n))
+        }),
+        ("weir.io/v1alpha1", "MeshPeer") => typed("MeshPeer").and_then(|()| {
+            let p: MeshPeer = from_value(value).map_err(|e| shape("MeshPeer", e))?;
+            Ok(Object::MeshPeer(p))
         }),
         ("networking.k8s.io/v1", "NetworkPolicy") => typed("NetworkPolicy").and_then(|()| {
             let mut p: NetworkPolicy = from_value(value).map_err(|e| shape("NetworkPolicy", e))?;
