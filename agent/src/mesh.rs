@@ -332,7 +332,7 @@ impl Gateway {
         let incoming = transport::incoming(listener, Arc::new(config));
         let service = link.service();
         tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
+            if let Err(e) = transport::server()
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await

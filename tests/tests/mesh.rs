@@ -433,6 +433,25 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
         tcp_ok(&client, server_ip) && !tcp_ok(&intruder, server_ip)
     });
 
+    // The WAN down for 10 s (the scenario's length, not a wait for state): nothing imported is
+    // deleted meanwhile, and traffic resumes by itself once it is back.
+    wan.ip(&["link", "set", "w0", "down"]);
+    thread::sleep(Duration::from_secs(10));
+    assert!(!tcp_ok(&client, server_ip), "the WAN is down");
+    let import = std::fs::read_to_string(east.dirs.state.join("mesh/west.json")).unwrap();
+    assert!(
+        import.contains(&client_ip.to_string()),
+        "west's client is still imported while the link is down"
+    );
+    wan.ip(&["link", "set", "w0", "up"]);
+    eventually("traffic resumes after the link is back", wait, || {
+        tcp_ok(&client, server_ip) && tcp_ok(&server, client_ip)
+    });
+    assert!(
+        !tcp_ok(&intruder, server_ip),
+        "the intruder is still denied"
+    );
+
     // A gateway agent killed with SIGKILL: its successor restores the import before it
     // enforces, so the allowed client is allowed again without waiting for west.
     let east_agent = {

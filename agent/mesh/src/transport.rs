@@ -145,6 +145,15 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// The gRPC server for [`incoming`] connections. HTTP/2 keepalive closes a connection whose
+/// peer went silent (link down), so its streams, and the packets queued for them, move to the
+/// peer's next session instead of waiting for TCP to give up.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+}
+
 /// A gRPC channel to a peer's gateway at `addr`, over TLS towards `config` (which checks that
 /// the certificate names the peer). Connects lazily and reconnects on failure.
 pub fn channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
