@@ -8,5 +8,9 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .compile_protos(&["weir/agent/v1/agent.proto"], &["."])
         .context("compiling proto/weir/agent/v1/agent.proto")?;
+    tonic_prost_build::configure()
+        .bytes(".weir.mesh.v1.PacketBatch.records")
+        .compile_protos(&["weir/mesh/v1/mesh.proto"], &["."])
+        .context("compiling proto/weir/mesh/v1/mesh.proto")?;
     Ok(())
 }

@@ -113,6 +113,8 @@ pub struct RunArgs {
     /// Seconds a CNI ADD waits for its Pod object before failing with "try again later".
     #[arg(long, env = "WEIR_POD_WAIT_SECONDS", default_value_t = 10)]
     pub pod_wait_seconds: u64,
+    #[command(flatten)]
+    pub mesh: crate::mesh::MeshArgs,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,8 @@ pub mod endpoints;
 pub mod flows;
 pub mod health;
 pub mod ipam;
+pub mod mesh;
+pub mod mesh_tun;
 pub mod node;
 pub mod overlay;
 pub mod persist;

@@ -17,6 +17,7 @@ use weir_agent::{
     datapath::{events::read_events, loader},
     health::{self, Health},
     ipam::Ipam,
+    mesh::Gateway,
     node,
     overlay::Overlay,
     routes::{NodeRoutes, desired_routes},
@@ -166,9 +167,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         NodePeers::None
     };
-    peers.sync(&desired_routes(&first_state, &node_name)).await;
+    // Mesh gateway role (Node label mesh.weir.io/gateway=true): its imports, restored from the
+    // state directory, are part of the very first state the datapath reconciles.
+    let gateway = Gateway::start_if_gateway(&args.mesh, &first_state, &node_name, &state_dir)
+        .await
+        .context("starting the mesh gateway role")?;
+    if let Some(gateway) = &gateway {
+        gateway.observe(&first_state).await;
+    }
+    peers
+        .sync(&node_and_mesh_routes(&first_state, &node_name))
+        .await;
     health.source.observe_state(&first_state);
-    runtime.set_cluster_state(first_state);
+    runtime.set_cluster_state(with_imports(&first_state, gateway.as_deref()));
+    let mut last_state = first_state;
     let mut states_rx = match source {
         Source::Manifests(source) => {
             let (states_tx, states_rx) = mpsc::channel(4);
@@ -184,11 +196,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_runtime = runtime.clone();
     let state_health = health.clone();
     let routes_node = node_name.clone();
+    let mut imports = gateway.as_ref().map(|g| g.subscribe_imports());
     tokio::spawn(async move {
-        while let Some(state) = states_rx.recv().await {
-            state_health.source.observe_state(&state);
-            peers.sync(&desired_routes(&state, &routes_node)).await;
-            state_runtime.set_cluster_state(state);
+        loop {
+            tokio::select! {
+                state = states_rx.recv() => {
+                    let Some(state) = state else { break };
+                    state_health.source.observe_state(&state);
+                    peers.sync(&node_and_mesh_routes(&state, &routes_node)).await;
+                    if let Some(gateway) = &gateway {
+                        gateway.observe(&state).await;
+                    }
+                    last_state = state;
+                }
+                () = imports_changed(&mut imports) => {}
+            }
+            state_runtime.set_cluster_state(with_imports(&last_state, gateway.as_deref()));
         }
     });
 
@@ -202,6 +225,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("serving the agent API")?;
     tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
     Ok(())
+}
+
+/// Routes to other nodes' pods and, on nodes that are not mesh gateways, to peer clusters'
+/// prefixes via a gateway node.
+fn node_and_mesh_routes(
+    state: &ClusterState,
+    node_name: &str,
+) -> std::collections::BTreeMap<ipnet::IpNet, std::net::IpAddr> {
+    let mut routes = desired_routes(state, node_name);
+    routes.extend(weir_agent::mesh::gateway_routes(state, node_name));
+    routes
+}
+
+/// The state the compiler sees: the source's, plus what mesh peers export (on gateways).
+fn with_imports(state: &ClusterState, gateway: Option<&Gateway>) -> ClusterState {
+    match gateway {
+        Some(g) => weir_agent::mesh::merge_imports(state, &g.imports()),
+        None => state.clone(),
+    }
+}
+
+/// Resolves when a mesh peer's import changed; never without a gateway.
+async fn imports_changed(imports: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = imports
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Where the cluster state comes from after the first one.

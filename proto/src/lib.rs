@@ -9,3 +9,10 @@ pub mod agent {
         tonic::include_proto!("weir.agent.v1");
     }
 }
+
+/// The mesh link between gateways of two clusters (mTLS).
+pub mod mesh {
+    pub mod v1 {
+        tonic::include_proto!("weir.mesh.v1");
+    }
+}

@@ -91,6 +91,7 @@ struct Install {
     bindings: Vec<ClusterRoleBinding>,
     config_maps: BTreeMap<String, ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
 }
 
 fn install() -> Install {
@@ -116,6 +117,9 @@ fn install() -> Install {
                 install.bindings.push(typed(&origin, &value))
             }
             ("apps/v1", "DaemonSet") => install.daemon_sets.push(typed(&origin, &value)),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                install.crds.push(typed(&origin, &value))
+            }
             other => panic!("{origin}: unexpected kind {other:?}"),
         }
     }
@@ -518,4 +522,21 @@ fn the_containerfile_ships_both_binaries_where_the_daemonset_runs_them() {
     assert!(text.contains("/usr/local/bin/"));
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
     assert_eq!(stages, 2, "multi-stage: build, then a small runtime image");
+}
+
+#[test]
+fn the_meshpeer_crd_is_the_kind_the_agent_reads() {
+    let install = install();
+    assert_eq!(install.crds.len(), 1);
+    let crd = &install.crds[0];
+    assert_eq!(crd.spec.names.kind, "MeshPeer");
+    assert_eq!(crd.spec.group, "weir.io");
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert!(
+        crd.spec
+            .versions
+            .iter()
+            .any(|v| v.name == "v1alpha1" && v.served && v.storage),
+        "weir.io/v1alpha1 is served and stored"
+    );
 }

@@ -107,7 +107,7 @@ impl Resolver<'_> {
                 .iter()
                 .filter(|ns| {
                     self.state.namespace_selectable(ns)
-                        && sel.matches(&self.state.namespace_labels(ns))
+                        && sel.matches_namespace(&self.state.namespace_labels(ns))
                 })
                 .cloned()
                 .collect(),

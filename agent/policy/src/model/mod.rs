@@ -1,10 +1,12 @@
 //! Kubernetes objects as the compiler reads them, and the cluster state they add up to.
 
+mod mesh_peer;
 mod objects;
 mod parse;
 
 use std::collections::BTreeMap;
 
+pub use mesh_peer::*;
 pub use objects::*;
 pub use parse::{InvalidObject, MAX_FILE_BYTES, MAX_OBJECT_BYTES, ParseError, parse_documents};
 
@@ -48,6 +50,7 @@ pub enum Object {
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     Node(Node),
+    MeshPeer(MeshPeer),
 }
 
 /// Which object an [`Object`] is: its kind and key, for removal and duplicate detection.
@@ -57,6 +60,7 @@ pub enum ObjectRef {
     Pod(ObjectKey),
     NetworkPolicy(ObjectKey),
     Node(String),
+    MeshPeer(String),
 }
 
 impl std::fmt::Display for ObjectRef {
@@ -66,6 +70,7 @@ impl std::fmt::Display for ObjectRef {
             ObjectRef::Pod(k) => write!(f, "Pod {k}"),
             ObjectRef::NetworkPolicy(k) => write!(f, "NetworkPolicy {k}"),
             ObjectRef::Node(n) => write!(f, "Node {n}"),
+            ObjectRef::MeshPeer(n) => write!(f, "MeshPeer {n}"),
         }
     }
 }
@@ -87,6 +92,7 @@ impl Object {
             Object::Pod(p) => ObjectRef::Pod(key_of(&p.metadata)),
             Object::NetworkPolicy(p) => ObjectRef::NetworkPolicy(key_of(&p.metadata)),
             Object::Node(n) => ObjectRef::Node(n.metadata.name.clone()),
+            Object::MeshPeer(p) => ObjectRef::MeshPeer(p.metadata.name.clone()),
         }
     }
 }
@@ -98,6 +104,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pub nodes: BTreeMap<String, Node>,
+    /// Peer clusters of the mesh link (read by gateways; the compiler does not use them).
+    pub mesh_peers: BTreeMap<String, MeshPeer>,
 }
 
 impl ClusterState {
@@ -123,6 +131,9 @@ impl ClusterState {
             Object::Node(n) => {
                 self.nodes.insert(n.metadata.name.clone(), n);
             }
+            Object::MeshPeer(p) => {
+                self.mesh_peers.insert(p.metadata.name.clone(), p);
+            }
         }
     }
 
@@ -133,6 +144,7 @@ impl ClusterState {
             ObjectRef::Pod(k) => self.pods.remove(k).is_some(),
             ObjectRef::NetworkPolicy(k) => self.policies.remove(k).is_some(),
             ObjectRef::Node(n) => self.nodes.remove(n).is_some(),
+            ObjectRef::MeshPeer(n) => self.mesh_peers.remove(n).is_some(),
         }
     }
 

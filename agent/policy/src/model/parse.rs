@@ -28,9 +28,11 @@
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-use super::{LabelSelector, Namespace, NetworkPolicy, Node, Object, Pod, Problem};
+use super::{LabelSelector, MeshPeer, Namespace, NetworkPolicy, Node, Object, Pod, Problem};
 use crate::names;
 
+/// The apiVersion of Weir's own MeshPeer kind.
+const MESH_PEER_API_VERSION: &str = "weir.io/v1alpha1";
 /// Largest manifest file read (bytes). Files are read whole, so this also bounds the memory
 /// one file can make the agent use.
 pub const MAX_FILE_BYTES: usize = 16 << 20;
@@ -68,7 +70,7 @@ pub enum ParseError {
         item: ItemIndex,
     },
     #[error(
-        "{origin}: document {document}{item}: unsupported kind `{kind}` (apiVersion `{api_version}`); Weir reads v1 Namespace, Pod, Node, List and networking.k8s.io/v1 NetworkPolicy"
+        "{origin}: document {document}{item}: unsupported kind `{kind}` (apiVersion `{api_version}`); Weir reads v1 Namespace, Pod, Node, List, networking.k8s.io/v1 NetworkPolicy and weir.io/v1alpha1 MeshPeer"
     )]
     UnknownKind {
         origin: String,
@@ -301,6 +303,7 @@ fn read_value(
         "Namespace" => "Namespace",
         "Pod" => "Pod",
         "Node" => "Node",
+        "MeshPeer" => "MeshPeer",
         "NetworkPolicy" => {
             out.push(network_policy(value, &api_version, &at));
             return;
@@ -316,14 +319,19 @@ fn read_value(
             return;
         }
     };
-    if api_version != "v1" {
+    let expected = if kind == "MeshPeer" {
+        MESH_PEER_API_VERSION
+    } else {
+        "v1"
+    };
+    if api_version != expected {
         out.push(Err(ParseError::ApiVersion {
             origin: origin.to_owned(),
             document,
             item: at.item,
             kind,
             api_version,
-            expected: "v1",
+            expected,
         }));
         return;
     }
@@ -410,6 +418,16 @@ fn read_value(
             Ok(p) => {
                 let meta = p.metadata.clone();
                 (Object::Pod(p), meta)
+            }
+            Err(e) => {
+                out.push(Err(shape(e)));
+                return;
+            }
+        },
+        "MeshPeer" => match from_value::<MeshPeer>(value) {
+            Ok(p) => {
+                let meta = p.metadata.clone();
+                (Object::MeshPeer(p), meta)
             }
             Err(e) => {
                 out.push(Err(shape(e)));

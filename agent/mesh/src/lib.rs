@@ -1,0 +1,17 @@
+//! The mesh link between Weir clusters: what a gateway exports and imports, how packets travel
+//! between gateways, and what a peer with a valid certificate is still not allowed to do.
+//!
+//! - [`sync`]: the versioned export/import protocol as pure state machines (resume after a
+//!   reconnect, full resync ended by a "synced" marker, nothing deleted before it).
+//! - [`export`]: the synced entries (identities, endpoints) and their wire form.
+//! - [`confine`]: the checks that confine a peer, and refusal counters by reason.
+//! - [`codec`]: the records of a packet batch.
+
+pub mod certs;
+pub mod codec;
+pub mod confine;
+pub mod export;
+pub mod link;
+pub mod sync;
+pub mod tls;
+pub mod transport;

@@ -1,0 +1,944 @@
+//! One gateway's side of the mesh link: its peers, the Sync sessions that move [`Frame`]s
+//! between our [`Exporter`] and their [`Importer`] (and back), and the Tunnel streams that carry
+//! packets. Serves `MeshLink` to peers that dial us and dials the peers whose name sorts after
+//! ours (so each pair has one session); a new session of a peer replaces its old one.
+//!
+//! Everything a peer sends is checked by [`confine`](crate::confine) and refused whole, counted
+//! by reason and logged; a refused delta is NACKed and ends the session (the dialer retries with
+//! backoff). Imported state is persisted per peer in `<state dir>/mesh/<peer>.json` and restored
+//! when the peer is configured again, so an agent restart drops nothing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt as _};
+use ipnet::IpNet;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::mesh::v1::{self as pb, mesh_link_client::MeshLinkClient, mesh_link_server};
+
+use crate::{
+    codec::{self, encode_record},
+    confine::{self, PeerBounds, Refusal, RefusalCounters},
+    export::{Export, IdentityExport},
+    sync::{Delta, Exporter, Frame, ImportError, Importer, Limits, Resume},
+    transport::PeerCluster,
+};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Changes kept for resuming sessions by delta instead of snapshot.
+const HISTORY_LIMIT: usize = 65_536;
+/// Batches queued towards one peer before further packets are dropped (and counted).
+const TX_QUEUE: usize = 64;
+/// A batch is sent once it holds this much (or the TUN has nothing more to read).
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// What a MeshPeer says about one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The peer's cluster name, as in its certificate.
+    pub name: String,
+    /// Its gateways.
+    pub endpoints: Vec<SocketAddr>,
+    /// Its `allowedPrefixes`, with ours and other peers' (for the confinement checks).
+    pub bounds: PeerBounds,
+    /// How long imported state is kept while no session is up.
+    pub stale_ttl: Duration,
+}
+
+/// What we hold of one peer's exports, indexed for the datapath and the compiler.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportView {
+    pub cluster: String,
+    pub identities: BTreeMap<u32, IdentityExport>,
+    /// Exported address → identity id.
+    pub endpoints: HashMap<IpAddr, u32>,
+}
+
+impl ImportView {
+    fn build(cluster: &str, entries: &BTreeMap<String, Export>) -> Self {
+        let mut view = ImportView {
+            cluster: cluster.to_owned(),
+            ..Self::default()
+        };
+        for e in entries.values() {
+            match e {
+                Export::Identity(i) => {
+                    view.identities.insert(i.id, i.clone());
+                }
+                Export::Endpoint(ep) => {
+                    view.endpoints.insert(ep.addr, ep.identity);
+                }
+            }
+        }
+        view
+    }
+}
+
+/// Counters of the data plane of one peer.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
+    /// Dropped because the queue towards the peer was full.
+    pub tx_queue_full: AtomicU64,
+}
+
+/// One configured peer.
+pub struct Peer {
+    spec: RwLock<PeerSpec>,
+    exporter: Mutex<Exporter<Export>>,
+    export_version: watch::Sender<u64>,
+    importer: Mutex<Importer<Export>>,
+    view: RwLock<Arc<ImportView>>,
+    pub refusals: RefusalCounters,
+    pub tunnel: TunnelCounters,
+    /// Bumped by every new session; older sessions of the peer end when they see it change.
+    session: watch::Sender<u64>,
+    tx: mpsc::Sender<Bytes>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+}
+
+impl Peer {
+    pub fn name(&self) -> String {
+        self.spec
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .name
+            .clone()
+    }
+
+    pub fn view(&self) -> Arc<ImportView> {
+        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.importer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_synced()
+    }
+
+    /// What we export to this peer now.
+    pub fn exported(&self) -> BTreeMap<String, Export> {
+        self.exporter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries()
+            .clone()
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the peer sent no Hello first")]
+    NoHello,
+    #[error("the peer's Hello names cluster {claimed}, but its certificate names {certified}")]
+    NameMismatch { claimed: String, certified: String },
+    #[error("protocol version {0} is not supported (we speak {PROTOCOL_VERSION})")]
+    Version(u32),
+    #[error("refused the peer's {what}: {reason}")]
+    Refused { what: String, reason: String },
+    #[error("the peer refused our {0}")]
+    Nacked(String),
+    #[error("stream: {0}")]
+    Stream(#[from] Status),
+    #[error("the stream ended")]
+    Ended,
+    #[error("replaced by a newer session of the same peer")]
+    Replaced,
+}
+
+/// A gateway's mesh link.
+pub struct Link {
+    local_cluster: String,
+    limits: Limits,
+    state_dir: Option<PathBuf>,
+    incarnation: u64,
+    peers: RwLock<BTreeMap<String, Arc<Peer>>>,
+    /// Bumped whenever any peer's import view changes.
+    imports: watch::Sender<u64>,
+    /// Our pod prefixes: the only destinations received packets are delivered to.
+    local_pod_prefixes: RwLock<Vec<IpNet>>,
+    /// Where received, checked packets go (the TUN writer).
+    deliver: mpsc::Sender<Bytes>,
+}
+
+/// A random u64 from the kernel (incarnations and session ids need no more).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    u64::from_le_bytes(b) ^ t
+}
+
+impl Link {
+    /// A link for `local_cluster` (the name in our certificate). Received packets that pass
+    /// the checks are sent to `deliver`.
+    pub fn new(
+        local_cluster: impl Into<String>,
+        limits: Limits,
+        state_dir: Option<PathBuf>,
+        deliver: mpsc::Sender<Bytes>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            local_cluster: local_cluster.into(),
+            limits,
+            state_dir,
+            incarnation: random_u64(),
+            peers: RwLock::new(BTreeMap::new()),
+            imports: watch::Sender::new(0),
+            local_pod_prefixes: RwLock::new(Vec::new()),
+            deliver,
+        })
+    }
+
+    pub fn local_cluster(&self) -> &str {
+        &self.local_cluster
+    }
+
+    /// Notified whenever an import view changes.
+    pub fn subscribe_imports(&self) -> watch::Receiver<u64> {
+        self.imports.subscribe()
+    }
+
+    pub fn peer(&self, name: &str) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn peer_spec(&self, name: &str) -> Option<PeerSpec> {
+        self.peer(name)
+            .map(|p| p.spec.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every peer's import view.
+    pub fn imports(&self) -> Vec<Arc<ImportView>> {
+        self.peers().iter().map(|p| p.view()).collect()
+    }
+
+    pub fn set_local_pod_prefixes(&self, prefixes: Vec<IpNet>) {
+        *self
+            .local_pod_prefixes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = prefixes;
+    }
+
+    fn state_path(&self, peer: &str) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join("mesh").join(format!("{peer}.json")))
+    }
+
+    /// Configures the peers (the MeshPeer objects). New peers start with the import persisted
+    /// for them, if any; removed peers are forgotten with their import (and its file). Returns
+    /// the peers that are new.
+    pub fn set_peers(&self, specs: Vec<PeerSpec>) -> Vec<Arc<Peer>> {
+        let mut added = Vec::new();
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let wanted: BTreeMap<String, PeerSpec> =
+            specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let before = peers.len();
+        peers.retain(|name, peer| {
+            let keep = wanted.contains_key(name);
+            if !keep {
+                peer.session.send_modify(|s| *s += 1);
+                if let Some(path) = self.state_path(name) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            keep
+        });
+        for (name, spec) in wanted {
+            if let Some(peer) = peers.get(&name) {
+                *peer.spec.write().unwrap_or_else(|p| p.into_inner()) = spec;
+                continue;
+            }
+            let importer = self.restore(&name);
+            let view = ImportView::build(&name, importer.entries());
+            let (tx, rx) = mpsc::channel(TX_QUEUE);
+            let peer = Arc::new(Peer {
+                spec: RwLock::new(spec),
+                exporter: Mutex::new(Exporter::new(self.incarnation, HISTORY_LIMIT)),
+                export_version: watch::Sender::new(0),
+                importer: Mutex::new(importer),
+                view: RwLock::new(Arc::new(view)),
+                refusals: RefusalCounters::default(),
+                tunnel: TunnelCounters::default(),
+                session: watch::Sender::new(0),
+                tx,
+                rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            });
+            peers.insert(name, Arc::clone(&peer));
+            added.push(peer);
+        }
+        let removed = before + added.len() != peers.len();
+        drop(peers);
+        if removed || !added.is_empty() {
+            self.imports.send_modify(|v| *v += 1);
+        }
+        added
+    }
+
+    fn restore(&self, peer: &str) -> Importer<Export> {
+        let Some(path) = self.state_path(peer) else {
+            return Importer::new();
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(importer) => {
+                    tracing::info!(peer, path = %path.display(), "restored the import of a mesh peer");
+                    importer
+                }
+                Err(e) => {
+                    tracing::warn!(peer, path = %path.display(), error = %e, "unreadable mesh import; starting empty");
+                    Importer::new()
+                }
+            },
+            Err(_) => Importer::new(),
+        }
+    }
+
+    fn persist(&self, peer: &str, importer: &Importer<Export>) {
+        let Some(path) = self.state_path(peer) else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(importer)?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(peer, path = %path.display(), error = %e, "could not persist the mesh import");
+        }
+    }
+
+    /// Sets what we export to `peer`. Sessions send the change at once.
+    pub fn set_exports(&self, peer: &str, entries: BTreeMap<String, Export>) {
+        let Some(p) = self.peer(peer) else { return };
+        let version = {
+            let mut exporter = p.exporter.lock().unwrap_or_else(|e| e.into_inner());
+            exporter.replace_all(entries);
+            exporter.version()
+        };
+        p.export_version.send_replace(version);
+    }
+
+    /// Runs one Sync session with `peer` over `inbound`/`outbound` until it ends.
+    pub async fn session(
+        self: &Arc<Self>,
+        peer: Arc<Peer>,
+        certified: &str,
+        mut inbound: Pin<Box<dyn Stream<Item = Result<pb::SyncFrame, Status>> + Send>>,
+        outbound: mpsc::Sender<pb::SyncFrame>,
+    ) -> Result<(), SessionError> {
+        let session_id = format!("{:016x}", random_u64());
+        let mut replaced = peer.session.subscribe();
+        peer.session.send_modify(|s| *s += 1);
+        replaced.mark_unchanged();
+        let resume = peer
+            .importer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume();
+        let hello = pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster_name: self.local_cluster.clone(),
+            session_id: session_id.clone(),
+            resume: resume.map(|r| pb::Resume {
+                incarnation: r.incarnation,
+                version: r.version,
+            }),
+            limits: Some(pb::Limits {
+                max_entries: self.limits.max_entries as u32,
+                max_delta_entries: self.limits.max_delta_entries as u32,
+            }),
+        };
+        send(&outbound, pb::sync_frame::Kind::Hello(hello)).await?;
+        let theirs = match inbound.next().await {
+            Some(Ok(pb::SyncFrame {
+                kind: Some(pb::sync_frame::Kind::Hello(h)),
+            })) => h,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(SessionError::Ended),
+            Some(Ok(_)) => return Err(SessionError::NoHello),
+        };
+        if theirs.cluster_name != certified {
+            peer.refusals.count(Refusal::Impersonation);
+            tracing::warn!(peer = certified, claimed = %theirs.cluster_name, "refused a mesh session whose Hello names another cluster");
+            return Err(SessionError::NameMismatch {
+                claimed: theirs.cluster_name,
+                certified: certified.to_owned(),
+            });
+        }
+        if theirs.protocol_version != PROTOCOL_VERSION {
+            return Err(SessionError::Version(theirs.protocol_version));
+        }
+        tracing::info!(peer = certified, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        // The peer's limits on what we send, never above our own defaults.
+        let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
+            (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
+        });
+        let their_resume = theirs.resume.map(|r| Resume {
+            incarnation: r.incarnation,
+            version: r.version,
+        });
+        let mut versions = peer.export_version.subscribe();
+        let (frames, mut cursor) = {
+            let exporter = peer.exporter.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                exporter.catch_up(their_resume, max_delta, true),
+                exporter.version(),
+            )
+        };
+        versions.mark_unchanged();
+        for f in frames {
+            send(&outbound, frame_to_wire(&f)).await?;
+        }
+        let result = loop {
+            tokio::select! {
+                frame = inbound.next() => {
+                    let frame = match frame {
+                        Some(Ok(f)) => f,
+                        Some(Err(e)) => break Err(e.into()),
+                        None => break Err(SessionError::Ended),
+                    };
+                    if let Err(e) = self.receive(&peer, certified, frame, &outbound).await {
+                        break Err(e);
+                    }
+                }
+                changed = versions.changed() => {
+                    if changed.is_err() {
+                        break Err(SessionError::Ended);
+                    }
+                    let frames = {
+                        let exporter = peer.exporter.lock().unwrap_or_else(|p| p.into_inner());
+                        let from = Resume { incarnation: exporter.incarnation(), version: cursor };
+                        cursor = exporter.version();
+                        exporter.catch_up(Some(from), max_delta, false)
+                    };
+                    let mut failed = None;
+                    for f in frames {
+                        if let Err(e) = send(&outbound, frame_to_wire(&f)).await {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
+                }
+                _ = replaced.changed() => break Err(SessionError::Replaced),
+            }
+        };
+        peer.importer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .disconnected();
+        self.expire_later(&peer);
+        result
+    }
+
+    /// Applies one frame from the peer; answers deltas with an Ack, or a NACK before failing.
+    async fn receive(
+        &self,
+        peer: &Arc<Peer>,
+        certified: &str,
+        frame: pb::SyncFrame,
+        outbound: &mpsc::Sender<pb::SyncFrame>,
+    ) -> Result<(), SessionError> {
+        use pb::sync_frame::Kind;
+        let frame = match frame.kind {
+            Some(Kind::Ack(ack)) => {
+                if ack.error.is_empty() {
+                    return Ok(());
+                }
+                tracing::warn!(peer = certified, error = %ack.error, "the peer refused our exports");
+                return Err(SessionError::Nacked(ack.error));
+            }
+            Some(Kind::Hello(_)) | None => {
+                return self
+                    .refuse(
+                        peer,
+                        certified,
+                        Refusal::OutOfOrder,
+                        "a second Hello or an empty frame".into(),
+                        0,
+                        0,
+                        outbound,
+                    )
+                    .await;
+            }
+            Some(Kind::Snapshot(s)) => Frame::Snapshot {
+                incarnation: s.incarnation,
+                version: s.version,
+            },
+            Some(Kind::Synced(s)) => Frame::Synced {
+                incarnation: s.incarnation,
+                version: s.version,
+            },
+            Some(Kind::Delta(d)) => match delta_from_wire(&d) {
+                Ok(delta) => Frame::Delta(delta),
+                Err(reason) => {
+                    return self
+                        .refuse(
+                            peer,
+                            certified,
+                            Refusal::MalformedEntry,
+                            reason,
+                            d.incarnation,
+                            d.version,
+                            outbound,
+                        )
+                        .await;
+                }
+            },
+        };
+        let (incarnation, version) = match &frame {
+            Frame::Snapshot {
+                incarnation,
+                version,
+            }
+            | Frame::Synced {
+                incarnation,
+                version,
+            } => (*incarnation, *version),
+            Frame::Delta(d) => (d.incarnation, d.version),
+        };
+        let bounds = peer
+            .spec
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .bounds
+            .clone();
+        let outcome = {
+            let mut importer = peer.importer.lock().unwrap_or_else(|p| p.into_inner());
+            let applied = importer.apply(&frame, &self.limits, |name, export| {
+                confine::check_export(name, export, &bounds)
+            });
+            match applied {
+                Ok(applied) => {
+                    let in_snapshot = importer.resume().is_none();
+                    if !applied.changed.is_empty() || applied.synced {
+                        if !applied.changed.is_empty() {
+                            *peer.view.write().unwrap_or_else(|p| p.into_inner()) =
+                                Arc::new(ImportView::build(certified, importer.entries()));
+                        }
+                        if !in_snapshot {
+                            self.persist(certified, &importer);
+                        }
+                    }
+                    Ok(!applied.changed.is_empty())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match outcome {
+            Ok(changed) => {
+                if changed {
+                    self.imports.send_modify(|v| *v += 1);
+                }
+                if !matches!(frame, Frame::Snapshot { .. }) {
+                    send(
+                        outbound,
+                        Kind::Ack(pb::Ack {
+                            incarnation,
+                            version,
+                            error: String::new(),
+                        }),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let reason = match &e {
+                    ImportError::Refused { reason, .. } => *reason,
+                    ImportError::DeltaTooLarge { .. } | ImportError::TooManyEntries { .. } => {
+                        Refusal::Limit
+                    }
+                    ImportError::Duplicate { .. } => Refusal::MalformedEntry,
+                    _ => Refusal::OutOfOrder,
+                };
+                self.refuse(
+                    peer,
+                    certified,
+                    reason,
+                    e.to_string(),
+                    incarnation,
+                    version,
+                    outbound,
+                )
+                .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse(
+        &self,
+        peer: &Peer,
+        certified: &str,
+        reason: Refusal,
+        text: String,
+        incarnation: u64,
+        version: u64,
+        outbound: &mpsc::Sender<pb::SyncFrame>,
+    ) -> Result<(), SessionError> {
+        peer.refusals.count(reason);
+        tracing::warn!(peer = certified, %reason, error = %text, "refused a delta from a mesh peer; closing the session");
+        let _ = send(
+            outbound,
+            pb::sync_frame::Kind::Ack(pb::Ack {
+                incarnation,
+                version,
+                error: format!("{reason}: {text}"),
+            }),
+        )
+        .await;
+        Err(SessionError::Refused {
+            what: "delta".into(),
+            reason: format!("{reason}: {text}"),
+        })
+    }
+
+    /// Deletes the peer's import if no session has come back after its stale TTL.
+    fn expire_later(self: &Arc<Self>, peer: &Arc<Peer>) {
+        let ttl = peer
+            .spec
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale_ttl;
+        let mut sessions = peer.session.subscribe();
+        sessions.mark_unchanged();
+        let link = Arc::clone(self);
+        let peer = Arc::clone(peer);
+        tokio::spawn(async move {
+            if tokio::time::timeout(ttl, sessions.changed()).await.is_ok() {
+                return;
+            }
+            let name = peer.name();
+            let cleared = {
+                let mut importer = peer.importer.lock().unwrap_or_else(|p| p.into_inner());
+                if importer.is_synced() {
+                    return;
+                }
+                let cleared = importer.clear();
+                *peer.view.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(ImportView::build(&name, importer.entries()));
+                link.persist(&name, &importer);
+                cleared
+            };
+            tracing::warn!(peer = %name, entries = cleared.len(), ttl = ?ttl, "no session within the stale TTL; the peer's import is deleted");
+            link.imports.send_modify(|v| *v += 1);
+        });
+    }
+
+    /// Checks the records of a received batch and delivers the good packets.
+    pub fn receive_batch(&self, peer: &Peer, batch: &Bytes) {
+        let (records, error) = codec::decode_records(batch);
+        let view = peer.view();
+        let local = self
+            .local_pod_prefixes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for r in records {
+            match confine::check_packet(&r.packet, r.src_identity, &view.endpoints, &local) {
+                Ok(()) => {
+                    peer.tunnel.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    if self.deliver.try_send(r.packet).is_err() {
+                        peer.tunnel.tx_queue_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(reason) => {
+                    peer.refusals.count(reason);
+                    tracing::debug!(peer = %view.cluster, %reason, "refused a packet from a mesh peer");
+                }
+            }
+        }
+        if let Some(e) = error {
+            peer.refusals.count(Refusal::MalformedPacket);
+            tracing::debug!(peer = %view.cluster, reason = e.reason(), "a packet batch from a mesh peer was cut short");
+        }
+    }
+
+    /// The peer whose allowed prefixes hold `dst`.
+    pub fn peer_for(&self, dst: &IpAddr) -> Option<Arc<Peer>> {
+        self.peers().into_iter().find(|p| {
+            p.spec
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .bounds
+                .allowed
+                .iter()
+                .any(|n| n.contains(dst))
+        })
+    }
+
+    /// Queues a batch towards `peer`; a full queue drops it (counted), never buffers more.
+    pub fn send_batch(&self, peer: &Peer, batch: Bytes, packets: u64) {
+        match peer.tx.try_send(batch) {
+            Ok(()) => {
+                peer.tunnel.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            }
+            Err(_) => {
+                peer.tunnel
+                    .tx_queue_full
+                    .fetch_add(packets, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The stream of batches queued towards `peer`, for its Tunnel.
+    fn outgoing(peer: &Peer) -> impl Stream<Item = Bytes> + Send + 'static {
+        let rx = Arc::clone(&peer.rx);
+        futures::stream::unfold(rx, |rx| async move {
+            let next = rx.lock().await.recv().await;
+            next.map(|b| (b, rx))
+        })
+    }
+
+    /// Dials `peer` and keeps its Sync session and Tunnel up, with backoff between attempts.
+    pub async fn dial(self: Arc<Self>, peer: Arc<Peer>, config: Arc<rustls::ClientConfig>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let name = peer.name();
+            let endpoints = peer
+                .spec
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .endpoints
+                .clone();
+            if self.peer(&name).is_none_or(|p| !Arc::ptr_eq(&p, &peer)) {
+                return; // the peer was removed
+            }
+            for addr in endpoints {
+                let channel = crate::transport::channel(addr, Arc::clone(&config));
+                let mut client = MeshLinkClient::new(channel);
+                let (tx, rx) = mpsc::channel(64);
+                let started = tokio::time::Instant::now();
+                let inbound = match client
+                    .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        tracing::debug!(peer = %name, %addr, error = %e, "mesh peer not reachable");
+                        continue;
+                    }
+                };
+                let tunnel_link = Arc::clone(&self);
+                let tunnel_peer = Arc::clone(&peer);
+                let mut tunnel_client = client.clone();
+                let tunnel = tokio::spawn(async move {
+                    let out = Self::outgoing(&tunnel_peer)
+                        .map(|records| pb::PacketBatch { seq: 0, records });
+                    if let Ok(resp) = tunnel_client.tunnel(out).await {
+                        let mut inbound = resp.into_inner();
+                        while let Some(Ok(batch)) = inbound.next().await {
+                            tunnel_link.receive_batch(&tunnel_peer, &batch.records);
+                        }
+                    }
+                });
+                let result = self
+                    .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
+                    .await;
+                tunnel.abort();
+                match result {
+                    Err(SessionError::Replaced) => {}
+                    Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
+                    Ok(()) => {}
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The gRPC service peers dial.
+    pub fn service(self: &Arc<Self>) -> mesh_link_server::MeshLinkServer<Service> {
+        mesh_link_server::MeshLinkServer::new(Service {
+            link: Arc::clone(self),
+        })
+        .max_decoding_message_size(8 << 20)
+    }
+}
+
+async fn send(
+    out: &mpsc::Sender<pb::SyncFrame>,
+    kind: pb::sync_frame::Kind,
+) -> Result<(), SessionError> {
+    out.send(pb::SyncFrame { kind: Some(kind) })
+        .await
+        .map_err(|_| SessionError::Ended)
+}
+
+fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
+    use pb::sync_frame::Kind;
+    match f {
+        Frame::Snapshot {
+            incarnation,
+            version,
+        } => Kind::Snapshot(pb::Snapshot {
+            incarnation: *incarnation,
+            version: *version,
+        }),
+        Frame::Synced {
+            incarnation,
+            version,
+        } => Kind::Synced(pb::Synced {
+            incarnation: *incarnation,
+            version: *version,
+        }),
+        Frame::Delta(d) => Kind::Delta(pb::Delta {
+            incarnation: d.incarnation,
+            base_version: d.base_version,
+            version: d.version,
+            upsert: d.upsert.iter().map(|(n, e)| e.to_wire(n)).collect(),
+            remove: d.remove.clone(),
+        }),
+    }
+}
+
+fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
+    let upsert = d
+        .upsert
+        .iter()
+        .map(|r| Export::try_from(r).map(|e| (r.name.clone(), e)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok(Delta {
+        incarnation: d.incarnation,
+        base_version: d.base_version,
+        version: d.version,
+        upsert,
+        remove: d.remove.clone(),
+    })
+}
+
+/// Builds one batch of records; callers flush it when the source has nothing more.
+#[derive(Default)]
+pub struct BatchBuilder {
+    buf: BytesMut,
+    packets: u64,
+}
+
+impl BatchBuilder {
+    pub fn push(&mut self, identity: u32, packet: &[u8]) {
+        encode_record(&mut self.buf, identity, packet);
+        self.packets += 1;
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.buf.len() >= BATCH_BYTES
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets == 0
+    }
+
+    /// The batch so far and its packet count; the builder starts over.
+    pub fn take(&mut self) -> (Bytes, u64) {
+        let packets = std::mem::take(&mut self.packets);
+        (self.buf.split().freeze(), packets)
+    }
+}
+
+/// The `MeshLink` gRPC service.
+pub struct Service {
+    link: Arc<Link>,
+}
+
+impl Service {
+    fn authenticated<T>(&self, req: &Request<T>) -> Result<(String, Arc<Peer>), Status> {
+        let certified = req
+            .extensions()
+            .get::<PeerCluster>()
+            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?
+            .name
+            .clone();
+        let peer = self
+            .link
+            .peer(&certified)
+            .ok_or_else(|| Status::permission_denied(format!("no MeshPeer named {certified}")))?;
+        Ok((certified, peer))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl mesh_link_server::MeshLink for Service {
+    type SyncStream = BoxStream<pb::SyncFrame>;
+    type TunnelStream = BoxStream<pb::PacketBatch>;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<pb::SyncFrame>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (certified, peer) = self.authenticated(&req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let link = Arc::clone(&self.link);
+        tokio::spawn(async move {
+            match link.session(peer, &certified, Box::pin(inbound), tx).await {
+                Err(SessionError::Replaced) | Ok(()) => {}
+                Err(e) => tracing::warn!(peer = %certified, error = %e, "mesh session ended"),
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
+        )))
+    }
+
+    async fn tunnel(
+        &self,
+        req: Request<Streaming<pb::PacketBatch>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let (_, peer) = self.authenticated(&req)?;
+        let mut inbound = req.into_inner();
+        let link = Arc::clone(&self.link);
+        let receiving = Arc::clone(&peer);
+        tokio::spawn(async move {
+            while let Some(Ok(batch)) = inbound.next().await {
+                link.receive_batch(&receiving, &batch.records);
+            }
+        });
+        let out = Link::outgoing(&peer).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+        Ok(Response::new(Box::pin(out)))
+    }
+}

@@ -1,0 +1,177 @@
+//! gRPC over our mutual TLS: the listener (no plaintext one exists) hands tonic connections
+//! whose peer cluster was taken from the certificate during the handshake, and the client dials
+//! a peer's gateway through the same TLS configuration.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, server::Connected};
+
+use crate::tls;
+
+/// The authenticated peer of a connection, in every request's extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCluster {
+    pub name: String,
+    pub remote: SocketAddr,
+}
+
+/// A TLS connection whose peer is authenticated.
+pub struct MeshConn {
+    stream: TlsStream<TcpStream>,
+    peer: PeerCluster,
+}
+
+impl Connected for MeshConn {
+    type ConnectInfo = PeerCluster;
+
+    fn connect_info(&self) -> PeerCluster {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MeshConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// A handshake that does not finish in this time is dropped (a slow or silent client must not
+/// hold a task forever).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and completes the TLS handshake of each in its own task; yields only
+/// authenticated connections. Refused handshakes are logged with the reason and counted.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<Result<MeshConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(16);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%remote, error = %tls::handshake_error(&e), "mesh handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%remote, "mesh handshake timed out");
+                        return;
+                    }
+                };
+                let name = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(tls::cluster_of);
+                let Some(Ok(name)) = name else {
+                    // The verifier already required this; never serve an unnamed peer.
+                    tracing::warn!(%remote, "mesh connection without a cluster name; closed");
+                    return;
+                };
+                let _ = tx
+                    .send(Ok(MeshConn {
+                        stream,
+                        peer: PeerCluster { name, remote },
+                    }))
+                    .await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The gRPC server for [`incoming`] connections. HTTP/2 keepalive closes a connection whose
+/// peer went silent (link down), so its streams, and the packets queued for them, move to the
+/// peer's next session instead of waiting for TCP to give up.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+}
+
+/// A gRPC channel to a peer's gateway at `addr`, over TLS towards `config` (which checks that
+/// the certificate names the peer). Connects lazily and reconnects on failure.
+pub fn channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
+    let connector = TlsConnector::from(config);
+    // The scheme only shapes the URI; the connector below always speaks TLS.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI authority")
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(tls::sni(), tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    }))
+}

@@ -1,0 +1,616 @@
+//! The mesh gateway role of the agent: on a node labelled `mesh.weir.io/gateway=true` (with
+//! `--mesh-cert`/`--mesh-key`), the agent serves the mesh link over mTLS, dials the MeshPeers
+//! whose name sorts after our cluster's, exports what each MeshPeer's export selector chooses,
+//! carries packets between its TUN device and the peers, and feeds what peers export to the
+//! policy compiler as namespaces `<peer>/<namespace>` and pods labelled `weir.io/cluster: <peer>`.
+//! Other nodes route peers' prefixes to a gateway node (see [`gateway_routes`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use clap::Args;
+use ipnet::IpNet;
+use tokio::sync::{mpsc, watch};
+use weir_mesh::{
+    confine::{PeerBounds, packet_addresses},
+    export::{EndpointExport, Export, IdentityExport, endpoint_name, identity_name},
+    link::{BatchBuilder, ImportView, Link, Peer, PeerSpec},
+    sync::Limits,
+    tls::{self, ReloadingIdentity, TrustStore},
+    transport,
+};
+use weir_policy::{
+    model::{
+        CLUSTER_LABEL, ClusterState, GATEWAY_NODE_LABEL, Namespace, ObjectKey, ObjectMeta, Pod,
+        PodIp, PodStatus, ValidMeshPeer,
+    },
+    selector::Selector,
+};
+
+use crate::mesh_tun::{TUN_READ_BUF, Tun, TunError};
+
+/// Flags of the gateway role.
+#[derive(Args, Debug, Clone)]
+pub struct MeshArgs {
+    /// Mesh gateways: this cluster's certificate (PEM, with its chain), naming the cluster in a
+    /// URI SAN `spiffe://<trust domain>/cluster/<name>`. Re-read when the file changes.
+    #[arg(long, env = "WEIR_MESH_CERT")]
+    pub mesh_cert: Option<PathBuf>,
+    /// Mesh gateways: the certificate's private key (PEM).
+    #[arg(long, env = "WEIR_MESH_KEY")]
+    pub mesh_key: Option<PathBuf>,
+    /// Mesh gateways: where peers' gateways connect (TLS 1.3 only; there is no plaintext port).
+    #[arg(long, env = "WEIR_MESH_LISTEN", default_value = "0.0.0.0:4243")]
+    pub mesh_listen: SocketAddr,
+}
+
+/// Why the gateway role could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(
+        "Node {node} is a mesh gateway ({GATEWAY_NODE_LABEL}=true) but --mesh-cert and --mesh-key (WEIR_MESH_CERT, WEIR_MESH_KEY) are not both set"
+    )]
+    NoCertificate { node: String },
+    #[error("mesh certificate: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("mesh certificate: {0}")]
+    Name(#[source] rustls::Error),
+    #[error("listening for mesh peers on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tun(#[from] TunError),
+}
+
+/// Whether the Node object `node` is labelled as a mesh gateway.
+pub fn is_gateway(state: &ClusterState, node: &str) -> bool {
+    state
+        .nodes
+        .get(node)
+        .and_then(|n| n.metadata.labels.get(GATEWAY_NODE_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// The MeshPeers that validate; the others are logged with what to fix.
+fn valid_peers(state: &ClusterState) -> Vec<ValidMeshPeer> {
+    state
+        .mesh_peers
+        .values()
+        .filter_map(|p| match p.validate() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "MeshPeer ignored: no session, no import, no route");
+                None
+            }
+        })
+        .collect()
+}
+
+/// This cluster's pod prefixes: every Node's pod CIDRs.
+fn cluster_prefixes(state: &ClusterState) -> Vec<IpNet> {
+    let mut out = BTreeSet::new();
+    for node in state.nodes.values() {
+        let cidrs = if node.spec.pod_cidrs.is_empty() {
+            node.spec.pod_cidr.iter().cloned().collect()
+        } else {
+            node.spec.pod_cidrs.clone()
+        };
+        out.extend(
+            cidrs
+                .iter()
+                .filter_map(|c| c.parse::<IpNet>().ok().map(|n| n.trunc())),
+        );
+    }
+    out.into_iter().collect()
+}
+
+/// Routes of a node that is not a gateway: every MeshPeer's allowed prefixes via the first
+/// gateway node's InternalIP of the same family. Empty on gateways (they route into the TUN).
+pub fn gateway_routes(state: &ClusterState, node: &str) -> BTreeMap<IpNet, IpAddr> {
+    let mut routes = BTreeMap::new();
+    if is_gateway(state, node) {
+        return routes;
+    }
+    let gateways: Vec<IpAddr> = state
+        .nodes
+        .iter()
+        .filter(|(name, _)| is_gateway(state, name))
+        .flat_map(|(_, n)| n.status.addresses.iter())
+        .filter(|a| a.kind == "InternalIP")
+        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+        .collect();
+    for peer in valid_peers(state) {
+        for prefix in peer.allowed_prefixes {
+            if let Some(via) = gateways
+                .iter()
+                .find(|a| a.is_ipv4() == matches!(prefix, IpNet::V4(_)))
+            {
+                routes.insert(prefix, *via);
+            }
+        }
+    }
+    routes
+}
+
+/// The cluster state with every peer's import added: namespaces `<peer>/<namespace>` and one
+/// pod per exported address, both labelled `weir.io/cluster: <peer>` (set here, by the
+/// receiver; the link refused any such label from the peer).
+pub fn merge_imports(state: &ClusterState, imports: &[Arc<ImportView>]) -> ClusterState {
+    let mut out = state.clone();
+    for view in imports {
+        let ns_key = |ns: &str| format!("{}/{ns}", view.cluster);
+        for identity in view.identities.values() {
+            let name = ns_key(&identity.namespace);
+            out.namespaces.entry(name.clone()).or_insert_with(|| {
+                let mut labels = identity.namespace_labels.clone();
+                labels.insert(CLUSTER_LABEL.to_owned(), view.cluster.clone());
+                Namespace {
+                    metadata: ObjectMeta {
+                        name,
+                        namespace: None,
+                        labels,
+                    },
+                    rejected: None,
+                }
+            });
+        }
+        for (addr, id) in &view.endpoints {
+            // An endpoint whose identity is not (yet) exported has no labels to enforce by.
+            let Some(identity) = view.identities.get(id) else {
+                continue;
+            };
+            let namespace = ns_key(&identity.namespace);
+            let mut labels = identity.pod_labels.clone();
+            labels.insert(CLUSTER_LABEL.to_owned(), view.cluster.clone());
+            let name = addr.to_string();
+            out.pods.insert(
+                ObjectKey::new(namespace.clone(), name.clone()),
+                Pod {
+                    metadata: ObjectMeta {
+                        name,
+                        namespace: Some(namespace),
+                        labels,
+                    },
+                    spec: Default::default(),
+                    status: PodStatus {
+                        pod_ips: vec![PodIp {
+                            ip: addr.to_string(),
+                        }],
+                        phase: Some("Running".into()),
+                    },
+                },
+            );
+        }
+    }
+    out
+}
+
+/// An exported label set: namespace, pod labels, namespace labels.
+type LabelSetKey = (String, BTreeMap<String, String>, BTreeMap<String, String>);
+
+/// Session-scoped ids of the label sets we export, stable while the agent runs.
+#[derive(Default)]
+struct ExportIds {
+    ids: BTreeMap<LabelSetKey, u32>,
+    next: u32,
+}
+
+impl ExportIds {
+    fn id(&mut self, key: LabelSetKey) -> u32 {
+        let next = &mut self.next;
+        *self.ids.entry(key).or_insert_with(|| {
+            *next += 1;
+            weir_common::IDENTITY_FIRST_POD + *next - 1
+        })
+    }
+}
+
+/// What we export to a peer whose export selector is `selector`: the identities and pod
+/// addresses of local pods in matching namespaces (addresses from `status.podIPs`).
+fn exports_for(
+    state: &ClusterState,
+    selector: &Selector,
+    ids: &mut ExportIds,
+) -> BTreeMap<String, Export> {
+    let mut entries = BTreeMap::new();
+    for (key, pod) in &state.pods {
+        if pod.spec.host_network || pod.status.terminated() {
+            continue;
+        }
+        let mut ns_labels = state.namespace_labels(&key.namespace);
+        // Imported namespaces are never re-exported (no transit).
+        if ns_labels.contains_key(CLUSTER_LABEL) && key.namespace.contains('/') {
+            continue;
+        }
+        if !selector.matches(&ns_labels) {
+            continue;
+        }
+        // The receiver owns this label; sending it would get the whole delta refused.
+        ns_labels.remove(CLUSTER_LABEL);
+        let mut pod_labels = pod.metadata.labels.clone();
+        pod_labels.remove(CLUSTER_LABEL);
+        let id = ids.id((key.namespace.clone(), pod_labels.clone(), ns_labels.clone()));
+        entries.insert(
+            identity_name(id),
+            Export::Identity(IdentityExport {
+                id,
+                namespace: key.namespace.clone(),
+                pod_labels,
+                namespace_labels: ns_labels,
+            }),
+        );
+        for ip in &pod.status.pod_ips {
+            if let Ok(addr) = ip.ip.trim().parse::<IpAddr>() {
+                let addr = addr.to_canonical();
+                entries.insert(
+                    endpoint_name(&addr),
+                    Export::Endpoint(EndpointExport { addr, identity: id }),
+                );
+            }
+        }
+    }
+    entries
+}
+
+/// Packets the gateway did not send, by reason.
+#[derive(Debug, Default)]
+pub struct GatewayCounters {
+    /// From a local address we do not export to the destination's peer.
+    pub unexported_source: AtomicU64,
+    /// To an address no MeshPeer's prefixes hold.
+    pub no_peer: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    link: Arc<Link>,
+    trust: Arc<TrustStore>,
+    identity: Arc<ReloadingIdentity>,
+    tun: Arc<Tun>,
+    pub counters: Arc<GatewayCounters>,
+    state: tokio::sync::Mutex<GatewayState>,
+    /// Per peer: our exported address → id (the sending gateway tags records with it).
+    exported: Arc<Mutex<HashMap<String, HashMap<IpAddr, u32>>>>,
+}
+
+#[derive(Default)]
+struct GatewayState {
+    dialing: BTreeMap<String, tokio::task::JoinHandle<()>>,
+    routed: BTreeSet<IpNet>,
+    ids: ExportIds,
+}
+
+impl Gateway {
+    /// Starts the gateway role if `node` is labelled as a gateway in `state`.
+    pub async fn start_if_gateway(
+        args: &MeshArgs,
+        state: &ClusterState,
+        node: &str,
+        state_dir: &Path,
+    ) -> Result<Option<Arc<Self>>, MeshError> {
+        if !is_gateway(state, node) {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&args.mesh_cert, &args.mesh_key) else {
+            return Err(MeshError::NoCertificate {
+                node: node.to_owned(),
+            });
+        };
+        let provider = tls::provider();
+        let identity = Arc::new(ReloadingIdentity::load(cert, key, Arc::clone(&provider))?);
+        let cluster = identity.cluster().map_err(MeshError::Name)?;
+        tls::spawn_reloader(Arc::clone(&identity), Duration::from_secs(2));
+        let trust = Arc::new(TrustStore::default());
+        let (deliver_tx, deliver_rx) = mpsc::channel::<Bytes>(1024);
+        let link = Link::new(
+            cluster.clone(),
+            Limits::default(),
+            Some(state_dir.to_owned()),
+            deliver_tx,
+        );
+        let tun = Arc::new(Tun::open().await?);
+        let config = tls::server_config(Arc::clone(&identity), Arc::clone(&trust), provider)?;
+        let listener = tokio::net::TcpListener::bind(args.mesh_listen)
+            .await
+            .map_err(|source| MeshError::Listen {
+                addr: args.mesh_listen,
+                source,
+            })?;
+        let incoming = transport::incoming(listener, Arc::new(config));
+        let service = link.service();
+        tokio::spawn(async move {
+            if let Err(e) = transport::server()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "the mesh listener stopped");
+            }
+        });
+        let gateway = Arc::new(Self {
+            link,
+            trust,
+            identity,
+            tun,
+            counters: Arc::default(),
+            state: tokio::sync::Mutex::new(GatewayState::default()),
+            exported: Arc::default(),
+        });
+        tokio::spawn(Arc::clone(&gateway).deliver(deliver_rx));
+        tokio::spawn(Arc::clone(&gateway).forward());
+        tracing::info!(%cluster, listen = %args.mesh_listen, "mesh gateway up");
+        Ok(Some(gateway))
+    }
+
+    /// Notified when any peer's import changes.
+    pub fn subscribe_imports(&self) -> watch::Receiver<u64> {
+        self.link.subscribe_imports()
+    }
+
+    pub fn imports(&self) -> Vec<Arc<ImportView>> {
+        self.link.imports()
+    }
+
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    /// Applies a new cluster state: peers, trust, exports, routes into the TUN.
+    pub async fn observe(&self, state: &ClusterState) {
+        let peers = valid_peers(state);
+        let bundles: BTreeMap<String, String> = peers
+            .iter()
+            .map(|p| (p.name.clone(), p.ca_bundle.clone()))
+            .collect();
+        for e in self.trust.set(&bundles) {
+            tracing::error!(error = %e, "MeshPeer's CA bundle unusable; its certificates are refused");
+        }
+        let ours = cluster_prefixes(state);
+        self.link.set_local_pod_prefixes(ours.clone());
+        let specs: Vec<PeerSpec> = peers
+            .iter()
+            .map(|p| PeerSpec {
+                name: p.name.clone(),
+                endpoints: p.endpoints.clone(),
+                bounds: PeerBounds {
+                    allowed: p.allowed_prefixes.clone(),
+                    ours: ours.clone(),
+                    third: peers
+                        .iter()
+                        .filter(|o| o.name != p.name)
+                        .flat_map(|o| o.allowed_prefixes.iter().copied())
+                        .collect(),
+                },
+                stale_ttl: p.stale_ttl,
+            })
+            .collect();
+        self.link.set_peers(specs);
+        let mut inner = self.state.lock().await;
+        let local = self.link.local_cluster().to_owned();
+        // Dial the peers whose name sorts after ours; the others dial us.
+        let wanted: BTreeSet<String> = peers
+            .iter()
+            .filter(|p| p.name.as_str() > local.as_str() && !p.endpoints.is_empty())
+            .map(|p| p.name.clone())
+            .collect();
+        inner.dialing.retain(|name, task| {
+            let keep = wanted.contains(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for name in wanted {
+            if inner.dialing.contains_key(&name) {
+                continue;
+            }
+            let Some(peer) = self.link.peer(&name) else {
+                continue;
+            };
+            match tls::client_config(
+                Arc::clone(&self.identity),
+                Arc::clone(&self.trust),
+                tls::provider(),
+                &name,
+            ) {
+                Ok(config) => {
+                    let task = tokio::spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
+                    inner.dialing.insert(name, task);
+                }
+                Err(e) => tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer"),
+            }
+        }
+        // Exports.
+        let mut index = HashMap::new();
+        for p in &peers {
+            let entries = match &p.export {
+                Some(sel) => exports_for(state, sel, &mut inner.ids),
+                None => BTreeMap::new(),
+            };
+            let by_addr: HashMap<IpAddr, u32> = entries
+                .values()
+                .filter_map(|e| match e {
+                    Export::Endpoint(ep) => Some((ep.addr, ep.identity)),
+                    Export::Identity(_) => None,
+                })
+                .collect();
+            index.insert(p.name.clone(), by_addr);
+            self.link.set_exports(&p.name, entries);
+        }
+        *self.exported.lock().unwrap_or_else(|e| e.into_inner()) = index;
+        // Peers' prefixes into the TUN.
+        for p in &peers {
+            for prefix in &p.allowed_prefixes {
+                if inner.routed.contains(prefix) {
+                    continue;
+                }
+                match self.tun.route(*prefix).await {
+                    Ok(()) => {
+                        inner.routed.insert(*prefix);
+                    }
+                    Err(e) => tracing::error!(error = %e, "no route to a mesh peer's prefix"),
+                }
+            }
+        }
+    }
+
+    /// Received, checked packets into the TUN.
+    async fn deliver(self: Arc<Self>, mut packets: mpsc::Receiver<Bytes>) {
+        while let Some(packet) = packets.recv().await {
+            if let Err(e) = self.tun.send(&packet).await {
+                tracing::debug!(error = %e, "writing a packet into the mesh TUN failed");
+            }
+        }
+    }
+
+    /// Packets from the TUN to peers: each tagged with the identity id we export for its source,
+    /// batched per peer until the TUN has nothing more to read (no timer).
+    async fn forward(self: Arc<Self>) {
+        let mut buf = vec![0u8; TUN_READ_BUF];
+        let mut batches: HashMap<String, (Arc<Peer>, BatchBuilder)> = HashMap::new();
+        loop {
+            let n = match self.tun.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the mesh TUN failed; the gateway stops forwarding");
+                    return;
+                }
+            };
+            self.route_packet(&buf[..n], &mut batches);
+            // Flush when the TUN has nothing more (or a batch is full): no timer.
+            while let Ok(n) = self.tun.try_recv(&mut buf) {
+                self.route_packet(&buf[..n], &mut batches);
+                if batches.values().any(|(_, b)| b.is_full()) {
+                    break;
+                }
+            }
+            for (_, (peer, batch)) in batches.iter_mut() {
+                if !batch.is_empty() {
+                    let (bytes, packets) = batch.take();
+                    self.link.send_batch(peer, bytes, packets);
+                }
+            }
+        }
+    }
+
+    fn route_packet(
+        &self,
+        packet: &[u8],
+        batches: &mut HashMap<String, (Arc<Peer>, BatchBuilder)>,
+    ) {
+        let Some((src, dst)) = packet_addresses(packet) else {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(peer) = self.link.peer_for(&dst) else {
+            self.counters.no_peer.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let name = peer.name();
+        let id = self
+            .exported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .and_then(|m| m.get(&src).copied());
+        let Some(id) = id else {
+            self.counters
+                .unexported_source
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%src, %dst, peer = %name, "not sent to the mesh peer: the source is not exported to it");
+            return;
+        };
+        batches
+            .entry(name)
+            .or_insert_with(|| (peer, BatchBuilder::default()))
+            .1
+            .push(id, packet);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_policy::model::parse_documents;
+
+    use super::*;
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut s = ClusterState::default();
+        for o in parse_documents(yaml, "test") {
+            s.apply(o.unwrap());
+        }
+        s
+    }
+
+    #[test]
+    fn exports_follow_the_selector_and_never_carry_the_cluster_label() {
+        let s = state(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.weir.io/export: 'true'}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: dev}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop, labels: {app: web, weir.io/cluster: x}}\nstatus: {podIPs: [{ip: 10.1.0.5}]}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: dev, labels: {app: web}}\nstatus: {podIPs: [{ip: 10.1.0.6}]}\n",
+        );
+        let sel = Selector::from_label_selector(&weir_policy::model::LabelSelector {
+            match_labels: BTreeMap::from([("mesh.weir.io/export".into(), "true".into())]),
+            ..Default::default()
+        })
+        .unwrap();
+        let entries = exports_for(&s, &sel, &mut ExportIds::default());
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        let Export::Identity(id) = &entries["id/256"] else {
+            panic!("{entries:?}")
+        };
+        assert!(!id.pod_labels.contains_key(CLUSTER_LABEL));
+        assert!(entries.contains_key("ep/10.1.0.5"));
+        assert!(!entries.contains_key("ep/10.1.0.6"));
+    }
+
+    #[test]
+    fn imports_become_labelled_namespaces_and_pods() {
+        let view = ImportView {
+            cluster: "east".into(),
+            identities: BTreeMap::from([(
+                300,
+                IdentityExport {
+                    id: 300,
+                    namespace: "pay".into(),
+                    pod_labels: BTreeMap::from([("app".into(), "api".into())]),
+                    namespace_labels: BTreeMap::from([
+                        ("kubernetes.io/metadata.name".into(), "pay".into()),
+                        ("team".into(), "pay".into()),
+                    ]),
+                },
+            )]),
+            endpoints: HashMap::from([
+                ("10.245.0.5".parse().unwrap(), 300),
+                ("10.245.0.6".parse().unwrap(), 999),
+            ]),
+        };
+        let merged = merge_imports(&ClusterState::default(), &[Arc::new(view)]);
+        let ns = &merged.namespaces["east/pay"];
+        assert_eq!(ns.metadata.labels[CLUSTER_LABEL], "east");
+        assert_eq!(ns.metadata.labels["team"], "pay");
+        assert_eq!(
+            merged.pods.len(),
+            1,
+            "the endpoint without identity is left out"
+        );
+        let pod = &merged.pods[&ObjectKey::new("east/pay", "10.245.0.5")];
+        assert_eq!(pod.metadata.labels[CLUSTER_LABEL], "east");
+        assert_eq!(pod.status.pod_ips[0].ip, "10.245.0.5");
+    }
+}
