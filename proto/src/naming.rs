@@ -30,7 +30,9 @@ pub fn is_host_veth_name(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn fnv1a64(bytes: impl Iterator<Item = u8>) -> u64 {
+/// 64-bit FNV-1a: stable across builds, versions and machines, for names every node must derive
+/// alike (host veths, Kubernetes Event names).
+pub fn fnv1a64(bytes: impl Iterator<Item = u8>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes.fold(OFFSET, |hash, b| (hash ^ u64::from(b)).wrapping_mul(PRIME))

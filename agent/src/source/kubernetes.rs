@@ -613,27 +613,18 @@ impl EventWriter {
     }
 }
 
-/// FNV-1a: stable across builds and versions (the Event name must be the same on every node).
-fn fnv1a(parts: &[&str]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.bytes().chain([0]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    hash
-}
-
 /// The Event's name: the policy's name (cut to fit) and a hash of what was rejected.
 pub fn event_name(policy: &ObjectKey, uid: Option<&str>, field: &str, reason: &str) -> String {
-    let hash = fnv1a(&[
-        &policy.namespace,
-        &policy.name,
+    // Each part NUL-terminated, so that moving text between parts changes the hash. The name
+    // must be the same on every node, hence a hash stable across builds and versions.
+    let parts = [
+        policy.namespace.as_str(),
+        policy.name.as_str(),
         uid.unwrap_or(""),
         field,
         reason,
-    ]);
+    ];
+    let hash = weir_proto::naming::fnv1a64(parts.iter().flat_map(|part| part.bytes().chain([0])));
     let mut name: String = policy.name.chars().take(200).collect();
     name = name.trim_end_matches(['.', '-']).to_owned();
     format!("{name}.weir-{hash:016x}")
@@ -707,7 +698,8 @@ mod tests {
         let a = event_name(&key, Some("u1"), "spec.ingress[0]", "bad");
         assert_eq!(a, event_name(&key, Some("u1"), "spec.ingress[0]", "bad"));
         assert_ne!(a, event_name(&key, Some("u2"), "spec.ingress[0]", "bad"));
-        assert!(a.starts_with("deny-all.weir-"));
+        // Pinned: every node, of every version, must name the Event alike.
+        assert_eq!(a, "deny-all.weir-fd715ffa1a2a79ed");
         let long = ObjectKey::new("default", "x".repeat(253));
         assert!(event_name(&long, None, "f", "r").len() <= 253);
     }
