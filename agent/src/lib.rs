@@ -11,6 +11,7 @@ pub mod ipam;
 pub mod node;
 pub mod overlay;
 pub mod persist;
+pub mod prefilter;
 pub mod routes;
 pub mod runtime;
 pub mod source;
