@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|propagation|cni|traffic|all]`: builds the benchmark binary in release
+//! `cargo xtask bench [datapath|propagation|cni|traffic|xdp|all]`: builds the benchmark binary in release
 //! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
 
 use std::process::Command;
@@ -10,7 +10,7 @@ use crate::{build, setup};
 #[derive(clap::Args)]
 pub struct Options {
     /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
-    /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables), or all.
+    /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables), xdp (drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule), or all.
     #[arg(default_value = "all")]
     pub which: String,
 }
@@ -19,7 +19,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if !setup::is_complete() {
         setup::run()?;
     }
-    if matches!(options.which.as_str(), "traffic" | "all") {
+    if matches!(options.which.as_str(), "traffic" | "xdp" | "all") {
         setup::ensure_iptables()?;
     }
     build::cargo(

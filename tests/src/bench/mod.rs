@@ -6,3 +6,4 @@ pub mod datapath;
 pub mod propagation;
 pub mod stats;
 pub mod traffic;
+pub mod xdp;

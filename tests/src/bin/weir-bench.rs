@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|xdp|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -22,9 +22,13 @@ fn main() -> anyhow::Result<()> {
         bench::traffic::run(20_000, 3)?;
         ran = true;
     }
+    if all || which == "xdp" {
+        bench::xdp::run(3)?;
+        ran = true;
+    }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, xdp or all"
     );
     Ok(())
 }
