@@ -107,6 +107,11 @@ pub struct RunArgs {
     /// Cut established connections that a policy change no longer allows.
     #[arg(long, env = "WEIR_REVOKE_ESTABLISHED", default_value_t = true, action = clap::ArgAction::Set)]
     pub revoke_established: bool,
+    /// Deliver traffic between pods of this node straight into the destination's namespace
+    /// (`bpf_redirect_peer`, its ingress policy checked inline) instead of through the node's IP
+    /// stack (and its iptables FORWARD chain).
+    #[arg(long, env = "WEIR_REDIRECT_LOCAL_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redirect_local_pods: bool,
     /// Log every new allowed connection to the flow log too, not only drops.
     #[arg(long, env = "WEIR_LOG_ALLOWED", default_value_t = false, action = clap::ArgAction::Set)]
     pub log_allowed: bool,

@@ -126,6 +126,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bpffs_dir: bpffs_dir.clone(),
             revoke_established: args.revoke_established,
             emit_allow_events: args.log_allowed,
+            redirect_local_pods: args.redirect_local_pods,
         },
         ebpf,
     )

@@ -256,6 +256,25 @@ impl Datapath {
         prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
+    /// Runs `program` and returns its verdict and the packet as it left (rewritten or not).
+    pub fn run_out(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .expect("program in object")
+            .try_into()
+            .expect("a classifier");
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     /// A packet the pod sends (tc ingress of its host-side veth).
     pub fn from_pod(&self, frame: &[u8]) -> u32 {
         self.run(PROG_FROM_POD, frame)

@@ -83,11 +83,21 @@ pub const REASON_COUNT: u32 = 32;
 pub const COUNTER_EVENTS_LOST: u32 = REASON_COUNT - 1;
 /// `WEIR_COUNTERS` slot (not a reason) counting packets `weir_xdp` passed on to the stack.
 pub const COUNTER_XDP_PASSED: u32 = REASON_COUNT - 2;
+/// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and
+/// delivered straight into the local destination pod's namespace (`bpf_redirect_peer`).
+pub const COUNTER_PATH_REDIRECT_PEER: u32 = REASON_COUNT - 3;
+/// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and left
+/// to the node's stack (the destination is not a local pod, the node itself, a fragment, ...).
+pub const COUNTER_PATH_STACK: u32 = REASON_COUNT - 4;
 
 /// `Config::flags`: cut established connections that a policy change no longer allows.
 pub const CONFIG_REVOKE_ESTABLISHED: u32 = 1 << 0;
 /// `Config::flags`: emit an event for every new allowed connection, not only for drops.
 pub const CONFIG_EMIT_ALLOW_EVENTS: u32 = 1 << 1;
+
+/// `Config::flags`: deliver a packet from one local pod to another straight into the destination
+/// pod's namespace, its ingress policy checked inline, instead of through the node's IP stack.
+pub const CONFIG_REDIRECT_LOCAL: u32 = 1 << 2;
 
 /// `SubjectPolicy::flags`.
 pub const SUBJECT_ISOLATED_INGRESS: u32 = 1 << 0;

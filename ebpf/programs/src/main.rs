@@ -21,6 +21,7 @@ mod maps;
 mod packet;
 mod parse;
 mod policy;
+mod redirect;
 mod report;
 mod uplink;
 
