@@ -89,6 +89,8 @@ pub const COUNTER_PATH_REDIRECT_PEER: u32 = REASON_COUNT - 3;
 /// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and left
 /// to the node's stack (the destination is not a local pod, the node itself, a fragment, ...).
 pub const COUNTER_PATH_STACK: u32 = REASON_COUNT - 4;
+// The counter slots that are not reasons sit above every reason.
+const _: () = assert!((REASON_PREFILTER_DENIED as u32) < COUNTER_PATH_STACK);
 
 /// `Config::flags`: cut established connections that a policy change no longer allows.
 pub const CONFIG_REVOKE_ESTABLISHED: u32 = 1 << 0;
