@@ -107,9 +107,24 @@ pub struct RunArgs {
     /// Cut established connections that a policy change no longer allows.
     #[arg(long, env = "WEIR_REVOKE_ESTABLISHED", default_value_t = true, action = clap::ArgAction::Set)]
     pub revoke_established: bool,
+    /// Deliver traffic between pods of this node straight into the destination's namespace
+    /// (`bpf_redirect_peer`, its ingress policy checked inline) instead of through the node's IP
+    /// stack (and its iptables FORWARD chain).
+    #[arg(long, env = "WEIR_REDIRECT_LOCAL_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redirect_local_pods: bool,
     /// Log every new allowed connection to the flow log too, not only drops.
     #[arg(long, env = "WEIR_LOG_ALLOWED", default_value_t = false, action = clap::ArgAction::Set)]
     pub log_allowed: bool,
+    /// The node's uplink (the device of node-to-node and overlay traffic), where the XDP early
+    /// filter runs: `auto` (the interface holding this Node's InternalIP; none without one),
+    /// `none`, or an interface name.
+    #[arg(long, env = "WEIR_XDP_DEVICE", default_value = "auto")]
+    pub xdp_device: String,
+    /// The operator's deny list, dropped at XDP on the uplink: a file with one CIDR or address
+    /// per line (`#` comments), followed for changes. In Kubernetes mode, mount the
+    /// `weir-prefilter` ConfigMap's `deny` key here.
+    #[arg(long, env = "WEIR_PREFILTER_FILE")]
+    pub prefilter_file: Option<PathBuf>,
     /// Seconds a CNI ADD waits for its Pod object before failing with "try again later".
     #[arg(long, env = "WEIR_POD_WAIT_SECONDS", default_value_t = 10)]
     pub pod_wait_seconds: u64,

@@ -85,6 +85,10 @@ impl Explainer {
             dst
         };
         let rule = (event.rule != 0).then(|| match self.rule_origins.get(&event.rule) {
+            // The deny list's "rule" is the line of the prefilter file that listed the source.
+            _ if event.reason == REASON_PREFILTER_DENIED => {
+                format!("prefilter line {}", event.rule)
+            }
             Some(o) => format!("{} {}[{}]", o.policy, direction_name(o.direction), o.index),
             None if event.rule == RULE_FROM_HOST => {
                 "built-in: the node reaches its own pods".into()
@@ -154,6 +158,14 @@ impl FlowRecord {
                 "isolated by {}; no rule allowed it",
                 self.policies.join(", ")
             ),
+            "xdp-policy-denied" => format!(
+                "dropped at XDP on the node's uplink: isolated by {}; no rule allowed a new connection from this peer",
+                self.policies.join(", ")
+            ),
+            "prefilter-denied" => format!(
+                "dropped at XDP on the node's uplink: the source is in the operator's deny list ({})",
+                self.rule.as_deref().unwrap_or("prefilter file")
+            ),
             "revoked" => format!(
                 "an established connection that {} no longer allow",
                 self.policies.join(", ")
@@ -183,6 +195,8 @@ pub fn reason_name(reason: u8) -> &'static str {
         REASON_INTERNAL => "internal-error",
         REASON_FRAGMENT_WITHOUT_FIRST => "fragment-without-first",
         REASON_IPV6_EXTENSIONS => "ipv6-extension-headers",
+        REASON_XDP_POLICY_DENIED => "xdp-policy-denied",
+        REASON_PREFILTER_DENIED => "prefilter-denied",
         _ => "unknown",
     }
 }
@@ -259,12 +273,14 @@ mod tests {
             REASON_INTERNAL,
             REASON_FRAGMENT_WITHOUT_FIRST,
             REASON_IPV6_EXTENSIONS,
+            REASON_XDP_POLICY_DENIED,
+            REASON_PREFILTER_DENIED,
         ];
         let names: std::collections::BTreeSet<&str> =
             reasons.iter().map(|&r| reason_name(r)).collect();
         assert_eq!(names.len(), reasons.len(), "names are distinct: {names:?}");
         assert!(!names.contains("unknown"));
-        assert!(reasons.iter().all(|&r| u32::from(r) < COUNTER_EVENTS_LOST));
+        assert!(reasons.iter().all(|&r| u32::from(r) < COUNTER_PATH_STACK));
     }
 
     #[test]
@@ -288,5 +304,31 @@ mod tests {
         });
         assert_eq!(record.reason, "ipv6-extension-headers");
         assert!(record.describe().contains("extension header chain"));
+    }
+
+    #[test]
+    fn xdp_drops_are_explained() {
+        let event = VerdictEvent {
+            saddr: ipv4_mapped([10, 0, 0, 1]),
+            daddr: ipv4_mapped([10, 0, 0, 2]),
+            proto: PROTO_TCP,
+            direction: DIR_INGRESS,
+            verdict: VERDICT_DROP,
+            reason: REASON_PREFILTER_DENIED,
+            rule: 3,
+            ..VerdictEvent::default()
+        };
+        let explainer = Explainer::default();
+        let record = explainer.explain(&event);
+        assert_eq!(record.reason, "prefilter-denied");
+        assert_eq!(record.rule.as_deref(), Some("prefilter line 3"));
+        assert!(record.describe().contains("deny list (prefilter line 3)"));
+        let record = explainer.explain(&VerdictEvent {
+            reason: REASON_XDP_POLICY_DENIED,
+            rule: 0,
+            ..event
+        });
+        assert_eq!(record.reason, "xdp-policy-denied");
+        assert!(record.describe().contains("dropped at XDP"));
     }
 }

@@ -13,6 +13,7 @@ pub mod mesh_tun;
 pub mod node;
 pub mod overlay;
 pub mod persist;
+pub mod prefilter;
 pub mod routes;
 pub mod runtime;
 pub mod source;

@@ -113,6 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     health.set_phase("loading the datapath");
 
     let mut ebpf = loader::load(Some(&bpffs_dir.join("maps"))).context("loading the datapath")?;
+    start_uplink_filter(&args, &mut ebpf, &first_state, &node_name, &bpffs_dir)?;
     let events = ebpf
         .take_map(MAP_EVENTS)
         .context("the kernel object has no events ring buffer")?;
@@ -126,6 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bpffs_dir: bpffs_dir.clone(),
             revoke_established: args.revoke_established,
             emit_allow_events: args.log_allowed,
+            redirect_local_pods: args.redirect_local_pods,
         },
         ebpf,
     )
@@ -393,6 +395,78 @@ fn overlay_endpoint(
     Ok((underlay, cidr))
 }
 
+/// The XDP early filter on the node's uplink and the operator's deny list it enforces. The list
+/// is written before the program is attached (or swapped in), so it holds from the first packet.
+fn start_uplink_filter(
+    args: &RunArgs,
+    ebpf: &mut aya::Ebpf,
+    state: &weir_policy::model::ClusterState,
+    node_name: &str,
+    bpffs_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use weir_agent::{datapath::uplink, prefilter};
+    let device = match args.xdp_device.as_str() {
+        "none" => None,
+        "auto" => {
+            let internal_ips: Vec<std::net::IpAddr> = state
+                .nodes
+                .get(node_name)
+                .into_iter()
+                .flat_map(|n| n.status.addresses.iter())
+                .filter(|a| a.kind == "InternalIP")
+                .filter_map(|a| a.address.trim().parse().ok())
+                .collect();
+            let device = internal_ips
+                .iter()
+                .find_map(|ip| uplink::device_with_address(*ip));
+            if device.is_none() {
+                tracing::warn!(
+                    node = node_name,
+                    ?internal_ips,
+                    "no interface holds this Node's InternalIP: running without the XDP filter (pass --xdp-device to name the uplink)"
+                );
+            }
+            device
+        }
+        name => Some(name.to_owned()),
+    };
+    let map = ebpf
+        .take_map(weir_common::MAP_PREFILTER)
+        .context("the kernel object has no prefilter map")?;
+    let map = aya::maps::LpmTrie::try_from(map).context("the prefilter map's layout")?;
+    let mut deny_list = prefilter::Prefilter::adopt(map)?;
+    let entries = match &args.prefilter_file {
+        Some(path) => {
+            if device.is_none() {
+                bail!(
+                    "--prefilter-file {} is enforced by the XDP filter, which has no device: pass --xdp-device",
+                    path.display()
+                );
+            }
+            prefilter::read(path)?
+        }
+        None => Vec::new(),
+    };
+    deny_list.apply(&entries)?;
+    let Some(device) = device else {
+        for device in uplink::detach_all(bpffs_dir).context("removing the XDP links")? {
+            tracing::info!(device, "took the XDP filter off (--xdp-device none)");
+        }
+        return Ok(());
+    };
+    let attached = uplink::attach(ebpf, &device, bpffs_dir)?;
+    tracing::info!(
+        device,
+        ?attached,
+        deny_list = deny_list.len(),
+        "XDP filter on the uplink"
+    );
+    if let Some(path) = args.prefilter_file.clone() {
+        tokio::spawn(prefilter::follow(path, deny_list, Duration::from_secs(2)));
+    }
+    Ok(())
+}
+
 /// SIGTERM or SIGINT. The handlers are installed when this is called, not when the future is
 /// first polled: the API server polls it only after it has said it is serving, and a SIGTERM in
 /// between would otherwise kill the agent without its clean stop.
@@ -430,6 +504,9 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         detached.len()
     );
     let bpffs_dir = args.node.bpffs_dir()?;
+    let xdp_devices =
+        weir_agent::datapath::uplink::detach_all(&bpffs_dir).context("removing the XDP links")?;
+    println!("took Weir's XDP filter off {xdp_devices:?}");
     if bpffs_dir.exists() {
         std::fs::remove_dir_all(&bpffs_dir)
             .with_context(|| format!("removing the pins under {}", bpffs_dir.display()))?;

@@ -19,7 +19,9 @@ use std::{
 
 use aya::Ebpf;
 use tokio::sync::Notify;
-use weir_common::{CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, VerdictEvent};
+use weir_common::{
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REDIRECT_LOCAL, CONFIG_REVOKE_ESTABLISHED, VerdictEvent,
+};
 use weir_policy::{
     compile::{CompileInput, compile},
     identity::IdentityAllocator,
@@ -51,6 +53,8 @@ pub struct RuntimeConfig {
     pub revoke_established: bool,
     /// Emit an event for every new allowed connection too.
     pub emit_allow_events: bool,
+    /// Deliver pod-to-pod traffic of this node with `bpf_redirect_peer`.
+    pub redirect_local_pods: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +297,9 @@ impl Runtime {
         }
         if self.config.emit_allow_events {
             config_flags |= CONFIG_EMIT_ALLOW_EVENTS;
+        }
+        if self.config.redirect_local_pods {
+            config_flags |= CONFIG_REDIRECT_LOCAL;
         }
         desired_maps(compiled, |addr| ifindexes.get(addr).copied(), config_flags)
     }

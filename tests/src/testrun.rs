@@ -9,21 +9,23 @@ use std::net::IpAddr;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use weir_common::{
     AddrKey, Config, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
     IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
-    PROG_TO_POD, PolicyKey, PolicyValue, REASON_COUNT, SubjectKey, SubjectPolicy, VerdictEvent,
-    ports::port_range_blocks,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_POLICY, MAP_PREFILTER,
+    MAP_SUBJECTS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    PROG_FROM_POD, PROG_TO_POD, PROG_XDP, PolicyKey, PolicyValue, PrefilterValue, REASON_COUNT,
+    SubjectKey, SubjectPolicy, VerdictEvent, ports::port_range_blocks,
 };
 
 use crate::packet::{TCP_ACK, TCP_SYN, addr, tcp};
 
 pub const OK: u32 = 0; // TC_ACT_OK
 pub const SHOT: u32 = 2; // TC_ACT_SHOT
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 
 /// `skb->ifindex` as `BPF_PROG_TEST_RUN` presents it without a `__sk_buff` context: the
 /// loopback device. `spoofed_source_drops` checks this.
@@ -134,6 +136,19 @@ impl Datapath {
         .unwrap();
     }
 
+    /// Puts `ip/len` on the operator's deny list, as listed on `line` of the prefilter file.
+    pub fn prefilter(&mut self, ip: &str, len: u32, line: u32) {
+        let mut m: LpmTrie<_, AddrKey, PrefilterValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_PREFILTER).unwrap()).unwrap();
+        let ip = ip_of(ip);
+        let key = Key::new(prefix_bits(ip, len), AddrKey { addr: addr(ip) });
+        let value = PrefilterValue {
+            entry: line,
+            ..Default::default()
+        };
+        m.insert(&key, value, 0).unwrap();
+    }
+
     pub fn ipcache(&mut self, ip: &str, len: u32, identity: u32) {
         self.lpm_insert(MAP_IPCACHE, ip, len, identity);
     }
@@ -241,6 +256,25 @@ impl Datapath {
         prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
+    /// Runs `program` and returns its verdict and the packet as it left (rewritten or not).
+    pub fn run_out(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .expect("program in object")
+            .try_into()
+            .expect("a classifier");
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     /// A packet the pod sends (tc ingress of its host-side veth).
     pub fn from_pod(&self, frame: &[u8]) -> u32 {
         self.run(PROG_FROM_POD, frame)
@@ -249,6 +283,28 @@ impl Datapath {
     /// A packet delivered to the pod (tc egress of its host-side veth).
     pub fn to_pod(&self, frame: &[u8]) -> u32 {
         self.run(PROG_TO_POD, frame)
+    }
+
+    /// A frame arriving on the node's uplink (`weir_xdp`).
+    pub fn xdp(&self, frame: &[u8]) -> u32 {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROG_XDP)
+            .expect("program in object")
+            .try_into()
+            .expect("an XDP program");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    /// A counter slot that is not a reason (`COUNTER_*`).
+    pub fn counter_slot(&self, slot: u32) -> u64 {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
+        m.get(&slot, 0).unwrap().iter().sum()
     }
 
     pub fn counter(&self, reason: u8) -> u64 {

@@ -11,13 +11,13 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use weir_common::{
-    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST, CT_EGRESS_ALLOWED,
-    CT_INGRESS_ALLOWED, CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY,
-    IDENTITY_FIRST_CIDR, IDENTITY_WORLD, MAP_COUNTERS, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED, REASON_LINK_LOCAL,
-    REASON_MALFORMED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED,
-    REASON_RULE, REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS,
-    SUBJECT_ISOLATED_INGRESS, VERDICT_ALLOW, VERDICT_DROP,
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST, COUNTER_PATH_STACK,
+    CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS,
+    IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_WORLD, MAP_COUNTERS, PROG_FROM_POD, PROG_TO_POD,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
+    REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED,
+    REASON_REVOKED, REASON_RULE, REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT,
+    SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS, VERDICT_ALLOW, VERDICT_DROP,
 };
 use weir_tests::{
     packet::{
@@ -870,8 +870,13 @@ fn every_verdict_is_counted() {
         dp.from_pod(p);
         dp.to_pod(p);
     }
-    let total: u64 = dp.counters().iter().sum();
+    // Each hook counts each packet once under its reason; the slots above the reasons count
+    // other things (which path an allowed packet took, lost events).
+    let counters = dp.counters();
+    let total: u64 = counters[..COUNTER_PATH_STACK as usize].iter().sum();
     assert_eq!(total, 2 * packets.len() as u64);
+    // The two packets from_pod allowed went to the stack (redirection is off).
+    assert_eq!(counters[COUNTER_PATH_STACK as usize], 2);
 }
 
 #[test]

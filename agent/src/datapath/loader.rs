@@ -3,17 +3,21 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
 use weir_common::{
     MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_FRAGMENTS,
-    MAP_IPCACHE, MAP_POLICY, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD,
+    MAP_IPCACHE, MAP_POLICY, MAP_PREFILTER, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD, PROG_XDP,
 };
 
 use super::object::EBPF_OBJECT;
 
 /// Maps that hold enforcement state and are pinned so it survives the agent (the fragment map
-/// too: a datagram in flight while the agent restarts keeps its first fragment's verdict).
-pub const PINNED_MAPS: [&str; 9] = [
+/// too: a datagram in flight while the agent restarts keeps its first fragment's verdict; and the
+/// deny list, so the restarted agent's XDP program enforces it from its first packet).
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_CONFIG,
     MAP_ENDPOINTS,
     MAP_IPCACHE,
@@ -22,10 +26,11 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_POLICY,
     MAP_CONNTRACK,
     MAP_FRAGMENTS,
+    MAP_PREFILTER,
     MAP_COUNTERS,
 ];
 
-/// The programs in the object, in the order they are loaded.
+/// The tc programs in the object, in the order they are loaded (then `PROG_XDP`).
 pub const PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_TO_POD];
 
 #[derive(Debug, thiserror::Error)]
@@ -79,5 +84,14 @@ pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
+    let name = PROG_XDP;
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| LoadError::Program { name, source })?;
     Ok(ebpf)
 }

@@ -9,4 +9,5 @@ pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod tc;
+pub mod uplink;
 pub mod writer;

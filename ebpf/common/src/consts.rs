@@ -70,15 +70,36 @@ pub const REASON_FRAGMENT_WITHOUT_FIRST: u8 = 22;
 /// `MAX_IPV6_EXTENSION_HEADERS`, or holding a header whose layout it does not know (mobility,
 /// HIP, shim6, experimental), a second Fragment header or a misplaced hop-by-hop header.
 pub const REASON_IPV6_EXTENSIONS: u8 = 23;
+/// Dropped at XDP on the node's uplink, before an skb exists: a new connection to a local pod
+/// whose ingress policy does not allow the source's identity (the same lookup `weir_to_pod` does;
+/// replies of connections that pods opened are never dropped there).
+pub const REASON_XDP_POLICY_DENIED: u8 = 24;
+/// Dropped at XDP on the node's uplink: the source address is in the operator's deny list
+/// (`WEIR_PREFILTER`, from `--prefilter-file`).
+pub const REASON_PREFILTER_DENIED: u8 = 25;
 /// Number of counter slots (reasons are < this).
 pub const REASON_COUNT: u32 = 32;
 /// `WEIR_COUNTERS` slot (not a reason) counting verdict events lost to a full ring buffer.
 pub const COUNTER_EVENTS_LOST: u32 = REASON_COUNT - 1;
+/// `WEIR_COUNTERS` slot (not a reason) counting packets `weir_xdp` passed on to the stack.
+pub const COUNTER_XDP_PASSED: u32 = REASON_COUNT - 2;
+/// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and
+/// delivered straight into the local destination pod's namespace (`bpf_redirect_peer`).
+pub const COUNTER_PATH_REDIRECT_PEER: u32 = REASON_COUNT - 3;
+/// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and left
+/// to the node's stack (the destination is not a local pod, the node itself, a fragment, ...).
+pub const COUNTER_PATH_STACK: u32 = REASON_COUNT - 4;
+// The counter slots that are not reasons sit above every reason.
+const _: () = assert!((REASON_PREFILTER_DENIED as u32) < COUNTER_PATH_STACK);
 
 /// `Config::flags`: cut established connections that a policy change no longer allows.
 pub const CONFIG_REVOKE_ESTABLISHED: u32 = 1 << 0;
 /// `Config::flags`: emit an event for every new allowed connection, not only for drops.
 pub const CONFIG_EMIT_ALLOW_EVENTS: u32 = 1 << 1;
+
+/// `Config::flags`: deliver a packet from one local pod to another straight into the destination
+/// pod's namespace, its ingress policy checked inline, instead of through the node's IP stack.
+pub const CONFIG_REDIRECT_LOCAL: u32 = 1 << 2;
 
 /// `SubjectPolicy::flags`.
 pub const SUBJECT_ISOLATED_INGRESS: u32 = 1 << 0;
@@ -100,12 +121,16 @@ pub const MAP_CONNTRACK: &str = "WEIR_CONNTRACK";
 pub const MAP_EVENTS: &str = "WEIR_EVENTS";
 pub const MAP_COUNTERS: &str = "WEIR_COUNTERS";
 pub const MAP_FRAGMENTS: &str = "WEIR_FRAGMENTS";
+pub const MAP_PREFILTER: &str = "WEIR_PREFILTER";
 
 /// Program names in the kernel object.
 /// Attached at tc ingress of a pod's host-side veth: packets the pod sends.
 pub const PROG_FROM_POD: &str = "weir_from_pod";
 /// Attached at tc egress of a pod's host-side veth: packets delivered to the pod.
 pub const PROG_TO_POD: &str = "weir_to_pod";
+/// Attached (XDP, native mode) to the node's uplink: drops early what `weir_to_pod` would drop
+/// for a new connection, and the operator's deny list.
+pub const PROG_XDP: &str = "weir_xdp";
 
 /// Map capacities.
 pub const MAX_ENDPOINTS: u32 = 16_384;
@@ -117,3 +142,5 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 /// Fragmented datagrams in flight (per hook), as Cilium's default.
 pub const MAX_FRAGMENTS: u32 = 8_192;
 pub const EVENTS_BYTES: u32 = 1 << 22;
+/// Prefixes in the operator's deny list.
+pub const MAX_PREFILTER: u32 = 16_384;

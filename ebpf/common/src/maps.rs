@@ -67,6 +67,17 @@ pub struct IdentityValue {
 }
 const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
 
+/// `WEIR_PREFILTER` value (an LPM trie keyed by `AddrKey`, as the ipcache): a prefix of the
+/// operator's deny list. Packets from it are dropped at XDP on the node's uplink.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterValue {
+    /// 1-based position of the prefix in the deny list file, reported as the event's rule.
+    pub entry: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PrefilterValue>() == 8);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -75,4 +86,5 @@ mod pod_impls {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for IdentityValue {}
+    unsafe impl aya::Pod for PrefilterValue {}
 }

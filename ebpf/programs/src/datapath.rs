@@ -26,6 +26,7 @@ use crate::{
     maps::{WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS},
     parse::{Class, Fragment, ParseError, Parsed, parse, parse_ip},
     policy::{evaluate, resolve_peer, subject_policy},
+    redirect::deliver,
     report::{Report, Verdict, allow, allow_reported, drop_packet},
 };
 
@@ -98,6 +99,9 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
     if parsed.fragment == Fragment::First {
         record_first(&buf.key, &parsed, hook_dir, &verdict);
     }
+    if hook_dir == DIR_EGRESS && verdict.allowed() {
+        return Ok(deliver(ctx, ifindex, &parsed, &buf.key));
+    }
     Ok(verdict.action)
 }
 
@@ -133,9 +137,15 @@ fn hook_report(key: &CtKey, hook_dir: u8, ifindex: u32) -> Report<'_> {
 }
 
 /// The verdict of a parsed packet (for a later fragment: with its first fragment's protocol and
-/// ports): endpoint, conntrack, policy.
+/// ports): endpoint, conntrack, policy. `ifindex` is the veth of the hook's endpoint (reported).
 #[inline(always)]
-fn decide(ctx: &TcContext, hook_dir: u8, ifindex: u32, parsed: &Parsed, key: &CtKey) -> Verdict {
+pub fn decide(
+    ctx: &TcContext,
+    hook_dir: u8,
+    ifindex: u32,
+    parsed: &Parsed,
+    key: &CtKey,
+) -> Verdict {
     let (generation, config_flags) = match WEIR_CONFIG.get(0) {
         Some(c) => (c.generation, c.flags),
         None => (0, 0),

@@ -1,4 +1,5 @@
-//! Weir's kernel programs: two static, map-driven tc classifiers on each pod's host-side veth.
+//! Weir's kernel programs: two static, map-driven tc classifiers on each pod's host-side veth, and
+//! an XDP early filter on the node's uplink.
 //!
 //! - `weir_from_pod` (tc ingress of the host-side veth): packets the pod sends; the endpoint is
 //!   the source and its egress policy applies.
@@ -6,6 +7,10 @@
 //!   is the destination and its ingress policy applies.
 //!
 //! Both fail closed: anything that is not a verdict is `TC_ACT_SHOT`.
+//!
+//! - `weir_xdp` (XDP on the node's uplink): an early filter that drops, before an skb exists,
+//!   what `weir_to_pod` would drop for a new connection, and the operator's deny list. It passes
+//!   whatever it is not sure of: the tc programs stay the enforcers.
 #![no_std]
 #![no_main]
 
@@ -13,11 +18,18 @@ mod datapath;
 mod fragments;
 mod key;
 mod maps;
+mod packet;
 mod parse;
 mod policy;
+mod redirect;
 mod report;
+mod uplink;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use weir_common::{DIR_EGRESS, DIR_INGRESS};
 
 #[classifier]
@@ -34,6 +46,11 @@ pub fn weir_to_pod(ctx: TcContext) -> i32 {
         Ok(v) => v,
         Err(_) => TC_ACT_SHOT as i32,
     }
+}
+
+#[xdp]
+pub fn weir_xdp(ctx: XdpContext) -> u32 {
+    uplink::run(&ctx)
 }
 
 #[cfg(not(test))]

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use weir_common::{
     AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, FragKey, FragValue,
     IdentityValue, MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
-    MAX_POLICY_ENTRIES, MAX_SUBJECTS, PolicyKey, PolicyValue, REASON_COUNT, SubjectKey,
-    SubjectPolicy,
+    MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, PolicyKey, PolicyValue, PrefilterValue,
+    REASON_COUNT, SubjectKey, SubjectPolicy,
 };
 
 /// `WEIR_CONFIG[0]`: generation and flags.
@@ -52,6 +52,11 @@ pub static WEIR_CONNTRACK: LruHashMap<CtKey, CtValue> =
 #[map(name = "WEIR_FRAGMENTS")]
 pub static WEIR_FRAGMENTS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
+
+/// The operator's deny list: source prefixes `weir_xdp` drops on the node's uplink.
+#[map(name = "WEIR_PREFILTER")]
+pub static WEIR_PREFILTER: LpmTrie<AddrKey, PrefilterValue> =
+    LpmTrie::with_max_entries(MAX_PREFILTER, 0);
 
 /// Verdict events (`weir_common::VerdictEvent`).
 #[map(name = "WEIR_EVENTS")]

@@ -2,16 +2,18 @@
 //! `MAX_IPV6_EXTENSION_HEADERS` headers), whether the packet is a fragment, and the first bytes of
 //! the transport header, into the 16-byte-address 5-tuple of `CtKey`.
 //!
-//! All reads go through `bpf_skb_load_bytes`, which fails when the packet is shorter than the
-//! read: a truncated header is `Malformed`.
+//! All reads go through `Packet::load_bytes` (`bpf_skb_load_bytes` at tc, `bpf_xdp_load_bytes` at
+//! XDP), which fails when the packet is shorter than the read: a truncated header is `Malformed`.
 
-use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use weir_common::{
     Addr, ECHO_NONE, ECHO_REPLY, ECHO_REQUEST, MAX_IPV6_EXTENSION_HEADERS, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::key::{DADDR_WORD, KeyBuf, SADDR_WORD};
+use crate::{
+    key::{DADDR_WORD, KeyBuf, SADDR_WORD},
+    packet::Packet,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -89,23 +91,14 @@ pub struct Parsed {
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ParseError> {
-    ctx.load::<T>(off).map_err(|_| ParseError::Malformed)
+fn load<T, C: Packet>(ctx: &C, off: usize) -> Result<T, ParseError> {
+    ctx.load::<T>(off).ok_or(ParseError::Malformed)
 }
 
 /// Loads 16 bytes straight into `dst` (no stack temporary).
 #[inline(always)]
-fn load_addr(ctx: &TcContext, off: usize, dst: &mut Addr) -> Result<(), ParseError> {
-    // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds.
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            off as u32,
-            dst.as_mut_ptr().cast(),
-            dst.len() as u32,
-        )
-    };
-    if ret == 0 {
+fn load_addr<C: Packet>(ctx: &C, off: usize, dst: &mut Addr) -> Result<(), ParseError> {
+    if ctx.load_bytes(off, dst.as_mut_ptr(), dst.len()) {
         Ok(())
     } else {
         Err(ParseError::Malformed)
@@ -114,8 +107,8 @@ fn load_addr(ctx: &TcContext, off: usize, dst: &mut Addr) -> Result<(), ParseErr
 
 /// Fails unless the packet holds at least `len` bytes from `off`.
 #[inline(always)]
-fn require(ctx: &TcContext, off: usize, len: usize) -> Result<(), ParseError> {
-    load::<u8>(ctx, off + len - 1).map(|_| ())
+fn require<C: Packet>(ctx: &C, off: usize, len: usize) -> Result<(), ParseError> {
+    load::<u8, C>(ctx, off + len - 1).map(|_| ())
 }
 
 /// Ports in network order (as they sit in memory in the packet).
@@ -156,7 +149,7 @@ struct Chain {
 /// `MAX_IPV6_EXTENSION_HEADERS`, a header of a layout not walked, a second Fragment header or a
 /// hop-by-hop header anywhere but first is `Extensions`: dropped, never guessed at.
 #[inline(always)]
-fn walk_ipv6_extensions(ctx: &TcContext, next: u8, start: usize) -> Result<Chain, ParseError> {
+fn walk_ipv6_extensions<C: Packet>(ctx: &C, next: u8, start: usize) -> Result<Chain, ParseError> {
     let mut chain = Chain {
         proto: next,
         l4: start,
@@ -229,7 +222,7 @@ fn walk_ipv6_extensions(ctx: &TcContext, next: u8, start: usize) -> Result<Chain
 /// Parses the whole packet from the Ethernet header into `key` (the packet's own tuple), which
 /// must be zeroed.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
+pub fn parse<C: Packet>(ctx: &C, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
     let eth_type: [u8; 2] = load(ctx, 12)?;
     match u16::from_be_bytes(eth_type) {
         ETH_P_IP => parse_ip(ctx, ETH_HLEN, false, false, key),
@@ -253,8 +246,8 @@ pub fn parse(ctx: &TcContext, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
 /// first 8 bytes of the transport header are guaranteed; no further error or link-local
 /// classification happens there.
 #[inline(always)]
-pub fn parse_ip(
-    ctx: &TcContext,
+pub fn parse_ip<C: Packet>(
+    ctx: &C,
     off: usize,
     v6: bool,
     inner: bool,

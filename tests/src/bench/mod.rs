@@ -7,3 +7,4 @@ pub mod idle;
 pub mod propagation;
 pub mod stats;
 pub mod traffic;
+pub mod xdp;

@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -26,9 +26,13 @@ fn main() -> anyhow::Result<()> {
         bench::idle::run(std::time::Duration::from_secs(30))?;
         ran = true;
     }
+    if all || which == "xdp" {
+        bench::xdp::run(3)?;
+        ran = true;
+    }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp or all"
     );
     Ok(())
 }

@@ -1,0 +1,188 @@
+//! `weir_xdp` on the node's uplink: attached through a BPF link pinned under
+//! `<bpffs-dir>/xdp/<device>`, so it stays attached when the agent exits or dies. A restarted
+//! agent swaps its freshly loaded program into the pinned link (`BPF_LINK_UPDATE`, atomic: the
+//! device is never without a program); `weir-agent uninstall` removes the pin, which detaches it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use weir_common::PROG_XDP;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("the kernel object has no loaded XDP program {PROG_XDP}: {0}")]
+    Program(String),
+    #[error("creating the XDP pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "attaching {PROG_XDP} to {device} (native XDP, then generic): {source}; pass --xdp-device \
+         with the uplink's name, or --xdp-device none to run without the XDP filter"
+    )]
+    Attach {
+        device: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning the XDP link of {device} at {path}: {reason}")]
+    Pin {
+        device: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Where the XDP links are pinned.
+pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("xdp")
+}
+
+/// How the program came to be on the device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Swapped into the link an earlier agent pinned.
+    Replaced,
+    /// Attached anew, in native (driver) mode.
+    Native,
+    /// Attached anew in generic mode: the driver has no native XDP.
+    Generic,
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, UplinkError> {
+    ebpf.program_mut(PROG_XDP)
+        .ok_or_else(|| UplinkError::Program("missing".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| UplinkError::Program(e.to_string()))
+}
+
+/// Puts `weir_xdp` on `device`: into the pinned link if an earlier agent left one (atomic
+/// replacement), else a new link, pinned. Links pinned for other devices (the uplink changed)
+/// are removed afterwards, which detaches them.
+pub fn attach(ebpf: &mut Ebpf, device: &str, bpffs_dir: &Path) -> Result<Attached, UplinkError> {
+    let dir = pin_dir(bpffs_dir);
+    std::fs::create_dir_all(&dir).map_err(|source| UplinkError::PinDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let pin = dir.join(device);
+    let program = program(ebpf)?;
+    let attached = match replace_pinned(program, &pin) {
+        Some(attached) => attached,
+        None => attach_new(program, device, &pin)?,
+    };
+    for stale in pinned_devices(bpffs_dir)
+        .into_iter()
+        .filter(|d| d != device)
+    {
+        match std::fs::remove_file(dir.join(&stale)) {
+            Ok(()) => tracing::info!(device = %stale, "took the XDP filter off the former uplink"),
+            Err(e) => {
+                tracing::warn!(device = %stale, error = %e, "could not remove the XDP link of the former uplink")
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// Swaps the program into the link pinned at `pin`. `None` when there is none, or it is defunct
+/// (its device was deleted): its pin is removed and a new link is needed.
+fn replace_pinned(program: &mut Xdp, pin: &Path) -> Option<Attached> {
+    if !pin.exists() {
+        return None;
+    }
+    let swapped = PinnedLink::from_pin(pin)
+        .map_err(|e| e.to_string())
+        .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string()))
+        .and_then(|link| program.attach_to_link(link).map_err(|e| e.to_string()));
+    match swapped {
+        Ok(id) => {
+            // The pin keeps the link; the agent need not hold it.
+            if let Ok(link) = program.take_link(id) {
+                drop(link);
+            }
+            Some(Attached::Replaced)
+        }
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "the pinned XDP link cannot be updated; attaching anew");
+            let _ = std::fs::remove_file(pin);
+            None
+        }
+    }
+}
+
+fn attach_new(program: &mut Xdp, device: &str, pin: &Path) -> Result<Attached, UplinkError> {
+    let (id, attached) = match program.attach(device, XdpMode::Driver) {
+        Ok(id) => (id, Attached::Native),
+        Err(native) => {
+            tracing::warn!(device, error = %native, "no native XDP on the uplink; attaching in generic mode");
+            let id =
+                program
+                    .attach(device, XdpMode::Skb)
+                    .map_err(|source| UplinkError::Attach {
+                        device: device.to_owned(),
+                        source,
+                    })?;
+            (id, Attached::Generic)
+        }
+    };
+    let pin_error = |reason: String| UplinkError::Pin {
+        device: device.to_owned(),
+        path: pin.to_owned(),
+        reason,
+    };
+    let link = program
+        .take_link(id)
+        .map_err(|e| pin_error(e.to_string()))?;
+    let link = FdLink::try_from(link).map_err(|e| pin_error(e.to_string()))?;
+    link.pin(pin).map_err(|e| pin_error(e.to_string()))?;
+    Ok(attached)
+}
+
+/// The devices with a pinned XDP link.
+pub fn pinned_devices(bpffs_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(pin_dir(bpffs_dir)) else {
+        return Vec::new();
+    };
+    let mut devices: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    devices.sort();
+    devices
+}
+
+/// Takes `weir_xdp` off every device (removing a pin releases its link, which detaches the
+/// program). Returns the devices.
+pub fn detach_all(bpffs_dir: &Path) -> std::io::Result<Vec<String>> {
+    let devices = pinned_devices(bpffs_dir);
+    for device in &devices {
+        std::fs::remove_file(pin_dir(bpffs_dir).join(device))?;
+    }
+    let _ = std::fs::remove_dir(pin_dir(bpffs_dir));
+    Ok(devices)
+}
+
+/// The interface in this network namespace that holds `addr` (the node's InternalIP).
+pub fn device_with_address(addr: IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let sa = ifa.address?;
+        let found = match addr {
+            IpAddr::V4(v4) => sa.as_sockaddr_in().map(|s| s.ip() == v4),
+            IpAddr::V6(v6) => sa.as_sockaddr_in6().map(|s| s.ip() == v6),
+        };
+        found.unwrap_or(false).then_some(ifa.interface_name)
+    })
+}

@@ -1,0 +1,213 @@
+//! Local delivery with `bpf_redirect_peer`, through `BPF_PROG_TEST_RUN`: a packet one local pod
+//! sends to another gets the destination's ingress check inline in `weir_from_pod` (same
+//! conntrack entry, same drop report as `weir_to_pod`), the MACs a router would write and a
+//! decremented TTL, and is redirected into the destination's namespace; everything the shortcut
+//! cannot take goes to the stack. Counters say which way each allowed packet went.
+//!
+//! The FIB lookup runs in the namespace of the thread that runs the test: each test builds one
+//! with the destination pod's host veth, its route and its permanent neighbour entry, as the CNI
+//! plugin leaves them. Root only.
+
+use weir_common::{
+    CONFIG_REDIRECT_LOCAL, COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, CT_EGRESS_ALLOWED,
+    CT_INGRESS_ALLOWED, DIR_INGRESS, PROG_FROM_POD, PROTO_TCP, REASON_POLICY_DENIED,
+    SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
+};
+use weir_tests::{
+    netns::{Netns, run, spawn_in},
+    packet::{ETH_P_IP, TCP_SYN, ethernet, ipv4_fragment, tcp, tcp_header},
+    testrun::*,
+};
+
+/// `bpf_redirect_peer`'s verdict.
+const TC_ACT_REDIRECT: u32 = 7;
+/// The destination pod's MAC (its neighbour entry) and its host veth's.
+const POD_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const HOST_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const POD_B6: &str = "fd00:1::2";
+
+/// Runs `f` in a namespace holding pod B's host veth `vb` (route and permanent neighbour for
+/// B's IPv4 and IPv6 address, forwarding on), with pods A, B and C loaded and B's endpoint on
+/// `vb`, and redirection `on` or off.
+fn with_host_veth<T: Send + 'static>(
+    tag: &str,
+    on: bool,
+    f: impl FnOnce(&mut Datapath, u32) -> T + Send + 'static,
+) -> T {
+    let ns = Netns::new(tag);
+    ns.ip(&[
+        "link",
+        "add",
+        "vb",
+        "address",
+        "02:00:00:00:00:aa",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vbp",
+    ]);
+    ns.ip(&["link", "set", "vb", "up"]);
+    ns.ip(&["link", "set", "vbp", "up"]);
+    ns.ip(&["route", "add", &format!("{POD_B}/32"), "dev", "vb"]);
+    ns.ip(&["-6", "route", "add", &format!("{POD_B6}/128"), "dev", "vb"]);
+    for addr in [POD_B, POD_B6] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            "02:00:00:00:00:0b",
+            "dev",
+            "vb",
+            "nud",
+            "permanent",
+        ]);
+    }
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", sysctl]);
+    }
+    let result = spawn_in(ns.path(), move || {
+        let vb = nix::net::if_::if_nametoindex("vb").expect("vb");
+        let mut dp = Datapath::with_pods();
+        dp.endpoint(POD_B, vb, ID_B);
+        dp.endpoint(POD_B6, vb, ID_B);
+        dp.config(1, if on { CONFIG_REDIRECT_LOCAL } else { 0 });
+        f(&mut dp, vb)
+    })
+    .join();
+    drop(ns);
+    result.expect("the test panicked in the namespace")
+}
+
+/// The IPv4 header checksum of `header` is valid.
+fn ipv4_checksum_ok(header: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for pair in header.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// A frame with a valid IPv4 header checksum (the builders leave it 0).
+fn with_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip = &mut frame[14..34];
+    ip[10] = 0;
+    ip[11] = 0;
+    let mut sum = 0u32;
+    for pair in ip.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    frame
+}
+
+#[test]
+fn a_local_destination_is_delivered_into_its_namespace_with_its_ingress_checked_inline() {
+    with_host_veth("rd1", true, |dp, _| {
+        let frame = with_checksum(syn(POD_A, 40000, POD_B, 80));
+        let ttl = frame[14 + 8];
+        let (verdict, out) = dp.run_out(PROG_FROM_POD, &frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[..6], &POD_B_MAC, "destination MAC: the pod's");
+        assert_eq!(&out[6..12], &HOST_B_MAC, "source MAC: its host veth's");
+        assert_eq!(out[14 + 8], ttl - 1, "TTL decremented");
+        assert!(ipv4_checksum_ok(&out[14..34]), "header checksum updated");
+        assert_eq!(&out[34..], &frame[34..], "payload untouched");
+        // Both sides are in the one conntrack entry, as if both hooks had run.
+        let ct = dp
+            .ct(&ct_key(POD_A, 40000, POD_B, 80, PROTO_TCP))
+            .expect("a conntrack entry");
+        assert_eq!(
+            ct.flags & (CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED),
+            CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED
+        );
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 1);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 0);
+        // IPv6: hop limit decremented, same MACs.
+        let frame6 = tcp(ip_of("fd00:1::1"), 40000, ip_of(POD_B6), 80, TCP_SYN);
+        dp.endpoint("fd00:1::1", TEST_RUN_IFINDEX, ID_A);
+        let (verdict, out) = dp.run_out(PROG_FROM_POD, &frame6);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[..6], &POD_B_MAC);
+        assert_eq!(out[14 + 7], frame6[14 + 7] - 1, "hop limit decremented");
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 2);
+    });
+}
+
+#[test]
+fn a_drop_by_the_destinations_ingress_is_reported_as_its_own() {
+    with_host_veth("rd2", true, |dp, vb| {
+        dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+        assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), SHOT);
+        assert_eq!(dp.counter(REASON_POLICY_DENIED), 1);
+        let events = dp.events();
+        assert_eq!(events.len(), 1);
+        let e = events[0];
+        assert_eq!(e.verdict, VERDICT_DROP);
+        assert_eq!(e.reason, REASON_POLICY_DENIED);
+        assert_eq!(e.direction, DIR_INGRESS);
+        assert_eq!(e.subject, ID_B);
+        assert_eq!(e.peer, ID_A);
+        assert_eq!(e.ifindex, vb, "reported on the destination's veth");
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 0);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 0);
+    });
+}
+
+#[test]
+fn what_the_shortcut_cannot_take_goes_to_the_stack() {
+    with_host_veth("rd3", true, |dp, _| {
+        let first_fragment = ethernet(
+            ETH_P_IP,
+            &ipv4_fragment(
+                [10, 1, 0, 1],
+                [10, 1, 0, 2],
+                PROTO_TCP,
+                0x4243,
+                0,
+                true,
+                &tcp_header(40001, 80, TCP_SYN),
+            ),
+        );
+        let mut last_hop = syn(POD_A, 40002, POD_B, 80);
+        last_hop[14 + 8] = 1;
+        let frames = [
+            // Another node's pod, the world, the node itself: not a local pod.
+            syn(POD_A, 40000, REMOTE, 80),
+            syn(POD_A, 40000, WORLD, 80),
+            syn(POD_A, 40000, "10.1.0.254", 22),
+            // A fragment: its later fragments meet the destination's hook on the stack path.
+            first_fragment,
+            // The TTL runs out: the stack answers with an ICMP error.
+            last_hop,
+            // C is a local endpoint the FIB does not route to its veth.
+            syn(POD_A, 40003, POD_C, 80),
+        ];
+        for frame in &frames {
+            assert_eq!(dp.from_pod(frame), OK);
+        }
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), frames.len() as u64);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 0);
+        // Only the egress side was checked: the destination's own hook checks the rest.
+        let ct = dp
+            .ct(&ct_key(POD_A, 40003, POD_C, 80, PROTO_TCP))
+            .expect("a conntrack entry");
+        assert_eq!(ct.flags & CT_INGRESS_ALLOWED, 0);
+    });
+}
+
+#[test]
+fn without_the_flag_everything_goes_to_the_stack() {
+    with_host_veth("rd4", false, |dp, _| {
+        assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), OK);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 1);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 0);
+    });
+}

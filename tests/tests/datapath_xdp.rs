@@ -1,0 +1,198 @@
+//! `weir_xdp`, the early filter on the node's uplink, through `BPF_PROG_TEST_RUN`: it drops a new
+//! connection that the destination pod's ingress policy denies and sources on the operator's deny
+//! list, reports both like any drop, and passes everything else (allowed connections, replies of
+//! connections local pods opened, traffic not for a local pod, non-IP, fragments). Whatever it
+//! drops, `weir_to_pod` would drop too: it is a filter in front of the enforcer.
+//!
+//! Root only (loading programs needs CAP_BPF and CAP_NET_ADMIN).
+
+use weir_common::{
+    COUNTER_XDP_PASSED, DIR_INGRESS, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
+    REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
+};
+use weir_tests::{
+    packet::{ETH_P_IP, addr, arp_request, ethernet, ipv4_fragment, ping, pong, tcp_header, udp},
+    testrun::*,
+};
+
+/// `BPF_PROG_TEST_RUN` runs XDP programs on the loopback device.
+const TEST_RUN_XDP_IFINDEX: u32 = 1;
+
+/// Pods A and B local, B isolated for ingress and admitting only the remote pod on TCP 80
+/// (rule 7).
+fn b_admits_remote_on_80() -> Datapath {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(80),
+        7,
+    );
+    dp
+}
+
+#[test]
+fn an_allowed_new_connection_passes_unreported() {
+    let mut dp = b_admits_remote_on_80();
+    assert_eq!(dp.xdp(&syn(REMOTE, 40000, POD_B, 80)), XDP_PASS);
+    assert_eq!(dp.counter_slot(COUNTER_XDP_PASSED), 1);
+    assert!(dp.events().is_empty());
+    // The filter creates no conntrack entry: the tc program that enforces does, as before.
+    assert_eq!(dp.ct_len(), 0);
+    assert_eq!(dp.to_pod(&syn(REMOTE, 40000, POD_B, 80)), OK);
+    assert_eq!(dp.ct_len(), 1);
+}
+
+#[test]
+fn a_new_connection_the_policy_denies_is_dropped_and_explained() {
+    let mut dp = b_admits_remote_on_80();
+    for frame in [
+        syn(REMOTE, 40000, POD_B, 81),
+        udp(ip_of(REMOTE), 5353, ip_of(POD_B), 80),
+        syn(WORLD, 40000, POD_B, 80),
+    ] {
+        assert_eq!(dp.xdp(&frame), XDP_DROP);
+        // The enforcer agrees.
+        assert_eq!(dp.to_pod(&frame), SHOT);
+    }
+    assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), 3);
+    assert_eq!(dp.counter_slot(COUNTER_XDP_PASSED), 0);
+    let events: Vec<_> = dp
+        .events()
+        .into_iter()
+        .filter(|e| e.reason == REASON_XDP_POLICY_DENIED)
+        .collect();
+    assert_eq!(events.len(), 3);
+    let first = &events[0];
+    assert_eq!(first.verdict, VERDICT_DROP);
+    assert_eq!(first.direction, DIR_INGRESS);
+    assert_eq!(first.ifindex, TEST_RUN_XDP_IFINDEX);
+    assert_eq!(first.subject, ID_B);
+    assert_eq!(first.subject_version, 1);
+    assert_eq!(first.peer, ID_REMOTE);
+    assert_eq!(first.saddr, addr(ip_of(REMOTE)));
+    assert_eq!(u16::from_be(first.dport), 81);
+    assert_eq!(first.proto, PROTO_TCP);
+    assert_eq!(events[1].proto, PROTO_UDP);
+    assert_eq!(events[2].peer, IDENTITY_WORLD);
+}
+
+#[test]
+fn the_deny_list_drops_every_new_packet_from_a_listed_source() {
+    let mut dp = Datapath::with_pods();
+    dp.prefilter("192.0.2.0", 24, 3);
+    // Pod A is not isolated, and the node's own address is no endpoint: the list still applies.
+    for frame in [
+        syn(WORLD, 40000, POD_A, 80),
+        syn("192.0.2.77", 40000, "10.9.9.9", 22),
+        ping(ip_of(WORLD), ip_of(POD_A), 9),
+    ] {
+        assert_eq!(dp.xdp(&frame), XDP_DROP);
+    }
+    // Outside the listed prefix.
+    assert_eq!(dp.xdp(&syn("192.0.3.1", 40000, POD_A, 80)), XDP_PASS);
+    assert_eq!(dp.counter(REASON_PREFILTER_DENIED), 3);
+    let events = dp.events();
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.reason == REASON_PREFILTER_DENIED && e.rule == 3)
+    );
+    assert_eq!(events[0].subject, ID_A);
+    assert_eq!(events[1].subject, 0, "not for a local pod");
+}
+
+#[test]
+fn replies_of_connections_local_pods_opened_always_pass() {
+    let mut dp = b_admits_remote_on_80();
+    // B's ingress denies the world, which is also on the deny list.
+    dp.prefilter(WORLD, 32, 1);
+    // B opens connections out (its egress is not isolated): conntrack has them.
+    assert_eq!(dp.from_pod(&syn(POD_B, 40001, REMOTE, 443)), OK);
+    assert_eq!(dp.from_pod(&syn(POD_B, 40002, WORLD, 443)), OK);
+    assert_eq!(dp.from_pod(&ping(ip_of(POD_B), ip_of(REMOTE), 77)), OK);
+    let replies = [
+        ack(REMOTE, 443, POD_B, 40001),
+        ack(WORLD, 443, POD_B, 40002),
+        pong(ip_of(REMOTE), ip_of(POD_B), 77),
+    ];
+    for reply in &replies {
+        assert_eq!(dp.xdp(reply), XDP_PASS);
+    }
+    assert_eq!(dp.counter_slot(COUNTER_XDP_PASSED), 3);
+    assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), 0);
+    assert_eq!(dp.counter(REASON_PREFILTER_DENIED), 0);
+    // And the enforcer lets them in as established.
+    for reply in &replies {
+        assert_eq!(dp.to_pod(reply), OK);
+    }
+    assert_eq!(dp.counter(REASON_ESTABLISHED), 3);
+    // A new connection from the same peers is still dropped.
+    assert_eq!(dp.xdp(&syn(REMOTE, 443, POD_B, 40009)), XDP_DROP);
+    assert_eq!(dp.xdp(&syn(WORLD, 443, POD_B, 40010)), XDP_DROP);
+}
+
+#[test]
+fn established_connections_are_left_to_the_enforcer() {
+    let mut dp = b_admits_remote_on_80();
+    assert_eq!(dp.to_pod(&syn(REMOTE, 40000, POD_B, 80)), OK);
+    // The rule goes: revocation is the tc program's (it knows the generation), not XDP's.
+    dp.revoke(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(80),
+    );
+    assert_eq!(dp.xdp(&ack(REMOTE, 40000, POD_B, 80)), XDP_PASS);
+    assert_eq!(dp.xdp(&syn(REMOTE, 40001, POD_B, 80)), XDP_DROP);
+}
+
+#[test]
+fn non_ip_fragments_and_traffic_not_for_a_local_pod_pass() {
+    let mut dp = b_admits_remote_on_80();
+    let later_fragment = ethernet(
+        ETH_P_IP,
+        &ipv4_fragment(
+            [10, 2, 0, 9],
+            [10, 1, 0, 2],
+            PROTO_UDP,
+            0x4242,
+            10,
+            false,
+            &[0; 16],
+        ),
+    );
+    let first_fragment = ethernet(
+        ETH_P_IP,
+        &ipv4_fragment(
+            [10, 2, 0, 9],
+            [10, 1, 0, 2],
+            PROTO_TCP,
+            0x4243,
+            0,
+            true,
+            &tcp_header(40000, 81, 0x02),
+        ),
+    );
+    let frames = [
+        arp_request([10, 2, 0, 9], [10, 1, 0, 2]),
+        later_fragment,
+        first_fragment,
+        // To the node (or anything that is not a local pod): not the filter's business.
+        syn(REMOTE, 40000, "10.9.9.9", 22),
+        // Truncated: the enforcer decides.
+        syn(REMOTE, 40000, POD_B, 81)[..30].to_vec(),
+    ];
+    for frame in &frames {
+        assert_eq!(dp.xdp(frame), XDP_PASS);
+    }
+    assert_eq!(dp.counter_slot(COUNTER_XDP_PASSED), frames.len() as u64);
+    assert!(dp.events().is_empty());
+}

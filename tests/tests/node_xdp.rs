@@ -1,0 +1,313 @@
+//! The XDP early filter on a node's uplink, end to end: two node namespaces on one underlay veth,
+//! an agent each (native routing), pods wired by the plugin. The server's node drops a
+//! cross-node connection its policy denies at XDP and explains it in flows.jsonl, lets allowed
+//! traffic and the replies of connections its pods opened through, drops the operator's deny
+//! list (a followed file) there too, keeps all of it while its agent is down, swaps a restarted
+//! agent's program in, and `weir-agent uninstall` takes it off. Root only; never skipped.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weir_tests::{
+    agent::{Agent, AgentDirs, bin},
+    cni::{Plugin, PodRef},
+    netns::{Netns, spawn_in},
+};
+
+const PORT: u16 = 8080;
+
+fn node(name: &str, cidr: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: ['{cidr}']}}\n\
+         status: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
+    )
+}
+
+fn pod(name: &str, node: &str, app: &str, ip: Option<IpAddr>) -> String {
+    let status = ip
+        .map(|ip| format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {PORT}}}]}}]}}\n{status}"
+    )
+}
+
+fn serve(netns: &Netns, ip: IpAddr) {
+    spawn_in(netns.path(), move || {
+        let listener = TcpListener::bind((ip, PORT)).unwrap();
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hi");
+        }
+    });
+}
+
+fn connects(from: &Netns, to: IpAddr) -> bool {
+    spawn_in(from.path(), move || {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), Duration::from_millis(300))
+        else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 10 s"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn flows(state: &Path) -> Vec<Value> {
+    std::fs::read_to_string(state.join("flows.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The id of the XDP program on `dev` in `netns`, if any (`ip -d link` prints `prog/xdp id N`).
+fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
+    let out = netns.ip(&["-d", "link", "show", "dev", dev]);
+    let rest = out.split("prog/xdp id ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
+    let tag = "xdp";
+    let (n1, n2) = (
+        Netns::new(&format!("{tag}1")),
+        Netns::new(&format!("{tag}2")),
+    );
+    n1.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
+    ]);
+    n1.ip(&["addr", "add", "192.168.78.1/24", "dev", "eth0"]);
+    n2.ip(&["addr", "add", "192.168.78.2/24", "dev", "eth0"]);
+    n1.ip(&["link", "set", "eth0", "up"]);
+    n2.ip(&["link", "set", "eth0", "up"]);
+
+    let d1 = AgentDirs::new(tag, "n1");
+    let d2 = AgentDirs::sharing_manifests(tag, "n2", &d1);
+    let m = &d1.manifests;
+    std::fs::write(
+        m.join("n1.yaml"),
+        node("n1", "10.152.1.0/24", "192.168.78.1"),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("n2.yaml"),
+        node("n2", "10.152.2.0/24", "192.168.78.2"),
+    )
+    .unwrap();
+    let pods = [
+        ("client", "n1", "client"),
+        ("intruder", "n1", "intruder"),
+        ("server", "n2", "server"),
+    ];
+    for (name, node_name, app) in pods {
+        std::fs::write(
+            m.join(format!("{name}.yaml")),
+            pod(name, node_name, app, None),
+        )
+        .unwrap();
+    }
+    // n2's deny list: empty at first, with a comment.
+    let deny = d2.root.join("prefilter");
+    std::fs::write(&deny, "# weir-prefilter\n").unwrap();
+    let deny_arg = deny.to_str().unwrap().to_owned();
+    let n2_args = ["--prefilter-file", deny_arg.as_str()];
+    let a1 = Agent::start(&n1, "n1", &d1, &[]);
+    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    // The uplink was found from the Node's InternalIP.
+    let first_program = xdp_program(&n2, "eth0").expect("no XDP program on n2's uplink");
+    assert!(
+        xdp_program(&n1, "eth0").is_some(),
+        "no XDP program on n1's uplink"
+    );
+
+    let p1 = Plugin::new(&n1.name, &d1.socket, &d1.root.join("cni.log"));
+    let p2 = Plugin::new(&n2.name, &d2.socket, &d2.root.join("cni.log"));
+    let netns: Vec<Netns> = pods
+        .iter()
+        .map(|(name, _, _)| Netns::new(&format!("{tag}{}", &name[..3])))
+        .collect();
+    let mut ips = Vec::new();
+    for ((name, node_name, app), ns) in pods.iter().zip(&netns) {
+        let plugin = if *node_name == "n1" { &p1 } else { &p2 };
+        let id = format!("ctr-{name}");
+        let (out, _) = plugin.ok(
+            "ADD",
+            &PodRef {
+                container_id: &id,
+                namespace: "default",
+                name,
+                netns: &ns.name,
+            },
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let ip: IpAddr = v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::fs::write(
+            m.join(format!("{name}.yaml")),
+            pod(name, node_name, app, Some(ip)),
+        )
+        .unwrap();
+        ips.push(ip);
+    }
+    let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
+    serve(&netns[2], server_ip);
+    serve(&netns[1], intruder_ip);
+    eventually("the client reaches the server on the other node", || {
+        connects(&netns[0], server_ip)
+    });
+
+    std::fs::write(
+        m.join("policy.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\n\
+         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
+    )
+    .unwrap();
+    eventually("the intruder is denied across nodes", || {
+        !connects(&netns[1], server_ip)
+    });
+    assert!(
+        connects(&netns[0], server_ip),
+        "the client is still allowed"
+    );
+    // The drop happened at XDP on n2's uplink, and is explained.
+    let intruder = intruder_ip.to_string();
+    eventually("the XDP drop is in n2's flows.jsonl", || {
+        flows(&d2.state)
+            .iter()
+            .any(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
+    });
+    let records = flows(&d2.state);
+    let record = records
+        .iter()
+        .find(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
+        .unwrap();
+    assert_eq!(record["verdict"], "drop");
+    assert_eq!(record["direction"], "ingress");
+    assert_eq!(record["endpoint"], "default/server");
+    assert_eq!(record["dport"], PORT);
+    assert_eq!(record["policies"], serde_json::json!(["default/server"]));
+    // The tc program never saw the intruder's connection attempts: XDP dropped them first.
+    assert!(
+        !records
+            .iter()
+            .any(|f| f["reason"] == "policy-denied" && f["src"] == intruder.as_str()),
+        "a tc drop of the intruder: {records:?}"
+    );
+
+    // The server may open connections to the intruder: their replies pass n2's XDP although the
+    // server's ingress denies the intruder.
+    assert!(
+        connects(&netns[2], intruder_ip),
+        "the reply of a connection the server opened was dropped"
+    );
+
+    // The operator's deny list: the client's address goes on it, and comes off again.
+    std::fs::write(&deny, format!("# weir-prefilter\n\n{client_ip}/32\n")).unwrap();
+    eventually("the deny list drops the client", || {
+        !connects(&netns[0], server_ip)
+    });
+    let client = client_ip.to_string();
+    eventually("the deny list drop is explained", || {
+        flows(&d2.state).iter().any(|f| {
+            f["reason"] == "prefilter-denied"
+                && f["src"] == client.as_str()
+                && f["rule"] == "prefilter line 3"
+        })
+    });
+    // A file that does not parse keeps the applied list.
+    std::fs::write(&deny, "not-a-cidr\n").unwrap();
+    eventually("the bad file is reported", || {
+        a2.log_text()
+            .contains("line 1: \"not-a-cidr\" is not a CIDR")
+    });
+    assert!(
+        !connects(&netns[0], server_ip),
+        "a bad deny list file opened traffic"
+    );
+    std::fs::write(&deny, "").unwrap();
+    eventually("the client is let through again", || {
+        connects(&netns[0], server_ip)
+    });
+
+    // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
+    // its program into the pinned link.
+    drop(a2);
+    assert_eq!(xdp_program(&n2, "eth0"), Some(first_program));
+    assert!(
+        !connects(&netns[1], server_ip),
+        "the intruder got in while the agent was down"
+    );
+    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    assert!(
+        a2.log_text().contains("attached=Replaced"),
+        "{}",
+        a2.log_text()
+    );
+    let second_program = xdp_program(&n2, "eth0").expect("the restart left the uplink without XDP");
+    assert_ne!(
+        second_program, first_program,
+        "the restarted agent's program was not swapped in"
+    );
+    assert!(
+        !connects(&netns[1], server_ip),
+        "the intruder got in after the restart"
+    );
+    assert!(
+        connects(&netns[0], server_ip),
+        "the client is denied after the restart"
+    );
+
+    // Uninstall takes the filter off.
+    drop((a1, a2));
+    let out = n2
+        .command(bin("weir-agent").to_str().unwrap())
+        .args(["uninstall", "--node-name", "n2", "--bpffs-dir"])
+        .arg(&d2.bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("took Weir's XDP filter off [\"eth0\"]"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        xdp_program(&n2, "eth0"),
+        None,
+        "uninstall left the XDP program"
+    );
+}

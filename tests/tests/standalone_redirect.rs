@@ -1,0 +1,198 @@
+//! Pod-to-pod delivery on one node through `bpf_redirect_peer`, through the standalone contract:
+//! the real agent with a NetworkPolicy that admits TCP 8080 to b from a only, pods wired by the
+//! real `weir-cni`, dual-stack. a reaches b over both families with the shortcut taken (the
+//! pinned path counters say so), c is dropped by b's ingress, checked inline and explained as
+//! b's drop in flows.jsonl; with `--redirect-local-pods false` the same traffic takes the stack.
+//! Root only; never skipped.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use serde_json::Value;
+use weir_common::{COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, MAP_COUNTERS};
+use weir_tests::{
+    agent::{Agent, AgentDirs},
+    cni::{Plugin, PodRef},
+    netns::{Netns, spawn_in},
+};
+
+const NODE: &str = "n1";
+const PORT: u16 = 8080;
+const PATIENCE: Duration = Duration::from_secs(10);
+
+const MANIFESTS: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: rd}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: rd, labels: {app: a}}
+spec: {nodeName: n1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: rd, labels: {app: b}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: rd, labels: {app: c}}
+spec: {nodeName: n1, containers: [{name: c}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-a, namespace: rd}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: TCP, port: 8080}]
+"#;
+
+/// The path counters in the agent's pinned counters map: (redirected, stack).
+fn paths(bpffs: &Path) -> (u64, u64) {
+    let data = MapData::from_pin(bpffs.join("maps").join(MAP_COUNTERS)).expect("pinned counters");
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+    let sum = |slot: u32| -> u64 { counters.get(&slot, 0).expect("slot").iter().sum() };
+    (sum(COUNTER_PATH_REDIRECT_PEER), sum(COUNTER_PATH_STACK))
+}
+
+fn connects(from: &Netns, to: IpAddr) -> bool {
+    spawn_in(from.path(), move || {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&SocketAddr::new(to, PORT), Duration::from_millis(300))
+        else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn flows(state: &Path) -> Vec<Value> {
+    std::fs::read_to_string(state.join("flows.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn addresses(add_result: &str) -> Vec<IpAddr> {
+    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
+    v["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| {
+            ip["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enforced() {
+    let node = Netns::new("rdn");
+    let dirs = AgentDirs::new("rd", NODE);
+    std::fs::write(dirs.manifests.join("rd.yaml"), MANIFESTS).unwrap();
+    let args = ["--pod-cidr", "10.213.1.0/24,fd00:213:1::/64"];
+    let agent = Agent::start(&node, NODE, &dirs, &args);
+    let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
+    let pods: Vec<(&str, Netns)> = ["a", "b", "c"]
+        .into_iter()
+        .map(|name| (name, Netns::new(&format!("rd{name}"))))
+        .collect();
+    let mut ips = Vec::new();
+    for (name, netns) in &pods {
+        let id = format!("ctr-rd-{name}");
+        let (out, _) = plugin.ok(
+            "ADD",
+            &PodRef {
+                container_id: &id,
+                namespace: "rd",
+                name,
+                netns: &netns.name,
+            },
+        );
+        let addrs = addresses(&out);
+        assert_eq!(addrs.len(), 2, "dual-stack pod {name}: {out}");
+        ips.push(addrs);
+    }
+    let (a, b, c) = (&pods[0].1, &pods[1].1, &pods[2].1);
+    for &ip in &ips[1] {
+        spawn_in(b.path(), move || {
+            let listener = TcpListener::bind((ip, PORT)).unwrap();
+            for mut s in listener.incoming().flatten() {
+                let _ = s.write_all(b"hi");
+            }
+        });
+    }
+
+    for (family, index) in [("IPv4", 0), ("IPv6", 1)] {
+        let b_ip = ips[1][index];
+        let before = paths(&dirs.bpffs);
+        eventually(&format!("a reaches b over {family}"), || connects(a, b_ip));
+        let after = paths(&dirs.bpffs);
+        assert!(
+            after.0 > before.0,
+            "{family}: no packet took the redirect: {before:?} -> {after:?}\n{}",
+            agent.log_text()
+        );
+        assert!(!connects(c, b_ip), "{family}: c reached b");
+        let c_ip = ips[2][index].to_string();
+        eventually(&format!("c's drop over {family} is explained"), || {
+            flows(&dirs.state).iter().any(|f| {
+                f["src"] == c_ip.as_str()
+                    && f["reason"] == "policy-denied"
+                    && f["direction"] == "ingress"
+                    && f["endpoint"] == "rd/b"
+                    && f["policies"] == serde_json::json!(["rd/b-from-a"])
+            })
+        });
+    }
+
+    // Turned off: the same traffic goes through the node's stack (and b's own hook).
+    drop(agent);
+    let mut off_args = args.to_vec();
+    off_args.extend(["--redirect-local-pods", "false"]);
+    let agent = Agent::start(&node, NODE, &dirs, &off_args);
+    let b_ip = ips[1][0];
+    // The restarted agent writes the config when it has read the cluster: wait for the stack.
+    eventually("allowed traffic takes the stack", || {
+        let before = paths(&dirs.bpffs);
+        connects(a, b_ip) && {
+            let after = paths(&dirs.bpffs);
+            after.0 == before.0 && after.1 > before.1
+        }
+    });
+    assert!(!connects(c, b_ip), "c reached b without the shortcut");
+    drop(agent);
+}
