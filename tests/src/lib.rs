@@ -7,4 +7,5 @@ pub mod cni;
 pub mod cpu;
 pub mod kube_server;
 pub mod netns;
+pub mod netpol_cases;
 pub mod packet;

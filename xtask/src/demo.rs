@@ -104,8 +104,8 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     step("Why each drop happened (from the agents' flow records)");
     explain_drops(&lab, &with_policy, applied);
 
-    step("Fixing the policy set: web may call the API (examples/brownbear/fix-web-egress.yaml)");
-    lab.apply(&example.join("fix-web-egress.yaml"))?;
+    step("Fixing the policy set: web may call the API (examples/brownbear/fix/web-egress.yaml)");
+    lab.apply(&example.join("fix/web-egress.yaml"))?;
     let mut fixed_expect = expected.clone();
     fixed_expect.set(
         "brownbear-production/web",

@@ -21,7 +21,7 @@ pub use service::AgentService;
 use crate::{endpoints::EndpointBackend, ipam::Ipam};
 
 /// The socket path when nothing else is configured.
-pub const DEFAULT_SOCKET: &str = "/run/weir/agent.sock";
+pub use weir_proto::DEFAULT_SOCKET;
 
 /// How long AllocateEndpoint waits for an unknown Pod when the request does not say.
 pub const DEFAULT_POD_WAIT: Duration = Duration::from_secs(10);
