@@ -285,6 +285,30 @@ impl Runtime {
         inner.endpoints_log.save(&endpoints)
     }
 
+    /// Read-only access to what the runtime holds, for the Inspect API. Holds the runtime's
+    /// lock while `f` runs: copy what is needed and return.
+    pub fn view<T>(&self, f: impl FnOnce(&RuntimeView<'_>) -> T) -> T {
+        let inner = self.lock();
+        let view = RuntimeView {
+            node_name: &self.config.node_name,
+            cluster_read: inner.cluster_read,
+            degraded: inner.degraded.as_deref(),
+            input: &inner.input,
+            identities: &inner.identities,
+            endpoints: inner.endpoints.values().collect(),
+            compiled: &inner.compiled,
+            generation: inner.writer.generation(),
+            map_usage: inner.writer.usage(),
+            counters: inner.writer.counters(),
+        };
+        f(&view)
+    }
+
+    /// The flow log (`flows.jsonl`) and its live subscribers.
+    pub fn flow_log(&self) -> &FlowLog {
+        &self.flow_log
+    }
+
     /// Handles one verdict event from the kernel.
     pub fn record_event(&self, event: &VerdictEvent) {
         let record = self
@@ -299,6 +323,25 @@ impl Runtime {
         }
         self.flow_log.append(&record);
     }
+}
+
+/// What the runtime holds, borrowed for [`Runtime::view`].
+pub struct RuntimeView<'a> {
+    pub node_name: &'a str,
+    pub cluster_read: bool,
+    /// Why the last compile or apply failed, if it did.
+    pub degraded: Option<&'a str>,
+    /// The compiler's input: cluster state and local endpoints' addresses.
+    pub input: &'a CompileInput,
+    pub identities: &'a IdentityAllocator,
+    pub endpoints: Vec<&'a LocalEndpoint>,
+    /// What is enforced.
+    pub compiled: &'a Compiled,
+    pub generation: u32,
+    /// `(map name, entries, capacity)`.
+    pub map_usage: Vec<(&'static str, u64, u64)>,
+    /// `WEIR_COUNTERS` summed over CPUs.
+    pub counters: Vec<u64>,
 }
 
 fn log_new_rejections(old: &[Rejection], new: &[Rejection]) {

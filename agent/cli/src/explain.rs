@@ -93,6 +93,9 @@ fn side(e: &Explanation, s: &Side, which: &str, peer: &str, style: Style) -> Str
         style.bold(&s.pod),
         style.verdict(s.verdict.allowed())
     );
+    if let Some(basis) = &s.basis {
+        out.push_str(&format!("  ({basis})\n"));
+    }
     let (to_from, policy_type) = if s.direction == "egress" {
         ("to", "Egress")
     } else {

@@ -40,10 +40,48 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Why a connection from SRC to DST on PORT/PROTO is allowed or denied (ALLOW or DENY first).
+    /// Why a connection from SRC to DST on PORT/PROTO is allowed or denied (ALLOW or DENY
+    /// first): from the agent, or offline with --manifests.
     Explain(ExplainArgs),
-    /// Whether the agent is ready to serve CNI ADD, and on which node.
+    /// The agent's enforcement state, generation, endpoints, policies (rejected ones with
+    /// reasons), map pressure and dropped events.
     Status,
+    /// The pod interfaces this node enforces, with addresses, identities and labels.
+    Endpoints,
+    /// Every identity the datapath knows: pods', CIDR and reserved.
+    Identities,
+    /// Every rule enforced for a pod on this node, per direction, named by policy and index.
+    Policy {
+        /// namespace/name
+        pod: String,
+    },
+    /// Recent verdicts from the agent's flow log, and with --follow new ones as they happen.
+    Flows(FlowsArgs),
+}
+
+#[derive(clap::Args)]
+struct FlowsArgs {
+    /// Keep printing new verdicts until interrupted.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only this pod (namespace/name).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only pods in this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only drops or only allows.
+    #[arg(long, value_enum)]
+    verdict: Option<FlowVerdict>,
+    /// Only verdicts from this long ago on: 30s, 5m, 2h, 1d.
+    #[arg(long, value_parser = live::parse_since)]
+    since: Option<std::time::Duration>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FlowVerdict {
+    Drop,
+    Allow,
 }
 
 #[derive(clap::Args)]
@@ -97,16 +135,35 @@ fn run(cli: &Cli) -> Result<String, CliError> {
     match &cli.command {
         Command::Explain(args) => run_explain(cli, args),
         Command::Status => live::block_on(live::status(&cli.socket, cli.output)),
+        Command::Endpoints => live::block_on(live::endpoints(&cli.socket, cli.output)),
+        Command::Identities => live::block_on(live::identities(&cli.socket, cli.output)),
+        Command::Policy { pod } => live::block_on(live::policy(&cli.socket, pod, cli.output)),
+        Command::Flows(args) => {
+            let query = live::FlowQuery {
+                follow: args.follow,
+                pod: args.pod.clone(),
+                namespace: args.namespace.clone(),
+                verdict: args.verdict.map(|v| {
+                    match v {
+                        FlowVerdict::Drop => "drop",
+                        FlowVerdict::Allow => "allow",
+                    }
+                    .to_owned()
+                }),
+                since: args.since,
+            };
+            live::block_on(live::flows(&cli.socket, query, cli.output))
+        }
     }
 }
 
 fn run_explain(cli: &Cli, args: &ExplainArgs) -> Result<String, CliError> {
-    if args.manifests.is_empty() {
+    let paths = &args.manifests;
+    if paths.is_empty() && args.matrix {
         return Err(CliError::Usage(
-            "explain needs --manifests DIR (the agent's own explain is not served yet)".to_owned(),
+            "--matrix needs --manifests DIR: the matrix is computed offline".to_owned(),
         ));
     }
-    let paths = &args.manifests;
     if args.matrix {
         let extra: Vec<PortProto> = args
             .extra_ports
@@ -132,5 +189,14 @@ fn run_explain(cli: &Cli, args: &ExplainArgs) -> Result<String, CliError> {
             "explain needs SRC DST PORT/PROTO, or --matrix".to_owned(),
         ));
     };
+    if paths.is_empty() {
+        return live::block_on(live::explain(
+            &cli.socket,
+            source,
+            destination,
+            port,
+            cli.output,
+        ));
+    }
     explain::offline(paths, source, destination, port, cli.output)
 }

@@ -195,6 +195,11 @@ pub struct Side {
     pub selected_by: Vec<String>,
     /// The rule that allowed it, if one did.
     pub rule: Option<RuleRef>,
+    /// Where the decision was evaluated, when an agent answered: `enforced on node N` (the
+    /// maps that node enforces) or `compiled for the pod's node` (the pod runs elsewhere).
+    /// Absent offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
 }
 
 /// Why a connection from one pod to another is allowed or denied.
@@ -310,6 +315,7 @@ pub fn explain_side(
         reason: v.reason,
         selected_by,
         rule: v.rule.map(|(m, id)| rule_ref(c, &m, id)),
+        basis: None,
     }
 }
 
@@ -363,13 +369,26 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The scenario of `state` alone (`weir explain --manifests`).
     pub fn new(state: ClusterState) -> Result<Self, ExplainError> {
+        Self::with(state, &BTreeMap::new(), IdentityAllocator::new())
+    }
+
+    /// The scenario of `state` where `known` pods have the given addresses (an agent's local
+    /// endpoints), compiled with `identities` (a copy of an agent's allocator, so that identity
+    /// and rule ids are those the agent enforces).
+    pub fn with(
+        state: ClusterState,
+        known: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+        mut identities: IdentityAllocator,
+    ) -> Result<Self, ExplainError> {
         let taken: BTreeSet<IpAddr> = state
             .pods
             .values()
             .flat_map(|p| p.status.pod_ips.iter())
             .filter_map(|ip| ip.ip.trim().parse::<IpAddr>().ok())
             .map(|a| a.to_canonical())
+            .chain(known.values().flatten().copied())
             .collect();
         let mut next = u32::from(ASSUMED_POD_RANGE);
         let mut assumed: BTreeMap<ObjectKey, bool> = BTreeMap::new();
@@ -378,13 +397,16 @@ impl Scenario {
             if pod.spec.host_network || pod.status.terminated() {
                 continue;
             }
-            let mut addrs: Vec<IpAddr> = pod
-                .status
-                .pod_ips
-                .iter()
-                .filter_map(|ip| ip.ip.trim().parse::<IpAddr>().ok())
-                .map(|a| a.to_canonical())
-                .collect();
+            let mut addrs: Vec<IpAddr> = match known.get(key) {
+                Some(addrs) => addrs.clone(),
+                None => pod
+                    .status
+                    .pod_ips
+                    .iter()
+                    .filter_map(|ip| ip.ip.trim().parse::<IpAddr>().ok())
+                    .map(|a| a.to_canonical())
+                    .collect(),
+            };
             assumed.insert(key.clone(), addrs.is_empty());
             if addrs.is_empty() {
                 let addr = loop {
@@ -405,7 +427,7 @@ impl Scenario {
             cluster_id: 0,
             local_endpoints,
         };
-        let compiled = compile(&input, &mut IdentityAllocator::new())?;
+        let compiled = compile(&input, &mut identities)?;
         let mut pods = BTreeMap::new();
         for (addr, (key, identity)) in &compiled.local_addresses {
             let entry = pods.entry(key.clone()).or_insert_with(|| ScenarioPod {
