@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod flows;
 pub mod health;
 pub mod ipam;
+pub mod metrics;
 pub mod node;
 pub mod overlay;
 pub mod persist;

@@ -65,8 +65,9 @@ pub enum RuntimeError {
 type EndpointId = (String, String);
 
 struct Inner {
-    /// Holds the loaded object (programs and the maps not taken by the writer).
-    _ebpf: Ebpf,
+    /// Holds the loaded object (programs and the maps not taken by the writer: conntrack, read
+    /// for metrics).
+    ebpf: Ebpf,
     writer: Writer,
     /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
     input: CompileInput,
@@ -130,7 +131,7 @@ impl Runtime {
             flow_log: FlowLog::new(&config.state_dir),
             programs,
             inner: Mutex::new(Inner {
-                _ebpf: ebpf,
+                ebpf,
                 writer,
                 input: CompileInput {
                     state: ClusterState::default(),
@@ -233,6 +234,9 @@ impl Runtime {
             }
         };
         let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
         log_new_rejections(&inner.compiled.rejections, &compiled.rejections);
         let desired = self.desired_maps(inner, &compiled);
         match inner.writer.apply(&desired) {
@@ -304,6 +308,44 @@ impl Runtime {
         f(&view)
     }
 
+    /// What `/metrics` reads from the datapath: map usage (conntrack included), the kernel's
+    /// counters, and endpoints by state. Counting conntrack walks its keys (one syscall per
+    /// entry), under the runtime's lock: a scrape of a full table delays ADDs by that much.
+    pub fn datapath_snapshot(&self) -> crate::health::DatapathSnapshot {
+        let inner = self.lock();
+        let mut maps = inner.writer.usage();
+        let conntrack = inner
+            .ebpf
+            .map(weir_common::MAP_CONNTRACK)
+            .and_then(|m| {
+                aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(m).ok()
+            })
+            .map(|ct| ct.keys().filter(Result::is_ok).count() as u64);
+        if let Some(n) = conntrack {
+            maps.push((
+                weir_common::MAP_CONNTRACK,
+                n,
+                u64::from(weir_common::MAX_CONNTRACK),
+            ));
+        }
+        let enforced = inner
+            .endpoints
+            .values()
+            .filter(|e| {
+                e.addresses
+                    .iter()
+                    .all(|a| inner.compiled.local_addresses.contains_key(a))
+            })
+            .count() as u64;
+        crate::health::DatapathSnapshot {
+            maps,
+            conntrack_entries: conntrack,
+            counters: inner.writer.counters(),
+            endpoints_enforced: enforced,
+            endpoints_unplaced: inner.endpoints.len() as u64 - enforced,
+        }
+    }
+
     /// The flow log (`flows.jsonl`) and its live subscribers.
     pub fn flow_log(&self) -> &FlowLog {
         &self.flow_log
@@ -316,6 +358,11 @@ impl Runtime {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .explain(event);
+        crate::metrics::metrics().record_verdict(
+            &record.verdict,
+            &record.reason,
+            &record.direction,
+        );
         if record.verdict == "drop" {
             tracing::info!(target: "weir::flows", "{}", record.describe());
         } else {
