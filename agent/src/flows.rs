@@ -241,9 +241,15 @@ impl FlowLog {
         out
     }
 
+    /// Appends `record` to the file, then hands it to followers: a follower that subscribed
+    /// before reading the file gets every record from one or the other.
     pub fn append(&self, record: &FlowRecord) {
+        self.write(record);
         // No receiver is the normal case: nobody follows.
         let _ = self.live.send(record.clone());
+    }
+
+    fn write(&self, record: &FlowRecord) {
         if std::fs::metadata(&self.path).is_ok_and(|m| m.len() > self.max_bytes) {
             let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
         }

@@ -132,6 +132,16 @@ fn connects(from: &Netns, to: IpAddr) -> bool {
     .unwrap()
 }
 
+/// A child process killed when the test is done with it, also when an assertion fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn address_of(add_result: &str) -> IpAddr {
     let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
     let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
@@ -350,7 +360,7 @@ fn the_cli_reads_a_live_agent() {
     );
     assert!(none.is_empty(), "{none}");
 
-    let mut follower = Command::new(bin("weir"))
+    let follower = Command::new(bin("weir"))
         .arg("--socket")
         .arg(socket)
         .args([
@@ -367,19 +377,31 @@ fn the_cli_reads_a_live_agent() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("weir flows --follow");
-    let stdout = follower.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    let mut follower = KillOnDrop(follower);
+    let stdout = follower.0.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
     });
-    // A new drop after the follower started (it asked for nothing older than its start).
-    assert!(!connects(intruder, ips[2]));
-    let line = reader
-        .join()
-        .unwrap()
-        .expect("a line from weir flows --follow");
-    let _ = follower.kill();
-    let _ = follower.wait();
+    // The follower asked for nothing older than its own start, which may come after any one
+    // connection attempt: make new drops until it prints one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        assert!(!connects(intruder, ips[2]));
+        match received.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => break line.expect("reading weir flows --follow"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => assert!(
+                Instant::now() < deadline,
+                "weir flows --follow printed no drop within 20 s"
+            ),
+            Err(e) => panic!("weir flows --follow ended: {e}"),
+        }
+    };
+    drop(follower);
     let v: Value = serde_json::from_str(&line).expect("JSON line");
     assert_eq!(v["verdict"], "drop");
     assert_eq!(v["endpoint"], "app/server");
