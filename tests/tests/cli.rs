@@ -108,13 +108,17 @@ fn golden_schema(name: &str, v: &Value) {
     );
 }
 
+/// A TCP server in the pod that answers every connection with "hi"; returns once it listens.
 fn serve(pod: &Netns, ip: IpAddr) {
+    let (listening, bound) = std::sync::mpsc::channel();
     spawn_in(pod.path(), move || {
         let listener = TcpListener::bind((ip, PORT)).unwrap();
+        let _ = listening.send(());
         for mut s in listener.incoming().flatten() {
             let _ = s.write_all(b"hi");
         }
     });
+    bound.recv().expect("the server listens");
 }
 
 fn connects(from: &Netns, to: IpAddr) -> bool {
