@@ -6,8 +6,11 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded; set before tonic-prost-build reads it.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure()
-        .compile_protos(&["weir/agent/v1/agent.proto"], &["."])
-        .context("compiling proto/weir/agent/v1/agent.proto")?;
+        .compile_protos(
+            &["weir/agent/v1/agent.proto", "weir/agent/v1/inspect.proto"],
+            &["."],
+        )
+        .context("compiling proto/weir/agent/v1/*.proto")?;
     tonic_prost_build::configure()
         .bytes(".weir.mesh.v1.PacketBatch.records")
         .compile_protos(&["weir/mesh/v1/mesh.proto"], &["."])

@@ -220,10 +220,12 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
-/// Appends records to flows.jsonl, rotating to flows.jsonl.1 past a size limit.
+/// Appends records to flows.jsonl, rotating to flows.jsonl.1 past a size limit, and hands each
+/// to live subscribers (`weir flows --follow`).
 pub struct FlowLog {
     path: PathBuf,
     max_bytes: u64,
+    live: tokio::sync::broadcast::Sender<FlowRecord>,
 }
 
 impl FlowLog {
@@ -231,10 +233,41 @@ impl FlowLog {
         Self {
             path: state_dir.join("flows.jsonl"),
             max_bytes: 16 << 20,
+            // A follower that falls this far behind misses records (and is told so).
+            live: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
+    /// Records appended from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FlowRecord> {
+        self.live.subscribe()
+    }
+
+    /// Every record still on disk, oldest first (the rotated file, then the current one);
+    /// lines that do not parse (a torn last line) are skipped.
+    pub fn history(&self) -> Vec<FlowRecord> {
+        let mut out = Vec::new();
+        for path in [self.path.with_extension("jsonl.1"), self.path.clone()] {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            out.extend(
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok()),
+            );
+        }
+        out
+    }
+
+    /// Appends `record` to the file, then hands it to followers: a follower that subscribed
+    /// before reading the file gets every record from one or the other.
     pub fn append(&self, record: &FlowRecord) {
+        self.write(record);
+        // No receiver is the normal case: nobody follows.
+        let _ = self.live.send(record.clone());
+    }
+
+    fn write(&self, record: &FlowRecord) {
         if std::fs::metadata(&self.path).is_ok_and(|m| m.len() > self.max_bytes) {
             let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
         }

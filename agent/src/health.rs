@@ -1,14 +1,13 @@
 //! Health and metrics over HTTP: `/healthz` (the process serves requests), `/readyz` (the
-//! runtime has read the cluster and its last apply succeeded) and `/metrics` (Prometheus text
-//! exposition format 0.0.4, written by hand: a handful of gauges and counters does not need a
-//! metrics library).
+//! runtime has read the cluster and its last apply succeeded) and `/metrics` (OpenMetrics text,
+//! encoded by prometheus-client): the instrumented metrics of [`crate::metrics`] plus what is
+//! read at scrape time (enforcement state, cluster objects, map pressure, the kernel's counters).
 //!
 //! The server starts before the runtime exists (so a liveness probe passes while the agent waits
 //! for the API server); until [`Health::attach`] is called `/readyz` answers 503 `starting: ...`.
 
 use std::{
     convert::Infallible,
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
@@ -17,12 +16,23 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::{endpoints::EndpointBackend, runtime::Runtime, source::SourceStats};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use tokio::net::TcpListener;
+use weir_common::{
+    COUNTER_EVENTS_LOST, COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, COUNTER_XDP_PASSED,
+    REASON_POLICY_DENIED,
+};
+
+use crate::{endpoints::EndpointBackend, runtime::Runtime, source::SourceStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -53,6 +63,25 @@ pub trait Enforcement: Send + Sync {
     fn endpoint_count(&self) -> usize;
     /// Policy compiles since start (a changed cluster state, an endpoint added or removed).
     fn compiles(&self) -> u64;
+    /// What the datapath holds and has counted; nothing for a runtime without one.
+    fn datapath(&self) -> DatapathSnapshot {
+        DatapathSnapshot::default()
+    }
+}
+
+/// The datapath's state at one scrape.
+#[derive(Clone, Debug, Default)]
+pub struct DatapathSnapshot {
+    /// `(map name, entries, capacity)`.
+    pub maps: Vec<(&'static str, u64, u64)>,
+    /// Connections tracked, when the conntrack map could be read.
+    pub conntrack_entries: Option<u64>,
+    /// `WEIR_COUNTERS` summed over CPUs (index: `REASON_*`, `COUNTER_EVENTS_LOST`).
+    pub counters: Vec<u64>,
+    /// Registered endpoints whose addresses the compiler placed (enforced), and those it did
+    /// not (their Pod object is not on this node).
+    pub endpoints_enforced: u64,
+    pub endpoints_unplaced: u64,
 }
 
 impl Enforcement for Runtime {
@@ -70,6 +99,10 @@ impl Enforcement for Runtime {
 
     fn compiles(&self) -> u64 {
         Runtime::compiles(self)
+    }
+
+    fn datapath(&self) -> DatapathSnapshot {
+        self.datapath_snapshot()
     }
 }
 
@@ -125,133 +158,48 @@ impl Health {
         }
     }
 
-    /// `/metrics` in the Prometheus text format.
+    /// `/metrics` in the OpenMetrics text format.
     pub fn metrics(&self) -> String {
         let state = self.state();
-        let endpoints = self.enforcement.get().map_or(0, |e| e.endpoint_count());
-        let compiles = self.enforcement.get().map_or(0, |e| e.compiles());
+        let enforcement = self.enforcement.get();
         let s = &self.source;
-        let objects = s.object_counts();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let objects = s.object_counts();
+        let snapshot = Snapshot {
+            state: [
+                ("enforcing", state.is_ok()),
+                ("degraded", matches!(state, Err(NotEnforcing::Degraded(_)))),
+                ("starting", matches!(state, Err(NotEnforcing::Starting(_)))),
+            ],
+            endpoints: enforcement.map_or(0, |e| e.endpoint_count()) as u64,
+            datapath: enforcement.map(|e| e.datapath()).unwrap_or_default(),
+            adds_in_progress: crate::metrics::metrics().adds_in_progress() as u64,
+            objects: [
+                ("Pod", objects.pods),
+                ("Namespace", objects.namespaces),
+                ("NetworkPolicy", objects.policies),
+                ("Node", objects.nodes),
+            ],
+            rejected_policies: objects.rejected_policies,
+            updates: load(&s.updates),
+            compiles: enforcement.map_or(0, |e| e.compiles()),
+            manifest_scans: load(&s.manifest_scans),
+            manifest_files_parsed: load(&s.manifest_files_parsed),
+            connected: s.connected.load(Ordering::Relaxed),
+            watch_errors: load(&s.watch_errors),
+            relists: load(&s.relists),
+            events_written: load(&s.events_written),
+            started: self
+                .started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let mut registry = Registry::default();
+        crate::metrics::metrics().register(&mut registry);
+        registry.register_collector(Box::new(snapshot));
         let mut out = String::new();
-        let flag = |b: bool| u8::from(b);
-        family(
-            &mut out,
-            "weir_enforcement_state",
-            "gauge",
-            "1 on the agent's current state: enforcing (cluster read, last apply succeeded), degraded (last compile or apply failed; the previous enforcement stays), or starting.",
-            &[
-                ("state=\"enforcing\"", flag(state.is_ok()).into()),
-                (
-                    "state=\"degraded\"",
-                    flag(matches!(state, Err(NotEnforcing::Degraded(_)))).into(),
-                ),
-                (
-                    "state=\"starting\"",
-                    flag(matches!(state, Err(NotEnforcing::Starting(_)))).into(),
-                ),
-            ],
-        );
-        family(
-            &mut out,
-            "weir_endpoints",
-            "gauge",
-            "Local endpoints (pod interfaces) under enforcement.",
-            &[("", u64::try_from(endpoints).unwrap_or(u64::MAX))],
-        );
-        family(
-            &mut out,
-            "weir_cluster_objects",
-            "gauge",
-            "Objects in the last cluster state handed to the runtime, by kind.",
-            &[
-                ("kind=\"Pod\"", objects.pods),
-                ("kind=\"Namespace\"", objects.namespaces),
-                ("kind=\"NetworkPolicy\"", objects.policies),
-                ("kind=\"Node\"", objects.nodes),
-            ],
-        );
-        family(
-            &mut out,
-            "weir_rejected_policies",
-            "gauge",
-            "NetworkPolicies rejected (in whole or in part) in the last cluster state.",
-            &[("", objects.rejected_policies)],
-        );
-        family(
-            &mut out,
-            "weir_cluster_state_updates_total",
-            "counter",
-            "Complete cluster states handed to the runtime.",
-            &[("", load(&s.updates))],
-        );
-        family(
-            &mut out,
-            "weir_policy_compiles_total",
-            "counter",
-            "Policy compiles: a changed cluster state, a local endpoint added or removed (an unchanged state compiles nothing).",
-            &[("", compiles)],
-        );
-        family(
-            &mut out,
-            "weir_manifest_scans_total",
-            "counter",
-            "Scans of the manifests directory (standalone mode): after an inotify event, and the periodic rescan.",
-            &[("", load(&s.manifest_scans))],
-        );
-        family(
-            &mut out,
-            "weir_manifest_files_parsed_total",
-            "counter",
-            "Manifest files parsed (standalone mode): new files and files whose bytes changed.",
-            &[("", load(&s.manifest_files_parsed))],
-        );
-        family(
-            &mut out,
-            "weir_source_connected",
-            "gauge",
-            "1 while every watch of the cluster source is established.",
-            &[("", flag(s.connected.load(Ordering::Relaxed)).into())],
-        );
-        family(
-            &mut out,
-            "weir_source_watch_errors_total",
-            "counter",
-            "List and watch failures of the cluster source (the last state keeps being enforced).",
-            &[("", load(&s.watch_errors))],
-        );
-        family(
-            &mut out,
-            "weir_source_relists_total",
-            "counter",
-            "410 Gone answers that made the source relist.",
-            &[("", load(&s.relists))],
-        );
-        family(
-            &mut out,
-            "weir_policy_events_total",
-            "counter",
-            "Kubernetes Events written for rejected policies.",
-            &[("", load(&s.events_written))],
-        );
-        let started = self
-            .started
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        family(
-            &mut out,
-            "weir_process_start_time_seconds",
-            "gauge",
-            "Start time of the agent since the Unix epoch.",
-            &[("", started)],
-        );
-        family(
-            &mut out,
-            "weir_build_info",
-            "gauge",
-            "The agent's version.",
-            &[(concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""), 1)],
-        );
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 
@@ -266,7 +214,7 @@ impl Health {
             }
             (&Method::GET | &Method::HEAD, "/metrics") => (
                 StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics(),
             ),
             (&Method::GET | &Method::HEAD, _) => (
@@ -291,16 +239,269 @@ impl Health {
     }
 }
 
-/// One metric family: HELP, TYPE and one sample per label set.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {value}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+/// Everything `/metrics` reads at scrape time, encoded by prometheus-client.
+#[derive(Debug)]
+struct Snapshot {
+    state: [(&'static str, bool); 3],
+    endpoints: u64,
+    datapath: DatapathSnapshot,
+    adds_in_progress: u64,
+    objects: [(&'static str, u64); 4],
+    rejected_policies: u64,
+    updates: u64,
+    compiles: u64,
+    manifest_scans: u64,
+    manifest_files_parsed: u64,
+    connected: bool,
+    watch_errors: u64,
+    relists: u64,
+    events_written: u64,
+    started: u64,
+}
+
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A gauge family: one sample per label set (an empty label set for an unlabelled gauge).
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, String)>, i64)],
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    match samples {
+        [(labels, value)] if labels.is_empty() => ConstGauge::new(*value).encode(metric),
+        _ => {
+            for (labels, value) in samples {
+                ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
+            }
+            Ok(())
         }
+    }
+}
+
+/// A counter family; `name` without `_total` (the encoder adds it).
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, String)>, u64)],
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    match samples {
+        [(labels, value)] if labels.is_empty() => ConstCounter::new(*value).encode(metric),
+        _ => {
+            for (labels, value) in samples {
+                ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn label(name: &'static str, value: &str) -> Vec<(&'static str, String)> {
+    vec![(name, value.to_owned())]
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            &mut e,
+            "weir_enforcement_state",
+            "1 on the agent's current state: enforcing (cluster read, last apply succeeded), degraded (last compile or apply failed; the previous enforcement stays), or starting",
+            &self
+                .state
+                .iter()
+                .map(|(s, on)| (label("state", s), i64::from(*on)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut e,
+            "weir_endpoints",
+            "Local endpoints (pod interfaces) under enforcement",
+            &[(vec![], signed(self.endpoints))],
+        )?;
+        gauge(
+            &mut e,
+            "weir_endpoints_by_state",
+            "Local endpoints by state: enforced (in the datapath), unplaced (registered, but the compiler did not place its addresses: the Pod is not on this node), allocating (a CNI ADD between AllocateEndpoint and ActivateEndpoint)",
+            &[
+                (
+                    label("state", "enforced"),
+                    signed(self.datapath.endpoints_enforced),
+                ),
+                (
+                    label("state", "unplaced"),
+                    signed(self.datapath.endpoints_unplaced),
+                ),
+                (label("state", "allocating"), signed(self.adds_in_progress)),
+            ],
+        )?;
+        gauge(
+            &mut e,
+            "weir_cluster_objects",
+            "Objects in the last cluster state handed to the runtime, by kind",
+            &self
+                .objects
+                .iter()
+                .map(|(kind, n)| (label("kind", kind), signed(*n)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut e,
+            "weir_rejected_policies",
+            "NetworkPolicies rejected (in whole or in part) in the last cluster state",
+            &[(vec![], signed(self.rejected_policies))],
+        )?;
+        counter(
+            &mut e,
+            "weir_cluster_state_updates",
+            "Complete cluster states handed to the runtime",
+            &[(vec![], self.updates)],
+        )?;
+        counter(
+            &mut e,
+            "weir_policy_compiles",
+            "Policy compiles: a changed cluster state, a local endpoint added or removed (an unchanged state compiles nothing)",
+            &[(vec![], self.compiles)],
+        )?;
+        counter(
+            &mut e,
+            "weir_manifest_scans",
+            "Scans of the manifests directory (standalone mode): after an inotify event, and the periodic rescan",
+            &[(vec![], self.manifest_scans)],
+        )?;
+        counter(
+            &mut e,
+            "weir_manifest_files_parsed",
+            "Manifest files parsed (standalone mode): new files and files whose bytes changed",
+            &[(vec![], self.manifest_files_parsed)],
+        )?;
+        gauge(
+            &mut e,
+            "weir_source_connected",
+            "1 while every watch of the cluster source is established",
+            &[(vec![], i64::from(self.connected))],
+        )?;
+        counter(
+            &mut e,
+            "weir_source_watch_errors",
+            "List and watch failures of the cluster source (the last state keeps being enforced)",
+            &[(vec![], self.watch_errors)],
+        )?;
+        counter(
+            &mut e,
+            "weir_source_relists",
+            "410 Gone answers that made the source relist",
+            &[(vec![], self.relists)],
+        )?;
+        counter(
+            &mut e,
+            "weir_policy_events",
+            "Kubernetes Events written for rejected policies",
+            &[(vec![], self.events_written)],
+        )?;
+        gauge(
+            &mut e,
+            "weir_map_entries",
+            "Entries in each datapath map",
+            &self
+                .datapath
+                .maps
+                .iter()
+                .map(|(map, n, _)| (label("map", map), signed(*n)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut e,
+            "weir_map_capacity",
+            "Capacity (max entries) of each datapath map; a full map stops policy updates (the previous enforcement stays)",
+            &self
+                .datapath
+                .maps
+                .iter()
+                .map(|(map, _, cap)| (label("map", map), signed(*cap)))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut e,
+            "weir_conntrack_entries",
+            "Connections in the datapath's connection tracking table",
+            &self
+                .datapath
+                .conntrack_entries
+                .map(|n| vec![(vec![], signed(n))])
+                .unwrap_or_default(),
+        )?;
+        let packets: Vec<(Vec<(&str, String)>, u64)> = self
+            .datapath
+            .counters
+            .iter()
+            .enumerate()
+            .filter(|(slot, n)| **n > 0 && (*slot as u32) < COUNTER_PATH_STACK)
+            .map(|(slot, n)| {
+                let reason = slot as u8;
+                let verdict = if reason >= REASON_POLICY_DENIED {
+                    "drop"
+                } else {
+                    "allow"
+                };
+                (
+                    vec![
+                        ("verdict", verdict.to_owned()),
+                        ("reason", crate::flows::reason_name(reason).to_owned()),
+                    ],
+                    *n,
+                )
+            })
+            .collect();
+        counter(
+            &mut e,
+            "weir_datapath_packets",
+            "Packets the datapath judged since its maps were created, by verdict and reason (the kernel counts per reason, not per direction; weir_verdicts_total has the direction)",
+            &packets,
+        )?;
+        let slot = |counter: u32| {
+            self.datapath
+                .counters
+                .get(counter as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        counter(
+            &mut e,
+            "weir_datapath_path_packets",
+            "Packets by the way the datapath delivered or passed them: a pod's allowed packets by the node's stack or by bpf_redirect_peer, and what the uplink's XDP filter passed on to tc",
+            &[
+                (label("path", "stack"), slot(COUNTER_PATH_STACK)),
+                (
+                    label("path", "redirect_peer"),
+                    slot(COUNTER_PATH_REDIRECT_PEER),
+                ),
+                (label("path", "xdp_passed"), slot(COUNTER_XDP_PASSED)),
+            ],
+        )?;
+        counter(
+            &mut e,
+            "weir_events_lost",
+            "Verdict events the ring buffer had no room for (the packets were still judged; their flow records are missing)",
+            &[(vec![], slot(COUNTER_EVENTS_LOST))],
+        )?;
+        gauge(
+            &mut e,
+            "weir_process_start_time_seconds",
+            "Start time of the agent since the Unix epoch",
+            &[(vec![], signed(self.started))],
+        )?;
+        gauge(
+            &mut e,
+            "weir_build_info",
+            "The agent's version",
+            &[(label("version", env!("CARGO_PKG_VERSION")), 1)],
+        )?;
+        Ok(())
     }
 }
 
@@ -341,8 +542,6 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    use weir_policy::model::ClusterState;
 
     use super::*;
 
@@ -412,15 +611,20 @@ mod tests {
     #[test]
     fn every_sample_line_is_well_formed() {
         let health = Health::new();
-        health.source.observe_state(&ClusterState::default());
-        for line in health.metrics().lines() {
+        health
+            .source
+            .observe_state(&weir_policy::model::ClusterState::default());
+        let metrics = health.metrics();
+        // OpenMetrics ends with `# EOF`; histogram sums and buckets are floats.
+        let body = metrics.strip_suffix("# EOF\n").expect("ends with # EOF");
+        for line in body.lines() {
             if line.starts_with('#') {
                 assert!(line.starts_with("# HELP weir_") || line.starts_with("# TYPE weir_"));
                 continue;
             }
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("weir_"), "{line}");
-            value.parse::<u64>().unwrap();
+            value.parse::<f64>().unwrap();
         }
     }
 }

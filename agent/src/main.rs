@@ -222,9 +222,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
     };
     tracing::info!(node = %node_name, ?pod_cidrs, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
-    api::serve_with(&socket, api_config, runtime, ipam, shutdown_signal())
-        .await
-        .context("serving the agent API")?;
+    let inspect = api::InspectService::new(runtime.clone());
+    api::serve_with(
+        &socket,
+        api_config,
+        runtime,
+        ipam,
+        Some(inspect),
+        shutdown_signal(),
+    )
+    .await
+    .context("serving the agent API")?;
     tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
     Ok(())
 }

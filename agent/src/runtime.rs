@@ -73,8 +73,9 @@ pub enum RuntimeError {
 type EndpointId = (String, String);
 
 struct Inner {
-    /// Holds the loaded object (programs and the maps not taken by the writer).
-    _ebpf: Ebpf,
+    /// Holds the loaded object (programs and the maps not taken by the writer: conntrack, read
+    /// for metrics).
+    ebpf: Ebpf,
     writer: Writer,
     /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
     input: CompileInput,
@@ -140,7 +141,7 @@ impl Runtime {
             flow_log: FlowLog::new(&config.state_dir),
             programs,
             inner: Mutex::new(Inner {
-                _ebpf: ebpf,
+                ebpf,
                 writer,
                 input: CompileInput {
                     state: ClusterState::default(),
@@ -256,6 +257,9 @@ impl Runtime {
             }
         };
         let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
         log_new_rejections(&inner.compiled.rejections, &compiled.rejections);
         let desired = self.desired_maps(inner, &compiled);
         match inner.writer.apply(&desired) {
@@ -311,6 +315,68 @@ impl Runtime {
         inner.endpoints_log.save(&endpoints)
     }
 
+    /// Read-only access to what the runtime holds, for the Inspect API. Holds the runtime's
+    /// lock while `f` runs: copy what is needed and return.
+    pub fn view<T>(&self, f: impl FnOnce(&RuntimeView<'_>) -> T) -> T {
+        let inner = self.lock();
+        let view = RuntimeView {
+            node_name: &self.config.node_name,
+            cluster_read: inner.cluster_read,
+            degraded: inner.degraded.as_deref(),
+            input: &inner.input,
+            identities: &inner.identities,
+            endpoints: inner.endpoints.values().collect(),
+            compiled: &inner.compiled,
+            generation: inner.writer.generation(),
+            map_usage: inner.writer.usage(),
+            counters: inner.writer.counters(),
+        };
+        f(&view)
+    }
+
+    /// What `/metrics` reads from the datapath: map usage (conntrack included), the kernel's
+    /// counters, and endpoints by state. Counting conntrack walks its keys (one syscall per
+    /// entry), under the runtime's lock: a scrape of a full table delays ADDs by that much.
+    pub fn datapath_snapshot(&self) -> crate::health::DatapathSnapshot {
+        let inner = self.lock();
+        let mut maps = inner.writer.usage();
+        let conntrack = inner
+            .ebpf
+            .map(weir_common::MAP_CONNTRACK)
+            .and_then(|m| {
+                aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(m).ok()
+            })
+            .map(|ct| ct.keys().filter(Result::is_ok).count() as u64);
+        if let Some(n) = conntrack {
+            maps.push((
+                weir_common::MAP_CONNTRACK,
+                n,
+                u64::from(weir_common::MAX_CONNTRACK),
+            ));
+        }
+        let enforced = inner
+            .endpoints
+            .values()
+            .filter(|e| {
+                e.addresses
+                    .iter()
+                    .all(|a| inner.compiled.local_addresses.contains_key(a))
+            })
+            .count() as u64;
+        crate::health::DatapathSnapshot {
+            maps,
+            conntrack_entries: conntrack,
+            counters: inner.writer.counters(),
+            endpoints_enforced: enforced,
+            endpoints_unplaced: inner.endpoints.len() as u64 - enforced,
+        }
+    }
+
+    /// The flow log (`flows.jsonl`) and its live subscribers.
+    pub fn flow_log(&self) -> &FlowLog {
+        &self.flow_log
+    }
+
     /// Handles one verdict event from the kernel.
     pub fn record_event(&self, event: &VerdictEvent) {
         let record = self
@@ -318,6 +384,11 @@ impl Runtime {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .explain(event);
+        crate::metrics::metrics().record_verdict(
+            &record.verdict,
+            &record.reason,
+            &record.direction,
+        );
         if record.verdict == "drop" {
             tracing::info!(target: "weir::flows", "{}", record.describe());
         } else {
@@ -325,6 +396,25 @@ impl Runtime {
         }
         self.flow_log.append(&record);
     }
+}
+
+/// What the runtime holds, borrowed for [`Runtime::view`].
+pub struct RuntimeView<'a> {
+    pub node_name: &'a str,
+    pub cluster_read: bool,
+    /// Why the last compile or apply failed, if it did.
+    pub degraded: Option<&'a str>,
+    /// The compiler's input: cluster state and local endpoints' addresses.
+    pub input: &'a CompileInput,
+    pub identities: &'a IdentityAllocator,
+    pub endpoints: Vec<&'a LocalEndpoint>,
+    /// What is enforced.
+    pub compiled: &'a Compiled,
+    pub generation: u32,
+    /// `(map name, entries, capacity)`.
+    pub map_usage: Vec<(&'static str, u64, u64)>,
+    /// `WEIR_COUNTERS` summed over CPUs.
+    pub counters: Vec<u64>,
 }
 
 fn log_new_rejections(old: &[Rejection], new: &[Rejection]) {

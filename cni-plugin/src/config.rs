@@ -12,7 +12,7 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
 /// The version reported when the input names none we can use.
 pub const LATEST_VERSION: &str = "1.1.0";
 
-pub const DEFAULT_SOCKET: &str = "/run/weir/agent.sock";
+pub use weir_proto::DEFAULT_SOCKET;
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_LOG_FILE: &str = "/var/log/weir-cni.log";
 pub const DEFAULT_POD_WAIT_SECONDS: u64 = 10;

@@ -3,6 +3,10 @@
 pub mod gateway;
 pub mod naming;
 
+/// Where the agent serves its local API when nothing else is configured: the agent, the CNI
+/// plugin and the CLI all default to it.
+pub const DEFAULT_SOCKET: &str = "/run/weir/agent.sock";
+
 /// The agent's local API (unix socket): CNI plugin and CLI.
 pub mod agent {
     pub mod v1 {

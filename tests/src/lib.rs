@@ -7,6 +7,7 @@ pub mod cni;
 pub mod cpu;
 pub mod kube_server;
 pub mod netns;
+pub mod netpol_cases;
 pub mod packet;
 pub mod ping;
 pub mod testrun;

@@ -104,8 +104,11 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     step("Why each drop happened (from the agents' flow records)");
     explain_drops(&lab, &with_policy, applied);
 
-    step("Fixing the policy set: web may call the API (examples/brownbear/fix-web-egress.yaml)");
-    lab.apply(&example.join("fix-web-egress.yaml"))?;
+    step("The same answer offline, from the manifests alone (weir explain --manifests --matrix)");
+    offline_matrix(example)?;
+
+    step("Fixing the policy set: web may call the API (examples/brownbear/fix/web-egress.yaml)");
+    lab.apply(&example.join("fix/web-egress.yaml"))?;
     let mut fixed_expect = expected.clone();
     fixed_expect.set(
         "brownbear-production/web",
@@ -188,6 +191,34 @@ fn explain_drops(lab: &Lab, matrix: &Matrix, since: std::time::SystemTime) {
             println!("    {line}");
         }
     }
+}
+
+/// What `weir explain` computes from the example's manifests, without the lab, and its picture.
+fn offline_matrix(example: &Path) -> anyhow::Result<()> {
+    let weir = lab::find_bin("weir", "WEIR_CLI_BIN", None)?;
+    let svg = std::env::temp_dir().join("weir-demo-brownbear.svg");
+    let out = std::process::Command::new(&weir)
+        .arg("explain")
+        .arg("--manifests")
+        .arg(example)
+        .args(["--matrix", "--port", "3307/TCP", "--svg"])
+        .arg(&svg)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "weir explain --matrix failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    // The matrix, without the list of denials the flow records above already explained.
+    let matrix = table.split("\ndenied:").next().unwrap_or_default();
+    print!("{}", indent(matrix));
+    println!(
+        "  the picture, each cell's tooltip naming its deciding rule: {}",
+        svg.display()
+    );
+    Ok(())
 }
 
 /// Ctrl-C, SIGTERM, SIGHUP: take the lab down, then exit. The signals are blocked in every

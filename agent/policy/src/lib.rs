@@ -25,8 +25,9 @@
 //! if the subject is not isolated in that direction the packet passes; otherwise it passes iff
 //! an entry matches for the peer's ipcache identity (`IDENTITY_WORLD` when unknown), for the
 //! peer's CIDR identity (longest match in `cidr_identities`), or for `IDENTITY_ANY`, with the
-//! packet's protocol and destination port. The tests evaluate the maps exactly that way
-//! against an independent evaluator written from the spec text.
+//! packet's protocol and destination port. [`verdict`] is that lookup on the compiler's output
+//! (the tests evaluate the maps with it against an independent evaluator written from the spec
+//! text), and [`explain`] names each side's policies and rule with it (`weir explain`).
 //!
 //! # Semantics decisions
 //! - **Upstream NetworkPolicy v1, all of it**: a peer with only `podSelector` is limited to the
@@ -93,12 +94,14 @@
 
 pub mod cidr;
 pub mod compile;
+pub mod explain;
 pub mod identity;
 pub mod model;
 pub mod names;
 pub mod output;
 pub mod selector;
 pub mod validate;
+pub mod verdict;
 
 pub use compile::{CompileError, CompileInput, compile};
 pub use identity::IdentityAllocator;

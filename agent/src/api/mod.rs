@@ -2,6 +2,7 @@
 //! the CLI talk to. The service knows the IPAM and an [`EndpointBackend`]; it knows nothing of
 //! eBPF.
 
+mod inspect;
 mod service;
 
 use std::{
@@ -14,14 +15,15 @@ use std::{
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use weir_proto::agent::v1::agent_server::AgentServer;
+use weir_proto::agent::v1::{agent_server::AgentServer, inspect_server::InspectServer};
 
+pub use inspect::InspectService;
 pub use service::AgentService;
 
 use crate::{endpoints::EndpointBackend, ipam::Ipam};
 
 /// The socket path when nothing else is configured.
-pub const DEFAULT_SOCKET: &str = "/run/weir/agent.sock";
+pub use weir_proto::DEFAULT_SOCKET;
 
 /// How long AllocateEndpoint waits for an unknown Pod when the request does not say.
 pub const DEFAULT_POD_WAIT: Duration = Duration::from_secs(10);
@@ -88,16 +90,18 @@ pub async fn serve(
     ipam: Arc<Ipam>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
-    serve_with(socket, ApiConfig::default(), backend, ipam, shutdown).await
+    serve_with(socket, ApiConfig::default(), backend, ipam, None, shutdown).await
 }
 
-/// Serves the API on `socket` until `shutdown` completes. Creates the parent directories,
-/// replaces a stale socket file, and restricts the socket to its owner (mode 0600).
+/// Serves the API on `socket` until `shutdown` completes, with the read-only Inspect service
+/// beside it when given. Creates the parent directories, replaces a stale socket file, and
+/// restricts the socket to its owner (mode 0600).
 pub async fn serve_with(
     socket: &Path,
     config: ApiConfig,
     backend: Arc<dyn EndpointBackend>,
     ipam: Arc<Ipam>,
+    inspect: Option<InspectService>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
     let listener = bind(socket)?;
@@ -105,6 +109,7 @@ pub async fn serve_with(
     tracing::info!(socket = %socket.display(), "serving the agent API");
     let result = tonic::transport::Server::builder()
         .add_service(AgentServer::new(service))
+        .add_optional_service(inspect.map(InspectServer::new))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(|source| ApiError::Serve {

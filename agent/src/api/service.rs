@@ -168,6 +168,7 @@ impl Agent for AgentService {
     ) -> Result<Response<AllocateEndpointReply>, Status> {
         let req = request.into_inner();
         let (container_id, ifname) = attachment(req.attachment.as_ref())?;
+        crate::metrics::metrics().add_started(&container_id, &ifname);
         let pod = pod_key(req.pod.as_ref())?;
         let wait = match req.pod_wait_ms {
             0 => self.config.default_pod_wait,
@@ -246,9 +247,11 @@ impl Agent for AgentService {
             addresses,
         };
         tracing::info!(?endpoint, "activating endpoint");
+        let (cid, ifn) = (endpoint.container_id.clone(), endpoint.ifname.clone());
         self.backend(move |b| async move { b.activate(endpoint).await })
             .await?
             .map_err(endpoint_status)?;
+        crate::metrics::metrics().add_finished(&cid, &ifn);
         Ok(Response::new(ActivateEndpointReply {}))
     }
 
@@ -256,6 +259,7 @@ impl Agent for AgentService {
         &self,
         request: Request<ReleaseEndpointRequest>,
     ) -> Result<Response<ReleaseEndpointReply>, Status> {
+        let started = std::time::Instant::now();
         let (container_id, ifname) = attachment(request.get_ref().attachment.as_ref())?;
         // Enforcement first: an address is never free while the datapath still names it.
         let (cid, ifn) = (container_id.clone(), ifname.clone());
@@ -264,6 +268,11 @@ impl Agent for AgentService {
             .map_err(endpoint_status)?;
         let (cid, ifn) = (container_id.clone(), ifname.clone());
         let removed = self.ipam(move |ipam| ipam.release(&cid, &ifn)).await?;
+        crate::metrics::metrics().del_finished(
+            &container_id,
+            &ifname,
+            started.elapsed().as_secs_f64(),
+        );
         tracing::info!(container_id, ifname, released = ?removed.as_ref().map(|a| &a.addresses), "endpoint released");
         Ok(Response::new(ReleaseEndpointReply {
             released: removed.is_some(),

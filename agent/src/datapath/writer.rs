@@ -189,6 +189,60 @@ impl Writer {
         self.applied.config.generation
     }
 
+    /// Entries of each map the writer owns, against its capacity: `(map name, entries,
+    /// capacity)`, from what was last written (no map walk).
+    pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
+        let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
+        let policy_entries: usize = self
+            .applied
+            .subjects
+            .values()
+            .map(|(_, s)| s.rules.len())
+            .sum::<usize>()
+            + self.applied.stale_policy_keys.len();
+        vec![
+            (
+                weir_common::MAP_ENDPOINTS,
+                n(self.applied.endpoints.len()),
+                u64::from(weir_common::MAX_ENDPOINTS),
+            ),
+            (
+                weir_common::MAP_IPCACHE,
+                n(self.applied.ipcache.len()),
+                u64::from(weir_common::MAX_IPCACHE),
+            ),
+            (
+                weir_common::MAP_CIDR_IDENTITIES,
+                n(self.applied.cidr_identities.len()),
+                u64::from(weir_common::MAX_CIDR_IDENTITIES),
+            ),
+            (
+                weir_common::MAP_SUBJECTS,
+                n(self.applied.subjects.len()),
+                u64::from(weir_common::MAX_SUBJECTS),
+            ),
+            (
+                weir_common::MAP_POLICY,
+                n(policy_entries),
+                u64::from(weir_common::MAX_POLICY_ENTRIES),
+            ),
+        ]
+    }
+
+    /// The datapath's counters (`WEIR_COUNTERS`, indexed by `REASON_*` and
+    /// `COUNTER_EVENTS_LOST`), summed over CPUs; zeros where a slot cannot be read.
+    pub fn counters(&self) -> Vec<u64> {
+        (0..weir_common::REASON_COUNT)
+            .map(|slot| {
+                self.maps
+                    .counters
+                    .get(&slot, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
     /// Writes the difference between what the maps hold and `desired`.
     pub fn apply(&mut self, desired: &DesiredMaps) -> Result<ApplyStats, WriteError> {
         let mut stats = ApplyStats::default();
