@@ -10,4 +10,5 @@ pub mod netns;
 pub mod netpol_cases;
 pub mod packet;
 pub mod ping;
+pub mod tcp;
 pub mod testrun;

@@ -5,22 +5,22 @@
 //! golden files in tests/golden (regenerate with WEIR_UPDATE_GOLDEN=1). Root only.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
     path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs, bin},
     cni::{Plugin, PodRef},
-    netns::{Netns, spawn_in},
+    netns::Netns,
 };
 
 const NODE: &str = "n1";
-const PORT: u16 = 8080;
 
 fn manifests() -> [(&'static str, String); 5] {
     let pod = |name: &str| {
@@ -106,34 +106,6 @@ fn golden_schema(name: &str, v: &Value) {
         "the JSON schema differs from {}; scripts depend on it",
         path.display()
     );
-}
-
-/// A TCP server in the pod that answers every connection with "hi"; returns once it listens.
-fn serve(pod: &Netns, ip: IpAddr) {
-    let (listening, bound) = std::sync::mpsc::channel();
-    spawn_in(pod.path(), move || {
-        let listener = TcpListener::bind((ip, PORT)).unwrap();
-        let _ = listening.send(());
-        for mut s in listener.incoming().flatten() {
-            let _ = s.write_all(b"hi");
-        }
-    });
-    bound.recv().expect("the server listens");
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let addr = SocketAddr::from((to, PORT));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok() && &buf == b"hi"
-    })
-    .join()
-    .unwrap()
 }
 
 /// A child process killed when the test is done with it, also when an assertion fails.

@@ -6,12 +6,13 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, TcpStream},
     path::Path,
     time::Duration,
 };
 
 use serde_json::Value;
+use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
@@ -19,7 +20,6 @@ use weir_tests::{
 };
 
 const NODE: &str = "n1";
-const PORT: u16 = 8080;
 const HEALTH: &str = "127.0.0.1:9876";
 
 fn manifests() -> String {
@@ -89,34 +89,6 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         }
     }
     out
-}
-
-/// A TCP server in the pod that answers every connection with "hi"; returns once it listens.
-fn serve(pod: &Netns, ip: IpAddr) {
-    let (listening, bound) = std::sync::mpsc::channel();
-    spawn_in(pod.path(), move || {
-        let listener = TcpListener::bind((ip, PORT)).unwrap();
-        let _ = listening.send(());
-        for mut s in listener.incoming().flatten() {
-            let _ = s.write_all(b"hi");
-        }
-    });
-    bound.recv().expect("the server listens");
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let addr = SocketAddr::from((to, PORT));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok() && &buf == b"hi"
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]

@@ -4,20 +4,19 @@
 //! Root only; never skipped.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    io::Write,
+    net::{IpAddr, TcpListener},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use weir_tests::tcp::{PORT, connects};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
     netns::{Netns, spawn_in},
 };
-
-const PORT: u16 = 8080;
 
 fn node(name: &str, cidr: &str, ip: &str) -> String {
     format!(
@@ -39,22 +38,6 @@ fn with_ip(pod_yaml: &str, ip: IpAddr) -> String {
 
 fn routes(netns: &Netns) -> String {
     netns.ip(&["route", "show", "proto", "87"])
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), Duration::from_millis(300))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok()
-    })
-    .join()
-    .unwrap()
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {

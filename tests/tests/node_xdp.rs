@@ -6,21 +6,19 @@
 //! agent's program in, and `weir-agent uninstall` takes it off. Root only; never skipped.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::IpAddr,
     path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs, bin},
     cni::{Plugin, PodRef},
-    netns::{Netns, spawn_in},
+    netns::Netns,
 };
-
-const PORT: u16 = 8080;
 
 fn node(name: &str, cidr: &str, ip: &str) -> String {
     format!(
@@ -37,31 +35,6 @@ fn pod(name: &str, node: &str, app: &str, ip: Option<IpAddr>) -> String {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
          spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {PORT}}}]}}]}}\n{status}"
     )
-}
-
-fn serve(netns: &Netns, ip: IpAddr) {
-    spawn_in(netns.path(), move || {
-        let listener = TcpListener::bind((ip, PORT)).unwrap();
-        for mut s in listener.incoming().flatten() {
-            let _ = s.write_all(b"hi");
-        }
-    });
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), Duration::from_millis(300))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok()
-    })
-    .join()
-    .unwrap()
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {

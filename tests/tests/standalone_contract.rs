@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, TcpStream},
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -12,6 +12,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
@@ -19,7 +20,6 @@ use weir_tests::{
 };
 
 const NODE: &str = "n1";
-const PORT: u16 = 8080;
 
 fn namespace(name: &str, labels: &str) -> String {
     format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\n")
@@ -50,31 +50,6 @@ fn policy_by_namespace(ns: &str) -> String {
 
 fn write(dir: &Path, file: &str, text: &str) {
     std::fs::write(dir.join(file), text).unwrap();
-}
-
-/// A TCP server in the pod that answers every connection with "hi".
-fn serve(pod: &Netns, ip: IpAddr) {
-    spawn_in(pod.path(), move || {
-        let listener = TcpListener::bind((ip, PORT)).unwrap();
-        for mut s in listener.incoming().flatten() {
-            let _ = s.write_all(b"hi");
-        }
-    });
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let addr = SocketAddr::from((to, PORT));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok() && &buf == b"hi"
-    })
-    .join()
-    .unwrap()
 }
 
 /// Waits (the contract: within 1 s) until `from` → `to` reaches `want`.

@@ -6,8 +6,8 @@
 //! Root only; never skipped.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    io::Write,
+    net::{IpAddr, TcpListener},
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -16,6 +16,7 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use serde_json::Value;
 use weir_common::{COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, MAP_COUNTERS};
+use weir_tests::tcp::{PORT, connects};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef},
@@ -23,7 +24,6 @@ use weir_tests::{
 };
 
 const NODE: &str = "n1";
-const PORT: u16 = 8080;
 const PATIENCE: Duration = Duration::from_secs(10);
 
 const MANIFESTS: &str = r#"apiVersion: v1
@@ -62,22 +62,6 @@ fn paths(bpffs: &Path) -> (u64, u64) {
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
     let sum = |slot: u32| -> u64 { counters.get(&slot, 0).expect("slot").iter().sum() };
     (sum(COUNTER_PATH_REDIRECT_PEER), sum(COUNTER_PATH_STACK))
-}
-
-fn connects(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&SocketAddr::new(to, PORT), Duration::from_millis(300))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok()
-    })
-    .join()
-    .unwrap()
 }
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
