@@ -501,19 +501,19 @@ fn rbac_is_least_privilege() {
 }
 
 #[test]
-fn the_containerfile_ships_both_binaries_where_the_daemonset_runs_them() {
+fn the_containerfile_ships_the_binaries_where_the_daemonset_runs_them() {
     let text = std::fs::read_to_string(repo().join("Containerfile")).unwrap();
     assert!(
         text.contains("cargo xtask setup"),
         "the build stage sets up the eBPF toolchain"
     );
-    // `cargo xtask build` builds both, weir-cni statically (it runs on the node, not in the
-    // image).
+    // `cargo xtask build` builds them all, weir-cni statically (it runs on the node, not in the
+    // image); `weir` is there for `kubectl exec ... weir status`, next to the agent's socket.
     assert!(
         text.contains("cargo xtask build --release --locked"),
         "the binaries are built as xtask ships them"
     );
-    for bin in ["weir-agent", "weir-cni"] {
+    for bin in ["weir-agent", "weir-cni", "weir"] {
         assert!(
             text.contains(&format!("target/release/{bin} /out/{bin}")),
             "{bin} is not copied"
