@@ -115,3 +115,13 @@ impl Plugin {
         (String::from_utf8_lossy(&out.stdout).into_owned(), took)
     }
 }
+
+/// The first address of an ADD result (`ips[0].address`, without its prefix length).
+pub fn first_address(add_result: &str) -> std::net::IpAddr {
+    let v: serde_json::Value = serde_json::from_str(add_result).expect("ADD result is JSON");
+    let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
+    cidr.split('/')
+        .next()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("ips[0].address is not an address: {cidr}"))
+}

@@ -6,7 +6,6 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::IpAddr,
     path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -16,7 +15,7 @@ use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs, bin},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::Netns,
 };
 
@@ -118,12 +117,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn address_of(add_result: &str) -> IpAddr {
-    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
-    let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
-    cidr.split('/').next().unwrap().parse().unwrap()
-}
-
 /// Waits until `weir flows` (with `args`) lists a record `pred` accepts; returns it.
 fn wait_for_flow(socket: &Path, args: &[&str], pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -172,7 +165,7 @@ fn the_cli_reads_a_live_agent() {
                 netns: &netns.name,
             },
         );
-        ips.push(address_of(&out));
+        ips.push(first_address(&out));
     }
     let (client, intruder, server) = (&pods[0].1, &pods[1].1, &pods[2].1);
     serve(server, ips[2]);

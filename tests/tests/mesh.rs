@@ -15,11 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use weir_mesh::certs::MeshCa;
 use weir_tests::{
     agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::{Netns, spawn_in},
 };
 
@@ -235,15 +234,7 @@ impl Cluster {
                 netns: &pod_ns.name,
             },
         );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let ip: IpAddr = v["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip = first_address(&out);
         std::fs::write(&file, pod(name, ns, "gw", Some(ip))).unwrap();
         (pod_ns, ip)
     }

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{IpAddr, TcpStream},
+    net::TcpStream,
     path::Path,
     time::Duration,
 };
@@ -15,7 +15,7 @@ use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::{Netns, spawn_in},
 };
 
@@ -114,15 +114,7 @@ fn metrics_record_what_happened_and_cover_the_dashboard() {
             netns: &netns.name,
         };
         let (out, _) = plugin.ok("ADD", &pod);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let ip: IpAddr = v["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip = first_address(&out);
         pods.push((name, netns, ip));
     }
     let server_ip = pods[2].2;

@@ -10,11 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use weir_tests::tcp::{PORT, connects};
 use weir_tests::{
     agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::{Netns, spawn_in},
 };
 
@@ -130,15 +129,7 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
                 netns: &ns.name,
             },
         );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let ip: IpAddr = v["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip = first_address(&out);
         // As kubelet does: publish the address so the other node learns it.
         std::fs::write(
             m.join(format!("{name}.yaml")),

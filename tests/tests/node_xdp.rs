@@ -16,7 +16,7 @@ use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs, bin},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::Netns,
 };
 
@@ -136,15 +136,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
                 netns: &ns.name,
             },
         );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let ip: IpAddr = v["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip = first_address(&out);
         std::fs::write(
             m.join(format!("{name}.yaml")),
             pod(name, node_name, app, Some(ip)),

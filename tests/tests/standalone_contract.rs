@@ -15,7 +15,7 @@ use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    cni::{Plugin, PodRef, first_address},
     netns::{Netns, run, spawn_in},
 };
 
@@ -107,12 +107,6 @@ fn rss_kib(agent: &Agent) -> u64 {
         .expect("VmRSS")
 }
 
-fn address_of(add_result: &str) -> IpAddr {
-    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
-    let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
-    cidr.split('/').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn the_documented_standalone_contract_holds() {
     let node = Netns::new("sc");
@@ -160,7 +154,7 @@ fn the_documented_standalone_contract_holds() {
                 netns: &netns.name,
             },
         );
-        ips.push(address_of(&out));
+        ips.push(first_address(&out));
     }
     let (client, intruder, server, blue) = (&pods[0].2, &pods[1].2, &pods[2].2, &pods[3].2);
     let server_ip = ips[2];
