@@ -73,9 +73,8 @@ pub enum RuntimeError {
 type EndpointId = (String, String);
 
 struct Inner {
-    /// Holds the loaded object (programs and the maps not taken by the writer: conntrack, read
-    /// for metrics).
-    ebpf: Ebpf,
+    /// Holds the loaded object (programs and the maps not taken by the writer).
+    _ebpf: Ebpf,
     writer: Writer,
     /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
     input: CompileInput,
@@ -141,7 +140,7 @@ impl Runtime {
             flow_log: FlowLog::new(&config.state_dir),
             programs,
             inner: Mutex::new(Inner {
-                ebpf,
+                _ebpf: ebpf,
                 writer,
                 input: CompileInput {
                     state: ClusterState::default(),
@@ -335,18 +334,11 @@ impl Runtime {
     }
 
     /// What `/metrics` reads from the datapath: map usage (conntrack included), the kernel's
-    /// counters, and endpoints by state. Counting conntrack walks its keys (one syscall per
-    /// entry), under the runtime's lock: a scrape of a full table delays ADDs by that much.
+    /// counters, and endpoints by state.
     pub fn datapath_snapshot(&self) -> crate::health::DatapathSnapshot {
+        let conntrack = self.count_conntrack();
         let inner = self.lock();
         let mut maps = inner.writer.usage();
-        let conntrack = inner
-            .ebpf
-            .map(weir_common::MAP_CONNTRACK)
-            .and_then(|m| {
-                aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(m).ok()
-            })
-            .map(|ct| ct.keys().filter(Result::is_ok).count() as u64);
         if let Some(n) = conntrack {
             maps.push((
                 weir_common::MAP_CONNTRACK,
@@ -370,6 +362,20 @@ impl Runtime {
             endpoints_enforced: enforced,
             endpoints_unplaced: inner.endpoints.len() as u64 - enforced,
         }
+    }
+
+    /// Connections in the pinned conntrack table. Walking it costs one syscall per entry, so it
+    /// goes through the map's pin, outside the runtime lock: a scrape never holds up CNI ADDs.
+    fn count_conntrack(&self) -> Option<u64> {
+        let pin = self
+            .config
+            .bpffs_dir
+            .join("maps")
+            .join(weir_common::MAP_CONNTRACK);
+        let map = aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(pin).ok()?);
+        let ct = aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(&map)
+            .ok()?;
+        Some(ct.keys().filter(Result::is_ok).count() as u64)
     }
 
     /// The flow log (`flows.jsonl`) and its live subscribers.
