@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use xtask::lab::{Expectations, Proto, Target};
+use weir_lab::lab::{Expectations, Proto, Target};
 
 use Proto::{Tcp as TCP, Udp as UDP};
 

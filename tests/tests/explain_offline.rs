@@ -5,12 +5,12 @@
 
 use std::collections::BTreeMap;
 
+use weir_lab::lab::Proto;
 use weir_policy::{
     explain::{PortProto, Protocol, Scenario},
     model::{ClusterState, ObjectKey, parse_documents},
 };
 use weir_tests::netpol_cases::{CASES, Cluster, Reach, cluster_yaml};
-use xtask::lab::Proto;
 
 /// The cluster as manifests, changed in memory; every validate compiles it afresh.
 struct Offline {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use xtask::lab::{
+use weir_lab::lab::{
     self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto, Target, netns, probe, servers,
     state::State, topology,
 };

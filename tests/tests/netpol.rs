@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use weir_lab::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
 use weir_tests::netpol_cases::{
     self, Cluster, NAMESPACES, PODS, Reach, cluster_yaml, ns, pod, policy,
 };
-use xtask::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
 
 const LAB: &str = "netpol";
 /// How long a policy change may take to show (the contract: 1 s at the 99th percentile).

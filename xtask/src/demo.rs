@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use nix::sys::signal::{SigSet, Signal};
-use xtask::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
+use weir_lab::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
 
 use crate::{build, setup};
 

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use xtask::lab::{Expectations, Proto, objects};
+use weir_lab::lab::{Expectations, Proto, objects};
 
 const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
 const IMAGE: &str = "weir:dev";

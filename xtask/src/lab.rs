@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use super::{Expectations, Lab, LabSpec, Manifest, ProbeSpec, Proto, Target};
+use weir_lab::lab::{self as lab, Expectations, Lab, LabSpec, Manifest, ProbeSpec, Proto, Target};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum LabCommand {
@@ -65,7 +65,7 @@ pub enum LabCommand {
     },
     /// (internal) The servers a lab pod runs.
     #[command(hide = true)]
-    Serve(super::servers::ServeOptions),
+    Serve(lab::servers::ServeOptions),
 }
 
 pub fn run(command: LabCommand) -> anyhow::Result<()> {
@@ -163,7 +163,7 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
             }
             if let Some(e) = &expect {
                 let diffs = matrix.differences(e);
-                eprint!("{}", super::matrix::render_differences(&diffs));
+                eprint!("{}", lab::matrix::render_differences(&diffs));
                 if !diffs.is_empty() {
                     bail!("the matrix differs from {} expectation(s)", diffs.len());
                 }
@@ -172,15 +172,15 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
         }
         LabCommand::Down { name, all } => {
             if all {
-                let names = super::down_all()?;
+                let names = lab::down_all()?;
                 println!("took down: {}", names.join(", "));
             } else {
-                super::down(&name)?;
+                lab::down(&name)?;
                 println!("lab {name} is down");
             }
             Ok(())
         }
-        LabCommand::Serve(options) => super::servers::serve(&options),
+        LabCommand::Serve(options) => lab::servers::serve(&options),
     }
 }
 

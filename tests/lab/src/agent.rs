@@ -12,7 +12,7 @@ use crate::netns::{Netns, spawn_in};
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("WEIR_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug"));
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -10,7 +10,6 @@
 //! All names carry the lab's name (`wl-<lab>-...`), so labs run side by side. What a lab made is
 //! recorded in /run/weir-lab/<lab>/state.json; [`down`] takes it all away from any process.
 
-pub mod cli;
 pub mod matrix;
 pub mod netns;
 pub mod objects;
@@ -970,7 +969,7 @@ pub fn find_bin(name: &str, env: &str, explicit: Option<&Path>) -> anyhow::Resul
     }
     candidates.push(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/debug")
+            .join("../../target/debug")
             .join(name),
     );
     candidates
