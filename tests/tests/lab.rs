@@ -7,9 +7,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use weir_lab::lab::{
-    self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto, Target, netns, probe, servers,
+    self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto, Target, probe, servers,
     state::State, topology,
 };
+use weir_lab::netns;
 
 fn nothing_left(name: &str) {
     assert_eq!(

@@ -65,7 +65,22 @@ pub enum LabCommand {
     },
     /// (internal) The servers a lab pod runs.
     #[command(hide = true)]
-    Serve(lab::servers::ServeOptions),
+    Serve(ServeArgs),
+}
+
+/// `lab serve`: the command line of weir_lab::lab::servers::spawn.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The lab this server belongs to (so `lab down` finds it).
+    #[arg(long)]
+    lab: String,
+    /// The pod's name, written back on every connection and datagram.
+    #[arg(long)]
+    pod: String,
+    #[arg(long)]
+    tcp: Vec<u16>,
+    #[arg(long)]
+    udp: Vec<u16>,
 }
 
 pub fn run(command: LabCommand) -> anyhow::Result<()> {
@@ -180,7 +195,12 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        LabCommand::Serve(options) => lab::servers::serve(&options),
+        LabCommand::Serve(args) => lab::servers::serve(&lab::servers::ServeOptions {
+            lab: args.lab,
+            pod: args.pod,
+            tcp: args.tcp,
+            udp: args.udp,
+        }),
     }
 }
 

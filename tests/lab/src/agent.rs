@@ -1,26 +1,23 @@
-//! A real `weir-agent` process in a node namespace, stopped and uninstalled on drop.
+//! A real `weir-agent` process in a node namespace: the one way tests, benchmarks and the lab
+//! start an agent ([`AgentArgs`] writes its command line, [`wait_ready`] waits for it), and the
+//! test-owned [`Agent`], stopped on drop.
 
 use std::{
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::netns::{Netns, spawn_in};
+pub use crate::process::bin;
+use crate::{
+    netns::{Netns, spawn_in},
+    process,
+};
 
-/// Where cargo put the binaries (`cargo build --bins` runs before these tests in `xtask test`).
-pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("WEIR_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug"));
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (`cargo build --bins`; `cargo xtask test` does)",
-        path.display()
-    );
-    path
-}
+/// How long an agent may take to become ready: a large cluster (the benchmarks') takes a while
+/// to read and compile.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Per-test directories and pins of one node's agent.
 pub struct AgentDirs {
@@ -57,6 +54,26 @@ impl AgentDirs {
         dirs.manifests = first.manifests.clone();
         dirs
     }
+
+    /// The agent's command line for `node` reading `source`, with these directories.
+    pub fn args<'a>(
+        &'a self,
+        node: &'a str,
+        source: ClusterSource<'a>,
+        extra: &'a [&'a str],
+    ) -> AgentArgs<'a> {
+        AgentArgs {
+            node,
+            source: match source {
+                ClusterSource::Manifests => Source::Manifests(&self.manifests),
+                ClusterSource::Kubernetes { kubeconfig } => Source::Kubernetes(kubeconfig),
+            },
+            state: &self.state,
+            socket: &self.socket,
+            bpffs: &self.bpffs,
+            extra,
+        }
+    }
 }
 
 impl Drop for AgentDirs {
@@ -76,6 +93,94 @@ pub enum ClusterSource<'a> {
     Manifests,
     /// Kubernetes mode: the API server this kubeconfig points at.
     Kubernetes { kubeconfig: &'a Path },
+}
+
+/// Where an [`AgentArgs`] agent reads the cluster from.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// Standalone mode: this manifests directory.
+    Manifests(&'a Path),
+    /// Kubernetes mode: the API server this kubeconfig points at.
+    Kubernetes(&'a Path),
+}
+
+/// An agent's command line: what every agent start (tests, benchmarks, the lab) passes.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentArgs<'a> {
+    pub node: &'a str,
+    pub source: Source<'a>,
+    pub state: &'a Path,
+    pub socket: &'a Path,
+    pub bpffs: &'a Path,
+    /// More flags (`--pod-cidr`, `--overlay`, ...).
+    pub extra: &'a [&'a str],
+}
+
+impl AgentArgs<'_> {
+    /// `program` with these arguments, to run inside the namespace `netns` (network only: the
+    /// mount namespace, hence /sys/fs/bpf, stays the machine's).
+    pub fn command(&self, program: &Path, netns: &str) -> Command {
+        let mut cmd = crate::netns::command_in(netns, program);
+        cmd.args(["--node-name", self.node]);
+        match self.source {
+            Source::Manifests(dir) => {
+                cmd.arg("--manifests").arg(dir);
+            }
+            Source::Kubernetes(kubeconfig) => {
+                cmd.arg("--kubernetes").env("KUBECONFIG", kubeconfig);
+            }
+        }
+        cmd.arg("--state-dir")
+            .arg(self.state)
+            .arg("--socket")
+            .arg(self.socket)
+            .arg("--bpffs-dir")
+            .arg(self.bpffs)
+            .args(self.extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// Why an agent did not become ready.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The process ended first (its exit, as far as it is known).
+    Exited(String),
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::Exited(how) => write!(f, "exited ({how}) before it was ready"),
+            NotReady::TimedOut(t) => write!(f, "did not become ready in {t:?}"),
+        }
+    }
+}
+
+/// Waits until the agent listening on `socket` is ready: its API accepts a connection. The agent
+/// serves its API only once it has read the cluster state and put it in the datapath, and a stale
+/// socket file from an earlier agent refuses connections. `exited` says whether (and how) the
+/// process has ended.
+pub fn wait_ready(
+    socket: &Path,
+    timeout: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<(), NotReady> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Some(how) = exited() {
+            return Err(NotReady::Exited(how));
+        }
+        if Instant::now() > deadline {
+            return Err(NotReady::TimedOut(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `GET path` on an agent's health endpoint at 127.0.0.1:`port` inside `netns`: the status code
@@ -116,14 +221,15 @@ pub fn metric(metrics: &str, sample: &str) -> Option<u64> {
     })
 }
 
-/// A running agent. Dropping it kills it (SIGKILL: pins stay; `AgentDirs` removes them).
+/// A running agent owned by a test. Dropping it kills it (SIGKILL: pins stay; `AgentDirs`
+/// removes them).
 pub struct Agent {
     pub child: Child,
     pub log: PathBuf,
 }
 
 impl Agent {
-    /// Starts `weir-agent` in standalone mode in `netns` and waits until its socket answers.
+    /// Starts `weir-agent` in standalone mode in `netns` and waits until it is ready.
     pub fn start(netns: &Netns, node: &str, dirs: &AgentDirs, extra: &[&str]) -> Self {
         Self::start_with(
             &bin("weir-agent"),
@@ -136,7 +242,7 @@ impl Agent {
     }
 
     /// Starts `program` (a `weir-agent` binary, e.g. another build to compare with) reading
-    /// `source`, and waits until its socket answers.
+    /// `source`, and waits until it is ready.
     pub fn start_with(
         program: &Path,
         source: ClusterSource<'_>,
@@ -147,50 +253,26 @@ impl Agent {
     ) -> Self {
         let log = dirs.root.join(format!("{node}-agent.log"));
         let log_file = std::fs::File::create(&log).expect("creating the agent log");
-        let mut cmd = netns.command(program.to_str().expect("utf-8 path"));
-        cmd.args(["--node-name", node]);
-        match source {
-            ClusterSource::Manifests => {
-                cmd.arg("--manifests").arg(&dirs.manifests);
-            }
-            ClusterSource::Kubernetes { kubeconfig } => {
-                cmd.arg("--kubernetes").env("KUBECONFIG", kubeconfig);
-            }
-        }
-        cmd.arg("--state-dir")
-            .arg(&dirs.state)
-            .arg("--socket")
-            .arg(&dirs.socket)
-            .arg("--bpffs-dir")
-            .arg(&dirs.bpffs)
-            .args(extra)
+        let child = dirs
+            .args(node, source, extra)
+            .command(program, &netns.name)
             .stdout(Stdio::null())
-            .stderr(log_file);
-        let child = cmd.spawn().expect("starting weir-agent");
+            .stderr(log_file)
+            .spawn()
+            .expect("starting weir-agent");
         let mut agent = Self { child, log };
-        // A large cluster (the benchmarks') takes a while to read and compile.
-        agent.wait_ready(Duration::from_secs(120));
-        agent
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.log_text().contains("serving the agent API") {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "weir-agent exited ({status}) before it was ready; its log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let ready = wait_ready(&dirs.socket, READY_TIMEOUT, || {
+            agent
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|status| status.to_string())
+        });
+        if let Err(e) = ready {
+            panic!("weir-agent {e}; its log:\n{}", agent.log_text());
         }
-        panic!(
-            "weir-agent did not become ready in {timeout:?}; its log:\n{}",
-            self.log_text()
-        );
+        agent
     }
 
     pub fn log_text(&self) -> String {
@@ -204,14 +286,7 @@ impl Agent {
 
     /// Resident memory of the agent process (VmRSS), in MiB; 0 if it is gone.
     pub fn rss_mib(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            })
-            .map_or(0.0, |kib| kib / 1024.0)
+        process::rss_mib(self.child.id())
     }
 
     /// Sends a signal and waits for the exit status.

@@ -4,7 +4,11 @@
 
 pub mod agent;
 pub mod cni;
+pub mod kubelet;
 pub mod lab;
+pub mod matrix;
 pub mod netns;
+pub mod objects;
 pub mod ping;
+pub mod process;
 pub mod tcp;

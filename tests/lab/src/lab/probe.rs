@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use super::matrix::{Matrix, Proto, Target};
-use super::netns;
+use crate::netns;
 
 /// A pod as a prober sees it.
 #[derive(Clone, Debug)]

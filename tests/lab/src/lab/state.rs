@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::matrix::Proto;
+use crate::cni::PodRef;
+use crate::matrix::Proto;
 
 pub const ROOT: &str = "/run/weir-lab";
 
@@ -99,5 +100,17 @@ impl State {
             .unwrap_or_default();
         names.sort();
         names
+    }
+}
+
+impl PodState {
+    /// The pod's identity as the plugin is given it.
+    pub fn cni_ref(&self) -> PodRef<'_> {
+        PodRef {
+            container_id: &self.container_id,
+            namespace: &self.namespace,
+            name: &self.name,
+            netns: &self.netns,
+        }
     }
 }
