@@ -9,4 +9,4 @@ pub mod packet;
 pub mod testrun;
 
 // The harness itself lives in weir-lab; these paths stay for the test files.
-pub use weir_lab::{agent, cni, lab, netns, ping, tcp};
+pub use weir_lab::{agent, cni, lab, netns, nodes, ping, tcp};

@@ -15,27 +15,10 @@ use std::{
 use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
-    agent::{Agent, AgentDirs, bin},
-    cni::{Plugin, PodRef, first_address},
+    agent::{Agent, bin},
     netns::Netns,
+    nodes::TwoNodes,
 };
-
-fn node(name: &str, cidr: &str, ip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: ['{cidr}']}}\n\
-         status: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
-    )
-}
-
-fn pod(name: &str, node: &str, app: &str, ip: Option<IpAddr>) -> String {
-    let status = ip
-        .map(|ip| format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"))
-        .unwrap_or_default();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {PORT}}}]}}]}}\n{status}"
-    )
-}
 
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -65,85 +48,32 @@ fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
 
 #[test]
 fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
-    let tag = "xdp";
-    let (n1, n2) = (
-        Netns::new(&format!("{tag}1")),
-        Netns::new(&format!("{tag}2")),
-    );
-    n1.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
-    ]);
-    n1.ip(&["addr", "add", "192.168.78.1/24", "dev", "eth0"]);
-    n2.ip(&["addr", "add", "192.168.78.2/24", "dev", "eth0"]);
-    n1.ip(&["link", "set", "eth0", "up"]);
-    n2.ip(&["link", "set", "eth0", "up"]);
-
-    let d1 = AgentDirs::new(tag, "n1");
-    let d2 = AgentDirs::sharing_manifests(tag, "n2", &d1);
-    let m = &d1.manifests;
-    std::fs::write(
-        m.join("n1.yaml"),
-        node("n1", "10.152.1.0/24", "192.168.78.1"),
-    )
-    .unwrap();
-    std::fs::write(
-        m.join("n2.yaml"),
-        node("n2", "10.152.2.0/24", "192.168.78.2"),
-    )
-    .unwrap();
+    let two = TwoNodes::new("xdp", "192.168.78", "10.152");
+    let (n1, n2, d1, d2) = (&two.n1, &two.n2, &two.d1, &two.d2);
+    let m = two.manifests();
     let pods = [
         ("client", "n1", "client"),
         ("intruder", "n1", "intruder"),
         ("server", "n2", "server"),
     ];
-    for (name, node_name, app) in pods {
-        std::fs::write(
-            m.join(format!("{name}.yaml")),
-            pod(name, node_name, app, None),
-        )
-        .unwrap();
-    }
+    two.declare_pods(&pods);
     // n2's deny list: empty at first, with a comment.
     let deny = d2.root.join("prefilter");
     std::fs::write(&deny, "# weir-prefilter\n").unwrap();
     let deny_arg = deny.to_str().unwrap().to_owned();
     let n2_args = ["--prefilter-file", deny_arg.as_str()];
-    let a1 = Agent::start(&n1, "n1", &d1, &[]);
-    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    let a1 = Agent::start(n1, "n1", d1, &[]);
+    let a2 = Agent::start(n2, "n2", d2, &n2_args);
     // The uplink was found from the Node's InternalIP.
-    let first_program = xdp_program(&n2, "eth0").expect("no XDP program on n2's uplink");
+    let first_program = xdp_program(n2, "eth0").expect("no XDP program on n2's uplink");
     assert!(
-        xdp_program(&n1, "eth0").is_some(),
+        xdp_program(n1, "eth0").is_some(),
         "no XDP program on n1's uplink"
     );
 
-    let p1 = Plugin::new(&n1.name, &d1.socket, &d1.root.join("cni.log"));
-    let p2 = Plugin::new(&n2.name, &d2.socket, &d2.root.join("cni.log"));
-    let netns: Vec<Netns> = pods
-        .iter()
-        .map(|(name, _, _)| Netns::new(&format!("{tag}{}", &name[..3])))
-        .collect();
-    let mut ips = Vec::new();
-    for ((name, node_name, app), ns) in pods.iter().zip(&netns) {
-        let plugin = if *node_name == "n1" { &p1 } else { &p2 };
-        let id = format!("ctr-{name}");
-        let (out, _) = plugin.ok(
-            "ADD",
-            &PodRef {
-                container_id: &id,
-                namespace: "default",
-                name,
-                netns: &ns.name,
-            },
-        );
-        let ip = first_address(&out);
-        std::fs::write(
-            m.join(format!("{name}.yaml")),
-            pod(name, node_name, app, Some(ip)),
-        )
-        .unwrap();
-        ips.push(ip);
-    }
+    let started = two.start_pods(&pods);
+    let netns: Vec<&Netns> = started.iter().map(|p| &p.netns).collect();
+    let ips: Vec<IpAddr> = started.iter().map(|p| p.ip).collect();
     let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
     serve(&netns[2], server_ip);
     serve(&netns[1], intruder_ip);

@@ -8,6 +8,7 @@ pub mod kubelet;
 pub mod lab;
 pub mod matrix;
 pub mod netns;
+pub mod nodes;
 pub mod objects;
 pub mod ping;
 pub mod process;
