@@ -15,7 +15,7 @@ use weir_agent::{
 };
 use weir_policy::model::{ClusterState, ObjectKey};
 use weir_tests::{
-    agent::{AgentDirs, bin},
+    agent::{AgentDirs, ClusterSource, bin},
     kube_server::{KubeServer, Resource},
     netns::{Netns, spawn_in},
 };
@@ -623,17 +623,15 @@ impl KubeNode {
     }
 
     fn command(&self, extra: &[&str]) -> std::process::Command {
-        let mut cmd = self.netns.command(bin("weir-agent").to_str().unwrap());
-        cmd.args(["--node-name", "n1", "--kubernetes"])
-            .arg("--state-dir")
-            .arg(&self.dirs.state)
-            .arg("--socket")
-            .arg(&self.dirs.socket)
-            .arg("--bpffs-dir")
-            .arg(&self.dirs.bpffs)
-            .args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
-            .args(extra)
-            .env("KUBECONFIG", self.dirs.root.join("kubeconfig"))
+        let kubeconfig = self.dirs.root.join("kubeconfig");
+        let source = ClusterSource::Kubernetes {
+            kubeconfig: &kubeconfig,
+        };
+        let mut cmd = self
+            .dirs
+            .args("n1", source, extra)
+            .command(&bin("weir-agent"), &self.netns.name);
+        cmd.args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null());
         cmd
