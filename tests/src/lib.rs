@@ -2,6 +2,7 @@
 //! and the benchmarks `cargo xtask bench` runs.
 
 pub mod bench;
+pub mod cni_bench;
 pub mod cpu;
 pub mod kube_server;
 pub mod netpol_cases;

@@ -15,7 +15,7 @@ use weir_agent::{
 };
 use weir_policy::model::{ClusterState, ObjectKey};
 use weir_tests::{
-    agent::{AgentDirs, ClusterSource, bin},
+    agent::{AgentDirs, ClusterSource, bin, health_get},
     kube_server::{KubeServer, Resource},
     netns::{Netns, spawn_in},
 };
@@ -667,32 +667,7 @@ impl KubeNode {
 
     /// `GET path` on the agent's health port, from inside the namespace.
     fn get(&self, path: &str) -> (u16, String) {
-        let port = self.health_port;
-        let path = path.to_owned();
-        spawn_in(self.netns.path(), move || {
-            use std::io::{Read as _, Write as _};
-            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                return (0, String::new());
-            };
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            let status = response
-                .get(9..12)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            (status, body)
-        })
-        .join()
-        .unwrap()
+        health_get(&self.netns, self.health_port, path)
     }
 }
 
