@@ -1,5 +1,6 @@
-//! Helpers shared by the root-only tests: packet builders, namespace guards, agent processes;
-//! and the benchmarks `cargo xtask bench` runs.
+//! What the root-only tests share beyond the harness (weir-lab): packet builders, the datapath's
+//! test-run bench, the CNI plugin's bench against the agent's API, the fake Kubernetes API
+//! server, the NetworkPolicy cases; and the benchmarks `cargo xtask bench` runs.
 
 pub mod bench;
 pub mod cni_bench;

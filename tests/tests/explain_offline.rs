@@ -119,7 +119,7 @@ fn compiled_verdicts_equal_every_upstream_truth_table() {
     assert!(CASES.len() >= 40, "the shared case table is there");
     for case in CASES {
         let mut cluster = Offline::new(case.name);
-        (case.run)(&mut cluster);
+        case.run(&mut cluster);
         assert!(
             cluster.validated > 0,
             "{} checked no truth table",

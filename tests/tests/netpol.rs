@@ -192,7 +192,7 @@ impl Drop for Case {
 fn run(name: &str) {
     let case = netpol_cases::case(name);
     let mut c = Case::new(case.upstream);
-    (case.run)(&mut c);
+    case.run(&mut c);
 }
 
 macro_rules! lab_cases {

@@ -6,7 +6,7 @@ use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use super::matrix::{Matrix, Proto, Target};
+use crate::matrix::{Matrix, Proto, Target};
 use crate::netns;
 
 /// A pod as a prober sees it.
