@@ -11,4 +11,4 @@ pub mod packet;
 pub mod testrun;
 
 // The harness itself lives in weir-lab; these paths stay for the test files.
-pub use weir_lab::{agent, cni, lab, netns, nodes, ping, tcp};
+pub use weir_lab::{agent, cni, lab, netns, nodes, ping, tcp, wait};

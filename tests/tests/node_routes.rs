@@ -3,28 +3,13 @@
 //! enforces by the sender's identity, and a Node that goes away takes its route with it.
 //! Root only; never skipped.
 
-use std::{
-    net::IpAddr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
 use weir_tests::tcp::{connects, serve};
-use weir_tests::{agent::Agent, netns::Netns, nodes::TwoNodes};
+use weir_tests::{agent::Agent, netns::Netns, nodes::TwoNodes, wait::eventually};
 
 fn routes(netns: &Netns) -> String {
     netns.ip(&["route", "show", "proto", "87"])
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 3 s"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -70,9 +55,11 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     let ips: Vec<IpAddr> = started.iter().map(|p| p.ip).collect();
     let server_ip = ips[2];
     serve(netns[2], server_ip);
-    eventually("client reaches the server on the other node", || {
-        connects(&netns[0], server_ip)
-    });
+    eventually(
+        "client reaches the server on the other node",
+        Duration::from_secs(3),
+        || connects(&netns[0], server_ip),
+    );
     assert!(
         connects(&netns[1], server_ip),
         "no policy yet: the intruder reaches it too"
@@ -85,9 +72,11 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
          spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
     )
     .unwrap();
-    eventually("the intruder is denied across nodes", || {
-        !connects(&netns[1], server_ip)
-    });
+    eventually(
+        "the intruder is denied across nodes",
+        Duration::from_secs(3),
+        || !connects(&netns[1], server_ip),
+    );
     assert!(
         connects(&netns[0], server_ip),
         "the client is still allowed across nodes"
@@ -107,7 +96,7 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     }
     // A Node that goes away takes its route with it.
     std::fs::remove_file(two.node_file("n2")).unwrap();
-    eventually("n2's route is removed", || {
+    eventually("n2's route is removed", Duration::from_secs(3), || {
         !routes(&n1).contains("10.151.2.0/24")
     });
     // Each pod's host veth carries Weir's two programs as clsact filters.

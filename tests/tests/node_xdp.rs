@@ -5,39 +5,15 @@
 //! list (a followed file) there too, keeps all of it while its agent is down, swaps a restarted
 //! agent's program in, and `weir-agent uninstall` takes it off. Root only; never skipped.
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
-use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
-    agent::{Agent, bin},
+    agent::{Agent, bin, flows},
     netns::Netns,
     nodes::TwoNodes,
+    wait::eventually,
 };
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 10 s"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn flows(state: &Path) -> Vec<Value> {
-    std::fs::read_to_string(state.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// The id of the XDP program on `dev` in `netns`, if any (`ip -d link` prints `prog/xdp id N`).
 fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
@@ -77,9 +53,11 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
     serve(&netns[2], server_ip);
     serve(&netns[1], intruder_ip);
-    eventually("the client reaches the server on the other node", || {
-        connects(&netns[0], server_ip)
-    });
+    eventually(
+        "the client reaches the server on the other node",
+        Duration::from_secs(10),
+        || connects(&netns[0], server_ip),
+    );
 
     std::fs::write(
         m.join("policy.yaml"),
@@ -87,20 +65,26 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
          spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
     )
     .unwrap();
-    eventually("the intruder is denied across nodes", || {
-        !connects(&netns[1], server_ip)
-    });
+    eventually(
+        "the intruder is denied across nodes",
+        Duration::from_secs(10),
+        || !connects(&netns[1], server_ip),
+    );
     assert!(
         connects(&netns[0], server_ip),
         "the client is still allowed"
     );
     // The drop happened at XDP on n2's uplink, and is explained.
     let intruder = intruder_ip.to_string();
-    eventually("the XDP drop is in n2's flows.jsonl", || {
-        flows(&d2.state)
-            .iter()
-            .any(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
-    });
+    eventually(
+        "the XDP drop is in n2's flows.jsonl",
+        Duration::from_secs(10),
+        || {
+            flows(&d2.state)
+                .iter()
+                .any(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
+        },
+    );
     let records = flows(&d2.state);
     let record = records
         .iter()
@@ -128,20 +112,26 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
 
     // The operator's deny list: the client's address goes on it, and comes off again.
     std::fs::write(&deny, format!("# weir-prefilter\n\n{client_ip}/32\n")).unwrap();
-    eventually("the deny list drops the client", || {
-        !connects(&netns[0], server_ip)
-    });
+    eventually(
+        "the deny list drops the client",
+        Duration::from_secs(10),
+        || !connects(&netns[0], server_ip),
+    );
     let client = client_ip.to_string();
-    eventually("the deny list drop is explained", || {
-        flows(&d2.state).iter().any(|f| {
-            f["reason"] == "prefilter-denied"
-                && f["src"] == client.as_str()
-                && f["rule"] == "prefilter line 3"
-        })
-    });
+    eventually(
+        "the deny list drop is explained",
+        Duration::from_secs(10),
+        || {
+            flows(&d2.state).iter().any(|f| {
+                f["reason"] == "prefilter-denied"
+                    && f["src"] == client.as_str()
+                    && f["rule"] == "prefilter line 3"
+            })
+        },
+    );
     // A file that does not parse keeps the applied list.
     std::fs::write(&deny, "not-a-cidr\n").unwrap();
-    eventually("the bad file is reported", || {
+    eventually("the bad file is reported", Duration::from_secs(10), || {
         a2.log_text()
             .contains("line 1: \"not-a-cidr\" is not a CIDR")
     });
@@ -150,9 +140,11 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         "a bad deny list file opened traffic"
     );
     std::fs::write(&deny, "").unwrap();
-    eventually("the client is let through again", || {
-        connects(&netns[0], server_ip)
-    });
+    eventually(
+        "the client is let through again",
+        Duration::from_secs(10),
+        || connects(&netns[0], server_ip),
+    );
 
     // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
     // its program into the pinned link.

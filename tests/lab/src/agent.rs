@@ -213,6 +213,15 @@ pub fn health_get(netns: &Netns, port: u16, path: &str) -> (u16, String) {
     .expect("the health request's thread panicked")
 }
 
+/// The verdict records an agent with this state directory wrote (`flows.jsonl`), oldest first.
+pub fn flows(state: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state.join("flows.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// The value of one sample (`name` or `name{labels}`, exactly) in Prometheus text.
 pub fn metric(metrics: &str, sample: &str) -> Option<u64> {
     metrics.lines().find_map(|line| {

@@ -3,8 +3,8 @@
 //! topologies, probes and the pod server, on the real `weir-agent` and `weir-cni`.
 //!
 //! From the bottom up (a module uses only those below it):
-//! - `process`, `netns`, `matrix`: binaries and processes; network namespaces; reachability
-//!   matrices and expectations.
+//! - `process`, `netns`, `matrix`, `wait`: binaries and processes; network namespaces;
+//!   reachability matrices and expectations; waiting for an observable state.
 //! - `agent` (the one way to start an agent and wait until it is ready), `cni` (the plugin as a
 //!   runtime runs it), `objects` (manifests through the compiler's model), `tcp` and `ping`
 //!   (probes for tests).
@@ -27,3 +27,4 @@ pub mod objects;
 pub mod ping;
 pub mod process;
 pub mod tcp;
+pub mod wait;

@@ -576,15 +576,9 @@ impl Lab {
     pub fn flows(&self) -> Vec<serde_json::Value> {
         let mut all = Vec::new();
         for node in &self.state.nodes {
-            let path = node.state_dir.join("flows.jsonl");
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
-            for line in text.lines() {
-                if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) {
-                    v["node"] = serde_json::Value::String(node.name.clone());
-                    all.push(v);
-                }
+            for mut v in agent::flows(&node.state_dir) {
+                v["node"] = serde_json::Value::String(node.name.clone());
+                all.push(v);
             }
         }
         all
