@@ -646,7 +646,8 @@ pub fn policy(ns: &str, name: &str, spec: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The cases of "NetworkPolicy between server and client"
+// Cases of "NetworkPolicy between server and client" that compute from the pods' addresses (the
+// others are rows of CASES)
 // ---------------------------------------------------------------------------------------------
 
 const ALLOW_Y_TO_X_A_81_TCP: &str = "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, protocol: TCP}\n";
@@ -741,8 +742,6 @@ pub fn ip_in_both_cidr_and_except_is_allowed_by_another_policy(c: &mut dyn Clust
     c.validate(80, TCP, &allow);
 }
 
-/// Beyond the upstream file (its endPort cases were removed with the feature gate): a port range
-/// admits every port in it and no other, for the protocol it names.
 // ---------------------------------------------------------------------------------------------
 // "NetworkPolicy between server and client using UDP"
 // ---------------------------------------------------------------------------------------------

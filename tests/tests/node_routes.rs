@@ -58,10 +58,10 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     eventually(
         "client reaches the server on the other node",
         Duration::from_secs(3),
-        || connects(&netns[0], server_ip),
+        || connects(netns[0], server_ip),
     );
     assert!(
-        connects(&netns[1], server_ip),
+        connects(netns[1], server_ip),
         "no policy yet: the intruder reaches it too"
     );
 
@@ -75,10 +75,10 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     eventually(
         "the intruder is denied across nodes",
         Duration::from_secs(3),
-        || !connects(&netns[1], server_ip),
+        || !connects(netns[1], server_ip),
     );
     assert!(
-        connects(&netns[0], server_ip),
+        connects(netns[0], server_ip),
         "the client is still allowed across nodes"
     );
 
@@ -97,7 +97,7 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
     // A Node that goes away takes its route with it.
     std::fs::remove_file(two.node_file("n2")).unwrap();
     eventually("n2's route is removed", Duration::from_secs(3), || {
-        !routes(&n1).contains("10.151.2.0/24")
+        !routes(n1).contains("10.151.2.0/24")
     });
     // Each pod's host veth carries Weir's two programs as clsact filters.
     let n2_veths: Vec<String> = n2
@@ -129,7 +129,7 @@ fn cross_node(tag: &str, args: &[&str], route1: &str, route2: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(routes(&n2).trim(), "", "uninstall left routes behind");
+    assert_eq!(routes(n2).trim(), "", "uninstall left routes behind");
     for veth in &n2_veths {
         for hook in ["ingress", "egress"] {
             let filters = n2.tc_filters(veth, hook);

@@ -51,12 +51,12 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     let netns: Vec<&Netns> = started.iter().map(|p| &p.netns).collect();
     let ips: Vec<IpAddr> = started.iter().map(|p| p.ip).collect();
     let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
-    serve(&netns[2], server_ip);
-    serve(&netns[1], intruder_ip);
+    serve(netns[2], server_ip);
+    serve(netns[1], intruder_ip);
     eventually(
         "the client reaches the server on the other node",
         Duration::from_secs(10),
-        || connects(&netns[0], server_ip),
+        || connects(netns[0], server_ip),
     );
 
     std::fs::write(
@@ -68,12 +68,9 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     eventually(
         "the intruder is denied across nodes",
         Duration::from_secs(10),
-        || !connects(&netns[1], server_ip),
+        || !connects(netns[1], server_ip),
     );
-    assert!(
-        connects(&netns[0], server_ip),
-        "the client is still allowed"
-    );
+    assert!(connects(netns[0], server_ip), "the client is still allowed");
     // The drop happened at XDP on n2's uplink, and is explained.
     let intruder = intruder_ip.to_string();
     eventually(
@@ -106,7 +103,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     // The server may open connections to the intruder: their replies pass n2's XDP although the
     // server's ingress denies the intruder.
     assert!(
-        connects(&netns[2], intruder_ip),
+        connects(netns[2], intruder_ip),
         "the reply of a connection the server opened was dropped"
     );
 
@@ -115,7 +112,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     eventually(
         "the deny list drops the client",
         Duration::from_secs(10),
-        || !connects(&netns[0], server_ip),
+        || !connects(netns[0], server_ip),
     );
     let client = client_ip.to_string();
     eventually(
@@ -136,41 +133,41 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
             .contains("line 1: \"not-a-cidr\" is not a CIDR")
     });
     assert!(
-        !connects(&netns[0], server_ip),
+        !connects(netns[0], server_ip),
         "a bad deny list file opened traffic"
     );
     std::fs::write(&deny, "").unwrap();
     eventually(
         "the client is let through again",
         Duration::from_secs(10),
-        || connects(&netns[0], server_ip),
+        || connects(netns[0], server_ip),
     );
 
     // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
     // its program into the pinned link.
     drop(a2);
-    assert_eq!(xdp_program(&n2, "eth0"), Some(first_program));
+    assert_eq!(xdp_program(n2, "eth0"), Some(first_program));
     assert!(
-        !connects(&netns[1], server_ip),
+        !connects(netns[1], server_ip),
         "the intruder got in while the agent was down"
     );
-    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    let a2 = Agent::start(n2, "n2", d2, &n2_args);
     assert!(
         a2.log_text().contains("attached=Replaced"),
         "{}",
         a2.log_text()
     );
-    let second_program = xdp_program(&n2, "eth0").expect("the restart left the uplink without XDP");
+    let second_program = xdp_program(n2, "eth0").expect("the restart left the uplink without XDP");
     assert_ne!(
         second_program, first_program,
         "the restarted agent's program was not swapped in"
     );
     assert!(
-        !connects(&netns[1], server_ip),
+        !connects(netns[1], server_ip),
         "the intruder got in after the restart"
     );
     assert!(
-        connects(&netns[0], server_ip),
+        connects(netns[0], server_ip),
         "the client is denied after the restart"
     );
 
@@ -193,7 +190,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(
-        xdp_program(&n2, "eth0"),
+        xdp_program(n2, "eth0"),
         None,
         "uninstall left the XDP program"
     );
