@@ -199,13 +199,12 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
 const LOG_ROUNDS: usize = 5;
 
 /// The median of each case over rounds.
-fn median_costs(mut rounds: Vec<Costs>) -> Costs {
+fn median_costs(rounds: &[Costs]) -> Costs {
     fn median(values: &mut [Duration]) -> Duration {
         values.sort();
         values[values.len() / 2]
     }
-    let mut pick =
-        |f: fn(&Costs) -> Duration| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
+    let pick = |f: fn(&Costs) -> Duration| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
     Costs {
         denied: pick(|c| c.denied),
         established: pick(|c| c.established),
@@ -233,9 +232,9 @@ fn logging_cost(repeat: u32) -> anyhow::Result<()> {
         }
         on.push(measure_object(EBPF_OBJECT, true, 10, repeat)?);
     }
-    let off = median_costs(off);
-    let on = median_costs(on);
-    let without = (!without.is_empty()).then(|| median_costs(without));
+    let off = median_costs(&off);
+    let on = median_costs(&on);
+    let without = (!without.is_empty()).then(|| median_costs(&without));
     println!(
         "kernel debug logging (aya-log), weir_to_pod at 10 rules, median of {LOG_ROUNDS} alternating loads:"
     );
