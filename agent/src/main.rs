@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 use weir_agent::{
     api::{self, ApiConfig},
     config::{Cli, Command, RunArgs, UninstallArgs},
-    datapath::{events::read_events, loader},
+    datapath::{bpf_log, events::read_events, loader, object::EBPF_OBJECT},
     health::{self, Health},
     ipam::Ipam,
     mesh::Gateway,
@@ -112,7 +112,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     health.set_phase("loading the datapath");
 
-    let mut ebpf = loader::load(Some(&bpffs_dir.join("maps"))).context("loading the datapath")?;
+    let mut ebpf = loader::load_object(EBPF_OBJECT, Some(&bpffs_dir.join("maps")), args.bpf_log)
+        .context("loading the datapath")?;
+    // Held for the agent's life: the task forwards the kernel's debug log.
+    let _bpf_log = if args.bpf_log {
+        tracing::warn!(
+            "kernel-side debug logging is on (--bpf-log): every packet leaving a pod is logged"
+        );
+        Some(bpf_log::start(&mut ebpf).context("starting the kernel's debug log")?)
+    } else {
+        None
+    };
     start_uplink_filter(&args, &mut ebpf, &first_state, &node_name, &bpffs_dir)?;
     let events = ebpf
         .take_map(MAP_EVENTS)
@@ -128,6 +138,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             revoke_established: args.revoke_established,
             emit_allow_events: args.log_allowed,
             redirect_local_pods: args.redirect_local_pods,
+            redirect_remote_pods: args.redirect_remote_pods,
         },
         ebpf,
     )

@@ -7,4 +7,5 @@ pub mod idle;
 pub mod propagation;
 pub mod stats;
 pub mod traffic;
+pub mod traffic_agent;
 pub mod xdp;
