@@ -17,7 +17,7 @@ use weir_agent::{
     datapath::{events::read_events, loader},
     health::{self, Health},
     ipam::Ipam,
-    mesh::Gateway,
+    mesh::Mesh,
     node,
     overlay::Overlay,
     routes::{NodeRoutes, desired_routes},
@@ -169,19 +169,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         NodePeers::None
     };
-    // Mesh gateway role (Node label mesh.weir.io/gateway=true): its imports, restored from the
-    // state directory, are part of the very first state the datapath reconciles.
-    let gateway = Gateway::start_if_gateway(&args.mesh, &first_state, &node_name, &state_dir)
+    // Mesh role: a gateway (Node label mesh.weir.io/gateway=true), or a node watching a
+    // gateway's import. Imports restored from the state directory are part of the very first
+    // state the datapath reconciles.
+    let mesh = Mesh::start(&args.mesh, &first_state, &node_name, &state_dir)
         .await
-        .context("starting the mesh gateway role")?;
-    if let Some(gateway) = &gateway {
-        gateway.observe(&first_state).await;
-    }
+        .context("starting the mesh role")?;
     peers
         .sync(&node_and_mesh_routes(&first_state, &node_name))
         .await;
     health.source.observe_state(&first_state);
-    runtime.set_cluster_state(with_imports(&first_state, gateway.as_deref()));
+    runtime.set_cluster_state(mesh.with_imports(&first_state));
     let mut last_state = first_state;
     let mut states_rx = match source {
         Source::Manifests(source) => {
@@ -198,7 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_runtime = runtime.clone();
     let state_health = health.clone();
     let routes_node = node_name.clone();
-    let mut imports = gateway.as_ref().map(|g| g.subscribe_imports());
+    let mut imports = Some(mesh.subscribe_imports());
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -206,14 +204,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let Some(state) = state else { break };
                     state_health.source.observe_state(&state);
                     peers.sync(&node_and_mesh_routes(&state, &routes_node)).await;
-                    if let Some(gateway) = &gateway {
-                        gateway.observe(&state).await;
-                    }
+                    mesh.observe(&state).await;
                     last_state = state;
                 }
                 () = imports_changed(&mut imports) => {}
             }
-            state_runtime.set_cluster_state(with_imports(&last_state, gateway.as_deref()));
+            state_runtime.set_cluster_state(mesh.with_imports(&last_state));
         }
     });
 
@@ -248,15 +244,7 @@ fn node_and_mesh_routes(
     routes
 }
 
-/// The state the compiler sees: the source's, plus what mesh peers export (on gateways).
-fn with_imports(state: &ClusterState, gateway: Option<&Gateway>) -> ClusterState {
-    match gateway {
-        Some(g) => weir_agent::mesh::merge_imports(state, &g.imports()),
-        None => state.clone(),
-    }
-}
-
-/// Resolves when a mesh peer's import changed; never without a gateway.
+/// Resolves when a mesh peer's import changed.
 async fn imports_changed(imports: &mut Option<tokio::sync::watch::Receiver<u64>>) {
     if let Some(rx) = imports
         && rx.changed().await.is_ok()

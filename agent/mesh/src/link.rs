@@ -105,6 +105,8 @@ pub struct Peer {
     pub tunnel: TunnelCounters,
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
+    /// Sessions past their Hellos now (two while a new one replaces an old one).
+    sessions_up: AtomicU64,
     tx: mpsc::Sender<Bytes>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
 }
@@ -120,6 +122,11 @@ impl Peer {
 
     pub fn view(&self) -> Arc<ImportView> {
         Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether a session with the peer is up (Hellos exchanged, not ended).
+    pub fn is_connected(&self) -> bool {
+        self.sessions_up.load(Ordering::Relaxed) > 0
     }
 
     pub fn is_synced(&self) -> bool {
@@ -293,6 +300,7 @@ impl Link {
                 refusals: RefusalCounters::default(),
                 tunnel: TunnelCounters::default(),
                 session: watch::Sender::new(0),
+                sessions_up: AtomicU64::new(0),
                 tx,
                 rx: Arc::new(tokio::sync::Mutex::new(rx)),
             });
@@ -405,6 +413,7 @@ impl Link {
             return Err(SessionError::Version(theirs.protocol_version));
         }
         tracing::info!(peer = certified, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        let _up = SessionUp::new(&peer);
         // The peer's limits on what we send, never above our own defaults.
         let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
             (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
@@ -761,7 +770,9 @@ impl Link {
                 let tunnel_link = Arc::clone(&self);
                 let tunnel_peer = Arc::clone(&peer);
                 let mut tunnel_client = client.clone();
-                let tunnel = tokio::spawn(async move {
+                // Aborted with this dial's future too (a removed peer, a replaced dialer), so a
+                // tunnel never outlives its session and keeps an old connection open.
+                let tunnel = AbortOnDrop(tokio::spawn(async move {
                     let out = Self::outgoing(&tunnel_peer)
                         .map(|records| pb::PacketBatch { seq: 0, records });
                     if let Ok(resp) = tunnel_client.tunnel(out).await {
@@ -770,13 +781,15 @@ impl Link {
                             tunnel_link.receive_batch(&tunnel_peer, &batch.records);
                         }
                     }
-                });
+                }));
                 let result = self
                     .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
                     .await;
-                tunnel.abort();
+                drop(tunnel);
                 match result {
-                    Err(SessionError::Replaced) => {}
+                    // A newer session took over (a re-dial after a certificate rotation, or the
+                    // peer removed): its dialer carries on, this one stops.
+                    Err(SessionError::Replaced) => return,
                     Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
                     Ok(()) => {}
                 }
@@ -798,6 +811,31 @@ impl Link {
     }
 }
 
+/// Counts a session as up while it lives.
+struct SessionUp(Arc<Peer>);
+
+impl SessionUp {
+    fn new(peer: &Arc<Peer>) -> Self {
+        peer.sessions_up.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(peer))
+    }
+}
+
+impl Drop for SessionUp {
+    fn drop(&mut self) {
+        self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn send(
     out: &mpsc::Sender<pb::SyncFrame>,
     kind: pb::sync_frame::Kind,
@@ -807,7 +845,7 @@ async fn send(
         .map_err(|_| SessionError::Ended)
 }
 
-fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
+pub(crate) fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     use pb::sync_frame::Kind;
     match f {
         Frame::Snapshot {
@@ -834,7 +872,7 @@ fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     }
 }
 
-fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
+pub(crate) fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
     let upsert = d
         .upsert
         .iter()
