@@ -652,3 +652,195 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
     drop((west_agent, east_agent, worker_agent));
     drop((client, intruder, server));
 }
+
+const ECHO_PORT: u16 = 8081;
+
+/// TCP and UDP echo servers on ECHO_PORT in the pod (a TCP connection echoes until closed).
+fn serve_echo(pod: &Netns) {
+    spawn_in(pod.path(), || {
+        let s = UdpSocket::bind(("0.0.0.0", ECHO_PORT)).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    spawn_in(pod.path(), || {
+        let listener = TcpListener::bind(("0.0.0.0", ECHO_PORT)).unwrap();
+        for mut s in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One round trip on an established connection (it may take TCP's retransmissions).
+fn echoes(conn: &mut TcpStream, what: &[u8]) -> bool {
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = vec![0u8; what.len()];
+    conn.write_all(what).is_ok() && conn.read_exact(&mut buf).is_ok() && buf == what
+}
+
+/// Numbered UDP probes from `from` to the echo port of `to`, about one every 10 ms until `stop`:
+/// (sent, answered). A late answer counts (the drain after `stop` waits for stragglers); only
+/// a probe that never comes back is lost.
+fn probe_udp(
+    from: &Netns,
+    to: IpAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<(u64, u64)> {
+    spawn_in(from.path(), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut answered = std::collections::BTreeSet::new();
+        let mut sent = 0u64;
+        let receive = |answered: &mut std::collections::BTreeSet<u64>| {
+            let mut buf = [0u8; 8];
+            match s.recv_from(&mut buf) {
+                Ok((8, _)) => {
+                    answered.insert(u64::from_be_bytes(buf));
+                    true
+                }
+                _ => false,
+            }
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            s.send_to(&sent.to_be_bytes(), (to, ECHO_PORT)).unwrap();
+            sent += 1;
+            receive(&mut answered);
+            thread::sleep(Duration::from_millis(10));
+        }
+        let drain = Instant::now() + Duration::from_secs(5);
+        while (answered.len() as u64) < sent && Instant::now() < drain {
+            receive(&mut answered);
+        }
+        (sent, answered.len() as u64)
+    })
+}
+
+fn count(log: &str, what: &str) -> usize {
+    log.matches(what).count()
+}
+
+#[test]
+fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is_refused() {
+    let mut lab = lab("mr", false);
+    // East rotates from the mesh CA to a second one. West trusts both for east while the
+    // rotation runs; east's certificates must chain to one of them (--mesh-ca).
+    let ca2 = MeshCa::new("weir mesh test CA 2").unwrap();
+    let rogue = MeshCa::new("rogue CA").unwrap();
+    let both = format!("{}{}", lab.ca.pem(), ca2.pem());
+    std::fs::write(
+        lab.west.manifests().join("peer.yaml"),
+        mesh_peer("east", "192.0.2.5:4243", &both, EAST_PODS),
+    )
+    .unwrap();
+    let east_ca = lab.east.dirs.root.join("mesh-ca.pem");
+    std::fs::write(&east_ca, &both).unwrap();
+    lab.east
+        .args
+        .extend(["--mesh-ca".into(), east_ca.display().to_string()]);
+    let (west, east) = (&lab.west, &lab.east);
+    std::fs::write(west.manifests().join("ns.yaml"), namespace("shop", "shop")).unwrap();
+    std::fs::write(east.manifests().join("ns.yaml"), namespace("pay", "pay")).unwrap();
+    let west_agent = west.start();
+    let east_agent = east.start();
+    let (client, _) = west.add_pod("client", "shop", "mrcl");
+    let (server, server_ip) = east.add_pod("server", "pay", "mrsv");
+    serve(&server);
+    serve_echo(&server);
+    let wait = Duration::from_secs(30);
+    eventually("TCP west → east", wait, || tcp_ok(&client, server_ip));
+
+    // A connection that lives across the rotation, and probes all along.
+    let mut conn = spawn_in(client.path(), move || {
+        TcpStream::connect_timeout(&(server_ip, ECHO_PORT).into(), Duration::from_secs(5)).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert!(echoes(&mut conn, b"before"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = probe_udp(&client, server_ip, std::sync::Arc::clone(&stop));
+    let sessions_before = count(&west_agent.log_text(), "mesh session up");
+
+    // Rotate east's certificate (same files) to one from the second CA: east re-dials west
+    // with it and the new session replaces the old one.
+    ca2.gateway("mesh.test", "east")
+        .unwrap()
+        .write(&east.dirs.root, "east")
+        .unwrap();
+    eventually("east re-dials with the rotated certificate", wait, || {
+        let log = east_agent.log_text();
+        log.contains("mesh certificate reloaded")
+            && log.contains("re-dialling the peers we dial")
+            && count(&west_agent.log_text(), "mesh session up") > sessions_before
+    });
+    assert!(
+        echoes(&mut conn, b"after the rotation"),
+        "the connection survives"
+    );
+
+    // Rotations that must not happen: a certificate of a CA east does not chain to, and one
+    // naming another cluster. Each is refused loudly; the rotated one stays in use.
+    for (cert, why) in [
+        (
+            rogue.gateway("mesh.test", "east").unwrap(),
+            "does not chain",
+        ),
+        (
+            ca2.gateway("mesh.test", "west").unwrap(),
+            "names cluster west",
+        ),
+    ] {
+        let refused = count(
+            &east_agent.log_text(),
+            "refused the rotated mesh certificate",
+        );
+        cert.write(&east.dirs.root, "east").unwrap();
+        eventually(&format!("a rotation that {why} is refused"), wait, || {
+            let log = east_agent.log_text();
+            count(&log, "refused the rotated mesh certificate") > refused && log.contains(why)
+        });
+    }
+    assert!(
+        echoes(&mut conn, b"after the refusals"),
+        "west:\n{}\neast:\n{}",
+        west_agent.log_text(),
+        east_agent.log_text()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, answered) = probes.join().unwrap();
+    println!("UDP probes across the rotation: {answered} of {sent} answered");
+    assert!(
+        sent - answered <= 1,
+        "make before break: {answered} of {sent} probes answered"
+    );
+
+    // West now trusts only the second CA for east, and a fresh session (west restarted) comes
+    // up: east presents the certificate of its good rotation, not a refused one.
+    std::fs::write(
+        west.manifests().join("peer.yaml"),
+        mesh_peer("east", "192.0.2.5:4243", &ca2.pem(), EAST_PODS),
+    )
+    .unwrap();
+    west_agent.stop(nix::sys::signal::Signal::SIGTERM);
+    let west_agent = west.start();
+    eventually(
+        "a new session with east's rotated certificate",
+        wait,
+        || tcp_ok(&client, server_ip),
+    );
+    assert!(
+        !west_agent.log_text().contains("mesh handshake refused"),
+        "{}",
+        west_agent.log_text()
+    );
+    drop((west_agent, east_agent, conn));
+    drop((client, server));
+}

@@ -107,6 +107,10 @@ pub struct Peer {
     session: watch::Sender<u64>,
     /// Sessions past their Hellos now (two while a new one replaces an old one).
     sessions_up: AtomicU64,
+    /// The connection (peer's address) of the latest session the peer opened to us: Tunnels
+    /// of other connections end when it changes, so an old connection's streams never keep
+    /// taking packets from the queue.
+    server_remote: watch::Sender<Option<SocketAddr>>,
     tx: mpsc::Sender<Bytes>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
 }
@@ -301,6 +305,7 @@ impl Link {
                 tunnel: TunnelCounters::default(),
                 session: watch::Sender::new(0),
                 sessions_up: AtomicU64::new(0),
+                server_remote: watch::Sender::new(None),
                 tx,
                 rx: Arc::new(tokio::sync::Mutex::new(rx)),
             });
@@ -770,10 +775,15 @@ impl Link {
                 let tunnel_link = Arc::clone(&self);
                 let tunnel_peer = Arc::clone(&peer);
                 let mut tunnel_client = client.clone();
+                // Ends our side of the Tunnel when this attempt ends: hyper keeps polling a
+                // request body after its response is dropped, and an old connection's body would
+                // go on taking packets from the queue.
+                let (_attempt, attempt_ended) = tokio::sync::oneshot::channel::<()>();
                 // Aborted with this dial's future too (a removed peer, a replaced dialer), so a
                 // tunnel never outlives its session and keeps an old connection open.
                 let tunnel = AbortOnDrop(tokio::spawn(async move {
                     let out = Self::outgoing(&tunnel_peer)
+                        .take_until(attempt_ended)
                         .map(|records| pb::PacketBatch { seq: 0, records });
                     if let Ok(resp) = tunnel_client.tunnel(out).await {
                         let mut inbound = resp.into_inner();
@@ -922,18 +932,20 @@ pub struct Service {
 }
 
 impl Service {
-    fn authenticated<T>(&self, req: &Request<T>) -> Result<(String, Arc<Peer>), Status> {
-        let certified = req
+    fn authenticated<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(String, SocketAddr, Arc<Peer>), Status> {
+        let connection = req
             .extensions()
             .get::<PeerCluster>()
-            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?
-            .name
-            .clone();
+            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?;
+        let certified = connection.name.clone();
         let peer = self
             .link
             .peer(&certified)
             .ok_or_else(|| Status::permission_denied(format!("no MeshPeer named {certified}")))?;
-        Ok((certified, peer))
+        Ok((certified, connection.remote, peer))
     }
 }
 
@@ -948,7 +960,8 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (certified, peer) = self.authenticated(&req)?;
+        let (certified, remote, peer) = self.authenticated(&req)?;
+        peer.server_remote.send_replace(Some(remote));
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let link = Arc::clone(&self.link);
@@ -967,7 +980,17 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (_, peer) = self.authenticated(&req)?;
+        let (_, remote, peer) = self.authenticated(&req)?;
+        // Ends when the peer opens a session on another connection (it re-dialled).
+        let mut sessions = peer.server_remote.subscribe();
+        sessions.mark_unchanged();
+        let superseded = async move {
+            while sessions.changed().await.is_ok() {
+                if *sessions.borrow() != Some(remote) {
+                    return;
+                }
+            }
+        };
         let mut inbound = req.into_inner();
         let link = Arc::clone(&self.link);
         let receiving = Arc::clone(&peer);
@@ -976,7 +999,9 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
-        let out = Link::outgoing(&peer).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+        let out = Link::outgoing(&peer)
+            .take_until(superseded)
+            .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))
     }
 }
