@@ -172,9 +172,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Mesh role: a gateway (Node label mesh.weir.io/gateway=true), or a node watching a
     // gateway's import. Imports restored from the state directory are part of the very first
     // state the datapath reconciles.
-    let mesh = Mesh::start(&args.mesh, &first_state, &node_name, &state_dir)
-        .await
-        .context("starting the mesh role")?;
+    let mesh = Arc::new(
+        Mesh::start(&args.mesh, &first_state, &node_name, &state_dir)
+            .await
+            .context("starting the mesh role")?,
+    );
+    health.attach_mesh(Arc::clone(&mesh));
     peers
         .sync(&node_and_mesh_routes(&first_state, &node_name))
         .await;
@@ -197,6 +200,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_health = health.clone();
     let routes_node = node_name.clone();
     let mut imports = Some(mesh.subscribe_imports());
+    let state_mesh = Arc::clone(&mesh);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -204,12 +208,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let Some(state) = state else { break };
                     state_health.source.observe_state(&state);
                     peers.sync(&node_and_mesh_routes(&state, &routes_node)).await;
-                    mesh.observe(&state).await;
+                    state_mesh.observe(&state).await;
                     last_state = state;
                 }
                 () = imports_changed(&mut imports) => {}
             }
-            state_runtime.set_cluster_state(mesh.with_imports(&last_state));
+            state_runtime.set_cluster_state(state_mesh.with_imports(&last_state));
         }
     });
 
@@ -218,7 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
     };
     tracing::info!(node = %node_name, ?pod_cidrs, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
-    let inspect = api::InspectService::new(runtime.clone());
+    let inspect = api::InspectService::new(runtime.clone()).with_mesh(Arc::clone(&mesh));
     api::serve_with(
         &socket,
         api_config,

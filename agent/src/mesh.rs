@@ -576,6 +576,14 @@ impl Gateway {
         &self.link
     }
 
+    /// Certificate rotations applied and refused since start.
+    pub fn rotations(&self) -> (u64, u64) {
+        (
+            self.identity.rotations.load(Ordering::Relaxed),
+            self.identity.refused_rotations.load(Ordering::Relaxed),
+        )
+    }
+
     /// Applies a new cluster state: peers, trust, exports, routes into the TUN.
     pub async fn observe(&self, state: &ClusterState) {
         let peers = valid_peers(state);

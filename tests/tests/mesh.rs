@@ -17,7 +17,7 @@ use std::{
 
 use weir_mesh::certs::MeshCa;
 use weir_tests::{
-    agent::{Agent, AgentDirs},
+    agent::{Agent, AgentDirs, bin, health_get, metric},
     cni::{Plugin, PodRef, first_address},
     netns::{Netns, spawn_in},
 };
@@ -623,6 +623,41 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
             .any(|l| l.contains("west/dev") && l.contains("weir.io/cluster")),
         "the worker explains the drop with the remote identity:\n{flows}"
     );
+
+    // /metrics and `weir status` show the peer on both nodes of east: the gateway's session,
+    // the worker's watch, both synced, west's two pods imported.
+    for (node, role) in [(east, "gateway"), (worker, "node")] {
+        let (_, metrics) = health_get(&node.netns, 9876, "/metrics");
+        for (sample, value) in [
+            ("weir_mesh_peer_connected{peer=\"west\"}", 1),
+            ("weir_mesh_peer_synced{peer=\"west\"}", 1),
+            ("weir_mesh_imported_endpoints{peer=\"west\"}", 2),
+        ] {
+            assert_eq!(
+                metric(&metrics, sample),
+                Some(value),
+                "{role}: {sample}\n{metrics}"
+            );
+        }
+        let status = std::process::Command::new(bin("weir"))
+            .arg("--socket")
+            .arg(&node.dirs.socket)
+            .arg("status")
+            .output()
+            .unwrap();
+        let status = String::from_utf8_lossy(&status.stdout).into_owned();
+        assert!(status.contains(&format!("mesh peers ({role})")), "{status}");
+        let row = status
+            .lines()
+            .find(|l| l.trim_start().starts_with("west "))
+            .unwrap_or_else(|| panic!("no row for west:\n{status}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells[1..6],
+            ["yes", "yes", "2", "2", "-"],
+            "{role}: {status}"
+        );
+    }
 
     // Fail closed: only the cluster's Nodes may watch the gateway's import; a pod may not.
     let gateway_import = SocketAddr::from(([192, 168, 91, 1], 4244));

@@ -378,6 +378,16 @@ impl ImportWatcher {
         self.connected.load(Ordering::Relaxed)
     }
 
+    /// The MeshPeers this node checks the import against.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn is_synced(&self) -> bool {
         self.importer
             .lock()
