@@ -667,7 +667,20 @@ impl Gateway {
             self.link.set_exports(&p.name, entries);
         }
         *self.exported.lock().unwrap_or_else(|e| e.into_inner()) = index;
-        // Peers' prefixes into the TUN.
+        // Peers' prefixes into the TUN; a removed MeshPeer's routes go with it.
+        let wanted: BTreeSet<IpNet> = peers
+            .iter()
+            .flat_map(|p| p.allowed_prefixes.iter().copied())
+            .collect();
+        let gone: Vec<IpNet> = inner.routed.difference(&wanted).copied().collect();
+        for prefix in gone {
+            match self.tun.unroute(prefix).await {
+                Ok(()) => {
+                    inner.routed.remove(&prefix);
+                }
+                Err(e) => tracing::error!(error = %e, "a removed mesh peer's route stays"),
+            }
+        }
         for p in &peers {
             for prefix in &p.allowed_prefixes {
                 if inner.routed.contains(prefix) {

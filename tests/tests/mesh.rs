@@ -684,6 +684,33 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
         !tcp_ok(&intruder, server_ip),
         "the intruder is still denied"
     );
+
+    // West's MeshPeer removed from east (its manifest deleted): its routes (into the gateway's
+    // TUN, and the worker's via the gateway), its import on both nodes (at once: removal is the
+    // operator's word, the stale TTL is for a peer that is configured but unreachable), its
+    // persisted import and its session go.
+    std::fs::remove_file(east.manifests().join("peer.yaml")).unwrap();
+    eventually("west is gone from east's gateway and worker", wait, || {
+        let (_, gw_metrics) = health_get(&east.netns, 9876, "/metrics");
+        let (_, wk_metrics) = health_get(&worker.netns, 9876, "/metrics");
+        east.netns
+            .ip(&["route", "show", WEST_PODS])
+            .trim()
+            .is_empty()
+            && worker
+                .netns
+                .ip(&["route", "show", WEST_PODS])
+                .trim()
+                .is_empty()
+            && !gw_metrics.contains("peer=\"west\"")
+            && !wk_metrics.contains("peer=\"west\"")
+            && !east.dirs.state.join("mesh/west.json").exists()
+    });
+    eventually("west sees its session with east down", wait, || {
+        let (_, metrics) = health_get(&west.netns, 9876, "/metrics");
+        metric(&metrics, "weir_mesh_peer_connected{peer=\"east\"}") == Some(0)
+    });
+    assert!(!tcp_ok(&client, server_ip), "nothing crosses any more");
     drop((west_agent, east_agent, worker_agent));
     drop((client, intruder, server));
 }

@@ -280,7 +280,15 @@ impl Link {
         peers.retain(|name, peer| {
             let keep = wanted.contains_key(name);
             if !keep {
+                // Cut off at once: its session ends, its Tunnels on our side end, and what it
+                // exported no longer admits a packet (an established connection it keeps
+                // open gets everything refused).
                 peer.session.send_modify(|s| *s += 1);
+                peer.server_remote.send_replace(None);
+                *peer.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ImportView {
+                    cluster: name.clone(),
+                    ..ImportView::default()
+                });
                 if let Some(path) = self.state_path(name) {
                     let _ = std::fs::remove_file(path);
                 }
@@ -981,17 +989,20 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (_, remote, peer) = self.authenticated(&req)?;
-        // Ends when the peer opens a session on another connection (it re-dialled).
-        let mut sessions = peer.server_remote.subscribe();
-        sessions.mark_unchanged();
-        let superseded = async move {
-            while sessions.changed().await.is_ok() {
-                if *sessions.borrow() != Some(remote) {
-                    return;
+        // Both directions end when the peer opens a session on another connection (it
+        // re-dialled) or is removed.
+        let superseded = |peer: &Peer| {
+            let mut sessions = peer.server_remote.subscribe();
+            sessions.mark_unchanged();
+            async move {
+                while sessions.changed().await.is_ok() {
+                    if *sessions.borrow() != Some(remote) {
+                        return;
+                    }
                 }
             }
         };
-        let mut inbound = req.into_inner();
+        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&peer)));
         let link = Arc::clone(&self.link);
         let receiving = Arc::clone(&peer);
         tokio::spawn(async move {
@@ -1000,7 +1011,7 @@ impl mesh_link_server::MeshLink for Service {
             }
         });
         let out = Link::outgoing(&peer)
-            .take_until(superseded)
+            .take_until(superseded(&peer))
             .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))
     }
