@@ -284,7 +284,7 @@ async fn start_kubernetes(
         states_tx,
         health.source.clone(),
     ));
-    health.set_phase("listing Pods, Namespaces, NetworkPolicies and Nodes");
+    health.set_phase("listing Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers");
     let wait = Duration::from_secs(args.node_wait_seconds);
     let deadline = tokio::time::Instant::now() + wait;
     let need_cidrs = args.pod_cidr.is_empty();
@@ -307,9 +307,10 @@ async fn start_kubernetes(
             Ok(None) => bail!("the Kubernetes source stopped before the first complete list"),
             Err(_) => match last {
                 None => bail!(
-                    "no complete list of Pods, Namespaces, NetworkPolicies and Nodes from the API server \
-                     within {}s: check that the API server is reachable and that the service account may \
-                     list and watch them (see the warnings above)",
+                    "no complete list of Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers from the \
+                     API server within {}s: check that the API server is reachable, that the MeshPeer CRD \
+                     (manifests/05-crd-meshpeer.yaml) is installed and that the service account may list \
+                     and watch them (manifests/10-rbac.yaml; see the warnings above)",
                     wait.as_secs()
                 ),
                 Some(state) if !state.nodes.contains_key(node_name) => bail!(
