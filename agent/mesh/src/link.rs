@@ -40,6 +40,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 const HISTORY_LIMIT: usize = 65_536;
 /// Batches queued towards one peer before further packets are dropped (and counted).
 const TX_QUEUE: usize = 64;
+/// Deltas a peer may send in one second by default; more is a flood (each delta costs a
+/// rebuild of the peer's import view and a write of its persisted import).
+pub const MAX_DELTAS_PER_SECOND: u32 = 1_000;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
 
@@ -184,6 +187,8 @@ pub struct Link {
     local_pod_prefixes: RwLock<Vec<IpNet>>,
     /// Where received, checked packets go (the TUN writer).
     deliver: mpsc::Sender<Bytes>,
+    /// Deltas a peer may send per second before its session is refused (NACK, closed).
+    max_deltas_per_second: AtomicU64,
 }
 
 /// A random u64 from the kernel (incarnations and session ids need no more).
@@ -216,7 +221,15 @@ impl Link {
             imports: watch::Sender::new(0),
             local_pod_prefixes: RwLock::new(Vec::new()),
             deliver,
+            max_deltas_per_second: AtomicU64::new(u64::from(MAX_DELTAS_PER_SECOND)),
         })
+    }
+
+    /// Deltas a peer may send per second (default [`MAX_DELTAS_PER_SECOND`]); beyond it the
+    /// delta is refused (`limit`), NACKed and the session closed.
+    pub fn set_max_deltas_per_second(&self, n: u32) {
+        self.max_deltas_per_second
+            .store(u64::from(n.max(1)), Ordering::Relaxed);
     }
 
     pub fn local_cluster(&self) -> &str {
@@ -447,6 +460,8 @@ impl Link {
         for f in frames {
             send(&outbound, frame_to_wire(&f)).await?;
         }
+        // Deltas received in the current one-second window.
+        let mut window = (tokio::time::Instant::now(), 0u64);
         let result = loop {
             tokio::select! {
                 frame = inbound.next() => {
@@ -455,6 +470,19 @@ impl Link {
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(SessionError::Ended),
                     };
+                    if let Some(pb::sync_frame::Kind::Delta(d)) = &frame.kind {
+                        if window.0.elapsed() >= Duration::from_secs(1) {
+                            window = (tokio::time::Instant::now(), 0);
+                        }
+                        window.1 += 1;
+                        let max = self.max_deltas_per_second.load(Ordering::Relaxed);
+                        if window.1 > max {
+                            let text = format!("more than {max} deltas in one second");
+                            break self
+                                .refuse(&peer, certified, Refusal::Limit, text, d.incarnation, d.version, &outbound)
+                                .await;
+                        }
+                    }
                     if let Err(e) = self.receive(&peer, certified, frame, &outbound).await {
                         break Err(e);
                     }
