@@ -74,8 +74,8 @@ pub struct RunArgs {
     /// and follow its changes.
     #[arg(long, env = "WEIR_MANIFESTS")]
     pub manifests: Option<PathBuf>,
-    /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies and Nodes through the API server
-    /// (in-cluster service account, or KUBECONFIG).
+    /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers through the
+    /// API server (in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "WEIR_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub kubernetes: bool,
     /// Kubernetes mode: seconds to wait at start-up for the first complete list and, without

@@ -112,6 +112,7 @@ pub struct Health {
     enforcement: OnceLock<Arc<dyn Enforcement>>,
     phase: Mutex<String>,
     pub source: Arc<SourceStats>,
+    mesh: OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 impl Health {
@@ -121,7 +122,13 @@ impl Health {
             enforcement: OnceLock::new(),
             phase: Mutex::new("starting".to_owned()),
             source: Arc::default(),
+            mesh: OnceLock::new(),
         })
+    }
+
+    /// From now on `/metrics` shows the mesh role's peers.
+    pub fn attach_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
+        let _ = self.mesh.set(mesh);
     }
 
     /// What the agent is doing before the runtime exists (shown by `/readyz`).
@@ -197,6 +204,9 @@ impl Health {
         let mut registry = Registry::default();
         crate::metrics::metrics().register(&mut registry);
         registry.register_collector(Box::new(snapshot));
+        if let Some(mesh) = self.mesh.get() {
+            registry.register_collector(Box::new(crate::mesh_status::MeshCollector(mesh.status())));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

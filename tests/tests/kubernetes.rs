@@ -454,6 +454,68 @@ status: {phase: Pending}
         .await;
 }
 
+fn mesh_peer(prefix: &str) -> String {
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: east}}\nspec:\n  endpoints: ['192.0.2.5:4243']\n  \
+         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
+         staleTTL: 10m\n  caBundle: 'PEM'\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peers_are_watched_as_a_crd_and_read_like_standalone() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    server.apply(&mesh_peer("10.245.0.0/16"));
+    let mut source = Source::start(&server, "n1");
+    let state = source.next().await;
+    let mut standalone = ClusterState::default();
+    for object in weir_policy::model::parse_documents(&mesh_peer("10.245.0.0/16"), "test") {
+        standalone.apply(object.unwrap());
+    }
+    assert_eq!(state.mesh_peers, standalone.mesh_peers);
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /apis/weir.io/v1alpha1/meshpeers?")),
+        "{:?}",
+        server.requests()
+    );
+
+    server.apply(&mesh_peer("10.246.0.0/16"));
+    source
+        .until("the MeshPeer's change is followed", |s| {
+            s.mesh_peers
+                .get("east")
+                .is_some_and(|p| p.spec.allowed_prefixes == ["10.246.0.0/16"])
+        })
+        .await;
+    server.delete(Resource::MeshPeers, "", "east");
+    source
+        .until("the deleted MeshPeer is gone", |s| s.mesh_peers.is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_sent_until_the_mesh_peers_are_listed() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    // As when the MeshPeer CRD is not installed: a node's restored mesh import must not meet a
+    // state without its MeshPeers.
+    server.fail(Resource::MeshPeers, 404);
+    let mut source = Source::start(&server, "n1");
+    source
+        .assert_quiet(
+            Duration::from_secs(2),
+            "a state without MeshPeers would drop a node's restored mesh import",
+        )
+        .await;
+    server.heal(Resource::MeshPeers);
+    let state = source.next().await;
+    assert_eq!(state.pods.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_sent_until_every_kind_is_listed() {
     let server = KubeServer::start_new().await;

@@ -40,6 +40,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 const HISTORY_LIMIT: usize = 65_536;
 /// Batches queued towards one peer before further packets are dropped (and counted).
 const TX_QUEUE: usize = 64;
+/// Deltas a peer may send in one second by default; more is a flood (each delta costs a
+/// rebuild of the peer's import view and a write of its persisted import).
+pub const MAX_DELTAS_PER_SECOND: u32 = 1_000;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
 
@@ -105,6 +108,12 @@ pub struct Peer {
     pub tunnel: TunnelCounters,
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
+    /// Sessions past their Hellos now (two while a new one replaces an old one).
+    sessions_up: AtomicU64,
+    /// The connection (peer's address) of the latest session the peer opened to us: Tunnels
+    /// of other connections end when it changes, so an old connection's streams never keep
+    /// taking packets from the queue.
+    server_remote: watch::Sender<Option<SocketAddr>>,
     tx: mpsc::Sender<Bytes>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
 }
@@ -120,6 +129,11 @@ impl Peer {
 
     pub fn view(&self) -> Arc<ImportView> {
         Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether a session with the peer is up (Hellos exchanged, not ended).
+    pub fn is_connected(&self) -> bool {
+        self.sessions_up.load(Ordering::Relaxed) > 0
     }
 
     pub fn is_synced(&self) -> bool {
@@ -173,6 +187,8 @@ pub struct Link {
     local_pod_prefixes: RwLock<Vec<IpNet>>,
     /// Where received, checked packets go (the TUN writer).
     deliver: mpsc::Sender<Bytes>,
+    /// Deltas a peer may send per second before its session is refused (NACK, closed).
+    max_deltas_per_second: AtomicU64,
 }
 
 /// A random u64 from the kernel (incarnations and session ids need no more).
@@ -205,7 +221,15 @@ impl Link {
             imports: watch::Sender::new(0),
             local_pod_prefixes: RwLock::new(Vec::new()),
             deliver,
+            max_deltas_per_second: AtomicU64::new(u64::from(MAX_DELTAS_PER_SECOND)),
         })
+    }
+
+    /// Deltas a peer may send per second (default [`MAX_DELTAS_PER_SECOND`]); beyond it the
+    /// delta is refused (`limit`), NACKed and the session closed.
+    pub fn set_max_deltas_per_second(&self, n: u32) {
+        self.max_deltas_per_second
+            .store(u64::from(n.max(1)), Ordering::Relaxed);
     }
 
     pub fn local_cluster(&self) -> &str {
@@ -269,7 +293,15 @@ impl Link {
         peers.retain(|name, peer| {
             let keep = wanted.contains_key(name);
             if !keep {
+                // Cut off at once: its session ends, its Tunnels on our side end, and what it
+                // exported no longer admits a packet (an established connection it keeps
+                // open gets everything refused).
                 peer.session.send_modify(|s| *s += 1);
+                peer.server_remote.send_replace(None);
+                *peer.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ImportView {
+                    cluster: name.clone(),
+                    ..ImportView::default()
+                });
                 if let Some(path) = self.state_path(name) {
                     let _ = std::fs::remove_file(path);
                 }
@@ -293,6 +325,8 @@ impl Link {
                 refusals: RefusalCounters::default(),
                 tunnel: TunnelCounters::default(),
                 session: watch::Sender::new(0),
+                sessions_up: AtomicU64::new(0),
+                server_remote: watch::Sender::new(None),
                 tx,
                 rx: Arc::new(tokio::sync::Mutex::new(rx)),
             });
@@ -405,6 +439,7 @@ impl Link {
             return Err(SessionError::Version(theirs.protocol_version));
         }
         tracing::info!(peer = certified, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        let _up = SessionUp::new(&peer);
         // The peer's limits on what we send, never above our own defaults.
         let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
             (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
@@ -425,6 +460,8 @@ impl Link {
         for f in frames {
             send(&outbound, frame_to_wire(&f)).await?;
         }
+        // Deltas received in the current one-second window.
+        let mut window = (tokio::time::Instant::now(), 0u64);
         let result = loop {
             tokio::select! {
                 frame = inbound.next() => {
@@ -433,6 +470,19 @@ impl Link {
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(SessionError::Ended),
                     };
+                    if let Some(pb::sync_frame::Kind::Delta(d)) = &frame.kind {
+                        if window.0.elapsed() >= Duration::from_secs(1) {
+                            window = (tokio::time::Instant::now(), 0);
+                        }
+                        window.1 += 1;
+                        let max = self.max_deltas_per_second.load(Ordering::Relaxed);
+                        if window.1 > max {
+                            let text = format!("more than {max} deltas in one second");
+                            break self
+                                .refuse(&peer, certified, Refusal::Limit, text, d.incarnation, d.version, &outbound)
+                                .await;
+                        }
+                    }
                     if let Err(e) = self.receive(&peer, certified, frame, &outbound).await {
                         break Err(e);
                     }
@@ -761,8 +811,15 @@ impl Link {
                 let tunnel_link = Arc::clone(&self);
                 let tunnel_peer = Arc::clone(&peer);
                 let mut tunnel_client = client.clone();
-                let tunnel = tokio::spawn(async move {
+                // Ends our side of the Tunnel when this attempt ends: hyper keeps polling a
+                // request body after its response is dropped, and an old connection's body would
+                // go on taking packets from the queue.
+                let (_attempt, attempt_ended) = tokio::sync::oneshot::channel::<()>();
+                // Aborted with this dial's future too (a removed peer, a replaced dialer), so a
+                // tunnel never outlives its session and keeps an old connection open.
+                let tunnel = AbortOnDrop(tokio::spawn(async move {
                     let out = Self::outgoing(&tunnel_peer)
+                        .take_until(attempt_ended)
                         .map(|records| pb::PacketBatch { seq: 0, records });
                     if let Ok(resp) = tunnel_client.tunnel(out).await {
                         let mut inbound = resp.into_inner();
@@ -770,13 +827,15 @@ impl Link {
                             tunnel_link.receive_batch(&tunnel_peer, &batch.records);
                         }
                     }
-                });
+                }));
                 let result = self
                     .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
                     .await;
-                tunnel.abort();
+                drop(tunnel);
                 match result {
-                    Err(SessionError::Replaced) => {}
+                    // A newer session took over (a re-dial after a certificate rotation, or the
+                    // peer removed): its dialer carries on, this one stops.
+                    Err(SessionError::Replaced) => return,
                     Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
                     Ok(()) => {}
                 }
@@ -798,6 +857,31 @@ impl Link {
     }
 }
 
+/// Counts a session as up while it lives.
+struct SessionUp(Arc<Peer>);
+
+impl SessionUp {
+    fn new(peer: &Arc<Peer>) -> Self {
+        peer.sessions_up.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(peer))
+    }
+}
+
+impl Drop for SessionUp {
+    fn drop(&mut self) {
+        self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn send(
     out: &mpsc::Sender<pb::SyncFrame>,
     kind: pb::sync_frame::Kind,
@@ -807,7 +891,7 @@ async fn send(
         .map_err(|_| SessionError::Ended)
 }
 
-fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
+pub(crate) fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     use pb::sync_frame::Kind;
     match f {
         Frame::Snapshot {
@@ -834,7 +918,7 @@ fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     }
 }
 
-fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
+pub(crate) fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
     let upsert = d
         .upsert
         .iter()
@@ -884,18 +968,20 @@ pub struct Service {
 }
 
 impl Service {
-    fn authenticated<T>(&self, req: &Request<T>) -> Result<(String, Arc<Peer>), Status> {
-        let certified = req
+    fn authenticated<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(String, SocketAddr, Arc<Peer>), Status> {
+        let connection = req
             .extensions()
             .get::<PeerCluster>()
-            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?
-            .name
-            .clone();
+            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?;
+        let certified = connection.name.clone();
         let peer = self
             .link
             .peer(&certified)
             .ok_or_else(|| Status::permission_denied(format!("no MeshPeer named {certified}")))?;
-        Ok((certified, peer))
+        Ok((certified, connection.remote, peer))
     }
 }
 
@@ -910,7 +996,8 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (certified, peer) = self.authenticated(&req)?;
+        let (certified, remote, peer) = self.authenticated(&req)?;
+        peer.server_remote.send_replace(Some(remote));
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let link = Arc::clone(&self.link);
@@ -929,8 +1016,21 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (_, peer) = self.authenticated(&req)?;
-        let mut inbound = req.into_inner();
+        let (_, remote, peer) = self.authenticated(&req)?;
+        // Both directions end when the peer opens a session on another connection (it
+        // re-dialled) or is removed.
+        let superseded = |peer: &Peer| {
+            let mut sessions = peer.server_remote.subscribe();
+            sessions.mark_unchanged();
+            async move {
+                while sessions.changed().await.is_ok() {
+                    if *sessions.borrow() != Some(remote) {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&peer)));
         let link = Arc::clone(&self.link);
         let receiving = Arc::clone(&peer);
         tokio::spawn(async move {
@@ -938,7 +1038,9 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
-        let out = Link::outgoing(&peer).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+        let out = Link::outgoing(&peer)
+            .take_until(superseded(&peer))
+            .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))
     }
 }
