@@ -39,7 +39,7 @@ impl Object {
             .with_context(|| format!("{kind} without metadata.name"))?
             .to_string();
         let namespace = match kind.as_str() {
-            "Namespace" | "Node" => None,
+            "Namespace" | "Node" | "MeshPeer" => None,
             _ => Some(
                 meta.get("namespace")
                     .and_then(Value::as_str)
