@@ -9,10 +9,21 @@ use weir_lab::lab::{self as lab, Expectations, Lab, LabSpec, Manifest, ProbeSpec
 
 #[derive(clap::Subcommand, Debug)]
 pub enum LabCommand {
-    /// Build a lab from a manifests file or directory (Namespaces, Pods, NetworkPolicies).
+    /// Build a lab from a manifests file or directory (Namespaces, Pods, NetworkPolicies), or a
+    /// mesh of clusters with `--cluster NAME=MANIFESTS` given twice or more.
     Up {
-        #[arg(long)]
-        manifests: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "clusters",
+            conflicts_with = "clusters"
+        )]
+        manifests: Option<PathBuf>,
+        /// A cluster of a mesh lab: its name (what `weir.io/cluster` says) and its manifests.
+        /// Each cluster gets `--nodes` nodes, the first its mesh gateway; only the gateways are
+        /// joined, through a WAN namespace (see `cargo xtask demo mesh`).
+        #[arg(long = "cluster", value_name = "NAME=MANIFESTS")]
+        clusters: Vec<String>,
+        /// Nodes (per cluster, in a mesh lab).
         #[arg(long, default_value_t = 2)]
         nodes: usize,
         #[arg(long, default_value = "lab")]
@@ -87,10 +98,14 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
     match command {
         LabCommand::Up {
             manifests,
+            clusters,
             nodes,
             name,
             extra_ports,
         } => {
+            let Some(manifests) = manifests else {
+                return lab::mesh::up_from_cli(&name, &clusters, nodes, extra_ports);
+            };
             let mut spec = LabSpec::new(&name, nodes).manifest(Manifest::Path(manifests));
             spec.extra_ports = extra_ports;
             let lab = Lab::up(spec)?;
@@ -151,6 +166,9 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
             json,
             ports,
         } => {
+            if lab::mesh::is_mesh(&name) {
+                return lab::mesh::probe_from_cli(&name, expect.as_deref(), json);
+            }
             let lab = Lab::open(&name)?;
             let mut spec = ProbeSpec::default();
             if !ports.is_empty() {

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod demo_mesh;
 mod kind;
 mod lab;
 mod setup;
@@ -29,7 +30,8 @@ enum Command {
     /// A lab of nodes and pods in network namespaces, on the real agent and CNI plugin.
     #[command(subcommand)]
     Lab(lab::LabCommand),
-    /// The Brown Bear demo: a two-node lab, its reachability before and after policies.
+    /// The Brown Bear demo: a two-node lab, its reachability before and after policies; `demo
+    /// mesh`: the same across two clusters joined by the mesh link.
     Demo(demo::Options),
     /// Benchmarks: per-packet cost, propagation, pod-to-pod traffic against iptables.
     Bench(bench::Options),

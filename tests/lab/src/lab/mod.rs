@@ -10,10 +10,12 @@
 //! All names carry the lab's name (`wl-<lab>-...`), so labs run side by side. What a lab made is
 //! recorded in /run/weir-lab/<lab>/state.json; [`down`] takes it all away from any process.
 
+pub mod mesh;
 pub mod probe;
 pub mod servers;
 pub mod state;
 pub mod topology;
+pub mod wan_capture;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -65,6 +67,11 @@ pub struct LabSpec {
     pub agent_bin: Option<PathBuf>,
     pub cni_bin: Option<PathBuf>,
     pub server_bin: Option<PathBuf>,
+    /// The lab's address index (underlay 172.31.<index>.0/24, pods 10.<index>.<n>.0/24); from
+    /// the name's hash when not given. A mesh lab gives its clusters distinct ones.
+    pub index: Option<u8>,
+    /// Flags every agent of the lab gets besides the lab's own (a mesh lab's certificates).
+    pub agent_args: Vec<String>,
 }
 
 impl LabSpec {
@@ -77,6 +84,8 @@ impl LabSpec {
             agent_bin: None,
             cni_bin: None,
             server_bin: None,
+            index: None,
+            agent_args: Vec::new(),
         }
     }
 
@@ -145,12 +154,13 @@ impl Lab {
         let dir = State::dir_of(&spec.name);
         let mut state = State {
             name: spec.name.clone(),
-            index: lab_index(&spec.name),
+            index: spec.index.unwrap_or_else(|| lab_index(&spec.name)),
             underlay_netns: topology::underlay_netns(&spec.name),
             agent_bin: find_bin("weir-agent", "WEIR_AGENT_BIN", spec.agent_bin.as_deref())?,
             cni_bin: find_bin("weir-cni", "WEIR_CNI_BIN", spec.cni_bin.as_deref())?,
             server_bin: find_bin("xtask", "WEIR_LAB_SERVER_BIN", spec.server_bin.as_deref())?,
             extra_ports: spec.extra_ports.clone(),
+            agent_args: spec.agent_args.clone(),
             dir,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
@@ -271,6 +281,7 @@ impl Lab {
     fn spawn_agent(&mut self, name: &str) -> anyhow::Result<()> {
         let manifests = self.state.manifests_dir();
         let agent_bin = self.state.agent_bin.clone();
+        let agent_args = self.state.agent_args.clone();
         let node = self
             .state
             .nodes
@@ -284,13 +295,15 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&node.log)?;
+        let mut extra = vec!["--pod-cidr", node.pod_cidr.as_str()];
+        extra.extend(agent_args.iter().map(String::as_str));
         let args = AgentArgs {
             node: &node.name,
             source: agent::Source::Manifests(&manifests),
             state: &node.state_dir,
             socket: &node.socket,
             bpffs: &node.bpffs_dir,
-            extra: &["--pod-cidr", &node.pod_cidr],
+            extra: &extra,
         };
         let mut cmd = args.command(&agent_bin, &node.netns);
         cmd.stdout(log.try_clone()?).stderr(log);
@@ -670,6 +683,8 @@ fn plugin(state: &State, node: &state::NodeState) -> Plugin {
 /// pins, every `wl-<name>-*` namespace, its state directory. Idempotent.
 pub fn down(name: &str) -> anyhow::Result<()> {
     validate_name(name)?;
+    // A mesh lab's clusters are labs of their own.
+    mesh::down_clusters(name)?;
     let state = State::load(name).ok();
     let marker_server = server_marker(name);
     let marker_agent = agent_marker(name);
@@ -825,7 +840,7 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 
 /// A lab's address index from its name (labs live in disjoint namespaces, so equal indexes only
 /// make addresses look alike, they do not collide).
-fn lab_index(name: &str) -> u8 {
+pub(crate) fn lab_index(name: &str) -> u8 {
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });

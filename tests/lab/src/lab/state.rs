@@ -25,6 +25,9 @@ pub struct State {
     /// Ports every pod serves besides its containerPorts.
     #[serde(default)]
     pub extra_ports: Vec<u16>,
+    /// Flags every agent gets besides the lab's own.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
     pub nodes: Vec<NodeState>,
     pub pods: BTreeMap<String, PodState>,
 }
