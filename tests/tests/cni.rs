@@ -125,7 +125,7 @@ impl EndpointBackend for FakeBackend {
         Ok(())
     }
 
-    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
+    async fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
         self.enforced
             .lock()
             .unwrap()
@@ -1183,7 +1183,9 @@ fn a_second_add_fails_and_leaves_the_first_attachment_as_it_was() {
     assert_eq!(h.ipam().allocations().unwrap(), allocations);
     assert!(h.backend.deactivated.lock().unwrap().is_empty());
     assert_eq!(h.backend.activated.lock().unwrap().len(), 1);
-    assert!(h.backend.is_enforced("c-dup", "eth0"));
+    assert!(futures::executor::block_on(
+        h.backend.is_enforced("c-dup", "eth0")
+    ));
     h.check("c-dup", &pod, &first).expect_ok();
 
     // Another container ID asking for the same interface in the same namespace: the interface

@@ -169,11 +169,14 @@ fn the_documented_standalone_contract_holds() {
         "no policy: intruder reaches server"
     );
 
-    // Dotfiles and editor leftovers are ignored; a rename into place is picked up.
+    // Dotfiles and editor leftovers are ignored; a rename into place is picked up. A manifest
+    // written after them is applied by a scan that saw them too: once it is, they have had
+    // every chance to take effect.
     write(m, ".policy.yaml", &policy("app"));
     write(m, "policy.yaml.swp", &policy("app"));
     write(m, "policy.yaml~", &policy("app"));
-    thread::sleep(Duration::from_millis(300));
+    write(m, "marker.yaml", &namespace("marker", "team: none"));
+    agent.wait_applied(&dirs);
     assert!(
         connects(intruder, server_ip),
         "ignored files must not apply"
