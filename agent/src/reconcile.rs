@@ -395,7 +395,6 @@ impl Reconciler {
         let published = Published {
             cluster_read: self.cluster_read,
             degraded: self.degraded.clone(),
-            applied: self.applied.clone(),
             endpoints: self.endpoints.len() as u64,
             endpoints_enforced: enforced,
             map_usage: self.writer.usage(),

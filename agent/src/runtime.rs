@@ -87,8 +87,6 @@ pub struct Published {
     pub cluster_read: bool,
     /// Why the last compile or apply failed, if it did.
     pub degraded: Option<String>,
-    /// The cluster state last written to the datapath.
-    pub applied: Applied,
     pub endpoints: u64,
     /// Endpoints whose addresses the compiler placed (the rest: their Pod is not on this node).
     pub endpoints_enforced: u64,
@@ -229,11 +227,6 @@ impl Runtime {
     /// What the reconcile task published last.
     pub fn published(&self) -> Arc<Published> {
         self.published.borrow().clone()
-    }
-
-    /// Follows what the reconcile task publishes (a new value after every round).
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
-        self.published.clone()
     }
 
     /// Whether the last apply failed ("degraded") and why.
