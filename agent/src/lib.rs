@@ -16,6 +16,7 @@ pub mod node;
 pub mod overlay;
 pub mod persist;
 pub mod prefilter;
+pub mod reconcile;
 pub mod routes;
 pub mod runtime;
 pub mod source;

@@ -9,18 +9,39 @@ use crate::{build, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
-    /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables),
-    /// idle (agent CPU and memory with 1,000 pods and 10,000 policies while nothing changes), xdp (drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule), mesh-sync (a label change in one cluster until enforced in another, and the first sync of 10,000 endpoints, through the real agents of a two-cluster mesh lab; not in all), or all.
-    #[arg(default_value = "all")]
-    pub which: String,
+    /// Which benchmark.
+    #[arg(value_enum, default_value_t = Benchmark::All)]
+    pub which: Benchmark,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Benchmark {
+    /// Per-packet cost via BPF_PROG_TEST_RUN.
+    Datapath,
+    /// Policy change to maps.
+    Propagation,
+    /// ADD/DEL latency against the real agent.
+    Cni,
+    /// Pod-to-pod latency and throughput vs iptables.
+    Traffic,
+    /// Agent CPU and memory with 1,000 pods and 10,000 policies while nothing changes.
+    Idle,
+    /// Drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule.
+    Xdp,
+    /// A label change in one cluster until enforced in another, and the first sync of 10,000
+    /// endpoints, through the real agents of a two-cluster mesh lab (not in `all`).
+    MeshSync,
+    All,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     if !setup::is_complete() {
         setup::run()?;
     }
-    if matches!(options.which.as_str(), "traffic" | "xdp" | "all") {
+    if matches!(
+        options.which,
+        Benchmark::Traffic | Benchmark::Xdp | Benchmark::All
+    ) {
         setup::ensure_iptables()?;
     }
     build::cargo(
@@ -39,7 +60,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // The CNI and idle benchmarks drive the release weir-agent and (static) weir-cni. The idle
     // benchmark also runs WEIR_BENCH_BASELINE_AGENT (another weir-agent build) when it is set.
     let status = Command::new("target/release/weir-bench")
-        .arg(&options.which)
+        .arg(
+            clap::ValueEnum::to_possible_value(&options.which)
+                .expect("every benchmark has a name")
+                .get_name(),
+        )
         .env("WEIR_BIN_DIR", "target/release")
         .status()
         .context("running target/release/weir-bench")?;
