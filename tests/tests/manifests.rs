@@ -525,6 +525,7 @@ fn rbac_is_least_privilege() {
         ("", "namespaces"),
         ("", "nodes"),
         ("networking.k8s.io", "networkpolicies"),
+        ("weir.io", "meshpeers"),
     ] {
         for verb in ["get", "list", "watch"] {
             expected.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
