@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|all]`: builds the benchmark binary in release
+//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|mesh|all]`: builds the benchmark binary in release
 //! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
 
 use std::process::Command;
@@ -12,8 +12,12 @@ pub struct Options {
     /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
     /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables),
     /// idle (agent CPU and memory with 1,000 pods and 10,000 policies while nothing changes), xdp (drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule), or all.
+    /// Or mesh (the mesh link against boringtun and a plain routed path; not part of all).
     #[arg(default_value = "all")]
     pub which: String,
+    /// Rounds over the cases (mesh; each round takes about 2 minutes).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -22,6 +26,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     if matches!(options.which.as_str(), "traffic" | "xdp" | "all") {
         setup::ensure_iptables()?;
+    }
+    let mut env = vec![("WEIR_BIN_DIR".to_owned(), "target/release".to_owned())];
+    if options.which == "mesh" {
+        setup::ensure_mesh_bench_packages()?;
+        let boringtun = setup::ensure_boringtun()?;
+        env.push(("WEIR_BORINGTUN".into(), boringtun.display().to_string()));
+        env.push(("WEIR_BENCH_ROUNDS".into(), options.rounds.to_string()));
     }
     build::cargo(
         &[
@@ -40,7 +51,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // benchmark also runs WEIR_BENCH_BASELINE_AGENT (another weir-agent build) when it is set.
     let status = Command::new("target/release/weir-bench")
         .arg(&options.which)
-        .env("WEIR_BIN_DIR", "target/release")
+        .envs(env)
         .status()
         .context("running target/release/weir-bench")?;
     if !status.success() {

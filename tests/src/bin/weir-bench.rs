@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -30,9 +30,27 @@ fn main() -> anyhow::Result<()> {
         bench::xdp::run(3)?;
         ran = true;
     }
+    if which == "mesh" {
+        // Not in "all": it needs iperf3, sockperf, wireguard-tools and boringtun-cli, which
+        // `cargo xtask bench mesh` installs.
+        let env = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        bench::mesh::run(
+            env("WEIR_BENCH_ROUNDS", 3) as usize,
+            bench::mesh::Durations {
+                tcp: std::time::Duration::from_secs(env("WEIR_BENCH_TCP_SECS", 5)),
+                rr: std::time::Duration::from_secs(env("WEIR_BENCH_RR_SECS", 3)),
+            },
+        )?;
+        ran = true;
+    }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh or all"
     );
     Ok(())
 }
