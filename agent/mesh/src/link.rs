@@ -28,20 +28,58 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::mesh::v1::{self as pb, mesh_link_client::MeshLinkClient, mesh_link_server};
 
 use crate::{
-    codec::{self, encode_record},
+    codec::{self, Offload, encode_record_with},
     confine::{self, PeerBounds, Refusal, RefusalCounters},
     export::{Export, IdentityExport},
     sync::{Delta, Exporter, Frame, ImportError, Importer, Limits, Resume},
     transport::PeerCluster,
 };
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: records carry offload fields (TSO/USO super-packets), and a Tunnel names its lane.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Changes kept for resuming sessions by delta instead of snapshot.
 const HISTORY_LIMIT: usize = 65_536;
-/// Batches queued towards one peer before further packets are dropped (and counted).
-const TX_QUEUE: usize = 64;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
+/// Most lanes a peer may open to us (a Tunnel naming a higher lane is refused).
+pub const MAX_LANES: usize = 16;
+/// The request metadata naming a Tunnel's lane (absent: lane 0).
+pub const LANE_METADATA: &str = "weir-lane";
+
+/// How a gateway carries packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataPlane {
+    /// Lanes per peer: each its own TCP+TLS+HTTP/2 connection (the first shares the Sync
+    /// session's), flows hashed onto them so each flow keeps its order.
+    pub lanes: usize,
+    /// Batches queued per lane before further batches are dropped (and counted): a router's
+    /// tail drop, so the inner TCP sees loss instead of a growing queue.
+    pub queue: usize,
+}
+
+impl Default for DataPlane {
+    fn default() -> Self {
+        Self { lanes: 1, queue: 8 }
+    }
+}
+
+/// Where received, checked packets go (the gateway's TUN).
+pub trait Deliver: Send + Sync {
+    /// Hands one packet on with its offload fields; false when it was dropped (a full queue, or
+    /// offload the receiver cannot take), which the link counts.
+    fn deliver(&self, offload: &Offload, packet: Bytes) -> bool;
+}
+
+/// A queue of plain packets (tests, and receivers without offload): a packet that needs
+/// segmentation or its checksum completed cannot be handed on as it is, so it is dropped.
+impl Deliver for mpsc::Sender<Bytes> {
+    fn deliver(&self, offload: &Offload, packet: Bytes) -> bool {
+        if offload.is_gso() || offload.needs_csum() {
+            return false;
+        }
+        self.try_send(packet).is_ok()
+    }
+}
 
 /// What a MeshPeer says about one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +130,25 @@ pub struct TunnelCounters {
     pub tx_packets: AtomicU64,
     /// Dropped because the queue towards the peer was full.
     pub tx_queue_full: AtomicU64,
+    /// Checked packets the TUN did not take.
+    pub rx_dropped: AtomicU64,
+}
+
+/// One lane's queue of batches towards the peer; whichever Tunnel stream serves the lane
+/// drains it.
+struct LaneQueue {
+    tx: mpsc::Sender<Bytes>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+}
+
+impl LaneQueue {
+    fn new(depth: usize) -> Self {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        Self {
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
 }
 
 /// One configured peer.
@@ -105,8 +162,7 @@ pub struct Peer {
     pub tunnel: TunnelCounters,
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
-    tx: mpsc::Sender<Bytes>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    lanes: Vec<LaneQueue>,
 }
 
 impl Peer {
@@ -171,8 +227,9 @@ pub struct Link {
     imports: watch::Sender<u64>,
     /// Our pod prefixes: the only destinations received packets are delivered to.
     local_pod_prefixes: RwLock<Vec<IpNet>>,
-    /// Where received, checked packets go (the TUN writer).
-    deliver: mpsc::Sender<Bytes>,
+    /// Where received, checked packets go (the TUN).
+    deliver: Box<dyn Deliver>,
+    data_plane: DataPlane,
 }
 
 /// A random u64 from the kernel (incarnations and session ids need no more).
@@ -194,8 +251,29 @@ impl Link {
         local_cluster: impl Into<String>,
         limits: Limits,
         state_dir: Option<PathBuf>,
-        deliver: mpsc::Sender<Bytes>,
+        deliver: impl Deliver + 'static,
     ) -> Arc<Self> {
+        Self::with_data_plane(
+            local_cluster,
+            limits,
+            state_dir,
+            deliver,
+            DataPlane::default(),
+        )
+    }
+
+    /// [`Link::new`] with lanes and queues set.
+    pub fn with_data_plane(
+        local_cluster: impl Into<String>,
+        limits: Limits,
+        state_dir: Option<PathBuf>,
+        deliver: impl Deliver + 'static,
+        data_plane: DataPlane,
+    ) -> Arc<Self> {
+        let data_plane = DataPlane {
+            lanes: data_plane.lanes.clamp(1, MAX_LANES),
+            queue: data_plane.queue.max(1),
+        };
         Arc::new(Self {
             local_cluster: local_cluster.into(),
             limits,
@@ -204,8 +282,13 @@ impl Link {
             peers: RwLock::new(BTreeMap::new()),
             imports: watch::Sender::new(0),
             local_pod_prefixes: RwLock::new(Vec::new()),
-            deliver,
+            deliver: Box::new(deliver),
+            data_plane,
         })
+    }
+
+    pub fn data_plane(&self) -> DataPlane {
+        self.data_plane
     }
 
     pub fn local_cluster(&self) -> &str {
@@ -283,7 +366,6 @@ impl Link {
             }
             let importer = self.restore(&name);
             let view = ImportView::build(&name, importer.entries());
-            let (tx, rx) = mpsc::channel(TX_QUEUE);
             let peer = Arc::new(Peer {
                 spec: RwLock::new(spec),
                 exporter: Mutex::new(Exporter::new(self.incarnation, HISTORY_LIMIT)),
@@ -293,8 +375,9 @@ impl Link {
                 refusals: RefusalCounters::default(),
                 tunnel: TunnelCounters::default(),
                 session: watch::Sender::new(0),
-                tx,
-                rx: Arc::new(tokio::sync::Mutex::new(rx)),
+                lanes: (0..self.data_plane.lanes)
+                    .map(|_| LaneQueue::new(self.data_plane.queue))
+                    .collect(),
             });
             peers.insert(name, Arc::clone(&peer));
             added.push(peer);
@@ -674,11 +757,18 @@ impl Link {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for r in records {
+            // A super-packet is checked like a single packet (its IP header is every segment's)
+            // and its offload fields must describe it.
+            if let Err(e) = r.offload.check(&r.packet) {
+                peer.refusals.count(Refusal::MalformedPacket);
+                tracing::debug!(peer = %view.cluster, reason = e.reason(), error = %e, "refused a packet from a mesh peer");
+                continue;
+            }
             match confine::check_packet(&r.packet, r.src_identity, &view.endpoints, &local) {
                 Ok(()) => {
                     peer.tunnel.rx_packets.fetch_add(1, Ordering::Relaxed);
-                    if self.deliver.try_send(r.packet).is_err() {
-                        peer.tunnel.tx_queue_full.fetch_add(1, Ordering::Relaxed);
+                    if !self.deliver.deliver(&r.offload, r.packet) {
+                        peer.tunnel.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(reason) => {
@@ -706,9 +796,16 @@ impl Link {
         })
     }
 
-    /// Queues a batch towards `peer`; a full queue drops it (counted), never buffers more.
+    /// Queues a batch towards `peer` on its first lane; a full queue drops it (counted).
     pub fn send_batch(&self, peer: &Peer, batch: Bytes, packets: u64) {
-        match peer.tx.try_send(batch) {
+        self.send_batch_on(peer, 0, batch, packets);
+    }
+
+    /// Queues a batch towards `peer` on lane `lane` (modulo the lanes); a full queue drops it
+    /// (counted), never buffers more.
+    pub fn send_batch_on(&self, peer: &Peer, lane: usize, batch: Bytes, packets: u64) {
+        let queue = &peer.lanes[lane % peer.lanes.len()];
+        match queue.tx.try_send(batch) {
             Ok(()) => {
                 peer.tunnel.tx_packets.fetch_add(packets, Ordering::Relaxed);
             }
@@ -720,9 +817,9 @@ impl Link {
         }
     }
 
-    /// The stream of batches queued towards `peer`, for its Tunnel.
-    fn outgoing(peer: &Peer) -> impl Stream<Item = Bytes> + Send + 'static {
-        let rx = Arc::clone(&peer.rx);
+    /// The stream of batches queued towards `peer` on `lane`, for the Tunnel serving it.
+    fn outgoing(peer: &Peer, lane: usize) -> impl Stream<Item = Bytes> + Send + 'static {
+        let rx = Arc::clone(&peer.lanes[lane % peer.lanes.len()].rx);
         futures::stream::unfold(rx, |rx| async move {
             let next = rx.lock().await.recv().await;
             next.map(|b| (b, rx))
@@ -758,23 +855,26 @@ impl Link {
                         continue;
                     }
                 };
-                let tunnel_link = Arc::clone(&self);
-                let tunnel_peer = Arc::clone(&peer);
-                let mut tunnel_client = client.clone();
-                let tunnel = tokio::spawn(async move {
-                    let out = Self::outgoing(&tunnel_peer)
-                        .map(|records| pb::PacketBatch { seq: 0, records });
-                    if let Ok(resp) = tunnel_client.tunnel(out).await {
-                        let mut inbound = resp.into_inner();
-                        while let Some(Ok(batch)) = inbound.next().await {
-                            tunnel_link.receive_batch(&tunnel_peer, &batch.records);
-                        }
-                    }
-                });
+                // Lane 0 shares the Sync session's connection; every other lane dials its own.
+                let lanes: Vec<_> = (0..self.data_plane.lanes)
+                    .map(|lane| {
+                        let client = if lane == 0 {
+                            client.clone()
+                        } else {
+                            MeshLinkClient::new(crate::transport::channel(
+                                addr,
+                                Arc::clone(&config),
+                            ))
+                        };
+                        tokio::spawn(Arc::clone(&self).lane(Arc::clone(&peer), client, lane))
+                    })
+                    .collect();
                 let result = self
                     .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
                     .await;
-                tunnel.abort();
+                for lane in lanes {
+                    lane.abort();
+                }
                 match result {
                     Err(SessionError::Replaced) => {}
                     Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
@@ -786,6 +886,38 @@ impl Link {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One lane's Tunnel from the dialing side, redialled while the session lasts.
+    async fn lane(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        mut client: MeshLinkClient<tonic::transport::Channel>,
+        lane: usize,
+    ) {
+        loop {
+            let out =
+                Self::outgoing(&peer, lane).map(|records| pb::PacketBatch { seq: 0, records });
+            let mut request = Request::new(out);
+            request.metadata_mut().insert(
+                LANE_METADATA,
+                lane.to_string()
+                    .parse()
+                    .expect("a number is valid metadata"),
+            );
+            match client.tunnel(request).await {
+                Ok(resp) => {
+                    let mut inbound = resp.into_inner();
+                    while let Some(Ok(batch)) = inbound.next().await {
+                        self.receive_batch(&peer, &batch.records);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer.name(), lane, error = %e, "mesh lane not up");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -858,8 +990,8 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    pub fn push(&mut self, identity: u32, packet: &[u8]) {
-        encode_record(&mut self.buf, identity, packet);
+    pub fn push(&mut self, identity: u32, offload: &Offload, packet: &[u8]) {
+        encode_record_with(&mut self.buf, identity, offload, packet);
         self.packets += 1;
     }
 
@@ -930,6 +1062,19 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (_, peer) = self.authenticated(&req)?;
+        let lane = match req.metadata().get(LANE_METADATA) {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&l| l < MAX_LANES)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{LANE_METADATA} must be a lane number below {MAX_LANES}"
+                    ))
+                })?,
+        };
         let mut inbound = req.into_inner();
         let link = Arc::clone(&self.link);
         let receiving = Arc::clone(&peer);
@@ -938,7 +1083,8 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
-        let out = Link::outgoing(&peer).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+        let out =
+            Link::outgoing(&peer, lane).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))
     }
 }
