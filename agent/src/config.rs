@@ -74,8 +74,8 @@ pub struct RunArgs {
     /// and follow its changes.
     #[arg(long, env = "WEIR_MANIFESTS")]
     pub manifests: Option<PathBuf>,
-    /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies and Nodes through the API server
-    /// (in-cluster service account, or KUBECONFIG).
+    /// Kubernetes mode: watch Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers through the
+    /// API server (in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "WEIR_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub kubernetes: bool,
     /// Kubernetes mode: seconds to wait at start-up for the first complete list and, without
@@ -112,6 +112,16 @@ pub struct RunArgs {
     /// stack (and its iptables FORWARD chain).
     #[arg(long, env = "WEIR_REDIRECT_LOCAL_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     pub redirect_local_pods: bool,
+    /// Hand traffic from this node's pods to other nodes' pods straight to the next hop of the
+    /// node's route (`bpf_redirect_neigh` to the uplink or overlay device) instead of through the
+    /// node's IP stack (and its iptables FORWARD chain).
+    #[arg(long, env = "WEIR_REDIRECT_REMOTE_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redirect_remote_pods: bool,
+    /// Kernel-side debug logging: the programs log every verdict they report and the path each
+    /// packet leaving a pod takes, into the agent's log (target `weir::bpf`). For debugging only:
+    /// it costs per packet. Off, the log statements are removed at load and cost nothing.
+    #[arg(long, env = "WEIR_BPF_LOG", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub bpf_log: bool,
     /// Log every new allowed connection to the flow log too, not only drops.
     #[arg(long, env = "WEIR_LOG_ALLOWED", default_value_t = false, action = clap::ArgAction::Set)]
     pub log_allowed: bool,

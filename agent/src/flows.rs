@@ -313,7 +313,7 @@ mod tests {
             reasons.iter().map(|&r| reason_name(r)).collect();
         assert_eq!(names.len(), reasons.len(), "names are distinct: {names:?}");
         assert!(!names.contains("unknown"));
-        assert!(reasons.iter().all(|&r| u32::from(r) < COUNTER_PATH_STACK));
+        assert!(reasons.iter().all(|&r| u32::from(r) < FIRST_COUNTER_SLOT));
     }
 
     #[test]

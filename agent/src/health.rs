@@ -28,8 +28,8 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 use weir_common::{
-    COUNTER_EVENTS_LOST, COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, COUNTER_XDP_PASSED,
-    REASON_POLICY_DENIED,
+    COUNTER_EVENTS_LOST, COUNTER_PATH_REDIRECT_NEIGH, COUNTER_PATH_REDIRECT_PEER,
+    COUNTER_PATH_STACK, COUNTER_XDP_PASSED, FIRST_COUNTER_SLOT, REASON_POLICY_DENIED,
 };
 
 use crate::{endpoints::EndpointBackend, runtime::Runtime, source::SourceStats};
@@ -112,6 +112,7 @@ pub struct Health {
     enforcement: OnceLock<Arc<dyn Enforcement>>,
     phase: Mutex<String>,
     pub source: Arc<SourceStats>,
+    mesh: OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 impl Health {
@@ -121,7 +122,13 @@ impl Health {
             enforcement: OnceLock::new(),
             phase: Mutex::new("starting".to_owned()),
             source: Arc::default(),
+            mesh: OnceLock::new(),
         })
+    }
+
+    /// From now on `/metrics` shows the mesh role's peers.
+    pub fn attach_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
+        let _ = self.mesh.set(mesh);
     }
 
     /// What the agent is doing before the runtime exists (shown by `/readyz`).
@@ -197,6 +204,9 @@ impl Health {
         let mut registry = Registry::default();
         crate::metrics::metrics().register(&mut registry);
         registry.register_collector(Box::new(snapshot));
+        if let Some(mesh) = self.mesh.get() {
+            registry.register_collector(Box::new(crate::mesh_status::MeshCollector(mesh.status())));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -440,7 +450,7 @@ impl Collector for Snapshot {
             .counters
             .iter()
             .enumerate()
-            .filter(|(slot, n)| **n > 0 && (*slot as u32) < COUNTER_PATH_STACK)
+            .filter(|(slot, n)| **n > 0 && (*slot as u32) < FIRST_COUNTER_SLOT)
             .map(|(slot, n)| {
                 let reason = slot as u8;
                 let verdict = if reason >= REASON_POLICY_DENIED {
@@ -473,12 +483,16 @@ impl Collector for Snapshot {
         counter(
             &mut e,
             "weir_datapath_path_packets",
-            "Packets by the way the datapath delivered or passed them: a pod's allowed packets by the node's stack or by bpf_redirect_peer, and what the uplink's XDP filter passed on to tc",
+            "Packets by the way the datapath delivered or passed them: a pod's allowed packets by the node's stack, by bpf_redirect_peer (to a local pod) or by bpf_redirect_neigh (to another node's pod), and what the uplink's XDP filter passed on to tc",
             &[
                 (label("path", "stack"), slot(COUNTER_PATH_STACK)),
                 (
                     label("path", "redirect_peer"),
                     slot(COUNTER_PATH_REDIRECT_PEER),
+                ),
+                (
+                    label("path", "redirect_neigh"),
+                    slot(COUNTER_PATH_REDIRECT_NEIGH),
                 ),
                 (label("path", "xdp_passed"), slot(COUNTER_XDP_PASSED)),
             ],

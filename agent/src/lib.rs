@@ -10,6 +10,7 @@ pub mod health;
 pub mod ipam;
 pub mod mesh;
 pub mod mesh_forward;
+pub mod mesh_status;
 pub mod mesh_tun;
 pub mod metrics;
 pub mod node;

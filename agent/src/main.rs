@@ -14,10 +14,10 @@ use tracing_subscriber::EnvFilter;
 use weir_agent::{
     api::{self, ApiConfig},
     config::{Cli, Command, RunArgs, UninstallArgs},
-    datapath::{events::read_events, loader},
+    datapath::{bpf_log, events::read_events, loader, object::EBPF_OBJECT},
     health::{self, Health},
     ipam::Ipam,
-    mesh::Gateway,
+    mesh::Mesh,
     node,
     overlay::Overlay,
     routes::{NodeRoutes, desired_routes},
@@ -112,7 +112,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     health.set_phase("loading the datapath");
 
-    let mut ebpf = loader::load(Some(&bpffs_dir.join("maps"))).context("loading the datapath")?;
+    let mut ebpf = loader::load_object(EBPF_OBJECT, Some(&bpffs_dir.join("maps")), args.bpf_log)
+        .context("loading the datapath")?;
+    // Held for the agent's life: the task forwards the kernel's debug log.
+    let _bpf_log = if args.bpf_log {
+        tracing::warn!(
+            "kernel-side debug logging is on (--bpf-log): every packet leaving a pod is logged"
+        );
+        Some(bpf_log::start(&mut ebpf).context("starting the kernel's debug log")?)
+    } else {
+        None
+    };
     start_uplink_filter(&args, &mut ebpf, &first_state, &node_name, &bpffs_dir)?;
     let events = ebpf
         .take_map(MAP_EVENTS)
@@ -128,6 +138,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             revoke_established: args.revoke_established,
             emit_allow_events: args.log_allowed,
             redirect_local_pods: args.redirect_local_pods,
+            redirect_remote_pods: args.redirect_remote_pods,
         },
         ebpf,
     )
@@ -169,19 +180,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         NodePeers::None
     };
-    // Mesh gateway role (Node label mesh.weir.io/gateway=true): its imports, restored from the
-    // state directory, are part of the very first state the datapath reconciles.
-    let gateway = Gateway::start_if_gateway(&args.mesh, &first_state, &node_name, &state_dir)
-        .await
-        .context("starting the mesh gateway role")?;
-    if let Some(gateway) = &gateway {
-        gateway.observe(&first_state).await;
-    }
+    // Mesh role: a gateway (Node label mesh.weir.io/gateway=true), or a node watching a
+    // gateway's import. Imports restored from the state directory are part of the very first
+    // state the datapath reconciles.
+    let mesh = Arc::new(
+        Mesh::start(&args.mesh, &first_state, &node_name, &state_dir)
+            .await
+            .context("starting the mesh role")?,
+    );
+    health.attach_mesh(Arc::clone(&mesh));
     peers
         .sync(&node_and_mesh_routes(&first_state, &node_name))
         .await;
     health.source.observe_state(&first_state);
-    runtime.set_cluster_state(with_imports(&first_state, gateway.as_deref()));
+    runtime.set_cluster_state(mesh.with_imports(&first_state));
     let mut last_state = first_state;
     let mut states_rx = match source {
         Source::Manifests(source) => {
@@ -198,7 +210,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_runtime = runtime.clone();
     let state_health = health.clone();
     let routes_node = node_name.clone();
-    let mut imports = gateway.as_ref().map(|g| g.subscribe_imports());
+    let mut imports = Some(mesh.subscribe_imports());
+    let state_mesh = Arc::clone(&mesh);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -206,14 +219,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let Some(state) = state else { break };
                     state_health.source.observe_state(&state);
                     peers.sync(&node_and_mesh_routes(&state, &routes_node)).await;
-                    if let Some(gateway) = &gateway {
-                        gateway.observe(&state).await;
-                    }
+                    state_mesh.observe(&state).await;
                     last_state = state;
                 }
                 () = imports_changed(&mut imports) => {}
             }
-            state_runtime.set_cluster_state(with_imports(&last_state, gateway.as_deref()));
+            state_runtime.set_cluster_state(state_mesh.with_imports(&last_state));
         }
     });
 
@@ -222,7 +233,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_pod_wait: Duration::from_secs(args.pod_wait_seconds),
     };
     tracing::info!(node = %node_name, ?pod_cidrs, socket = %socket.display(), pins = %bpffs_dir.display(), health = %args.health_addr, "weir-agent ready");
-    let inspect = api::InspectService::new(runtime.clone());
+    let inspect = api::InspectService::new(runtime.clone()).with_mesh(Arc::clone(&mesh));
     api::serve_with(
         &socket,
         api_config,
@@ -248,15 +259,7 @@ fn node_and_mesh_routes(
     routes
 }
 
-/// The state the compiler sees: the source's, plus what mesh peers export (on gateways).
-fn with_imports(state: &ClusterState, gateway: Option<&Gateway>) -> ClusterState {
-    match gateway {
-        Some(g) => weir_agent::mesh::merge_imports(state, &g.imports()),
-        None => state.clone(),
-    }
-}
-
-/// Resolves when a mesh peer's import changed; never without a gateway.
+/// Resolves when a mesh peer's import changed.
 async fn imports_changed(imports: &mut Option<tokio::sync::watch::Receiver<u64>>) {
     if let Some(rx) = imports
         && rx.changed().await.is_ok()
@@ -292,7 +295,7 @@ async fn start_kubernetes(
         states_tx,
         health.source.clone(),
     ));
-    health.set_phase("listing Pods, Namespaces, NetworkPolicies and Nodes");
+    health.set_phase("listing Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers");
     let wait = Duration::from_secs(args.node_wait_seconds);
     let deadline = tokio::time::Instant::now() + wait;
     let need_cidrs = args.pod_cidr.is_empty();
@@ -315,9 +318,10 @@ async fn start_kubernetes(
             Ok(None) => bail!("the Kubernetes source stopped before the first complete list"),
             Err(_) => match last {
                 None => bail!(
-                    "no complete list of Pods, Namespaces, NetworkPolicies and Nodes from the API server \
-                     within {}s: check that the API server is reachable and that the service account may \
-                     list and watch them (see the warnings above)",
+                    "no complete list of Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers from the \
+                     API server within {}s: check that the API server is reachable, that the MeshPeer CRD \
+                     (manifests/05-crd-meshpeer.yaml) is installed and that the service account may list \
+                     and watch them (manifests/10-rbac.yaml; see the warnings above)",
                     wait.as_secs()
                 ),
                 Some(state) if !state.nodes.contains_key(node_name) => bail!(

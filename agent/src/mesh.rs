@@ -3,14 +3,19 @@
 //! whose name sorts after our cluster's, exports what each MeshPeer's export selector chooses,
 //! carries packets between its TUN device and the peers, and feeds what peers export to the
 //! policy compiler as namespaces `<peer>/<namespace>` and pods labelled `weir.io/cluster: <peer>`.
-//! Other nodes route peers' prefixes to a gateway node (see [`gateway_routes`]).
+//! Other nodes route peers' prefixes to a gateway node (see [`gateway_routes`]) and watch a
+//! gateway's merged import over `MeshImport` (see [`weir_mesh::fanout`]) to enforce policy on
+//! remote identities at their own pods ([`Mesh`] is either role).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -20,6 +25,7 @@ use tokio::sync::watch;
 use weir_mesh::{
     confine::PeerBounds,
     export::{EndpointExport, Export, IdentityExport, endpoint_name, identity_name},
+    fanout::{IMPORT_PORT, ImportServer, ImportWatcher},
     link::{ImportView, Link, PeerSpec},
     sync::Limits,
     tls::{self, ReloadingIdentity, TrustStore},
@@ -48,11 +54,21 @@ pub struct MeshArgs {
     /// Mesh gateways: the certificate's private key (PEM).
     #[arg(long, env = "WEIR_MESH_KEY")]
     pub mesh_key: Option<PathBuf>,
+    /// Mesh gateways: the CA bundle (PEM) this cluster's certificate must chain to, at start
+    /// and after every rotation; a rotated certificate from another CA is refused and the
+    /// previous one stays in use. Without it only the cluster name is checked on rotation.
+    #[arg(long, env = "WEIR_MESH_CA")]
+    pub mesh_ca: Option<PathBuf>,
     /// Mesh gateways: where peers' gateways connect (TLS 1.3 only; there is no plaintext port).
     #[arg(long, env = "WEIR_MESH_LISTEN", default_value = "0.0.0.0:4243")]
     pub mesh_listen: SocketAddr,
     #[command(flatten)]
     pub data_plane: DataPlaneArgs,
+    /// The port of a gateway's merged import for the other nodes of its cluster (`MeshImport`,
+    /// served on the gateway Node's InternalIP to the cluster's Nodes' InternalIPs only); other
+    /// nodes dial it on their gateways' InternalIP.
+    #[arg(long, env = "WEIR_MESH_IMPORT_PORT", default_value_t = IMPORT_PORT)]
+    pub mesh_import_port: u16,
 }
 
 /// Why the gateway role could not start.
@@ -74,6 +90,14 @@ pub enum MeshError {
     },
     #[error(transparent)]
     Tun(#[from] TunError),
+    #[error(
+        "serving the mesh import to the cluster's nodes on {addr}: {source} (the gateway serves it on its Node's InternalIP; check status.addresses)"
+    )]
+    ImportListen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Whether the Node object `node` is labelled as a mesh gateway.
@@ -116,6 +140,55 @@ fn cluster_prefixes(state: &ClusterState) -> Vec<IpNet> {
         );
     }
     out.into_iter().collect()
+}
+
+/// A Node's InternalIPs.
+fn internal_ips(state: &ClusterState, node: &str) -> Vec<IpAddr> {
+    state
+        .nodes
+        .get(node)
+        .into_iter()
+        .flat_map(|n| n.status.addresses.iter())
+        .filter(|a| a.kind == "InternalIP")
+        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+        .collect()
+}
+
+/// What each valid MeshPeer may claim: its prefixes, with ours and the other peers' (the
+/// confinement checks of the gateway and of the nodes watching its import).
+fn peer_bounds(peers: &[ValidMeshPeer], ours: &[IpNet]) -> BTreeMap<String, PeerBounds> {
+    peers
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                PeerBounds {
+                    allowed: p.allowed_prefixes.clone(),
+                    ours: ours.to_vec(),
+                    third: peers
+                        .iter()
+                        .filter(|o| o.name != p.name)
+                        .flat_map(|o| o.allowed_prefixes.iter().copied())
+                        .collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Where a node that is not a gateway watches the merged import: every gateway Node's
+/// InternalIP at `port`, by node name; none while no MeshPeer is valid.
+pub fn gateway_import_addrs(state: &ClusterState, node: &str, port: u16) -> Vec<SocketAddr> {
+    if is_gateway(state, node) || valid_peers(state).is_empty() {
+        return Vec::new();
+    }
+    state
+        .nodes
+        .keys()
+        .filter(|name| is_gateway(state, name))
+        .flat_map(|name| internal_ips(state, name))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
 }
 
 /// Routes of a node that is not a gateway: every MeshPeer's allowed prefixes via the first
@@ -266,6 +339,107 @@ fn exports_for(
     entries
 }
 
+/// The mesh role of this node's agent.
+pub enum Mesh {
+    /// A gateway: talks to peers, serves its merged import to the cluster's nodes.
+    Gateway(Arc<Gateway>),
+    /// Any other node: watches a gateway's merged import.
+    Node(MeshNode),
+}
+
+/// A node that is not a gateway: the import it watches and the gateways it may watch.
+pub struct MeshNode {
+    node: String,
+    port: u16,
+    watcher: Arc<ImportWatcher>,
+    gateways: watch::Sender<Vec<SocketAddr>>,
+}
+
+impl MeshNode {
+    fn observe(&self, state: &ClusterState) {
+        let peers = valid_peers(state);
+        self.watcher
+            .set_peers(peer_bounds(&peers, &cluster_prefixes(state)));
+        let addrs = gateway_import_addrs(state, &self.node, self.port);
+        self.gateways.send_if_modified(|current| {
+            let changed = *current != addrs;
+            if changed {
+                *current = addrs;
+            }
+            changed
+        });
+    }
+
+    pub fn watcher(&self) -> &Arc<ImportWatcher> {
+        &self.watcher
+    }
+}
+
+impl Mesh {
+    /// Starts this node's role from the first state: the gateway role on a gateway Node, the
+    /// watch of a gateway's import otherwise. Either way the import persisted in `state_dir` is
+    /// restored first, so the first state the datapath reconciles holds it.
+    pub async fn start(
+        args: &MeshArgs,
+        state: &ClusterState,
+        node: &str,
+        state_dir: &Path,
+    ) -> Result<Self, MeshError> {
+        if let Some(gateway) = Gateway::start_if_gateway(args, state, node, state_dir).await? {
+            gateway.observe(state).await;
+            return Ok(Mesh::Gateway(gateway));
+        }
+        let watcher = ImportWatcher::restore(
+            node,
+            Some(state_dir.join("mesh-import.json")),
+            Limits::default(),
+        );
+        let (gateways, rx) = watch::channel(Vec::new());
+        let mesh = MeshNode {
+            node: node.to_owned(),
+            port: args.mesh_import_port,
+            watcher: Arc::clone(&watcher),
+            gateways,
+        };
+        mesh.observe(state);
+        tokio::spawn(watcher.run(rx));
+        Ok(Mesh::Node(mesh))
+    }
+
+    /// Follows a new cluster state (MeshPeers, Nodes, exports).
+    pub async fn observe(&self, state: &ClusterState) {
+        match self {
+            Mesh::Gateway(g) => g.observe(state).await,
+            Mesh::Node(n) => n.observe(state),
+        }
+    }
+
+    /// Notified when the imports may have changed.
+    pub fn subscribe_imports(&self) -> watch::Receiver<u64> {
+        match self {
+            Mesh::Gateway(g) => g.subscribe_imports(),
+            Mesh::Node(n) => n.watcher.subscribe(),
+        }
+    }
+
+    /// Every peer's import this node enforces by.
+    pub fn imports(&self) -> Vec<Arc<ImportView>> {
+        match self {
+            Mesh::Gateway(g) => g.imports(),
+            Mesh::Node(n) => n.watcher.views(),
+        }
+    }
+
+    /// The state the compiler sees: the source's, plus what mesh peers export.
+    pub fn with_imports(&self, state: &ClusterState) -> ClusterState {
+        let imports = self.imports();
+        if imports.is_empty() {
+            return state.clone();
+        }
+        merge_imports(state, &imports)
+    }
+}
+
 /// Packets the gateway did not send, by reason.
 #[derive(Debug, Default)]
 pub struct GatewayCounters {
@@ -286,6 +460,8 @@ pub struct Gateway {
     state: tokio::sync::Mutex<GatewayState>,
     /// Per peer: our exported address → id (the sending gateway tags records with it).
     exported: Arc<Mutex<HashMap<String, HashMap<IpAddr, u32>>>>,
+    /// The merged import, served to the cluster's other nodes.
+    import_server: Arc<ImportServer>,
 }
 
 #[derive(Default)]
@@ -312,7 +488,11 @@ impl Gateway {
             });
         };
         let provider = tls::provider();
-        let identity = Arc::new(ReloadingIdentity::load(cert, key, Arc::clone(&provider))?);
+        let mut identity = ReloadingIdentity::load(cert, key, Arc::clone(&provider))?;
+        if let Some(ca) = &args.mesh_ca {
+            identity = identity.with_anchors(ca)?;
+        }
+        let identity = Arc::new(identity);
         let cluster = identity.cluster().map_err(MeshError::Name)?;
         tls::spawn_reloader(Arc::clone(&identity), Duration::from_secs(2));
         let trust = Arc::new(TrustStore::default());
@@ -342,6 +522,34 @@ impl Gateway {
                 tracing::error!(error = %e, "the mesh listener stopped");
             }
         });
+        let import_server = ImportServer::new(Limits::default());
+        for ip in internal_ips(state, node) {
+            let addr = SocketAddr::new(ip, args.mesh_import_port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| MeshError::ImportListen { addr, source })?;
+            let service = import_server.service();
+            tokio::spawn(async move {
+                if let Err(e) = transport::server()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                {
+                    tracing::error!(error = %e, %addr, "the mesh import listener stopped");
+                }
+            });
+        }
+        let publisher = Arc::clone(&import_server);
+        let publish_link = Arc::clone(&link);
+        let mut changes = link.subscribe_imports();
+        tokio::spawn(async move {
+            loop {
+                publisher.publish(&publish_link.imports());
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let gateway = Arc::new(Self {
             link,
             trust,
@@ -350,7 +558,9 @@ impl Gateway {
             counters: Arc::default(),
             state: tokio::sync::Mutex::new(GatewayState::default()),
             exported: Arc::default(),
+            import_server,
         });
+        tokio::spawn(Arc::clone(&gateway).redial_on_rotation());
         tokio::spawn(
             Forwarder {
                 tun,
@@ -378,6 +588,14 @@ impl Gateway {
         &self.link
     }
 
+    /// Certificate rotations applied and refused since start.
+    pub fn rotations(&self) -> (u64, u64) {
+        (
+            self.identity.rotations.load(Ordering::Relaxed),
+            self.identity.refused_rotations.load(Ordering::Relaxed),
+        )
+    }
+
     /// Applies a new cluster state: peers, trust, exports, routes into the TUN.
     pub async fn observe(&self, state: &ClusterState) {
         let peers = valid_peers(state);
@@ -390,23 +608,23 @@ impl Gateway {
         }
         let ours = cluster_prefixes(state);
         self.link.set_local_pod_prefixes(ours.clone());
+        let mut bounds = peer_bounds(&peers, &ours);
         let specs: Vec<PeerSpec> = peers
             .iter()
             .map(|p| PeerSpec {
                 name: p.name.clone(),
                 endpoints: p.endpoints.clone(),
-                bounds: PeerBounds {
-                    allowed: p.allowed_prefixes.clone(),
-                    ours: ours.clone(),
-                    third: peers
-                        .iter()
-                        .filter(|o| o.name != p.name)
-                        .flat_map(|o| o.allowed_prefixes.iter().copied())
-                        .collect(),
-                },
+                bounds: bounds.remove(&p.name).unwrap_or_default(),
                 stale_ttl: p.stale_ttl,
             })
             .collect();
+        self.import_server.set_watchers(
+            state
+                .nodes
+                .keys()
+                .flat_map(|n| internal_ips(state, n))
+                .collect(),
+        );
         self.link.set_peers(specs);
         let mut inner = self.state.lock().await;
         let local = self.link.local_cluster().to_owned();
@@ -461,7 +679,20 @@ impl Gateway {
             self.link.set_exports(&p.name, entries);
         }
         *self.exported.lock().unwrap_or_else(|e| e.into_inner()) = index;
-        // Peers' prefixes into the TUN.
+        // Peers' prefixes into the TUN; a removed MeshPeer's routes go with it.
+        let wanted: BTreeSet<IpNet> = peers
+            .iter()
+            .flat_map(|p| p.allowed_prefixes.iter().copied())
+            .collect();
+        let gone: Vec<IpNet> = inner.routed.difference(&wanted).copied().collect();
+        for prefix in gone {
+            match self.tun.unroute(prefix).await {
+                Ok(()) => {
+                    inner.routed.remove(&prefix);
+                }
+                Err(e) => tracing::error!(error = %e, "a removed mesh peer's route stays"),
+            }
+        }
         for p in &peers {
             for prefix in &p.allowed_prefixes {
                 if inner.routed.contains(prefix) {
@@ -472,6 +703,40 @@ impl Gateway {
                         inner.routed.insert(*prefix);
                     }
                     Err(e) => tracing::error!(error = %e, "no route to a mesh peer's prefix"),
+                }
+            }
+        }
+    }
+
+    /// After a certificate rotation, dials every peer we dial again: the new session (with the
+    /// new certificate) replaces the old one once its connection is up, and the old dialer
+    /// stops (make before break). Peers that dial us use our new certificate from their next
+    /// connection on.
+    async fn redial_on_rotation(self: Arc<Self>) {
+        let mut rotations = self.identity.subscribe_rotations();
+        while rotations.changed().await.is_ok() {
+            let mut inner = self.state.lock().await;
+            let names: Vec<String> = inner.dialing.keys().cloned().collect();
+            tracing::info!(peers = ?names, "mesh certificate rotated; re-dialling the peers we dial");
+            for name in names {
+                let Some(peer) = self.link.peer(&name) else {
+                    continue;
+                };
+                match tls::client_config(
+                    Arc::clone(&self.identity),
+                    Arc::clone(&self.trust),
+                    tls::provider(),
+                    &name,
+                ) {
+                    Ok(config) => {
+                        // The previous task ends by itself once this session replaces its own.
+                        let task =
+                            tokio::spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
+                        inner.dialing.insert(name, task);
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer")
+                    }
                 }
             }
         }

@@ -119,8 +119,32 @@ impl Tun {
 
     /// Routes `prefix` into the device (replacing any route to it).
     pub async fn route(&self, prefix: IpNet) -> Result<(), TunError> {
+        self.handle
+            .route()
+            .add(self.route_message(prefix))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| TunError::Netlink(format!("routing {prefix} into {TUN_DEVICE}: {e}")))
+    }
+
+    /// Removes the route of `prefix` into the device (a MeshPeer removed).
+    pub async fn unroute(&self, prefix: IpNet) -> Result<(), TunError> {
+        self.handle
+            .route()
+            .del(self.route_message(prefix))
+            .execute()
+            .await
+            .map_err(|e| {
+                TunError::Netlink(format!(
+                    "removing the route of {prefix} into {TUN_DEVICE}: {e}"
+                ))
+            })
+    }
+
+    fn route_message(&self, prefix: IpNet) -> netlink_packet_route::route::RouteMessage {
         let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
-        let msg = match prefix {
+        match prefix {
             IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(n.network(), n.prefix_len())
                 .output_interface(self.index)
@@ -131,14 +155,7 @@ impl Tun {
                 .output_interface(self.index)
                 .protocol(protocol)
                 .build(),
-        };
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| TunError::Netlink(format!("routing {prefix} into {TUN_DEVICE}: {e}")))
+        }
     }
 
     /// Reads one packet (behind its virtio header with offload), waiting for it.

@@ -20,7 +20,8 @@ use std::{
 use aya::Ebpf;
 use tokio::sync::Notify;
 use weir_common::{
-    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REDIRECT_LOCAL, CONFIG_REVOKE_ESTABLISHED, VerdictEvent,
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE,
+    CONFIG_REVOKE_ESTABLISHED, VerdictEvent,
 };
 use weir_policy::{
     compile::{CompileInput, compile},
@@ -55,6 +56,8 @@ pub struct RuntimeConfig {
     pub emit_allow_events: bool,
     /// Deliver pod-to-pod traffic of this node with `bpf_redirect_peer`.
     pub redirect_local_pods: bool,
+    /// Hand traffic to other nodes' pods to the next hop with `bpf_redirect_neigh`.
+    pub redirect_remote_pods: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -303,6 +306,9 @@ impl Runtime {
         }
         if self.config.redirect_local_pods {
             config_flags |= CONFIG_REDIRECT_LOCAL;
+        }
+        if self.config.redirect_remote_pods {
+            config_flags |= CONFIG_REDIRECT_REMOTE;
         }
         desired_maps(compiled, |addr| ifindexes.get(addr).copied(), config_flags)
     }

@@ -1,5 +1,5 @@
 //! A small Kubernetes API server for tests: it speaks the list/watch protocol over HTTP for Pods,
-//! Namespaces, Nodes and NetworkPolicies, and accepts Events.
+//! Namespaces, Nodes, NetworkPolicies and MeshPeers (weir.io/v1alpha1), and accepts Events.
 //!
 //! - `GET <collection>` lists, with `metadata.resourceVersion`; `?watch=true&resourceVersion=N`
 //!   streams JSON lines `{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|"ERROR", "object": ...}`
@@ -38,14 +38,16 @@ pub enum Resource {
     Namespaces,
     Nodes,
     NetworkPolicies,
+    MeshPeers,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Pods,
         Resource::Namespaces,
         Resource::Nodes,
         Resource::NetworkPolicies,
+        Resource::MeshPeers,
     ];
 
     fn path(self) -> &'static str {
@@ -54,12 +56,14 @@ impl Resource {
             Resource::Namespaces => "/api/v1/namespaces",
             Resource::Nodes => "/api/v1/nodes",
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Resource::MeshPeers => "/apis/weir.io/v1alpha1/meshpeers",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Resource::NetworkPolicies => "networking.k8s.io/v1",
+            Resource::MeshPeers => "weir.io/v1alpha1",
             _ => "v1",
         }
     }
@@ -70,6 +74,7 @@ impl Resource {
             Resource::Namespaces => "Namespace",
             Resource::Nodes => "Node",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::MeshPeers => "MeshPeer",
         }
     }
 

@@ -1,14 +1,14 @@
-//! Helpers shared by the root-only tests: packet builders, namespace guards, agent processes;
-//! and the benchmarks `cargo xtask bench` runs.
+//! What the root-only tests share beyond the harness (weir-lab): packet builders, the datapath's
+//! test-run bench, the CNI plugin's bench against the agent's API, the fake Kubernetes API
+//! server, the NetworkPolicy cases; and the benchmarks `cargo xtask bench` runs.
 
-pub mod agent;
 pub mod bench;
-pub mod cni;
+pub mod cni_bench;
 pub mod cpu;
 pub mod kube_server;
-pub mod netns;
 pub mod netpol_cases;
 pub mod packet;
-pub mod ping;
-pub mod tcp;
 pub mod testrun;
+
+// The harness itself lives in weir-lab; these paths stay for the test files.
+pub use weir_lab::{agent, cni, lab, netns, nodes, ping, tcp, wait};

@@ -1,6 +1,7 @@
 //! The upstream Kubernetes NetworkPolicy truth-table cases (kubernetes/kubernetes
-//! test/e2e/network/netpol/network_policy.go) as data: each case is a function over a
-//! [`Cluster`] (apply policies, change labels, assert a truth table), so that the same cases run
+//! test/e2e/network/netpol/network_policy.go) as data: each case is a row of steps run over a
+//! [`Cluster`] (apply policies, change labels, assert a truth table; a function for the few that
+//! compute from the pods' addresses), so that the same cases run
 //! against the real agents of a lab (`tests/tests/netpol.rs`) and against the compiler alone
 //! (`tests/tests/explain_offline.rs`, what `weir explain --manifests` answers).
 //!
@@ -20,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use xtask::lab::{Expectations, Proto, Target};
+use weir_lab::lab::{Expectations, Proto, Target};
 
 use Proto::{Tcp as TCP, Udp as UDP};
 
@@ -76,240 +77,448 @@ pub trait Cluster {
 pub struct NetpolCase {
     pub name: &'static str,
     pub upstream: &'static str,
-    pub run: fn(&mut dyn Cluster),
+    pub run: Run,
 }
 
-/// Every case, in upstream's order.
+/// What a case does: most are a list of steps; those that compute from the pods' addresses
+/// are code.
+pub enum Run {
+    Steps(&'static [Step]),
+    Code(fn(&mut dyn Cluster)),
+}
+
+/// One step of a case.
+pub enum Step {
+    /// Applies a NetworkPolicy: namespace, name, and the YAML under `spec:` (see [`policy`]).
+    Apply(&'static str, &'static str, &'static str),
+    /// Upstream `AddPodLabels`: namespace, pod, labels.
+    AddPodLabels(
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    ),
+    /// Upstream `AddNamespaceLabel`: namespace, key, value.
+    AddNamespaceLabel(&'static str, &'static str, &'static str),
+    DeletePolicies,
+    /// Upstream `ValidateOrFail` on a port and protocol: everything reaches everything but for
+    /// these (from, to, allowed), later ones winning (see [`Reach::peer`]).
+    Validate(u16, Proto, &'static [(Peer, Peer, bool)]),
+}
+
+impl NetpolCase {
+    pub fn run(&self, c: &mut dyn Cluster) {
+        let steps = match self.run {
+            Run::Code(f) => return f(c),
+            Run::Steps(steps) => steps,
+        };
+        for step in steps {
+            match *step {
+                Step::Apply(ns, name, spec) => c.apply(&policy(ns, name, spec)),
+                Step::AddPodLabels(ns, pod, labels) => c.add_pod_labels(ns, pod, labels),
+                Step::AddNamespaceLabel(ns, key, value) => c.add_namespace_label(ns, key, value),
+                Step::DeletePolicies => c.delete_policies(),
+                Step::Validate(port, proto, changes) => {
+                    let mut reach = Reach::new();
+                    for &(from, to, allowed) in changes {
+                        reach.peer(from, to, allowed);
+                    }
+                    c.validate(port, proto, &reach);
+                }
+            }
+        }
+    }
+}
+
+use Run::{Code, Steps};
+use Step::{AddNamespaceLabel, AddPodLabels, Apply, DeletePolicies, Validate};
+
+/// Every case, in upstream's order. (One line a step: a table, left as written by rustfmt.)
+#[rustfmt::skip]
 pub const CASES: &[NetpolCase] = &[
     NetpolCase {
         name: "default_deny_ingress",
         upstream: "should support a 'default-deny-ingress' policy",
-        run: default_deny_ingress,
+        run: Steps(&[
+            Apply("x", "deny-ingress", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+            Validate(80, TCP, &[(ANY, ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "default_deny_all",
         upstream: "should support a 'default-deny-all' policy",
-        run: default_deny_all,
+        run: Steps(&[
+            Apply("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n"),
+            Validate(80, TCP, &[(ANY, ns("x"), false), (ns("x"), ANY, false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_from_pods_within_namespace_by_pod_selector",
         upstream: "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
-        run: allow_from_pods_within_namespace_by_pod_selector,
+        run: Steps(&[
+            Apply("x", "x-a-allows-x-b", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "b"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_for_a_target",
         upstream: "should enforce policy to allow ingress traffic for a target",
-        run: allow_ingress_for_a_target,
+        run: Steps(&[
+            Apply("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+            Apply("x", "allow-all-to-a", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {}\n      namespaceSelector: {}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), true), (ANY, pod("x", "b"), false), (ANY, pod("x", "c"), false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_from_pods_in_all_namespaces",
         upstream: "should enforce policy to allow ingress traffic from pods in all namespaces",
-        run: allow_ingress_from_pods_in_all_namespaces,
+        run: Steps(&[
+            Apply("x", "allow-from-another-ns", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {}}\n"),
+            Validate(80, TCP, &[]),
+        ]),
     },
     NetpolCase {
         name: "allow_only_from_other_namespace_by_namespace_selector",
         upstream: "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
-        run: allow_only_from_other_namespace_by_namespace_selector,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "pod_selector_with_match_expressions",
         upstream: "should enforce policy based on PodSelector with MatchExpressions",
-        run: pod_selector_with_match_expressions,
+        run: Steps(&[
+            Apply("x", "x-a-allows-x-b", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [b]}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "b"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "namespace_selector_with_match_expressions",
         upstream: "should enforce policy based on NamespaceSelector with MatchExpressions",
-        run: namespace_selector_with_match_expressions,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-match-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: In, values: [y]}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "pod_selector_or_namespace_selector",
         upstream: "should enforce policy based on PodSelector or NamespaceSelector",
-        run: pod_selector_or_namespace_selector,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-match-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n    - podSelector: {matchLabels: {pod: b}}\n"),
+            Validate(80, TCP, &[(pod("x", "a"), pod("x", "a"), false), (pod("x", "c"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "pod_selector_and_namespace_selector",
         upstream: "should enforce policy based on PodSelector and NamespaceSelector",
-        run: pod_selector_and_namespace_selector,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-podselector-and-nsselector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n      podSelector: {matchLabels: {pod: b}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("y", "b"), pod("x", "a"), true), (pod("z", "b"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "multiple_pod_selectors_and_namespace_selectors",
         upstream: "should enforce policy based on Multiple PodSelectors and NamespaceSelectors",
-        run: multiple_pod_selectors_and_namespace_selectors,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-z-pod-b-c", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n      podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [b, c]}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (pod("y", "a"), pod("x", "a"), false), (pod("z", "a"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "any_pod_selectors",
         upstream: "should enforce policy based on any PodSelectors",
-        run: any_pod_selectors,
+        run: Steps(&[
+            Apply("x", "allow-ns-x-pod-b-c", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n    - podSelector: {matchLabels: {pod: c}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "b"), pod("x", "a"), true), (pod("x", "c"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector",
         upstream: "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
-        run: allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-pod-a-via-namespace-pod-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n      podSelector: {matchLabels: {pod: a}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("y", "a"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "ports",
         upstream: "should enforce policy based on Ports",
-        run: ports,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector", ALLOW_Y_TO_X_A_81_TCP),
+            Validate(81, TCP, &[(ns("x"), pod("x", "a"), false), (ns("y"), pod("x", "a"), true), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "multiple_stacked_policies_with_overlapping_pod_selectors",
         upstream: "should enforce multiple, stacked policies with overlapping podSelectors",
-        run: multiple_stacked_policies_with_overlapping_pod_selectors,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector", ALLOW_Y_TO_X_A_81_TCP),
+            Validate(81, TCP, &[(ns("x"), pod("x", "a"), false), (ns("y"), pod("x", "a"), true), (ns("z"), pod("x", "a"), false)]),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+            Apply("x", "allow-client-a-via-ns-selector-80", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 80, protocol: TCP}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (ns("y"), pod("x", "a"), true), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_all_policy",
         upstream: "should support allow-all policy",
-        run: allow_all_policy,
+        run: Steps(&[
+            Apply("x", "allow-all", "  podSelector: {}\n  ingress:\n  - {}\n"),
+            Validate(80, TCP, &[]),
+            Validate(81, TCP, &[]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_on_one_named_port",
         upstream: "should allow ingress access on one named port",
-        run: allow_ingress_on_one_named_port,
+        run: Steps(&[
+            Apply("x", "allow-all", "  podSelector: {}\n  ingress:\n  - ports:\n    - port: serve-81-tcp\n"),
+            Validate(81, TCP, &[]),
+            Validate(80, TCP, &[(ANY, ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_from_namespace_on_one_named_port",
         upstream: "should allow ingress access from namespace on one named port",
-        run: allow_ingress_from_namespace_on_one_named_port,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector-80", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: serve-80-tcp, protocol: TCP}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (ns("z"), pod("x", "a"), false)]),
+            Validate(81, TCP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_egress_on_one_named_port",
         upstream: "should allow egress access on one named port",
-        run: allow_egress_on_one_named_port,
+        run: Steps(&[
+            Apply("x", "allow-egress", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports:\n    - port: serve-80-tcp\n"),
+            Validate(80, TCP, &[]),
+            Validate(81, TCP, &[(ns("x"), ANY, false)]),
+        ]),
     },
     NetpolCase {
         name: "enforce_updated_policy",
         upstream: "should enforce updated policy",
-        run: enforce_updated_policy,
+        run: Steps(&[
+            Apply("x", "allow-all-mutate-to-deny-all", "  podSelector: {}\n  ingress:\n  - {}\n"),
+            Validate(81, TCP, &[]),
+            // The same policy, updated in place to `ingress: []`.
+            Apply("x", "allow-all-mutate-to-deny-all", "  podSelector: {}\n  ingress: []\n"),
+            Validate(81, TCP, &[(ANY, ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_from_updated_namespace",
         upstream: "should allow ingress access from updated namespace",
-        run: allow_ingress_from_updated_namespace,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns2: updated}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+            AddNamespaceLabel("y", "ns2", "updated"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (ns("y"), ANY, true)]),
+        ]),
     },
     NetpolCase {
         name: "allow_ingress_from_updated_pod",
         upstream: "should allow ingress access from updated pod",
-        run: allow_ingress_from_updated_pod,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-pod-selector", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b, pod2: updated}}\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+            AddPodLabels("x", "b", &[("pod", "b"), ("pod2", "updated")]),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "b"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "deny_ingress_from_pods_on_other_namespaces",
         upstream: "should deny ingress from pods on other namespaces",
-        run: deny_ingress_from_pods_on_other_namespaces,
+        run: Steps(&[
+            Apply("x", "deny-empty-policy", "  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {}}\n"),
+            Validate(80, TCP, &[(ns("y"), ns("x"), false), (ns("z"), ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "deny_ingress_access_to_updated_pod",
         upstream: "should deny ingress access to updated pod",
-        run: deny_ingress_access_to_updated_pod,
+        run: Steps(&[
+            Apply("x", "deny-ingress-via-label-selector", "  podSelector: {matchLabels: {target: isolated}}\n  policyTypes: [Ingress]\n"),
+            Validate(80, TCP, &[]),
+            AddPodLabels("x", "a", &[("target", "isolated")]),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "deny_egress_from_pods_by_pod_selector",
         upstream: "should deny egress from pods based on PodSelector",
-        run: deny_egress_from_pods_by_pod_selector,
+        run: Steps(&[
+            Apply("x", "deny-egress-pod-a", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n"),
+            Validate(80, TCP, &[(pod("x", "a"), ANY, false)]),
+        ]),
     },
     NetpolCase {
         name: "deny_egress_from_all_pods_in_a_namespace",
         upstream: "should deny egress from all pods in a namespace",
-        run: deny_egress_from_all_pods_in_a_namespace,
+        run: Steps(&[
+            Apply("x", "deny-egress-ns-x", "  podSelector: {}\n  policyTypes: [Egress]\n"),
+            Validate(80, TCP, &[(ns("x"), ANY, false)]),
+        ]),
     },
     NetpolCase {
         name: "ingress_and_egress_specified_together",
         upstream: "should work with Ingress, Egress specified together",
-        run: ingress_and_egress_specified_together,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-pod-selector", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress, Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n  egress:\n  - ports:\n    - port: 80\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "b"), pod("x", "a"), true)]),
+            Validate(81, TCP, &[(ANY, pod("x", "a"), false), (pod("x", "a"), ANY, false), (pod("x", "b"), pod("x", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "deny_egress_on_client_side_even_if_server_allows",
         upstream: "should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)",
-        run: deny_egress_on_client_side_even_if_server_allows,
+        run: Code(deny_egress_on_client_side_even_if_server_allows),
     },
     NetpolCase {
         name: "egress_to_server_in_other_namespace_by_pod_and_namespace_selector",
         upstream: "should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector",
-        run: egress_to_server_in_other_namespace_by_pod_and_namespace_selector,
+        run: Steps(&[
+            Apply("x", "allow-to-ns-y-pod-a", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n      podSelector: {matchLabels: {pod: a}}\n"),
+            Validate(80, TCP, &[(pod("x", "a"), ANY, false), (pod("x", "a"), pod("y", "a"), true)]),
+        ]),
     },
     NetpolCase {
         name: "ingress_any_port_on_a_specific_protocol",
         upstream: "should enforce ingress policy allowing any port traffic to a server on a specific protocol",
-        run: ingress_any_port_on_a_specific_protocol,
+        run: Steps(&[
+            Apply("x", "allow-ingress-by-proto", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - protocol: TCP\n"),
+            Validate(80, TCP, &[]),
+            Validate(80, UDP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "multiple_ingress_policies_with_allow_all_taking_precedence",
         upstream: "should enforce multiple ingress policies with ingress allow-all policy taking precedence",
-        run: multiple_ingress_policies_with_allow_all_taking_precedence,
+        run: Steps(&[
+            Apply("x", "allow-ingress-port-80", "  podSelector: {}\n  ingress:\n  - ports:\n    - port: 80\n"),
+            Validate(81, TCP, &[(ANY, ns("x"), false)]),
+            Apply("x", "allow-ingress", "  podSelector: {}\n  ingress:\n  - {}\n"),
+            Validate(81, TCP, &[]),
+        ]),
     },
     NetpolCase {
         name: "multiple_egress_policies_with_allow_all_taking_precedence",
         upstream: "should enforce multiple egress policies with egress allow-all policy taking precedence",
-        run: multiple_egress_policies_with_allow_all_taking_precedence,
+        run: Steps(&[
+            Apply("x", "allow-egress-port-80", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports:\n    - port: 80\n"),
+            Validate(81, TCP, &[(ns("x"), ANY, false)]),
+            Apply("x", "allow-egress", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - {}\n"),
+            Validate(81, TCP, &[]),
+        ]),
     },
     NetpolCase {
         name: "stop_enforcing_policies_after_they_are_deleted",
         upstream: "should stop enforcing policies after they are deleted",
-        run: stop_enforcing_policies_after_they_are_deleted,
+        run: Steps(&[
+            Apply("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n"),
+            Validate(80, TCP, &[(ns("x"), ANY, false), (ANY, ns("x"), false)]),
+            DeletePolicies,
+            Validate(80, TCP, &[]),
+        ]),
     },
     NetpolCase {
         name: "allow_egress_to_server_in_cidr_block",
         upstream: "should allow egress access to server in CIDR block",
-        run: allow_egress_to_server_in_cidr_block,
+        run: Code(allow_egress_to_server_in_cidr_block),
     },
     NetpolCase {
         name: "except_clause_in_egress_cidr_block",
         upstream: "should enforce except clause while egress access to server in CIDR block",
-        run: except_clause_in_egress_cidr_block,
+        run: Code(except_clause_in_egress_cidr_block),
     },
     NetpolCase {
         name: "ip_in_both_cidr_and_except_is_allowed_by_another_policy",
         upstream: "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
-        run: ip_in_both_cidr_and_except_is_allowed_by_another_policy,
+        run: Code(ip_in_both_cidr_and_except_is_allowed_by_another_policy),
     },
     NetpolCase {
         name: "ingress_and_egress_controlled_independently",
         upstream: "should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector",
-        run: ingress_and_egress_controlled_independently,
+        run: Steps(&[
+            Apply("x", "allow-egress-for-target", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - {}\n"),
+            Validate(80, TCP, &[]),
+            Apply("x", "deny-ingress-via-label-selector", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n"),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "sctp_policy_is_not_treated_as_tcp",
         upstream: "should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP",
-        run: sctp_policy_is_not_treated_as_tcp,
+        run: Steps(&[
+            Apply("x", "deny-ingress", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+            Apply("x", "allow-only-sctp-ingress-on-port-81", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 81, protocol: SCTP}\n"),
+            Validate(81, TCP, &[(ANY, ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "sctp_policy_still_isolates_pods",
         upstream: "should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP",
-        run: sctp_policy_still_isolates_pods,
+        run: Steps(&[
+            Apply("x", "allow-only-sctp-ingress-on-port-80", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 80, protocol: SCTP}\n"),
+            Validate(81, TCP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "udp_only_policy_does_not_allow_tcp",
         upstream: "should not allow access by TCP when a policy specifies only UDP",
-        run: udp_only_policy_does_not_allow_tcp,
+        run: Steps(&[
+            Apply("x", "allow-only-udp-ingress-on-port-81", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 81, protocol: UDP}\n"),
+            Validate(81, TCP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "namespace_selector_match_labels_on_default_namespace_label",
         upstream: "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
-        run: namespace_selector_match_labels_on_default_namespace_label,
+        run: Steps(&[
+            Apply("x", "allow-client-a-via-ns-selector-for-immutable-ns-label", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n"),
+            Validate(80, TCP, &[(ns("x"), pod("x", "a"), false), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "namespace_selector_match_expressions_on_default_namespace_label",
         upstream: "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
-        run: namespace_selector_match_expressions_on_default_namespace_label,
+        run: Steps(&[
+            Apply("x", "allow-ns-y-match-selector-for-immutable-ns-label", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [y]}\n"),
+            Validate(80, TCP, &[(pod("x", "a"), ns("y"), false)]),
+        ]),
     },
     NetpolCase {
         name: "end_port_range",
         upstream: "beyond upstream: endPort ranges",
-        run: end_port_range,
+        // Upstream's endPort cases were removed with the feature gate: a port range admits
+        // every port in it and no other, for the protocol it names.
+        run: Steps(&[
+            Apply("x", "allow-81-to-90-from-y", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, endPort: 90, protocol: TCP}\n"),
+            Validate(81, TCP, &[(ANY, pod("x", "a"), false), (ns("y"), pod("x", "a"), true)]),
+            Validate(80, TCP, &[(ANY, pod("x", "a"), false)]),
+            Validate(81, UDP, &[(ANY, pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "udp_default_deny_ingress",
         upstream: "UDP: should support a 'default-deny-ingress' policy",
-        run: udp_default_deny_ingress,
+        run: Steps(&[
+            Apply("x", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress]\n"),
+            Validate(80, UDP, &[(ANY, ns("x"), false)]),
+        ]),
     },
     NetpolCase {
         name: "udp_ports",
         upstream: "UDP: should enforce policy based on Ports",
-        run: udp_ports,
+        run: Steps(&[
+            Apply("x", "allow-ingress-on-port-81-ns-x", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, protocol: UDP}\n"),
+            Validate(81, UDP, &[(ns("x"), pod("x", "a"), false), (ns("z"), pod("x", "a"), false)]),
+        ]),
     },
     NetpolCase {
         name: "udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector",
         upstream: "UDP: should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
-        run: udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector,
+        run: Code(udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector),
     },
 ];
 
@@ -337,14 +546,14 @@ pub const ANY: Peer = Peer {
     pod: None,
 };
 
-pub fn ns(ns: &'static str) -> Peer {
+pub const fn ns(ns: &'static str) -> Peer {
     Peer {
         ns: Some(ns),
         pod: None,
     }
 }
 
-pub fn pod(ns: &'static str, pod: &'static str) -> Peer {
+pub const fn pod(ns: &'static str, pod: &'static str) -> Peer {
     Peer {
         ns: Some(ns),
         pod: Some(pod),
@@ -437,371 +646,11 @@ pub fn policy(ns: &str, name: &str, spec: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The cases of "NetworkPolicy between server and client"
+// Cases of "NetworkPolicy between server and client" that compute from the pods' addresses (the
+// others are rows of CASES)
 // ---------------------------------------------------------------------------------------------
 
-pub fn default_deny_ingress(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-ingress",
-        "  podSelector: {}\n  policyTypes: [Ingress]\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn default_deny_all(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-all",
-        "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false).peer(ns("x"), ANY, false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn allow_from_pods_within_namespace_by_pod_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "x-a-allows-x-b",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
-pub fn allow_ingress_for_a_target(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-all",
-        "  podSelector: {}\n  policyTypes: [Ingress]\n",
-    ));
-    c.apply(&policy(
-        "x",
-        "allow-all-to-a",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {}\n      namespaceSelector: {}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), true)
-        .ingress(pod("x", "b"), false)
-        .ingress(pod("x", "c"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn allow_ingress_from_pods_in_all_namespaces(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-from-another-ns",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {}}\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-}
-
-pub fn allow_only_from_other_namespace_by_namespace_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn pod_selector_with_match_expressions(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "x-a-allows-x-b",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [b]}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
-pub fn namespace_selector_with_match_expressions(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-match-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: In, values: [y]}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn pod_selector_or_namespace_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-match-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n    - podSelector: {matchLabels: {pod: b}}\n",
-    ));
-    let mut r = Reach::new();
-    r.pair(pod("x", "a"), pod("x", "a"), false)
-        .pair(pod("x", "c"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn pod_selector_and_namespace_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-podselector-and-nsselector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n      podSelector: {matchLabels: {pod: b}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false)
-        .pair(pod("y", "b"), pod("x", "a"), true)
-        .pair(pod("z", "b"), pod("x", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
-pub fn multiple_pod_selectors_and_namespace_selectors(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-z-pod-b-c",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}\n      podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [b, c]}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .pair(pod("y", "a"), pod("x", "a"), false)
-        .pair(pod("z", "a"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn any_pod_selectors(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-x-pod-b-c",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n    - podSelector: {matchLabels: {pod: c}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true)
-        .pair(pod("x", "c"), pod("x", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
-pub fn allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-pod-a-via-namespace-pod-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n      podSelector: {matchLabels: {pod: a}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false)
-        .pair(pod("y", "a"), pod("x", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
 const ALLOW_Y_TO_X_A_81_TCP: &str = "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, protocol: TCP}\n";
-
-pub fn ports(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector",
-        ALLOW_Y_TO_X_A_81_TCP,
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("y"), pod("x", "a"), true)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn multiple_stacked_policies_with_overlapping_pod_selectors(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector",
-        ALLOW_Y_TO_X_A_81_TCP,
-    ));
-    let mut allow = Reach::new();
-    allow
-        .peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("y"), pod("x", "a"), true)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(81, TCP, &allow);
-    let mut deny = Reach::new();
-    deny.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &deny);
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector-80",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 80, protocol: TCP}\n",
-    ));
-    c.validate(80, TCP, &allow);
-}
-
-pub fn allow_all_policy(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-all",
-        "  podSelector: {}\n  ingress:\n  - {}\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-    c.validate(81, TCP, &Reach::new());
-}
-
-pub fn allow_ingress_on_one_named_port(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-all",
-        "  podSelector: {}\n  ingress:\n  - ports:\n    - port: serve-81-tcp\n",
-    ));
-    c.validate(81, TCP, &Reach::new());
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn allow_ingress_from_namespace_on_one_named_port(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector-80",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: serve-80-tcp, protocol: TCP}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-    let mut fail = Reach::new();
-    fail.ingress(pod("x", "a"), false);
-    c.validate(81, TCP, &fail);
-}
-
-pub fn allow_egress_on_one_named_port(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-egress",
-        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports:\n    - port: serve-80-tcp\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-    let mut r = Reach::new();
-    r.peer(ns("x"), ANY, false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn enforce_updated_policy(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-all-mutate-to-deny-all",
-        "  podSelector: {}\n  ingress:\n  - {}\n",
-    ));
-    c.validate(81, TCP, &Reach::new());
-    // The same policy, updated in place to `ingress: []`.
-    c.apply(&policy(
-        "x",
-        "allow-all-mutate-to-deny-all",
-        "  podSelector: {}\n  ingress: []\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn allow_ingress_from_updated_namespace(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns2: updated}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-    c.add_namespace_label("y", "ns2", "updated");
-    let mut with_label = Reach::new();
-    with_label
-        .ingress(pod("x", "a"), false)
-        .peer(ns("y"), ANY, true);
-    c.validate(80, TCP, &with_label);
-}
-
-pub fn allow_ingress_from_updated_pod(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-pod-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b, pod2: updated}}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-    c.add_pod_labels("x", "b", &[("pod", "b"), ("pod2", "updated")]);
-    let mut with_label = Reach::new();
-    with_label
-        .ingress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true);
-    c.validate(80, TCP, &with_label);
-}
-
-pub fn deny_ingress_from_pods_on_other_namespaces(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-empty-policy",
-        "  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {}}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("y"), ns("x"), false)
-        .peer(ns("z"), ns("x"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn deny_ingress_access_to_updated_pod(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-ingress-via-label-selector",
-        "  podSelector: {matchLabels: {target: isolated}}\n  policyTypes: [Ingress]\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-    c.add_pod_labels("x", "a", &[("target", "isolated")]);
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn deny_egress_from_pods_by_pod_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-egress-pod-a",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n",
-    ));
-    let mut r = Reach::new();
-    r.egress(pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn deny_egress_from_all_pods_in_a_namespace(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-egress-ns-x",
-        "  podSelector: {}\n  policyTypes: [Egress]\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), ANY, false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn ingress_and_egress_specified_together(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-pod-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress, Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {pod: b}}\n  egress:\n  - ports:\n    - port: 80\n",
-    ));
-    let mut r80 = Reach::new();
-    r80.ingress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true);
-    c.validate(80, TCP, &r80);
-    let mut r81 = Reach::new();
-    r81.ingress(pod("x", "a"), false)
-        .egress(pod("x", "a"), false)
-        .pair(pod("x", "b"), pod("x", "a"), true);
-    c.validate(81, TCP, &r81);
-}
 
 pub fn deny_egress_on_client_side_even_if_server_allows(c: &mut dyn Cluster) {
     c.apply(&policy(
@@ -826,77 +675,6 @@ pub fn deny_egress_on_client_side_even_if_server_allows(c: &mut dyn Cluster) {
         .peer(pod("x", "a"), pod("y", "a"), true)
         .peer(ANY, pod("y", "b"), false);
     c.validate(80, TCP, &r);
-}
-
-pub fn egress_to_server_in_other_namespace_by_pod_and_namespace_selector(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-to-ns-y-pod-a",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n      podSelector: {matchLabels: {pod: a}}\n",
-    ));
-    let mut r = Reach::new();
-    r.egress(pod("x", "a"), false)
-        .pair(pod("x", "a"), pod("y", "a"), true);
-    c.validate(80, TCP, &r);
-}
-
-pub fn ingress_any_port_on_a_specific_protocol(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ingress-by-proto",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - protocol: TCP\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-    let mut udp = Reach::new();
-    udp.peer(ANY, pod("x", "a"), false);
-    c.validate(80, UDP, &udp);
-}
-
-pub fn multiple_ingress_policies_with_allow_all_taking_precedence(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ingress-port-80",
-        "  podSelector: {}\n  ingress:\n  - ports:\n    - port: 80\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(81, TCP, &r);
-    c.apply(&policy(
-        "x",
-        "allow-ingress",
-        "  podSelector: {}\n  ingress:\n  - {}\n",
-    ));
-    c.validate(81, TCP, &Reach::new());
-}
-
-pub fn multiple_egress_policies_with_allow_all_taking_precedence(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-egress-port-80",
-        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports:\n    - port: 80\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), ANY, false);
-    c.validate(81, TCP, &r);
-    c.apply(&policy(
-        "x",
-        "allow-egress",
-        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - {}\n",
-    ));
-    c.validate(81, TCP, &Reach::new());
-}
-
-pub fn stop_enforcing_policies_after_they_are_deleted(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-all",
-        "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), ANY, false).peer(ANY, ns("x"), false);
-    c.validate(80, TCP, &r);
-    c.delete_policies();
-    c.validate(80, TCP, &Reach::new());
 }
 
 pub fn allow_egress_to_server_in_cidr_block(c: &mut dyn Cluster) {
@@ -964,129 +742,9 @@ pub fn ip_in_both_cidr_and_except_is_allowed_by_another_policy(c: &mut dyn Clust
     c.validate(80, TCP, &allow);
 }
 
-pub fn ingress_and_egress_controlled_independently(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-egress-for-target",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - {}\n",
-    ));
-    c.validate(80, TCP, &Reach::new());
-    c.apply(&policy(
-        "x",
-        "deny-ingress-via-label-selector",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn sctp_policy_is_not_treated_as_tcp(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-ingress",
-        "  podSelector: {}\n  policyTypes: [Ingress]\n",
-    ));
-    c.apply(&policy(
-        "x",
-        "allow-only-sctp-ingress-on-port-81",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 81, protocol: SCTP}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn sctp_policy_still_isolates_pods(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-only-sctp-ingress-on-port-80",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 80, protocol: SCTP}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn udp_only_policy_does_not_allow_tcp(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-only-udp-ingress-on-port-81",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports:\n    - {port: 81, protocol: UDP}\n",
-    ));
-    let mut r = Reach::new();
-    r.ingress(pod("x", "a"), false);
-    c.validate(81, TCP, &r);
-}
-
-pub fn namespace_selector_match_labels_on_default_namespace_label(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-client-a-via-ns-selector-for-immutable-ns-label",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(80, TCP, &r);
-}
-
-pub fn namespace_selector_match_expressions_on_default_namespace_label(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ns-y-match-selector-for-immutable-ns-label",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: kubernetes.io/metadata.name, operator: NotIn, values: [y]}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(pod("x", "a"), ns("y"), false);
-    c.validate(80, TCP, &r);
-}
-
-/// Beyond the upstream file (its endPort cases were removed with the feature gate): a port range
-/// admits every port in it and no other, for the protocol it names.
-pub fn end_port_range(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-81-to-90-from-y",
-        "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, endPort: 90, protocol: TCP}\n",
-    ));
-    let mut allowed = Reach::new();
-    allowed
-        .ingress(pod("x", "a"), false)
-        .peer(ns("y"), pod("x", "a"), true);
-    c.validate(81, TCP, &allowed);
-    let mut denied = Reach::new();
-    denied.ingress(pod("x", "a"), false);
-    c.validate(80, TCP, &denied);
-    c.validate(81, UDP, &denied);
-}
-
 // ---------------------------------------------------------------------------------------------
 // "NetworkPolicy between server and client using UDP"
 // ---------------------------------------------------------------------------------------------
-
-pub fn udp_default_deny_ingress(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "deny-all",
-        "  podSelector: {}\n  policyTypes: [Ingress]\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ANY, ns("x"), false);
-    c.validate(80, UDP, &r);
-}
-
-pub fn udp_ports(c: &mut dyn Cluster) {
-    c.apply(&policy(
-        "x",
-        "allow-ingress-on-port-81-ns-x",
-        "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}\n    ports:\n    - {port: 81, protocol: UDP}\n",
-    ));
-    let mut r = Reach::new();
-    r.peer(ns("x"), pod("x", "a"), false)
-        .peer(ns("z"), pod("x", "a"), false);
-    c.validate(81, UDP, &r);
-}
 
 pub fn udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector(
     c: &mut dyn Cluster,

@@ -5,7 +5,7 @@
 use nix::sys::signal::Signal;
 use weir_common::MAP_POLICY;
 use weir_tests::{
-    agent::{Agent, AgentDirs, bin},
+    agent::{Agent, AgentDirs, ClusterSource, bin},
     netns::{Netns, run},
 };
 
@@ -62,14 +62,9 @@ fn agent_loads_pins_and_stops_cleanly_on_sigterm() {
 fn agent_without_pod_cidr_says_what_to_do() {
     let node = Netns::new("nocidr");
     let dirs = AgentDirs::new("nocidr", "n1");
-    let out = node
-        .command(bin("weir-agent").to_str().unwrap())
-        .args(["--node-name", "n1", "--manifests"])
-        .arg(&dirs.manifests)
-        .arg("--state-dir")
-        .arg(&dirs.state)
-        .arg("--bpffs-dir")
-        .arg(&dirs.bpffs)
+    let out = dirs
+        .args("n1", ClusterSource::Manifests, &[])
+        .command(&bin("weir-agent"), &node.name)
         .output()
         .unwrap();
     assert!(!out.status.success());

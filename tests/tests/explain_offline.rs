@@ -5,12 +5,12 @@
 
 use std::collections::BTreeMap;
 
+use weir_lab::lab::Proto;
 use weir_policy::{
     explain::{PortProto, Protocol, Scenario},
     model::{ClusterState, ObjectKey, parse_documents},
 };
 use weir_tests::netpol_cases::{CASES, Cluster, Reach, cluster_yaml};
-use xtask::lab::Proto;
 
 /// The cluster as manifests, changed in memory; every validate compiles it afresh.
 struct Offline {
@@ -119,7 +119,7 @@ fn compiled_verdicts_equal_every_upstream_truth_table() {
     assert!(CASES.len() >= 40, "the shared case table is there");
     for case in CASES {
         let mut cluster = Offline::new(case.name);
-        (case.run)(&mut cluster);
+        case.run(&mut cluster);
         assert!(
             cluster.validated > 0,
             "{} checked no truth table",

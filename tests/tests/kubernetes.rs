@@ -15,7 +15,7 @@ use weir_agent::{
 };
 use weir_policy::model::{ClusterState, ObjectKey};
 use weir_tests::{
-    agent::{AgentDirs, bin},
+    agent::{AgentDirs, ClusterSource, bin, health_get},
     kube_server::{KubeServer, Resource},
     netns::{Netns, spawn_in},
 };
@@ -454,6 +454,68 @@ status: {phase: Pending}
         .await;
 }
 
+fn mesh_peer(prefix: &str) -> String {
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: east}}\nspec:\n  endpoints: ['192.0.2.5:4243']\n  \
+         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
+         staleTTL: 10m\n  caBundle: 'PEM'\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peers_are_watched_as_a_crd_and_read_like_standalone() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    server.apply(&mesh_peer("10.245.0.0/16"));
+    let mut source = Source::start(&server, "n1");
+    let state = source.next().await;
+    let mut standalone = ClusterState::default();
+    for object in weir_policy::model::parse_documents(&mesh_peer("10.245.0.0/16"), "test") {
+        standalone.apply(object.unwrap());
+    }
+    assert_eq!(state.mesh_peers, standalone.mesh_peers);
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /apis/weir.io/v1alpha1/meshpeers?")),
+        "{:?}",
+        server.requests()
+    );
+
+    server.apply(&mesh_peer("10.246.0.0/16"));
+    source
+        .until("the MeshPeer's change is followed", |s| {
+            s.mesh_peers
+                .get("east")
+                .is_some_and(|p| p.spec.allowed_prefixes == ["10.246.0.0/16"])
+        })
+        .await;
+    server.delete(Resource::MeshPeers, "", "east");
+    source
+        .until("the deleted MeshPeer is gone", |s| s.mesh_peers.is_empty())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_sent_until_the_mesh_peers_are_listed() {
+    let server = KubeServer::start_new().await;
+    seed(&server);
+    // As when the MeshPeer CRD is not installed: a node's restored mesh import must not meet a
+    // state without its MeshPeers.
+    server.fail(Resource::MeshPeers, 404);
+    let mut source = Source::start(&server, "n1");
+    source
+        .assert_quiet(
+            Duration::from_secs(2),
+            "a state without MeshPeers would drop a node's restored mesh import",
+        )
+        .await;
+    server.heal(Resource::MeshPeers);
+    let state = source.next().await;
+    assert_eq!(state.pods.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_sent_until_every_kind_is_listed() {
     let server = KubeServer::start_new().await;
@@ -623,17 +685,15 @@ impl KubeNode {
     }
 
     fn command(&self, extra: &[&str]) -> std::process::Command {
-        let mut cmd = self.netns.command(bin("weir-agent").to_str().unwrap());
-        cmd.args(["--node-name", "n1", "--kubernetes"])
-            .arg("--state-dir")
-            .arg(&self.dirs.state)
-            .arg("--socket")
-            .arg(&self.dirs.socket)
-            .arg("--bpffs-dir")
-            .arg(&self.dirs.bpffs)
-            .args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
-            .args(extra)
-            .env("KUBECONFIG", self.dirs.root.join("kubeconfig"))
+        let kubeconfig = self.dirs.root.join("kubeconfig");
+        let source = ClusterSource::Kubernetes {
+            kubeconfig: &kubeconfig,
+        };
+        let mut cmd = self
+            .dirs
+            .args("n1", source, extra)
+            .command(&bin("weir-agent"), &self.netns.name);
+        cmd.args(["--health-addr", &format!("127.0.0.1:{}", self.health_port)])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null());
         cmd
@@ -669,32 +729,7 @@ impl KubeNode {
 
     /// `GET path` on the agent's health port, from inside the namespace.
     fn get(&self, path: &str) -> (u16, String) {
-        let port = self.health_port;
-        let path = path.to_owned();
-        spawn_in(self.netns.path(), move || {
-            use std::io::{Read as _, Write as _};
-            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                return (0, String::new());
-            };
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            let status = response
-                .get(9..12)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            (status, body)
-        })
-        .join()
-        .unwrap()
+        health_get(&self.netns, self.health_port, path)
     }
 }
 

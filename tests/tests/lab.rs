@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use xtask::lab::{
-    self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto, Target, netns, probe, servers,
+use weir_lab::lab::{
+    self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto, Target, probe, servers,
     state::State, topology,
 };
+use weir_lab::netns;
 
 fn nothing_left(name: &str) {
     assert_eq!(

@@ -1,7 +1,7 @@
 //! The install manifests against the Kubernetes API schemas (k8s-openapi's types) and the
 //! invariants the agent depends on: privileged, hostNetwork, the host paths, probes on the health
 //! port, tolerations for every node, the node name from the downward API, least-privilege RBAC,
-//! and settings the agent actually understands.
+//! settings the agent actually understands, and the deny list mounted where the agent reads it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -447,6 +447,55 @@ fn the_agent_understands_every_setting() {
     args.push("--node-name=n1".to_owned());
     <weir_agent::config::Cli as clap::Parser>::try_parse_from(&args)
         .unwrap_or_else(|e| panic!("the agent rejects {args:?}: {e}"));
+}
+
+#[test]
+fn the_deny_list_configmap_is_mounted_where_the_agent_reads_it_and_parses() {
+    let install = install();
+    let ds = &install.daemon_sets[0];
+    let env = env_of(&install, ds);
+    let file = Path::new(
+        env.get("WEIR_PREFILTER_FILE")
+            .copied()
+            .expect("weir-agent-env sets WEIR_PREFILTER_FILE"),
+    );
+    let (dir, key) = (
+        file.parent().unwrap().to_str().unwrap(),
+        file.file_name().unwrap().to_str().unwrap(),
+    );
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let mount = agent_container(ds)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)
+        .unwrap_or_else(|| panic!("the agent container mounts nothing at {dir}"));
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("no volume {}", mount.name));
+    let cm_name = &volume
+        .config_map
+        .as_ref()
+        .unwrap_or_else(|| panic!("{dir} is not a ConfigMap volume"))
+        .name;
+    let cm = install
+        .config_maps
+        .get(cm_name)
+        .unwrap_or_else(|| panic!("the volume names ConfigMap {cm_name}, which is not installed"));
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("ConfigMap {cm_name} has no key {key}"));
+    let entries = weir_agent::prefilter::parse(file, text)
+        .unwrap_or_else(|e| panic!("the shipped deny list does not parse: {e}"));
+    assert!(
+        entries.is_empty(),
+        "the shipped deny list drops nothing until the operator fills it: {entries:?}"
+    );
 }
 
 #[test]

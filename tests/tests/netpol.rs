@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use weir_lab::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
 use weir_tests::netpol_cases::{
     self, Cluster, NAMESPACES, PODS, Reach, cluster_yaml, ns, pod, policy,
 };
-use xtask::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
 
 const LAB: &str = "netpol";
 /// How long a policy change may take to show (the contract: 1 s at the 99th percentile).
@@ -192,7 +192,7 @@ impl Drop for Case {
 fn run(name: &str) {
     let case = netpol_cases::case(name);
     let mut c = Case::new(case.upstream);
-    (case.run)(&mut c);
+    case.run(&mut c);
 }
 
 macro_rules! lab_cases {
@@ -256,6 +256,38 @@ lab_cases!(
     udp_ports,
     udp_allow_only_from_pod_in_other_namespace_by_pod_and_namespace_selector,
 );
+
+/// The pinned path counters of every node of the lab, summed: (bpf_redirect_peer,
+/// bpf_redirect_neigh).
+fn shortcut_packets(lab: &Lab) -> (u64, u64) {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    use weir_common::{COUNTER_PATH_REDIRECT_NEIGH, COUNTER_PATH_REDIRECT_PEER, MAP_COUNTERS};
+    let mut total = (0, 0);
+    for node in &lab.state().nodes {
+        let data = MapData::from_pin(node.bpffs_dir.join("maps").join(MAP_COUNTERS))
+            .expect("the node's pinned counters");
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+        let sum = |slot: u32| -> u64 { counters.get(&slot, 0).expect("slot").iter().sum() };
+        total.0 += sum(COUNTER_PATH_REDIRECT_PEER);
+        total.1 += sum(COUNTER_PATH_REDIRECT_NEIGH);
+    }
+    total
+}
+
+/// The agents run with their defaults, so every case above runs with both shortcuts on: between
+/// pods of one node through `bpf_redirect_peer`, across the nodes through `bpf_redirect_neigh`.
+#[test]
+fn weir_the_truth_table_runs_through_both_shortcuts() {
+    let mut case = Case::new("weir_the_truth_table_runs_through_both_shortcuts");
+    let before = shortcut_packets(&case.lab);
+    case.check(80, TCP, &Reach::new(), "every pod reaches every pod");
+    let after = shortcut_packets(&case.lab);
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "the probes did not take both shortcuts (redirect_peer, redirect_neigh): {before:?} -> {after:?}"
+    );
+}
 
 #[test]
 fn every_shared_case_runs_in_the_lab() {

@@ -5,56 +5,15 @@
 //! list (a followed file) there too, keeps all of it while its agent is down, swaps a restarted
 //! agent's program in, and `weir-agent uninstall` takes it off. Root only; never skipped.
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
-use serde_json::Value;
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
-    agent::{Agent, AgentDirs, bin},
-    cni::{Plugin, PodRef, first_address},
+    agent::{Agent, bin, flows},
     netns::Netns,
+    nodes::TwoNodes,
+    wait::eventually,
 };
-
-fn node(name: &str, cidr: &str, ip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: ['{cidr}']}}\n\
-         status: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
-    )
-}
-
-fn pod(name: &str, node: &str, app: &str, ip: Option<IpAddr>) -> String {
-    let status = ip
-        .map(|ip| format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"))
-        .unwrap_or_default();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {PORT}}}]}}]}}\n{status}"
-    )
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 10 s"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn flows(state: &Path) -> Vec<Value> {
-    std::fs::read_to_string(state.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// The id of the XDP program on `dev` in `netns`, if any (`ip -d link` prints `prog/xdp id N`).
 fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
@@ -65,91 +24,40 @@ fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
 
 #[test]
 fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
-    let tag = "xdp";
-    let (n1, n2) = (
-        Netns::new(&format!("{tag}1")),
-        Netns::new(&format!("{tag}2")),
-    );
-    n1.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
-    ]);
-    n1.ip(&["addr", "add", "192.168.78.1/24", "dev", "eth0"]);
-    n2.ip(&["addr", "add", "192.168.78.2/24", "dev", "eth0"]);
-    n1.ip(&["link", "set", "eth0", "up"]);
-    n2.ip(&["link", "set", "eth0", "up"]);
-
-    let d1 = AgentDirs::new(tag, "n1");
-    let d2 = AgentDirs::sharing_manifests(tag, "n2", &d1);
-    let m = &d1.manifests;
-    std::fs::write(
-        m.join("n1.yaml"),
-        node("n1", "10.152.1.0/24", "192.168.78.1"),
-    )
-    .unwrap();
-    std::fs::write(
-        m.join("n2.yaml"),
-        node("n2", "10.152.2.0/24", "192.168.78.2"),
-    )
-    .unwrap();
+    let two = TwoNodes::new("xdp", "192.168.78", "10.152");
+    let (n1, n2, d1, d2) = (&two.n1, &two.n2, &two.d1, &two.d2);
+    let m = two.manifests();
     let pods = [
         ("client", "n1", "client"),
         ("intruder", "n1", "intruder"),
         ("server", "n2", "server"),
     ];
-    for (name, node_name, app) in pods {
-        std::fs::write(
-            m.join(format!("{name}.yaml")),
-            pod(name, node_name, app, None),
-        )
-        .unwrap();
-    }
+    two.declare_pods(&pods);
     // n2's deny list: empty at first, with a comment.
     let deny = d2.root.join("prefilter");
     std::fs::write(&deny, "# weir-prefilter\n").unwrap();
     let deny_arg = deny.to_str().unwrap().to_owned();
     let n2_args = ["--prefilter-file", deny_arg.as_str()];
-    let a1 = Agent::start(&n1, "n1", &d1, &[]);
-    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    let a1 = Agent::start(n1, "n1", d1, &[]);
+    let a2 = Agent::start(n2, "n2", d2, &n2_args);
     // The uplink was found from the Node's InternalIP.
-    let first_program = xdp_program(&n2, "eth0").expect("no XDP program on n2's uplink");
+    let first_program = xdp_program(n2, "eth0").expect("no XDP program on n2's uplink");
     assert!(
-        xdp_program(&n1, "eth0").is_some(),
+        xdp_program(n1, "eth0").is_some(),
         "no XDP program on n1's uplink"
     );
 
-    let p1 = Plugin::new(&n1.name, &d1.socket, &d1.root.join("cni.log"));
-    let p2 = Plugin::new(&n2.name, &d2.socket, &d2.root.join("cni.log"));
-    let netns: Vec<Netns> = pods
-        .iter()
-        .map(|(name, _, _)| Netns::new(&format!("{tag}{}", &name[..3])))
-        .collect();
-    let mut ips = Vec::new();
-    for ((name, node_name, app), ns) in pods.iter().zip(&netns) {
-        let plugin = if *node_name == "n1" { &p1 } else { &p2 };
-        let id = format!("ctr-{name}");
-        let (out, _) = plugin.ok(
-            "ADD",
-            &PodRef {
-                container_id: &id,
-                namespace: "default",
-                name,
-                netns: &ns.name,
-            },
-        );
-        let ip = first_address(&out);
-        std::fs::write(
-            m.join(format!("{name}.yaml")),
-            pod(name, node_name, app, Some(ip)),
-        )
-        .unwrap();
-        ips.push(ip);
-    }
+    let started = two.start_pods(&pods);
+    let netns: Vec<&Netns> = started.iter().map(|p| &p.netns).collect();
+    let ips: Vec<IpAddr> = started.iter().map(|p| p.ip).collect();
     let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
-    serve(&netns[2], server_ip);
-    serve(&netns[1], intruder_ip);
-    eventually("the client reaches the server on the other node", || {
-        connects(&netns[0], server_ip)
-    });
+    serve(netns[2], server_ip);
+    serve(netns[1], intruder_ip);
+    eventually(
+        "the client reaches the server on the other node",
+        Duration::from_secs(10),
+        || connects(netns[0], server_ip),
+    );
 
     std::fs::write(
         m.join("policy.yaml"),
@@ -157,20 +65,23 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
          spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
     )
     .unwrap();
-    eventually("the intruder is denied across nodes", || {
-        !connects(&netns[1], server_ip)
-    });
-    assert!(
-        connects(&netns[0], server_ip),
-        "the client is still allowed"
+    eventually(
+        "the intruder is denied across nodes",
+        Duration::from_secs(10),
+        || !connects(netns[1], server_ip),
     );
+    assert!(connects(netns[0], server_ip), "the client is still allowed");
     // The drop happened at XDP on n2's uplink, and is explained.
     let intruder = intruder_ip.to_string();
-    eventually("the XDP drop is in n2's flows.jsonl", || {
-        flows(&d2.state)
-            .iter()
-            .any(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
-    });
+    eventually(
+        "the XDP drop is in n2's flows.jsonl",
+        Duration::from_secs(10),
+        || {
+            flows(&d2.state)
+                .iter()
+                .any(|f| f["reason"] == "xdp-policy-denied" && f["src"] == intruder.as_str())
+        },
+    );
     let records = flows(&d2.state);
     let record = records
         .iter()
@@ -192,63 +103,71 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     // The server may open connections to the intruder: their replies pass n2's XDP although the
     // server's ingress denies the intruder.
     assert!(
-        connects(&netns[2], intruder_ip),
+        connects(netns[2], intruder_ip),
         "the reply of a connection the server opened was dropped"
     );
 
     // The operator's deny list: the client's address goes on it, and comes off again.
     std::fs::write(&deny, format!("# weir-prefilter\n\n{client_ip}/32\n")).unwrap();
-    eventually("the deny list drops the client", || {
-        !connects(&netns[0], server_ip)
-    });
+    eventually(
+        "the deny list drops the client",
+        Duration::from_secs(10),
+        || !connects(netns[0], server_ip),
+    );
     let client = client_ip.to_string();
-    eventually("the deny list drop is explained", || {
-        flows(&d2.state).iter().any(|f| {
-            f["reason"] == "prefilter-denied"
-                && f["src"] == client.as_str()
-                && f["rule"] == "prefilter line 3"
-        })
-    });
+    eventually(
+        "the deny list drop is explained",
+        Duration::from_secs(10),
+        || {
+            flows(&d2.state).iter().any(|f| {
+                f["reason"] == "prefilter-denied"
+                    && f["src"] == client.as_str()
+                    && f["rule"] == "prefilter line 3"
+            })
+        },
+    );
     // A file that does not parse keeps the applied list.
     std::fs::write(&deny, "not-a-cidr\n").unwrap();
-    eventually("the bad file is reported", || {
+    eventually("the bad file is reported", Duration::from_secs(10), || {
         a2.log_text()
             .contains("line 1: \"not-a-cidr\" is not a CIDR")
     });
     assert!(
-        !connects(&netns[0], server_ip),
+        !connects(netns[0], server_ip),
         "a bad deny list file opened traffic"
     );
     std::fs::write(&deny, "").unwrap();
-    eventually("the client is let through again", || {
-        connects(&netns[0], server_ip)
-    });
+    eventually(
+        "the client is let through again",
+        Duration::from_secs(10),
+        || connects(netns[0], server_ip),
+    );
 
     // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
     // its program into the pinned link.
     drop(a2);
-    assert_eq!(xdp_program(&n2, "eth0"), Some(first_program));
+    assert_eq!(xdp_program(n2, "eth0"), Some(first_program));
     assert!(
-        !connects(&netns[1], server_ip),
+        !connects(netns[1], server_ip),
         "the intruder got in while the agent was down"
     );
-    let a2 = Agent::start(&n2, "n2", &d2, &n2_args);
+    let a2 = Agent::start(n2, "n2", d2, &n2_args);
     assert!(
         a2.log_text().contains("attached=Replaced"),
         "{}",
         a2.log_text()
     );
-    let second_program = xdp_program(&n2, "eth0").expect("the restart left the uplink without XDP");
+    let second_program = xdp_program(n2, "eth0").expect("the restart left the uplink without XDP");
     assert_ne!(
         second_program, first_program,
         "the restarted agent's program was not swapped in"
     );
     assert!(
-        !connects(&netns[1], server_ip),
+        !connects(netns[1], server_ip),
         "the intruder got in after the restart"
     );
     assert!(
-        connects(&netns[0], server_ip),
+        connects(netns[0], server_ip),
         "the client is denied after the restart"
     );
 
@@ -271,7 +190,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(
-        xdp_program(&n2, "eth0"),
+        xdp_program(n2, "eth0"),
         None,
         "uninstall left the XDP program"
     );

@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
-use weir_tests::netns::spawn_in;
-use xtask::lab::{Lab, LabSpec, Manifest, netns};
+use weir_lab::lab::{Lab, LabSpec, Manifest};
+use weir_tests::netns::{self, spawn_in};
 
 const ECHO_PORT: u16 = 9000;
 

@@ -17,8 +17,8 @@ use std::{
 
 use serde_json::Value;
 use weir_tests::{
-    agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    agent::{Agent, AgentDirs, flows},
+    cni::{Plugin, PodRef, addresses},
     netns::{Netns, spawn_in},
 };
 
@@ -118,14 +118,6 @@ fn delivered(from: &Netns, to: SocketAddr, len: usize) -> Option<usize> {
     None
 }
 
-fn flows(state: &Path) -> Vec<Value> {
-    std::fs::read_to_string(state.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Waits until flows.jsonl holds at least `count` records that `matches`; returns them.
 fn wait_for_flows(
     state: &Path,
@@ -153,19 +145,6 @@ fn wait_for_flows(
         );
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn addresses(add_result: &str) -> Vec<IpAddr> {
-    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
-    v["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .map(|ip| {
-            let cidr = ip["address"].as_str().expect("ips[].address");
-            cidr.split('/').next().unwrap().parse().unwrap()
-        })
-        .collect()
 }
 
 /// Sends from inside `pod` a lone later fragment (offset 1,480 bytes, more to come) of a UDP
@@ -276,7 +255,7 @@ fn large_udp_datagrams_follow_the_port_rule_over_both_families() {
                 netns: &netns.name,
             },
         );
-        let addrs = addresses(&out);
+        let addrs = addresses(&out).unwrap();
         assert_eq!(addrs.len(), 2, "dual-stack pod {name}: {out}");
         ips.insert(name, addrs);
         let link = netns.ip(&["link", "show", "eth0"]);

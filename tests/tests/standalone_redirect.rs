@@ -5,22 +5,16 @@
 //! b's drop in flows.jsonl; with `--redirect-local-pods false` the same traffic takes the stack.
 //! Root only; never skipped.
 
-use std::{
-    io::Write,
-    net::{IpAddr, TcpListener},
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{io::Write, net::TcpListener, path::Path, time::Duration};
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use serde_json::Value;
 use weir_common::{COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, MAP_COUNTERS};
 use weir_tests::tcp::{PORT, connects};
 use weir_tests::{
-    agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef},
+    agent::{Agent, AgentDirs, flows},
+    cni::{Plugin, PodRef, addresses},
     netns::{Netns, spawn_in},
+    wait::eventually,
 };
 
 const NODE: &str = "n1";
@@ -64,44 +58,6 @@ fn paths(bpffs: &Path) -> (u64, u64) {
     (sum(COUNTER_PATH_REDIRECT_PEER), sum(COUNTER_PATH_STACK))
 }
 
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {PATIENCE:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn flows(state: &Path) -> Vec<Value> {
-    std::fs::read_to_string(state.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn addresses(add_result: &str) -> Vec<IpAddr> {
-    let v: Value = serde_json::from_str(add_result).expect("ADD result is JSON");
-    v["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .map(|ip| {
-            ip["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enforced() {
     let node = Netns::new("rdn");
@@ -126,7 +82,7 @@ fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enf
                 netns: &netns.name,
             },
         );
-        let addrs = addresses(&out);
+        let addrs = addresses(&out).unwrap();
         assert_eq!(addrs.len(), 2, "dual-stack pod {name}: {out}");
         ips.push(addrs);
     }
@@ -143,7 +99,9 @@ fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enf
     for (family, index) in [("IPv4", 0), ("IPv6", 1)] {
         let b_ip = ips[1][index];
         let before = paths(&dirs.bpffs);
-        eventually(&format!("a reaches b over {family}"), || connects(a, b_ip));
+        eventually(&format!("a reaches b over {family}"), PATIENCE, || {
+            connects(a, b_ip)
+        });
         let after = paths(&dirs.bpffs);
         assert!(
             after.0 > before.0,
@@ -152,15 +110,19 @@ fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enf
         );
         assert!(!connects(c, b_ip), "{family}: c reached b");
         let c_ip = ips[2][index].to_string();
-        eventually(&format!("c's drop over {family} is explained"), || {
-            flows(&dirs.state).iter().any(|f| {
-                f["src"] == c_ip.as_str()
-                    && f["reason"] == "policy-denied"
-                    && f["direction"] == "ingress"
-                    && f["endpoint"] == "rd/b"
-                    && f["policies"] == serde_json::json!(["rd/b-from-a"])
-            })
-        });
+        eventually(
+            &format!("c's drop over {family} is explained"),
+            PATIENCE,
+            || {
+                flows(&dirs.state).iter().any(|f| {
+                    f["src"] == c_ip.as_str()
+                        && f["reason"] == "policy-denied"
+                        && f["direction"] == "ingress"
+                        && f["endpoint"] == "rd/b"
+                        && f["policies"] == serde_json::json!(["rd/b-from-a"])
+                })
+            },
+        );
     }
 
     // Turned off: the same traffic goes through the node's stack (and b's own hook).
@@ -170,7 +132,7 @@ fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enf
     let agent = Agent::start(&node, NODE, &dirs, &off_args);
     let b_ip = ips[1][0];
     // The restarted agent writes the config when it has read the cluster: wait for the stack.
-    eventually("allowed traffic takes the stack", || {
+    eventually("allowed traffic takes the stack", PATIENCE, || {
         let before = paths(&dirs.bpffs);
         connects(a, b_ip) && {
             let after = paths(&dirs.bpffs);

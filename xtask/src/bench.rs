@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|mesh|all]`: builds the benchmark binary in release
+//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|mesh|mesh-sync|all]`: builds the benchmark binary in release
 //! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
 
 use std::process::Command;
@@ -11,7 +11,7 @@ use crate::{build, setup};
 pub struct Options {
     /// Which benchmark: datapath (per-packet cost via BPF_PROG_TEST_RUN), propagation (policy
     /// change to maps), cni (ADD/DEL latency against the real agent), traffic (pod-to-pod latency and throughput vs iptables),
-    /// idle (agent CPU and memory with 1,000 pods and 10,000 policies while nothing changes), xdp (drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule), or all.
+    /// idle (agent CPU and memory with 1,000 pods and 10,000 policies while nothing changes), xdp (drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule), mesh-sync (a label change in one cluster until enforced in another, and the first sync of 10,000 endpoints, through the real agents of a two-cluster mesh lab; not in all), or all.
     /// Or mesh (the mesh link against boringtun and a plain routed path; not part of all).
     #[arg(default_value = "all")]
     pub which: String,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use nix::sys::signal::{SigSet, Signal};
-use xtask::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
+use weir_lab::lab::{self, Expectations, Lab, LabSpec, Manifest, Matrix, ProbeSpec, Target};
 
 use crate::{build, setup};
 
@@ -16,6 +16,10 @@ const LAB: &str = "demo";
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// `brownbear` (one cluster, two nodes), or `mesh`: Brown Bear across two clusters joined
+    /// by the mesh link (examples/mesh), with a capture of what crosses the WAN.
+    #[arg(default_value = "brownbear", value_parser = ["brownbear", "mesh"])]
+    pub scenario: String,
     /// Do not build the binaries first (`cargo xtask build`).
     #[arg(long)]
     pub no_build: bool,
@@ -27,6 +31,9 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
+    }
+    if options.scenario == "mesh" {
+        return crate::demo_mesh::run(options.no_build, options.keep);
     }
     let example = build::workspace_root().join("examples/brownbear");
     if !options.no_build {

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use xtask::lab::{Expectations, Proto, objects};
+use weir_lab::lab::{Expectations, Proto, objects};
 
 const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.53";
 const IMAGE: &str = "weir:dev";
@@ -160,8 +160,8 @@ fn deploy_and_probe(options: &Options, kubectl: &dyn Fn() -> Command) -> anyhow:
     let mut pods = Vec::new();
     let mut namespaces = Vec::new();
     for object in objects::load(&scenario.join("cluster.yaml"))? {
-        match object.kind.as_str() {
-            "Namespace" => namespaces.push(serde_json::to_value(&object.value)?),
+        match object.kind() {
+            "Namespace" => namespaces.push(object.to_json()),
             "Pod" => {
                 let ports = object.pod_ports();
                 let containers: Vec<serde_json::Value> = ports
@@ -172,7 +172,7 @@ fn deploy_and_probe(options: &Options, kubectl: &dyn Fn() -> Command) -> anyhow:
                                "args": ["netexec", format!("--http-port={}", p.port), format!("--udp-port={}", p.port)]})
                     })
                     .collect();
-                let mut pod = serde_json::to_value(&object.value)?;
+                let mut pod = object.to_json();
                 pod["spec"] = json!({"containers": containers});
                 pods.push(pod);
             }

@@ -3,7 +3,9 @@
 mod bench;
 mod build;
 mod demo;
+mod demo_mesh;
 mod kind;
+mod lab;
 mod setup;
 mod test;
 mod toolchain;
@@ -27,8 +29,9 @@ enum Command {
     Test(test::Options),
     /// A lab of nodes and pods in network namespaces, on the real agent and CNI plugin.
     #[command(subcommand)]
-    Lab(xtask::lab::cli::LabCommand),
-    /// The Brown Bear demo: a two-node lab, its reachability before and after policies.
+    Lab(lab::LabCommand),
+    /// The Brown Bear demo: a two-node lab, its reachability before and after policies; `demo
+    /// mesh`: the same across two clusters joined by the mesh link.
     Demo(demo::Options),
     /// Benchmarks: per-packet cost, propagation, pod-to-pod traffic against iptables.
     Bench(bench::Options),
@@ -42,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Build(options) => build::run(&options),
         Command::Test(options) => test::run(&options),
-        Command::Lab(command) => xtask::lab::cli::run(command),
+        Command::Lab(command) => lab::run(command),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::Kind(options) => kind::run(&options),

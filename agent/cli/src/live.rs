@@ -97,6 +97,20 @@ pub struct StatusView {
     pub maps: Vec<MapView>,
     pub events_lost: u64,
     pub packets: Vec<PacketsView>,
+    /// "gateway" or "node"; empty without a mesh role.
+    pub mesh_role: String,
+    pub mesh_peers: Vec<MeshPeerView>,
+}
+
+#[derive(Serialize)]
+pub struct MeshPeerView {
+    pub peer: String,
+    pub connected: bool,
+    pub synced: bool,
+    pub imported_identities: u64,
+    pub imported_endpoints: u64,
+    /// Refusals by reason.
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +176,23 @@ pub async fn status(socket: &Path, format: Format) -> Result<String, CliError> {
                 packets: p.packets,
             })
             .collect(),
+        mesh_role: r.mesh_role,
+        mesh_peers: r
+            .mesh_peers
+            .into_iter()
+            .map(|p| MeshPeerView {
+                peer: p.peer,
+                connected: p.connected,
+                synced: p.synced,
+                imported_identities: p.imported_identities,
+                imported_endpoints: p.imported_endpoints,
+                refusals: p
+                    .refusals
+                    .into_iter()
+                    .map(|r| (r.reason, r.count))
+                    .collect(),
+            })
+            .collect(),
     };
     render(format, &view, |v, style| {
         let state = match v.enforcement.as_str() {
@@ -222,6 +253,50 @@ pub async fn status(socket: &Path, format: Format) -> Result<String, CliError> {
                 .collect();
             out.push_str("packets judged:\n");
             out.push_str(&indent(&table(&["VERDICT", "REASON", "PACKETS"], &rows)));
+        }
+        if !v.mesh_peers.is_empty() {
+            let yes_no = |b: bool| {
+                if b {
+                    style.good("yes")
+                } else {
+                    style.bad("no")
+                }
+            };
+            let rows: Vec<Vec<String>> = v
+                .mesh_peers
+                .iter()
+                .map(|p| {
+                    let refusals = if p.refusals.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        p.refusals
+                            .iter()
+                            .map(|(reason, n)| format!("{reason}={n}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    vec![
+                        p.peer.clone(),
+                        yes_no(p.connected),
+                        yes_no(p.synced),
+                        p.imported_identities.to_string(),
+                        p.imported_endpoints.to_string(),
+                        refusals,
+                    ]
+                })
+                .collect();
+            out.push_str(&format!("mesh peers ({}):\n", v.mesh_role));
+            out.push_str(&indent(&table(
+                &[
+                    "PEER",
+                    "CONNECTED",
+                    "SYNCED",
+                    "IDENTITIES",
+                    "ENDPOINTS",
+                    "REFUSALS",
+                ],
+                &rows,
+            )));
         }
         out
     })

@@ -7,7 +7,7 @@ use std::{
     process::{Command, Output},
 };
 
-use xtask::lab::Expectations;
+use weir_lab::lab::Expectations;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -50,10 +50,12 @@ pub enum Refusal {
     IdentityMismatch,
     /// A packet to anything but one of our pod prefixes (nodes, host network, third clusters).
     DestinationNotLocalPod,
+    /// A gateway's merged import naming a peer this node has no valid MeshPeer for.
+    UnknownPeer,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::Impersonation,
         Refusal::AddressOutsidePrefixes,
         Refusal::AddressOurs,
@@ -67,6 +69,7 @@ impl Refusal {
         Refusal::UnexportedSource,
         Refusal::IdentityMismatch,
         Refusal::DestinationNotLocalPod,
+        Refusal::UnknownPeer,
     ];
 
     /// A stable name for metrics and logs.
@@ -85,6 +88,7 @@ impl Refusal {
             Refusal::UnexportedSource => "unexported_source",
             Refusal::IdentityMismatch => "identity_mismatch",
             Refusal::DestinationNotLocalPod => "destination_not_local_pod",
+            Refusal::UnknownPeer => "unknown_peer",
         }
     }
 }

@@ -6,11 +6,13 @@
 //! - [`export`]: the synced entries (identities, endpoints) and their wire form.
 //! - [`confine`]: the checks that confine a peer, and refusal counters by reason.
 //! - [`codec`]: the records of a packet batch.
+//! - [`fanout`]: a gateway's merged import, served to the other nodes of its cluster.
 
 pub mod certs;
 pub mod codec;
 pub mod confine;
 pub mod export;
+pub mod fanout;
 pub mod link;
 pub mod sync;
 pub mod tls;

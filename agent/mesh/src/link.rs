@@ -39,12 +39,18 @@ use crate::{
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Changes kept for resuming sessions by delta instead of snapshot.
 const HISTORY_LIMIT: usize = 65_536;
+/// Deltas a peer may send in one second by default; more is a flood (each delta costs a
+/// rebuild of the peer's import view and a write of its persisted import).
+pub const MAX_DELTAS_PER_SECOND: u32 = 1_000;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
 /// Most lanes a peer may open to us (a Tunnel naming a higher lane is refused).
 pub const MAX_LANES: usize = 16;
 /// The request metadata naming a Tunnel's lane (absent: lane 0).
 pub const LANE_METADATA: &str = "weir-lane";
+/// The request metadata naming the dial (one per connection attempt of the dialer) a Sync or
+/// Tunnel belongs to: every lane of a dial ends when the peer opens a session of another dial.
+pub const DIAL_METADATA: &str = "weir-dial";
 
 /// How a gateway carries packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +169,12 @@ pub struct Peer {
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
     lanes: Vec<LaneQueue>,
+    /// Sessions past their Hellos now (two while a new one replaces an old one).
+    sessions_up: AtomicU64,
+    /// The dial of the latest session the peer opened to us: Tunnels of other dials (every
+    /// lane's connection) end when it changes, so an old connection's streams never keep taking
+    /// packets from the queues.
+    server_dial: watch::Sender<Option<DialKey>>,
 }
 
 impl Peer {
@@ -176,6 +188,11 @@ impl Peer {
 
     pub fn view(&self) -> Arc<ImportView> {
         Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether a session with the peer is up (Hellos exchanged, not ended).
+    pub fn is_connected(&self) -> bool {
+        self.sessions_up.load(Ordering::Relaxed) > 0
     }
 
     pub fn is_synced(&self) -> bool {
@@ -230,6 +247,8 @@ pub struct Link {
     /// Where received, checked packets go (the TUN).
     deliver: Box<dyn Deliver>,
     data_plane: DataPlane,
+    /// Deltas a peer may send per second before its session is refused (NACK, closed).
+    max_deltas_per_second: AtomicU64,
 }
 
 /// A random u64 from the kernel (incarnations and session ids need no more).
@@ -284,11 +303,19 @@ impl Link {
             local_pod_prefixes: RwLock::new(Vec::new()),
             deliver: Box::new(deliver),
             data_plane,
+            max_deltas_per_second: AtomicU64::new(u64::from(MAX_DELTAS_PER_SECOND)),
         })
     }
 
     pub fn data_plane(&self) -> DataPlane {
         self.data_plane
+    }
+
+    /// Deltas a peer may send per second (default [`MAX_DELTAS_PER_SECOND`]); beyond it the
+    /// delta is refused (`limit`), NACKed and the session closed.
+    pub fn set_max_deltas_per_second(&self, n: u32) {
+        self.max_deltas_per_second
+            .store(u64::from(n.max(1)), Ordering::Relaxed);
     }
 
     pub fn local_cluster(&self) -> &str {
@@ -352,7 +379,15 @@ impl Link {
         peers.retain(|name, peer| {
             let keep = wanted.contains_key(name);
             if !keep {
+                // Cut off at once: its session ends, its Tunnels on our side end, and what it
+                // exported no longer admits a packet (an established connection it keeps
+                // open gets everything refused).
                 peer.session.send_modify(|s| *s += 1);
+                peer.server_dial.send_replace(None);
+                *peer.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ImportView {
+                    cluster: name.clone(),
+                    ..ImportView::default()
+                });
                 if let Some(path) = self.state_path(name) {
                     let _ = std::fs::remove_file(path);
                 }
@@ -378,6 +413,8 @@ impl Link {
                 lanes: (0..self.data_plane.lanes)
                     .map(|_| LaneQueue::new(self.data_plane.queue))
                     .collect(),
+                sessions_up: AtomicU64::new(0),
+                server_dial: watch::Sender::new(None),
             });
             peers.insert(name, Arc::clone(&peer));
             added.push(peer);
@@ -488,6 +525,7 @@ impl Link {
             return Err(SessionError::Version(theirs.protocol_version));
         }
         tracing::info!(peer = certified, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        let _up = SessionUp::new(&peer);
         // The peer's limits on what we send, never above our own defaults.
         let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
             (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
@@ -508,6 +546,8 @@ impl Link {
         for f in frames {
             send(&outbound, frame_to_wire(&f)).await?;
         }
+        // Deltas received in the current one-second window.
+        let mut window = (tokio::time::Instant::now(), 0u64);
         let result = loop {
             tokio::select! {
                 frame = inbound.next() => {
@@ -516,6 +556,19 @@ impl Link {
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(SessionError::Ended),
                     };
+                    if let Some(pb::sync_frame::Kind::Delta(d)) = &frame.kind {
+                        if window.0.elapsed() >= Duration::from_secs(1) {
+                            window = (tokio::time::Instant::now(), 0);
+                        }
+                        window.1 += 1;
+                        let max = self.max_deltas_per_second.load(Ordering::Relaxed);
+                        if window.1 > max {
+                            let text = format!("more than {max} deltas in one second");
+                            break self
+                                .refuse(&peer, certified, Refusal::Limit, text, d.incarnation, d.version, &outbound)
+                                .await;
+                        }
+                    }
                     if let Err(e) = self.receive(&peer, certified, frame, &outbound).await {
                         break Err(e);
                     }
@@ -845,17 +898,29 @@ impl Link {
                 let mut client = MeshLinkClient::new(channel);
                 let (tx, rx) = mpsc::channel(64);
                 let started = tokio::time::Instant::now();
-                let inbound = match client
-                    .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                {
+                let dial = random_u64();
+                let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                request.metadata_mut().insert(
+                    DIAL_METADATA,
+                    dial.to_string()
+                        .parse()
+                        .expect("a number is valid metadata"),
+                );
+                let inbound = match client.sync(request).await {
                     Ok(r) => r.into_inner(),
                     Err(e) => {
                         tracing::debug!(peer = %name, %addr, error = %e, "mesh peer not reachable");
                         continue;
                     }
                 };
-                // Lane 0 shares the Sync session's connection; every other lane dials its own.
+                // Ends our side of every lane's Tunnel when this attempt ends: hyper keeps
+                // polling a request body after its response is dropped, and an old connection's
+                // body would go on taking packets from the queues.
+                let (_attempt, attempt_ended) = watch::channel(());
+                // Lane 0 shares the Sync session's connection; every other lane dials its own,
+                // with this dial's certificate (a re-dial after a rotation re-dials them all).
+                // Aborted with this dial's future too (a removed peer, a replaced dialer), so no
+                // lane outlives its session and keeps an old connection open.
                 let lanes: Vec<_> = (0..self.data_plane.lanes)
                     .map(|lane| {
                         let client = if lane == 0 {
@@ -866,17 +931,23 @@ impl Link {
                                 Arc::clone(&config),
                             ))
                         };
-                        tokio::spawn(Arc::clone(&self).lane(Arc::clone(&peer), client, lane))
+                        AbortOnDrop(tokio::spawn(Arc::clone(&self).lane(
+                            Arc::clone(&peer),
+                            client,
+                            lane,
+                            dial,
+                            attempt_ended.clone(),
+                        )))
                     })
                     .collect();
                 let result = self
                     .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
                     .await;
-                for lane in lanes {
-                    lane.abort();
-                }
+                drop(lanes);
                 match result {
-                    Err(SessionError::Replaced) => {}
+                    // A newer session took over (a re-dial after a certificate rotation, or the
+                    // peer removed): its dialer carries on, this one stops.
+                    Err(SessionError::Replaced) => return,
                     Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
                     Ok(()) => {}
                 }
@@ -895,14 +966,24 @@ impl Link {
         peer: Arc<Peer>,
         mut client: MeshLinkClient<tonic::transport::Channel>,
         lane: usize,
+        dial: u64,
+        attempt: watch::Receiver<()>,
     ) {
         loop {
-            let out =
-                Self::outgoing(&peer, lane).map(|records| pb::PacketBatch { seq: 0, records });
+            let mut ended = attempt.clone();
+            let out = Self::outgoing(&peer, lane)
+                .take_until(async move { while ended.changed().await.is_ok() {} })
+                .map(|records| pb::PacketBatch { seq: 0, records });
             let mut request = Request::new(out);
             request.metadata_mut().insert(
                 LANE_METADATA,
                 lane.to_string()
+                    .parse()
+                    .expect("a number is valid metadata"),
+            );
+            request.metadata_mut().insert(
+                DIAL_METADATA,
+                dial.to_string()
                     .parse()
                     .expect("a number is valid metadata"),
             );
@@ -930,6 +1011,49 @@ impl Link {
     }
 }
 
+/// Counts a session as up while it lives.
+struct SessionUp(Arc<Peer>);
+
+impl SessionUp {
+    fn new(peer: &Arc<Peer>) -> Self {
+        peer.sessions_up.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(peer))
+    }
+}
+
+impl Drop for SessionUp {
+    fn drop(&mut self) {
+        self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which dial of the peer a Sync or Tunnel request belongs to: the dialer's `weir-dial`
+/// number, or (a dialer that sends none) the connection's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DialKey {
+    Dial(u64),
+    Connection(SocketAddr),
+}
+
+impl DialKey {
+    fn of<T>(req: &Request<T>, remote: SocketAddr) -> Self {
+        req.metadata()
+            .get(DIAL_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map_or(Self::Connection(remote), Self::Dial)
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn send(
     out: &mpsc::Sender<pb::SyncFrame>,
     kind: pb::sync_frame::Kind,
@@ -939,7 +1063,7 @@ async fn send(
         .map_err(|_| SessionError::Ended)
 }
 
-fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
+pub(crate) fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     use pb::sync_frame::Kind;
     match f {
         Frame::Snapshot {
@@ -966,7 +1090,7 @@ fn frame_to_wire(f: &Frame<Export>) -> pb::sync_frame::Kind {
     }
 }
 
-fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
+pub(crate) fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
     let upsert = d
         .upsert
         .iter()
@@ -1016,18 +1140,20 @@ pub struct Service {
 }
 
 impl Service {
-    fn authenticated<T>(&self, req: &Request<T>) -> Result<(String, Arc<Peer>), Status> {
-        let certified = req
+    fn authenticated<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(String, SocketAddr, Arc<Peer>), Status> {
+        let connection = req
             .extensions()
             .get::<PeerCluster>()
-            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?
-            .name
-            .clone();
+            .ok_or_else(|| Status::unauthenticated("no authenticated peer"))?;
+        let certified = connection.name.clone();
         let peer = self
             .link
             .peer(&certified)
             .ok_or_else(|| Status::permission_denied(format!("no MeshPeer named {certified}")))?;
-        Ok((certified, peer))
+        Ok((certified, connection.remote, peer))
     }
 }
 
@@ -1042,7 +1168,9 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (certified, peer) = self.authenticated(&req)?;
+        let (certified, remote, peer) = self.authenticated(&req)?;
+        peer.server_dial
+            .send_replace(Some(DialKey::of(&req, remote)));
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let link = Arc::clone(&self.link);
@@ -1061,7 +1189,7 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (_, peer) = self.authenticated(&req)?;
+        let (_, remote, peer) = self.authenticated(&req)?;
         let lane = match req.metadata().get(LANE_METADATA) {
             None => 0,
             Some(v) => v
@@ -1075,7 +1203,21 @@ impl mesh_link_server::MeshLink for Service {
                     ))
                 })?,
         };
-        let mut inbound = req.into_inner();
+        let dial = DialKey::of(&req, remote);
+        // Both directions end when the peer opens a session of another dial (it re-dialled)
+        // or is removed.
+        let superseded = |peer: &Peer| {
+            let mut sessions = peer.server_dial.subscribe();
+            sessions.mark_unchanged();
+            async move {
+                while sessions.changed().await.is_ok() {
+                    if *sessions.borrow() != Some(dial) {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&peer)));
         let link = Arc::clone(&self.link);
         let receiving = Arc::clone(&peer);
         tokio::spawn(async move {
@@ -1083,8 +1225,9 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
-        let out =
-            Link::outgoing(&peer, lane).map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+        let out = Link::outgoing(&peer, lane)
+            .take_until(superseded(&peer))
+            .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))
     }
 }

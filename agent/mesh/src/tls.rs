@@ -11,14 +11,19 @@
 //! # Rotation
 //! Our certificate and key are read from files and re-read when they change
 //! ([`ReloadingIdentity::reload_if_changed`], polled by [`spawn_reloader`]); new handshakes use
-//! the new pair, established connections keep theirs. CA bundles come from the MeshPeer objects
-//! and are replaced with [`TrustStore::set`].
+//! the new pair, established connections keep theirs (the gateway then re-dials its peers, make
+//! before break). A rotated certificate must name the same cluster and, with trust anchors
+//! (`--mesh-ca`), chain to them; otherwise it is refused loudly and the previous pair stays in
+//! use. CA bundles come from the MeshPeer objects and are replaced with [`TrustStore::set`].
 
 use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -70,6 +75,40 @@ pub enum TlsError {
     CaBundle { peer: String, reason: String },
     #[error("building the TLS configuration: {0}")]
     Config(#[source] RustlsError),
+    #[error(
+        "the certificate in {path} names cluster {got}, but this gateway is {expected}: refused, the previous certificate stays in use"
+    )]
+    RotationCluster {
+        path: PathBuf,
+        got: String,
+        expected: String,
+    },
+    #[error(
+        "the certificate in {path} does not chain to the mesh CA (--mesh-ca): {reason}: refused{}",
+        if *.initial { "" } else { ", the previous certificate stays in use" }
+    )]
+    Untrusted {
+        path: PathBuf,
+        reason: String,
+        initial: bool,
+    },
+    #[error("the certificate in {path}: {reason}")]
+    Unnamed { path: PathBuf, reason: String },
+    #[error("reading the mesh CA from {path}: {reason}")]
+    Anchors { path: PathBuf, reason: String },
+}
+
+impl TlsError {
+    /// A readable pair that may not replace ours (another cluster, another CA): not retried
+    /// until the files change again.
+    pub fn is_refused_rotation(&self) -> bool {
+        matches!(
+            self,
+            TlsError::RotationCluster { .. }
+                | TlsError::Untrusted { .. }
+                | TlsError::Unnamed { .. }
+        )
+    }
 }
 
 /// The cluster named by a certificate: the one `spiffe://<domain>/cluster/<name>` URI SAN.
@@ -296,6 +335,13 @@ pub struct ReloadingIdentity {
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
     stamp: Mutex<FileStamps>,
+    /// The mesh CA our certificates must chain to, if the operator named it.
+    anchors: Option<Arc<RootCertStore>>,
+    /// Rotations applied and refused since start.
+    pub rotations: AtomicU64,
+    pub refused_rotations: AtomicU64,
+    /// Bumped by every applied rotation.
+    rotated: tokio::sync::watch::Sender<u64>,
 }
 
 type FileStamps = (Option<(SystemTime, u64)>, Option<(SystemTime, u64)>);
@@ -322,11 +368,58 @@ impl ReloadingIdentity {
             provider,
             current: RwLock::new(Arc::new(key)),
             stamp: Mutex::new(stamps),
+            anchors: None,
+            rotations: AtomicU64::new(0),
+            refused_rotations: AtomicU64::new(0),
+            rotated: tokio::sync::watch::Sender::new(0),
         })
     }
 
+    /// Requires our certificate, now and after every rotation, to chain to the CA bundle in
+    /// `ca_path` (PEM): a certificate from another CA is refused.
+    pub fn with_anchors(mut self, ca_path: &Path) -> Result<Self, TlsError> {
+        let pem = std::fs::read_to_string(ca_path).map_err(|e| TlsError::Anchors {
+            path: ca_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let roots = roots_from_pem(&pem).map_err(|reason| TlsError::Anchors {
+            path: ca_path.to_owned(),
+            reason,
+        })?;
+        self.anchors = Some(Arc::new(roots));
+        self.check_chain(&self.current(), true)?;
+        Ok(self)
+    }
+
+    fn check_chain(&self, key: &CertifiedKey, initial: bool) -> Result<(), TlsError> {
+        let Some(anchors) = &self.anchors else {
+            return Ok(());
+        };
+        let untrusted = |reason: String| TlsError::Untrusted {
+            path: self.cert_path.clone(),
+            reason,
+            initial,
+        };
+        let (ee, intermediates) = key
+            .cert
+            .split_first()
+            .ok_or_else(|| untrusted("no certificate".into()))?;
+        let parsed = rustls::server::ParsedCertificate::try_from(ee)
+            .map_err(|e| untrusted(e.to_string()))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            anchors,
+            intermediates,
+            UnixTime::now(),
+            self.provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| untrusted(e.to_string()))
+    }
+
     /// Re-reads the files if either changed. A pair that does not load (a half-written
-    /// rotation) keeps the previous one in use and is retried next time.
+    /// rotation) keeps the previous one in use and is retried next time; a pair that loads but
+    /// names another cluster or does not chain to the mesh CA is refused (and not retried until
+    /// the files change again).
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let stamps = (stamp(&self.cert_path), stamp(&self.key_path));
         let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
@@ -334,9 +427,44 @@ impl ReloadingIdentity {
             return Ok(false);
         }
         let key = read_pair(&self.cert_path, &self.key_path, &self.provider)?;
+        let checked = self.check_rotation(&key);
+        if let Err(e) = checked {
+            *last = stamps;
+            self.refused_rotations.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
         *last = stamps;
+        self.rotations.fetch_add(1, Ordering::Relaxed);
+        self.rotated.send_modify(|v| *v += 1);
         Ok(true)
+    }
+
+    fn check_rotation(&self, key: &CertifiedKey) -> Result<(), TlsError> {
+        let unnamed = |e: RustlsError| TlsError::Unnamed {
+            path: self.cert_path.clone(),
+            reason: e.to_string(),
+        };
+        let expected = self.cluster().map_err(unnamed)?;
+        let got = key
+            .cert
+            .first()
+            .ok_or_else(|| RustlsError::General("no certificate".into()))
+            .and_then(cluster_of)
+            .map_err(unnamed)?;
+        if got != expected {
+            return Err(TlsError::RotationCluster {
+                path: self.cert_path.clone(),
+                got,
+                expected,
+            });
+        }
+        self.check_chain(key, false)
+    }
+
+    /// Notified by every applied rotation.
+    pub fn subscribe_rotations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rotated.subscribe()
     }
 
     pub fn current(&self) -> Arc<CertifiedKey> {
@@ -429,8 +557,11 @@ pub fn spawn_reloader(
                     tracing::info!(cert = %identity.cert_path.display(), "mesh certificate reloaded")
                 }
                 Ok(false) => {}
+                Err(e) if e.is_refused_rotation() => {
+                    tracing::error!(error = %e, "refused the rotated mesh certificate")
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "mesh certificate not reloaded; keeping the previous one")
+                    tracing::warn!(error = %e, "mesh certificate not reloaded (yet); keeping the previous one")
                 }
             }
         }

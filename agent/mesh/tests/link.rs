@@ -324,7 +324,8 @@ impl Evil {
         hello_name: &str,
         frames: Vec<pb::sync_frame::Kind>,
     ) -> Option<String> {
-        let (tx, rx) = mpsc::channel(16);
+        // Room for every frame: they are queued before the stream is opened.
+        let (tx, rx) = mpsc::channel(frames.len() + 1);
         tx.send(pb::SyncFrame {
             kind: Some(pb::sync_frame::Kind::Hello(pb::Hello {
                 protocol_version: weir_mesh::link::PROTOCOL_VERSION,
@@ -412,6 +413,7 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
     eventually("west imports east", || from_east.is_synced()).await;
     let east_view = from_east.view();
 
+    west.link.set_max_deltas_per_second(5);
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut evil = Evil::new(&lab, &west, "mallory");
     type Case = (&'static str, Vec<(String, Export)>, Refusal);
@@ -468,6 +470,25 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
         "nothing of mallory's was imported"
     );
 
+    // A flood of deltas, each valid on its own: refused once above the rate.
+    let mut flood = snapshot(vec![identity(300, "pay", &[])]);
+    for v in 1..50u64 {
+        flood.push(pb::sync_frame::Kind::Delta(pb::Delta {
+            incarnation: 9,
+            base_version: v,
+            version: v + 1,
+            upsert: vec![
+                endpoint(&format!("10.247.2.{v}"), 300)
+                    .1
+                    .to_wire(&format!("ep/10.247.2.{v}")),
+            ],
+            remove: vec![],
+        }));
+    }
+    let nack = evil.session("mallory", flood).await;
+    let nack = nack.expect("a delta flood is refused");
+    assert!(nack.starts_with("limit: more than 5 deltas"), "{nack}");
+    assert!(from_mallory.refusals.get(Refusal::Limit) >= 1);
     // Impersonation: mallory's certificate with a Hello that says east.
     let _ = evil.session("east", vec![]).await;
     eventually("the impersonation is counted", || {
@@ -489,6 +510,7 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
         })];
         frames.extend(snapshot(vec![
             identity(400, "evil", &[]),
+            identity(401, "evil", &[("role", "admin")]),
             endpoint("10.247.0.1", 400),
         ]));
         for f in frames {
@@ -518,7 +540,7 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
                 // Its own address, to west's node network and to east (transit).
                 (400, ipv4_packet([10, 247, 0, 1], [192, 168, 1, 1])),
                 (400, ipv4_packet([10, 247, 0, 1], [10, 245, 1, 5])),
-                // Its own address with an id it did not export for it.
+                // Its own address with another identity it exported (for no address).
                 (401, ipv4_packet([10, 247, 0, 1], [10, 244, 0, 7])),
             ]),
         })

@@ -269,3 +269,85 @@ async fn a_rotated_certificate_is_used_by_new_handshakes() {
     let again = dial(addr, east_client(&pki, &east, "west")).await.unwrap();
     assert_eq!(again.get_ref().1.peer_certificates().unwrap()[0], second);
 }
+
+/// Writes a rotation of `stem`'s pair with a modification time of its own (two writes in the
+/// same clock tick must still count as two rotations).
+fn rotate_to(pki: &Pki, cert: &GatewayCert, stem: &str, tick: u64) {
+    let (c, k) = cert.write(pki.dir.path(), stem).unwrap();
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000 + tick);
+    for path in [c, k] {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_to_another_ca_or_another_cluster_is_refused_and_the_pair_kept() {
+    let pki = Pki::new();
+    let ca = pki.dir.path().join("mesh-ca.pem");
+    std::fs::write(&ca, pki.mesh.pem()).unwrap();
+    let good = pki.mesh.gateway("mesh.test", "east").unwrap();
+    let (c, k) = good.write(pki.dir.path(), "east").unwrap();
+    let east = ReloadingIdentity::load(&c, &k, tls::provider())
+        .unwrap()
+        .with_anchors(&ca)
+        .unwrap();
+    let first = east.current().cert[0].clone();
+    let rotations = east.subscribe_rotations();
+
+    // Another CA: refused, loudly, and not retried until the files change again.
+    rotate_to(
+        &pki,
+        &pki.wrong.gateway("mesh.test", "east").unwrap(),
+        "east",
+        1,
+    );
+    let err = east.reload_if_changed().unwrap_err();
+    assert!(err.is_refused_rotation(), "{err}");
+    assert!(err.to_string().contains("does not chain"), "{err}");
+    assert!(!east.reload_if_changed().unwrap(), "not retried");
+    assert_eq!(east.current().cert[0], first, "the previous pair stays");
+
+    // Another cluster's name, from the right CA: refused too.
+    rotate_to(
+        &pki,
+        &pki.mesh.gateway("mesh.test", "west").unwrap(),
+        "east",
+        2,
+    );
+    let err = east.reload_if_changed().unwrap_err();
+    assert!(err.is_refused_rotation(), "{err}");
+    assert!(err.to_string().contains("names cluster west"), "{err}");
+    assert_eq!(east.current().cert[0], first, "the previous pair stays");
+    assert_eq!(
+        east.refused_rotations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert!(!rotations.has_changed().unwrap());
+
+    // A good rotation is applied and announced.
+    let next = pki.mesh.gateway("mesh.test", "east").unwrap();
+    rotate_to(&pki, &next, "east", 3);
+    assert!(east.reload_if_changed().unwrap());
+    assert_ne!(east.current().cert[0], first);
+    assert!(rotations.has_changed().unwrap());
+    assert_eq!(east.rotations.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // At start, a certificate from another CA is refused outright.
+    let (c, k) = pki
+        .wrong
+        .gateway("mesh.test", "east")
+        .unwrap()
+        .write(pki.dir.path(), "stray")
+        .unwrap();
+    let err = ReloadingIdentity::load(&c, &k, tls::provider())
+        .unwrap()
+        .with_anchors(&ca)
+        .unwrap_err();
+    assert!(err.to_string().contains("does not chain"), "{err}");
+}

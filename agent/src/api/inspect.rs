@@ -29,11 +29,21 @@ use crate::{
 
 pub struct InspectService {
     runtime: Arc<Runtime>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl InspectService {
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        Self { runtime }
+        Self {
+            runtime,
+            mesh: None,
+        }
+    }
+
+    /// Overview shows the mesh role's peers too.
+    pub fn with_mesh(mut self, mesh: Arc<crate::mesh::Mesh>) -> Self {
+        self.mesh = Some(mesh);
+        self
     }
 }
 
@@ -193,8 +203,34 @@ impl Inspect for InspectService {
                     .copied()
                     .unwrap_or(0),
                 packets,
+                mesh_role: String::new(),
+                mesh_peers: Vec::new(),
             }
         });
+        let mut reply = reply;
+        if let Some(mesh) = &self.mesh {
+            let status = mesh.status();
+            reply.mesh_role = status.role.to_owned();
+            reply.mesh_peers = status
+                .peers
+                .into_iter()
+                .map(|p| weir_proto::agent::v1::MeshPeerStatus {
+                    peer: p.peer,
+                    connected: p.connected,
+                    synced: p.synced,
+                    imported_identities: p.imported_identities,
+                    imported_endpoints: p.imported_endpoints,
+                    refusals: p
+                        .refusals
+                        .into_iter()
+                        .map(|(reason, count)| weir_proto::agent::v1::MeshRefusal {
+                            reason: reason.to_owned(),
+                            count,
+                        })
+                        .collect(),
+                })
+                .collect();
+        }
         Ok(Response::new(reply))
     }
 

@@ -30,6 +30,10 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_COUNTERS,
 ];
 
+/// aya-log levels (`aya_log_common::Level`; 0 is below every level: nothing is logged).
+const LOG_LEVEL_OFF: u8 = 0;
+const LOG_LEVEL_DEBUG: u8 = 4;
+
 /// The tc programs in the object, in the order they are loaded (then `PROG_XDP`).
 pub const PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_TO_POD];
 
@@ -55,8 +59,28 @@ pub enum LoadError {
 
 /// Loads the embedded object. With `pin_dir`, every map in `PINNED_MAPS` is pinned there, or
 /// adopted when a previous agent already pinned it; without, nothing is pinned (TestRun tests).
+/// Kernel-side logging is off.
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    load_object(EBPF_OBJECT, pin_dir, false)
+}
+
+/// Loads `object` (the embedded one, or another build of it to compare with), as `load` does,
+/// with kernel-side debug logging on when `bpf_log` (read it with `bpf_log::forward`).
+pub fn load_object(
+    object: &[u8],
+    pin_dir: Option<&Path>,
+    bpf_log: bool,
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
+    // aya-log's level is a `.rodata` global, frozen at load: with logging off the verifier
+    // removes every log statement from the programs. Its default enables everything, so it is
+    // always set; an object built without aya-log has no such global (`must_exist` false).
+    let level = if bpf_log {
+        LOG_LEVEL_DEBUG
+    } else {
+        LOG_LEVEL_OFF
+    };
+    loader.override_global(aya_log::LEVEL, &level, false);
     let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
@@ -73,7 +97,7 @@ pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+    let mut ebpf = loader.load(object).map_err(LoadError::Object)?;
     for name in PROGRAMS {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)

@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod attach;
+pub mod bpf_log;
 pub mod desired;
 pub mod events;
 pub mod loader;

@@ -54,7 +54,7 @@ use weir_policy::{
     output::Rejection,
 };
 
-use super::SourceStats;
+use super::{SourceStats, meshpeer_crd::KMeshPeer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -102,17 +102,26 @@ impl KubeSourceConfig {
     }
 }
 
-/// The four kinds watched.
+/// The kinds watched. MeshPeer is the CRD of manifests/05-crd-meshpeer.yaml; like every kind,
+/// nothing is applied until it is listed (a node's restored mesh import is filtered by its
+/// MeshPeers, so a state without them would drop it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
     Node,
+    MeshPeer,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Node];
+    const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::Node,
+        Kind::MeshPeer,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -124,6 +133,7 @@ impl Kind {
             Kind::Namespace => "Namespaces",
             Kind::NetworkPolicy => "NetworkPolicies",
             Kind::Node => "Nodes",
+            Kind::MeshPeer => "MeshPeers",
         }
     }
 }
@@ -214,6 +224,10 @@ fn strip_namespace(ns: &mut KNamespace) {
 
 fn strip_policy(policy: &mut KNetworkPolicy) {
     strip_meta(&mut policy.metadata);
+}
+
+fn strip_mesh_peer(peer: &mut KMeshPeer) {
+    strip_meta(&mut peer.metadata);
 }
 
 /// Keeps the pod CIDRs and addresses (for routes); drops images, conditions, node info.
@@ -339,6 +353,7 @@ struct Stores {
     namespaces: Store<KNamespace>,
     policies: Store<KNetworkPolicy>,
     nodes: Store<KNode>,
+    mesh_peers: Store<KMeshPeer>,
 }
 
 impl Stores {
@@ -354,6 +369,7 @@ impl Stores {
         converter.refresh(Kind::Namespace, &self.namespaces.state());
         converter.refresh(Kind::NetworkPolicy, &self.policies.state());
         converter.refresh(Kind::Node, &self.nodes.state());
+        converter.refresh(Kind::MeshPeer, &self.mesh_peers.state());
         converter.finish()
     }
 }
@@ -379,19 +395,31 @@ pub async fn run(
         strip_policy,
     );
     let (nodes, node_reports) = watch(Api::<KNode>::all(client.clone()), Kind::Node, strip_node);
+    let (mesh_peers, mesh_peer_reports) = watch(
+        Api::<KMeshPeer>::all(client.clone()),
+        Kind::MeshPeer,
+        strip_mesh_peer,
+    );
     let stores = Stores {
         pods,
         namespaces,
         policies,
         nodes,
+        mesh_peers,
     };
-    let mut reports = select_all([pod_reports, ns_reports, np_reports, node_reports]);
+    let mut reports = select_all([
+        pod_reports,
+        ns_reports,
+        np_reports,
+        node_reports,
+        mesh_peer_reports,
+    ]);
 
     let events = config
         .policy_events
         .then(|| EventWriter::spawn(client.clone(), config.node_name.clone(), stats.clone()));
-    let mut listed = [false; 4];
-    let mut failing = [false; 4];
+    let mut listed = [false; Kind::ALL.len()];
+    let mut failing = [false; Kind::ALL.len()];
     let mut pending: Option<tokio::time::Instant> = None;
     let mut converter = Converter::default();
     let mut sent_once = false;
@@ -478,8 +506,8 @@ enum Wake {
 fn handle_report(
     kind: Kind,
     report: Report,
-    listed: &mut [bool; 4],
-    failing: &mut [bool; 4],
+    listed: &mut [bool; Kind::ALL.len()],
+    failing: &mut [bool; Kind::ALL.len()],
     pending: &mut Option<tokio::time::Instant>,
     stats: &SourceStats,
 ) {
@@ -537,6 +565,7 @@ async fn reachable(client: Client, kind: Kind) -> bool {
             .await
             .is_ok(),
         Kind::Node => Api::<KNode>::all(client).list(&params).await.is_ok(),
+        Kind::MeshPeer => Api::<KMeshPeer>::all(client).list(&params).await.is_ok(),
     }
 }
 

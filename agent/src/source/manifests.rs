@@ -114,15 +114,7 @@ pub struct ManifestDir {
 
 /// Whether a directory entry is a manifest the agent reads.
 pub fn is_manifest(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    if name.starts_with('.') || name.ends_with('~') {
-        return false;
-    }
-    [".yaml", ".yml", ".json"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    weir_policy::model::is_manifest_file(path)
 }
 
 impl ManifestDir {

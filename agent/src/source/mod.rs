@@ -10,6 +10,7 @@ use weir_policy::model::ClusterState;
 
 pub mod kubernetes;
 pub mod manifests;
+pub mod meshpeer_crd;
 
 /// Counters the cluster source updates (cheap atomics; the health endpoint's `/metrics` reads
 /// them).

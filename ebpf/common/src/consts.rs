@@ -89,8 +89,13 @@ pub const COUNTER_PATH_REDIRECT_PEER: u32 = REASON_COUNT - 3;
 /// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and left
 /// to the node's stack (the destination is not a local pod, the node itself, a fragment, ...).
 pub const COUNTER_PATH_STACK: u32 = REASON_COUNT - 4;
+/// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and handed
+/// straight to the next hop towards a pod of another node (`bpf_redirect_neigh`).
+pub const COUNTER_PATH_REDIRECT_NEIGH: u32 = REASON_COUNT - 5;
+/// The lowest counter slot that is not a reason.
+pub const FIRST_COUNTER_SLOT: u32 = COUNTER_PATH_REDIRECT_NEIGH;
 // The counter slots that are not reasons sit above every reason.
-const _: () = assert!((REASON_PREFILTER_DENIED as u32) < COUNTER_PATH_STACK);
+const _: () = assert!((REASON_PREFILTER_DENIED as u32) < FIRST_COUNTER_SLOT);
 
 /// `Config::flags`: cut established connections that a policy change no longer allows.
 pub const CONFIG_REVOKE_ESTABLISHED: u32 = 1 << 0;
@@ -100,6 +105,9 @@ pub const CONFIG_EMIT_ALLOW_EVENTS: u32 = 1 << 1;
 /// `Config::flags`: deliver a packet from one local pod to another straight into the destination
 /// pod's namespace, its ingress policy checked inline, instead of through the node's IP stack.
 pub const CONFIG_REDIRECT_LOCAL: u32 = 1 << 2;
+/// `Config::flags`: hand a packet from a local pod to a pod of another node straight to the next
+/// hop of the node's route (`bpf_redirect_neigh`) instead of through the node's IP stack.
+pub const CONFIG_REDIRECT_REMOTE: u32 = 1 << 3;
 
 /// `SubjectPolicy::flags`.
 pub const SUBJECT_ISOLATED_INGRESS: u32 = 1 << 0;

@@ -15,6 +15,7 @@
 #![no_main]
 
 mod datapath;
+mod debug_log;
 mod fragments;
 mod key;
 mod maps;
@@ -34,23 +35,32 @@ use weir_common::{DIR_EGRESS, DIR_INGRESS};
 
 #[classifier]
 pub fn weir_from_pod(ctx: TcContext) -> i32 {
-    match datapath::run(&ctx, DIR_EGRESS) {
+    debug_log::begin();
+    let verdict = match datapath::run(&ctx, DIR_EGRESS) {
         Ok(v) => v,
         Err(_) => TC_ACT_SHOT as i32,
-    }
+    };
+    debug_log::finish();
+    verdict
 }
 
 #[classifier]
 pub fn weir_to_pod(ctx: TcContext) -> i32 {
-    match datapath::run(&ctx, DIR_INGRESS) {
+    debug_log::begin();
+    let verdict = match datapath::run(&ctx, DIR_INGRESS) {
         Ok(v) => v,
         Err(_) => TC_ACT_SHOT as i32,
-    }
+    };
+    debug_log::finish();
+    verdict
 }
 
 #[xdp]
 pub fn weir_xdp(ctx: XdpContext) -> u32 {
-    uplink::run(&ctx)
+    debug_log::begin();
+    let verdict = uplink::run(&ctx);
+    debug_log::finish();
+    verdict
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,10 @@ use aya_ebpf::{
 };
 use weir_common::{COUNTER_EVENTS_LOST, CtKey, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent};
 
-use crate::maps::{WEIR_COUNTERS, WEIR_EVENTS};
+use crate::{
+    debug_log,
+    maps::{WEIR_COUNTERS, WEIR_EVENTS},
+};
 
 /// What a hook decided for a packet: the tc action and the reason it was counted under.
 #[derive(Clone, Copy)]
@@ -44,6 +47,7 @@ pub fn count(slot: u32) {
 
 #[inline(always)]
 pub fn emit(r: &Report<'_>, verdict: u8, reason: u8) {
+    debug_log::verdict(r, verdict, reason);
     match WEIR_EVENTS.reserve::<VerdictEvent>(0) {
         Some(mut entry) => {
             entry.write(VerdictEvent {

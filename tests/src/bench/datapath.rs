@@ -2,6 +2,11 @@
 //! 10 and with 10,000 rules on the subject. The rules are written by the agent's own writer.
 //! Besides a new and an established connection: a later fragment of an allowed datagram (the
 //! fragment map, then conntrack) and an established IPv6 connection behind three extension headers.
+//!
+//! Then the cost of kernel-side debug logging (aya-log) at 10 rules: the object loaded with
+//! logging off (as the agent loads it without `--bpf-log`) against the same object with logging
+//! on, and, with `WEIR_BENCH_BASELINE_EBPF=<path to a weir-ebpf object built without aya-log>`,
+//! against that build; the loads alternate over rounds and each case takes its median round.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -9,6 +14,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use weir_agent::datapath::{
     loader,
     maps::DatapathMaps,
+    object::EBPF_OBJECT,
     writer::{DesiredMaps, SubjectState, Writer},
 };
 use weir_common::{DIR_INGRESS, EndpointInfo, PROG_TO_POD, PROTO_TCP, SUBJECT_ISOLATED_INGRESS};
@@ -107,7 +113,12 @@ struct Costs {
 
 /// The per-packet times at `rules` rules.
 fn measure(rules: u32, repeat: u32) -> anyhow::Result<Costs> {
-    let mut ebpf = loader::load(None)?;
+    measure_object(EBPF_OBJECT, false, rules, repeat)
+}
+
+/// The per-packet times at `rules` rules of `object`, loaded with kernel logging `bpf_log`.
+fn measure_object(object: &[u8], bpf_log: bool, rules: u32, repeat: u32) -> anyhow::Result<Costs> {
+    let mut ebpf = loader::load_object(object, None, bpf_log)?;
     let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
     writer.apply(&desired(rules))?;
     let program: &SchedClassifier = ebpf
@@ -182,5 +193,95 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
         many.ipv6_extensions,
     );
     println!("  goal: ratio <= 1.10");
+    logging_cost(repeat)
+}
+
+const LOG_ROUNDS: usize = 5;
+
+/// The median of each case over rounds.
+fn median_costs(rounds: &[Costs]) -> Costs {
+    fn median(values: &mut [Duration]) -> Duration {
+        values.sort();
+        values[values.len() / 2]
+    }
+    let pick = |f: fn(&Costs) -> Duration| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
+    Costs {
+        denied: pick(|c| c.denied),
+        established: pick(|c| c.established),
+        later_fragment: pick(|c| c.later_fragment),
+        ipv6_extensions: pick(|c| c.ipv6_extensions),
+    }
+}
+
+/// Kernel-side logging: off against on and (if given) against a build without aya-log.
+fn logging_cost(repeat: u32) -> anyhow::Result<()> {
+    let baseline = match std::env::var_os("WEIR_BENCH_BASELINE_EBPF") {
+        Some(path) => Some(
+            std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("reading WEIR_BENCH_BASELINE_EBPF {path:?}: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut without = Vec::new();
+    for _ in 0..LOG_ROUNDS {
+        off.push(measure_object(EBPF_OBJECT, false, 10, repeat)?);
+        if let Some(object) = &baseline {
+            without.push(measure_object(object, false, 10, repeat)?);
+        }
+        on.push(measure_object(EBPF_OBJECT, true, 10, repeat)?);
+    }
+    let off = median_costs(&off);
+    let on = median_costs(&on);
+    let without = (!without.is_empty()).then(|| median_costs(&without));
+    println!(
+        "kernel debug logging (aya-log), weir_to_pod at 10 rules, median of {LOG_ROUNDS} alternating loads:"
+    );
+    println!(
+        "  {:<52} {:>11} {:>11} {:>11}",
+        "case",
+        "log off",
+        "log on",
+        if without.is_some() {
+            "no aya-log"
+        } else {
+            "(no base)"
+        }
+    );
+    let row = |name: &str, f: fn(&Costs) -> Duration| {
+        let base = without.as_ref().map(f);
+        println!(
+            "  {name:<52} {:>8} ns {:>8} ns {:>8}    off/on {:.3}{}",
+            f(&off).as_nanos(),
+            f(&on).as_nanos(),
+            base.map_or("-".to_owned(), |b| format!("{} ns", b.as_nanos())),
+            f(&off).as_secs_f64() / f(&on).as_secs_f64().max(1e-12),
+            base.map_or(String::new(), |b| format!(
+                "  off/no aya-log {:.3}",
+                f(&off).as_secs_f64() / b.as_secs_f64().max(1e-12)
+            )),
+        );
+    };
+    row("new connection, full policy lookup (denied, logged)", |c| {
+        c.denied
+    });
+    row("established connection (conntrack hit, not logged)", |c| {
+        c.established
+    });
+    row("later fragment of an allowed datagram", |c| {
+        c.later_fragment
+    });
+    row("established IPv6 behind 3 extension headers", |c| {
+        c.ipv6_extensions
+    });
+    println!(
+        "  goal: log off within TestRun noise of a build without aya-log (off/no aya-log ~1.0). With logging on, the denied case writes a record per packet until aya-log's 128 KiB ring buffer is full (nothing reads it here), then only tries."
+    );
+    if without.is_none() {
+        println!(
+            "  (set WEIR_BENCH_BASELINE_EBPF to a weir-ebpf object built without aya-log for the last column)"
+        );
+    }
     Ok(())
 }

@@ -37,12 +37,5 @@ pub fn us(d: Duration) -> String {
 
 /// Resident memory of this process, from /proc/self/status.
 pub fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    weir_lab::process::rss_mib(std::process::id())
 }

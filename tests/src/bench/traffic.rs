@@ -2,7 +2,12 @@
 //! with no enforcement, with Weir at 0, 1,000 and 10,000 rules through the node's stack, with
 //! Weir at 0 and 10,000 rules delivering through `bpf_redirect_peer` (the agent's default), and
 //! with the same rules as iptables. A rule is one (peer, port) allowance in a policy that selects the measured pods; all
-//! but the allowances for the measured traffic name other peers.
+//! but the allowances for the measured traffic name other peers. These cases write Weir's maps
+//! directly.
+//!
+//! Beside them, the same traffic through the real agent (`traffic_agent`): 1 and 10,000
+//! NetworkPolicies selecting the server, with and without `--redirect-local-pods`, against the
+//! same veths with Weir uninstalled.
 //!
 //! Topology: client pod ns ── veth ── node ns ── veth ── server pod ns, routed, all inside
 //! namespaces this benchmark creates and deletes. Weir's programs go onto the node's veths the
@@ -37,13 +42,16 @@ use weir_common::{
 };
 use weir_policy::output::RuleMatch;
 
-use super::stats::{Samples, us};
+use super::{
+    stats::{Samples, us},
+    traffic_agent::AgentNode,
+};
 use crate::netns::{Netns, spawn_in};
 
 const CLIENT: &str = "10.77.1.2";
 const SERVER: &str = "10.77.2.2";
-const UDP_PORT: u16 = 7000;
-const TCP_PORT: u16 = 7001;
+pub(super) const UDP_PORT: u16 = 7000;
+pub(super) const TCP_PORT: u16 = 7001;
 const CLIENT_ID: u32 = 1000;
 const SERVER_ID: u32 = 1001;
 
@@ -96,12 +104,12 @@ fn in_netns<T: Send + 'static>(
 }
 
 /// UDP echo and TCP sink servers in the server pod; run until the process ends.
-fn start_servers(server: &Netns) -> mpsc::Receiver<(u64, Duration)> {
+fn start_servers(server: &Netns, ip: IpAddr) -> mpsc::Receiver<(u64, Duration)> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (bytes_tx, bytes_rx) = mpsc::channel();
     in_netns(server, move || {
-        let udp = UdpSocket::bind((SERVER, UDP_PORT)).expect("binding UDP");
-        let tcp = TcpListener::bind((SERVER, TCP_PORT)).expect("binding TCP");
+        let udp = UdpSocket::bind((ip, UDP_PORT)).expect("binding UDP");
+        let tcp = TcpListener::bind((ip, TCP_PORT)).expect("binding TCP");
         let _ = ready_tx.send(());
         thread::spawn(move || {
             let mut buf = [0u8; 2048];
@@ -131,11 +139,20 @@ fn start_servers(server: &Netns) -> mpsc::Receiver<(u64, Duration)> {
     bytes_rx
 }
 
+/// The measured pair: the client pod and its address, the server's address and byte counts.
+struct Pair<'a> {
+    client: &'a Netns,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
+    results: &'a mpsc::Receiver<(u64, Duration)>,
+}
+
 /// `iterations` UDP round-trip times, after 1,000 to warm up.
-fn udp_latency(client: &Netns, iterations: usize) -> Vec<Duration> {
-    in_netns(client, move || {
-        let sock = UdpSocket::bind((CLIENT, 0)).expect("binding the client");
-        sock.connect((SERVER, UDP_PORT)).expect("connecting");
+fn udp_latency(pair: &Pair<'_>, iterations: usize) -> Vec<Duration> {
+    let (client, server) = (pair.client_ip, pair.server_ip);
+    in_netns(pair.client, move || {
+        let sock = UdpSocket::bind((client, 0)).expect("binding the client");
+        sock.connect((server, UDP_PORT)).expect("connecting");
         sock.set_read_timeout(Some(Duration::from_secs(1)))
             .expect("timeout");
         let msg = [7u8; 64];
@@ -156,9 +173,9 @@ fn udp_latency(client: &Netns, iterations: usize) -> Vec<Duration> {
     .expect("latency client panicked")
 }
 
-fn tcp_throughput(client: &Netns, results: &mpsc::Receiver<(u64, Duration)>, secs: u64) -> f64 {
-    in_netns(client, move || {
-        let server: SocketAddr = (SERVER.parse::<IpAddr>().expect("addr"), TCP_PORT).into();
+fn tcp_throughput(pair: &Pair<'_>, secs: u64) -> f64 {
+    let server: SocketAddr = (pair.server_ip, TCP_PORT).into();
+    in_netns(pair.client, move || {
         let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2))
             .expect("TCP connect failed: the path is blocked");
         let buf = vec![1u8; 1 << 17];
@@ -170,7 +187,8 @@ fn tcp_throughput(client: &Netns, results: &mpsc::Receiver<(u64, Duration)>, sec
     })
     .join()
     .expect("throughput client panicked");
-    let (bytes, elapsed) = results
+    let (bytes, elapsed) = pair
+        .results
         .recv_timeout(Duration::from_secs(10))
         .expect("server count");
     bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
@@ -329,15 +347,22 @@ fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
 
 const ROUNDS: usize = 3;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Case {
     NoEnforcement,
     Weir(u32),
     WeirRedirect(u32),
     Iptables(u32),
+    /// The agent's node with Weir uninstalled: the baseline of the `Agent` cases.
+    AgentUninstalled,
+    /// The real agent with this many NetworkPolicies, with or without `--redirect-local-pods`.
+    Agent {
+        policies: usize,
+        redirect: bool,
+    },
 }
 
-const CASES: [Case; 8] = [
+const CASES: [Case; 13] = [
     Case::NoEnforcement,
     Case::Weir(0),
     Case::Weir(1_000),
@@ -346,6 +371,23 @@ const CASES: [Case; 8] = [
     Case::WeirRedirect(10_000),
     Case::Iptables(1_000),
     Case::Iptables(10_000),
+    Case::AgentUninstalled,
+    Case::Agent {
+        policies: 1,
+        redirect: false,
+    },
+    Case::Agent {
+        policies: 1,
+        redirect: true,
+    },
+    Case::Agent {
+        policies: 10_000,
+        redirect: false,
+    },
+    Case::Agent {
+        policies: 10_000,
+        redirect: true,
+    },
 ];
 
 impl Case {
@@ -355,7 +397,29 @@ impl Case {
             Case::Weir(rules) => format!("weir, {rules} rules"),
             Case::WeirRedirect(rules) => format!("weir+redirect, {rules} rules"),
             Case::Iptables(rules) => format!("iptables, {rules} rules"),
+            Case::AgentUninstalled => "agent node, weir uninstalled".to_owned(),
+            Case::Agent { policies, redirect } => format!(
+                "agent, {policies} polic{}{}",
+                if policies == 1 { "y" } else { "ies" },
+                if redirect { ", redirect" } else { ", stack" }
+            ),
         }
+    }
+
+    /// The case this one's ratios are against: the same veths without enforcement.
+    fn baseline(self) -> Case {
+        match self {
+            Case::AgentUninstalled | Case::Agent { .. } => Case::AgentUninstalled,
+            _ => Case::NoEnforcement,
+        }
+    }
+
+    fn is_baseline(self) -> bool {
+        matches!(self, Case::NoEnforcement | Case::AgentUninstalled)
+    }
+
+    fn index(self) -> usize {
+        CASES.iter().position(|c| *c == self).unwrap_or(0)
     }
 }
 
@@ -368,7 +432,15 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
         "iptables-restore is not installed (the iptables baseline needs it): apt-get install iptables"
     );
     let t = topology();
-    let results = start_servers(&t.server);
+    let results = start_servers(&t.server, SERVER.parse()?);
+    let map_pair = Pair {
+        client: &t.client,
+        client_ip: CLIENT.parse()?,
+        server_ip: SERVER.parse()?,
+        results: &results,
+    };
+    let mut agent_node = AgentNode::start()?;
+    let agent_results = start_servers(&agent_node.server, agent_node.server_ip);
     println!(
         "pod-to-pod through a node namespace ({ROUNDS} rounds over the cases; per case and round {iterations} UDP round trips, {secs} s TCP):"
     );
@@ -378,7 +450,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
         for (i, case) in CASES.iter().enumerate() {
             // Held for the case's measurement: Weir's programs come off when it drops.
             let weir_attached = match case {
-                Case::NoEnforcement => None,
+                Case::NoEnforcement | Case::AgentUninstalled | Case::Agent { .. } => None,
                 Case::Weir(rules) => Some(weir(&t.node, *rules, false)?),
                 Case::WeirRedirect(rules) => Some(weir(&t.node, *rules, true)?),
                 Case::Iptables(rules) => {
@@ -386,45 +458,59 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
                     None
                 }
             };
-            latency[i].extend(udp_latency(&t.client, iterations));
-            throughput[i].push(tcp_throughput(&t.client, &results, secs));
+            match case {
+                Case::AgentUninstalled => agent_node.uninstall()?,
+                Case::Agent { policies, redirect } => agent_node.enforce(*policies, *redirect)?,
+                _ => {}
+            }
+            let agent_pair = Pair {
+                client: &agent_node.client,
+                client_ip: agent_node.client_ip,
+                server_ip: agent_node.server_ip,
+                results: &agent_results,
+            };
+            let pair = match case.baseline() {
+                Case::AgentUninstalled => &agent_pair,
+                _ => &map_pair,
+            };
+            latency[i].extend(udp_latency(pair, iterations));
+            throughput[i].push(tcp_throughput(pair, secs));
             drop(weir_attached);
             if matches!(case, Case::Iptables(_)) {
                 iptables_flush(&t.node)?;
             }
         }
     }
-    let rows: Vec<(String, Samples, f64)> = CASES
+    drop(agent_node);
+    let rows: Vec<(Case, Samples, f64)> = CASES
         .iter()
         .zip(latency)
         .zip(throughput)
         .map(|((case, lat), mut gbit)| {
             gbit.sort_by(f64::total_cmp);
-            (case.name(), Samples::new(lat), gbit[gbit.len() / 2])
+            (*case, Samples::new(lat), gbit[gbit.len() / 2])
         })
         .collect();
-    for (name, lat, gbit) in &rows {
+    for (case, lat, gbit) in &rows {
         println!(
-            "  {name:<27} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s",
+            "  {:<30} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s",
+            case.name(),
             us(lat.percentile(50.0)),
             us(lat.mean()),
             us(lat.percentile(99.0)),
             gbit
         );
     }
-    let (_, base_lat, base_tp) = &rows[0];
-    let (base_p50, base_mean) = (
-        base_lat.percentile(50.0).as_secs_f64(),
-        base_lat.mean().as_secs_f64(),
-    );
     println!(
-        "ratios against no enforcement (goals for weir at 10,000 rules: latency <= 1.10x, throughput >= 0.90x; with the redirect: latency p50 <= 1.0x, throughput >= 1.0x):"
+        "ratios against the same veths without enforcement (the map-writing cases: no enforcement; the agent's: weir uninstalled). Goals at 10,000 rules/policies through the stack: latency <= 1.10x, throughput >= 0.90x; with the redirect: latency p50 <= 1.0x, throughput >= 1.0x:"
     );
-    for (name, lat, tp) in &rows[1..] {
+    for (case, lat, tp) in rows.iter().filter(|(c, _, _)| !c.is_baseline()) {
+        let (_, base_lat, base_tp) = &rows[case.baseline().index()];
         println!(
-            "  {name:<27} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x",
-            lat.percentile(50.0).as_secs_f64() / base_p50,
-            lat.mean().as_secs_f64() / base_mean,
+            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x",
+            case.name(),
+            lat.percentile(50.0).as_secs_f64() / base_lat.percentile(50.0).as_secs_f64(),
+            lat.mean().as_secs_f64() / base_lat.mean().as_secs_f64(),
             tp / base_tp
         );
     }

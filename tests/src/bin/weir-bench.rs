@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -48,9 +48,14 @@ fn main() -> anyhow::Result<()> {
         )?;
         ran = true;
     }
+    // Not part of "all": it builds a two-cluster mesh lab of its own.
+    if which == "mesh-sync" {
+        bench::mesh_sync::run(20)?;
+        ran = true;
+    }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh, mesh-sync or all"
     );
     Ok(())
 }

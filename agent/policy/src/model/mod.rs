@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 
 pub use mesh_peer::*;
 pub use objects::*;
-pub use parse::{InvalidObject, MAX_FILE_BYTES, MAX_OBJECT_BYTES, ParseError, parse_documents};
+pub use parse::{
+    InvalidObject, MAX_FILE_BYTES, MAX_OBJECT_BYTES, MESH_PEER_API_VERSION, ParseError,
+    parse_documents,
+};
 
 /// Namespace and name of a namespaced object.
 #[derive(
@@ -84,7 +87,41 @@ fn key_of(meta: &ObjectMeta) -> ObjectKey {
     )
 }
 
+/// Whether a file of a manifests directory is read as manifests: YAML or JSON by its name, not
+/// a dotfile (editors' and atomic writers' temporary files) nor an editor's backup (`name~`).
+pub fn is_manifest_file(path: &std::path::Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    if name.starts_with('.') || name.ends_with('~') {
+        return false;
+    }
+    [".yaml", ".yml", ".json"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
 impl Object {
+    /// The object's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::Node(_) => "Node",
+            Object::MeshPeer(_) => "MeshPeer",
+        }
+    }
+
+    /// The `apiVersion` its kind is served at.
+    pub fn api_version(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) | Object::Pod(_) | Object::Node(_) => "v1",
+            Object::NetworkPolicy(_) => "networking.k8s.io/v1",
+            Object::MeshPeer(_) => MESH_PEER_API_VERSION,
+        }
+    }
+
     /// The object's kind and key. Namespaced objects without a namespace are in `default`.
     pub fn object_ref(&self) -> ObjectRef {
         match self {

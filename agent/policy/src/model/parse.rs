@@ -32,7 +32,7 @@ use super::{LabelSelector, MeshPeer, Namespace, NetworkPolicy, Node, Object, Pod
 use crate::names;
 
 /// The apiVersion of Weir's own MeshPeer kind.
-const MESH_PEER_API_VERSION: &str = "weir.io/v1alpha1";
+pub const MESH_PEER_API_VERSION: &str = "weir.io/v1alpha1";
 /// Largest manifest file read (bytes). Files are read whole, so this also bounds the memory
 /// one file can make the agent use.
 pub const MAX_FILE_BYTES: usize = 16 << 20;

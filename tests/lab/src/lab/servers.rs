@@ -12,19 +12,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use super::netns;
+use crate::{netns, process};
 
-#[derive(clap::Args, Debug)]
+/// What `lab serve` is given (the command line [`spawn`] writes).
+#[derive(Debug)]
 pub struct ServeOptions {
     /// The lab this server belongs to (so `lab down` finds it).
-    #[arg(long)]
     pub lab: String,
     /// The pod's name, written back on every connection and datagram.
-    #[arg(long)]
     pub pod: String,
-    #[arg(long)]
     pub tcp: Vec<u16>,
-    #[arg(long)]
     pub udp: Vec<u16>,
 }
 
@@ -86,7 +83,7 @@ pub fn spawn(
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    netns::detach(&mut cmd);
+    process::detach(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("starting the server of {pod}"))?;
@@ -112,7 +109,7 @@ fn wait_listening(pod_netns: &str, port: u16, pid: u32) -> anyhow::Result<()> {
         if up {
             return Ok(());
         }
-        if !super::process_alive(pid) || Instant::now() > deadline {
+        if !process::alive(pid) || Instant::now() > deadline {
             bail!("the server in {pod_netns} did not start listening on {port}");
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -5,14 +5,25 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use super::{Expectations, Lab, LabSpec, Manifest, ProbeSpec, Proto, Target};
+use weir_lab::lab::{self as lab, Expectations, Lab, LabSpec, Manifest, ProbeSpec, Proto, Target};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum LabCommand {
-    /// Build a lab from a manifests file or directory (Namespaces, Pods, NetworkPolicies).
+    /// Build a lab from a manifests file or directory (Namespaces, Pods, NetworkPolicies), or a
+    /// mesh of clusters with `--cluster NAME=MANIFESTS` given twice or more.
     Up {
-        #[arg(long)]
-        manifests: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "clusters",
+            conflicts_with = "clusters"
+        )]
+        manifests: Option<PathBuf>,
+        /// A cluster of a mesh lab: its name (what `weir.io/cluster` says) and its manifests.
+        /// Each cluster gets `--nodes` nodes, the first its mesh gateway; only the gateways are
+        /// joined, through a WAN namespace (see `cargo xtask demo mesh`).
+        #[arg(long = "cluster", value_name = "NAME=MANIFESTS")]
+        clusters: Vec<String>,
+        /// Nodes (per cluster, in a mesh lab).
         #[arg(long, default_value_t = 2)]
         nodes: usize,
         #[arg(long, default_value = "lab")]
@@ -65,17 +76,36 @@ pub enum LabCommand {
     },
     /// (internal) The servers a lab pod runs.
     #[command(hide = true)]
-    Serve(super::servers::ServeOptions),
+    Serve(ServeArgs),
+}
+
+/// `lab serve`: the command line of weir_lab::lab::servers::spawn.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The lab this server belongs to (so `lab down` finds it).
+    #[arg(long)]
+    lab: String,
+    /// The pod's name, written back on every connection and datagram.
+    #[arg(long)]
+    pod: String,
+    #[arg(long)]
+    tcp: Vec<u16>,
+    #[arg(long)]
+    udp: Vec<u16>,
 }
 
 pub fn run(command: LabCommand) -> anyhow::Result<()> {
     match command {
         LabCommand::Up {
             manifests,
+            clusters,
             nodes,
             name,
             extra_ports,
         } => {
+            let Some(manifests) = manifests else {
+                return lab::mesh::up_from_cli(&name, &clusters, nodes, extra_ports);
+            };
             let mut spec = LabSpec::new(&name, nodes).manifest(Manifest::Path(manifests));
             spec.extra_ports = extra_ports;
             let lab = Lab::up(spec)?;
@@ -136,6 +166,9 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
             json,
             ports,
         } => {
+            if lab::mesh::is_mesh(&name) {
+                return lab::mesh::probe_from_cli(&name, expect.as_deref(), json);
+            }
             let lab = Lab::open(&name)?;
             let mut spec = ProbeSpec::default();
             if !ports.is_empty() {
@@ -163,7 +196,7 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
             }
             if let Some(e) = &expect {
                 let diffs = matrix.differences(e);
-                eprint!("{}", super::matrix::render_differences(&diffs));
+                eprint!("{}", lab::matrix::render_differences(&diffs));
                 if !diffs.is_empty() {
                     bail!("the matrix differs from {} expectation(s)", diffs.len());
                 }
@@ -172,15 +205,20 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
         }
         LabCommand::Down { name, all } => {
             if all {
-                let names = super::down_all()?;
+                let names = lab::down_all()?;
                 println!("took down: {}", names.join(", "));
             } else {
-                super::down(&name)?;
+                lab::down(&name)?;
                 println!("lab {name} is down");
             }
             Ok(())
         }
-        LabCommand::Serve(options) => super::servers::serve(&options),
+        LabCommand::Serve(args) => lab::servers::serve(&lab::servers::ServeOptions {
+            lab: args.lab,
+            pod: args.pod,
+            tcp: args.tcp,
+            udp: args.udp,
+        }),
     }
 }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::matrix::Proto;
+use crate::cni::PodRef;
+use crate::matrix::Proto;
 
 pub const ROOT: &str = "/run/weir-lab";
 
@@ -24,6 +25,9 @@ pub struct State {
     /// Ports every pod serves besides its containerPorts.
     #[serde(default)]
     pub extra_ports: Vec<u16>,
+    /// Flags every agent gets besides the lab's own.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
     pub nodes: Vec<NodeState>,
     pub pods: BTreeMap<String, PodState>,
 }
@@ -99,5 +103,17 @@ impl State {
             .unwrap_or_default();
         names.sort();
         names
+    }
+}
+
+impl PodState {
+    /// The pod's identity as the plugin is given it.
+    pub fn cni_ref(&self) -> PodRef<'_> {
+        PodRef {
+            container_id: &self.container_id,
+            namespace: &self.namespace,
+            name: &self.name,
+            netns: &self.netns,
+        }
     }
 }

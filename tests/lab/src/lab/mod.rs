@@ -10,17 +10,14 @@
 //! All names carry the lab's name (`wl-<lab>-...`), so labs run side by side. What a lab made is
 //! recorded in /run/weir-lab/<lab>/state.json; [`down`] takes it all away from any process.
 
-pub mod cli;
-pub mod matrix;
-pub mod netns;
-pub mod objects;
+pub mod mesh;
 pub mod probe;
 pub mod servers;
 pub mod state;
 pub mod topology;
+pub mod wan_capture;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +25,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::agent::{self, AgentArgs};
+use crate::cni::Plugin;
+use crate::{kubelet, netns, process};
+
+pub use crate::{matrix, objects};
 pub use matrix::{Difference, Expectations, Matrix, Proto, Target};
 pub use objects::Object;
 pub use probe::ProbeOptions;
@@ -65,6 +67,11 @@ pub struct LabSpec {
     pub agent_bin: Option<PathBuf>,
     pub cni_bin: Option<PathBuf>,
     pub server_bin: Option<PathBuf>,
+    /// The lab's address index (underlay 172.31.<index>.0/24, pods 10.<index>.<n>.0/24); from
+    /// the name's hash when not given. A mesh lab gives its clusters distinct ones.
+    pub index: Option<u8>,
+    /// Flags every agent of the lab gets besides the lab's own (a mesh lab's certificates).
+    pub agent_args: Vec<String>,
 }
 
 impl LabSpec {
@@ -77,6 +84,8 @@ impl LabSpec {
             agent_bin: None,
             cni_bin: None,
             server_bin: None,
+            index: None,
+            agent_args: Vec::new(),
         }
     }
 
@@ -145,12 +154,13 @@ impl Lab {
         let dir = State::dir_of(&spec.name);
         let mut state = State {
             name: spec.name.clone(),
-            index: lab_index(&spec.name),
+            index: spec.index.unwrap_or_else(|| lab_index(&spec.name)),
             underlay_netns: topology::underlay_netns(&spec.name),
             agent_bin: find_bin("weir-agent", "WEIR_AGENT_BIN", spec.agent_bin.as_deref())?,
             cni_bin: find_bin("weir-cni", "WEIR_CNI_BIN", spec.cni_bin.as_deref())?,
             server_bin: find_bin("xtask", "WEIR_LAB_SERVER_BIN", spec.server_bin.as_deref())?,
             extra_ports: spec.extra_ports.clone(),
+            agent_args: spec.agent_args.clone(),
             dir,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
@@ -181,7 +191,7 @@ impl Lab {
         ensure_bpffs()?;
         topology::build(&lab.state)?;
         let (pods, others): (Vec<Object>, Vec<Object>) =
-            objects.into_iter().partition(|o| o.kind == "Pod");
+            objects.into_iter().partition(|o| o.kind() == "Pod");
         for object in &others {
             objects::write(&lab.state.manifests_dir(), object)?;
         }
@@ -248,7 +258,7 @@ impl Lab {
         };
         kill_if_ours(pid, &self.state.name, libc::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while process_alive(pid) {
+        while process::alive(pid) {
             if Instant::now() > deadline {
                 bail!("the agent of {node} (pid {pid}) survived SIGKILL for 10 s");
             }
@@ -266,10 +276,12 @@ impl Lab {
         self.wait_agent_ready(node)
     }
 
-    /// Starts one node's agent in its namespace, detached; its log is appended to.
+    /// Starts one node's agent in its namespace, detached (it outlives this process); its log
+    /// is appended to.
     fn spawn_agent(&mut self, name: &str) -> anyhow::Result<()> {
         let manifests = self.state.manifests_dir();
         let agent_bin = self.state.agent_bin.clone();
+        let agent_args = self.state.agent_args.clone();
         let node = self
             .state
             .nodes
@@ -283,23 +295,19 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&node.log)?;
-        let mut cmd = netns::command_in(&node.netns, &agent_bin);
-        cmd.arg("--node-name")
-            .arg(&node.name)
-            .arg("--manifests")
-            .arg(&manifests)
-            .arg("--pod-cidr")
-            .arg(&node.pod_cidr)
-            .arg("--socket")
-            .arg(&node.socket)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .arg("--bpffs-dir")
-            .arg(&node.bpffs_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        netns::detach(&mut cmd);
+        let mut extra = vec!["--pod-cidr", node.pod_cidr.as_str()];
+        extra.extend(agent_args.iter().map(String::as_str));
+        let args = AgentArgs {
+            node: &node.name,
+            source: agent::Source::Manifests(&manifests),
+            state: &node.state_dir,
+            socket: &node.socket,
+            bpffs: &node.bpffs_dir,
+            extra: &extra,
+        };
+        let mut cmd = args.command(&agent_bin, &node.netns);
+        cmd.stdout(log.try_clone()?).stderr(log);
+        process::detach(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting the agent of {}", node.name))?;
@@ -308,100 +316,70 @@ impl Lab {
         self.state.save()
     }
 
-    /// Ready when the plugin's STATUS says so.
     fn wait_agent_ready(&self, name: &str) -> anyhow::Result<()> {
         let node = self
             .state
             .node(name)
             .with_context(|| format!("no node {name}"))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let status = self.cni(&node.name, "STATUS", None)?;
-            if status.0 {
-                return Ok(());
-            }
-            let alive = node.agent_pid.is_some_and(process_alive);
-            if !alive || Instant::now() > deadline {
-                bail!(
-                    "the agent of {} {} (STATUS: {}); its log {:?} ends with:\n{}",
-                    node.name,
-                    if alive {
-                        "is not ready after 60 s"
-                    } else {
-                        "exited"
-                    },
-                    status.1.trim(),
-                    node.log,
-                    tail(&node.log, 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let pid = node.agent_pid;
+        agent::wait_ready(&node.socket, agent::READY_TIMEOUT, || {
+            (!pid.is_some_and(process::alive)).then(|| "its process is gone".to_owned())
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the agent of {} {e}; its log {:?} ends with:\n{}",
+                node.name,
+                node.log,
+                process::tail(&node.log, 30)
+            )
+        })
     }
 
-    /// Runs the plugin in a node's namespace. Returns (success, stdout or error text).
-    fn cni(
-        &self,
-        node: &str,
-        command: &str,
-        pod: Option<&PodState>,
-    ) -> anyhow::Result<(bool, String)> {
+    /// The plugin as the kubelet of `node` runs it.
+    fn plugin(&self, node: &str) -> anyhow::Result<Plugin> {
         let node = self
             .state
             .node(node)
             .with_context(|| format!("no node {node} in lab {}", self.state.name))?;
-        run_cni(&self.state, node, command, pod)
+        Ok(plugin(&self.state, node))
     }
 
     fn add_pod(&mut self, mut pod: Object, node: &str) -> anyhow::Result<()> {
-        let namespace = pod.namespace.clone().unwrap_or_default();
-        if self.state.node(node).is_none() {
-            bail!(
-                "pod {} asks for node {node:?}, which this lab does not have",
-                pod.key()
-            );
-        }
         let key = pod.key();
+        let namespace = pod.namespace().unwrap_or_default().to_owned();
+        let name = pod.name().to_owned();
+        if self.state.node(node).is_none() {
+            bail!("pod {key} asks for node {node:?}, which this lab does not have");
+        }
         if self.state.pods.contains_key(&key) {
             bail!("pod {key} exists already");
         }
         pod.set_node_name(node);
-        let dir = self.state.manifests_dir();
-        objects::write(&dir, &pod)?;
-        let netns_name = topology::pod_netns(&self.state.name, &namespace, &pod.name);
+        let netns_name = topology::pod_netns(&self.state.name, &namespace, &name);
         netns::add(&netns_name)?;
         let declared = pod.pod_ports();
         let mut record = PodState {
             namespace: namespace.clone(),
-            name: pod.name.clone(),
+            name: name.clone(),
             node: node.to_string(),
             netns: netns_name.clone(),
-            container_id: format!("wl-{}-{namespace}.{}", self.state.name, pod.name),
+            container_id: format!("wl-{}-{namespace}.{name}", self.state.name),
             ips: Vec::new(),
             ports: declared.iter().map(|p| (p.port, p.proto)).collect(),
             server_pid: None,
         };
         self.state.pods.insert(key.clone(), record.clone());
         self.state.save()?;
-        let (ok, out) = self.cni(node, "ADD", Some(&record))?;
-        if !ok {
-            bail!("CNI ADD of {key} on {node} failed: {}", out.trim());
-        }
-        let result: serde_json::Value = serde_json::from_str(&out)
-            .with_context(|| format!("CNI ADD of {key} printed no JSON result: {out}"))?;
-        let ips: Vec<String> = result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["address"].as_str())
-            .map(|a| a.split('/').next().unwrap_or(a).to_string())
-            .collect();
-        if ips.is_empty() {
-            bail!("CNI ADD of {key} returned no address: {out}");
-        }
-        pod.set_pod_ips(&ips);
-        objects::write(&dir, &pod)?;
-        record.ips = ips;
+        let plugin = self.plugin(node)?;
+        let ips = kubelet::start_pod(
+            &plugin,
+            &self.state.manifests_dir(),
+            &mut pod,
+            &record.container_id,
+            &netns_name,
+        )
+        .with_context(|| format!("starting pod {key} on {node}"))?;
+        record.ips = ips.iter().map(IpAddr::to_string).collect();
         let mut ports: Vec<u16> = declared.iter().map(|p| p.port).collect();
         ports.extend(&self.state.extra_ports);
         ports.sort_unstable();
@@ -410,7 +388,7 @@ impl Lab {
             let log = self
                 .state
                 .dir
-                .join(format!("server-{namespace}.{}.log", pod.name));
+                .join(format!("server-{namespace}.{name}.log"));
             record.server_pid = Some(servers::spawn(
                 &self.state.server_bin,
                 &netns_name,
@@ -432,16 +410,11 @@ impl Lab {
         if let Some(pid) = pod.server_pid {
             kill_if_ours(pid, &self.state.name, libc::SIGKILL);
         }
-        let (ok, out) = self.cni(&pod.node, "DEL", Some(&pod))?;
-        if !ok {
-            eprintln!("lab: CNI DEL of {key}: {}", out.trim());
+        let plugin = self.plugin(&pod.node)?;
+        if let Err(e) = kubelet::stop_pod(&plugin, &self.state.manifests_dir(), &pod.cni_ref()) {
+            eprintln!("lab: {e:#}");
         }
         netns::delete(&pod.netns);
-        let _ = std::fs::remove_file(self.state.manifests_dir().join(objects::file_name(
-            "Pod",
-            Some(&pod.namespace),
-            &pod.name,
-        )));
         self.state.pods.remove(key);
         self.state.save()
     }
@@ -460,14 +433,9 @@ impl Lab {
     fn apply_objects(&mut self, list: Vec<Object>) -> anyhow::Result<()> {
         let dir = self.state.manifests_dir();
         for object in list {
-            if object.kind == "Pod" {
+            if object.kind() == "Pod" {
                 if self.state.pods.contains_key(&object.key()) {
-                    self.set_labels(
-                        "Pod",
-                        object.namespace.as_deref(),
-                        &object.name,
-                        &object.labels(),
-                    )?;
+                    self.set_labels("Pod", object.namespace(), object.name(), &object.labels())?;
                 } else {
                     let node = match object.node_name() {
                         Some(n) => n,
@@ -496,7 +464,7 @@ impl Lab {
 
     fn delete_objects(&mut self, list: Vec<Object>) -> anyhow::Result<()> {
         for object in list {
-            if object.kind == "Pod" {
+            if object.kind() == "Pod" {
                 self.remove_pod(&object.key())?;
             } else {
                 let _ = std::fs::remove_file(self.state.manifests_dir().join(object.file_name()));
@@ -621,15 +589,9 @@ impl Lab {
     pub fn flows(&self) -> Vec<serde_json::Value> {
         let mut all = Vec::new();
         for node in &self.state.nodes {
-            let path = node.state_dir.join("flows.jsonl");
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
-            for line in text.lines() {
-                if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line) {
-                    v["node"] = serde_json::Value::String(node.name.clone());
-                    all.push(v);
-                }
+            for mut v in agent::flows(&node.state_dir) {
+                v["node"] = serde_json::Value::String(node.name.clone());
+                all.push(v);
             }
         }
         all
@@ -701,76 +663,19 @@ impl Lab {
     pub fn agent_log(&self, node: &str, lines: usize) -> String {
         self.state
             .node(node)
-            .map(|n| tail(&n.log, lines))
+            .map(|n| process::tail(&n.log, lines))
             .unwrap_or_default()
     }
 }
 
-fn run_cni(
-    state: &State,
-    node: &state::NodeState,
-    command: &str,
-    pod: Option<&PodState>,
-) -> anyhow::Result<(bool, String)> {
-    let config = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "name": "weir",
-        "type": "weir-cni",
-        "agentSocket": node.socket,
-        "mtu": 1500,
-        "logFile": state.dir.join(format!("{}-cni.log", node.name)),
-    });
-    let mut cmd = netns::command_in(&node.netns, &state.cni_bin);
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_PATH", state.cni_bin.parent().unwrap_or(Path::new("/")))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(pod) = pod {
-        cmd.env("CNI_CONTAINERID", &pod.container_id)
-            .env("CNI_NETNS", netns::path(&pod.netns))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                    pod.namespace, pod.name
-                ),
-            );
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", state.cni_bin))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(config.to_string().as_bytes());
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("weir-cni {command} did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok((true, stdout))
-    } else {
-        Ok((
-            false,
-            format!(
-                "exit {}: {} {}",
-                out.status,
-                stdout.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ))
-    }
+/// The plugin as the kubelet of `node` runs it: its log in the lab's directory.
+fn plugin(state: &State, node: &state::NodeState) -> Plugin {
+    Plugin::of(
+        &state.cni_bin,
+        &node.netns,
+        &node.socket,
+        &state.dir.join(format!("{}-cni.log", node.name)),
+    )
 }
 
 /// Takes down the lab `name`, whatever state it is in: servers and agents (only processes this
@@ -778,15 +683,17 @@ fn run_cni(
 /// pins, every `wl-<name>-*` namespace, its state directory. Idempotent.
 pub fn down(name: &str) -> anyhow::Result<()> {
     validate_name(name)?;
+    // A mesh lab's clusters are labs of their own.
+    mesh::down_clusters(name)?;
     let state = State::load(name).ok();
-    let marker_server = format!("--lab {name} ");
+    let marker_server = server_marker(name);
     let marker_agent = agent_marker(name);
     // Servers first: they are ours alone.
     let mut pids: Vec<u32> = state
         .iter()
         .flat_map(|s| s.pods.values().filter_map(|p| p.server_pid))
         .collect();
-    pids.extend(find_processes(&marker_server));
+    pids.extend(process::find(&marker_server));
     for pid in pids {
         kill_if_ours(pid, name, libc::SIGKILL);
     }
@@ -794,10 +701,10 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         // Release the pods while the agents still run (DEL also succeeds without them).
         for pod in state.pods.values() {
             if let Some(node) = state.node(&pod.node)
-                && node.agent_pid.is_some_and(process_alive)
+                && node.agent_pid.is_some_and(process::alive)
                 && netns::exists(&node.netns)
             {
-                let _ = run_cni(state, node, "DEL", Some(pod));
+                let _ = plugin(state, node).try_run_on("DEL", &pod.cni_ref(), "eth0", None);
             }
         }
     }
@@ -805,14 +712,14 @@ pub fn down(name: &str) -> anyhow::Result<()> {
         .iter()
         .flat_map(|s| s.nodes.iter().filter_map(|n| n.agent_pid))
         .collect();
-    agents.extend(find_processes(&marker_agent));
+    agents.extend(process::find(&marker_agent));
     agents.sort_unstable();
     agents.dedup();
     for &pid in &agents {
         kill_if_ours(pid, name, libc::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while agents.iter().any(|&p| process_alive(p)) && Instant::now() < deadline {
+    while agents.iter().any(|&p| process::alive(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     for &pid in &agents {
@@ -933,7 +840,7 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 
 /// A lab's address index from its name (labs live in disjoint namespaces, so equal indexes only
 /// make addresses look alike, they do not collide).
-fn lab_index(name: &str) -> u8 {
+pub(crate) fn lab_index(name: &str) -> u8 {
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -947,86 +854,21 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A binary of the workspace: explicit, from the environment, next to the running executable
-/// (or its parent, for test binaries in target/debug/deps), or in the workspace's target/debug.
-pub fn find_bin(name: &str, env: &str, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    if let Ok(p) = std::env::var(env) {
-        return Ok(PathBuf::from(p));
-    }
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join(name));
-        if let Some(parent) = dir.parent() {
-            candidates.push(parent.join(name));
-        }
-    }
-    if let Ok(target) = std::env::var("CARGO_TARGET_DIR") {
-        candidates.push(Path::new(&target).join("debug").join(name));
-    }
-    candidates.push(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/debug")
-            .join(name),
-    );
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found: run `cargo build --bins` (or set {env})"))
-}
-
-pub(crate) fn process_alive(pid: u32) -> bool {
-    // A zombie is not alive.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn cmdline(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut s: String = raw
-        .split(|&b| b == 0)
-        .map(|part| String::from_utf8_lossy(part).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    s.push(' ');
-    Some(s)
-}
+pub use crate::process::find_bin;
 
 /// Signals `pid` only if its command line shows it belongs to lab `name`.
 fn kill_if_ours(pid: u32, name: &str, signal: i32) {
-    let Some(cmd) = cmdline(pid) else { return };
-    let ours = cmd.contains(&format!("--lab {name} ")) || cmd.contains(&agent_marker(name));
-    if ours {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe {
-            libc::kill(pid as i32, signal);
-        }
-    }
+    process::signal_if(pid, &[&server_marker(name), &agent_marker(name)], signal);
+}
+
+/// What only the servers of lab `name` have on their command line.
+fn server_marker(name: &str) -> String {
+    format!("--lab {name} ")
 }
 
 /// What only the agents of lab `name` have on their command line.
 fn agent_marker(name: &str) -> String {
     format!("--manifests {}/manifests ", State::dir_of(name).display())
-}
-
-fn find_processes(marker: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains(marker)))
-        .collect()
 }
 
 /// Copies a lab's logs to /tmp/weir-lab-logs/<lab>/ (the lab directory goes away with the lab).
@@ -1060,10 +902,4 @@ fn save_logs(state: &State) -> PathBuf {
         }
     }
     to
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

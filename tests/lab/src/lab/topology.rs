@@ -4,8 +4,8 @@
 
 use anyhow::Context as _;
 
-use super::netns;
 use super::state::{NodeState, State};
+use crate::netns;
 
 pub fn underlay_netns(lab: &str) -> String {
     format!("wl-{lab}-ul")

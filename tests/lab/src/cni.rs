@@ -4,12 +4,12 @@
 
 use std::{
     io::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{agent::bin, netns::spawn_in};
+use crate::{netns::spawn_in, process::bin};
 
 /// The plugin as one node's runtime would call it.
 #[derive(Clone)]
@@ -17,6 +17,8 @@ pub struct Plugin {
     pub node_netns: String,
     /// The network config handed on stdin.
     pub config: String,
+    /// The `weir-cni` executable.
+    pub program: PathBuf,
 }
 
 /// One pod's CNI identity.
@@ -31,7 +33,13 @@ pub struct PodRef<'a> {
 impl Plugin {
     /// The config the README documents, pointing at `socket`.
     pub fn new(node_netns: &str, socket: &Path, log_file: &Path) -> Self {
+        Self::of(&bin("weir-cni"), node_netns, socket, log_file)
+    }
+
+    /// [`Plugin::new`] with the executable `program`.
+    pub fn of(program: &Path, node_netns: &str, socket: &Path, log_file: &Path) -> Self {
         Self {
+            program: program.to_owned(),
             node_netns: node_netns.to_owned(),
             config: format!(
                 r#"{{"cniVersion":"1.1.0","name":"weir","type":"weir-cni","agentSocket":"{}","mtu":1500,"logFile":"{}"}}"#,
@@ -55,6 +63,18 @@ impl Plugin {
         ifname: &str,
         prev_result: Option<&serde_json::Value>,
     ) -> (Output, Duration) {
+        self.try_run_on(verb, pod, ifname, prev_result)
+            .expect("running weir-cni")
+    }
+
+    /// [`Plugin::run_on`], with an error when the plugin cannot be started.
+    pub fn try_run_on(
+        &self,
+        verb: &str,
+        pod: &PodRef<'_>,
+        ifname: &str,
+        prev_result: Option<&serde_json::Value>,
+    ) -> std::io::Result<(Output, Duration)> {
         let node = format!("/run/netns/{}", self.node_netns);
         let config = match prev_result {
             None => self.config.clone(),
@@ -79,23 +99,22 @@ impl Plugin {
                 ),
             ),
         ];
+        let program = self.program.clone();
         spawn_in(node, move || {
             let started = Instant::now();
-            let mut child = Command::new(bin("weir-cni"))
+            let mut child = Command::new(program)
                 .envs(env)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawning weir-cni");
+                .spawn()?;
             child
                 .stdin
                 .take()
                 .expect("stdin")
-                .write_all(config.as_bytes())
-                .expect("writing the config");
-            let out = child.wait_with_output().expect("waiting for weir-cni");
-            (out, started.elapsed())
+                .write_all(config.as_bytes())?;
+            let out = child.wait_with_output()?;
+            Ok((out, started.elapsed()))
         })
         .join()
         .expect("plugin thread panicked")
@@ -116,12 +135,29 @@ impl Plugin {
     }
 }
 
+/// The addresses of an ADD result (`ips[].address`, without their prefix length).
+pub fn addresses(add_result: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(add_result).map_err(|e| format!("not JSON: {e}"))?;
+    let ips: Vec<std::net::IpAddr> = v["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|ip| {
+            let cidr = ip["address"].as_str().unwrap_or_default();
+            cidr.split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| format!("ips[].address is not an address: {cidr:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if ips.is_empty() {
+        return Err("no address in ips".to_owned());
+    }
+    Ok(ips)
+}
+
 /// The first address of an ADD result (`ips[0].address`, without its prefix length).
 pub fn first_address(add_result: &str) -> std::net::IpAddr {
-    let v: serde_json::Value = serde_json::from_str(add_result).expect("ADD result is JSON");
-    let cidr = v["ips"][0]["address"].as_str().expect("ips[0].address");
-    cidr.split('/')
-        .next()
-        .and_then(|ip| ip.parse().ok())
-        .unwrap_or_else(|| panic!("ips[0].address is not an address: {cidr}"))
+    addresses(add_result).unwrap_or_else(|e| panic!("ADD result {add_result}: {e}"))[0]
 }

@@ -6,8 +6,8 @@ use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use super::matrix::{Matrix, Proto, Target};
-use super::netns;
+use crate::matrix::{Matrix, Proto, Target};
+use crate::netns;
 
 /// A pod as a prober sees it.
 #[derive(Clone, Debug)]
