@@ -713,3 +713,110 @@ async fn super_packets_and_lanes_are_confined_like_single_packets() {
     let refused = evil.client.clone().tunnel(lane_far).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
 }
+
+/// Opens a Sync session of dial `dial` as mallory; the returned sender keeps it open.
+async fn mallory_session(
+    evil: &mut Evil,
+    dial: &str,
+) -> (mpsc::Sender<pb::SyncFrame>, tonic::Streaming<pb::SyncFrame>) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::SyncFrame {
+        kind: Some(pb::sync_frame::Kind::Hello(pb::Hello {
+            protocol_version: weir_mesh::link::PROTOCOL_VERSION,
+            cluster_name: "mallory".into(),
+            session_id: format!("dial-{dial}"),
+            resume: None,
+            limits: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(weir_mesh::link::DIAL_METADATA, dial.parse().unwrap());
+    let inbound = evil.client.sync(request).await.unwrap().into_inner();
+    (tx, inbound)
+}
+
+/// Opens lane `lane`'s Tunnel of dial `dial` (on a connection of its own, as lanes above 0 are).
+async fn mallory_lane(
+    lab: &Lab,
+    west: &Gateway,
+    dial: &str,
+    lane: usize,
+) -> tonic::Streaming<pb::PacketBatch> {
+    let mut client = Evil::new(lab, west, "mallory").client;
+    let mut request = tonic::Request::new(futures::stream::pending::<pb::PacketBatch>());
+    request.metadata_mut().insert(
+        weir_mesh::link::LANE_METADATA,
+        lane.to_string().parse().unwrap(),
+    );
+    request
+        .metadata_mut()
+        .insert(weir_mesh::link::DIAL_METADATA, dial.parse().unwrap());
+    client.tunnel(request).await.unwrap().into_inner()
+}
+
+/// Whether the Tunnel's stream from the server ended (closed or failed).
+async fn tunnel_ends(tunnel: &mut tonic::Streaming<pb::PacketBatch>) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(30), tunnel.next()).await,
+        Ok(None | Some(Err(_)))
+    )
+}
+
+#[tokio::test]
+async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let from_mallory = west.link.peer("mallory").unwrap();
+    let mut first = Evil::new(&lab, &west, "mallory");
+    let _first_session = mallory_session(&mut first, "1").await;
+    let mut old_lane = mallory_lane(&lab, &west, "1", 1).await;
+    // The re-dial's lane may come up before its Sync session: it must survive that session.
+    let mut new_lane = mallory_lane(&lab, &west, "2", 1).await;
+    let mut second = Evil::new(&lab, &west, "mallory");
+    let _second_session = mallory_session(&mut second, "2").await;
+    assert!(
+        tunnel_ends(&mut old_lane).await,
+        "the replaced dial's lane 1 ends"
+    );
+    // The new dial's lane still carries lane 1's packets.
+    west.link.send_batch_on(
+        &from_mallory,
+        1,
+        batch(&[(1, ipv4_packet([10, 244, 0, 7], [10, 247, 0, 1]))]),
+        1,
+    );
+    let got = tokio::time::timeout(Duration::from_secs(30), new_lane.next())
+        .await
+        .expect("a batch on the new dial's lane")
+        .expect("the new dial's lane is open")
+        .expect("a batch, not an error");
+    assert_eq!(
+        &got.records[..],
+        &batch(&[(1, ipv4_packet([10, 244, 0, 7], [10, 247, 0, 1]))])[..]
+    );
+
+    // Removing the peer ends its lanes too.
+    let specs: Vec<PeerSpec> = west
+        .link
+        .peers()
+        .iter()
+        .map(|p| west.link.peer_spec(&p.name()).unwrap())
+        .filter(|s| s.name != "mallory")
+        .collect();
+    west.link.set_peers(specs);
+    assert!(
+        tunnel_ends(&mut new_lane).await,
+        "a removed peer's lane ends"
+    );
+}
