@@ -9,6 +9,7 @@ pub mod flows;
 pub mod health;
 pub mod ipam;
 pub mod mesh;
+pub mod mesh_forward;
 pub mod mesh_status;
 pub mod mesh_tun;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|mesh-sync|all]`: builds the benchmark binary in release
+//! `cargo xtask bench [datapath|propagation|cni|traffic|idle|xdp|mesh|mesh-sync|all]`: builds the benchmark binary in release
 //! and runs it. Each benchmark measures its own baseline in the same run and prints ratios.
 
 use std::process::Command;
@@ -12,6 +12,9 @@ pub struct Options {
     /// Which benchmark.
     #[arg(value_enum, default_value_t = Benchmark::All)]
     pub which: Benchmark,
+    /// Rounds over the cases (mesh; each round takes about 2 minutes).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,6 +47,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     ) {
         setup::ensure_iptables()?;
     }
+    let mut env = vec![("WEIR_BIN_DIR".to_owned(), "target/release".to_owned())];
+    if options.which == Benchmark::Mesh {
+        setup::ensure_mesh_bench_packages()?;
+        let boringtun = setup::ensure_boringtun()?;
+        env.push(("WEIR_BORINGTUN".into(), boringtun.display().to_string()));
+        env.push(("WEIR_BENCH_ROUNDS".into(), options.rounds.to_string()));
+    }
     build::cargo(
         &[
             "build",
@@ -65,7 +75,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 .expect("every benchmark has a name")
                 .get_name(),
         )
-        .env("WEIR_BIN_DIR", "target/release")
+        .envs(env)
         .status()
         .context("running target/release/weir-bench")?;
     if !status.success() {
