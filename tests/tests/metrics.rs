@@ -121,9 +121,11 @@ fn metrics_record_what_happened_and_cover_the_dashboard() {
     serve(&pods[2].1, server_ip);
     // A connect can miss its 300 ms on a loaded machine; an allowed path must answer within
     // the bound, while the intruder's single probe below stays a real denial check.
-    weir_tests::wait::eventually("the client reaching the server", Duration::from_secs(10), || {
-        connects(&pods[0].1, server_ip)
-    });
+    weir_tests::wait::eventually(
+        "the client reaching the server",
+        Duration::from_secs(10),
+        || connects(&pods[0].1, server_ip),
+    );
     assert!(!connects(&pods[1].1, server_ip), "intruder is dropped");
     // A DEL, for its latency.
     let intruder_id = "ctr-intruder";

@@ -34,6 +34,8 @@ pub enum Benchmark {
     /// A label change in one cluster until enforced in another, and the first sync of 10,000
     /// endpoints, through the real agents of a two-cluster mesh lab (not in `all`).
     MeshSync,
+    /// The mesh link against boringtun and a plain routed path (not in `all`).
+    Mesh,
     All,
 }
 
