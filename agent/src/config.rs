@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 #[derive(Parser, Debug)]
@@ -16,9 +16,49 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub run: RunArgs,
-    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
-    #[arg(long, env = "WEIR_LOG_FORMAT", global = true, default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// How log lines are written.
+    #[arg(long, env = "WEIR_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One object per line, for log collectors.
+    Json,
+}
+
+/// How this node reaches other nodes' pods when native routes cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OverlayMode {
+    /// No overlay: native routes (--native-routing) or nothing.
+    None,
+    /// A VXLAN overlay between the nodes' InternalIPs (IPv4).
+    Vxlan,
+}
+
+/// Where the XDP early filter runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdpDevice {
+    /// The interface holding this Node's InternalIP; none without one.
+    Auto,
+    /// No XDP filter.
+    None,
+    /// This interface.
+    Named(String),
+}
+
+impl std::str::FromStr for XdpDevice {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => XdpDevice::Auto,
+            "none" => XdpDevice::None,
+            name => XdpDevice::Named(name.to_owned()),
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,14 +133,14 @@ pub struct RunArgs {
     /// spec.podCIDRs.
     #[arg(long, env = "WEIR_POD_CIDR", value_delimiter = ',')]
     pub pod_cidr: Vec<IpNet>,
-    /// The local API's unix socket (the CNI plugin's `agentSocket`)
-    /// [default: /run/weir/<node>/agent.sock].
-    #[arg(long, env = "WEIR_SOCKET")]
-    pub socket: Option<PathBuf>,
+    /// The local API's unix socket: where the CNI plugin (`agentSocket`) and the `weir` CLI look
+    /// by default. Agents of several nodes on one host (a lab) each need their own.
+    #[arg(long, env = "WEIR_SOCKET", default_value = weir_proto::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     /// Reach other nodes' pods through a VXLAN overlay instead of native routes (for underlays
-    /// that cannot route pod addresses): `none` or `vxlan`. IPv4.
-    #[arg(long, env = "WEIR_OVERLAY", default_value = "none", value_parser = ["none", "vxlan"])]
-    pub overlay: String,
+    /// that cannot route pod addresses).
+    #[arg(long, env = "WEIR_OVERLAY", value_enum, default_value_t = OverlayMode::None)]
+    pub overlay: OverlayMode,
     /// Route other nodes' pod CIDRs (their Node objects' spec.podCIDRs) via their InternalIP.
     #[arg(long, env = "WEIR_NATIVE_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
     pub native_routing: bool,
@@ -129,7 +169,7 @@ pub struct RunArgs {
     /// filter runs: `auto` (the interface holding this Node's InternalIP; none without one),
     /// `none`, or an interface name.
     #[arg(long, env = "WEIR_XDP_DEVICE", default_value = "auto")]
-    pub xdp_device: String,
+    pub xdp_device: XdpDevice,
     /// The operator's deny list, dropped at XDP on the uplink: a file with one CIDR or address
     /// per line (`#` comments), followed for changes. In Kubernetes mode, mount the
     /// `weir-prefilter` ConfigMap's `deny` key here.

@@ -53,5 +53,5 @@ pub trait EndpointBackend: Send + Sync + 'static {
     /// Removes the endpoint's enforcement state; idempotent, and fine for unknown endpoints.
     async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError>;
     /// The endpoint is known and its enforcement is in the datapath (for CNI CHECK).
-    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool;
+    async fn is_enforced(&self, container_id: &str, ifname: &str) -> bool;
 }

@@ -63,6 +63,8 @@ pub trait Enforcement: Send + Sync {
     fn endpoint_count(&self) -> usize;
     /// Policy compiles since start (a changed cluster state, an endpoint added or removed).
     fn compiles(&self) -> u64;
+    /// NetworkPolicies the compiler rejected (in whole or in part) in the state in force.
+    fn rejected_policies(&self) -> u64;
     /// What the datapath holds and has counted; nothing for a runtime without one.
     fn datapath(&self) -> DatapathSnapshot {
         DatapathSnapshot::default()
@@ -94,11 +96,15 @@ impl Enforcement for Runtime {
     }
 
     fn endpoint_count(&self) -> usize {
-        self.endpoints().len()
+        usize::try_from(self.published().endpoints).unwrap_or(usize::MAX)
     }
 
     fn compiles(&self) -> u64 {
         Runtime::compiles(self)
+    }
+
+    fn rejected_policies(&self) -> u64 {
+        self.published().rejected_policies
     }
 
     fn datapath(&self) -> DatapathSnapshot {
@@ -187,7 +193,7 @@ impl Health {
                 ("NetworkPolicy", objects.policies),
                 ("Node", objects.nodes),
             ],
-            rejected_policies: objects.rejected_policies,
+            rejected_policies: enforcement.map_or(0, |e| e.rejected_policies()),
             updates: load(&s.updates),
             compiles: enforcement.map_or(0, |e| e.compiles()),
             manifest_scans: load(&s.manifest_scans),
@@ -362,7 +368,7 @@ impl Collector for Snapshot {
         gauge(
             &mut e,
             "weir_rejected_policies",
-            "NetworkPolicies rejected (in whole or in part) in the last cluster state",
+            "NetworkPolicies rejected (in whole or in part) in the cluster state in force, as the compiler validated them",
             &[(vec![], signed(self.rejected_policies))],
         )?;
         counter(
@@ -571,6 +577,9 @@ mod tests {
         fn compiles(&self) -> u64 {
             7
         }
+        fn rejected_policies(&self) -> u64 {
+            2
+        }
     }
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -611,6 +620,7 @@ mod tests {
         assert!(metrics.contains("weir_enforcement_state{state=\"degraded\"} 0\n"));
         assert!(metrics.contains("# TYPE weir_endpoints gauge\nweir_endpoints 3\n"));
         assert!(metrics.contains("\nweir_policy_compiles_total 7\n"));
+        assert!(metrics.contains("\nweir_rejected_policies 2\n"));
 
         *fake.0.lock().unwrap() = Err(NotEnforcing::Degraded("map full".to_owned()));
         assert_eq!(

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 use weir_agent::{
     api::{self, ApiConfig},
-    config::{Cli, Command, RunArgs, UninstallArgs},
+    config::{Cli, Command, LogFormat, OverlayMode, RunArgs, UninstallArgs, XdpDevice},
     datapath::{bpf_log, events::read_events, loader, object::EBPF_OBJECT},
     health::{self, Health},
     ipam::Ipam,
@@ -23,6 +23,7 @@ use weir_agent::{
     routes::{NodeRoutes, desired_routes},
     runtime::{Runtime, RuntimeConfig},
     source::{
+        SourceState,
         kubernetes::{self, KubeSourceConfig},
         manifests::{ManifestDir, follow},
     },
@@ -37,7 +38,7 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
+    if cli.log_format == LogFormat::Json {
         logs.json().init();
     } else {
         logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -55,10 +56,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node_name = args.node.node_name()?.to_owned();
     let bpffs_dir = args.node.bpffs_dir()?;
     let state_dir = args.node.state_dir()?;
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| format!("/run/weir/{node_name}/agent.sock").into());
+    let socket = args.socket.clone();
     // Health first, so a liveness probe passes while the agent waits for the API server.
     // A taken port costs the probes, not enforcement: say so loudly and go on.
     let health = Health::new();
@@ -74,13 +72,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "two cluster sources: --kubernetes (WEIR_KUBERNETES) and --manifests (WEIR_MANIFESTS); pass one"
         );
     }
+    // The compiler's rejections, for the Kubernetes source's Events (validation runs once).
+    let (rejections_tx, rejections_rx) = tokio::sync::watch::channel(Arc::from([]));
     let (first_state, source, pod_cidrs) = if args.kubernetes {
         node::prepare(&bpffs_dir).context("preparing the node")?;
-        let (first_state, states) = start_kubernetes(&args, &node_name, &health).await?;
+        let (first_state, states) =
+            start_kubernetes(&args, &node_name, &health, rejections_rx).await?;
         let pod_cidrs = if !args.pod_cidr.is_empty() {
             args.pod_cidr.clone()
         } else {
             node_pod_cidrs(&first_state, &node_name)?
+        };
+        let first_state = SourceState {
+            state: first_state,
+            fingerprint: String::new(),
         };
         (first_state, Source::Kubernetes(states), pod_cidrs)
     } else {
@@ -108,6 +113,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
         health.source.connected.store(true, Ordering::Relaxed);
+        let first_state = SourceState {
+            fingerprint: source.fingerprint(),
+            state: first_state,
+        };
         (first_state, Source::Manifests(source), pod_cidrs)
     };
     health.set_phase("loading the datapath");
@@ -123,7 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    start_uplink_filter(&args, &mut ebpf, &first_state, &node_name, &bpffs_dir)?;
+    start_uplink_filter(&args, &mut ebpf, &first_state.state, &node_name, &bpffs_dir)?;
     let events = ebpf
         .take_map(MAP_EVENTS)
         .context("the kernel object has no events ring buffer")?;
@@ -141,6 +150,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             redirect_remote_pods: args.redirect_remote_pods,
         },
         ebpf,
+        rejections_tx,
     )
     .context("starting the runtime")?;
     health.attach(runtime.clone());
@@ -165,8 +175,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     // Other nodes' pods: native routes, or the VXLAN overlay, from their Node objects.
-    let mut peers = if args.overlay == "vxlan" {
-        let (underlay, cidr) = overlay_endpoint(&first_state, &node_name, &pod_cidrs)?;
+    let mut peers = if args.overlay == OverlayMode::Vxlan {
+        let (underlay, cidr) = overlay_endpoint(&first_state.state, &node_name, &pod_cidrs)?;
         let overlay = Overlay::open(underlay, cidr)
             .await
             .context("setting up the VXLAN overlay")?;
@@ -184,18 +194,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // gateway's import. Imports restored from the state directory are part of the very first
     // state the datapath reconciles.
     let mesh = Arc::new(
-        Mesh::start(&args.mesh, &first_state, &node_name, &state_dir)
+        Mesh::start(&args.mesh, &first_state.state, &node_name, &state_dir)
             .await
             .context("starting the mesh role")?,
     );
     health.attach_mesh(Arc::clone(&mesh));
     peers
-        .sync(&node_and_mesh_routes(&first_state, &node_name))
+        .sync(&node_and_mesh_routes(&first_state.state, &node_name))
         .await;
-    health.source.observe_state(&first_state);
-    runtime.set_cluster_state(mesh.with_imports(&first_state));
+    health.source.observe_state(&first_state.state);
+    runtime
+        .set_cluster_state(
+            mesh.with_imports(&first_state.state),
+            first_state.fingerprint.clone(),
+        )
+        .await
+        .context("applying the first cluster state")?;
     let mut last_state = first_state;
-    let mut states_rx = match source {
+    let mut states = match source {
         Source::Manifests(source) => {
             let (states_tx, states_rx) = mpsc::channel(4);
             tokio::spawn(async move {
@@ -203,28 +219,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
                 }
             });
-            states_rx
+            States::Manifests(states_rx)
         }
-        Source::Kubernetes(states_rx) => states_rx,
+        Source::Kubernetes(states_rx) => States::Kubernetes(states_rx),
     };
     let state_runtime = runtime.clone();
     let state_health = health.clone();
     let routes_node = node_name.clone();
     let mut imports = Some(mesh.subscribe_imports());
     let state_mesh = Arc::clone(&mesh);
+    // The source's states and the mesh imports, in order, to the reconcile task: each is sent
+    // once the one before is enforced (what queues meanwhile in the source is merged there).
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                state = states_rx.recv() => {
+                state = states.next() => {
                     let Some(state) = state else { break };
-                    state_health.source.observe_state(&state);
-                    peers.sync(&node_and_mesh_routes(&state, &routes_node)).await;
-                    state_mesh.observe(&state).await;
+                    // The same objects under a new fingerprint (a comment in a manifest) only
+                    // tell the runtime what its state was read from.
+                    if state.state != last_state.state {
+                        state_health.source.observe_state(&state.state);
+                        peers.sync(&node_and_mesh_routes(&state.state, &routes_node)).await;
+                        state_mesh.observe(&state.state).await;
+                    }
                     last_state = state;
                 }
                 () = imports_changed(&mut imports) => {}
             }
-            state_runtime.set_cluster_state(state_mesh.with_imports(&last_state));
+            let merged = state_mesh.with_imports(&last_state.state);
+            if let Err(e) = state_runtime
+                .set_cluster_state(merged, last_state.fingerprint.clone())
+                .await
+            {
+                tracing::error!(error = %e, "cluster states are no longer applied");
+                break;
+            }
         }
     });
 
@@ -275,12 +304,32 @@ enum Source {
     Kubernetes(mpsc::Receiver<ClusterState>),
 }
 
+/// The states the source hands on after the first one.
+enum States {
+    Manifests(mpsc::Receiver<SourceState>),
+    /// The Kubernetes source has no fingerprint: the applied generation tells its states apart.
+    Kubernetes(mpsc::Receiver<ClusterState>),
+}
+
+impl States {
+    async fn next(&mut self) -> Option<SourceState> {
+        match self {
+            States::Manifests(rx) => rx.recv().await,
+            States::Kubernetes(rx) => rx.recv().await.map(|state| SourceState {
+                state,
+                fingerprint: String::new(),
+            }),
+        }
+    }
+}
+
 /// Starts the watchers and waits (bounded) for the first complete state and, without
 /// --pod-cidr, for this node's Node object with its pod CIDRs.
 async fn start_kubernetes(
     args: &RunArgs,
     node_name: &str,
     health: &Arc<Health>,
+    rejections: tokio::sync::watch::Receiver<Arc<[weir_policy::output::Rejection]>>,
 ) -> anyhow::Result<(ClusterState, mpsc::Receiver<ClusterState>)> {
     health.set_phase("connecting to the API server");
     let client = kubernetes::client().await?;
@@ -293,6 +342,7 @@ async fn start_kubernetes(
         client,
         config,
         states_tx,
+        rejections,
         health.source.clone(),
     ));
     health.set_phase("listing Pods, Namespaces, NetworkPolicies, Nodes and MeshPeers");
@@ -417,9 +467,9 @@ fn start_uplink_filter(
     bpffs_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use weir_agent::{datapath::uplink, prefilter};
-    let device = match args.xdp_device.as_str() {
-        "none" => None,
-        "auto" => {
+    let device = match &args.xdp_device {
+        XdpDevice::None => None,
+        XdpDevice::Auto => {
             let internal_ips: Vec<std::net::IpAddr> = state
                 .nodes
                 .get(node_name)
@@ -440,7 +490,7 @@ fn start_uplink_filter(
             }
             device
         }
-        name => Some(name.to_owned()),
+        XdpDevice::Named(name) => Some(name.clone()),
     };
     let map = ebpf
         .take_map(weir_common::MAP_PREFILTER)

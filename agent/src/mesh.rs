@@ -19,15 +19,14 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use clap::Args;
 use ipnet::IpNet;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use weir_mesh::{
-    confine::{PeerBounds, packet_addresses},
+    confine::PeerBounds,
     export::{EndpointExport, Export, IdentityExport, endpoint_name, identity_name},
     fanout::{IMPORT_PORT, ImportServer, ImportWatcher},
-    link::{BatchBuilder, ImportView, Link, Peer, PeerSpec},
+    link::{ImportView, Link, PeerSpec},
     sync::Limits,
     tls::{self, ReloadingIdentity, TrustStore},
     transport,
@@ -40,7 +39,10 @@ use weir_policy::{
     selector::Selector,
 };
 
-use crate::mesh_tun::{TUN_READ_BUF, Tun, TunError};
+use crate::{
+    mesh_forward::{DataPlaneArgs, Forwarder, TunDeliver},
+    mesh_tun::{Tun, TunError},
+};
 
 /// Flags of the gateway role.
 #[derive(Args, Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct MeshArgs {
     /// Mesh gateways: where peers' gateways connect (TLS 1.3 only; there is no plaintext port).
     #[arg(long, env = "WEIR_MESH_LISTEN", default_value = "0.0.0.0:4243")]
     pub mesh_listen: SocketAddr,
+    #[command(flatten)]
+    pub data_plane: DataPlaneArgs,
     /// The port of a gateway's merged import for the other nodes of its cluster (`MeshImport`,
     /// served on the gateway Node's InternalIP to the cluster's Nodes' InternalIPs only); other
     /// nodes dial it on their gateways' InternalIP.
@@ -492,14 +496,14 @@ impl Gateway {
         let cluster = identity.cluster().map_err(MeshError::Name)?;
         tls::spawn_reloader(Arc::clone(&identity), Duration::from_secs(2));
         let trust = Arc::new(TrustStore::default());
-        let (deliver_tx, deliver_rx) = mpsc::channel::<Bytes>(1024);
-        let link = Link::new(
+        let tun = Arc::new(Tun::open(args.data_plane.mesh_offload).await?);
+        let link = Link::with_data_plane(
             cluster.clone(),
             Limits::default(),
             Some(state_dir.to_owned()),
-            deliver_tx,
+            TunDeliver(Arc::clone(&tun)),
+            args.data_plane.data_plane(),
         );
-        let tun = Arc::new(Tun::open().await?);
         let config = tls::server_config(Arc::clone(&identity), Arc::clone(&trust), provider)?;
         let listener = tokio::net::TcpListener::bind(args.mesh_listen)
             .await
@@ -550,15 +554,23 @@ impl Gateway {
             link,
             trust,
             identity,
-            tun,
+            tun: Arc::clone(&tun),
             counters: Arc::default(),
             state: tokio::sync::Mutex::new(GatewayState::default()),
             exported: Arc::default(),
             import_server,
         });
         tokio::spawn(Arc::clone(&gateway).redial_on_rotation());
-        tokio::spawn(Arc::clone(&gateway).deliver(deliver_rx));
-        tokio::spawn(Arc::clone(&gateway).forward());
+        tokio::spawn(
+            Forwarder {
+                tun,
+                link: Arc::clone(&gateway.link),
+                exported: Arc::clone(&gateway.exported),
+                counters: Arc::clone(&gateway.counters),
+                batching: args.data_plane.mesh_batching,
+            }
+            .run(),
+        );
         tracing::info!(%cluster, listen = %args.mesh_listen, "mesh gateway up");
         Ok(Some(gateway))
     }
@@ -728,79 +740,6 @@ impl Gateway {
                 }
             }
         }
-    }
-
-    /// Received, checked packets into the TUN.
-    async fn deliver(self: Arc<Self>, mut packets: mpsc::Receiver<Bytes>) {
-        while let Some(packet) = packets.recv().await {
-            if let Err(e) = self.tun.send(&packet).await {
-                tracing::debug!(error = %e, "writing a packet into the mesh TUN failed");
-            }
-        }
-    }
-
-    /// Packets from the TUN to peers: each tagged with the identity id we export for its source,
-    /// batched per peer until the TUN has nothing more to read (no timer).
-    async fn forward(self: Arc<Self>) {
-        let mut buf = vec![0u8; TUN_READ_BUF];
-        let mut batches: HashMap<String, (Arc<Peer>, BatchBuilder)> = HashMap::new();
-        loop {
-            let n = match self.tun.recv(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the mesh TUN failed; the gateway stops forwarding");
-                    return;
-                }
-            };
-            self.route_packet(&buf[..n], &mut batches);
-            // Flush when the TUN has nothing more (or a batch is full): no timer.
-            while let Ok(n) = self.tun.try_recv(&mut buf) {
-                self.route_packet(&buf[..n], &mut batches);
-                if batches.values().any(|(_, b)| b.is_full()) {
-                    break;
-                }
-            }
-            for (_, (peer, batch)) in batches.iter_mut() {
-                if !batch.is_empty() {
-                    let (bytes, packets) = batch.take();
-                    self.link.send_batch(peer, bytes, packets);
-                }
-            }
-        }
-    }
-
-    fn route_packet(
-        &self,
-        packet: &[u8],
-        batches: &mut HashMap<String, (Arc<Peer>, BatchBuilder)>,
-    ) {
-        let Some((src, dst)) = packet_addresses(packet) else {
-            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let Some(peer) = self.link.peer_for(&dst) else {
-            self.counters.no_peer.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let name = peer.name();
-        let id = self
-            .exported
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&name)
-            .and_then(|m| m.get(&src).copied());
-        let Some(id) = id else {
-            self.counters
-                .unexported_source
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%src, %dst, peer = %name, "not sent to the mesh peer: the source is not exported to it");
-            return;
-        };
-        batches
-            .entry(name)
-            .or_insert_with(|| (peer, BatchBuilder::default()))
-            .1
-            .push(id, packet);
     }
 }
 

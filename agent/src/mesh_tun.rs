@@ -1,7 +1,13 @@
 //! The mesh gateway's TUN device (`weir-mesh`): the kernel routes packets for peer clusters'
 //! prefixes into it and the gateway reads them; packets received from peers are written into it
-//! and the kernel routes them on to local pods. Plain non-blocking reads and writes through
-//! tokio's `AsyncFd` (no offload yet: one IP packet per read).
+//! and the kernel routes them on to local pods. Non-blocking reads and writes through tokio's
+//! `AsyncFd`.
+//!
+//! With offload (the default), the device is opened with `IFF_VNET_HDR` and told by
+//! `TUNSETOFFLOAD` that we take TSO (v4, v6, ECN), USO (v4, v6) and partial checksums, so the
+//! kernel hands over a pod's TSO burst as one super-packet of up to 64 KiB behind a
+//! `virtio_net_hdr`, instead of segmenting it into MTU-sized packets first; writes carry the
+//! header the same way and the kernel segments only where a device on the path needs it.
 
 use std::{
     io,
@@ -19,24 +25,33 @@ use crate::routes::ROUTE_PROTOCOL;
 
 /// The device's name.
 pub const TUN_DEVICE: &str = "weir-mesh";
-/// Larger than any IP packet the device can carry (no offload: one packet per read).
-pub const TUN_READ_BUF: usize = 65_536;
+/// Larger than the virtio header and any IP packet or super-packet the device can carry.
+pub const TUN_READ_BUF: usize = 128 * 1024;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// An open TUN device.
 pub struct Tun {
     fd: AsyncFd<OwnedFd>,
     index: u32,
     handle: Handle,
+    offload: bool,
 }
 
 impl Tun {
     /// Creates `weir-mesh` in this network namespace (it goes away with the process) and sets it
-    /// up.
-    pub async fn open() -> Result<Self, TunError> {
+    /// up; with `offload`, every read and write carries a `virtio_net_hdr` and super-packets.
+    pub async fn open(offload: bool) -> Result<Self, TunError> {
         // SAFETY: a plain open(2) of a device node; the result is checked.
         let raw = unsafe {
             libc::open(
@@ -54,10 +69,18 @@ impl Tun {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(TUN_DEVICE.bytes()) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI;
+        ifr.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 };
         // SAFETY: TUNSETIFF reads an ifreq we own for the duration of the call.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &ifr) } < 0 {
             return Err(TunError::Open(io::Error::last_os_error()));
+        }
+        if offload {
+            let features =
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6;
+            // SAFETY: TUNSETOFFLOAD takes the feature bits by value.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, features) } < 0 {
+                return Err(TunError::Offload(io::Error::last_os_error()));
+            }
         }
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
         // the AsyncFd's whole life.
@@ -81,7 +104,17 @@ impl Tun {
             .execute()
             .await
             .map_err(|e| TunError::Netlink(format!("setting {TUN_DEVICE} up: {e}")))?;
-        Ok(Self { fd, index, handle })
+        Ok(Self {
+            fd,
+            index,
+            handle,
+            offload,
+        })
+    }
+
+    /// Whether reads and writes carry a `virtio_net_hdr`.
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
     /// Routes `prefix` into the device (replacing any route to it).
@@ -125,7 +158,7 @@ impl Tun {
         }
     }
 
-    /// Reads one packet, waiting for it.
+    /// Reads one packet (behind its virtio header with offload), waiting for it.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
@@ -142,15 +175,31 @@ impl Tun {
         read(self.fd.get_ref(), buf)
     }
 
-    /// Writes one packet.
-    pub async fn send(&self, packet: &[u8]) -> io::Result<()> {
-        loop {
-            let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| write(fd.get_ref(), packet)) {
-                Ok(result) => return result.map(|_| ()),
-                Err(_would_block) => continue,
-            }
+    /// Writes one packet now, behind `vnet_hdr` when the device has offload (a TUN write does
+    /// not wait: the kernel takes the packet or drops it).
+    pub fn try_send(&self, vnet_hdr: &[u8], packet: &[u8]) -> io::Result<()> {
+        let fd = self.fd.get_ref().as_raw_fd();
+        let n = if self.offload {
+            let iov = [
+                libc::iovec {
+                    iov_base: vnet_hdr.as_ptr() as *mut _,
+                    iov_len: vnet_hdr.len(),
+                },
+                libc::iovec {
+                    iov_base: packet.as_ptr() as *mut _,
+                    iov_len: packet.len(),
+                },
+            ];
+            // SAFETY: both iovecs point into slices valid for reads for the call.
+            unsafe { libc::writev(fd, iov.as_ptr(), 2) }
+        } else {
+            // SAFETY: packet is valid for reads of packet.len() bytes.
+            unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) }
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
         }
+        Ok(())
     }
 }
 
@@ -163,20 +212,15 @@ fn read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-fn write(fd: &OwnedFd, packet: &[u8]) -> io::Result<usize> {
-    // SAFETY: packet is valid for reads of packet.len() bytes.
-    let n = unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
 /// Why the device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     #[error("opening the TUN device {TUN_DEVICE} (needs CAP_NET_ADMIN and /dev/net/tun): {0}")]
     Open(#[source] io::Error),
+    #[error(
+        "turning on TSO/USO offload on the TUN device {TUN_DEVICE} (TUNSETOFFLOAD; USO needs Linux 6.2; or run with --mesh-offload false): {0}"
+    )]
+    Offload(#[source] io::Error),
     #[error("{0}")]
     Netlink(String),
 }

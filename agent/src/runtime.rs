@@ -1,30 +1,27 @@
-//! The agent's runtime: owns the cluster state, the local endpoints, the loaded programs and the
-//! datapath writer, and keeps the maps equal to what the compiler says they should hold.
+//! The agent's runtime: the handle through which everything reaches the cluster state, the local
+//! endpoints, the loaded programs and the datapath writer. They are owned by the reconcile task
+//! ([`crate::reconcile`]), which keeps the maps equal to what the compiler says they should hold;
+//! this handle sends it commands and reads what it publishes.
 //!
-//! Every change — a new cluster state from the source, an endpoint added or removed — goes
-//! through `reconcile`: compile, diff, write. A cluster state equal to the one in force changes
-//! nothing and compiles nothing. Start-up adopts what is pinned and changes nothing
-//! until the first cluster state has been read, so a restarted agent never garbage-collects
-//! enforcement it has not yet reconciled.
+//! A cluster state equal to the one in force changes nothing and compiles nothing. Start-up
+//! adopts what is pinned and changes nothing until the first cluster state has been read, so a
+//! restarted agent never garbage-collects enforcement it has not yet reconciled.
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::Ebpf;
-use tokio::sync::Notify;
-use weir_common::{
-    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE,
-    CONFIG_REVOKE_ESTABLISHED, VerdictEvent,
-};
+use tokio::sync::{mpsc, oneshot, watch};
+use weir_common::VerdictEvent;
 use weir_policy::{
-    compile::{CompileInput, compile},
+    compile::CompileInput,
     identity::IdentityAllocator,
     model::{ClusterState, ObjectKey},
     output::{Compiled, Rejection},
@@ -33,13 +30,13 @@ use weir_policy::{
 use crate::{
     datapath::{
         attach::{Programs, attach_endpoint, is_attached, retire_legacy_tcx_links},
-        desired::desired_maps,
         maps::DatapathMaps,
-        writer::{ApplyStats, DesiredMaps, Writer},
+        writer::Writer,
     },
     endpoints::{EndpointBackend, EndpointError, LocalEndpoint},
     flows::{Explainer, FlowLog},
     persist::{self, SnapshotLog},
+    reconcile::{Command, Reconciler, Shared, identities_file},
 };
 
 /// What the runtime is configured with.
@@ -70,42 +67,52 @@ pub enum RuntimeError {
     Persist(#[from] persist::PersistError),
     #[error(transparent)]
     Attach(#[from] crate::datapath::attach::AttachError),
+    #[error("starting the reconcile thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// Endpoints by (container id, interface name).
-type EndpointId = (String, String);
-
-struct Inner {
-    /// Holds the loaded object (programs and the maps not taken by the writer).
-    _ebpf: Ebpf,
-    writer: Writer,
-    /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
-    input: CompileInput,
-    /// Whether the source has delivered a cluster state yet.
-    cluster_read: bool,
-    endpoints: BTreeMap<EndpointId, LocalEndpoint>,
-    /// Where `endpoints` is saved on every change (under this lock, so in order).
-    endpoints_log: SnapshotLog,
-    identities: IdentityAllocator,
-    /// What identities.json holds, so it is written only when identities change.
-    saved_identities: IdentityAllocator,
-    compiled: Compiled,
-    /// Set when the last apply failed: enforcement may lag the cluster.
-    degraded: Option<String>,
+/// Which cluster state is enforced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Counts the cluster states accepted from the source (each differs from the one before);
+    /// 0 before the first.
+    pub generation: u64,
+    /// The source's fingerprint of that state (standalone: of the manifests directory's files,
+    /// see [`crate::source::manifests::fingerprint`]); empty where the source gives none.
+    pub fingerprint: String,
 }
 
+/// What the reconcile task publishes after every round, for readers that must not wait for it
+/// (health probes, `/metrics`, CNI STATUS).
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub cluster_read: bool,
+    /// Why the last compile or apply failed, if it did.
+    pub degraded: Option<String>,
+    pub endpoints: u64,
+    /// Endpoints whose addresses the compiler placed (the rest: their Pod is not on this node).
+    pub endpoints_enforced: u64,
+    /// `(map name, entries, capacity)`.
+    pub map_usage: Vec<(&'static str, u64, u64)>,
+    /// NetworkPolicies rejected (in whole or in part) in the state in force.
+    pub rejected_policies: u64,
+}
+
+/// The runtime's handle: commands to the reconcile task, and what it publishes.
 pub struct Runtime {
     config: RuntimeConfig,
-    /// The loaded programs' fds: attaching needs no lock.
-    programs: Programs,
-    inner: Mutex<Inner>,
-    /// Woken whenever the cluster state changes (for ADDs waiting for their Pod).
-    cluster_changed: Notify,
-    explainer: RwLock<Explainer>,
+    /// The loaded programs' fds: ADDs attach them in parallel, outside the reconcile task.
+    programs: Arc<Programs>,
+    commands: mpsc::UnboundedSender<Command>,
+    published: watch::Receiver<Arc<Published>>,
+    shared: Arc<Shared>,
     flow_log: FlowLog,
-    /// Compiles since start (the health endpoint's `weir_policy_compiles_total`).
-    compiles: AtomicU64,
 }
+
+/// The reconcile task is gone (it panicked): nothing can change enforcement any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent's reconcile task stopped; restart the agent")]
+pub struct Stopped;
 
 impl Runtime {
     /// The registered endpoints, saved on every ADD and DEL (a `SnapshotLog`).
@@ -118,233 +125,159 @@ impl Runtime {
         config.state_dir.join("endpoints.json")
     }
 
-    fn identities_file(config: &RuntimeConfig) -> PathBuf {
-        config.state_dir.join("identities.json")
-    }
-
     /// Where earlier Weir versions pinned the TCX links of pods' veths (retired at start-up).
     fn legacy_links_dir(&self) -> PathBuf {
         self.config.bpffs_dir.join("links")
     }
 
-    /// Adopts the pinned maps, restores the endpoints a previous agent registered and swaps the
-    /// loaded programs into their pinned links. Writes no map until the first cluster state.
-    pub fn start(config: RuntimeConfig, mut ebpf: Ebpf) -> Result<Arc<Self>, RuntimeError> {
+    /// Adopts the pinned maps, restores the endpoints a previous agent registered, swaps the
+    /// loaded programs into their pinned links and starts the reconcile task. Writes no map
+    /// until the first cluster state. The rejected policies of every compiled state are sent
+    /// on `rejections`.
+    pub fn start(
+        config: RuntimeConfig,
+        mut ebpf: Ebpf,
+        rejections: watch::Sender<Arc<[Rejection]>>,
+    ) -> Result<Arc<Self>, RuntimeError> {
         let maps = DatapathMaps::take(&mut ebpf)?;
         let programs = Programs::from_ebpf(&ebpf)?;
         let writer = Writer::adopt(maps)?;
         let identities: IdentityAllocator =
-            persist::read_json(&Self::identities_file(&config))?.unwrap_or_default();
+            persist::read_json(&identities_file(&config))?.unwrap_or_default();
         let (endpoints_log, saved) = SnapshotLog::open::<Vec<LocalEndpoint>>(
             &Self::endpoints_file(&config),
             &Self::legacy_endpoints_file(&config),
         )?;
-        let runtime = Arc::new(Self {
-            flow_log: FlowLog::new(&config.state_dir),
-            programs,
-            inner: Mutex::new(Inner {
-                _ebpf: ebpf,
-                writer,
-                input: CompileInput {
-                    state: ClusterState::default(),
-                    node_name: config.node_name.clone(),
-                    cluster_id: u32::from(config.cluster_id),
-                    local_endpoints: BTreeMap::new(),
-                },
-                cluster_read: false,
-                endpoints: BTreeMap::new(),
-                endpoints_log,
-                saved_identities: identities.clone(),
-                identities,
-                compiled: Compiled::default(),
-                degraded: None,
-            }),
-            cluster_changed: Notify::new(),
+        let mut endpoints = BTreeMap::new();
+        for endpoint in saved.unwrap_or_default() {
+            if nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()).is_err() {
+                tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname,
+                    "endpoint's veth is gone (deleted while the agent was down); forgetting it");
+                continue;
+            }
+            match attach_endpoint(&programs, &endpoint.host_ifname) {
+                Ok(()) => {
+                    tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "adopted endpoint")
+                }
+                Err(e) => {
+                    tracing::error!(pod = %endpoint.pod, error = %e, "could not re-attach to an adopted endpoint; its old programs stay attached")
+                }
+            }
+            endpoints.insert(
+                (endpoint.container_id.clone(), endpoint.ifname.clone()),
+                endpoint,
+            );
+        }
+        let shared = Arc::new(Shared {
             explainer: RwLock::new(Explainer::default()),
             compiles: AtomicU64::new(0),
+        });
+        let (published_tx, published) = watch::channel(Arc::new(Published::default()));
+        let mut reconciler = Reconciler {
+            _ebpf: ebpf,
+            writer,
+            input: CompileInput {
+                state: ClusterState::default(),
+                node_name: config.node_name.clone(),
+                cluster_id: u32::from(config.cluster_id),
+                local_endpoints: BTreeMap::new(),
+            },
+            cluster_read: false,
+            endpoints,
+            endpoints_log,
+            saved_identities: identities.clone(),
+            identities,
+            compiled: Compiled::default(),
+            degraded: None,
+            accepted: Applied::default(),
+            applied: Applied::default(),
+            pod_waiters: Vec::new(),
+            shared: shared.clone(),
+            published: published_tx,
+            rejections,
+            config: config.clone(),
+        };
+        reconciler.save_endpoints()?;
+        reconciler.publish();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("weir-reconcile".to_owned())
+            .spawn(move || reconciler.run(commands_rx))
+            .map_err(RuntimeError::Thread)?;
+        let runtime = Arc::new(Self {
+            flow_log: FlowLog::new(&config.state_dir),
+            programs: Arc::new(programs),
+            commands,
+            published,
+            shared,
             config,
         });
-        {
-            let mut inner = runtime.lock();
-            for endpoint in saved.unwrap_or_default() {
-                if nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()).is_err() {
-                    tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname,
-                        "endpoint's veth is gone (deleted while the agent was down); forgetting it");
-                    continue;
-                }
-                match attach_endpoint(&runtime.programs, &endpoint.host_ifname) {
-                    Ok(()) => {
-                        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "adopted endpoint")
-                    }
-                    Err(e) => {
-                        tracing::error!(pod = %endpoint.pod, error = %e, "could not re-attach to an adopted endpoint; its old programs stay attached")
-                    }
-                }
-                inner.endpoints.insert(
-                    (endpoint.container_id.clone(), endpoint.ifname.clone()),
-                    endpoint,
-                );
-            }
-            Self::save_endpoints(&mut inner)?;
-        }
         retire_legacy_tcx_links(&runtime.programs, &runtime.legacy_links_dir());
         Ok(runtime)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps half-written in a way a retry
-        // would not fix, so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Sends a command and waits for its reply.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(command(tx)).map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
     }
 
-    /// The local endpoints (for start-up reconciliation of IPAM).
-    pub fn endpoints(&self) -> Vec<LocalEndpoint> {
-        self.lock().endpoints.values().cloned().collect()
+    /// What the reconcile task published last.
+    pub fn published(&self) -> Arc<Published> {
+        self.published.borrow().clone()
     }
 
     /// Whether the last apply failed ("degraded") and why.
     pub fn degraded(&self) -> Option<String> {
-        self.lock().degraded.clone()
+        self.published().degraded.clone()
     }
 
     /// Policy compiles since start.
     pub fn compiles(&self) -> u64 {
-        self.compiles.load(Ordering::Relaxed)
+        self.shared.compiles.load(Ordering::Relaxed)
     }
 
-    /// A new cluster state from the source. Returns whether it was applied: a state equal to
-    /// the one in force (a relist, a rewritten file with the same objects) is not compiled again.
-    pub fn set_cluster_state(&self, state: ClusterState) -> bool {
-        let mut inner = self.lock();
-        let first = !inner.cluster_read;
-        if !first && inner.input.state == state {
-            tracing::debug!("cluster state unchanged; nothing to compile");
-            return false;
-        }
-        inner.input.state = state;
-        inner.cluster_read = true;
-        self.reconcile(&mut inner);
-        if first {
-            tracing::info!(node = %self.config.node_name, "cluster state read; ready");
-        }
-        drop(inner);
-        self.cluster_changed.notify_waiters();
-        true
+    /// A new cluster state from the source, with the source's fingerprint of it. Returns once
+    /// it is enforced (or known to change nothing: a state equal to the one in force, a relist,
+    /// a rewritten file with the same objects, is not compiled again), with what is applied.
+    pub async fn set_cluster_state(
+        &self,
+        state: ClusterState,
+        fingerprint: String,
+    ) -> Result<Applied, Stopped> {
+        self.ask(|done| Command::ClusterState {
+            state,
+            fingerprint,
+            done,
+        })
+        .await
     }
 
-    /// Compile and write. Failures leave the previous enforcement in place and are reported.
-    fn reconcile(&self, inner: &mut Inner) {
-        if !inner.cluster_read {
-            return;
-        }
-        let started = Instant::now();
-        let mut local: BTreeMap<ObjectKey, Vec<std::net::IpAddr>> = BTreeMap::new();
-        for e in inner.endpoints.values() {
-            local
-                .entry(e.pod.clone())
-                .or_default()
-                .extend(e.addresses.iter().copied());
-        }
-        inner.input.local_endpoints = local;
-        let Inner {
-            input, identities, ..
-        } = &mut *inner;
-        self.compiles.fetch_add(1, Ordering::Relaxed);
-        let compiled = match compile(input, identities) {
-            Ok(compiled) => compiled,
-            Err(e) => {
-                tracing::error!(error = %e, "compiling policy failed; previous enforcement stays in place");
-                inner.degraded = Some(e.to_string());
-                return;
-            }
-        };
-        let compile_time = started.elapsed();
-        crate::metrics::metrics()
-            .compile_seconds
-            .observe(compile_time.as_secs_f64());
-        log_new_rejections(&inner.compiled.rejections, &compiled.rejections);
-        let desired = self.desired_maps(inner, &compiled);
-        match inner.writer.apply(&desired) {
-            Ok(stats) => {
-                log_apply(&stats, compile_time, started.elapsed());
-                inner.degraded = None;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
-                inner.degraded = Some(e.to_string());
-            }
-        }
-        if inner.identities != inner.saved_identities {
-            match persist::write_json(&Self::identities_file(&self.config), &inner.identities) {
-                Ok(()) => inner.saved_identities = inner.identities.clone(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not save identities; a restart may renumber them")
-                }
-            }
-        }
-        *self.explainer.write().unwrap_or_else(|p| p.into_inner()) =
-            Explainer::from_compiled(&compiled);
-        inner.compiled = compiled;
-    }
-
-    fn desired_maps(&self, inner: &Inner, compiled: &Compiled) -> DesiredMaps {
-        // The ifindex of every local address's veth, looked up once per endpoint.
-        let mut ifindexes = BTreeMap::new();
-        for endpoint in inner.endpoints.values() {
-            if let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) {
-                for addr in &endpoint.addresses {
-                    ifindexes.insert(*addr, ifindex);
-                }
-            }
-        }
-        let mut config_flags = 0;
-        if self.config.revoke_established {
-            config_flags |= CONFIG_REVOKE_ESTABLISHED;
-        }
-        if self.config.emit_allow_events {
-            config_flags |= CONFIG_EMIT_ALLOW_EVENTS;
-        }
-        if self.config.redirect_local_pods {
-            config_flags |= CONFIG_REDIRECT_LOCAL;
-        }
-        if self.config.redirect_remote_pods {
-            config_flags |= CONFIG_REDIRECT_REMOTE;
-        }
-        desired_maps(compiled, |addr| ifindexes.get(addr).copied(), config_flags)
-    }
-
-    /// Saves the endpoints; called with the lock held, so saves happen in the order of the
-    /// changes and an older snapshot never overwrites a newer one.
-    fn save_endpoints(inner: &mut Inner) -> Result<(), persist::PersistError> {
-        let endpoints: Vec<&LocalEndpoint> = inner.endpoints.values().collect();
-        inner.endpoints_log.save(&endpoints)
-    }
-
-    /// Read-only access to what the runtime holds, for the Inspect API. Holds the runtime's
-    /// lock while `f` runs: copy what is needed and return.
-    pub fn view<T>(&self, f: impl FnOnce(&RuntimeView<'_>) -> T) -> T {
-        let inner = self.lock();
-        let view = RuntimeView {
-            node_name: &self.config.node_name,
-            cluster_read: inner.cluster_read,
-            degraded: inner.degraded.as_deref(),
-            input: &inner.input,
-            identities: &inner.identities,
-            endpoints: inner.endpoints.values().collect(),
-            compiled: &inner.compiled,
-            generation: inner.writer.generation(),
-            map_usage: inner.writer.usage(),
-            counters: inner.writer.counters(),
-        };
-        f(&view)
+    /// A read-only look at what the runtime holds, for the Inspect API. `f` runs on the
+    /// reconcile task between two rounds: copy what is needed and return.
+    pub async fn view<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RuntimeView<'_>) -> T + Send + 'static,
+    ) -> Result<T, Stopped> {
+        self.ask(|reply| {
+            Command::View(Box::new(move |view: &RuntimeView<'_>| {
+                let _ = reply.send(f(view));
+            }))
+        })
+        .await
     }
 
     /// What `/metrics` reads from the datapath: map usage (conntrack included), the kernel's
-    /// counters, and endpoints by state.
+    /// counters, and endpoints by state. The kernel's maps are read through their pins, so a
+    /// scrape never waits for a compile nor holds one up.
     pub fn datapath_snapshot(&self) -> crate::health::DatapathSnapshot {
         let conntrack = self.count_conntrack();
-        let inner = self.lock();
-        let mut maps = inner.writer.usage();
+        let published = self.published();
+        let mut maps = published.map_usage.clone();
         if let Some(n) = conntrack {
             maps.push((
                 weir_common::MAP_CONNTRACK,
@@ -352,36 +285,47 @@ impl Runtime {
                 u64::from(weir_common::MAX_CONNTRACK),
             ));
         }
-        let enforced = inner
-            .endpoints
-            .values()
-            .filter(|e| {
-                e.addresses
-                    .iter()
-                    .all(|a| inner.compiled.local_addresses.contains_key(a))
-            })
-            .count() as u64;
         crate::health::DatapathSnapshot {
             maps,
             conntrack_entries: conntrack,
-            counters: inner.writer.counters(),
-            endpoints_enforced: enforced,
-            endpoints_unplaced: inner.endpoints.len() as u64 - enforced,
+            counters: self.read_counters(),
+            endpoints_enforced: published.endpoints_enforced,
+            endpoints_unplaced: published.endpoints - published.endpoints_enforced,
         }
     }
 
-    /// Connections in the pinned conntrack table. Walking it costs one syscall per entry, so it
-    /// goes through the map's pin, outside the runtime lock: a scrape never holds up CNI ADDs.
+    fn map_pin(&self, name: &str) -> PathBuf {
+        self.config.bpffs_dir.join("maps").join(name)
+    }
+
+    /// Connections in the pinned conntrack table (one syscall per entry).
     fn count_conntrack(&self) -> Option<u64> {
-        let pin = self
-            .config
-            .bpffs_dir
-            .join("maps")
-            .join(weir_common::MAP_CONNTRACK);
+        let pin = self.map_pin(weir_common::MAP_CONNTRACK);
         let map = aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(pin).ok()?);
         let ct = aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(&map)
             .ok()?;
         Some(ct.keys().filter(Result::is_ok).count() as u64)
+    }
+
+    /// The kernel's counters (`WEIR_COUNTERS`) summed over CPUs; empty when the pin cannot be
+    /// read.
+    fn read_counters(&self) -> Vec<u64> {
+        let pin = self.map_pin(weir_common::MAP_COUNTERS);
+        let Ok(data) = aya::maps::MapData::from_pin(pin) else {
+            return Vec::new();
+        };
+        let map = aya::maps::Map::PerCpuArray(data);
+        let Ok(counters) = aya::maps::PerCpuArray::<_, u64>::try_from(&map) else {
+            return Vec::new();
+        };
+        (0..weir_common::REASON_COUNT)
+            .map(|slot| {
+                counters
+                    .get(&slot, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
     }
 
     /// The flow log (`flows.jsonl`) and its live subscribers.
@@ -392,6 +336,7 @@ impl Runtime {
     /// Handles one verdict event from the kernel.
     pub fn record_event(&self, event: &VerdictEvent) {
         let record = self
+            .shared
             .explainer
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -422,136 +367,77 @@ pub struct RuntimeView<'a> {
     pub endpoints: Vec<&'a LocalEndpoint>,
     /// What is enforced.
     pub compiled: &'a Compiled,
+    /// The config generation last written to the datapath (bumped by every write).
     pub generation: u32,
+    /// The cluster state last written.
+    pub applied: &'a Applied,
     /// `(map name, entries, capacity)`.
     pub map_usage: Vec<(&'static str, u64, u64)>,
     /// `WEIR_COUNTERS` summed over CPUs.
     pub counters: Vec<u64>,
 }
 
-fn log_new_rejections(old: &[Rejection], new: &[Rejection]) {
-    for r in new.iter().filter(|r| !old.contains(r)) {
-        tracing::error!(policy = %r.policy, field = %r.field, "rejected NetworkPolicy: {}; it allows nothing, the pods it selects stay isolated in its directions, every other policy is still enforced", r.reason);
-    }
-}
-
-fn log_apply(stats: &ApplyStats, compile: Duration, total: Duration) {
-    if stats.writes + stats.deletes > 0 {
-        tracing::info!(
-            writes = stats.writes,
-            deletes = stats.deletes,
-            subjects_changed = stats.subjects_changed,
-            generation = stats.generation,
-            compile_ms = compile.as_secs_f64() * 1e3,
-            total_ms = total.as_secs_f64() * 1e3,
-            "datapath updated"
-        );
-    }
-}
-
 #[tonic::async_trait]
 impl EndpointBackend for Runtime {
     fn readiness(&self) -> Result<(), String> {
-        let inner = self.lock();
-        if !inner.cluster_read {
+        if !self.published.borrow().cluster_read {
             return Err("the cluster state has not been read yet".to_owned());
         }
         Ok(())
     }
 
     async fn wait_for_pod(&self, pod: &ObjectKey, timeout: Duration) -> Result<(), EndpointError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.cluster_changed.notified();
-            if self.lock().input.state.pods.contains_key(pod) {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(EndpointError::PodUnknown {
-                    pod: pod.clone(),
-                    waited: timeout,
-                });
-            }
+        let unknown = || EndpointError::PodUnknown {
+            pod: pod.clone(),
+            waited: timeout,
+        };
+        let found = self.ask(|found| Command::WaitForPod {
+            pod: pod.clone(),
+            found,
+        });
+        match tokio::time::timeout(timeout, found).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Stopped)) => Err(EndpointError::NotReady(Stopped.to_string())),
+            Err(_) => Err(unknown()),
         }
     }
 
     async fn activate(&self, endpoint: LocalEndpoint) -> Result<(), EndpointError> {
-        let datapath_err = |reason: String| EndpointError::Datapath {
+        self.readiness().map_err(EndpointError::NotReady)?;
+        // Outside the reconcile task, on the blocking pool (netlink and bpf syscalls):
+        // concurrent ADDs attach in parallel.
+        let programs = self.programs.clone();
+        let host_ifname = endpoint.host_ifname.clone();
+        let attached =
+            tokio::task::spawn_blocking(move || attach_endpoint(&programs, &host_ifname))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        attached.map_err(|reason| EndpointError::Datapath {
             pod: endpoint.pod.clone(),
             host_ifname: endpoint.host_ifname.clone(),
             reason,
-        };
-        if !self.lock().cluster_read {
-            return Err(EndpointError::NotReady(
-                "the cluster state has not been read yet".to_owned(),
-            ));
-        }
-        // Outside the lock: concurrent ADDs attach in parallel.
-        attach_endpoint(&self.programs, &endpoint.host_ifname)
-            .map_err(|e| datapath_err(e.to_string()))?;
-        {
-            let mut inner = self.lock();
-            inner.endpoints.insert(
-                (endpoint.container_id.clone(), endpoint.ifname.clone()),
-                endpoint.clone(),
-            );
-            self.reconcile(&mut inner);
-            if let Some(reason) = inner.degraded.clone() {
-                return Err(datapath_err(reason));
-            }
-            let enforced = endpoint
-                .addresses
-                .iter()
-                .all(|a| inner.compiled.local_addresses.contains_key(a));
-            if !enforced {
-                return Err(datapath_err(
-                    "the compiler did not place the pod's addresses (is the Pod object's spec.nodeName this node?)".to_owned(),
-                ));
-            }
-            Self::save_endpoints(&mut inner).map_err(|e| datapath_err(e.to_string()))?;
-        }
-        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, addresses = ?endpoint.addresses, "endpoint enforced");
-        Ok(())
+        })?;
+        self.ask(|done| Command::Activate { endpoint, done })
+            .await
+            .map_err(|e| EndpointError::NotReady(e.to_string()))?
     }
 
     async fn deactivate(&self, container_id: &str, ifname: &str) -> Result<(), EndpointError> {
         // Out of the maps: its packets now drop as unknown. The programs stay on the veth until
         // the veth goes (DEL deletes it), so it never carries traffic unchecked.
-        let endpoint = {
-            let mut inner = self.lock();
-            let Some(endpoint) = inner
-                .endpoints
-                .remove(&(container_id.to_owned(), ifname.to_owned()))
-            else {
-                return Ok(());
-            };
-            self.reconcile(&mut inner);
-            Self::save_endpoints(&mut inner).map_err(|e| EndpointError::NotReady(e.to_string()))?;
-            endpoint
-        };
-        tracing::info!(pod = %endpoint.pod, veth = %endpoint.host_ifname, "endpoint removed");
-        Ok(())
+        let id = (container_id.to_owned(), ifname.to_owned());
+        self.ask(|done| Command::Deactivate { id, done })
+            .await
+            .map_err(|e| EndpointError::NotReady(e.to_string()))?
     }
 
-    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
-        let host_ifname = {
-            let inner = self.lock();
-            let Some(endpoint) = inner
-                .endpoints
-                .get(&(container_id.to_owned(), ifname.to_owned()))
-            else {
-                return false;
-            };
-            if !endpoint
-                .addresses
-                .iter()
-                .all(|a| inner.compiled.local_addresses.contains_key(a))
-            {
-                return false;
-            }
-            endpoint.host_ifname.clone()
+    async fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
+        let id = (container_id.to_owned(), ifname.to_owned());
+        let Ok(Some(host_ifname)) = self.ask(|reply| Command::Enforced { id, reply }).await else {
+            return false;
         };
-        // Asking the kernel needs no lock.
+        // Asking the kernel needs no round trip.
         is_attached(&self.programs, &host_ifname)
     }
 }

@@ -118,7 +118,7 @@ impl EndpointBackend for FakeBackend {
         Ok(())
     }
 
-    fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
+    async fn is_enforced(&self, container_id: &str, ifname: &str) -> bool {
         self.enforced
             .lock()
             .unwrap()

@@ -347,6 +347,30 @@ impl KubeServer {
         self.shared.store().events.clone()
     }
 
+    /// Waits until every resource has been watched at least `n` times (a watch replays what
+    /// changed after its resourceVersion, so from its request on the client misses nothing).
+    pub async fn wait_for_watches(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let requests = self.requests();
+            let watched = |r: Resource| {
+                let prefix = format!("GET {}?", r.path());
+                requests
+                    .iter()
+                    .filter(|line| line.starts_with(&prefix) && line.contains("watch="))
+                    .count()
+            };
+            if Resource::ALL.into_iter().all(|r| watched(r) >= n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every resource was watched {n} times: {requests:#?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Request lines seen so far (`GET /api/v1/pods?watch=true&...`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.store().requests.clone()

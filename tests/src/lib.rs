@@ -2,6 +2,7 @@
 //! test-run bench, the CNI plugin's bench against the agent's API, the fake Kubernetes API
 //! server, the NetworkPolicy cases; and the benchmarks `cargo xtask bench` runs.
 
+pub mod applied;
 pub mod bench;
 pub mod cni_bench;
 pub mod cpu;

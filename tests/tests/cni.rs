@@ -784,7 +784,9 @@ fn a_second_add_fails_and_leaves_the_first_attachment_as_it_was() {
     assert_eq!(h.ipam().allocations().unwrap(), allocations);
     assert!(h.backend.deactivated.lock().unwrap().is_empty());
     assert_eq!(h.backend.activated.lock().unwrap().len(), 1);
-    assert!(h.backend.is_enforced("c-dup", "eth0"));
+    assert!(futures::executor::block_on(
+        h.backend.is_enforced("c-dup", "eth0")
+    ));
     h.check("c-dup", &pod, &first).expect_ok();
 
     // Another container ID asking for the same interface in the same namespace: the interface

@@ -99,27 +99,51 @@ fn seed(server: &KubeServer) {
     server.apply(POLICY);
 }
 
-/// The source under test, running against `server`, with its output channel.
+/// The source under test, running against `server`, with its output channel. The agent's
+/// runtime is played by a compiler that reports each state's rejected policies back to the
+/// source (for its Events), as the runtime does.
 struct Source {
     states: mpsc::Receiver<ClusterState>,
     stats: Arc<SourceStats>,
     task: JoinHandle<()>,
+    compiler: JoinHandle<()>,
 }
 
 impl Source {
     fn start(server: &KubeServer, node: &str) -> Self {
+        let (source_tx, mut source_rx) = mpsc::channel::<ClusterState>(64);
         let (tx, states) = mpsc::channel(64);
+        let (rejections_tx, rejections_rx) = tokio::sync::watch::channel(Arc::from([]));
         let stats = Arc::new(SourceStats::default());
         let task = tokio::spawn(kubernetes::run(
             server.client(),
             KubeSourceConfig::new(node),
-            tx,
+            source_tx,
+            rejections_rx,
             stats.clone(),
         ));
+        let node = node.to_owned();
+        let compiler = tokio::spawn(async move {
+            let mut identities = weir_policy::identity::IdentityAllocator::default();
+            while let Some(state) = source_rx.recv().await {
+                let input = weir_policy::compile::CompileInput {
+                    state: state.clone(),
+                    node_name: node.clone(),
+                    ..Default::default()
+                };
+                let compiled = weir_policy::compile::compile(&input, &mut identities)
+                    .expect("compiling the source's state");
+                rejections_tx.send_replace(compiled.rejections.into());
+                if tx.send(state).await.is_err() {
+                    return;
+                }
+            }
+        });
         Self {
             states,
             stats,
             task,
+            compiler,
         }
     }
 
@@ -156,6 +180,7 @@ impl Source {
 impl Drop for Source {
     fn drop(&mut self) {
         self.task.abort();
+        self.compiler.abort();
     }
 }
 
@@ -272,8 +297,8 @@ async fn a_410_gone_relist_drops_what_was_deleted_meanwhile() {
     seed(&server);
     let mut source = Source::start(&server, "n1");
     assert!(source.next().await.pods.contains_key(&key("db")));
-    // Give the watches time to start, so the next one resumes from their resourceVersion.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The watches have started, so the next one resumes from their resourceVersion.
+    server.wait_for_watches(1).await;
 
     // The deletion is never sent as a watch event: the history is compacted and the watches
     // end; resuming gets 410 Gone, and only the relist can tell that db is gone.
@@ -307,7 +332,7 @@ async fn an_ended_watch_resumes_where_it_was_without_a_relist() {
     seed(&server);
     let mut source = Source::start(&server, "n1");
     source.next().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_watches(1).await;
     let lists = |server: &KubeServer| {
         server
             .requests()
@@ -317,7 +342,7 @@ async fn an_ended_watch_resumes_where_it_was_without_a_relist() {
     };
     let lists_before = lists(&server);
     server.end_watches();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_watches(2).await;
     server.apply(&pod("after", "n1", "10.244.1.60", "web"));
     source
         .until("the change after the restart arrived", |s| {
@@ -372,7 +397,7 @@ async fn the_api_server_going_away_keeps_the_last_state_and_reconnects() {
     seed(&server);
     let mut source = Source::start(&server, "n1");
     source.next().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_watches(1).await;
     assert!(
         source.stats.connected.load(Ordering::Relaxed),
         "{:?} {:?}",

@@ -119,7 +119,13 @@ fn metrics_record_what_happened_and_cover_the_dashboard() {
     }
     let server_ip = pods[2].2;
     serve(&pods[2].1, server_ip);
-    assert!(connects(&pods[0].1, server_ip), "client reaches server");
+    // A connect can miss its 300 ms on a loaded machine; an allowed path must answer within
+    // the bound, while the intruder's single probe below stays a real denial check.
+    weir_tests::wait::eventually(
+        "the client reaching the server",
+        Duration::from_secs(10),
+        || connects(&pods[0].1, server_ip),
+    );
     assert!(!connects(&pods[1].1, server_ip), "intruder is dropped");
     // A DEL, for its latency.
     let intruder_id = "ctr-intruder";

@@ -12,19 +12,21 @@
 //!
 //! The cases share the lab and run one at a time (a mutex); the lab is brought up by the first
 //! case and taken down when the test binary exits (and by the next run if it was killed).
+//!
+//! Every truth table is probed once, after both agents report the manifests directory as it is
+//! applied (`weir status`): a policy change that is applied but not yet enforced fails the case.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use weir_lab::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
+use weir_tests::applied::{APPLY_TIMEOUT, wait_applied};
 use weir_tests::netpol_cases::{
     self, Cluster, NAMESPACES, PODS, Reach, cluster_yaml, ns, pod, policy,
 };
 
 const LAB: &str = "netpol";
-/// How long a policy change may take to show (the contract: 1 s at the 99th percentile).
-const SETTLE: Duration = Duration::from_secs(8);
 
 use Proto::{Tcp as TCP, Udp as UDP};
 
@@ -108,12 +110,9 @@ impl Case {
             denied_timeout: Some(Duration::from_millis(250)),
             ..ProbeSpec::default()
         };
-        let t = Instant::now();
         let since = std::time::SystemTime::now();
-        let (matrix, diffs) = self
-            .lab
-            .probe_until(&spec, &expect, SETTLE)
-            .expect("probing");
+        self.wait_applied();
+        let (matrix, diffs) = self.lab.probe_once(&spec, &expect).expect("probing");
         if !diffs.is_empty() {
             let mut logs = String::new();
             for d in diffs.iter().filter(|d| !d.observed) {
@@ -128,12 +127,22 @@ impl Case {
                 ));
             }
             panic!(
-                "{what}: {port}/{proto} truth table differs after {:.1} s\n\
+                "{what}: {port}/{proto} truth table differs once both agents applied the manifests\n\
                  observed (. allowed, X denied, ! differs from expected):\n{}\n{}{logs}",
-                t.elapsed().as_secs_f64(),
                 matrix.render(Some(&expect)),
                 lab::matrix::render_differences(&diffs),
             );
+        }
+    }
+}
+
+impl Case {
+    /// Waits until both agents have written the manifests directory, as it is now, to their
+    /// datapath.
+    fn wait_applied(&self) {
+        let state = self.lab.state();
+        for node in &state.nodes {
+            wait_applied(&node.socket, &state.manifests_dir(), APPLY_TIMEOUT);
         }
     }
 }
@@ -307,24 +316,19 @@ impl Case {
         format!("{}.{}.0.0/16", octets[0], octets[1])
     }
 
-    /// Waits (bounded) until both agents' logs contain every one of `texts`.
-    fn wait_for_logs(&self, texts: &[&str]) {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let logs: Vec<String> = ["node1", "node2"]
-                .iter()
-                .map(|n| self.lab.agent_log(n, 100_000))
-                .collect();
-            if logs.iter().all(|l| texts.iter().all(|t| l.contains(t))) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agents' logs do not say {texts:?}:\n{}",
-                logs.join("\n---\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Asserts that both agents, having applied the manifests directory, logged every one of
+    /// `texts` (an agent logs a rejection before it reports the state applied).
+    fn assert_logged(&self, texts: &[&str]) {
+        self.wait_applied();
+        let logs: Vec<String> = ["node1", "node2"]
+            .iter()
+            .map(|n| self.lab.agent_log(n, 100_000))
+            .collect();
+        assert!(
+            logs.iter().all(|l| texts.iter().all(|t| l.contains(t))),
+            "the agents' logs do not say {texts:?}:\n{}",
+            logs.join("\n---\n")
+        );
     }
 }
 
@@ -400,5 +404,5 @@ fn weir_rejected_policies_fail_closed() {
     r.ingress(pod("x", "a"), false).egress(ns("y"), false);
     c.validate(80, TCP, &r);
     c.validate(81, UDP, &r);
-    c.wait_for_logs(&["rejected NetworkPolicy", "UPPER_case!", "y/bad-selector"]);
+    c.assert_logged(&["rejected NetworkPolicy", "UPPER_case!", "y/bad-selector"]);
 }

@@ -12,6 +12,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use weir_tests::applied::{APPLY_TIMEOUT, wait_applied};
 use weir_tests::tcp::{PORT, connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
@@ -169,11 +170,14 @@ fn the_documented_standalone_contract_holds() {
         "no policy: intruder reaches server"
     );
 
-    // Dotfiles and editor leftovers are ignored; a rename into place is picked up.
+    // Dotfiles and editor leftovers are ignored; a rename into place is picked up. A manifest
+    // written after them is applied by a scan that saw them too: once it is, they have had
+    // every chance to take effect.
     write(m, ".policy.yaml", &policy("app"));
     write(m, "policy.yaml.swp", &policy("app"));
     write(m, "policy.yaml~", &policy("app"));
-    thread::sleep(Duration::from_millis(300));
+    write(m, "marker.yaml", &namespace("marker", "team: none"));
+    wait_applied(&dirs.socket, &dirs.manifests, APPLY_TIMEOUT);
     assert!(
         connects(intruder, server_ip),
         "ignored files must not apply"

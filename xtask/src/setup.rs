@@ -13,6 +13,10 @@ pub fn run() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     println!("setup: everything the kernel programs need is present");
+    // Only the mesh benchmark needs these; a machine without apt still builds and tests.
+    if let Err(e) = ensure_mesh_bench_packages() {
+        println!("setup: warning: {e:#}");
+    }
     Ok(())
 }
 
@@ -158,6 +162,76 @@ pub fn ensure_iptables() -> anyhow::Result<()> {
         "installing iptables for the benchmark's baseline",
     )
 }
+
+/// What the mesh benchmark measures with, from apt: iperf3 (TCP), sockperf (UDP
+/// request/response) and wireguard-tools (`wg`, to configure the boringtun anchor).
+const MESH_BENCH_PACKAGES: [(&str, &str); 3] = [
+    ("iperf3", "iperf3"),
+    ("sockperf", "sockperf"),
+    ("wg", "wireguard-tools"),
+];
+
+pub fn ensure_mesh_bench_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = MESH_BENCH_PACKAGES
+        .iter()
+        .filter(|(program, _)| Command::new(program).arg("--version").output().is_err())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !(Path::new("/usr/bin/apt-get").exists() && nix_is_root()) {
+        bail!(
+            "the mesh benchmark needs {}: install them and run it again",
+            missing.join(", ")
+        );
+    }
+    status(
+        Command::new("apt-get").args(["update", "-q"]),
+        "refreshing the apt index",
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "installing the mesh benchmark's tools",
+    )
+}
+
+/// boringtun-cli, the mesh benchmark's anchor (userspace WireGuard), built from crates.io into
+/// a cache directory shared by checkouts; returns its path.
+pub fn ensure_boringtun() -> anyhow::Result<std::path::PathBuf> {
+    let root = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
+        .join("weir/bench-tools");
+    let bin = root.join("bin/boringtun-cli");
+    if output(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(bin);
+    }
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "boringtun-cli",
+                "--version",
+                BORINGTUN_VERSION,
+                "--locked",
+                "--root",
+            ])
+            .arg(&root)
+            .current_dir(std::env::temp_dir()),
+        &format!(
+            "building boringtun-cli {BORINGTUN_VERSION} for the mesh benchmark (about 2 minutes)"
+        ),
+    )?;
+    Ok(bin)
+}
+
+/// The boringtun-cli the mesh benchmark compares with.
+const BORINGTUN_VERSION: &str = "0.7.1";
 
 fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")

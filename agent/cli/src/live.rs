@@ -89,7 +89,11 @@ pub struct StatusView {
     /// enforcing, starting or degraded
     pub enforcement: String,
     pub reason: String,
+    /// The config generation last written to the datapath.
     pub generation: u32,
+    /// The cluster state last written: its generation and the source's fingerprint of it.
+    pub applied_generation: u64,
+    pub applied_fingerprint: String,
     pub endpoints: u32,
     pub policies: u32,
     pub policies_enforced: u32,
@@ -145,6 +149,8 @@ pub async fn status(socket: &Path, format: Format) -> Result<String, CliError> {
         enforcement: r.enforcement,
         reason: r.reason,
         generation: r.generation,
+        applied_generation: r.applied_generation,
+        applied_fingerprint: r.applied_fingerprint,
         endpoints: r.endpoints,
         policies: r.policies,
         policies_enforced: r.policies_enforced,
@@ -203,6 +209,14 @@ pub async fn status(socket: &Path, format: Format) -> Result<String, CliError> {
         if !v.reason.is_empty() {
             out.push_str(&format!("  {}\n", v.reason));
         }
+        out.push_str(&format!(
+            "applied cluster state: generation {}",
+            v.applied_generation
+        ));
+        if !v.applied_fingerprint.is_empty() {
+            out.push_str(&format!(" (source fingerprint {})", v.applied_fingerprint));
+        }
+        out.push('\n');
         out.push_str(&format!(
             "endpoints: {}\npolicies: {} ({} enforced, {} rejected)\n",
             v.endpoints,

@@ -28,23 +28,64 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::mesh::v1::{self as pb, mesh_link_client::MeshLinkClient, mesh_link_server};
 
 use crate::{
-    codec::{self, encode_record},
+    codec::{self, Offload, encode_record_with},
     confine::{self, PeerBounds, Refusal, RefusalCounters},
     export::{Export, IdentityExport},
     sync::{Delta, Exporter, Frame, ImportError, Importer, Limits, Resume},
     transport::PeerCluster,
 };
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: records carry offload fields (TSO/USO super-packets), and a Tunnel names its lane.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Changes kept for resuming sessions by delta instead of snapshot.
 const HISTORY_LIMIT: usize = 65_536;
-/// Batches queued towards one peer before further packets are dropped (and counted).
-const TX_QUEUE: usize = 64;
 /// Deltas a peer may send in one second by default; more is a flood (each delta costs a
 /// rebuild of the peer's import view and a write of its persisted import).
 pub const MAX_DELTAS_PER_SECOND: u32 = 1_000;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
+/// Most lanes a peer may open to us (a Tunnel naming a higher lane is refused).
+pub const MAX_LANES: usize = 16;
+/// The request metadata naming a Tunnel's lane (absent: lane 0).
+pub const LANE_METADATA: &str = "weir-lane";
+/// The request metadata naming the dial (one per connection attempt of the dialer) a Sync or
+/// Tunnel belongs to: every lane of a dial ends when the peer opens a session of another dial.
+pub const DIAL_METADATA: &str = "weir-dial";
+
+/// How a gateway carries packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataPlane {
+    /// Lanes per peer: each its own TCP+TLS+HTTP/2 connection (the first shares the Sync
+    /// session's), flows hashed onto them so each flow keeps its order.
+    pub lanes: usize,
+    /// Batches queued per lane before further batches are dropped (and counted): a router's
+    /// tail drop, so the inner TCP sees loss instead of a growing queue.
+    pub queue: usize,
+}
+
+impl Default for DataPlane {
+    fn default() -> Self {
+        Self { lanes: 1, queue: 8 }
+    }
+}
+
+/// Where received, checked packets go (the gateway's TUN).
+pub trait Deliver: Send + Sync {
+    /// Hands one packet on with its offload fields; false when it was dropped (a full queue, or
+    /// offload the receiver cannot take), which the link counts.
+    fn deliver(&self, offload: &Offload, packet: Bytes) -> bool;
+}
+
+/// A queue of plain packets (tests, and receivers without offload): a packet that needs
+/// segmentation or its checksum completed cannot be handed on as it is, so it is dropped.
+impl Deliver for mpsc::Sender<Bytes> {
+    fn deliver(&self, offload: &Offload, packet: Bytes) -> bool {
+        if offload.is_gso() || offload.needs_csum() {
+            return false;
+        }
+        self.try_send(packet).is_ok()
+    }
+}
 
 /// What a MeshPeer says about one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +136,25 @@ pub struct TunnelCounters {
     pub tx_packets: AtomicU64,
     /// Dropped because the queue towards the peer was full.
     pub tx_queue_full: AtomicU64,
+    /// Checked packets the TUN did not take.
+    pub rx_dropped: AtomicU64,
+}
+
+/// One lane's queue of batches towards the peer; whichever Tunnel stream serves the lane
+/// drains it.
+struct LaneQueue {
+    tx: mpsc::Sender<Bytes>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+}
+
+impl LaneQueue {
+    fn new(depth: usize) -> Self {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        Self {
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
 }
 
 /// One configured peer.
@@ -108,14 +168,13 @@ pub struct Peer {
     pub tunnel: TunnelCounters,
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
+    lanes: Vec<LaneQueue>,
     /// Sessions past their Hellos now (two while a new one replaces an old one).
     sessions_up: AtomicU64,
-    /// The connection (peer's address) of the latest session the peer opened to us: Tunnels
-    /// of other connections end when it changes, so an old connection's streams never keep
-    /// taking packets from the queue.
-    server_remote: watch::Sender<Option<SocketAddr>>,
-    tx: mpsc::Sender<Bytes>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    /// The dial of the latest session the peer opened to us: Tunnels of other dials (every
+    /// lane's connection) end when it changes, so an old connection's streams never keep taking
+    /// packets from the queues.
+    server_dial: watch::Sender<Option<DialKey>>,
 }
 
 impl Peer {
@@ -185,8 +244,9 @@ pub struct Link {
     imports: watch::Sender<u64>,
     /// Our pod prefixes: the only destinations received packets are delivered to.
     local_pod_prefixes: RwLock<Vec<IpNet>>,
-    /// Where received, checked packets go (the TUN writer).
-    deliver: mpsc::Sender<Bytes>,
+    /// Where received, checked packets go (the TUN).
+    deliver: Box<dyn Deliver>,
+    data_plane: DataPlane,
     /// Deltas a peer may send per second before its session is refused (NACK, closed).
     max_deltas_per_second: AtomicU64,
 }
@@ -210,8 +270,29 @@ impl Link {
         local_cluster: impl Into<String>,
         limits: Limits,
         state_dir: Option<PathBuf>,
-        deliver: mpsc::Sender<Bytes>,
+        deliver: impl Deliver + 'static,
     ) -> Arc<Self> {
+        Self::with_data_plane(
+            local_cluster,
+            limits,
+            state_dir,
+            deliver,
+            DataPlane::default(),
+        )
+    }
+
+    /// [`Link::new`] with lanes and queues set.
+    pub fn with_data_plane(
+        local_cluster: impl Into<String>,
+        limits: Limits,
+        state_dir: Option<PathBuf>,
+        deliver: impl Deliver + 'static,
+        data_plane: DataPlane,
+    ) -> Arc<Self> {
+        let data_plane = DataPlane {
+            lanes: data_plane.lanes.clamp(1, MAX_LANES),
+            queue: data_plane.queue.max(1),
+        };
         Arc::new(Self {
             local_cluster: local_cluster.into(),
             limits,
@@ -220,9 +301,14 @@ impl Link {
             peers: RwLock::new(BTreeMap::new()),
             imports: watch::Sender::new(0),
             local_pod_prefixes: RwLock::new(Vec::new()),
-            deliver,
+            deliver: Box::new(deliver),
+            data_plane,
             max_deltas_per_second: AtomicU64::new(u64::from(MAX_DELTAS_PER_SECOND)),
         })
+    }
+
+    pub fn data_plane(&self) -> DataPlane {
+        self.data_plane
     }
 
     /// Deltas a peer may send per second (default [`MAX_DELTAS_PER_SECOND`]); beyond it the
@@ -297,7 +383,7 @@ impl Link {
                 // exported no longer admits a packet (an established connection it keeps
                 // open gets everything refused).
                 peer.session.send_modify(|s| *s += 1);
-                peer.server_remote.send_replace(None);
+                peer.server_dial.send_replace(None);
                 *peer.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ImportView {
                     cluster: name.clone(),
                     ..ImportView::default()
@@ -315,7 +401,6 @@ impl Link {
             }
             let importer = self.restore(&name);
             let view = ImportView::build(&name, importer.entries());
-            let (tx, rx) = mpsc::channel(TX_QUEUE);
             let peer = Arc::new(Peer {
                 spec: RwLock::new(spec),
                 exporter: Mutex::new(Exporter::new(self.incarnation, HISTORY_LIMIT)),
@@ -325,10 +410,11 @@ impl Link {
                 refusals: RefusalCounters::default(),
                 tunnel: TunnelCounters::default(),
                 session: watch::Sender::new(0),
+                lanes: (0..self.data_plane.lanes)
+                    .map(|_| LaneQueue::new(self.data_plane.queue))
+                    .collect(),
                 sessions_up: AtomicU64::new(0),
-                server_remote: watch::Sender::new(None),
-                tx,
-                rx: Arc::new(tokio::sync::Mutex::new(rx)),
+                server_dial: watch::Sender::new(None),
             });
             peers.insert(name, Arc::clone(&peer));
             added.push(peer);
@@ -724,11 +810,18 @@ impl Link {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for r in records {
+            // A super-packet is checked like a single packet (its IP header is every segment's)
+            // and its offload fields must describe it.
+            if let Err(e) = r.offload.check(&r.packet) {
+                peer.refusals.count(Refusal::MalformedPacket);
+                tracing::debug!(peer = %view.cluster, reason = e.reason(), error = %e, "refused a packet from a mesh peer");
+                continue;
+            }
             match confine::check_packet(&r.packet, r.src_identity, &view.endpoints, &local) {
                 Ok(()) => {
                     peer.tunnel.rx_packets.fetch_add(1, Ordering::Relaxed);
-                    if self.deliver.try_send(r.packet).is_err() {
-                        peer.tunnel.tx_queue_full.fetch_add(1, Ordering::Relaxed);
+                    if !self.deliver.deliver(&r.offload, r.packet) {
+                        peer.tunnel.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(reason) => {
@@ -756,9 +849,16 @@ impl Link {
         })
     }
 
-    /// Queues a batch towards `peer`; a full queue drops it (counted), never buffers more.
+    /// Queues a batch towards `peer` on its first lane; a full queue drops it (counted).
     pub fn send_batch(&self, peer: &Peer, batch: Bytes, packets: u64) {
-        match peer.tx.try_send(batch) {
+        self.send_batch_on(peer, 0, batch, packets);
+    }
+
+    /// Queues a batch towards `peer` on lane `lane` (modulo the lanes); a full queue drops it
+    /// (counted), never buffers more.
+    pub fn send_batch_on(&self, peer: &Peer, lane: usize, batch: Bytes, packets: u64) {
+        let queue = &peer.lanes[lane % peer.lanes.len()];
+        match queue.tx.try_send(batch) {
             Ok(()) => {
                 peer.tunnel.tx_packets.fetch_add(packets, Ordering::Relaxed);
             }
@@ -770,9 +870,9 @@ impl Link {
         }
     }
 
-    /// The stream of batches queued towards `peer`, for its Tunnel.
-    fn outgoing(peer: &Peer) -> impl Stream<Item = Bytes> + Send + 'static {
-        let rx = Arc::clone(&peer.rx);
+    /// The stream of batches queued towards `peer` on `lane`, for the Tunnel serving it.
+    fn outgoing(peer: &Peer, lane: usize) -> impl Stream<Item = Bytes> + Send + 'static {
+        let rx = Arc::clone(&peer.lanes[lane % peer.lanes.len()].rx);
         futures::stream::unfold(rx, |rx| async move {
             let next = rx.lock().await.recv().await;
             next.map(|b| (b, rx))
@@ -798,40 +898,52 @@ impl Link {
                 let mut client = MeshLinkClient::new(channel);
                 let (tx, rx) = mpsc::channel(64);
                 let started = tokio::time::Instant::now();
-                let inbound = match client
-                    .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                {
+                let dial = random_u64();
+                let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                request.metadata_mut().insert(
+                    DIAL_METADATA,
+                    dial.to_string()
+                        .parse()
+                        .expect("a number is valid metadata"),
+                );
+                let inbound = match client.sync(request).await {
                     Ok(r) => r.into_inner(),
                     Err(e) => {
                         tracing::debug!(peer = %name, %addr, error = %e, "mesh peer not reachable");
                         continue;
                     }
                 };
-                let tunnel_link = Arc::clone(&self);
-                let tunnel_peer = Arc::clone(&peer);
-                let mut tunnel_client = client.clone();
-                // Ends our side of the Tunnel when this attempt ends: hyper keeps polling a
-                // request body after its response is dropped, and an old connection's body would
-                // go on taking packets from the queue.
-                let (_attempt, attempt_ended) = tokio::sync::oneshot::channel::<()>();
-                // Aborted with this dial's future too (a removed peer, a replaced dialer), so a
-                // tunnel never outlives its session and keeps an old connection open.
-                let tunnel = AbortOnDrop(tokio::spawn(async move {
-                    let out = Self::outgoing(&tunnel_peer)
-                        .take_until(attempt_ended)
-                        .map(|records| pb::PacketBatch { seq: 0, records });
-                    if let Ok(resp) = tunnel_client.tunnel(out).await {
-                        let mut inbound = resp.into_inner();
-                        while let Some(Ok(batch)) = inbound.next().await {
-                            tunnel_link.receive_batch(&tunnel_peer, &batch.records);
-                        }
-                    }
-                }));
+                // Ends our side of every lane's Tunnel when this attempt ends: hyper keeps
+                // polling a request body after its response is dropped, and an old connection's
+                // body would go on taking packets from the queues.
+                let (_attempt, attempt_ended) = watch::channel(());
+                // Lane 0 shares the Sync session's connection; every other lane dials its own,
+                // with this dial's certificate (a re-dial after a rotation re-dials them all).
+                // Aborted with this dial's future too (a removed peer, a replaced dialer), so no
+                // lane outlives its session and keeps an old connection open.
+                let lanes: Vec<_> = (0..self.data_plane.lanes)
+                    .map(|lane| {
+                        let client = if lane == 0 {
+                            client.clone()
+                        } else {
+                            MeshLinkClient::new(crate::transport::channel(
+                                addr,
+                                Arc::clone(&config),
+                            ))
+                        };
+                        AbortOnDrop(tokio::spawn(Arc::clone(&self).lane(
+                            Arc::clone(&peer),
+                            client,
+                            lane,
+                            dial,
+                            attempt_ended.clone(),
+                        )))
+                    })
+                    .collect();
                 let result = self
                     .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
                     .await;
-                drop(tunnel);
+                drop(lanes);
                 match result {
                     // A newer session took over (a re-dial after a certificate rotation, or the
                     // peer removed): its dialer carries on, this one stops.
@@ -845,6 +957,48 @@ impl Link {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One lane's Tunnel from the dialing side, redialled while the session lasts.
+    async fn lane(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        mut client: MeshLinkClient<tonic::transport::Channel>,
+        lane: usize,
+        dial: u64,
+        attempt: watch::Receiver<()>,
+    ) {
+        loop {
+            let mut ended = attempt.clone();
+            let out = Self::outgoing(&peer, lane)
+                .take_until(async move { while ended.changed().await.is_ok() {} })
+                .map(|records| pb::PacketBatch { seq: 0, records });
+            let mut request = Request::new(out);
+            request.metadata_mut().insert(
+                LANE_METADATA,
+                lane.to_string()
+                    .parse()
+                    .expect("a number is valid metadata"),
+            );
+            request.metadata_mut().insert(
+                DIAL_METADATA,
+                dial.to_string()
+                    .parse()
+                    .expect("a number is valid metadata"),
+            );
+            match client.tunnel(request).await {
+                Ok(resp) => {
+                    let mut inbound = resp.into_inner();
+                    while let Some(Ok(batch)) = inbound.next().await {
+                        self.receive_batch(&peer, &batch.records);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer.name(), lane, error = %e, "mesh lane not up");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -870,6 +1024,24 @@ impl SessionUp {
 impl Drop for SessionUp {
     fn drop(&mut self) {
         self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which dial of the peer a Sync or Tunnel request belongs to: the dialer's `weir-dial`
+/// number, or (a dialer that sends none) the connection's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DialKey {
+    Dial(u64),
+    Connection(SocketAddr),
+}
+
+impl DialKey {
+    fn of<T>(req: &Request<T>, remote: SocketAddr) -> Self {
+        req.metadata()
+            .get(DIAL_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map_or(Self::Connection(remote), Self::Dial)
     }
 }
 
@@ -942,8 +1114,8 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    pub fn push(&mut self, identity: u32, packet: &[u8]) {
-        encode_record(&mut self.buf, identity, packet);
+    pub fn push(&mut self, identity: u32, offload: &Offload, packet: &[u8]) {
+        encode_record_with(&mut self.buf, identity, offload, packet);
         self.packets += 1;
     }
 
@@ -997,7 +1169,8 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (certified, remote, peer) = self.authenticated(&req)?;
-        peer.server_remote.send_replace(Some(remote));
+        peer.server_dial
+            .send_replace(Some(DialKey::of(&req, remote)));
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let link = Arc::clone(&self.link);
@@ -1017,14 +1190,28 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (_, remote, peer) = self.authenticated(&req)?;
-        // Both directions end when the peer opens a session on another connection (it
-        // re-dialled) or is removed.
+        let lane = match req.metadata().get(LANE_METADATA) {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&l| l < MAX_LANES)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{LANE_METADATA} must be a lane number below {MAX_LANES}"
+                    ))
+                })?,
+        };
+        let dial = DialKey::of(&req, remote);
+        // Both directions end when the peer opens a session of another dial (it re-dialled)
+        // or is removed.
         let superseded = |peer: &Peer| {
-            let mut sessions = peer.server_remote.subscribe();
+            let mut sessions = peer.server_dial.subscribe();
             sessions.mark_unchanged();
             async move {
                 while sessions.changed().await.is_ok() {
-                    if *sessions.borrow() != Some(remote) {
+                    if *sessions.borrow() != Some(dial) {
                         return;
                     }
                 }
@@ -1038,7 +1225,7 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
-        let out = Link::outgoing(&peer)
+        let out = Link::outgoing(&peer, lane)
             .take_until(superseded(&peer))
             .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
         Ok(Response::new(Box::pin(out)))

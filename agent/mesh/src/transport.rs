@@ -106,6 +106,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            bound_unsent(&tcp);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -145,6 +146,36 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// HTTP/2 flow-control windows of a lane: room for a full batch queue in flight on a WAN round
+/// trip of tens of milliseconds at a few Gbit/s, so the window never throttles a lane that its
+/// receiver keeps up with (hyper's defaults are 1–2 MiB per stream).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Unsent bytes a lane's socket holds before it stops taking more (TCP_NOTSENT_LOWAT): beyond
+/// this, batches wait in the lane's bounded queue, which drops when full, instead of in a socket
+/// buffer that autotuning grows to megabytes and that delays every packet behind it.
+pub const UNSENT_LIMIT: u32 = 256 << 10;
+
+/// Sets [`UNSENT_LIMIT`] on a lane's socket (best effort: without it the link still works,
+/// with more delay under load).
+fn bound_unsent(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let value: libc::c_int = UNSENT_LIMIT as libc::c_int;
+    // SAFETY: setsockopt reads an int we own for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set on a mesh connection");
+    }
+}
+
 /// The gRPC server for [`incoming`] connections. HTTP/2 keepalive closes a connection whose
 /// peer went silent (link down), so its streams, and the packets queued for them, move to the
 /// peer's next session instead of waiting for TCP to give up.
@@ -152,6 +183,8 @@ pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
 }
 
 /// A gRPC channel to a peer's gateway at `addr`, over TLS towards `config` (which checks that
@@ -164,12 +197,15 @@ pub fn channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
         let connector = connector.clone();
         async move {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
+            bound_unsent(&tcp);
             let tls = connector.connect(tls::sni(), tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }

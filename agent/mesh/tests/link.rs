@@ -1,12 +1,12 @@
 //! Two gateways' mesh links over real mTLS on loopback (no root): exports reach the peer and
 //! follow changes, packets cross with their identity checked, and an evil peer with a valid
 //! certificate is refused everything that is not its own, counted by reason, while the honest
-//! peer's import stays untouched.
+//! peer's import stays untouched; every lane of a replaced dial or a removed peer ends.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use tokio::{net::TcpListener, sync::mpsc};
 use weir_mesh::{
     certs::MeshCa,
-    codec::encode_record,
+    codec::{GSO_TCPV4, Offload, VNET_F_NEEDS_CSUM, encode_record, encode_record_with},
     confine::{PeerBounds, Refusal},
     export::{EndpointExport, Export, IdentityExport, endpoint_name, identity_name},
     link::{Link, PeerSpec},
@@ -328,7 +328,7 @@ impl Evil {
         let (tx, rx) = mpsc::channel(frames.len() + 1);
         tx.send(pb::SyncFrame {
             kind: Some(pb::sync_frame::Kind::Hello(pb::Hello {
-                protocol_version: 1,
+                protocol_version: weir_mesh::link::PROTOCOL_VERSION,
                 cluster_name: hello_name.into(),
                 session_id: "evil".into(),
                 resume: None,
@@ -502,7 +502,7 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
     let nack = {
         let (tx, rx) = mpsc::channel(16);
         let mut frames = vec![pb::sync_frame::Kind::Hello(pb::Hello {
-            protocol_version: 1,
+            protocol_version: weir_mesh::link::PROTOCOL_VERSION,
             cluster_name: "mallory".into(),
             session_id: "evil".into(),
             resume: None,
@@ -602,5 +602,221 @@ async fn the_import_survives_a_restart_of_the_link() {
     assert_eq!(
         view.endpoints.get(&"10.245.1.5".parse().unwrap()),
         Some(&300)
+    );
+}
+
+/// An IPv4 TCP super-packet of `len` bytes as a TUN with TSO reads it, and its offload fields.
+fn tso4_packet(src: [u8; 4], dst: [u8; 4], len: usize) -> (Vec<u8>, Offload) {
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[6] = 0x40;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let offload = Offload {
+        flags: VNET_F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: 1448,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (p, offload)
+}
+
+#[tokio::test]
+async fn super_packets_and_lanes_are_confined_like_single_packets() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let from_mallory = west.link.peer("mallory").unwrap();
+    let mut evil = Evil::new(&lab, &west, "mallory");
+    // Mallory's own, legitimate export, kept up by an open session.
+    let (tx, rx) = mpsc::channel(16);
+    let mut frames = vec![pb::sync_frame::Kind::Hello(pb::Hello {
+        protocol_version: weir_mesh::link::PROTOCOL_VERSION,
+        cluster_name: "mallory".into(),
+        session_id: "evil".into(),
+        resume: None,
+        limits: None,
+    })];
+    frames.extend(snapshot(vec![
+        identity(400, "evil", &[]),
+        endpoint("10.247.0.1", 400),
+    ]));
+    for f in frames {
+        tx.send(pb::SyncFrame { kind: Some(f) }).await.unwrap();
+    }
+    let _inbound = evil
+        .client
+        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    eventually("mallory's own export is imported", || {
+        from_mallory.is_synced()
+    })
+    .await;
+
+    let mut b = BytesMut::new();
+    // Its own address to one of our pods, whole and well formed: passes the checks (the test's
+    // plain-packet receiver then cannot take a super-packet, which is counted as a drop).
+    let (good, tso) = tso4_packet([10, 247, 0, 1], [10, 244, 0, 7], 60_000);
+    encode_record_with(&mut b, 400, &tso, &good);
+    // East's address, and our node network, as super-packets: refused as single packets are.
+    let (spoofed, _) = tso4_packet([10, 245, 1, 5], [10, 244, 0, 7], 60_000);
+    encode_record_with(&mut b, 400, &tso, &spoofed);
+    let (to_node, _) = tso4_packet([10, 247, 0, 1], [192, 168, 1, 1], 60_000);
+    encode_record_with(&mut b, 400, &tso, &to_node);
+    // Offload fields that do not describe the packet: TSO of a UDP packet, a checksum beyond
+    // the packet, a length field that is not the record's.
+    let mut udp = good.clone();
+    udp[9] = 17;
+    encode_record_with(&mut b, 400, &tso, &udp);
+    let beyond = Offload {
+        csum_start: 59_990,
+        ..tso
+    };
+    encode_record_with(&mut b, 400, &beyond, &good);
+    encode_record_with(&mut b, 400, &tso, &good[..50_000]);
+    let mut lane_one = tonic::Request::new(futures::stream::iter([pb::PacketBatch {
+        seq: 0,
+        records: b.freeze(),
+    }]));
+    lane_one
+        .metadata_mut()
+        .insert(weir_mesh::link::LANE_METADATA, "1".parse().unwrap());
+    let _t = evil.client.clone().tunnel(lane_one).await.unwrap();
+    eventually("every abusive super-packet refused", || {
+        from_mallory.refusals.get(Refusal::UnexportedSource) == 1
+            && from_mallory.refusals.get(Refusal::DestinationNotLocalPod) == 1
+            && from_mallory.refusals.get(Refusal::MalformedPacket) == 3
+    })
+    .await;
+    eventually("the good super-packet passed the checks", || {
+        from_mallory.tunnel.rx_packets.load(Ordering::Relaxed) == 1
+            && from_mallory.tunnel.rx_dropped.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // A lane beyond what any gateway opens is refused.
+    let mut lane_far = tonic::Request::new(futures::stream::iter(Vec::<pb::PacketBatch>::new()));
+    lane_far
+        .metadata_mut()
+        .insert(weir_mesh::link::LANE_METADATA, "99".parse().unwrap());
+    let refused = evil.client.clone().tunnel(lane_far).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+}
+
+/// Opens a Sync session of dial `dial` as mallory; the returned sender keeps it open.
+async fn mallory_session(
+    evil: &mut Evil,
+    dial: &str,
+) -> (mpsc::Sender<pb::SyncFrame>, tonic::Streaming<pb::SyncFrame>) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::SyncFrame {
+        kind: Some(pb::sync_frame::Kind::Hello(pb::Hello {
+            protocol_version: weir_mesh::link::PROTOCOL_VERSION,
+            cluster_name: "mallory".into(),
+            session_id: format!("dial-{dial}"),
+            resume: None,
+            limits: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(weir_mesh::link::DIAL_METADATA, dial.parse().unwrap());
+    let inbound = evil.client.sync(request).await.unwrap().into_inner();
+    (tx, inbound)
+}
+
+/// Opens lane `lane`'s Tunnel of dial `dial` (on a connection of its own, as lanes above 0 are).
+async fn mallory_lane(
+    lab: &Lab,
+    west: &Gateway,
+    dial: &str,
+    lane: usize,
+) -> tonic::Streaming<pb::PacketBatch> {
+    let mut client = Evil::new(lab, west, "mallory").client;
+    let mut request = tonic::Request::new(futures::stream::pending::<pb::PacketBatch>());
+    request.metadata_mut().insert(
+        weir_mesh::link::LANE_METADATA,
+        lane.to_string().parse().unwrap(),
+    );
+    request
+        .metadata_mut()
+        .insert(weir_mesh::link::DIAL_METADATA, dial.parse().unwrap());
+    client.tunnel(request).await.unwrap().into_inner()
+}
+
+/// Whether the Tunnel's stream from the server ended (closed or failed).
+async fn tunnel_ends(tunnel: &mut tonic::Streaming<pb::PacketBatch>) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(30), tunnel.next()).await,
+        Ok(None | Some(Err(_)))
+    )
+}
+
+#[tokio::test]
+async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let from_mallory = west.link.peer("mallory").unwrap();
+    let mut first = Evil::new(&lab, &west, "mallory");
+    let _first_session = mallory_session(&mut first, "1").await;
+    let mut old_lane = mallory_lane(&lab, &west, "1", 1).await;
+    // The re-dial's lane may come up before its Sync session: it must survive that session.
+    let mut new_lane = mallory_lane(&lab, &west, "2", 1).await;
+    let mut second = Evil::new(&lab, &west, "mallory");
+    let _second_session = mallory_session(&mut second, "2").await;
+    assert!(
+        tunnel_ends(&mut old_lane).await,
+        "the replaced dial's lane 1 ends"
+    );
+    // The new dial's lane still carries lane 1's packets.
+    west.link.send_batch_on(
+        &from_mallory,
+        1,
+        batch(&[(1, ipv4_packet([10, 244, 0, 7], [10, 247, 0, 1]))]),
+        1,
+    );
+    let got = tokio::time::timeout(Duration::from_secs(30), new_lane.next())
+        .await
+        .expect("a batch on the new dial's lane")
+        .expect("the new dial's lane is open")
+        .expect("a batch, not an error");
+    assert_eq!(
+        &got.records[..],
+        &batch(&[(1, ipv4_packet([10, 244, 0, 7], [10, 247, 0, 1]))])[..]
+    );
+
+    // Removing the peer ends its lanes too.
+    let specs: Vec<PeerSpec> = west
+        .link
+        .peers()
+        .iter()
+        .map(|p| west.link.peer_spec(&p.name()).unwrap())
+        .filter(|s| s.name != "mallory")
+        .collect();
+    west.link.set_peers(specs);
+    assert!(
+        tunnel_ends(&mut new_lane).await,
+        "a removed peer's lane ends"
     );
 }

@@ -1,5 +1,6 @@
 //! The `weir.agent.v1.Inspect` service: read-only views of the runtime for the `weir` CLI.
-//! Every call copies what it needs under the runtime's lock and builds its answer outside it.
+//! Every call copies what it needs on the reconcile task (between two rounds) and builds its
+//! answer outside it.
 
 use std::{collections::BTreeMap, net::IpAddr, pin::Pin, sync::Arc};
 
@@ -24,7 +25,7 @@ use weir_proto::agent::v1::{
 
 use crate::{
     flows::{self, reason_name},
-    runtime::{Runtime, RuntimeView},
+    runtime::{Runtime, RuntimeView, Stopped},
 };
 
 pub struct InspectService {
@@ -53,6 +54,10 @@ fn local_pods(c: &Compiled) -> BTreeMap<&ObjectKey, u32> {
         .values()
         .map(|(key, id)| (key, *id))
         .collect()
+}
+
+fn stopped(e: Stopped) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 fn not_ready(view: &RuntimeView<'_>) -> Result<(), Status> {
@@ -139,74 +144,82 @@ impl Inspect for InspectService {
         &self,
         _request: Request<OverviewRequest>,
     ) -> Result<Response<OverviewReply>, Status> {
-        let reply = self.runtime.view(|v| {
-            let (enforcement, reason) = match (v.cluster_read, v.degraded) {
-                (false, _) => ("starting", "the cluster state has not been read yet"),
-                (true, Some(why)) => ("degraded", why),
-                (true, None) => ("enforcing", ""),
-            };
-            let rejected_policies: std::collections::BTreeSet<&ObjectKey> =
-                v.compiled.rejections.iter().map(|r| &r.policy).collect();
-            let policies = v.input.state.policies.len();
-            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-            let packets = v
-                .counters
-                .iter()
-                .enumerate()
-                .filter(|(slot, n)| {
-                    **n > 0 && (*slot as u32) < REASON_COUNT && *slot as u32 != COUNTER_EVENTS_LOST
-                })
-                .map(|(slot, n)| {
-                    let reason = slot as u8;
-                    ReasonCount {
-                        reason: reason_name(reason).to_owned(),
-                        verdict: if reason >= weir_common::REASON_POLICY_DENIED {
-                            "drop"
-                        } else {
-                            "allow"
-                        }
-                        .to_owned(),
-                        packets: *n,
-                    }
-                })
-                .collect();
-            OverviewReply {
-                node_name: v.node_name.to_owned(),
-                enforcement: enforcement.to_owned(),
-                reason: reason.to_owned(),
-                generation: v.generation,
-                endpoints: count(v.endpoints.len()),
-                policies: count(policies),
-                policies_enforced: count(policies.saturating_sub(rejected_policies.len())),
-                rejected: v
-                    .compiled
-                    .rejections
-                    .iter()
-                    .map(|r| RejectedPolicy {
-                        policy: r.policy.to_string(),
-                        field: r.field.clone(),
-                        reason: r.reason.clone(),
-                    })
-                    .collect(),
-                maps: v
-                    .map_usage
-                    .iter()
-                    .map(|(name, entries, capacity)| MapUsage {
-                        name: (*name).to_owned(),
-                        entries: *entries,
-                        capacity: *capacity,
-                    })
-                    .collect(),
-                events_lost: v
+        let reply = self
+            .runtime
+            .view(move |v| {
+                let (enforcement, reason) = match (v.cluster_read, v.degraded) {
+                    (false, _) => ("starting", "the cluster state has not been read yet"),
+                    (true, Some(why)) => ("degraded", why),
+                    (true, None) => ("enforcing", ""),
+                };
+                let rejected_policies: std::collections::BTreeSet<&ObjectKey> =
+                    v.compiled.rejections.iter().map(|r| &r.policy).collect();
+                let policies = v.input.state.policies.len();
+                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                let packets = v
                     .counters
-                    .get(COUNTER_EVENTS_LOST as usize)
-                    .copied()
-                    .unwrap_or(0),
-                packets,
-                mesh_role: String::new(),
-                mesh_peers: Vec::new(),
-            }
-        });
+                    .iter()
+                    .enumerate()
+                    .filter(|(slot, n)| {
+                        **n > 0
+                            && (*slot as u32) < REASON_COUNT
+                            && *slot as u32 != COUNTER_EVENTS_LOST
+                    })
+                    .map(|(slot, n)| {
+                        let reason = slot as u8;
+                        ReasonCount {
+                            reason: reason_name(reason).to_owned(),
+                            verdict: if reason >= weir_common::REASON_POLICY_DENIED {
+                                "drop"
+                            } else {
+                                "allow"
+                            }
+                            .to_owned(),
+                            packets: *n,
+                        }
+                    })
+                    .collect();
+                OverviewReply {
+                    node_name: v.node_name.to_owned(),
+                    enforcement: enforcement.to_owned(),
+                    reason: reason.to_owned(),
+                    generation: v.generation,
+                    applied_generation: v.applied.generation,
+                    applied_fingerprint: v.applied.fingerprint.clone(),
+                    endpoints: count(v.endpoints.len()),
+                    policies: count(policies),
+                    policies_enforced: count(policies.saturating_sub(rejected_policies.len())),
+                    rejected: v
+                        .compiled
+                        .rejections
+                        .iter()
+                        .map(|r| RejectedPolicy {
+                            policy: r.policy.to_string(),
+                            field: r.field.clone(),
+                            reason: r.reason.clone(),
+                        })
+                        .collect(),
+                    maps: v
+                        .map_usage
+                        .iter()
+                        .map(|(name, entries, capacity)| MapUsage {
+                            name: (*name).to_owned(),
+                            entries: *entries,
+                            capacity: *capacity,
+                        })
+                        .collect(),
+                    events_lost: v
+                        .counters
+                        .get(COUNTER_EVENTS_LOST as usize)
+                        .copied()
+                        .unwrap_or(0),
+                    packets,
+                    mesh_role: String::new(),
+                    mesh_peers: Vec::new(),
+                }
+            })
+            .await
+            .map_err(stopped)?;
         let mut reply = reply;
         if let Some(mesh) = &self.mesh {
             let status = mesh.status();
@@ -238,41 +251,45 @@ impl Inspect for InspectService {
         &self,
         _request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsReply>, Status> {
-        let endpoints = self.runtime.view(|v| {
-            let mut out: Vec<EndpointInfo> = v
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let identity = e
-                        .addresses
-                        .iter()
-                        .find_map(|a| v.compiled.local_addresses.get(a))
-                        .map_or(0, |(_, id)| *id);
-                    EndpointInfo {
-                        pod: e.pod.to_string(),
-                        container_id: e.container_id.clone(),
-                        ifname: e.ifname.clone(),
-                        host_ifname: e.host_ifname.clone(),
-                        addresses: e.addresses.iter().map(ToString::to_string).collect(),
-                        identity,
-                        identity_name: if identity == 0 {
-                            String::new()
-                        } else {
-                            identity_name(v.compiled, identity)
-                        },
-                        labels: v
-                            .input
-                            .state
-                            .pods
-                            .get(&e.pod)
-                            .map(|p| p.metadata.labels.clone().into_iter().collect())
-                            .unwrap_or_default(),
-                    }
-                })
-                .collect();
-            out.sort_by(|a, b| (&a.pod, &a.ifname).cmp(&(&b.pod, &b.ifname)));
-            out
-        });
+        let endpoints = self
+            .runtime
+            .view(move |v| {
+                let mut out: Vec<EndpointInfo> = v
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let identity = e
+                            .addresses
+                            .iter()
+                            .find_map(|a| v.compiled.local_addresses.get(a))
+                            .map_or(0, |(_, id)| *id);
+                        EndpointInfo {
+                            pod: e.pod.to_string(),
+                            container_id: e.container_id.clone(),
+                            ifname: e.ifname.clone(),
+                            host_ifname: e.host_ifname.clone(),
+                            addresses: e.addresses.iter().map(ToString::to_string).collect(),
+                            identity,
+                            identity_name: if identity == 0 {
+                                String::new()
+                            } else {
+                                identity_name(v.compiled, identity)
+                            },
+                            labels: v
+                                .input
+                                .state
+                                .pods
+                                .get(&e.pod)
+                                .map(|p| p.metadata.labels.clone().into_iter().collect())
+                                .unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                out.sort_by(|a, b| (&a.pod, &a.ifname).cmp(&(&b.pod, &b.ifname)));
+                out
+            })
+            .await
+            .map_err(stopped)?;
         Ok(Response::new(ListEndpointsReply { endpoints }))
     }
 
@@ -280,42 +297,46 @@ impl Inspect for InspectService {
         &self,
         _request: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesReply>, Status> {
-        let identities = self.runtime.view(|v| {
-            let c = v.compiled;
-            let mut local: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-            for (key, id) in local_pods(c) {
-                local.entry(id).or_default().push(key.to_string());
-            }
-            let mut addresses: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-            for (net, id) in c.ipcache.iter().chain(c.cidr_identities.iter()) {
-                let text = if net.prefix_len() == net.max_prefix_len() {
-                    net.addr().to_string()
-                } else {
-                    net.to_string()
-                };
-                addresses.entry(*id).or_default().push(text);
-            }
-            c.identity_names
-                .iter()
-                .map(|(id, name)| {
-                    let local_id = id & IDENTITY_LOCAL_MASK;
-                    let kind = if local_id < IDENTITY_FIRST_POD {
-                        "reserved"
-                    } else if local_id >= IDENTITY_FIRST_CIDR {
-                        "cidr"
+        let identities = self
+            .runtime
+            .view(move |v| {
+                let c = v.compiled;
+                let mut local: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+                for (key, id) in local_pods(c) {
+                    local.entry(id).or_default().push(key.to_string());
+                }
+                let mut addresses: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+                for (net, id) in c.ipcache.iter().chain(c.cidr_identities.iter()) {
+                    let text = if net.prefix_len() == net.max_prefix_len() {
+                        net.addr().to_string()
                     } else {
-                        "pod"
+                        net.to_string()
                     };
-                    IdentityInfo {
-                        id: *id,
-                        kind: kind.to_owned(),
-                        name: name.clone(),
-                        local_pods: local.remove(id).unwrap_or_default(),
-                        addresses: addresses.remove(id).unwrap_or_default(),
-                    }
-                })
-                .collect()
-        });
+                    addresses.entry(*id).or_default().push(text);
+                }
+                c.identity_names
+                    .iter()
+                    .map(|(id, name)| {
+                        let local_id = id & IDENTITY_LOCAL_MASK;
+                        let kind = if local_id < IDENTITY_FIRST_POD {
+                            "reserved"
+                        } else if local_id >= IDENTITY_FIRST_CIDR {
+                            "cidr"
+                        } else {
+                            "pod"
+                        };
+                        IdentityInfo {
+                            id: *id,
+                            kind: kind.to_owned(),
+                            name: name.clone(),
+                            local_pods: local.remove(id).unwrap_or_default(),
+                            addresses: addresses.remove(id).unwrap_or_default(),
+                        }
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(stopped)?;
         Ok(Response::new(ListIdentitiesReply { identities }))
     }
 
@@ -328,7 +349,7 @@ impl Inspect for InspectService {
             Status::invalid_argument(format!("{pod:?} is not a pod; write it as namespace/name"))
         })?;
         let key = ObjectKey::new(ns, name);
-        let reply = self.runtime.view(|v| {
+        let reply = self.runtime.view(move |v| {
             not_ready(v)?;
             let c = v.compiled;
             let locals = local_pods(c);
@@ -388,7 +409,9 @@ impl Inspect for InspectService {
                 ingress: Some(direction(DIR_INGRESS)),
                 egress: Some(direction(DIR_EGRESS)),
             })
-        })?;
+        })
+        .await
+        .map_err(stopped)??;
         Ok(Response::new(reply))
     }
 
@@ -401,16 +424,20 @@ impl Inspect for InspectService {
             |e: weir_policy::explain::PortProtoError| Status::invalid_argument(e.to_string()),
         )?;
         // Copy the inputs under the lock; compile the scenario outside it.
-        let (state, known, identities, compiled, node) = self.runtime.view(|v| {
-            not_ready(v)?;
-            Ok::<_, Status>((
-                v.input.state.clone(),
-                v.input.local_endpoints.clone(),
-                v.identities.clone(),
-                v.compiled.clone(),
-                v.node_name.to_owned(),
-            ))
-        })?;
+        let (state, known, identities, compiled, node) = self
+            .runtime
+            .view(move |v| {
+                not_ready(v)?;
+                Ok::<_, Status>((
+                    v.input.state.clone(),
+                    v.input.local_endpoints.clone(),
+                    v.identities.clone(),
+                    v.compiled.clone(),
+                    v.node_name.to_owned(),
+                ))
+            })
+            .await
+            .map_err(stopped)??;
         let reply = tokio::task::spawn_blocking(move || {
             let scenario = Scenario::with(state, &known, identities).map_err(explain_status)?;
             let mut e = scenario

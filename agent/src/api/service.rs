@@ -39,22 +39,6 @@ impl AgentService {
         }
     }
 
-    /// Runs a backend call on the blocking pool. The backend may hold a lock across a compile
-    /// and a datapath write (tens of ms); run on a worker thread, that would stall every other
-    /// RPC (Status, AllocateEndpoint) behind it.
-    async fn backend<T, F, Fut>(&self, f: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<dyn EndpointBackend>) -> Fut + Send + 'static,
-        Fut: Future<Output = T>,
-    {
-        let backend = self.backend.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || handle.block_on(f(backend)))
-            .await
-            .map_err(|e| Status::internal(format!("the endpoint backend task failed: {e}")))
-    }
-
     async fn ipam<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Ipam) -> Result<T, IpamError> + Send + 'static,
@@ -140,7 +124,7 @@ fn released(a: Allocation) -> ReleasedEndpoint {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let (ready, reason) = match self.backend(|b| async move { b.readiness() }).await? {
+        let (ready, reason) = match self.backend.readiness() {
             Ok(()) => (true, String::new()),
             Err(reason) => (false, reason),
         };
@@ -184,13 +168,14 @@ impl Agent for AgentService {
                 host_ifname: a.host_ifname,
             }));
         }
-        let waited_for = pod.clone();
-        self.backend(move |b| async move {
-            b.readiness().map_err(EndpointError::NotReady)?;
-            b.wait_for_pod(&waited_for, wait).await
-        })
-        .await?
-        .map_err(endpoint_status)?;
+        self.backend
+            .readiness()
+            .map_err(EndpointError::NotReady)
+            .map_err(endpoint_status)?;
+        self.backend
+            .wait_for_pod(&pod, wait)
+            .await
+            .map_err(endpoint_status)?;
         let host_ifname = naming::host_veth_name(&container_id, &ifname);
         let (cid, ifn, host) = (container_id.clone(), ifname.clone(), host_ifname.clone());
         let allocation = self
@@ -248,8 +233,9 @@ impl Agent for AgentService {
         };
         tracing::info!(?endpoint, "activating endpoint");
         let (cid, ifn) = (endpoint.container_id.clone(), endpoint.ifname.clone());
-        self.backend(move |b| async move { b.activate(endpoint).await })
-            .await?
+        self.backend
+            .activate(endpoint)
+            .await
             .map_err(endpoint_status)?;
         crate::metrics::metrics().add_finished(&cid, &ifn);
         Ok(Response::new(ActivateEndpointReply {}))
@@ -262,9 +248,9 @@ impl Agent for AgentService {
         let started = std::time::Instant::now();
         let (container_id, ifname) = attachment(request.get_ref().attachment.as_ref())?;
         // Enforcement first: an address is never free while the datapath still names it.
-        let (cid, ifn) = (container_id.clone(), ifname.clone());
-        self.backend(move |b| async move { b.deactivate(&cid, &ifn).await })
-            .await?
+        self.backend
+            .deactivate(&container_id, &ifname)
+            .await
             .map_err(endpoint_status)?;
         let (cid, ifn) = (container_id.clone(), ifname.clone());
         let removed = self.ipam(move |ipam| ipam.release(&cid, &ifn)).await?;
@@ -298,9 +284,9 @@ impl Agent for AgentService {
             if valid.contains(&(a.container_id.clone(), a.ifname.clone())) {
                 continue;
             }
-            let (cid, ifn) = (a.container_id.clone(), a.ifname.clone());
-            self.backend(move |b| async move { b.deactivate(&cid, &ifn).await })
-                .await?
+            self.backend
+                .deactivate(&a.container_id, &a.ifname)
+                .await
                 .map_err(endpoint_status)?;
             let (cid, ifn) = (a.container_id.clone(), a.ifname.clone());
             if let Some(removed) = self.ipam(move |ipam| ipam.release(&cid, &ifn)).await? {
@@ -323,9 +309,7 @@ impl Agent for AgentService {
         };
         Ok(Response::new(CheckEndpointReply {
             known: true,
-            enforced: self
-                .backend(move |b| async move { b.is_enforced(&container_id, &ifname) })
-                .await?,
+            enforced: self.backend.is_enforced(&container_id, &ifname).await,
             ips: ip_configs(&a.addresses),
             host_ifname: a.host_ifname,
             pod: Some(PodRef {

@@ -14,8 +14,8 @@
 //!   while the last state stays enforced.
 //! - Pods in phase Succeeded or Failed are left out: kubelet has released their addresses.
 //! - Rejected policies become a core/v1 Event on the NetworkPolicy (reason `PolicyRejected`). The
-//!   rejections are recomputed here with `weir_policy::validate::validate`, the function the
-//!   compiler uses. The Event's name is derived from the policy's uid, the field and the reason,
+//!   rejections come from the compiler (over a watch channel from the runtime), so a policy is
+//!   validated once per cluster state. The Event's name is derived from the policy's uid, the field and the reason,
 //!   so every agent of the cluster writes the same Event: the first creates it, the others (and
 //!   restarts) only bump its `lastTimestamp`.
 
@@ -48,7 +48,7 @@ use kube::{
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use weir_policy::{
     model::{ClusterState, Object, ObjectKey, parse_documents},
     output::Rejection,
@@ -376,11 +376,13 @@ impl Stores {
 
 /// Watches the cluster and sends every new complete state on `states`. Runs until the receiver
 /// is gone; watch failures are logged, counted in `stats` and retried with backoff. (The
-/// receiver records the states themselves in `stats`.)
+/// receiver records the states themselves in `stats`.) With `config.policy_events`, the
+/// rejected policies the compiler reports on `rejections` become Events.
 pub async fn run(
     client: Client,
     config: KubeSourceConfig,
     states: mpsc::Sender<ClusterState>,
+    rejections: watch::Receiver<Arc<[Rejection]>>,
     stats: Arc<SourceStats>,
 ) {
     let (pods, pod_reports) = watch(Api::<KPod>::all(client.clone()), Kind::Pod, strip_pod);
@@ -415,15 +417,15 @@ pub async fn run(
         mesh_peer_reports,
     ]);
 
-    let events = config
-        .policy_events
-        .then(|| EventWriter::spawn(client.clone(), config.node_name.clone(), stats.clone()));
+    if config.policy_events {
+        let events = EventWriter::spawn(client.clone(), config.node_name.clone(), stats.clone());
+        tokio::spawn(events.follow(rejections, stores.policies.clone()));
+    }
     let mut listed = [false; Kind::ALL.len()];
     let mut failing = [false; Kind::ALL.len()];
     let mut pending: Option<tokio::time::Instant> = None;
     let mut converter = Converter::default();
     let mut sent_once = false;
-    let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
     // A watch that comes back quietly (nothing changed) reports nothing, so while a kind is
     // failing a cheap list (limit 1) probes whether the API server answers for it again.
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Kind, bool)>();
@@ -455,9 +457,6 @@ pub async fn run(
                     continue;
                 }
                 let state = converter.state();
-                if let Some(events) = &events {
-                    rejected = events.report_new(&state, &stores.policies, &rejected);
-                }
                 sent_once = true;
                 if states.send(state).await.is_err() {
                     return;
@@ -614,19 +613,31 @@ impl EventWriter {
         Self { tx }
     }
 
-    /// Queues an Event for every rejection not in `previous`; returns the current rejections.
-    fn report_new(
-        &self,
-        state: &ClusterState,
-        policies: &Store<KNetworkPolicy>,
-        previous: &BTreeSet<Rejection>,
-    ) -> BTreeSet<Rejection> {
-        let mut current = BTreeSet::new();
-        for (key, policy) in &state.policies {
-            if let Err(rejections) = weir_policy::validate::validate(key, policy) {
-                current.extend(rejections);
+    /// Queues an Event for every new rejection the compiler reports, until the runtime is gone.
+    async fn follow(
+        self,
+        mut rejections: watch::Receiver<Arc<[Rejection]>>,
+        policies: Store<KNetworkPolicy>,
+    ) {
+        let mut reported = BTreeSet::new();
+        loop {
+            let current: BTreeSet<Rejection> =
+                rejections.borrow_and_update().iter().cloned().collect();
+            self.report_new(&current, &policies, &reported);
+            reported = current;
+            if rejections.changed().await.is_err() {
+                return;
             }
         }
+    }
+
+    /// Queues an Event for every rejection not in `previous`.
+    fn report_new(
+        &self,
+        current: &BTreeSet<Rejection>,
+        policies: &Store<KNetworkPolicy>,
+        previous: &BTreeSet<Rejection>,
+    ) {
         for rejection in current.difference(previous) {
             let object = policies
                 .get(&StoreRef::new(&rejection.policy.name).within(&rejection.policy.namespace));
@@ -638,7 +649,6 @@ impl EventWriter {
                     .and_then(|o| o.metadata.resource_version.clone()),
             });
         }
-        current
     }
 }
 

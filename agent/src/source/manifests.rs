@@ -31,7 +31,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use weir_policy::model::{ClusterState, MAX_FILE_BYTES, Object, ObjectRef, parse_documents};
 
-use super::SourceStats;
+use super::{SourceState, SourceStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -78,6 +78,8 @@ struct ParsedFile {
     stamp: Stamp,
     /// Hash of the bytes `objects` were parsed from (`None`: the file could not be read).
     content: Option<u64>,
+    /// The stable hash of the bytes last read, for the directory's [`fingerprint`].
+    fingerprint: Option<u64>,
     objects: Vec<Object>,
     /// Order in which the file was first seen: earlier files win duplicates.
     first_seen: u64,
@@ -185,11 +187,13 @@ impl ManifestDir {
             report.read += 1;
             let read = read_file(&path, meta.len());
             let hash = read.as_ref().ok().map(|text| self.hasher.hash_one(text));
+            let fingerprint = read.as_ref().ok().map(|text| file_fingerprint(text));
             if let Some(file) = self.files.get_mut(&path)
                 && file.content.is_some()
                 && file.content == hash
             {
                 file.stamp = stamp;
+                file.fingerprint = fingerprint;
                 continue;
             }
             report.parsed += 1;
@@ -209,11 +213,13 @@ impl ManifestDir {
                         "manifest cannot be read whole; the objects it held before stay in force until it is fixed or deleted");
                     file.stamp = stamp;
                     file.content = hash;
+                    file.fingerprint = fingerprint;
                 }
                 Some(file) => {
                     report.changed |= file.objects != parsed.objects;
                     file.stamp = stamp;
                     file.content = hash;
+                    file.fingerprint = fingerprint;
                     file.objects = parsed.objects;
                 }
                 None => {
@@ -228,6 +234,7 @@ impl ManifestDir {
                         ParsedFile {
                             stamp,
                             content: hash,
+                            fingerprint,
                             objects: parsed.objects,
                             first_seen: self.next_seen,
                         },
@@ -243,6 +250,15 @@ impl ManifestDir {
             .manifest_files_parsed
             .fetch_add(report.parsed, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The fingerprint of the files as last read (see [`fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        combine_fingerprints(
+            self.files
+                .iter()
+                .filter_map(|(path, file)| Some((path.file_name()?, file.fingerprint))),
+        )
     }
 
     /// Builds the state, earlier-seen files first, so the first definition of an object wins.
@@ -276,6 +292,48 @@ impl ManifestDir {
         }
         state
     }
+}
+
+/// The fingerprint of a manifests directory as it is now: a stable hash of the names and bytes
+/// of the files the agent reads (the others cannot change what it enforces). The agent reports
+/// the fingerprint of the files behind the state it last applied (`weir status`), so whoever
+/// writes the directory can wait until what they wrote is enforced.
+pub fn fingerprint(dir: &Path) -> std::io::Result<String> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if !is_manifest(&path) || !entry.metadata()?.is_file() {
+            continue;
+        }
+        let bytes = read_file(&path, entry.metadata()?.len()).ok();
+        files.insert(entry.file_name(), bytes.map(|text| file_fingerprint(&text)));
+    }
+    Ok(combine_fingerprints(
+        files.iter().map(|(name, fp)| (name.as_os_str(), *fp)),
+    ))
+}
+
+fn file_fingerprint(text: &str) -> u64 {
+    weir_proto::naming::fnv1a64(text.bytes())
+}
+
+/// Files in name order, each with the hash of its bytes (`None`: it could not be read).
+fn combine_fingerprints<'a>(
+    files: impl Iterator<Item = (&'a std::ffi::OsStr, Option<u64>)>,
+) -> String {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut parts = Vec::new();
+    for (name, fingerprint) in files {
+        parts.extend_from_slice(name.as_bytes());
+        parts.push(0);
+        match fingerprint {
+            Some(fp) => parts.extend_from_slice(&fp.to_le_bytes()),
+            None => parts.extend_from_slice(b"unreadable"),
+        }
+        parts.push(0);
+    }
+    format!("{:016x}", weir_proto::naming::fnv1a64(parts.into_iter()))
 }
 
 /// The objects read from one file, and why the file as a whole could not be read, if it could
@@ -355,11 +413,12 @@ impl ManifestDir {
 }
 
 /// Follows the directory, sending the whole state after every change (debounced) and after a
-/// periodic rescan that found one. `dir` has been scanned once and its state handed on by the
-/// caller. Returns when the receiver is gone.
+/// periodic rescan that found one. A change of bytes that changes no object (a comment, a
+/// reformatted file) sends the same state under its new fingerprint. `dir` has been scanned
+/// once and its state handed on by the caller. Returns when the receiver is gone.
 pub async fn follow(
     mut dir: ManifestDir,
-    states: mpsc::Sender<ClusterState>,
+    states: mpsc::Sender<SourceState>,
     rescan_every: Duration,
 ) -> Result<(), SourceError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -380,11 +439,20 @@ pub async fn follow(
         })?;
     // What was written between the caller's scan and the watch's start has no event.
     dir.mark_all_dirty();
+    let mut sent_fingerprint = dir.fingerprint();
     loop {
         match dir.rescan() {
             Ok(report) => {
-                if report.changed && states.send(dir.state()).await.is_err() {
-                    return Ok(());
+                let fingerprint = dir.fingerprint();
+                if report.changed || fingerprint != sent_fingerprint {
+                    sent_fingerprint = fingerprint.clone();
+                    let state = SourceState {
+                        state: dir.state(),
+                        fingerprint,
+                    };
+                    if states.send(state).await.is_err() {
+                        return Ok(());
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "scanning the manifests directory"),
@@ -655,7 +723,7 @@ mod tests {
             .await
             .expect("no state after a change")
             .unwrap();
-        assert!(next.namespaces.contains_key("x"));
+        assert!(next.state.namespaces.contains_key("x"));
         // The start-up scan, the first follow scan, and the rename's (one event, perhaps
         // split in two by the debounce); reads would add scans that cause more.
         let scans = stats.manifest_scans.load(Ordering::Relaxed);
@@ -695,8 +763,45 @@ mod tests {
             .await
             .expect("no state after a change")
             .unwrap();
-        assert_ne!(next, first);
-        assert_eq!(next.policies.len(), 100);
+        assert_ne!(next.state, first);
+        assert_eq!(next.state.policies.len(), 100);
+        assert_eq!(next.fingerprint, fingerprint(&tmp.0).unwrap());
+        // New bytes with the same objects: the same state, under the directory's new
+        // fingerprint (whoever wrote them can see them applied).
+        std::fs::write(
+            tmp.0.join(".policies.yaml"),
+            format!("# reviewed\n{}", policies(100, 81)),
+        )
+        .unwrap();
+        std::fs::rename(tmp.0.join(".policies.yaml"), &path).unwrap();
+        let commented = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no state after a comment")
+            .unwrap();
+        assert_eq!(commented.state, next.state);
+        assert_ne!(commented.fingerprint, next.fingerprint);
+        assert_eq!(commented.fingerprint, fingerprint(&tmp.0).unwrap());
         task.abort();
+    }
+
+    #[test]
+    fn the_fingerprint_covers_the_files_read_and_only_those() {
+        let tmp = TempDir::new("fingerprint");
+        std::fs::write(tmp.0.join("a.yaml"), NS).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        source.scan().unwrap();
+        let first = source.fingerprint();
+        assert_eq!(first, fingerprint(&tmp.0).unwrap());
+        // Files the agent does not read change nothing.
+        std::fs::write(tmp.0.join(".a.yaml"), "x").unwrap();
+        std::fs::write(tmp.0.join("a.yaml~"), "x").unwrap();
+        source.scan().unwrap();
+        assert_eq!(source.fingerprint(), first);
+        assert_eq!(fingerprint(&tmp.0).unwrap(), first);
+        // A renamed file is another directory.
+        std::fs::rename(tmp.0.join("a.yaml"), tmp.0.join("b.yaml")).unwrap();
+        source.scan().unwrap();
+        assert_ne!(source.fingerprint(), first);
+        assert_eq!(source.fingerprint(), fingerprint(&tmp.0).unwrap());
     }
 }

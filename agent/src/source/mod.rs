@@ -12,6 +12,14 @@ pub mod kubernetes;
 pub mod manifests;
 pub mod meshpeer_crd;
 
+/// A complete cluster state as a source hands it on, with the source's fingerprint of what it
+/// was read from (standalone: [`manifests::fingerprint`]; empty where the source has none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceState {
+    pub state: ClusterState,
+    pub fingerprint: String,
+}
+
 /// Counters the cluster source updates (cheap atomics; the health endpoint's `/metrics` reads
 /// them).
 #[derive(Debug, Default)]
@@ -34,7 +42,6 @@ pub struct SourceStats {
     namespaces: AtomicU64,
     policies: AtomicU64,
     nodes: AtomicU64,
-    rejected_policies: AtomicU64,
 }
 
 /// The object counts of the last state handed on, as `/metrics` shows them.
@@ -44,7 +51,6 @@ pub struct ObjectCounts {
     pub namespaces: u64,
     pub policies: u64,
     pub nodes: u64,
-    pub rejected_policies: u64,
 }
 
 impl SourceStats {
@@ -57,12 +63,6 @@ impl SourceStats {
         self.policies
             .store(n(state.policies.len()), Ordering::Relaxed);
         self.nodes.store(n(state.nodes.len()), Ordering::Relaxed);
-        let rejected = state
-            .policies
-            .iter()
-            .filter(|(key, policy)| weir_policy::validate::validate(key, policy).is_err())
-            .count();
-        self.rejected_policies.store(n(rejected), Ordering::Relaxed);
         self.updates.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -74,7 +74,6 @@ impl SourceStats {
             namespaces: load(&self.namespaces),
             policies: load(&self.policies),
             nodes: load(&self.nodes),
-            rejected_policies: load(&self.rejected_policies),
         }
     }
 }

@@ -1,12 +1,15 @@
 //! CNI ADD and DEL latency against the real agent (enforcement in the datapath when ADD returns),
 //! one at a time and 16 at once, as kubelet would run the plugin: directly, in the node's network
 //! namespace (the forking thread is inside it, so the plugin inherits it).
+//!
+//! With `WEIR_BENCH_BASELINE_AGENT=<path to another weir-agent build>` the same measurements run
+//! against that build too, right after, each next to its own floor.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use super::stats::{Samples, ms};
 use crate::{
-    agent::{Agent, AgentDirs},
+    agent::{Agent, AgentDirs, ClusterSource, bin},
     cni::{Plugin, PodRef},
     cpu::CpuTime,
     netns::Netns,
@@ -66,11 +69,26 @@ fn at_once<T: Send>(pods: &[Netns], f: impl Fn(usize, &Netns) -> T + Sync) -> Ve
 }
 
 pub fn run(rounds: usize) -> anyhow::Result<()> {
+    measure(&bin("weir-agent"), "this build", rounds)?;
+    if let Some(baseline) = std::env::var_os("WEIR_BENCH_BASELINE_AGENT") {
+        measure(Path::new(&baseline), "WEIR_BENCH_BASELINE_AGENT", rounds)?;
+    }
+    Ok(())
+}
+
+fn measure(agent_bin: &Path, which: &str, rounds: usize) -> anyhow::Result<()> {
     const PODS: usize = 16;
     let node = Netns::new("cbn");
     let dirs = AgentDirs::new("cnibench", NODE);
     std::fs::write(dirs.manifests.join("pods.yaml"), pods_yaml(PODS))?;
-    let agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", "10.230.0.0/24"]);
+    let agent = Agent::start_with(
+        agent_bin,
+        ClusterSource::Manifests,
+        &node,
+        NODE,
+        &dirs,
+        &["--pod-cidr", "10.230.0.0/24"],
+    );
     let pods: Vec<Netns> = (0..PODS).map(|i| Netns::new(&format!("cb{i}"))).collect();
     let plugin = Arc::new(Plugin::new(
         &node.name,
@@ -85,7 +103,8 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         plugin.ok(verb, &pod_ref(id, name, &pod.name)).1
     };
     println!(
-        "CNI latency against the real agent, {PODS} pods, {rounds} rounds (process spawn included):"
+        "CNI latency against the real agent ({which}: {}), {PODS} pods, {rounds} rounds (process spawn included):",
+        agent_bin.display()
     );
     let (mut add, mut del) = (Vec::new(), Vec::new());
     for _ in 0..rounds {

@@ -4,6 +4,7 @@
 pub mod cni;
 pub mod datapath;
 pub mod idle;
+pub mod mesh;
 pub mod mesh_sync;
 pub mod propagation;
 pub mod stats;

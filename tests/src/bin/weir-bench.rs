@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -30,6 +30,24 @@ fn main() -> anyhow::Result<()> {
         bench::xdp::run(3)?;
         ran = true;
     }
+    if which == "mesh" {
+        // Not in "all": it needs iperf3, sockperf, wireguard-tools and boringtun-cli, which
+        // `cargo xtask bench mesh` installs.
+        let env = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        bench::mesh::run(
+            env("WEIR_BENCH_ROUNDS", 3) as usize,
+            bench::mesh::Durations {
+                tcp: std::time::Duration::from_secs(env("WEIR_BENCH_TCP_SECS", 5)),
+                rr: std::time::Duration::from_secs(env("WEIR_BENCH_RR_SECS", 3)),
+            },
+        )?;
+        ran = true;
+    }
     // Not part of "all": it builds a two-cluster mesh lab of its own.
     if which == "mesh-sync" {
         bench::mesh_sync::run(20)?;
@@ -37,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh-sync or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh, mesh-sync or all"
     );
     Ok(())
 }

@@ -566,6 +566,18 @@ impl Lab {
         Ok(probe::probe(&sources, &targets, options))
     }
 
+    /// Probes once, with the short timeout for the cells `expect` denies; returns the matrix and
+    /// its differences from `expect`.
+    pub fn probe_once(
+        &self,
+        spec: &ProbeSpec,
+        expect: &Expectations,
+    ) -> anyhow::Result<(Matrix, Vec<Difference>)> {
+        let matrix = self.probe_expecting(spec, Some(expect))?;
+        let diffs = matrix.differences(expect);
+        Ok((matrix, diffs))
+    }
+
     /// Probes until the matrix matches `expect` or `timeout` passes (policy changes take effect
     /// within a second); returns the last matrix and its differences.
     pub fn probe_until(

@@ -1,0 +1,476 @@
+//! The mesh link under failure, end to end: two clusters (west, east), each a gateway node with
+//! the real agent in standalone mode and a pod wired by the real weir-cni, joined only through a
+//! WAN namespace. A 1 kHz UDP probe stream and one long TCP transfer run from west's pod to
+//! east's across the link while, in turn:
+//! - both gateways' certificates rotate (new keys, same CA): no probe gap beyond a second;
+//! - the WAN link goes down for 10 s and comes back: probes resume by themselves;
+//! - east's gateway agent is SIGKILLed and started again: probes resume.
+//!
+//! Throughout, the TCP connection survives (every byte sent arrives, in order, on the same
+//! connection), and at the end no TUN device is left in a node whose agent is gone.
+//! Root only; never skipped.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use weir_mesh::certs::MeshCa;
+use weir_tests::{
+    agent::{Agent, AgentDirs},
+    cni::{Plugin, PodRef, first_address},
+    netns::{Netns, spawn_in},
+    tcp,
+};
+
+const WEST_PODS: &str = "10.162.0.0/16";
+const EAST_PODS: &str = "10.163.0.0/16";
+const PROBE_PORT: u16 = 9000;
+const BULK_PORT: u16 = 9001;
+
+fn node(cidr: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: gw, labels: {{mesh.weir.io/gateway: 'true'}}}}\n\
+         spec: {{podCIDRs: ['{cidr}']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
+    )
+}
+
+fn namespace(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{mesh.weir.io/export: 'true'}}}}\n"
+    )
+}
+
+fn pod(name: &str, ns: &str, ip: Option<IpAddr>) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
+         spec: {{nodeName: gw}}\n"
+    );
+    if let Some(ip) = ip {
+        y.push_str(&format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"));
+    }
+    y
+}
+
+fn mesh_peer(name: &str, endpoint: &str, ca: &str, prefix: &str) -> String {
+    let ca = ca.replace('\n', "\n    ");
+    format!(
+        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: ['{endpoint}']\n  \
+         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
+         staleTTL: 10m\n  caBundle: |\n    {ca}\n"
+    )
+}
+
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Cluster {
+    name: &'static str,
+    node: Netns,
+    dirs: AgentDirs,
+    plugin: Plugin,
+    args: Vec<String>,
+}
+
+impl Cluster {
+    fn start(&self) -> Agent {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Agent::start(&self.node, "gw", &self.dirs, &args)
+    }
+
+    fn add_pod(&self, name: &str, ns: &str, tag: &str) -> (Netns, IpAddr) {
+        let file = self.dirs.manifests.join(format!("pod-{name}.yaml"));
+        std::fs::write(&file, pod(name, ns, None)).unwrap();
+        let pod_ns = Netns::new(tag);
+        let (out, _) = self.plugin.ok(
+            "ADD",
+            &PodRef {
+                container_id: &format!("ctr-{name}"),
+                namespace: ns,
+                name,
+                netns: &pod_ns.name,
+            },
+        );
+        let ip = first_address(&out);
+        std::fs::write(&file, pod(name, ns, Some(ip))).unwrap();
+        (pod_ns, ip)
+    }
+
+    fn has_tun(&self) -> bool {
+        self.node
+            .command("ip")
+            .args(["link", "show", "weir-mesh"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+/// Probes from the client pod at 1 kHz to an echo in the server pod; records when each echo
+/// comes back.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    replies: Arc<Mutex<Vec<Instant>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Probe {
+    fn start(client: &Netns, server: &Netns, server_ip: IpAddr) -> Self {
+        let (listening, bound) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo_stop = Arc::clone(&stop);
+        let echo = spawn_in(server.path(), move || {
+            let s = UdpSocket::bind((server_ip, PROBE_PORT)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let _ = listening.send(());
+            let mut buf = [0u8; 64];
+            while !echo_stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+        bound.recv().unwrap();
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let socket = Arc::new(
+            spawn_in(client.path(), || {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                s
+            })
+            .join()
+            .unwrap(),
+        );
+        let (send_stop, send_socket) = (Arc::clone(&stop), Arc::clone(&socket));
+        let sender = thread::spawn(move || {
+            let target = SocketAddr::from((server_ip, PROBE_PORT));
+            let mut next = Instant::now();
+            let mut seq = 0u64;
+            while !send_stop.load(Ordering::Relaxed) {
+                let _ = send_socket.send_to(&seq.to_be_bytes(), target);
+                seq += 1;
+                next += Duration::from_millis(1);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+            }
+        });
+        let (recv_stop, recv_replies) = (Arc::clone(&stop), Arc::clone(&replies));
+        let receiver = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !recv_stop.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    recv_replies.lock().unwrap().push(Instant::now());
+                }
+            }
+        });
+        Self {
+            stop,
+            replies,
+            threads: vec![echo, sender, receiver],
+        }
+    }
+
+    fn replies(&self) -> usize {
+        self.replies.lock().unwrap().len()
+    }
+
+    /// The longest time without a reply since `from` (until the last reply).
+    fn longest_gap_since(&self, from: Instant) -> Duration {
+        let replies = self.replies.lock().unwrap();
+        let mut last = from;
+        let mut longest = Duration::ZERO;
+        for &r in replies.iter().filter(|&&r| r >= from) {
+            longest = longest.max(r - last);
+            last = r;
+        }
+        longest
+    }
+
+    /// Waits until replies arrive again (newer than `after`).
+    fn resumed_after(&self, after: Instant) -> bool {
+        self.replies
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|&r| r > after + Duration::from_millis(50))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP connection from the client pod to the server pod carrying a counted byte stream at
+/// a modest rate (it must not starve the probes on two cores); the server checks the bytes
+/// arrive in order.
+struct Transfer {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    sender: Option<thread::JoinHandle<std::io::Result<u64>>>,
+    receiver: Option<thread::JoinHandle<std::io::Result<u64>>>,
+}
+
+impl Transfer {
+    fn start(client: &Netns, server: &Netns, server_ip: IpAddr) -> Self {
+        let (listening, bound) = std::sync::mpsc::channel();
+        let receiver = spawn_in(server.path(), move || -> std::io::Result<u64> {
+            let listener = TcpListener::bind((server_ip, BULK_PORT))?;
+            let _ = listening.send(());
+            let (mut s, _) = listener.accept()?;
+            // A connection that stalls this long is taken as lost (and fails the test).
+            s.set_read_timeout(Some(Duration::from_secs(90)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                for (i, b) in buf[..n].iter().enumerate() {
+                    if *b != ((total + i as u64) % 251) as u8 {
+                        return Err(std::io::Error::other("bytes out of order"));
+                    }
+                }
+                total += n as u64;
+            }
+        });
+        bound.recv().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (send_stop, send_count) = (Arc::clone(&stop), Arc::clone(&sent));
+        let sender = spawn_in(client.path(), move || -> std::io::Result<u64> {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from((server_ip, BULK_PORT)),
+                Duration::from_secs(5),
+            )?;
+            s.set_write_timeout(Some(Duration::from_secs(90)))?;
+            let mut total = 0u64;
+            let mut chunk = vec![0u8; 16 * 1024];
+            while !send_stop.load(Ordering::Relaxed) {
+                for (i, b) in chunk.iter_mut().enumerate() {
+                    *b = ((total + i as u64) % 251) as u8;
+                }
+                s.write_all(&chunk)?;
+                total += chunk.len() as u64;
+                send_count.store(total, Ordering::Relaxed);
+                // About 1.6 MB/s.
+                thread::sleep(Duration::from_millis(10));
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            Ok(total)
+        });
+        Self {
+            stop,
+            sent,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Ends the transfer: the bytes sent and received on the one connection.
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sender.take().unwrap().join().unwrap();
+        let received = self.receiver.take().unwrap().join().unwrap();
+        match (sent, received) {
+            (Ok(s), Ok(r)) => (s, r),
+            (s, r) => panic!("the TCP connection did not survive: sender {s:?}, receiver {r:?}"),
+        }
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_probe_stream_and_a_tcp_connection_survive_rotation_a_wan_outage_and_a_killed_gateway() {
+    let wan = Netns::new("fw");
+    let (gw_west, gw_east) = (Netns::new("fgw"), Netns::new("fge"));
+    for (dev, gw, wan_addr, gw_addr, other) in [
+        (
+            "w0",
+            &gw_west,
+            "192.0.2.2/30",
+            "192.0.2.1/30",
+            "192.0.2.4/30",
+        ),
+        (
+            "e0",
+            &gw_east,
+            "192.0.2.6/30",
+            "192.0.2.5/30",
+            "192.0.2.0/30",
+        ),
+    ] {
+        wan.ip(&[
+            "link", "add", dev, "type", "veth", "peer", "name", "wan0", "netns", &gw.name,
+        ]);
+        wan.ip(&["addr", "add", wan_addr, "dev", dev]);
+        wan.ip(&["link", "set", dev, "up"]);
+        gw.ip(&["addr", "add", gw_addr, "dev", "wan0"]);
+        gw.ip(&["link", "set", "wan0", "up"]);
+        let via = wan_addr.split('/').next().unwrap();
+        gw.ip(&["route", "add", other, "via", via]);
+    }
+    wan.command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .unwrap();
+
+    let ca = MeshCa::new("weir mesh failover CA").unwrap();
+    let mut clusters = Vec::new();
+    for (name, node_ns, cidr, ip, peer, peer_ep, peer_prefix) in [
+        (
+            "west",
+            gw_west,
+            "10.162.1.0/24",
+            "192.0.2.1",
+            "east",
+            "192.0.2.5:4243",
+            EAST_PODS,
+        ),
+        (
+            "east",
+            gw_east,
+            "10.163.1.0/24",
+            "192.0.2.5",
+            "west",
+            "192.0.2.1:4243",
+            WEST_PODS,
+        ),
+    ] {
+        let dirs = AgentDirs::new(&format!("mesh-failover-{name}"), "gw");
+        let (cert, key) = ca
+            .gateway("mesh.test", name)
+            .unwrap()
+            .write(&dirs.root, name)
+            .unwrap();
+        let m = &dirs.manifests;
+        std::fs::write(m.join("node.yaml"), node(cidr, ip)).unwrap();
+        std::fs::write(
+            m.join("peer.yaml"),
+            mesh_peer(peer, peer_ep, &ca.pem(), peer_prefix),
+        )
+        .unwrap();
+        let plugin = Plugin::new(&node_ns.name, &dirs.socket, &dirs.root.join("cni.log"));
+        clusters.push(Cluster {
+            name,
+            node: node_ns,
+            plugin,
+            args: vec![
+                "--mesh-cert".into(),
+                cert.display().to_string(),
+                "--mesh-key".into(),
+                key.display().to_string(),
+            ],
+            dirs,
+        });
+    }
+    let (west, east) = (&clusters[0], &clusters[1]);
+    std::fs::write(west.dirs.manifests.join("ns.yaml"), namespace("shop")).unwrap();
+    std::fs::write(east.dirs.manifests.join("ns.yaml"), namespace("pay")).unwrap();
+    let west_agent = west.start();
+    let mut east_agent = east.start();
+    let (client, _) = west.add_pod("client", "shop", "fcl");
+    let (server, server_ip) = east.add_pod("server", "pay", "fsv");
+    tcp::serve(&server, server_ip);
+    let wait = Duration::from_secs(60);
+    eventually("TCP west → east", wait, || {
+        tcp::connects(&client, server_ip)
+    });
+
+    let probe = Probe::start(&client, &server, server_ip);
+    eventually("probes answered", wait, || probe.replies() > 100);
+    let transfer = Transfer::start(&client, &server, server_ip);
+    eventually("the transfer runs", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > 1 << 20
+    });
+
+    // Certificates rotate: new keys from the same CA, written over the files both agents read.
+    let rotated_at = Instant::now();
+    for (c, agent) in [(west, &west_agent), (east, &east_agent)] {
+        let dir = c.dirs.root.join("rotated");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = ca
+            .gateway("mesh.test", c.name)
+            .unwrap()
+            .write(&dir, c.name)
+            .unwrap();
+        // Key first, certificate last: the agent reloads when the certificate changes.
+        std::fs::copy(&key, Path::new(&c.args[3])).unwrap();
+        std::fs::copy(&cert, Path::new(&c.args[1])).unwrap();
+        eventually(&format!("{} reloads its certificate", c.name), wait, || {
+            agent.log_text().contains("mesh certificate reloaded")
+        });
+    }
+    // Some probes after the reload, then the longest gap over the whole rotation.
+    let reloaded = probe.replies();
+    eventually("probes go on after the rotation", wait, || {
+        probe.replies() > reloaded + 500
+    });
+    let gap = probe.longest_gap_since(rotated_at);
+    assert!(
+        gap <= Duration::from_secs(1),
+        "the certificate rotation stopped the probes for {gap:?}"
+    );
+
+    // The WAN down for 10 s (the scenario's length, not a wait for state), then back.
+    wan.ip(&["link", "set", "w0", "down"]);
+    thread::sleep(Duration::from_secs(10));
+    let back = Instant::now();
+    wan.ip(&["link", "set", "w0", "up"]);
+    eventually("probes resume after the WAN is back", wait, || {
+        probe.resumed_after(back)
+    });
+
+    // East's gateway agent killed: the TUN goes with the process; its successor restores the
+    // import and carries the same connection on.
+    east_agent.stop(nix::sys::signal::Signal::SIGKILL);
+    assert!(!east.has_tun(), "the killed agent's TUN device is gone");
+    let restarted = Instant::now();
+    east_agent = east.start();
+    eventually("probes resume after the gateway restarted", wait, || {
+        probe.resumed_after(restarted)
+    });
+
+    let before = transfer.sent.load(Ordering::Relaxed);
+    eventually("the transfer moves again", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
+    });
+    let (sent, received) = transfer.finish();
+    assert_eq!(
+        sent, received,
+        "every byte sent on the connection arrived, in order"
+    );
+    drop(probe);
+    drop((west_agent, east_agent));
+    eventually("no TUN left behind", wait, || {
+        !west.has_tun() && !east.has_tun()
+    });
+    drop((client, server));
+}
