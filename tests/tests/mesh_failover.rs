@@ -23,6 +23,7 @@ use std::{
 };
 
 use weir_mesh::certs::MeshCa;
+use weir_tests::mesh_objects::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef, first_address},
@@ -34,39 +35,6 @@ const WEST_PODS: &str = "10.162.0.0/16";
 const EAST_PODS: &str = "10.163.0.0/16";
 const PROBE_PORT: u16 = 9000;
 const BULK_PORT: u16 = 9001;
-
-fn node(cidr: &str, ip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: gw, labels: {{mesh.weir.io/gateway: 'true'}}}}\n\
-         spec: {{podCIDRs: ['{cidr}']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
-    )
-}
-
-fn namespace(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{mesh.weir.io/export: 'true'}}}}\n"
-    )
-}
-
-fn pod(name: &str, ns: &str, ip: Option<IpAddr>) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
-         spec: {{nodeName: gw}}\n"
-    );
-    if let Some(ip) = ip {
-        y.push_str(&format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"));
-    }
-    y
-}
-
-fn mesh_peer(name: &str, endpoint: &str, ca: &str, prefix: &str) -> String {
-    let ca = ca.replace('\n', "\n    ");
-    format!(
-        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: ['{endpoint}']\n  \
-         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
-         staleTTL: 10m\n  caBundle: |\n    {ca}\n"
-    )
-}
 
 fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -95,7 +63,7 @@ impl Cluster {
 
     fn add_pod(&self, name: &str, ns: &str, tag: &str) -> (Netns, IpAddr) {
         let file = self.dirs.manifests.join(format!("pod-{name}.yaml"));
-        std::fs::write(&file, pod(name, ns, None)).unwrap();
+        std::fs::write(&file, pod_yaml(name, ns, None)).unwrap();
         let pod_ns = Netns::new(tag);
         let (out, _) = self.plugin.ok(
             "ADD",
@@ -107,7 +75,7 @@ impl Cluster {
             },
         );
         let ip = first_address(&out);
-        std::fs::write(&file, pod(name, ns, Some(ip))).unwrap();
+        std::fs::write(&file, pod_yaml(name, ns, Some(ip))).unwrap();
         (pod_ns, ip)
     }
 
@@ -371,10 +339,10 @@ fn a_probe_stream_and_a_tcp_connection_survive_rotation_a_wan_outage_and_a_kille
             .write(&dirs.root, name)
             .unwrap();
         let m = &dirs.manifests;
-        std::fs::write(m.join("node.yaml"), node(cidr, ip)).unwrap();
+        std::fs::write(m.join("node.yaml"), node_yaml(cidr, ip)).unwrap();
         std::fs::write(
             m.join("peer.yaml"),
-            mesh_peer(peer, peer_ep, &ca.pem(), peer_prefix),
+            mesh_peer_yaml(peer, peer_ep, &ca.pem(), peer_prefix),
         )
         .unwrap();
         let plugin = Plugin::new(&node_ns.name, &dirs.socket, &dirs.root.join("cni.log"));
@@ -392,8 +360,8 @@ fn a_probe_stream_and_a_tcp_connection_survive_rotation_a_wan_outage_and_a_kille
         });
     }
     let (west, east) = (&clusters[0], &clusters[1]);
-    std::fs::write(west.dirs.manifests.join("ns.yaml"), namespace("shop")).unwrap();
-    std::fs::write(east.dirs.manifests.join("ns.yaml"), namespace("pay")).unwrap();
+    std::fs::write(west.dirs.manifests.join("ns.yaml"), namespace_yaml("shop")).unwrap();
+    std::fs::write(east.dirs.manifests.join("ns.yaml"), namespace_yaml("pay")).unwrap();
     let west_agent = west.start();
     let mut east_agent = east.start();
     let (client, _) = west.add_pod("client", "shop", "fcl");

@@ -29,6 +29,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use weir_mesh::certs::MeshCa;
 
+use crate::mesh_objects::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
 use crate::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef, first_address},
@@ -153,39 +154,6 @@ fn boringtun_bin() -> anyhow::Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
-}
-
-fn node_yaml(cidr: &str, ip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: gw, labels: {{mesh.weir.io/gateway: 'true'}}}}\n\
-         spec: {{podCIDRs: ['{cidr}']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
-    )
-}
-
-fn namespace_yaml(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{mesh.weir.io/export: 'true'}}}}\n"
-    )
-}
-
-fn pod_yaml(name: &str, ns: &str, ip: Option<IpAddr>) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
-         spec: {{nodeName: gw}}\n"
-    );
-    if let Some(ip) = ip {
-        y.push_str(&format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"));
-    }
-    y
-}
-
-fn mesh_peer_yaml(name: &str, endpoint: &str, ca: &str, prefix: &str) -> String {
-    let ca = ca.replace('\n', "\n    ");
-    format!(
-        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: ['{endpoint}']\n  \
-         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
-         staleTTL: 10m\n  caBundle: |\n    {ca}\n"
-    )
 }
 
 /// One cluster: its gateway node, the agent's directories and arguments, its pod.
