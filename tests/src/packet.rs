@@ -417,6 +417,20 @@ pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     ethernet(ETH_P_ARP, &a)
 }
 
+/// Whether the IPv4 header `header` carries a right checksum.
+pub fn ipv4_checksum_ok(header: &[u8]) -> bool {
+    crate::ping::internet_checksum(header) == 0
+}
+
+/// `frame` (Ethernet + IPv4) with its IPv4 header checksum filled in (the builders leave it 0).
+pub fn with_ipv4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip = &mut frame[14..34];
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let sum = crate::ping::internet_checksum(ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use weir_common::{
     IDENTITY_CLUSTER_SHIFT, IDENTITY_REMOTE_NODE, PROTO_TCP, REASON_POLICY_DENIED,
     SUBJECT_ISOLATED_EGRESS,
 };
+use weir_tests::packet::{ipv4_checksum_ok, with_ipv4_checksum};
 use weir_tests::{
     netns::{Netns, run, spawn_in},
     packet::{ETH_P_IP, TCP_SYN, ethernet, ipv4_fragment, tcp, tcp_header},
@@ -114,41 +115,13 @@ fn with_uplink<T: Send + 'static>(
     result.expect("the test panicked in the namespace")
 }
 
-/// The IPv4 header checksum of `header` is valid.
-fn ipv4_checksum_ok(header: &[u8]) -> bool {
-    let mut sum = 0u32;
-    for pair in header.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
-}
-
-/// A frame with a valid IPv4 header checksum (the builders leave it 0).
-fn with_checksum(mut frame: Vec<u8>) -> Vec<u8> {
-    let ip = &mut frame[14..34];
-    ip[10] = 0;
-    ip[11] = 0;
-    let mut sum = 0u32;
-    for pair in ip.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    frame
-}
-
 #[test]
 fn another_nodes_pod_is_handed_to_the_next_hop_with_only_the_egress_side_checked() {
     with_uplink(
         "rn1",
         CONFIG_REDIRECT_LOCAL | CONFIG_REDIRECT_REMOTE,
         |dp, _| {
-            let frame = with_checksum(syn(POD_A, 40000, REMOTE, 80));
+            let frame = with_ipv4_checksum(syn(POD_A, 40000, REMOTE, 80));
             let (verdict, out) = dp.run_out(weir_common::PROG_FROM_POD, &frame);
             assert_eq!(verdict, TC_ACT_REDIRECT);
             assert_eq!(out[14 + 8], frame[14 + 8] - 1, "TTL decremented");

@@ -16,6 +16,7 @@ use std::{
 };
 
 use weir_mesh::certs::MeshCa;
+use weir_tests::ping::internet_checksum;
 use weir_tests::{
     agent::{Agent, AgentDirs, bin, health_get, metric},
     cni::{Plugin, PodRef, first_address},
@@ -135,7 +136,7 @@ fn ping_ok(from: &Netns, to: IpAddr) -> bool {
                 b'i',
                 b'r',
             ];
-            let sum = checksum(&echo);
+            let sum = internet_checksum(&echo);
             echo[2..4].copy_from_slice(&sum.to_be_bytes());
             let dst = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
@@ -173,17 +174,6 @@ fn ping_ok(from: &Netns, to: IpAddr) -> bool {
     })
     .join()
     .unwrap()
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// TCP and UDP servers on PORT in the pod.

@@ -39,7 +39,9 @@ pub fn ping_until_answered(from: &Netns, dst: IpAddr, ifname: &str, deadline: In
     }
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `bytes`: written into an ICMP message or an IPv4
+/// header, and 0 over one whose checksum is right.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -77,7 +79,7 @@ fn echo(dst: IpAddr, ifname: &str, timeout: Duration) -> io::Result<bool> {
     request[8..].copy_from_slice(b"weirping");
     if !v6 {
         // The kernel fills in the ICMPv6 checksum itself (it covers a pseudo-header).
-        let sum = checksum(&request);
+        let sum = internet_checksum(&request);
         request[2..4].copy_from_slice(&sum.to_be_bytes());
     }
     // SAFETY: all-zero is a valid sockaddr_storage.
