@@ -1,20 +1,24 @@
 //! The mesh gateway's data path between its TUN device and the link: packets the kernel routed
-//! into the TUN are tagged with the identity we export for their source, hashed by flow onto a
-//! lane, and batched per lane until the TUN has nothing more to read (no timer, so a lone
-//! request goes out at once); packets the link received and checked are written back into the
-//! TUN, with their offload fields when the device has offload.
+//! into the TUN are read straight into the batch they are sent in, tagged with the identity we
+//! export for their source, put on a lane (the latency lane for flows that send little, else
+//! their flow's bulk lane; `weir_mesh::lanes`), and batched per lane until the TUN has nothing
+//! more to read (no timer, so a lone request goes out at once); packets the link received and
+//! checked are written back into the TUN, with their offload fields when the device has
+//! offload.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, atomic::Ordering},
+    time::Instant,
 };
 
 use bytes::Bytes;
 use clap::Args;
 use weir_mesh::{
-    codec::{MAX_PACKET_LEN, Offload, VNET_HDR_LEN},
+    codec::{MAX_PACKET_LEN, Offload, RECORD_HEADER_LEN, VNET_HDR_LEN, VNET_HDR_OFFSET},
     confine::packet_addresses,
+    lanes::{Lane, LaneSelector},
     link::{BatchBuilder, DataPlane, Deliver, Link, Peer},
 };
 
@@ -43,6 +47,10 @@ pub struct DataPlaneArgs {
     /// Mesh gateways: batches queued per lane before further ones are dropped and counted.
     #[arg(long, env = "WEIR_MESH_QUEUE", default_value_t = 8)]
     pub mesh_queue: usize,
+    /// Mesh gateways: a latency lane besides the bulk lanes, for flows that send little
+    /// (requests, responses, ACK streams), so they never queue behind a transfer's batches.
+    #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mesh_latency_lane: bool,
 }
 
 impl DataPlaneArgs {
@@ -50,6 +58,7 @@ impl DataPlaneArgs {
         DataPlane {
             lanes: self.mesh_lanes,
             queue: self.mesh_queue,
+            latency_lane: self.mesh_latency_lane,
         }
     }
 }
@@ -82,59 +91,182 @@ pub struct Forwarder {
     pub batching: bool,
 }
 
-/// Batches being built, per peer and lane.
-type Batches = HashMap<(String, usize), (Arc<Peer>, usize, BatchBuilder)>;
+/// The batch being built towards one peer on one lane.
+struct LaneBatch {
+    peer: Arc<Peer>,
+    lane: Lane,
+    builder: BatchBuilder,
+}
+
+/// Reads between two flushes of the latency lanes' batches while the TUN stays busy: a
+/// latency packet waits for at most this many reads of other packets.
+const LATENCY_FLUSH_READS: usize = 8;
+
+/// The batches being built, and which one the next packet is read into: the one the previous
+/// packet went to, usually the same flow's, so the packet lands in place and is never copied.
+/// Only a packet that belongs to another batch is copied over.
+struct Batches {
+    lanes: Vec<LaneBatch>,
+    /// Where the next packet is read while no batch exists yet.
+    scratch: BatchBuilder,
+    reading: Option<usize>,
+}
+
+impl Batches {
+    fn reader(&mut self) -> &mut BatchBuilder {
+        match self.reading {
+            Some(i) => &mut self.lanes[i].builder,
+            None => &mut self.scratch,
+        }
+    }
+}
 
 impl Forwarder {
     /// Packets from the TUN to peers until the TUN fails.
     pub async fn run(self) {
-        let mut buf = vec![0u8; TUN_READ_BUF];
-        let mut batches = Batches::new();
+        let data_plane = self.link.data_plane();
+        let mut selector = LaneSelector::new(data_plane.lanes, data_plane.latency_lane);
+        let mut batches = Batches {
+            lanes: Vec::new(),
+            scratch: BatchBuilder::default(),
+            reading: None,
+        };
+        // With offload the virtio header is read where the record header's offload fields go.
+        let headroom = if self.tun.offload() {
+            VNET_HDR_OFFSET
+        } else {
+            RECORD_HEADER_LEN
+        };
         loop {
-            let n = match self.tun.recv(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading the mesh TUN failed; the gateway stops forwarding");
-                    return;
-                }
-            };
-            self.route(&buf[..n], &mut batches);
+            let reader = batches.reader();
+            let start = reader.pending();
+            if let Err(e) = self
+                .tun
+                .recv_into(reader.spare(headroom + TUN_READ_BUF), headroom)
+                .await
+            {
+                tracing::error!(error = %e, "reading the mesh TUN failed; the gateway stops forwarding");
+                return;
+            }
+            self.route(start, &mut batches, &mut selector);
             if self.batching {
                 // Flush when the TUN has nothing more (a full batch goes at once): no timer.
-                while let Ok(n) = self.tun.try_recv(&mut buf) {
-                    self.route(&buf[..n], &mut batches);
+                let mut reads = 1;
+                loop {
+                    let reader = batches.reader();
+                    let start = reader.pending();
+                    if self
+                        .tun
+                        .try_recv_into(reader.spare(headroom + TUN_READ_BUF), headroom)
+                        .is_err()
+                    {
+                        break;
+                    }
+                    self.route(start, &mut batches, &mut selector);
+                    reads += 1;
+                    if reads % LATENCY_FLUSH_READS == 0 {
+                        self.flush(&mut batches, |lane| lane == Lane::Latency);
+                    }
                 }
             }
-            for (peer, lane, batch) in batches.values_mut() {
-                if !batch.is_empty() {
-                    let (bytes, packets) = batch.take();
-                    self.link.send_batch_on(peer, *lane, bytes, packets);
-                }
+            self.flush(&mut batches, |_| true);
+        }
+    }
+
+    /// Sends the non-empty batches whose lane passes `which`.
+    fn flush(&self, batches: &mut Batches, which: impl Fn(Lane) -> bool) {
+        for b in &mut batches.lanes {
+            if !b.builder.is_empty() && which(b.lane) {
+                let (bytes, packets) = b.builder.take();
+                self.link.send_batch_to(&b.peer, b.lane, bytes, packets);
             }
         }
     }
 
-    fn route(&self, read: &[u8], batches: &mut Batches) {
-        let (offload, packet) = if self.tun.offload() {
-            let Some((hdr, packet)) = read.split_first_chunk::<VNET_HDR_LEN>() else {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            (Offload::from_vnet(hdr), packet)
-        } else {
-            (Offload::NONE, read)
+    /// Takes the packet just read into the reading batch at `start` (header room, then the
+    /// packet behind its virtio header with offload): seals it there, moves it to its own
+    /// peer's and lane's batch, or drops it (counted).
+    fn route(&self, start: usize, batches: &mut Batches, selector: &mut LaneSelector) {
+        let Some((peer, id, offload, lane)) = self.classify(start, batches, selector) else {
+            batches.reader().discard(start);
+            return;
         };
+        let target = match batches
+            .lanes
+            .iter()
+            .position(|b| b.lane == lane && Arc::ptr_eq(&b.peer, &peer))
+        {
+            Some(t) => t,
+            None => {
+                batches.lanes.push(LaneBatch {
+                    peer,
+                    lane,
+                    builder: BatchBuilder::default(),
+                });
+                batches.lanes.len() - 1
+            }
+        };
+        match batches.reading {
+            Some(r) if r == target => batches.lanes[r].builder.seal(start, id, &offload),
+            Some(r) => {
+                let (from, to) = two_mut(&mut batches.lanes, r, target);
+                let packet = &from.builder.bytes()[start + RECORD_HEADER_LEN..];
+                to.builder.push(id, &offload, packet);
+                from.builder.discard(start);
+            }
+            None if batches.lanes[target].builder.is_empty() => {
+                // The first packet: the scratch buffer becomes its batch.
+                let mut builder = std::mem::take(&mut batches.scratch);
+                builder.seal(start, id, &offload);
+                batches.lanes[target].builder = builder;
+            }
+            None => {
+                let packet = &batches.scratch.bytes()[start + RECORD_HEADER_LEN..];
+                batches.lanes[target].builder.push(id, &offload, packet);
+                batches.scratch.discard(start);
+            }
+        }
+        batches.reading = Some(target);
+        let b = &mut batches.lanes[target];
+        if b.builder.is_full() || !self.batching {
+            let (bytes, packets) = b.builder.take();
+            self.link.send_batch_to(&b.peer, b.lane, bytes, packets);
+        }
+    }
+
+    /// The peer, exported id, offload fields and lane of the packet read at `start`; `None`
+    /// (counted) when it is not to be sent.
+    fn classify(
+        &self,
+        start: usize,
+        batches: &mut Batches,
+        selector: &mut LaneSelector,
+    ) -> Option<(Arc<Peer>, u32, Offload, Lane)> {
+        let record = &batches.reader().bytes()[start..];
+        let offload = if self.tun.offload() {
+            let Some(hdr) = record
+                .get(VNET_HDR_OFFSET..RECORD_HEADER_LEN)
+                .and_then(|h| <&[u8; VNET_HDR_LEN]>::try_from(h).ok())
+            else {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            Offload::from_vnet(hdr)
+        } else {
+            Offload::NONE
+        };
+        let packet = record.get(RECORD_HEADER_LEN..).unwrap_or_default();
         if packet.len() > MAX_PACKET_LEN {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
         let Some((src, dst)) = packet_addresses(packet) else {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         let Some(peer) = self.link.peer_for(&dst) else {
             self.counters.no_peer.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         let name = peer.name();
         let id = self
@@ -148,72 +280,24 @@ impl Forwarder {
                 .unexported_source
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%src, %dst, peer = %name, "not sent to the mesh peer: the source is not exported to it");
-            return;
+            return None;
         };
-        let lane = flow_hash(packet) as usize % self.link.data_plane().lanes;
-        let (peer, lane, batch) = batches
-            .entry((name, lane))
-            .or_insert_with(|| (peer, lane, BatchBuilder::default()));
-        batch.push(id, &offload, packet);
-        if batch.is_full() {
-            let (bytes, packets) = batch.take();
-            self.link.send_batch_on(peer, *lane, bytes, packets);
-        }
+        let lane = match selector.select(packet, Instant::now()) {
+            Lane::Latency if !peer.latency_lane_up() => selector.bulk_lane(packet),
+            lane => lane,
+        };
+        Some((peer, id, offload, lane))
     }
 }
 
-/// A hash of a packet's flow: addresses, protocol and, for TCP and UDP (not a later fragment),
-/// ports. Every packet of a flow gets the same lane, so the flow keeps its order.
-pub fn flow_hash(packet: &[u8]) -> u64 {
-    let (addrs, protocol, l4): (&[u8], u8, Option<usize>) = match packet.first().map(|b| b >> 4) {
-        Some(4) if packet.len() >= 20 => {
-            let ihl = usize::from(packet[0] & 0x0f) * 4;
-            let later_fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0;
-            (&packet[12..20], packet[9], (!later_fragment).then_some(ihl))
-        }
-        Some(6) if packet.len() >= 40 => (&packet[8..40], packet[6], Some(40)),
-        _ => return 0,
-    };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
-    addrs.iter().for_each(|&b| mix(b));
-    mix(protocol);
-    if matches!(protocol, 6 | 17)
-        && let Some(ports) = l4.and_then(|o| packet.get(o..o + 4))
-    {
-        ports.iter().for_each(|&b| mix(b));
-    }
-    h ^ (h >> 32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tcp4(src_port: u16) -> Vec<u8> {
-        let mut p = vec![0u8; 40];
-        p[0] = 0x45;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 1, 0, 1]);
-        p[20..22].copy_from_slice(&src_port.to_be_bytes());
-        p[22..24].copy_from_slice(&80u16.to_be_bytes());
-        p
-    }
-
-    #[test]
-    fn a_flow_always_hashes_alike_and_flows_spread() {
-        assert_eq!(flow_hash(&tcp4(40_000)), flow_hash(&tcp4(40_000)));
-        let lanes: std::collections::BTreeSet<u64> =
-            (40_000..40_064).map(|p| flow_hash(&tcp4(p)) % 4).collect();
-        assert_eq!(lanes.len(), 4, "64 flows use every one of 4 lanes");
-        // A later fragment has no ports; it still hashes (by addresses and protocol).
-        let mut frag = tcp4(40_000);
-        frag[7] = 1;
-        let _ = flow_hash(&frag);
-        assert_eq!(flow_hash(&[0x45]), 0);
+/// Two distinct elements of a slice, mutably.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (left, right) = v.split_at_mut(b);
+        (&mut left[a], &mut right[0])
+    } else {
+        let (left, right) = v.split_at_mut(a);
+        (&mut right[0], &mut left[b])
     }
 }

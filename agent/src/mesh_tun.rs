@@ -15,6 +15,7 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
+use bytes::BytesMut;
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::route::RouteProtocol;
@@ -158,21 +159,22 @@ impl Tun {
         }
     }
 
-    /// Reads one packet (behind its virtio header with offload), waiting for it.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads one packet (behind its virtio header with offload) onto the end of `buf`, after
+    /// `headroom` zero bytes, waiting for it; `buf` must have room for the headroom and
+    /// [`TUN_READ_BUF`] more. The batcher reads straight into the batch it builds this way.
+    pub async fn recv_into(&self, buf: &mut BytesMut, headroom: usize) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| read(fd.get_ref(), buf)) {
+            match guard.try_io(|fd| read_into(fd.get_ref(), buf, headroom)) {
                 Ok(result) => return result,
                 Err(_would_block) => continue,
             }
         }
     }
 
-    /// Reads one packet if one is waiting (`WouldBlock` otherwise): the batcher flushes when
-    /// the device has nothing more.
-    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        read(self.fd.get_ref(), buf)
+    /// [`Tun::recv_into`] if a packet is waiting (`WouldBlock` otherwise).
+    pub fn try_recv_into(&self, buf: &mut BytesMut, headroom: usize) -> io::Result<usize> {
+        read_into(self.fd.get_ref(), buf, headroom)
     }
 
     /// Writes one packet now, behind `vnet_hdr` when the device has offload (a TUN write does
@@ -203,12 +205,23 @@ impl Tun {
     }
 }
 
-fn read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+/// Reads one packet into `buf`'s spare capacity after `headroom` zero bytes; on success `buf`
+/// grows by the headroom and the bytes read, on failure it is unchanged.
+fn read_into(fd: &OwnedFd, buf: &mut BytesMut, headroom: usize) -> io::Result<usize> {
+    buf.reserve(headroom + TUN_READ_BUF);
+    let spare = buf.spare_capacity_mut();
+    for b in &mut spare[..headroom] {
+        b.write(0);
+    }
+    let room = &mut spare[headroom..headroom + TUN_READ_BUF];
+    // SAFETY: room is valid for writes of room.len() bytes (uninitialised memory is fine for
+    // read(2) to write into).
+    let n = unsafe { libc::read(fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: the headroom was written above and read(2) initialised the n bytes after it.
+    unsafe { buf.set_len(buf.len() + headroom + n as usize) };
     Ok(n as usize)
 }
 

@@ -312,15 +312,30 @@ pub fn encode_record(out: &mut BytesMut, src_identity: u32, packet: &[u8]) {
 /// Appends one record with its offload fields to a batch being built.
 pub fn encode_record_with(out: &mut BytesMut, src_identity: u32, offload: &Offload, packet: &[u8]) {
     out.reserve(RECORD_HEADER_LEN + packet.len());
-    out.put_u32(packet.len() as u32);
-    out.put_u32(src_identity);
-    out.put_u8(offload.flags);
-    out.put_u8(offload.gso_type);
-    out.put_u16(offload.hdr_len);
-    out.put_u16(offload.gso_size);
-    out.put_u16(offload.csum_start);
-    out.put_u16(offload.csum_offset);
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    write_record_header(&mut header, packet.len(), src_identity, offload);
+    out.put_slice(&header);
     out.put_slice(packet);
+}
+
+/// Where a TUN read with `IFF_VNET_HDR` puts its `virtio_net_hdr` in a record built in place:
+/// the header's offload fields are the virtio header's fields in the same order, so reading
+/// the TUN at this offset of a record leaves only their byte order to fix, and the packet lands
+/// where the record's payload goes (no copy).
+pub const VNET_HDR_OFFSET: usize = RECORD_HEADER_LEN - VNET_HDR_LEN;
+
+/// Writes a record's header (the first [`RECORD_HEADER_LEN`] bytes of `header`) for a payload
+/// of `len` bytes: a record is built in place by reading the packet right behind its header.
+pub fn write_record_header(header: &mut [u8], len: usize, src_identity: u32, offload: &Offload) {
+    let header = &mut header[..RECORD_HEADER_LEN];
+    header[0..4].copy_from_slice(&(len as u32).to_be_bytes());
+    header[4..8].copy_from_slice(&src_identity.to_be_bytes());
+    header[8] = offload.flags;
+    header[9] = offload.gso_type;
+    header[10..12].copy_from_slice(&offload.hdr_len.to_be_bytes());
+    header[12..14].copy_from_slice(&offload.gso_size.to_be_bytes());
+    header[14..16].copy_from_slice(&offload.csum_start.to_be_bytes());
+    header[16..18].copy_from_slice(&offload.csum_offset.to_be_bytes());
 }
 
 /// Decodes a batch: the whole records in order, and the error that stopped decoding, if any.
@@ -454,6 +469,23 @@ mod tests {
         assert_eq!(Offload::from_vnet(&TSO4.to_vnet()), TSO4);
         assert_eq!(TSO4.check(&r[0].packet), Ok(()));
         assert_eq!(Offload::NONE.check(&r[1].packet), Ok(()));
+    }
+
+    #[test]
+    fn a_record_built_in_place_behind_a_virtio_header_decodes_like_an_encoded_one() {
+        let packet = tcp4(9_000);
+        let mut encoded = BytesMut::new();
+        encode_record_with(&mut encoded, 7, &TSO4, &packet);
+        // What a TUN read at VNET_HDR_OFFSET leaves: the virtio header, then the packet.
+        let mut in_place = vec![0u8; VNET_HDR_OFFSET];
+        in_place.extend_from_slice(&TSO4.to_vnet());
+        in_place.extend_from_slice(&packet);
+        let vnet: [u8; VNET_HDR_LEN] = in_place[VNET_HDR_OFFSET..RECORD_HEADER_LEN]
+            .try_into()
+            .unwrap();
+        let offload = Offload::from_vnet(&vnet);
+        write_record_header(&mut in_place, packet.len(), 7, &offload);
+        assert_eq!(in_place, &encoded[..]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`export`]: the synced entries (identities, endpoints) and their wire form.
 //! - [`confine`]: the checks that confine a peer, and refusal counters by reason.
 //! - [`codec`]: the records of a packet batch.
+//! - [`lanes`]: which lane a packet takes (flows hashed onto bulk lanes; a latency lane).
 //! - [`fanout`]: a gateway's merged import, served to the other nodes of its cluster.
 
 pub mod certs;
@@ -13,6 +14,7 @@ pub mod codec;
 pub mod confine;
 pub mod export;
 pub mod fanout;
+pub mod lanes;
 pub mod link;
 pub mod sync;
 pub mod tls;

@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -28,9 +28,10 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::mesh::v1::{self as pb, mesh_link_client::MeshLinkClient, mesh_link_server};
 
 use crate::{
-    codec::{self, Offload, encode_record_with},
+    codec::{self, Offload, RECORD_HEADER_LEN, encode_record_with, write_record_header},
     confine::{self, PeerBounds, Refusal, RefusalCounters},
     export::{Export, IdentityExport},
+    lanes::Lane,
     sync::{Delta, Exporter, Frame, ImportError, Importer, Limits, Resume},
     transport::PeerCluster,
 };
@@ -44,9 +45,13 @@ const HISTORY_LIMIT: usize = 65_536;
 pub const MAX_DELTAS_PER_SECOND: u32 = 1_000;
 /// A batch is sent once it holds this much (or the TUN has nothing more to read).
 pub const BATCH_BYTES: usize = 256 * 1024;
+/// A batch built in place starts in a buffer of at least this much, which the batches after it
+/// go on filling: records read back to back stay contiguous, so a batch is one slice of it.
+pub const ARENA_BYTES: usize = 1 << 20;
 /// Most lanes a peer may open to us (a Tunnel naming a higher lane is refused).
 pub const MAX_LANES: usize = 16;
-/// The request metadata naming a Tunnel's lane (absent: lane 0).
+/// The request metadata naming a Tunnel's lane: a bulk lane's number (absent: lane 0), or
+/// `latency` ([`Lane::LATENCY_NAME`]).
 pub const LANE_METADATA: &str = "weir-lane";
 /// The request metadata naming the dial (one per connection attempt of the dialer) a Sync or
 /// Tunnel belongs to: every lane of a dial ends when the peer opens a session of another dial.
@@ -61,11 +66,19 @@ pub struct DataPlane {
     /// Batches queued per lane before further batches are dropped (and counted): a router's
     /// tail drop, so the inner TCP sees loss instead of a growing queue.
     pub queue: usize,
+    /// Dial a latency lane besides the bulk lanes (on the Sync session's connection, so no
+    /// bulk batch is ever queued ahead of its packets); flows that send little take it
+    /// ([`crate::lanes`]).
+    pub latency_lane: bool,
 }
 
 impl Default for DataPlane {
     fn default() -> Self {
-        Self { lanes: 1, queue: 8 }
+        Self {
+            lanes: 1,
+            queue: 8,
+            latency_lane: true,
+        }
     }
 }
 
@@ -169,6 +182,10 @@ pub struct Peer {
     /// Bumped by every new session; older sessions of the peer end when they see it change.
     session: watch::Sender<u64>,
     lanes: Vec<LaneQueue>,
+    latency: LaneQueue,
+    /// Tunnels serving the latency lane now (ours or the peer's dial): while none is, its
+    /// flows take their bulk lanes (a peer that does not open it loses nothing).
+    latency_tunnels: Arc<AtomicUsize>,
     /// Sessions past their Hellos now (two while a new one replaces an old one).
     sessions_up: AtomicU64,
     /// The dial of the latest session the peer opened to us: Tunnels of other dials (every
@@ -200,6 +217,18 @@ impl Peer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_synced()
+    }
+
+    /// Whether a Tunnel serves the latency lane (else latency flows take their bulk lanes).
+    pub fn latency_lane_up(&self) -> bool {
+        self.latency_tunnels.load(Ordering::Relaxed) > 0
+    }
+
+    fn queue(&self, lane: Lane) -> &LaneQueue {
+        match lane {
+            Lane::Latency => &self.latency,
+            Lane::Bulk(n) => &self.lanes[n % self.lanes.len()],
+        }
     }
 
     /// What we export to this peer now.
@@ -292,6 +321,7 @@ impl Link {
         let data_plane = DataPlane {
             lanes: data_plane.lanes.clamp(1, MAX_LANES),
             queue: data_plane.queue.max(1),
+            latency_lane: data_plane.latency_lane,
         };
         Arc::new(Self {
             local_cluster: local_cluster.into(),
@@ -413,6 +443,8 @@ impl Link {
                 lanes: (0..self.data_plane.lanes)
                     .map(|_| LaneQueue::new(self.data_plane.queue))
                     .collect(),
+                latency: LaneQueue::new(self.data_plane.queue),
+                latency_tunnels: Arc::default(),
                 sessions_up: AtomicU64::new(0),
                 server_dial: watch::Sender::new(None),
             });
@@ -854,11 +886,16 @@ impl Link {
         self.send_batch_on(peer, 0, batch, packets);
     }
 
-    /// Queues a batch towards `peer` on lane `lane` (modulo the lanes); a full queue drops it
-    /// (counted), never buffers more.
+    /// Queues a batch towards `peer` on bulk lane `lane` (modulo the lanes); a full queue drops
+    /// it (counted), never buffers more.
     pub fn send_batch_on(&self, peer: &Peer, lane: usize, batch: Bytes, packets: u64) {
-        let queue = &peer.lanes[lane % peer.lanes.len()];
-        match queue.tx.try_send(batch) {
+        self.send_batch_to(peer, Lane::Bulk(lane), batch, packets);
+    }
+
+    /// Queues a batch towards `peer` on `lane`; a full queue drops it (counted), never buffers
+    /// more.
+    pub fn send_batch_to(&self, peer: &Peer, lane: Lane, batch: Bytes, packets: u64) {
+        match peer.queue(lane).tx.try_send(batch) {
             Ok(()) => {
                 peer.tunnel.tx_packets.fetch_add(packets, Ordering::Relaxed);
             }
@@ -871,8 +908,8 @@ impl Link {
     }
 
     /// The stream of batches queued towards `peer` on `lane`, for the Tunnel serving it.
-    fn outgoing(peer: &Peer, lane: usize) -> impl Stream<Item = Bytes> + Send + 'static {
-        let rx = Arc::clone(&peer.lanes[lane % peer.lanes.len()].rx);
+    fn outgoing(peer: &Peer, lane: Lane) -> impl Stream<Item = Bytes> + Send + 'static {
+        let rx = Arc::clone(&peer.queue(lane).rx);
         futures::stream::unfold(rx, |rx| async move {
             let next = rx.lock().await.recv().await;
             next.map(|b| (b, rx))
@@ -917,13 +954,21 @@ impl Link {
                 // polling a request body after its response is dropped, and an old connection's
                 // body would go on taking packets from the queues.
                 let (_attempt, attempt_ended) = watch::channel(());
-                // Lane 0 shares the Sync session's connection; every other lane dials its own,
-                // with this dial's certificate (a re-dial after a rotation re-dials them all).
-                // Aborted with this dial's future too (a removed peer, a replaced dialer), so no
-                // lane outlives its session and keeps an old connection open.
+                // The latency lane shares the Sync session's connection (neither carries bulk
+                // batches; without a latency lane, bulk lane 0 does); every other lane dials its
+                // own, with this dial's certificate (a re-dial after a rotation re-dials them
+                // all). Aborted with this dial's future too (a removed peer, a replaced
+                // dialer), so no lane outlives its session and keeps an old connection open.
+                let latency = self.data_plane.latency_lane;
                 let lanes: Vec<_> = (0..self.data_plane.lanes)
+                    .map(Lane::Bulk)
+                    .chain(latency.then_some(Lane::Latency))
                     .map(|lane| {
-                        let client = if lane == 0 {
+                        let shares_sync = match lane {
+                            Lane::Latency => true,
+                            Lane::Bulk(n) => n == 0 && !latency,
+                        };
+                        let client = if shares_sync {
                             client.clone()
                         } else {
                             MeshLinkClient::new(crate::transport::channel(
@@ -965,10 +1010,14 @@ impl Link {
         self: Arc<Self>,
         peer: Arc<Peer>,
         mut client: MeshLinkClient<tonic::transport::Channel>,
-        lane: usize,
+        lane: Lane,
         dial: u64,
         attempt: watch::Receiver<()>,
     ) {
+        let lane_name = match lane {
+            Lane::Latency => Lane::LATENCY_NAME.to_owned(),
+            Lane::Bulk(n) => n.to_string(),
+        };
         loop {
             let mut ended = attempt.clone();
             let out = Self::outgoing(&peer, lane)
@@ -977,9 +1026,7 @@ impl Link {
             let mut request = Request::new(out);
             request.metadata_mut().insert(
                 LANE_METADATA,
-                lane.to_string()
-                    .parse()
-                    .expect("a number is valid metadata"),
+                lane_name.parse().expect("a lane name is valid metadata"),
             );
             request.metadata_mut().insert(
                 DIAL_METADATA,
@@ -989,13 +1036,14 @@ impl Link {
             );
             match client.tunnel(request).await {
                 Ok(resp) => {
+                    let _serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&peer));
                     let mut inbound = resp.into_inner();
                     while let Some(Ok(batch)) = inbound.next().await {
                         self.receive_batch(&peer, &batch.records);
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %peer.name(), lane, error = %e, "mesh lane not up");
+                    tracing::debug!(peer = %peer.name(), lane = %lane_name, error = %e, "mesh lane not up");
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1024,6 +1072,22 @@ impl SessionUp {
 impl Drop for SessionUp {
     fn drop(&mut self) {
         self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a Tunnel as serving the latency lane while it lives.
+struct LatencyTunnel(Arc<AtomicUsize>);
+
+impl LatencyTunnel {
+    fn new(peer: &Peer) -> Self {
+        peer.latency_tunnels.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(&peer.latency_tunnels))
+    }
+}
+
+impl Drop for LatencyTunnel {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1107,16 +1171,59 @@ pub(crate) fn delta_from_wire(d: &pb::Delta) -> Result<Delta<Export>, String> {
 }
 
 /// Builds one batch of records; callers flush it when the source has nothing more.
+///
+/// A record can be built in place: the reader reads the packet into [`BatchBuilder::spare`]
+/// behind room for its header, then [`seal`](BatchBuilder::seal)s it (or
+/// [`discard`](BatchBuilder::discard)s it). Records read back to back lie back to back in one
+/// buffer, which becomes the message body without being copied again.
 #[derive(Default)]
 pub struct BatchBuilder {
+    /// The sealed records, then possibly one being read, then spare capacity.
     buf: BytesMut,
     packets: u64,
 }
 
 impl BatchBuilder {
+    /// Appends a copy of `packet` as a record.
     pub fn push(&mut self, identity: u32, offload: &Offload, packet: &[u8]) {
         encode_record_with(&mut self.buf, identity, offload, packet);
         self.packets += 1;
+    }
+
+    /// Where the next record starts.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The bytes so far (sealed records and the one being read).
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The buffer to append the next record to, with at least `room` bytes of spare capacity.
+    /// A new batch starts with room for a whole batch and one more read, so it never moves
+    /// while it is filled.
+    pub fn spare(&mut self, room: usize) -> &mut BytesMut {
+        let spare = self.buf.capacity() - self.buf.len();
+        if self.buf.is_empty() && spare < BATCH_BYTES + room {
+            self.buf = BytesMut::with_capacity(ARENA_BYTES.max(BATCH_BYTES + room));
+        } else if spare < room {
+            self.buf.reserve(room);
+        }
+        &mut self.buf
+    }
+
+    /// Makes the bytes from `start` (header room, then a packet) a record of `identity` with
+    /// `offload`.
+    pub fn seal(&mut self, start: usize, identity: u32, offload: &Offload) {
+        let len = self.buf.len() - start - RECORD_HEADER_LEN;
+        write_record_header(&mut self.buf[start..], len, identity, offload);
+        self.packets += 1;
+    }
+
+    /// Drops the bytes from `start` (a record read in place that is not sent, or not here).
+    pub fn discard(&mut self, start: usize) {
+        self.buf.truncate(start);
     }
 
     pub fn is_full(&self) -> bool {
@@ -1190,18 +1297,20 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (_, remote, peer) = self.authenticated(&req)?;
-        let lane = match req.metadata().get(LANE_METADATA) {
-            None => 0,
-            Some(v) => v
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&l| l < MAX_LANES)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "{LANE_METADATA} must be a lane number below {MAX_LANES}"
-                    ))
-                })?,
+        let lane = match req.metadata().get(LANE_METADATA).map(|v| v.to_str()) {
+            None => Lane::Bulk(0),
+            Some(Ok(Lane::LATENCY_NAME)) => Lane::Latency,
+            Some(v) => Lane::Bulk(
+                v.ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&l| l < MAX_LANES)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{LANE_METADATA} must be a lane number below {MAX_LANES} or {}",
+                            Lane::LATENCY_NAME
+                        ))
+                    })?,
+            ),
         };
         let dial = DialKey::of(&req, remote);
         // Both directions end when the peer opens a session of another dial (it re-dialled)
@@ -1225,9 +1334,14 @@ impl mesh_link_server::MeshLink for Service {
                 link.receive_batch(&receiving, &batch.records);
             }
         });
+        let serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&peer));
         let out = Link::outgoing(&peer, lane)
             .take_until(superseded(&peer))
-            .map(|records| Ok(pb::PacketBatch { seq: 0, records }));
+            .map(move |records| {
+                // Held as long as the stream is (the closure lives in it).
+                let _ = &serving;
+                Ok(pb::PacketBatch { seq: 0, records })
+            });
         Ok(Response::new(Box::pin(out)))
     }
 }

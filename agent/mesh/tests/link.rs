@@ -1,7 +1,8 @@
 //! Two gateways' mesh links over real mTLS on loopback (no root): exports reach the peer and
 //! follow changes, packets cross with their identity checked, and an evil peer with a valid
 //! certificate is refused everything that is not its own, counted by reason, while the honest
-//! peer's import stays untouched; every lane of a replaced dial or a removed peer ends.
+//! peer's import stays untouched; every lane of a replaced dial or a removed peer ends; the
+//! latency lane carries packets both ways and its queue is bounded.
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +19,7 @@ use weir_mesh::{
     codec::{GSO_TCPV4, Offload, VNET_F_NEEDS_CSUM, encode_record, encode_record_with},
     confine::{PeerBounds, Refusal},
     export::{EndpointExport, Export, IdentityExport, endpoint_name, identity_name},
+    lanes::Lane,
     link::{Link, PeerSpec},
     sync::Limits,
     tls::{self, ReloadingIdentity, TrustStore},
@@ -819,4 +821,96 @@ async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
         tunnel_ends(&mut new_lane).await,
         "a removed peer's lane ends"
     );
+}
+
+#[tokio::test]
+async fn the_latency_lane_carries_packets_both_ways_and_its_queue_is_bounded() {
+    let lab = Lab::new();
+    let mut west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let mut east = lab
+        .gateway("east", EAST_PODS, &[("west", WEST_PODS)], Limits::default())
+        .await;
+    east.link.set_exports(
+        "west",
+        BTreeMap::from([
+            identity(300, "pay", &[("app", "api")]),
+            endpoint("10.245.1.5", 300),
+        ]),
+    );
+    west.link.set_exports(
+        "east",
+        BTreeMap::from([
+            identity(500, "shop", &[("app", "web")]),
+            endpoint("10.244.0.7", 500),
+        ]),
+    );
+    lab.connect(&east, &west, "west");
+    let from_east = west.link.peer("east").unwrap();
+    let to_west = east.link.peer("west").unwrap();
+    // The dialer opens the latency lane by default; both sides see a Tunnel serving it.
+    eventually(
+        "both imports synced and the latency lane up on both sides",
+        || {
+            from_east.is_synced()
+                && to_west.is_synced()
+                && from_east.latency_lane_up()
+                && to_west.latency_lane_up()
+        },
+    )
+    .await;
+
+    // Dialer to listener, and back, on the latency lane; checked like any other packet.
+    east.link.send_batch_to(
+        &to_west,
+        Lane::Latency,
+        batch(&[
+            (300, ipv4_packet([10, 245, 1, 5], [10, 244, 0, 7])),
+            (300, ipv4_packet([10, 245, 1, 6], [10, 244, 0, 7])),
+        ]),
+        2,
+    );
+    let got = tokio::time::timeout(Duration::from_secs(30), west.delivered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[12..20], &[10, 245, 1, 5, 10, 244, 0, 7]);
+    eventually(
+        "the unexported source refused on the latency lane too",
+        || from_east.refusals.get(Refusal::UnexportedSource) == 1,
+    )
+    .await;
+    west.link.send_batch_to(
+        &from_east,
+        Lane::Latency,
+        batch(&[(500, ipv4_packet([10, 244, 0, 7], [10, 245, 1, 5]))]),
+        1,
+    );
+    let got = tokio::time::timeout(Duration::from_secs(30), east.delivered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[12..20], &[10, 244, 0, 7, 10, 245, 1, 5]);
+
+    // A latency lane nobody serves (mallory never connected) is not up, and its queue holds
+    // `queue` batches: the next is dropped and counted, never buffered.
+    let to_mallory = west.link.peer("mallory").unwrap();
+    assert!(!to_mallory.latency_lane_up());
+    let queue = west.link.data_plane().queue as u64;
+    for _ in 0..=queue {
+        west.link.send_batch_to(
+            &to_mallory,
+            Lane::Latency,
+            batch(&[(500, ipv4_packet([10, 244, 0, 7], [10, 247, 0, 1]))]),
+            1,
+        );
+    }
+    assert_eq!(to_mallory.tunnel.tx_packets.load(Ordering::Relaxed), queue);
+    assert_eq!(to_mallory.tunnel.tx_queue_full.load(Ordering::Relaxed), 1);
 }

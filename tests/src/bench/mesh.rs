@@ -71,18 +71,31 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--mesh-batching",
             "false",
+            "--mesh-latency-lane",
+            "false",
         ],
     },
     MeshStep {
         name: "mesh +batching",
-        args: &["--mesh-lanes", "1", "--mesh-offload", "false"],
+        args: &[
+            "--mesh-lanes",
+            "1",
+            "--mesh-offload",
+            "false",
+            "--mesh-latency-lane",
+            "false",
+        ],
     },
     MeshStep {
         name: "mesh +offload",
-        args: &["--mesh-lanes", "1"],
+        args: &["--mesh-lanes", "1", "--mesh-latency-lane", "false"],
     },
     MeshStep {
-        name: "mesh +lanes (default)",
+        name: "mesh +lanes",
+        args: &["--mesh-latency-lane", "false"],
+    },
+    MeshStep {
+        name: "mesh +latency (default)",
         args: &[],
     },
 ];
