@@ -49,7 +49,9 @@ pub struct DataPlaneArgs {
     pub mesh_queue: usize,
     /// Mesh gateways: a latency lane besides the bulk lanes, for flows that send little
     /// (requests, responses, ACK streams), so they never queue behind a transfer's batches.
-    #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Off by default until a bench on a quiet machine shows what it gains (`cargo xtask bench
+    /// mesh`, step "+latency lane").
+    #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = false, action = clap::ArgAction::Set)]
     pub mesh_latency_lane: bool,
 }
 

@@ -66,7 +66,8 @@ pub struct DataPlane {
     /// Batches queued per lane before further batches are dropped (and counted): a router's
     /// tail drop, so the inner TCP sees loss instead of a growing queue.
     pub queue: usize,
-    /// Dial a latency lane besides the bulk lanes (on the Sync session's connection, so no
+    /// Dial a latency lane besides the bulk lanes (on in [`DataPlane::default`], which
+    /// [`Link::new`] uses; gateways follow the agent's `--mesh-latency-lane`, off by default) (on the Sync session's connection, so no
     /// bulk batch is ever queued ahead of its packets); flows that send little take it
     /// ([`crate::lanes`]).
     pub latency_lane: bool,
