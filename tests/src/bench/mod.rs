@@ -7,6 +7,7 @@ pub mod idle;
 pub mod mesh;
 pub mod mesh_sync;
 pub mod propagation;
+pub mod scale;
 pub mod stats;
 pub mod traffic;
 pub mod traffic_agent;
