@@ -96,6 +96,7 @@ pub mod cidr;
 pub mod compile;
 pub mod explain;
 pub mod identity;
+pub mod incremental;
 pub mod model;
 pub mod names;
 pub mod output;
@@ -105,3 +106,4 @@ pub mod verdict;
 
 pub use compile::{CompileError, CompileInput, compile};
 pub use identity::IdentityAllocator;
+pub use incremental::Incremental;
