@@ -26,12 +26,18 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use serde_json::{Value, json};
-use weir_agent::datapath::{desired::desired_maps, loader, maps::DatapathMaps, writer::Writer};
+use weir_agent::datapath::{
+    desired::{desired_maps, subject_state},
+    loader,
+    maps::DatapathMaps,
+    writer::Writer,
+};
 use weir_common::Config;
 use weir_policy::{
     compile::{CompileInput, compile},
     identity::IdentityAllocator,
-    model::{ClusterState, ObjectKey, parse_documents},
+    incremental::Incremental,
+    model::{ClusterState, Object, ObjectKey, parse_documents},
 };
 
 use super::stats::{Samples, ms};
@@ -81,7 +87,12 @@ fn remote_node(i: usize) -> usize {
 }
 
 fn remote_address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 200 + remote_node(i) as u8, (i / 250) as u8, (i % 250 + 2) as u8)
+    Ipv4Addr::new(
+        10,
+        200 + remote_node(i) as u8,
+        (i / 250) as u8,
+        (i % 250 + 2) as u8,
+    )
 }
 
 fn labels_of_group(g: usize) -> Value {
@@ -146,8 +157,10 @@ fn policy(j: usize, port_shift: usize) -> Value {
     ];
     if j.is_multiple_of(10) {
         let block = 100 + j % 100;
-        ingress.push(json!({"from": [{"ipBlock": {"cidr": format!("10.{block}.0.0/16"),
-            "except": [format!("10.{block}.1.0/24")]}}]}));
+        ingress.push(
+            json!({"from": [{"ipBlock": {"cidr": format!("10.{block}.0.0/16"),
+            "except": [format!("10.{block}.1.0/24")]}}]}),
+        );
     }
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{}", j % NAMESPACES)},
@@ -188,7 +201,9 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 fn manifest_files(probes: &[usize]) -> Vec<(String, String)> {
     let mut files = vec![("cluster.json".to_owned(), list(namespaces_and_nodes()))];
     for chunk in 0..PODS / PER_FILE {
-        let pods = (chunk * PER_FILE..(chunk + 1) * PER_FILE).map(pod).collect();
+        let pods = (chunk * PER_FILE..(chunk + 1) * PER_FILE)
+            .map(pod)
+            .collect();
         files.push((format!("pods-{chunk:02}.json"), list(pods)));
     }
     for chunk in 0..POLICIES / PER_FILE {
@@ -361,6 +376,74 @@ fn show(name: &str, samples: &Samples, goal: &str) {
     );
 }
 
+fn parsed(object: &Value) -> anyhow::Result<Object> {
+    parse_documents(&object.to_string(), "bench")
+        .into_iter()
+        .next()
+        .expect("one document")
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The same events in this process through the incremental compiler and the writer's
+/// partial writes (to unpinned maps): what the agent's reconcile task does per event, without
+/// the manifests directory in front of it.
+fn in_process_incremental(
+    files: &[(String, String)],
+    local: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+    probes: &[usize],
+    rounds: usize,
+) -> anyhow::Result<(Samples, Samples)> {
+    let mut input = CompileInput {
+        state: cluster_state(files)?,
+        node_name: NODE.to_owned(),
+        cluster_id: 0,
+        local_endpoints: local.clone(),
+    };
+    let mut ids = IdentityAllocator::default();
+    let mut ebpf = loader::load(None)?;
+    let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
+    let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids)?;
+    writer.apply(&desired_maps(&compiled, |_| Some(1), 0))?;
+    let (mut policies, mut pods) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let j = probes[r % probes.len()];
+        let object = parsed(&policy(j, 1 + r / probes.len()))?;
+        let started = Instant::now();
+        let key = ObjectKey::new(format!("ns{}", j % NAMESPACES), format!("pol{j}"));
+        input.state.apply(object);
+        let subjects = incremental
+            .policies_changed(&input, &[key], &mut ids, &mut compiled)
+            .ok_or_else(|| anyhow::anyhow!("a port change compiles in place"))?;
+        let desired = subjects
+            .iter()
+            .filter_map(|s| Some((*s, subject_state(compiled.subjects.get(s)?))))
+            .collect();
+        writer.apply_subjects(&desired)?;
+        policies.push(started.elapsed());
+
+        let mut object = pod(PODS + 1 + r * 10);
+        object["metadata"]["name"] = json!(format!("extra{r}"));
+        let key = ObjectKey::new(
+            namespace_of_group(group_of(PODS + 1 + r * 10)),
+            format!("extra{r}"),
+        );
+        let object = parsed(&object)?;
+        let started = Instant::now();
+        input.state.apply(object);
+        let changes = incremental
+            .pods_changed(&input, std::slice::from_ref(&key), &ids, &mut compiled)
+            .ok_or_else(|| anyhow::anyhow!("a pod with known labels is address-only"))?;
+        writer.apply_ipcache(&changes)?;
+        pods.push(started.elapsed());
+        input.state.pods.remove(&key);
+        let changes = incremental
+            .pods_changed(&input, &[key], &ids, &mut compiled)
+            .ok_or_else(|| anyhow::anyhow!("removing it is address-only too"))?;
+        writer.apply_ipcache(&changes)?;
+    }
+    Ok((Samples::new(policies), Samples::new(pods)))
+}
+
 /// The work one event cost before incremental compiles, in this process: a full compile of the
 /// whole state, the desired maps and the write of the difference (to unpinned maps).
 fn in_process_baseline(
@@ -409,10 +492,10 @@ fn in_process_baseline(
         let t2 = started.elapsed();
         writer.apply(&desired)?;
         let t3 = started.elapsed();
-        input
-            .state
-            .pods
-            .remove(&ObjectKey::new(namespace_of_group(group_of(PODS + 1)), format!("extra{r}")));
+        input.state.pods.remove(&ObjectKey::new(
+            namespace_of_group(group_of(PODS + 1)),
+            format!("extra{r}"),
+        ));
         (c_sum, d_sum, w_sum) = (c_sum + t1, d_sum + t2 - t1, w_sum + t3 - t2);
         samples.push(t3);
     }
@@ -449,7 +532,10 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     // Baseline: a file rewritten with the same objects.
     let mut noop = Vec::new();
     for r in 0..rounds {
-        let file = node.dirs.manifests.join(probe_file(probes[r % probes.len()]));
+        let file = node
+            .dirs
+            .manifests
+            .join(probe_file(probes[r % probes.len()]));
         noop.push(timed_noop(&node, &file)?);
     }
     // One policy changed: its port moves.
@@ -480,9 +566,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
                 .dirs
                 .manifests
                 .join(format!("pod-extra{r}-{fresh}.json"));
-            let add = timed_change(&node, &probe, || {
-                write_atomic(&file, &object.to_string())
-            })?;
+            let add = timed_change(&node, &probe, || write_atomic(&file, &object.to_string()))?;
             let del = timed_change(&node, &probe, || Ok(std::fs::remove_file(&file)?))?;
             if fresh {
                 new_add.push(add);
@@ -509,7 +593,9 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     let existing_del = Samples::new(existing_del);
     let new_add = Samples::new(new_add);
     let new_del = Samples::new(new_del);
-    println!("  from the file written to the maps written (WEIR_CONFIG generation through its pin):");
+    println!(
+        "  from the file written to the maps written (WEIR_CONFIG generation through its pin):"
+    );
     show(
         "baseline: a file rewritten, same objects (until applied)",
         &noop,
@@ -521,7 +607,11 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         &existing_add,
         "(goal p99 <= 20 ms)",
     );
-    show("one remote pod removed, existing label set", &existing_del, "");
+    show(
+        "one remote pod removed, existing label set",
+        &existing_del,
+        "",
+    );
     show("one remote pod added, new label set", &new_add, "");
     show("one remote pod removed, new label set", &new_del, "");
     let floor = noop.percentile(50.0).as_secs_f64().max(1e-6);
@@ -540,11 +630,22 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     drop(node);
 
     let baseline = in_process_baseline(&files, &local, rounds.min(20))?;
+    let (policy_inc, pod_inc) = in_process_incremental(&files, &local, &probes, rounds)?;
+    let full = baseline.percentile(50.0).as_secs_f64().max(1e-6);
     println!(
-        "  full recompile per event p50 {} : remote pod (existing labels) through the agent is {:.2}x of it",
+        "  in this process, incremental compile + partial write: one policy changed p50 {} p99 {} ({:.3}x the full recompile), one remote pod added p50 {} p99 {} ({:.3}x)",
+        ms(policy_inc.percentile(50.0)),
+        ms(policy_inc.percentile(99.0)),
+        policy_inc.percentile(50.0).as_secs_f64() / full,
+        ms(pod_inc.percentile(50.0)),
+        ms(pod_inc.percentile(99.0)),
+        pod_inc.percentile(50.0).as_secs_f64() / full,
+    );
+    println!(
+        "  through the agent against the full recompile per event (p50 {}): policy {:.3}x, remote pod (existing labels) {:.3}x",
         ms(baseline.percentile(50.0)),
-        existing_add.percentile(50.0).as_secs_f64()
-            / baseline.percentile(50.0).as_secs_f64().max(1e-6)
+        policy_changes.percentile(50.0).as_secs_f64() / full,
+        existing_add.percentile(50.0).as_secs_f64() / full
     );
     println!(
         "scale: policy_p99 {:.2} ms, remote_pod_p99 {:.2} ms, rss {:.1} MiB, idle_cpu {:.2} %",
@@ -555,4 +656,3 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
