@@ -13,6 +13,7 @@
 pub mod mesh;
 pub mod probe;
 pub mod servers;
+pub mod shared;
 pub mod state;
 pub mod topology;
 pub mod wan_capture;
@@ -135,6 +136,17 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
         bail!("a lab name is 1 to 12 characters of a-z and 0-9, not {name:?}");
     }
     Ok(())
+}
+
+/// A lab name of this process: `tag` (1 to 5 characters of a-z and 0-9) and the pid, so that
+/// two test runs at once (two checkouts, two suites) never take each other's lab down. Tests
+/// name their labs with it; `cargo xtask lab up --name` is for people.
+pub fn process_name(tag: &str) -> String {
+    let name = format!("{tag}{}", std::process::id());
+    if let Err(e) = validate_name(&name) {
+        panic!("lab tag {tag:?}: {e:#}");
+    }
+    name
 }
 
 impl Lab {
@@ -519,6 +531,12 @@ impl Lab {
             .get(pod)
             .with_context(|| format!("no pod {pod} in lab {}", self.state.name))?;
         Ok(record.ips.first().context("pod without address")?.parse()?)
+    }
+
+    /// A CIDR covering every pod address of the lab (the nodes' pod CIDRs are
+    /// 10.<index>.<node>.0/24), for an ipBlock that takes in all its pods.
+    pub fn pods_supernet(&self) -> String {
+        format!("10.{}.0.0/16", self.state.index)
     }
 
     pub fn pods(&self) -> Vec<String> {
