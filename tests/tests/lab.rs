@@ -109,6 +109,7 @@ fn lab_plumbing_without_agent_routes_between_nodes() {
     let options = ProbeOptions {
         timeout: Duration::from_millis(500),
         udp_attempts: 2,
+        retry_within: None,
     };
     let matrix = probe::probe(&endpoints, &targets, |_, _| options);
     println!("{}", matrix.render(None));

@@ -108,6 +108,9 @@ pub struct ProbeSpec {
     /// Timeout for cells expected to be denied (by [`Lab::probe_until`]'s expectations): a
     /// local connection that is allowed answers in well under a millisecond.
     pub denied_timeout: Option<Duration>,
+    /// Cells expected to be allowed are probed again after a miss until they answer or this
+    /// passes (see [`ProbeOptions::retry_within`]); cells expected to be denied, once.
+    pub allowed_within: Option<Duration>,
 }
 
 /// A running lab. Dropping it takes it down, unless it was [`Lab::open`]ed or [`Lab::keep`]t.
@@ -574,10 +577,10 @@ impl Lab {
         }
         let options = |from: &str, to: &Target| {
             let mut o = spec.options;
-            if let (Some(short), Some(e)) = (spec.denied_timeout, expect)
-                && e.get(from, to) == Some(false)
-            {
-                o.timeout = short;
+            match expect.and_then(|e| e.get(from, to)) {
+                Some(false) => o.timeout = spec.denied_timeout.unwrap_or(o.timeout),
+                Some(true) => o.retry_within = spec.allowed_within,
+                None => {}
             }
             o
         };

@@ -146,15 +146,18 @@ extern "C" fn take_down_labs() {
 }
 
 /// The probe of a truth table: one connection (or two UDP datagrams) a cell, the cells the
-/// expectations deny with a short timeout (an allowed local connection answers in well under it).
+/// expectations deny with a short timeout (an allowed local connection answers in well under
+/// it), those they allow again after a miss within a bound (for failures only).
 fn truth_table_probe(port: u16, proto: Proto) -> ProbeSpec {
     ProbeSpec {
         ports: Some(vec![(port, proto)]),
         options: ProbeOptions {
             timeout: Duration::from_millis(1000),
             udp_attempts: 2,
+            retry_within: None,
         },
         denied_timeout: Some(Duration::from_millis(250)),
+        allowed_within: Some(Duration::from_secs(5)),
         ..ProbeSpec::default()
     }
 }
