@@ -96,6 +96,7 @@ pub mod cidr;
 pub mod compile;
 pub mod explain;
 pub mod identity;
+pub mod matrix;
 pub mod model;
 pub mod names;
 pub mod output;
