@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use weir_tests::tcp::{PORT, connects, serve};
+use weir_tests::tcp::{PORT, connects, eventually_connects, serve};
 use weir_tests::{
     agent::{Agent, bin, flows},
     netns::Netns,
@@ -53,10 +53,9 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     let (client_ip, intruder_ip, server_ip) = (ips[0], ips[1], ips[2]);
     serve(netns[2], server_ip);
     serve(netns[1], intruder_ip);
-    eventually(
-        "the client reaches the server on the other node",
-        Duration::from_secs(10),
-        || connects(netns[0], server_ip),
+    assert!(
+        eventually_connects(netns[0], server_ip),
+        "the client reaches the server on the other node"
     );
 
     std::fs::write(
@@ -70,7 +69,10 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         Duration::from_secs(10),
         || !connects(netns[1], server_ip),
     );
-    assert!(connects(netns[0], server_ip), "the client is still allowed");
+    assert!(
+        eventually_connects(netns[0], server_ip),
+        "the client is still allowed"
+    );
     // The drop happened at XDP on n2's uplink, and is explained.
     let intruder = intruder_ip.to_string();
     eventually(
@@ -103,7 +105,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     // The server may open connections to the intruder: their replies pass n2's XDP although the
     // server's ingress denies the intruder.
     assert!(
-        connects(netns[2], intruder_ip),
+        eventually_connects(netns[2], intruder_ip),
         "the reply of a connection the server opened was dropped"
     );
 
@@ -137,10 +139,9 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         "a bad deny list file opened traffic"
     );
     std::fs::write(&deny, "").unwrap();
-    eventually(
-        "the client is let through again",
-        Duration::from_secs(10),
-        || connects(netns[0], server_ip),
+    assert!(
+        eventually_connects(netns[0], server_ip),
+        "the client is let through again"
     );
 
     // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
@@ -167,7 +168,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         "the intruder got in after the restart"
     );
     assert!(
-        connects(netns[0], server_ip),
+        eventually_connects(netns[0], server_ip),
         "the client is denied after the restart"
     );
 

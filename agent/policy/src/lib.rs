@@ -97,6 +97,7 @@ pub mod compile;
 pub mod explain;
 pub mod identity;
 pub mod incremental;
+pub mod matrix;
 pub mod model;
 pub mod names;
 pub mod output;
