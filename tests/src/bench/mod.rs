@@ -10,4 +10,6 @@ pub mod propagation;
 pub mod stats;
 pub mod traffic;
 pub mod traffic_agent;
+pub mod traffic_bpf_stats;
 pub mod xdp;
+pub mod xdp_frames;

@@ -1,13 +1,22 @@
 //! Drop rate of a flood of denied packets from another node, at a pod whose policy denies the
-//! sender: with `weir_xdp` on the node's uplink, with Weir's tc programs only (the drop happens at
-//! `weir_to_pod`, after the node routed the packet), and with an iptables `raw` PREROUTING drop
-//! rule. Per case: packets dropped per second, the machine's CPU time per dropped packet (all
-//! CPUs, sender included: its share is the same in every case), and the UDP round-trip latency
-//! of an allowed flow from the same node during the flood.
+//! sender, and the CPU it costs: with `weir_xdp` on the node's uplink, with Weir's tc programs only
+//! (the drop happens at `weir_to_pod`, after the node routed the packet), and with an iptables
+//! `raw` PREROUTING drop rule. Two senders:
+//!
+//! - a UDP socket in the remote node (as the lab's traffic arrives): the sender's kernel builds
+//!   the skb before the uplink sees it, so XDP can save only the node's routing and tc hook;
+//! - XDP frames from the kernel's live-frames generator (`xdp_frames`), as from a NIC driver with
+//!   native XDP: no skb exists until the node builds one, which `weir_xdp` avoids for what it
+//!   drops.
+//!
+//! Per case: packets dropped per second, the CPU of the whole machine (every CPU, the sender
+//! included, which does the same work in every case of one sender) and of softirq processing
+//! (where the uplink's receive path runs) from /proc/stat, drops per CPU-second of each, and the
+//! request/response rate and latency of an allowed UDP flow from the same node during the flood
+//! against the same flow without a flood. The cases run in turn, several rounds over; each case
+//! reports its round with the median drops per machine CPU-second.
 //!
 //! Topology: remote node ns ── veth (`uplink` on the node) ── node ns ── veth ── server pod ns.
-//! The uplink is a veth, as in the lab: the sender's kernel built the skb already, so XDP saves
-//! the node's routing and the tc hook, not the skb allocation a physical NIC's driver would.
 
 use std::{
     fs::File,
@@ -230,58 +239,174 @@ fn allowed_rr(remote: &Netns, secs: u64) -> thread::JoinHandle<Vec<Duration>> {
     })
 }
 
+/// Where the flood comes from.
 #[derive(Clone, Copy, PartialEq)]
-enum Case {
+enum Sender {
+    /// A UDP socket in the remote node: skbs built by the sender's kernel.
+    Socket,
+    /// The kernel's live-frames generator: XDP frames, no skb (`xdp_frames`).
+    Frames,
+}
+
+/// What drops the flood.
+#[derive(Clone, Copy, PartialEq)]
+enum Filter {
     Xdp,
     TcOnly,
     IptablesRaw,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    /// No flood, Weir with XDP on the uplink: the allowed flow's baseline.
+    NoFlood,
+    Flood(Sender, Filter),
+}
+
 impl Case {
-    fn name(self) -> &'static str {
-        match self {
-            Case::Xdp => "weir, XDP on the uplink",
-            Case::TcOnly => "weir, tc only",
-            Case::IptablesRaw => "iptables raw DROP",
-        }
+    fn name(self) -> String {
+        let (sender, filter) = match self {
+            Case::NoFlood => return "no flood (weir, XDP)".to_owned(),
+            Case::Flood(sender, filter) => (sender, filter),
+        };
+        let sender = match sender {
+            Sender::Socket => "socket",
+            Sender::Frames => "xdp frames",
+        };
+        let filter = match filter {
+            Filter::Xdp => "weir, XDP on the uplink",
+            Filter::TcOnly => "weir, tc only",
+            Filter::IptablesRaw => "iptables raw DROP",
+        };
+        format!("{sender}: {filter}")
     }
+}
+
+/// Softirq time of the whole machine so far (/proc/stat, all CPUs), where the uplink's receive
+/// path runs: in the sender's context when it enables bottom halves, or in ksoftirqd.
+fn softirq_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(7)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// The MAC address of `dev` in `netns`.
+fn mac(netns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let out = netns.ip(&["-o", "link", "show", "dev", dev]);
+    let text = out
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .ok_or_else(|| anyhow::anyhow!("no MAC address for {dev}: {out}"))?;
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+/// The flood's frame as the remote node would send it to the node: to the uplink's MAC, from
+/// the flooder to the server's flood port, 64 bytes, with a valid IPv4 checksum (the node's stack
+/// checks it before it routes).
+fn flood_frame(t: &Topology) -> anyhow::Result<Vec<u8>> {
+    let mut frame = crate::packet::with_ipv4_checksum(crate::packet::frame(
+        FLOODER.parse()?,
+        SERVER.parse()?,
+        PROTO_UDP,
+        &crate::packet::udp_datagram(40000, FLOOD_PORT, &[0; 22]),
+    ));
+    frame[..6].copy_from_slice(&mac(&t.node, "uplink")?);
+    frame[6..12].copy_from_slice(&mac(&t.remote, "eth0")?);
+    Ok(frame)
+}
+
+/// Floods the server with XDP frames from the remote node for `secs`; returns the frames sent.
+fn flood_frames(t: &Topology, frame: Vec<u8>, secs: u64) -> thread::JoinHandle<u64> {
+    spawn_in(t.remote.path(), move || {
+        let ifindex = nix::net::if_::if_nametoindex("eth0").expect("the remote's eth0");
+        super::xdp_frames::generate(ifindex, &frame, secs).expect("the XDP frame generator")
+    })
 }
 
 struct Measured {
     sent: u64,
     dropped: u64,
     elapsed: Duration,
+    /// Busy CPU of the whole machine.
     cpu: Duration,
+    softirq: Duration,
     allowed: Vec<Duration>,
 }
 
-fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
+impl Measured {
+    fn secs(&self) -> f64 {
+        self.elapsed.as_secs_f64()
+    }
+    fn drop_rate(&self) -> f64 {
+        self.dropped as f64 / self.secs()
+    }
+    fn per_cpu_second(&self, cpu: Duration) -> f64 {
+        self.dropped as f64 / cpu.as_secs_f64().max(1e-3)
+    }
+    fn allowed_rate(&self) -> f64 {
+        self.allowed.len() as f64 / self.secs()
+    }
+}
+
+fn measure(t: &Topology, case: Case, frame: &[u8], secs: u64) -> anyhow::Result<Measured> {
+    // Frames reach the uplink only while it runs NAPI, i.e. has an XDP program.
+    let pass = match case {
+        Case::Flood(Sender::Frames, Filter::TcOnly | Filter::IptablesRaw) => {
+            Some(super::xdp_frames::PassProgram::attach(&t.node, "uplink")?)
+        }
+        _ => None,
+    };
     let weir = match case {
-        Case::Xdp => Some(weir(&t.node, true)?),
-        Case::TcOnly => Some(weir(&t.node, false)?),
-        Case::IptablesRaw => {
+        Case::NoFlood | Case::Flood(_, Filter::Xdp) => Some(weir(&t.node, true)?),
+        Case::Flood(_, Filter::TcOnly) => Some(weir(&t.node, false)?),
+        Case::Flood(_, Filter::IptablesRaw) => {
             iptables_raw(&t.node, "-A")?;
             None
         }
     };
     let dropped = |w: &Option<Weir>| match (case, w) {
-        (Case::Xdp, Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
-        (Case::TcOnly, Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
+        (Case::NoFlood, _) => 0,
+        (Case::Flood(_, Filter::Xdp), Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
+        (Case::Flood(_, Filter::TcOnly), Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
         _ => iptables_raw_dropped(&t.node),
     };
     let before = dropped(&weir);
-    let (cpu_before, started) = (CpuTime::machine(), Instant::now());
-    let flooder = flood(&t.remote, secs);
+    let (cpu_before, softirq_before, started) =
+        (CpuTime::machine(), softirq_time(), Instant::now());
+    let flooder = match case {
+        Case::NoFlood => None,
+        Case::Flood(Sender::Socket, _) => Some(flood(&t.remote, secs)),
+        Case::Flood(Sender::Frames, _) => Some(flood_frames(t, frame.to_vec(), secs)),
+    };
     let allowed = allowed_rr(&t.remote, secs);
-    let sent = flooder.join().expect("flooder panicked");
+    let sent = match flooder {
+        Some(f) => f.join().expect("flooder panicked"),
+        None => 0,
+    };
     let allowed = allowed.join().expect("allowed client panicked");
-    let (elapsed, cpu) = (
+    let (elapsed, cpu, softirq) = (
         started.elapsed(),
         CpuTime::machine().since(cpu_before).total(),
+        softirq_time().saturating_sub(softirq_before),
     );
     let dropped = dropped(&weir) - before;
     drop(weir);
-    if case == Case::IptablesRaw {
+    drop(pass);
+    if matches!(case, Case::Flood(_, Filter::IptablesRaw)) {
         iptables_raw(&t.node, "-D")?;
     }
     Ok(Measured {
@@ -289,53 +414,102 @@ fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
         dropped,
         elapsed,
         cpu,
+        softirq,
         allowed,
     })
 }
 
 const ROUNDS: usize = 3;
-const CASES: [Case; 3] = [Case::TcOnly, Case::Xdp, Case::IptablesRaw];
+const CASES: [Case; 7] = [
+    Case::NoFlood,
+    Case::Flood(Sender::Socket, Filter::TcOnly),
+    Case::Flood(Sender::Socket, Filter::Xdp),
+    Case::Flood(Sender::Socket, Filter::IptablesRaw),
+    Case::Flood(Sender::Frames, Filter::TcOnly),
+    Case::Flood(Sender::Frames, Filter::Xdp),
+    Case::Flood(Sender::Frames, Filter::IptablesRaw),
+];
 
 pub fn run(secs: u64) -> anyhow::Result<()> {
     let t = topology();
     start_echo(&t.server);
+    let frame = flood_frame(&t)?;
     println!(
-        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node:"
+        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node; CPU from /proc/stat (all CPUs; softirq: the receive path):"
     );
     let mut results: Vec<Vec<Measured>> = CASES.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
         for (i, case) in CASES.iter().enumerate() {
-            results[i].push(measure(&t, *case, secs)?);
+            results[i].push(measure(&t, *case, &frame, secs)?);
         }
     }
-    // Per case: the round with the median drop rate, and the allowed flow's pooled samples.
+    // Per case: the round with the median drops per machine CPU-second, and the allowed flow's
+    // pooled samples and median rate.
+    struct Row {
+        case: Case,
+        m: Measured,
+        allowed_rate: f64,
+        allowed_p50: Duration,
+    }
     let mut rows = Vec::new();
     for (case, mut rounds) in CASES.iter().zip(results) {
-        let rate = |m: &Measured| m.dropped as f64 / m.elapsed.as_secs_f64();
-        rounds.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+        let mut allowed_rates: Vec<f64> = rounds.iter().map(Measured::allowed_rate).collect();
+        allowed_rates.sort_by(f64::total_cmp);
         let allowed = Samples::new(rounds.iter().flat_map(|m| m.allowed.clone()).collect());
-        let m = &rounds[rounds.len() / 2];
-        let cpu_ns = m.cpu.as_nanos() as f64 / m.dropped.max(1) as f64;
+        rounds.sort_by(|a, b| a.per_cpu_second(a.cpu).total_cmp(&b.per_cpu_second(b.cpu)));
+        let m = rounds.swap_remove(rounds.len() / 2);
+        let row = Row {
+            case: *case,
+            allowed_rate: allowed_rates[allowed_rates.len() / 2],
+            allowed_p50: allowed.percentile(50.0),
+            m,
+        };
+        let m = &row.m;
         println!(
-            "  {:<26} dropped {:>9.0} pps of {:>9.0} sent   machine CPU {:>6.0} ns per dropped packet   allowed rr p50 {:>9} p99 {:>9}",
+            "  {:<34} dropped {:>9.0} pps of {:>9.0} sent   CPU {:>4.2} cores (softirq {:>4.2})   drops per CPU-second {:>9.0} (per softirq CPU-second {:>9.0})   allowed {:>6.0} rr/s p50 {:>9} p99 {:>9}",
             case.name(),
-            rate(m),
-            m.sent as f64 / m.elapsed.as_secs_f64(),
-            cpu_ns,
-            us(allowed.percentile(50.0)),
+            m.drop_rate(),
+            m.sent as f64 / m.secs(),
+            m.cpu.as_secs_f64() / m.secs(),
+            m.softirq.as_secs_f64() / m.secs(),
+            m.per_cpu_second(m.cpu),
+            m.per_cpu_second(m.softirq),
+            row.allowed_rate,
+            us(row.allowed_p50),
             us(allowed.percentile(99.0)),
         );
-        rows.push((case.name(), rate(m), cpu_ns, allowed.percentile(50.0)));
+        rows.push(row);
     }
-    let (_, base_rate, base_cpu, base_p50) = rows[0];
-    println!("ratios against weir, tc only (goal: XDP drop rate >= 3x at equal CPU):");
-    for (name, rate, cpu, p50) in &rows[1..] {
+    let quiet = &rows[0];
+    println!(
+        "ratios against weir, tc only, with the same sender (goal: XDP drops >= 3x per CPU-second, allowed traffic unaffected); allowed flow against no flood:"
+    );
+    for sender in [Sender::Socket, Sender::Frames] {
+        let Some(tc) = rows
+            .iter()
+            .find(|r| r.case == Case::Flood(sender, Filter::TcOnly))
+        else {
+            continue;
+        };
         println!(
-            "  {name:<26} drop rate {:.2}x   CPU per dropped packet {:.2}x   allowed rr p50 {:.2}x",
-            rate / base_rate,
-            cpu / base_cpu,
-            p50.as_secs_f64() / base_p50.as_secs_f64()
+            "  {:<34} allowed rr/s {:.2}x",
+            tc.case.name(),
+            tc.allowed_rate / quiet.allowed_rate
         );
+        for filter in [Filter::Xdp, Filter::IptablesRaw] {
+            let Some(r) = rows.iter().find(|r| r.case == Case::Flood(sender, filter)) else {
+                continue;
+            };
+            println!(
+                "  {:<34} drops per CPU-second {:.2}x (per softirq CPU-second {:.2}x)   drop rate {:.2}x   allowed rr/s {:.2}x, p50 {:.2}x",
+                r.case.name(),
+                r.m.per_cpu_second(r.m.cpu) / tc.m.per_cpu_second(tc.m.cpu),
+                r.m.per_cpu_second(r.m.softirq) / tc.m.per_cpu_second(tc.m.softirq),
+                r.m.drop_rate() / tc.m.drop_rate(),
+                r.allowed_rate / quiet.allowed_rate,
+                r.allowed_p50.as_secs_f64() / quiet.allowed_p50.as_secs_f64(),
+            );
+        }
     }
     Ok(())
 }
