@@ -5,15 +5,22 @@
 //!
 //! - a UDP socket in the remote node (as the lab's traffic arrives): the sender's kernel builds
 //!   the skb before the uplink sees it, so XDP can save only the node's routing and tc hook;
-//! - XDP frames from the kernel's live-frames generator (`xdp_frames`), as from a NIC driver with
-//!   native XDP: no skb exists until the node builds one, which `weir_xdp` avoids for what it
-//!   drops.
+//! - the same socket's packets redirected by XDP inside the remote node (`xdp_frames`), so they
+//!   reach the node's uplink as XDP frames, as from a NIC driver with native XDP: no skb exists
+//!   on the node until it builds one, which `weir_xdp` avoids for what it drops.
 //!
-//! Per case: packets dropped per second, the CPU of the whole machine (every CPU, the sender
-//! included, which does the same work in every case of one sender) and of softirq processing
-//! (where the uplink's receive path runs) from /proc/stat, drops per CPU-second of each, and the
-//! request/response rate and latency of an allowed UDP flow from the same node during the flood
-//! against the same flow without a flood. The cases run in turn, several rounds over; each case
+//! A third filter, `XDP_DROP` of everything on the uplink, is the floor: the sender's cost and the
+//! least possible receive work. Each case's CPU per dropped packet above the floor is the node's
+//! share, and the XDP filter's goal is about that share. (With the socket sender the floor also
+//! pays for the veth turning each skb into an XDP buffer, which the tc-only path without an XDP
+//! program does not: there the node's share of tc is understated.)
+//!
+//! Per case: packets dropped per second, the CPU the flood cost (the flooder thread, whose sends
+//! run the uplink's receive path in their context when they re-enable bottom halves, plus the
+//! ksoftirqd threads, where the rest of it is deferred; the sender's own share is the same in
+//! every case of one sender, so the machine's other load does not count), drops per CPU-second,
+//! and the request/response rate and latency of an allowed UDP flow from the same node during the
+//! flood against the same flow without a flood. The cases run in turn, several rounds over; each case
 //! reports its round with the median drops per machine CPU-second.
 //!
 //! Topology: remote node ns ── veth (`uplink` on the node) ── node ns ── veth ── server pod ns.
@@ -21,7 +28,7 @@
 use std::{
     fs::File,
     net::UdpSocket,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -35,7 +42,10 @@ use weir_common::{
     SUBJECT_ISOLATED_INGRESS,
 };
 
-use super::stats::{Samples, us};
+use super::{
+    stats::{Samples, us},
+    xdp_frames::{GEN_DEVICE, RedirectHop, XdpLink},
+};
 use crate::{
     cpu::CpuTime,
     netns::{Netns, spawn_in},
@@ -200,12 +210,62 @@ fn start_echo(server: &Netns) {
     ready_rx.recv().expect("echo server did not start");
 }
 
-/// Floods the server from the flooder's address for `secs`; returns the packets sent.
-fn flood(remote: &Netns, secs: u64) -> thread::JoinHandle<u64> {
+/// Floods the server from the flooder's address for `secs`, out of `device` if given (else as
+/// routed); returns the packets sent.
+/// The calling thread's CPU time (user and system; system includes the softirq work the kernel
+/// does in its context when it re-enables bottom halves after a send).
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+        u
+    };
+    let t =
+        |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// CPU time of the ksoftirqd threads so far: the softirq work deferred out of the senders'
+/// context.
+fn ksoftirqd_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .map(|pid| CpuTime::of_process(pid).total())
+        .sum()
+}
+
+fn flood(
+    remote: &Netns,
+    device: Option<&'static str>,
+    secs: u64,
+) -> thread::JoinHandle<(u64, Duration)> {
     spawn_in(remote.path(), move || {
         let sock = UdpSocket::bind((FLOODER, 0)).expect("binding the flooder");
+        if let Some(device) = device {
+            // SAFETY: the option value is `device`'s bytes, of the length passed.
+            let ret = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    device.as_ptr().cast(),
+                    device.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(ret, 0, "binding the flooder to {device}");
+        }
         sock.connect((SERVER, FLOOD_PORT)).expect("connecting");
         let msg = [0u8; 64];
+        let cpu_before = thread_cpu();
         let until = Instant::now() + Duration::from_secs(secs);
         let mut sent = 0u64;
         while Instant::now() < until {
@@ -215,7 +275,7 @@ fn flood(remote: &Netns, secs: u64) -> thread::JoinHandle<u64> {
                 }
             }
         }
-        sent
+        (sent, thread_cpu().saturating_sub(cpu_before))
     })
 }
 
@@ -244,13 +304,17 @@ fn allowed_rr(remote: &Netns, secs: u64) -> thread::JoinHandle<Vec<Duration>> {
 enum Sender {
     /// A UDP socket in the remote node: skbs built by the sender's kernel.
     Socket,
-    /// The kernel's live-frames generator: XDP frames, no skb (`xdp_frames`).
+    /// The same socket through an XDP redirect in the remote node: the uplink receives XDP
+    /// frames, no skb (`xdp_frames`).
     Frames,
 }
 
 /// What drops the flood.
 #[derive(Clone, Copy, PartialEq)]
 enum Filter {
+    /// `XDP_DROP` of everything on the uplink (two instructions): the floor, what the sender and
+    /// the least possible receive work cost, subtracted from the others to get the node's share.
+    Floor,
     Xdp,
     TcOnly,
     IptablesRaw,
@@ -277,73 +341,30 @@ impl Case {
             Filter::Xdp => "weir, XDP on the uplink",
             Filter::TcOnly => "weir, tc only",
             Filter::IptablesRaw => "iptables raw DROP",
+            Filter::Floor => "XDP_DROP all (floor)",
         };
         format!("{sender}: {filter}")
     }
 }
 
-/// Softirq time of the whole machine so far (/proc/stat, all CPUs), where the uplink's receive
-/// path runs: in the sender's context when it enables bottom halves, or in ksoftirqd.
-fn softirq_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .nth(7)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
-
-/// The MAC address of `dev` in `netns`.
-fn mac(netns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+/// The MAC address of `dev` in `netns`, as `ip` prints it.
+fn mac(netns: &Netns, dev: &str) -> anyhow::Result<String> {
     let out = netns.ip(&["-o", "link", "show", "dev", dev]);
-    let text = out
-        .split("link/ether ")
+    out.split("link/ether ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
-        .ok_or_else(|| anyhow::anyhow!("no MAC address for {dev}: {out}"))?;
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16)?;
-    }
-    Ok(mac)
-}
-
-/// The flood's frame as the remote node would send it to the node: to the uplink's MAC, from
-/// the flooder to the server's flood port, 64 bytes, with a valid IPv4 checksum (the node's stack
-/// checks it before it routes).
-fn flood_frame(t: &Topology) -> anyhow::Result<Vec<u8>> {
-    let mut frame = crate::packet::with_ipv4_checksum(crate::packet::frame(
-        FLOODER.parse()?,
-        SERVER.parse()?,
-        PROTO_UDP,
-        &crate::packet::udp_datagram(40000, FLOOD_PORT, &[0; 22]),
-    ));
-    frame[..6].copy_from_slice(&mac(&t.node, "uplink")?);
-    frame[6..12].copy_from_slice(&mac(&t.remote, "eth0")?);
-    Ok(frame)
-}
-
-/// Floods the server with XDP frames from the remote node for `secs`; returns the frames sent.
-fn flood_frames(t: &Topology, frame: Vec<u8>, secs: u64) -> thread::JoinHandle<u64> {
-    spawn_in(t.remote.path(), move || {
-        let ifindex = nix::net::if_::if_nametoindex("eth0").expect("the remote's eth0");
-        super::xdp_frames::generate(ifindex, &frame, secs).expect("the XDP frame generator")
-    })
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no MAC address for {dev}: {out}"))
 }
 
 struct Measured {
     sent: u64,
     dropped: u64,
     elapsed: Duration,
-    /// Busy CPU of the whole machine.
-    cpu: Duration,
-    softirq: Duration,
+    /// The flooder thread's CPU (sending, and the receive path the kernel runs in its context).
+    sender: Duration,
+    /// The ksoftirqd threads' CPU (the receive path deferred out of the senders' context).
+    ksoftirqd: Duration,
     allowed: Vec<Duration>,
 }
 
@@ -354,20 +375,29 @@ impl Measured {
     fn drop_rate(&self) -> f64 {
         self.dropped as f64 / self.secs()
     }
-    fn per_cpu_second(&self, cpu: Duration) -> f64 {
-        self.dropped as f64 / cpu.as_secs_f64().max(1e-3)
+    /// The CPU the flood cost: its sender and ksoftirqd.
+    fn cpu(&self) -> Duration {
+        self.sender + self.ksoftirqd
+    }
+    fn per_cpu_second(&self) -> f64 {
+        self.dropped as f64 / self.cpu().as_secs_f64().max(1e-3)
+    }
+    /// CPU per dropped packet, in ns.
+    fn cpu_ns(&self) -> f64 {
+        self.cpu().as_nanos() as f64 / self.dropped.max(1) as f64
     }
     fn allowed_rate(&self) -> f64 {
         self.allowed.len() as f64 / self.secs()
     }
 }
 
-fn measure(t: &Topology, case: Case, frame: &[u8], secs: u64) -> anyhow::Result<Measured> {
+fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
     // Frames reach the uplink only while it runs NAPI, i.e. has an XDP program.
     let pass = match case {
         Case::Flood(Sender::Frames, Filter::TcOnly | Filter::IptablesRaw) => {
-            Some(super::xdp_frames::PassProgram::attach(&t.node, "uplink")?)
+            Some(XdpLink::pass(&t.node, "uplink")?)
         }
+        Case::Flood(_, Filter::Floor) => Some(XdpLink::drop_all(&t.node, "uplink")?),
         _ => None,
     };
     let weir = match case {
@@ -377,33 +407,36 @@ fn measure(t: &Topology, case: Case, frame: &[u8], secs: u64) -> anyhow::Result<
             iptables_raw(&t.node, "-A")?;
             None
         }
+        Case::Flood(_, Filter::Floor) => None,
     };
     let dropped = |w: &Option<Weir>| match (case, w) {
-        (Case::NoFlood, _) => 0,
+        // Counted below: everything sent.
+        (Case::NoFlood | Case::Flood(_, Filter::Floor), _) => 0,
         (Case::Flood(_, Filter::Xdp), Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
         (Case::Flood(_, Filter::TcOnly), Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
         _ => iptables_raw_dropped(&t.node),
     };
     let before = dropped(&weir);
-    let (cpu_before, softirq_before, started) =
-        (CpuTime::machine(), softirq_time(), Instant::now());
+    let (ksoftirqd_before, started) = (ksoftirqd_cpu(), Instant::now());
     let flooder = match case {
         Case::NoFlood => None,
-        Case::Flood(Sender::Socket, _) => Some(flood(&t.remote, secs)),
-        Case::Flood(Sender::Frames, _) => Some(flood_frames(t, frame.to_vec(), secs)),
+        Case::Flood(Sender::Socket, _) => Some(flood(&t.remote, None, secs)),
+        Case::Flood(Sender::Frames, _) => Some(flood(&t.remote, Some(GEN_DEVICE), secs)),
     };
     let allowed = allowed_rr(&t.remote, secs);
-    let sent = match flooder {
+    let (sent, sender) = match flooder {
         Some(f) => f.join().expect("flooder panicked"),
-        None => 0,
+        None => (0, Duration::ZERO),
     };
     let allowed = allowed.join().expect("allowed client panicked");
-    let (elapsed, cpu, softirq) = (
+    let (elapsed, ksoftirqd) = (
         started.elapsed(),
-        CpuTime::machine().since(cpu_before).total(),
-        softirq_time().saturating_sub(softirq_before),
+        ksoftirqd_cpu().saturating_sub(ksoftirqd_before),
     );
-    let dropped = dropped(&weir) - before;
+    let dropped = match case {
+        Case::Flood(_, Filter::Floor) => sent,
+        _ => dropped(&weir) - before,
+    };
     drop(weir);
     drop(pass);
     if matches!(case, Case::Flood(_, Filter::IptablesRaw)) {
@@ -413,18 +446,20 @@ fn measure(t: &Topology, case: Case, frame: &[u8], secs: u64) -> anyhow::Result<
         sent,
         dropped,
         elapsed,
-        cpu,
-        softirq,
+        sender,
+        ksoftirqd,
         allowed,
     })
 }
 
 const ROUNDS: usize = 3;
-const CASES: [Case; 7] = [
+const CASES: [Case; 9] = [
     Case::NoFlood,
+    Case::Flood(Sender::Socket, Filter::Floor),
     Case::Flood(Sender::Socket, Filter::TcOnly),
     Case::Flood(Sender::Socket, Filter::Xdp),
     Case::Flood(Sender::Socket, Filter::IptablesRaw),
+    Case::Flood(Sender::Frames, Filter::Floor),
     Case::Flood(Sender::Frames, Filter::TcOnly),
     Case::Flood(Sender::Frames, Filter::Xdp),
     Case::Flood(Sender::Frames, Filter::IptablesRaw),
@@ -433,14 +468,14 @@ const CASES: [Case; 7] = [
 pub fn run(secs: u64) -> anyhow::Result<()> {
     let t = topology();
     start_echo(&t.server);
-    let frame = flood_frame(&t)?;
+    let _hop = RedirectHop::new(&t.remote, &mac(&t.node, "uplink")?, "10.78.2.0/24")?;
     println!(
-        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node; CPU from /proc/stat (all CPUs; softirq: the receive path):"
+        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node; CPU: the flooder thread (its sends and the receive path run in its context) and ksoftirqd (the receive path deferred), from the kernel's per-thread accounting:"
     );
     let mut results: Vec<Vec<Measured>> = CASES.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
         for (i, case) in CASES.iter().enumerate() {
-            results[i].push(measure(&t, *case, &frame, secs)?);
+            results[i].push(measure(&t, *case, secs)?);
         }
     }
     // Per case: the round with the median drops per machine CPU-second, and the allowed flow's
@@ -456,7 +491,7 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
         let mut allowed_rates: Vec<f64> = rounds.iter().map(Measured::allowed_rate).collect();
         allowed_rates.sort_by(f64::total_cmp);
         let allowed = Samples::new(rounds.iter().flat_map(|m| m.allowed.clone()).collect());
-        rounds.sort_by(|a, b| a.per_cpu_second(a.cpu).total_cmp(&b.per_cpu_second(b.cpu)));
+        rounds.sort_by(|a, b| a.per_cpu_second().total_cmp(&b.per_cpu_second()));
         let m = rounds.swap_remove(rounds.len() / 2);
         let row = Row {
             case: *case,
@@ -466,14 +501,13 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
         };
         let m = &row.m;
         println!(
-            "  {:<34} dropped {:>9.0} pps of {:>9.0} sent   CPU {:>4.2} cores (softirq {:>4.2})   drops per CPU-second {:>9.0} (per softirq CPU-second {:>9.0})   allowed {:>6.0} rr/s p50 {:>9} p99 {:>9}",
+            "  {:<34} dropped {:>7.0} pps of {:>7.0} sent   CPU: sender {:>4.2} + ksoftirqd {:>4.2} cores   drops per CPU-second {:>7.0}   allowed {:>6.0} rr/s p50 {:>8} p99 {:>8}",
             case.name(),
             m.drop_rate(),
             m.sent as f64 / m.secs(),
-            m.cpu.as_secs_f64() / m.secs(),
-            m.softirq.as_secs_f64() / m.secs(),
-            m.per_cpu_second(m.cpu),
-            m.per_cpu_second(m.softirq),
+            m.sender.as_secs_f64() / m.secs(),
+            m.ksoftirqd.as_secs_f64() / m.secs(),
+            m.per_cpu_second(),
             row.allowed_rate,
             us(row.allowed_p50),
             us(allowed.percentile(99.0)),
@@ -482,29 +516,36 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
     }
     let quiet = &rows[0];
     println!(
-        "ratios against weir, tc only, with the same sender (goal: XDP drops >= 3x per CPU-second, allowed traffic unaffected); allowed flow against no flood:"
+        "ratios against weir, tc only, with the same sender; the node's share is the CPU per dropped packet above the floor's (goal: XDP drops >= 3x per CPU-second, allowed traffic unaffected); the allowed flow against no flood:"
     );
+    let row = |case: Case| rows.iter().find(|r| r.case == case);
     for sender in [Sender::Socket, Sender::Frames] {
-        let Some(tc) = rows
-            .iter()
-            .find(|r| r.case == Case::Flood(sender, Filter::TcOnly))
-        else {
+        let (Some(tc), Some(floor)) = (
+            row(Case::Flood(sender, Filter::TcOnly)),
+            row(Case::Flood(sender, Filter::Floor)),
+        ) else {
             continue;
         };
+        let node_ns = |r: &Row| (r.m.cpu_ns() - floor.m.cpu_ns()).max(1.0);
         println!(
-            "  {:<34} allowed rr/s {:.2}x",
+            "  {:<34} CPU per dropped packet {:>5.0} ns (floor {:.0} ns, the node's share {:.0} ns)   allowed rr/s {:.2}x",
             tc.case.name(),
+            tc.m.cpu_ns(),
+            floor.m.cpu_ns(),
+            node_ns(tc),
             tc.allowed_rate / quiet.allowed_rate
         );
         for filter in [Filter::Xdp, Filter::IptablesRaw] {
-            let Some(r) = rows.iter().find(|r| r.case == Case::Flood(sender, filter)) else {
+            let Some(r) = row(Case::Flood(sender, filter)) else {
                 continue;
             };
             println!(
-                "  {:<34} drops per CPU-second {:.2}x (per softirq CPU-second {:.2}x)   drop rate {:.2}x   allowed rr/s {:.2}x, p50 {:.2}x",
+                "  {:<34} CPU per dropped packet {:>5.0} ns (the node's share {:.0} ns)   drops per CPU-second {:.2}x, per node CPU-second {:.2}x   drop rate {:.2}x   allowed rr/s {:.2}x, p50 {:.2}x",
                 r.case.name(),
-                r.m.per_cpu_second(r.m.cpu) / tc.m.per_cpu_second(tc.m.cpu),
-                r.m.per_cpu_second(r.m.softirq) / tc.m.per_cpu_second(tc.m.softirq),
+                r.m.cpu_ns(),
+                node_ns(r),
+                r.m.per_cpu_second() / tc.m.per_cpu_second(),
+                node_ns(tc) / node_ns(r),
                 r.m.drop_rate() / tc.m.drop_rate(),
                 r.allowed_rate / quiet.allowed_rate,
                 r.allowed_p50.as_secs_f64() / quiet.allowed_p50.as_secs_f64(),

@@ -1,37 +1,35 @@
-//! A flood that arrives as XDP frames, without an skb, as from a NIC driver with native XDP: the
-//! kernel's own packet generator, `BPF_PROG_TEST_RUN` in live-frames mode
-//! (`BPF_F_TEST_XDP_LIVE_FRAMES`), runs a four-instruction XDP program that redirects every copy
-//! of one frame out of the remote node's veth. The veth hands the frames to its peer (the node's
-//! uplink) as XDP frames (`ndo_xdp_xmit`): with `weir_xdp` there, a denied frame is dropped
-//! before any skb exists; without it, the veth builds an skb for each frame and the node's stack
-//! routes it to where tc or iptables drops it.
+//! A flood that reaches the node's uplink as XDP frames, without an skb, as from a NIC driver with
+//! native XDP. The remote node sends it from a UDP socket bound to a second veth pair (`gen0` ↔
+//! `gen1`, inside the remote node); an XDP program on `gen1` redirects every packet out of the
+//! remote's uplink veth (`bpf_redirect`), which hands it to its peer, the node's uplink, as an XDP
+//! frame (`ndo_xdp_xmit`): the skb the socket built is freed inside the remote node. With
+//! `weir_xdp` on the uplink a denied frame is dropped before the node builds any skb; without
+//! it, the veth builds an skb for each frame and the node's stack routes it to where tc or
+//! iptables drops it. (The kernel's own frame generator, `BPF_PROG_RUN` with
+//! `BPF_F_TEST_XDP_LIVE_FRAMES`, is refused on this machine with EPERM.)
 //!
-//! A veth accepts XDP frames only while its peer runs NAPI, i.e. has an XDP program: the tc and
-//! iptables cases put `XDP_PASS` (two instructions) on the uplink, which adds no work of its own
-//! worth measuring next to building the skb.
+//! A veth accepts XDP frames only while its peer runs NAPI, i.e. has an XDP program (or GRO on):
+//! the tc and iptables cases put `XDP_PASS` (two instructions) on the uplink, which adds no work
+//! of its own worth measuring next to building the skb.
 //!
-//! Programs are loaded with raw `bpf(2)` calls: aya 0.14's `TestRun` has no live-frames flag.
+//! Programs are loaded and attached with raw `bpf(2)` calls (four instructions between them; not
+//! worth an object file).
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    process::Command,
-    time::{Duration, Instant},
 };
 
-use crate::netns::Netns;
+use crate::netns::{Netns, spawn_in};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_XDP: u32 = 37;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
+const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
-/// Frames per kernel batch (the kernel's maximum): one NAPI poll of the uplink per batch.
-const BATCH: u32 = 256;
-/// Copies of the frame per `BPF_PROG_TEST_RUN` call.
-const REPEAT: u32 = 1 << 16;
 
 /// `struct bpf_insn`.
 #[repr(C)]
@@ -87,35 +85,13 @@ struct ProgLoad {
     expected_attach_type: u32,
 }
 
-/// The head of `union bpf_attr` for `BPF_PROG_TEST_RUN`.
+/// The head of `union bpf_attr` for `BPF_LINK_CREATE`.
 #[repr(C)]
-#[derive(Default)]
-struct TestRun {
+struct LinkCreate {
     prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
+    target_ifindex: u32,
+    attach_type: u32,
     flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// The head of `union bpf_attr` for `BPF_OBJ_PIN`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjPin {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -166,79 +142,107 @@ fn redirect_program(ifindex: u32) -> io::Result<OwnedFd> {
     )
 }
 
-/// `XDP_PASS` on the uplink, pinned at `pin` for `ip link set ... xdpdrv pinned`; detached and
-/// unpinned on drop.
-pub struct PassProgram {
-    netns: String,
-    device: String,
-    pin: std::path::PathBuf,
+/// An XDP program attached (native mode) to a device of a network namespace through a BPF link;
+/// detached when dropped (the link's last descriptor closes).
+pub struct XdpLink {
+    _link: OwnedFd,
 }
 
-impl PassProgram {
-    pub fn attach(netns: &Netns, device: &str) -> anyhow::Result<Self> {
-        let fd = load(&[mov64_imm(0, XDP_PASS), EXIT], "bench_pass")?;
-        let pin = std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/weir-bench-xdp-pass-{}",
-            std::process::id()
-        ));
-        let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
-        let mut attr = ObjPin {
-            pathname: path.as_ptr() as u64,
-            bpf_fd: fd.as_raw_fd() as u32,
-            file_flags: 0,
-        };
-        bpf(BPF_OBJ_PIN, &mut attr)?;
-        let this = Self {
-            netns: netns.name.clone(),
-            device: device.to_owned(),
-            pin,
-        };
-        let pin_arg = this.pin.display().to_string();
-        let status = Command::new("ip")
-            .args(["-n", &this.netns, "link", "set", "dev", device, "xdpdrv"])
-            .args(["pinned", &pin_arg])
-            .status()?;
-        anyhow::ensure!(status.success(), "attaching XDP_PASS to {device} failed");
-        Ok(this)
+impl XdpLink {
+    /// `XDP_PASS` on `device`.
+    pub fn pass(netns: &Netns, device: &str) -> anyhow::Result<Self> {
+        Self::attach(netns, device, |_| {
+            load(&[mov64_imm(0, XDP_PASS), EXIT], "bench_pass")
+        })
+    }
+
+    /// `XDP_DROP` of everything on `device`.
+    pub fn drop_all(netns: &Netns, device: &str) -> anyhow::Result<Self> {
+        Self::attach(netns, device, |_| {
+            load(&[mov64_imm(0, XDP_DROP), EXIT], "bench_drop")
+        })
+    }
+
+    /// Every packet arriving on `device` out of `to` (`bpf_redirect`).
+    pub fn redirect(netns: &Netns, device: &str, to: &str) -> anyhow::Result<Self> {
+        let to = to.to_owned();
+        Self::attach(netns, device, move |_| {
+            redirect_program(nix::net::if_::if_nametoindex(to.as_str())?)
+        })
+    }
+
+    fn attach(
+        netns: &Netns,
+        device: &str,
+        program: impl FnOnce(u32) -> io::Result<OwnedFd> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let device = device.to_owned();
+        let link = spawn_in(netns.path(), move || -> anyhow::Result<OwnedFd> {
+            let ifindex = nix::net::if_::if_nametoindex(device.as_str())?;
+            let prog = program(ifindex)?;
+            let mut attr = LinkCreate {
+                prog_fd: prog.as_raw_fd() as u32,
+                target_ifindex: ifindex,
+                attach_type: BPF_XDP,
+                flags: XDP_FLAGS_DRV_MODE,
+            };
+            let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+            // SAFETY: a new file descriptor the kernel returned, owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attaching an XDP program panicked"))??;
+        Ok(Self { _link: link })
     }
 }
 
-impl Drop for PassProgram {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args([
-                "-n",
-                &self.netns,
-                "link",
-                "set",
-                "dev",
-                &self.device,
-                "xdpdrv",
-                "off",
-            ])
-            .status();
-        let _ = std::fs::remove_file(&self.pin);
-    }
+/// The remote node's second veth pair: `gen0` (addressed, with a route to the server's subnet
+/// through `gen1`) and `gen1` (the uplink's MAC, so the redirected frames are addressed to the
+/// node), with the redirect to the remote's uplink veth `eth0` on `gen1`.
+pub struct RedirectHop {
+    _redirect: XdpLink,
 }
 
-/// Sends copies of `frame` out of `ifindex` (in the calling thread's network namespace) as XDP
-/// frames for `secs`; returns how many the generator handed to the device.
-pub fn generate(ifindex: u32, frame: &[u8], secs: u64) -> io::Result<u64> {
-    let prog = redirect_program(ifindex)?;
-    let until = Instant::now() + Duration::from_secs(secs);
-    let mut sent = 0u64;
-    while Instant::now() < until {
-        let mut attr = TestRun {
-            prog_fd: prog.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat: REPEAT,
-            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-            batch_size: BATCH,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-        sent += u64::from(REPEAT);
+/// The remote's side of the hop and the gateway it resolves to.
+const GEN_ADDR: &str = "10.78.9.2/30";
+const GEN_GATEWAY: &str = "10.78.9.1";
+/// The device a flood socket binds to, to leave through the hop.
+pub const GEN_DEVICE: &str = "gen0";
+
+impl RedirectHop {
+    pub fn new(remote: &Netns, uplink_mac: &str, subnet: &str) -> anyhow::Result<Self> {
+        remote.ip(&[
+            "link", "add", "gen0", "type", "veth", "peer", "name", "gen1",
+        ]);
+        remote.ip(&["link", "set", "gen1", "address", uplink_mac]);
+        remote.ip(&["addr", "add", GEN_ADDR, "dev", "gen0"]);
+        remote.ip(&["link", "set", "gen0", "up"]);
+        remote.ip(&["link", "set", "gen1", "up"]);
+        remote.ip(&[
+            "neigh",
+            "add",
+            GEN_GATEWAY,
+            "lladdr",
+            uplink_mac,
+            "dev",
+            "gen0",
+            "nud",
+            "permanent",
+        ]);
+        // Behind the uplink's own route (metric 0): only a socket bound to gen0 takes it.
+        remote.ip(&[
+            "route",
+            "add",
+            subnet,
+            "via",
+            GEN_GATEWAY,
+            "dev",
+            "gen0",
+            "metric",
+            "100",
+        ]);
+        Ok(Self {
+            _redirect: XdpLink::redirect(remote, "gen1", "eth0")?,
+        })
     }
-    Ok(sent)
 }
