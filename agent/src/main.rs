@@ -516,7 +516,9 @@ fn start_uplink_filter(
         }
         return Ok(());
     };
-    let attached = uplink::attach(ebpf, &device, bpffs_dir)?;
+    let vxlan_port =
+        (args.overlay == OverlayMode::Vxlan).then_some(weir_agent::overlay::VXLAN_PORT);
+    let attached = uplink::attach(ebpf, &device, vxlan_port, bpffs_dir)?;
     tracing::info!(
         device,
         ?attached,

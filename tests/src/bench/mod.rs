@@ -11,4 +11,6 @@ pub mod scale;
 pub mod stats;
 pub mod traffic;
 pub mod traffic_agent;
+pub mod traffic_bpf_stats;
 pub mod xdp;
+pub mod xdp_frames;
