@@ -8,7 +8,13 @@
 //!
 //! Throughout, the TCP connection survives (every byte sent arrives, in order, on the same
 //! connection), and at the end no TUN device is left in a node whose agent is gone.
-//! Root only; never skipped.
+//!
+//! Active/active: a mesh lab (weir-lab) of two clusters with two gateways and a worker each,
+//! the probe stream and the transfer between the workers' pods; each of the four gateways is
+//! SIGKILLed in turn while the other of its cluster lives, then started again. The longest probe
+//! gap over each kill and return is at most a second (the issue's bound), the workers' ECMP
+//! route loses the dead gateway and gets it back, the connection survives, and nothing of the
+//! lab is left behind. Root only; never skipped.
 
 use std::{
     io::{Read as _, Write as _},
@@ -22,6 +28,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use weir_lab::lab::{
+    self, Manifest,
+    mesh::{ClusterSpec, MeshLab, MeshSpec},
+    state::State,
+};
 use weir_mesh::certs::MeshCa;
 use weir_tests::mesh_objects::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
 use weir_tests::{
@@ -97,11 +108,12 @@ struct Probe {
 }
 
 impl Probe {
-    fn start(client: &Netns, server: &Netns, server_ip: IpAddr) -> Self {
+    /// `client` and `server` are the pods' namespace paths.
+    fn start(client: &str, server: &str, server_ip: IpAddr) -> Self {
         let (listening, bound) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let echo_stop = Arc::clone(&stop);
-        let echo = spawn_in(server.path(), move || {
+        let echo = spawn_in(server, move || {
             let s = UdpSocket::bind((server_ip, PROBE_PORT)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
@@ -116,7 +128,7 @@ impl Probe {
         bound.recv().unwrap();
         let replies = Arc::new(Mutex::new(Vec::new()));
         let socket = Arc::new(
-            spawn_in(client.path(), || {
+            spawn_in(client, || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
@@ -201,9 +213,10 @@ struct Transfer {
 }
 
 impl Transfer {
-    fn start(client: &Netns, server: &Netns, server_ip: IpAddr) -> Self {
+    /// `client` and `server` are the pods' namespace paths.
+    fn start(client: &str, server: &str, server_ip: IpAddr) -> Self {
         let (listening, bound) = std::sync::mpsc::channel();
-        let receiver = spawn_in(server.path(), move || -> std::io::Result<u64> {
+        let receiver = spawn_in(server, move || -> std::io::Result<u64> {
             let listener = TcpListener::bind((server_ip, BULK_PORT))?;
             let _ = listening.send(());
             let (mut s, _) = listener.accept()?;
@@ -228,7 +241,7 @@ impl Transfer {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (send_stop, send_count) = (Arc::clone(&stop), Arc::clone(&sent));
-        let sender = spawn_in(client.path(), move || -> std::io::Result<u64> {
+        let sender = spawn_in(client, move || -> std::io::Result<u64> {
             let mut s = TcpStream::connect_timeout(
                 &SocketAddr::from((server_ip, BULK_PORT)),
                 Duration::from_secs(5),
@@ -372,9 +385,9 @@ fn a_probe_stream_and_a_tcp_connection_survive_rotation_a_wan_outage_and_a_kille
         tcp::connects(&client, server_ip)
     });
 
-    let probe = Probe::start(&client, &server, server_ip);
+    let probe = Probe::start(&client.path(), &server.path(), server_ip);
     eventually("probes answered", wait, || probe.replies() > 100);
-    let transfer = Transfer::start(&client, &server, server_ip);
+    let transfer = Transfer::start(&client.path(), &server.path(), server_ip);
     eventually("the transfer runs", wait, || {
         transfer.sent.load(Ordering::Relaxed) > 1 << 20
     });
@@ -441,4 +454,227 @@ fn a_probe_stream_and_a_tcp_connection_survive_rotation_a_wan_outage_and_a_kille
         !west.has_tun() && !east.has_tun()
     });
     drop((client, server));
+}
+
+/// `GET /metrics` of the agent of a lab node (its health endpoint in its namespace).
+fn lab_metrics(node_netns: &str) -> String {
+    weir_lab::netns::run_in(node_netns, || {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", 9876)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+    .unwrap_or_default()
+}
+
+fn sample(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let (n, v) = line.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok())?
+    })
+}
+
+/// The next hops of `node_netns`'s route to `prefix` (one for a plain route, several for ECMP).
+fn next_hops(node_netns: &str, prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", node_netns, "route", "show", prefix])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut hops: Vec<String> = out
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_owned())
+        .collect();
+    hops.sort();
+    hops
+}
+
+/// Cluster `name` of the active/active lab: two gateways (node1, node2) and a worker (node3)
+/// with pod `pod` in the exported namespace `app`.
+fn active_active_cluster(name: &str, pod: &str) -> ClusterSpec {
+    ClusterSpec {
+        name: name.into(),
+        nodes: 3,
+        gateways: 2,
+        manifests: vec![Manifest::Yaml(format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: app, labels: {{mesh.weir.io/export: 'true'}}}}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: app, labels: {{app: {pod}}}}}\n\
+             spec: {{nodeName: node3}}\n"
+        ))],
+    }
+}
+
+#[test]
+fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
+    let name = format!("a{}", std::process::id());
+    let mut mesh = MeshLab::up(MeshSpec {
+        name: name.clone(),
+        clusters: vec![
+            active_active_cluster("west", "client"),
+            active_active_cluster("east", "server"),
+        ],
+        extra_ports: Vec::new(),
+        capture_wan: false,
+    })
+    .expect("the active/active mesh lab comes up");
+    let wait = Duration::from_secs(60);
+    let prefix = |c: &str| mesh.state().cluster(c).unwrap().pod_prefix.clone();
+    let (west_prefix, east_prefix) = (prefix("west"), prefix("east"));
+    let node_netns = |mesh: &MeshLab, c: &str, node: &str| {
+        mesh.cluster(c)
+            .unwrap()
+            .state()
+            .node(node)
+            .unwrap()
+            .netns
+            .clone()
+    };
+    let gateway_ips = |mesh: &MeshLab, c: &str| {
+        let lab = mesh.cluster(c).unwrap();
+        let mut ips: Vec<String> = mesh
+            .gateway_nodes(c)
+            .unwrap()
+            .iter()
+            .map(|n| lab.state().node(n).unwrap().underlay_ip.clone())
+            .collect();
+        ips.sort();
+        ips
+    };
+    // Each worker routes the other cluster's pods over both of its gateways, and each gateway
+    // has a session with both gateways of the other cluster.
+    let all_up = |mesh: &MeshLab| {
+        [
+            ("west", &east_prefix, "east"),
+            ("east", &west_prefix, "west"),
+        ]
+        .iter()
+        .all(|(c, other_prefix, other)| {
+            next_hops(&node_netns(mesh, c, "node3"), other_prefix) == gateway_ips(mesh, c)
+                && mesh.gateway_nodes(c).unwrap().iter().all(|g| {
+                    sample(
+                        &lab_metrics(&node_netns(mesh, c, g)),
+                        &format!("weir_mesh_gateways_up{{peer=\"{other}\"}}"),
+                    ) == Some(2)
+                })
+        })
+    };
+    eventually(
+        "every gateway up, on the workers' ECMP routes",
+        wait,
+        || all_up(&mesh),
+    );
+
+    let client_ns = weir_lab::netns::path(&mesh.pod_netns("west/app/client").unwrap())
+        .display()
+        .to_string();
+    let server_ns = weir_lab::netns::path(&mesh.pod_netns("east/app/server").unwrap())
+        .display()
+        .to_string();
+    let server_ip = mesh.cluster("east").unwrap().pod_ip("app/server").unwrap();
+    let probe = Probe::start(&client_ns, &server_ns, server_ip);
+    eventually("probes answered across the mesh", wait, || {
+        probe.replies() > 500
+    });
+    let transfer = Transfer::start(&client_ns, &server_ns, server_ip);
+    eventually("the transfer runs", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > 1 << 20
+    });
+
+    let mut gaps = Vec::new();
+    for (cluster, worker_route) in [("west", &east_prefix), ("east", &west_prefix)] {
+        let worker = node_netns(&mesh, cluster, "node3");
+        for gateway in mesh.gateway_nodes(cluster).unwrap() {
+            let gateway_ip = mesh
+                .cluster(cluster)
+                .unwrap()
+                .state()
+                .node(&gateway)
+                .unwrap()
+                .underlay_ip
+                .clone();
+            let killed = Instant::now();
+            mesh.cluster_mut(cluster)
+                .unwrap()
+                .kill_agent(&gateway)
+                .unwrap();
+            eventually(
+                &format!("{cluster}'s worker drops {gateway} from its route"),
+                wait,
+                || !next_hops(&worker, worker_route).contains(&gateway_ip),
+            );
+            let replies = probe.replies();
+            eventually("probes go on through the other gateway", wait, || {
+                probe.replies() > replies + 1000
+            });
+            mesh.cluster_mut(cluster)
+                .unwrap()
+                .start_agent(&gateway)
+                .unwrap();
+            eventually(
+                &format!("{cluster}'s {gateway} is back everywhere"),
+                wait,
+                || all_up(&mesh),
+            );
+            let replies = probe.replies();
+            eventually("probes go on after the return", wait, || {
+                probe.replies() > replies + 1000
+            });
+            let gap = probe.longest_gap_since(killed);
+            println!("{cluster}/{gateway} killed and back: longest probe gap {gap:?}");
+            gaps.push((format!("{cluster}/{gateway}"), gap));
+        }
+    }
+    let before = transfer.sent.load(Ordering::Relaxed);
+    eventually("the transfer still moves", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
+    });
+    let (sent, received) = transfer.finish();
+    assert_eq!(
+        sent, received,
+        "every byte sent on the connection arrived, in order"
+    );
+    drop(probe);
+    for (gateway, gap) in &gaps {
+        assert!(
+            *gap <= Duration::from_secs(1),
+            "killing gateway {gateway} stopped the probes for {gap:?} (all gaps: {gaps:?})"
+        );
+    }
+
+    // Nothing left behind: the lab's namespaces, pins, state and agent processes.
+    let pids: Vec<u32> = ["west", "east"]
+        .iter()
+        .flat_map(|c| {
+            mesh.cluster(c)
+                .unwrap()
+                .state()
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent_pid)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    mesh.down().unwrap();
+    for l in [name.clone(), format!("{name}west"), format!("{name}east")] {
+        assert_eq!(
+            weir_lab::netns::list(&format!("wl-{l}-")),
+            Vec::<String>::new(),
+            "namespaces of {l} left behind"
+        );
+        assert!(
+            lab::pin_dirs(&l).is_empty(),
+            "bpffs pins of {l} left behind"
+        );
+        assert!(!State::dir_of(&l).exists(), "state of {l} left behind");
+    }
+    for pid in pids {
+        assert!(!weir_lab::process::alive(pid), "agent {pid} left running");
+    }
 }
