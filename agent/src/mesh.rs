@@ -478,7 +478,10 @@ impl Mesh {
         );
         let (gateways, rx) = watch::channel(Vec::new());
         let routed_state = if ecmp_routes {
-            hash_multipath_by_l4()?;
+            if let Err(e) = hash_multipath_by_l4() {
+                // Flows still spread, by addresses only; nothing is opened or dropped by it.
+                tracing::warn!(error = %e, "mesh routes hash by addresses only");
+            }
             let routes = NodeRoutes::open_with(MESH_ROUTE_PROTOCOL).await?;
             let (tx, states) = watch::channel(Arc::new(state.clone()));
             tokio::spawn(keep_ecmp_routes(
@@ -884,6 +887,45 @@ mod tests {
         assert!(!id.pod_labels.contains_key(CLUSTER_LABEL));
         assert!(entries.contains_key("ep/10.1.0.5"));
         assert!(!entries.contains_key("ep/10.1.0.6"));
+    }
+
+    #[test]
+    fn workers_route_peers_over_the_live_gateways_and_over_all_while_none_is() {
+        let node = |name: &str, ip: &str, gateway: bool| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{mesh.weir.io/gateway: '{gateway}'}}}}\n\
+                 spec: {{podCIDRs: ['10.1.{}.0/24']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n",
+                &ip[ip.len() - 1..]
+            )
+        };
+        let s = state(&format!(
+            "{}{}{}---\napiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: east}}\n\
+             spec: {{endpoints: ['192.0.2.5:4243'], allowedPrefixes: ['10.2.0.0/16'], caBundle: '-----BEGIN CERTIFICATE-----'}}\n",
+            node("g1", "172.31.0.1", true),
+            node("g2", "172.31.0.2", true),
+            node("w", "172.31.0.3", false),
+        ));
+        let east: IpNet = "10.2.0.0/16".parse().unwrap();
+        let (g1, g2): (IpAddr, IpAddr) =
+            ("172.31.0.1".parse().unwrap(), "172.31.0.2".parse().unwrap());
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::from([g1, g2]))[&east],
+            vec![g1, g2]
+        );
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::from([g2]))[&east],
+            vec![g2],
+            "a dead gateway leaves the route"
+        );
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::new())[&east],
+            vec![g1, g2],
+            "with none live, the route keeps them all"
+        );
+        assert!(
+            ecmp_routes(&s, "g1", &BTreeSet::new()).is_empty(),
+            "gateways route into the TUN"
+        );
     }
 
     #[test]

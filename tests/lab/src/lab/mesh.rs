@@ -145,6 +145,8 @@ pub struct MeshLab {
     clusters: Vec<Lab>,
     capture: Option<WanCapture>,
     owned: bool,
+    /// The mesh CA, for labs built by this process (it is never written to disk).
+    ca: Option<MeshCa>,
 }
 
 impl Drop for MeshLab {
@@ -240,6 +242,7 @@ impl MeshLab {
             clusters: Vec::new(),
             capture: None,
             owned: true,
+            ca: None,
         };
         lab.build(&spec).with_context(|| {
             format!(
@@ -288,6 +291,7 @@ impl MeshLab {
             }
         }
         let ca_pem = ca.pem();
+        self.ca = Some(ca);
         for i in 0..self.clusters.len() {
             let peers: String = self
                 .state
@@ -350,6 +354,25 @@ impl MeshLab {
                 "wan0",
             ],
         )?;
+        Ok(())
+    }
+
+    /// Rotates `cluster`'s certificate: a new key and certificate from the same CA written over
+    /// the files its gateways read (key first: the agents reload when the certificate changes).
+    /// Only for a lab this process built (the CA lives in memory).
+    pub fn rotate_certificate(&self, cluster: &str) -> anyhow::Result<()> {
+        let ca = self
+            .ca
+            .as_ref()
+            .context("only the process that built the mesh lab holds its CA")?;
+        let certs = State::dir_of(&self.state.name).join("certs");
+        let staging = certs.join("rotated");
+        std::fs::create_dir_all(&staging)?;
+        let (cert, key) = ca
+            .gateway(TRUST_DOMAIN, cluster)?
+            .write(&staging, cluster)?;
+        std::fs::copy(&key, certs.join(format!("{cluster}.key")))?;
+        std::fs::copy(&cert, certs.join(format!("{cluster}.crt")))?;
         Ok(())
     }
 
@@ -424,6 +447,7 @@ impl MeshLab {
             clusters,
             capture: None,
             owned: false,
+            ca: None,
         })
     }
 
