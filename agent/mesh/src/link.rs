@@ -57,6 +57,9 @@ pub const DIAL_METADATA: &str = "weir-dial";
 /// The request metadata naming the dialing gateway (its node), stable across its restarts: the
 /// receiving side keeps one [`Remote`] per name (absent: the connection's address).
 pub const GATEWAY_METADATA: &str = "weir-gateway";
+/// Most gateways of one peer we keep state for: a peer that names more (new names in
+/// [`GATEWAY_METADATA`]) is refused rather than let grow our memory.
+pub const MAX_GATEWAYS: usize = 16;
 
 /// How a gateway carries packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,18 +260,31 @@ impl Peer {
             .cloned()
     }
 
-    /// The remote gateway `key`, added if new.
-    fn remote_or_insert(&self, key: &str) -> Arc<Remote> {
+    /// The remote gateway `key`, added if new; none once the peer has [`MAX_GATEWAYS`] others.
+    fn remote_or_insert(&self, key: &str) -> Option<Arc<Remote>> {
         if let Some(r) = self.remote(key) {
-            return r;
+            return Some(r);
         }
         let name = self.name();
         let mut remotes = self.remotes.write().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            remotes.entry(key.to_owned()).or_insert_with(|| {
-                Arc::new(Remote::new(key, &name, Importer::new(), self.data_plane))
-            }),
-        )
+        if !remotes.contains_key(key) && remotes.len() >= MAX_GATEWAYS {
+            return None;
+        }
+        Some(Arc::clone(remotes.entry(key.to_owned()).or_insert_with(
+            || Arc::new(Remote::new(key, &name, Importer::new(), self.data_plane)),
+        )))
+    }
+
+    /// [`Peer::remote_or_insert`] for a request of the peer: refused (and counted as `limit`)
+    /// beyond [`MAX_GATEWAYS`].
+    fn remote_for_request(&self, key: &str) -> Result<Arc<Remote>, Status> {
+        self.remote_or_insert(key).ok_or_else(|| {
+            self.refusals.count(Refusal::Limit);
+            Status::resource_exhausted(format!(
+                "more than {MAX_GATEWAYS} gateways of cluster {}",
+                self.name()
+            ))
+        })
     }
 
     /// Every remote gateway we know, by key.
@@ -1148,7 +1164,10 @@ impl Link {
             if self.peer(&name).is_none_or(|p| !Arc::ptr_eq(&p, &peer)) {
                 return; // the peer was removed
             }
-            let remote = peer.remote_or_insert(&key);
+            let Some(remote) = peer.remote_or_insert(&key) else {
+                tracing::error!(peer = %name, %addr, "more than {MAX_GATEWAYS} gateways listed for the mesh peer; not dialled");
+                return;
+            };
             let channel = crate::transport::channel(addr, Arc::clone(&config));
             let mut client = MeshLinkClient::new(channel);
             let (tx, rx) = mpsc::channel(64);
@@ -1451,7 +1470,7 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (certified, addr, peer) = self.authenticated(&req)?;
-        let remote = peer.remote_or_insert(&remote_key(&req, addr));
+        let remote = peer.remote_for_request(&remote_key(&req, addr))?;
         remote
             .server_dial
             .send_replace(Some(DialKey::of(&req, addr)));
@@ -1477,7 +1496,7 @@ impl mesh_link_server::MeshLink for Service {
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (_, addr, peer) = self.authenticated(&req)?;
-        let remote = peer.remote_or_insert(&remote_key(&req, addr));
+        let remote = peer.remote_for_request(&remote_key(&req, addr))?;
         let lane = match req.metadata().get(LANE_METADATA) {
             None => 0,
             Some(v) => v
