@@ -1,6 +1,8 @@
 //! The mesh gateway's data path between its TUN device and the link: packets the kernel routed
-//! into the TUN are tagged with the identity we export for their source, hashed by flow onto a
-//! lane, and batched per lane until the TUN has nothing more to read (no timer, so a lone
+//! into the TUN are tagged with the identity we export for their source, hashed by flow onto one
+//! of [`FLOW_SLOTS`] slots (each slot goes to one of the peer's live gateways and one lane, so a
+//! flow keeps its order and a gateway that leaves moves only its own slots), and batched per slot
+//! until the TUN has nothing more to read (no timer, so a lone
 //! request goes out at once); packets the link received and checked are written back into the
 //! TUN, with their offload fields when the device has offload.
 
@@ -82,8 +84,12 @@ pub struct Forwarder {
     pub batching: bool,
 }
 
-/// Batches being built, per peer and lane.
-type Batches = HashMap<(String, usize), (Arc<Peer>, usize, BatchBuilder)>;
+/// Flows are hashed onto this many slots per peer; a slot is the unit the link places on one of
+/// the peer's gateways and one lane (enough to spread over 16 lanes and a few gateways).
+pub const FLOW_SLOTS: u64 = 16;
+
+/// Batches being built, per peer and flow slot.
+type Batches = HashMap<(String, u64), (Arc<Peer>, u64, BatchBuilder)>;
 
 impl Forwarder {
     /// Packets from the TUN to peers until the TUN fails.
@@ -105,10 +111,10 @@ impl Forwarder {
                     self.route(&buf[..n], &mut batches);
                 }
             }
-            for (peer, lane, batch) in batches.values_mut() {
+            for (peer, slot, batch) in batches.values_mut() {
                 if !batch.is_empty() {
                     let (bytes, packets) = batch.take();
-                    self.link.send_batch_on(peer, *lane, bytes, packets);
+                    self.link.send_flow_batch(peer, *slot, bytes, packets);
                 }
             }
         }
@@ -150,14 +156,14 @@ impl Forwarder {
             tracing::debug!(%src, %dst, peer = %name, "not sent to the mesh peer: the source is not exported to it");
             return;
         };
-        let lane = flow_hash(packet) as usize % self.link.data_plane().lanes;
-        let (peer, lane, batch) = batches
-            .entry((name, lane))
-            .or_insert_with(|| (peer, lane, BatchBuilder::default()));
+        let slot = flow_hash(packet) % FLOW_SLOTS;
+        let (peer, slot, batch) = batches
+            .entry((name, slot))
+            .or_insert_with(|| (peer, slot, BatchBuilder::default()));
         batch.push(id, &offload, packet);
         if batch.is_full() {
             let (bytes, packets) = batch.take();
-            self.link.send_batch_on(peer, *lane, bytes, packets);
+            self.link.send_flow_batch(peer, *slot, bytes, packets);
         }
     }
 }

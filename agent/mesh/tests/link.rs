@@ -820,3 +820,43 @@ async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
         "a removed peer's lane ends"
     );
 }
+
+#[tokio::test]
+async fn a_peer_that_names_more_gateways_than_allowed_is_refused() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let mut client = Evil::new(&lab, &west, "mallory").client;
+    // Each Tunnel names another gateway of mallory's; the ones within the limit stay open.
+    let mut open = Vec::new();
+    for g in 0..=weir_mesh::link::MAX_GATEWAYS {
+        let mut request = tonic::Request::new(futures::stream::pending::<pb::PacketBatch>());
+        request.metadata_mut().insert(
+            weir_mesh::link::GATEWAY_METADATA,
+            format!("gateway-{g}").parse().unwrap(),
+        );
+        let result = client.tunnel(request).await;
+        if g < weir_mesh::link::MAX_GATEWAYS {
+            open.push(result.expect("a gateway within the limit").into_inner());
+        } else {
+            let refused = result.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        }
+    }
+    let from_mallory = west.link.peer("mallory").unwrap();
+    assert!(
+        from_mallory
+            .refusals
+            .snapshot()
+            .iter()
+            .any(|(reason, n)| *reason == weir_mesh::confine::Refusal::Limit && *n == 1),
+        "counted as a limit refusal"
+    );
+    assert_eq!(from_mallory.remotes().len(), weir_mesh::link::MAX_GATEWAYS);
+}
