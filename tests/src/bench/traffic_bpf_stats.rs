@@ -1,18 +1,18 @@
 //! Where the traffic benchmark's time goes inside Weir's programs: the kernel's run-time
 //! statistics (`BPF_ENABLE_STATS`, on only while this guard lives, since they add two clock reads
-//! to every program run) of the tc programs attached in a node namespace, read with
-//! `BPF_OBJ_GET_INFO_BY_FD` (aya 0.14's `ProgramInfo` does not expose them).
+//! to every program run) of the programs of the tc filters in a node namespace (the agent's clsact
+//! filters), read with `BPF_OBJ_GET_INFO_BY_FD` (aya 0.14's `ProgramInfo` does not expose them).
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use aya::programs::{SchedClassifier, tc::TcAttachType};
-use weir_common::{PROG_FROM_POD, PROG_TO_POD};
+use weir_agent::datapath::tc::{Hook, Tc};
 
 use crate::netns::{Netns, spawn_in};
 
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_STATS_RUN_TIME: u32 = 0;
@@ -82,26 +82,21 @@ impl RunTime {
     }
 }
 
+/// Total run time and runs of the programs of every tc filter (clsact, where the agent attaches
+/// Weir's) on the devices of `node`.
 pub fn weir_programs(node: &Netns) -> RunTime {
     spawn_in(node.path(), || {
         let mut total = RunTime::default();
-        let Ok(links) = nix::net::if_::if_nameindex() else {
+        let (Ok(links), Ok(mut tc)) = (nix::net::if_::if_nameindex(), Tc::open()) else {
             return total;
         };
         for link in links.iter() {
-            let Ok(name) = link.name().to_str() else {
-                continue;
-            };
-            for attach in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let Ok((_, programs)) = SchedClassifier::query_tcx(name, attach) else {
+            for hook in [Hook::Ingress, Hook::Egress] {
+                let Ok(ids) = tc.filter_programs(link.index(), hook) else {
                     continue;
                 };
-                for info in programs {
-                    if !matches!(info.name_as_str(), Some(PROG_FROM_POD | PROG_TO_POD)) {
-                        continue;
-                    }
-                    let Ok(fd) = info.fd() else { continue };
-                    if let Some((ns, runs)) = run_time(fd.as_fd().as_raw_fd()) {
+                for id in ids {
+                    if let Some((ns, runs)) = program_fd(id).and_then(|fd| run_time(&fd)) {
                         total.ns += ns;
                         total.runs += runs;
                     }
@@ -114,14 +109,22 @@ pub fn weir_programs(node: &Netns) -> RunTime {
     .unwrap_or_default()
 }
 
-fn run_time(fd: i32) -> Option<(u64, u64)> {
+/// A descriptor of the program with `id` (`BPF_PROG_GET_FD_BY_ID`).
+fn program_fd(id: u32) -> Option<OwnedFd> {
+    let mut attr = [id, 0, 0];
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).ok()?;
+    // SAFETY: a new file descriptor the kernel returned, owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn run_time(fd: &OwnedFd) -> Option<(u64, u64)> {
     let mut info = ProgInfo {
         head: [0; 192],
         run_time_ns: 0,
         run_cnt: 0,
     };
     let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
+        bpf_fd: fd.as_raw_fd() as u32,
         info_len: size_of::<ProgInfo>() as u32,
         info: &mut info as *mut ProgInfo as u64,
     };
