@@ -90,17 +90,17 @@ pub fn weir_programs(node: &Netns) -> RunTime {
         let (Ok(links), Ok(mut tc)) = (nix::net::if_::if_nameindex(), Tc::open()) else {
             return total;
         };
+        // Each program once, however many filters (devices, hooks) it sits in.
+        let mut ids = std::collections::BTreeSet::new();
         for link in links.iter() {
             for hook in [Hook::Ingress, Hook::Egress] {
-                let Ok(ids) = tc.filter_programs(link.index(), hook) else {
-                    continue;
-                };
-                for id in ids {
-                    if let Some((ns, runs)) = program_fd(id).and_then(|fd| run_time(&fd)) {
-                        total.ns += ns;
-                        total.runs += runs;
-                    }
-                }
+                ids.extend(tc.filter_programs(link.index(), hook).unwrap_or_default());
+            }
+        }
+        for id in ids {
+            if let Some((ns, runs)) = program_fd(id).and_then(|fd| run_time(&fd)) {
+                total.ns += ns;
+                total.runs += runs;
             }
         }
         total
