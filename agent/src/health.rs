@@ -10,7 +10,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -119,16 +119,26 @@ pub struct Health {
     phase: Mutex<String>,
     pub source: Arc<SourceStats>,
     mesh: OnceLock<Arc<crate::mesh::Mesh>>,
+    /// What `/metrics` encodes, built once: the instrumented metrics are shared handles, and
+    /// the collectors read the agent's state when a scrape encodes them.
+    registry: Registry,
 }
 
 impl Health {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            started: SystemTime::now(),
-            enforcement: OnceLock::new(),
-            phase: Mutex::new("starting".to_owned()),
-            source: Arc::default(),
-            mesh: OnceLock::new(),
+        Arc::new_cyclic(|health| {
+            let mut registry = Registry::default();
+            crate::metrics::metrics().register(&mut registry);
+            registry.register_collector(Box::new(ScrapeTime(health.clone())));
+            registry.register_collector(Box::new(MeshScrapeTime(health.clone())));
+            Self {
+                started: SystemTime::now(),
+                enforcement: OnceLock::new(),
+                phase: Mutex::new("starting".to_owned()),
+                source: Arc::default(),
+                mesh: OnceLock::new(),
+                registry,
+            }
         })
     }
 
@@ -173,12 +183,20 @@ impl Health {
 
     /// `/metrics` in the OpenMetrics text format.
     pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// What `/metrics` reads at scrape time.
+    fn snapshot(&self) -> Snapshot {
         let state = self.state();
         let enforcement = self.enforcement.get();
         let s = &self.source;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let objects = s.object_counts();
-        let snapshot = Snapshot {
+        Snapshot {
             state: [
                 ("enforcing", state.is_ok()),
                 ("degraded", matches!(state, Err(NotEnforcing::Degraded(_)))),
@@ -206,17 +224,7 @@ impl Health {
                 .started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-        };
-        let mut registry = Registry::default();
-        crate::metrics::metrics().register(&mut registry);
-        registry.register_collector(Box::new(snapshot));
-        if let Some(mesh) = self.mesh.get() {
-            registry.register_collector(Box::new(crate::mesh_status::MeshCollector(mesh.status())));
         }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
     }
 
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -252,6 +260,33 @@ impl Health {
                 .insert(hyper::header::CONTENT_TYPE, v);
         }
         response
+    }
+}
+
+/// The collector of what `/metrics` reads at scrape time (a weak reference: the registry it is
+/// in belongs to the [`Health`] it reads).
+#[derive(Debug)]
+struct ScrapeTime(Weak<Health>);
+
+impl Collector for ScrapeTime {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.upgrade() {
+            Some(health) => health.snapshot().encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The mesh role's peers, once a mesh is attached.
+#[derive(Debug)]
+struct MeshScrapeTime(Weak<Health>);
+
+impl Collector for MeshScrapeTime {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.upgrade().and_then(|h| h.mesh.get().cloned()) {
+            Some(mesh) => crate::mesh_status::MeshCollector(mesh.status()).encode(encoder),
+            None => Ok(()),
+        }
     }
 }
 

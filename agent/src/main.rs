@@ -192,15 +192,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Mesh role: a gateway (Node label mesh.weir.io/gateway=true), or a node watching a
     // gateway's import. Imports restored from the state directory are part of the very first
-    // state the datapath reconciles.
+    // state the datapath reconciles. With native routes, a node keeps its ECMP routes to peers
+    // over the live gateways itself; through the overlay, they are node routes (one gateway).
+    let mesh_ecmp = matches!(peers, NodePeers::Routes(_));
     let mesh = Arc::new(
-        Mesh::start(&args.mesh, &first_state.state, &node_name, &state_dir)
-            .await
-            .context("starting the mesh role")?,
+        Mesh::start(
+            &args.mesh,
+            &first_state.state,
+            &node_name,
+            &state_dir,
+            mesh_ecmp,
+        )
+        .await
+        .context("starting the mesh role")?,
     );
     health.attach_mesh(Arc::clone(&mesh));
     peers
-        .sync(&node_and_mesh_routes(&first_state.state, &node_name))
+        .sync(&node_and_mesh_routes(
+            &first_state.state,
+            &node_name,
+            mesh_ecmp,
+        ))
         .await;
     health.source.observe_state(&first_state.state);
     runtime
@@ -239,7 +251,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     // tell the runtime what its state was read from.
                     if state.state != last_state.state {
                         state_health.source.observe_state(&state.state);
-                        peers.sync(&node_and_mesh_routes(&state.state, &routes_node)).await;
+                        peers.sync(&node_and_mesh_routes(&state.state, &routes_node, mesh_ecmp)).await;
                         state_mesh.observe(&state.state).await;
                     }
                     last_state = state;
@@ -277,14 +289,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Routes to other nodes' pods and, on nodes that are not mesh gateways, to peer clusters'
-/// prefixes via a gateway node.
+/// Routes to other nodes' pods and, on nodes that are not mesh gateways and unless the mesh
+/// keeps its own ECMP routes (`mesh_ecmp`), to peer clusters' prefixes via a gateway node.
 fn node_and_mesh_routes(
     state: &ClusterState,
     node_name: &str,
+    mesh_ecmp: bool,
 ) -> std::collections::BTreeMap<ipnet::IpNet, std::net::IpAddr> {
     let mut routes = desired_routes(state, node_name);
-    routes.extend(weir_agent::mesh::gateway_routes(state, node_name));
+    if !mesh_ecmp {
+        routes.extend(weir_agent::mesh::gateway_routes(state, node_name));
+    }
     routes
 }
 
@@ -516,7 +531,9 @@ fn start_uplink_filter(
         }
         return Ok(());
     };
-    let attached = uplink::attach(ebpf, &device, bpffs_dir)?;
+    let vxlan_port =
+        (args.overlay == OverlayMode::Vxlan).then_some(weir_agent::overlay::VXLAN_PORT);
+    let attached = uplink::attach(ebpf, &device, vxlan_port, bpffs_dir)?;
     tracing::info!(
         device,
         ?attached,
@@ -586,6 +603,10 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?
         .block_on(async {
             NodeRoutes::open().await?.sync(&Default::default()).await;
+            NodeRoutes::open_with(weir_agent::routes::MESH_ROUTE_PROTOCOL)
+                .await?
+                .sync(&Default::default())
+                .await;
             weir_agent::overlay::remove_device().await
         })
         .context("removing Weir's routes and overlay device")?;

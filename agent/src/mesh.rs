@@ -3,9 +3,16 @@
 //! whose name sorts after our cluster's, exports what each MeshPeer's export selector chooses,
 //! carries packets between its TUN device and the peers, and feeds what peers export to the
 //! policy compiler as namespaces `<peer>/<namespace>` and pods labelled `weir.io/cluster: <peer>`.
-//! Other nodes route peers' prefixes to a gateway node (see [`gateway_routes`]) and watch a
-//! gateway's merged import over `MeshImport` (see [`weir_mesh::fanout`]) to enforce policy on
+//! Other nodes route peers' prefixes over the cluster's live gateway nodes (an ECMP route hashed
+//! by L4, see [`ecmp_routes`]; with the VXLAN overlay, one gateway: [`gateway_routes`]) and watch
+//! a gateway's merged import over `MeshImport` (see [`weir_mesh::fanout`]) to enforce policy on
 //! remote identities at their own pods ([`Mesh`] is either role).
+//!
+//! Active/active: a cluster may label several Nodes as gateways. Each dials (or is dialled by)
+//! every gateway of every peer (a MeshPeer lists all of them in `endpoints`); gateways keep no
+//! per-flow state, so any of them carries any flow, and a gateway that dies leaves the nodes'
+//! ECMP routes (liveness watches, [`weir_mesh::fanout`]) and the peers' gateways' choice
+//! ([`weir_mesh::link`]) within a second.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -42,6 +49,7 @@ use weir_policy::{
 use crate::{
     mesh_forward::{DataPlaneArgs, Forwarder, TunDeliver},
     mesh_tun::{Tun, TunError},
+    routes::{MESH_ROUTE_PROTOCOL, NodeRoutes, RoutesError, hash_multipath_by_l4},
 };
 
 /// Flags of the gateway role.
@@ -90,6 +98,8 @@ pub enum MeshError {
     },
     #[error(transparent)]
     Tun(#[from] TunError),
+    #[error("routes to mesh peers via the gateways: {0}")]
+    Routes(#[from] RoutesError),
     #[error(
         "serving the mesh import to the cluster's nodes on {addr}: {source} (the gateway serves it on its Node's InternalIP; check status.addresses)"
     )]
@@ -191,8 +201,51 @@ pub fn gateway_import_addrs(state: &ClusterState, node: &str, port: u16) -> Vec<
         .collect()
 }
 
-/// Routes of a node that is not a gateway: every MeshPeer's allowed prefixes via the first
-/// gateway node's InternalIP of the same family. Empty on gateways (they route into the TUN).
+/// The InternalIPs of the cluster's gateway Nodes.
+fn gateway_ips(state: &ClusterState) -> Vec<IpAddr> {
+    state
+        .nodes
+        .keys()
+        .filter(|name| is_gateway(state, name))
+        .flat_map(|name| internal_ips(state, name))
+        .collect()
+}
+
+/// ECMP routes of a node that is not a gateway: every MeshPeer's allowed prefixes via every
+/// gateway whose import address is in `live` (same family); via all of them while none is live
+/// (at start, or when every gateway is down: the route stays, as for any node that is down).
+/// Empty on gateways (they route into the TUN).
+pub fn ecmp_routes(
+    state: &ClusterState,
+    node: &str,
+    live: &BTreeSet<IpAddr>,
+) -> BTreeMap<IpNet, Vec<IpAddr>> {
+    let mut routes = BTreeMap::new();
+    if is_gateway(state, node) {
+        return routes;
+    }
+    let gateways = gateway_ips(state);
+    for peer in valid_peers(state) {
+        for prefix in peer.allowed_prefixes {
+            let family: Vec<IpAddr> = gateways
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv4() == matches!(prefix, IpNet::V4(_)))
+                .collect();
+            let up: Vec<IpAddr> = family
+                .iter()
+                .copied()
+                .filter(|a| live.contains(a))
+                .collect();
+            routes.insert(prefix, if up.is_empty() { family } else { up });
+        }
+    }
+    routes
+}
+
+/// Routes of a node that is not a gateway when peers' prefixes go through the VXLAN overlay
+/// (one next hop each): every MeshPeer's allowed prefixes via the first gateway node's
+/// InternalIP of the same family. Empty on gateways (they route into the TUN).
 pub fn gateway_routes(state: &ClusterState, node: &str) -> BTreeMap<IpNet, IpAddr> {
     let mut routes = BTreeMap::new();
     if is_gateway(state, node) {
@@ -353,10 +406,36 @@ pub struct MeshNode {
     port: u16,
     watcher: Arc<ImportWatcher>,
     gateways: watch::Sender<Vec<SocketAddr>>,
+    /// The state the ECMP routes follow (with the gateways' liveness), when this node keeps them.
+    routed_state: Option<watch::Sender<Arc<ClusterState>>>,
+}
+
+/// Keeps the node's ECMP routes to peers' prefixes over the live gateways, following the state
+/// (MeshPeers, gateway Nodes) and the gateways' liveness.
+async fn keep_ecmp_routes(
+    node: String,
+    mut routes: NodeRoutes,
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    mut live: watch::Receiver<BTreeSet<SocketAddr>>,
+) {
+    loop {
+        let current = Arc::clone(&state.borrow_and_update());
+        let up: BTreeSet<IpAddr> = live.borrow_and_update().iter().map(|a| a.ip()).collect();
+        routes
+            .sync_multipath(&ecmp_routes(&current, &node, &up))
+            .await;
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            changed = live.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 impl MeshNode {
     fn observe(&self, state: &ClusterState) {
+        if let Some(routed) = &self.routed_state {
+            routed.send_replace(Arc::new(state.clone()));
+        }
         let peers = valid_peers(state);
         self.watcher
             .set_peers(peer_bounds(&peers, &cluster_prefixes(state)));
@@ -378,12 +457,15 @@ impl MeshNode {
 impl Mesh {
     /// Starts this node's role from the first state: the gateway role on a gateway Node, the
     /// watch of a gateway's import otherwise. Either way the import persisted in `state_dir` is
-    /// restored first, so the first state the datapath reconciles holds it.
+    /// restored first, so the first state the datapath reconciles holds it. With `ecmp_routes`
+    /// (native routing), a node that is not a gateway keeps its routes to peers' prefixes itself:
+    /// ECMP over the live gateways ([`ecmp_routes`]).
     pub async fn start(
         args: &MeshArgs,
         state: &ClusterState,
         node: &str,
         state_dir: &Path,
+        ecmp_routes: bool,
     ) -> Result<Self, MeshError> {
         if let Some(gateway) = Gateway::start_if_gateway(args, state, node, state_dir).await? {
             gateway.observe(state).await;
@@ -395,13 +477,32 @@ impl Mesh {
             Limits::default(),
         );
         let (gateways, rx) = watch::channel(Vec::new());
+        let routed_state = if ecmp_routes {
+            if let Err(e) = hash_multipath_by_l4() {
+                // Flows still spread, by addresses only; nothing is opened or dropped by it.
+                tracing::warn!(error = %e, "mesh routes hash by addresses only");
+            }
+            let routes = NodeRoutes::open_with(MESH_ROUTE_PROTOCOL).await?;
+            let (tx, states) = watch::channel(Arc::new(state.clone()));
+            tokio::spawn(keep_ecmp_routes(
+                node.to_owned(),
+                routes,
+                states,
+                watcher.live_gateways(),
+            ));
+            Some(tx)
+        } else {
+            None
+        };
         let mesh = MeshNode {
             node: node.to_owned(),
             port: args.mesh_import_port,
             watcher: Arc::clone(&watcher),
             gateways,
+            routed_state,
         };
         mesh.observe(state);
+        tokio::spawn(Arc::clone(&watcher).watch_liveness(rx.clone()));
         tokio::spawn(watcher.run(rx));
         Ok(Mesh::Node(mesh))
     }
@@ -495,6 +596,7 @@ impl Gateway {
         let identity = Arc::new(identity);
         let cluster = identity.cluster().map_err(MeshError::Name)?;
         tls::spawn_reloader(Arc::clone(&identity), Duration::from_secs(2));
+        tracing::info!(%cluster, node, "this node is a mesh gateway");
         let trust = Arc::new(TrustStore::default());
         let tun = Arc::new(Tun::open(args.data_plane.mesh_offload).await?);
         let link = Link::with_data_plane(
@@ -504,6 +606,7 @@ impl Gateway {
             TunDeliver(Arc::clone(&tun)),
             args.data_plane.data_plane(),
         );
+        link.set_gateway_name(node);
         let config = tls::server_config(Arc::clone(&identity), Arc::clone(&trust), provider)?;
         let listener = tokio::net::TcpListener::bind(args.mesh_listen)
             .await
@@ -545,6 +648,12 @@ impl Gateway {
         tokio::spawn(async move {
             loop {
                 publisher.publish(&publish_link.imports());
+                // Ready to carry traffic (what the nodes' liveness watches report): a session
+                // with a gateway of every peer, and its import synced.
+                let peers = publish_link.peers();
+                publisher.set_ready(
+                    !peers.is_empty() && peers.iter().all(|p| p.gateways_up() > 0 && p.is_synced()),
+                );
                 if changes.changed().await.is_err() {
                     return;
                 }
@@ -778,6 +887,45 @@ mod tests {
         assert!(!id.pod_labels.contains_key(CLUSTER_LABEL));
         assert!(entries.contains_key("ep/10.1.0.5"));
         assert!(!entries.contains_key("ep/10.1.0.6"));
+    }
+
+    #[test]
+    fn workers_route_peers_over_the_live_gateways_and_over_all_while_none_is() {
+        let node = |name: &str, ip: &str, gateway: bool| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{mesh.weir.io/gateway: '{gateway}'}}}}\n\
+                 spec: {{podCIDRs: ['10.1.{}.0/24']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n",
+                &ip[ip.len() - 1..]
+            )
+        };
+        let s = state(&format!(
+            "{}{}{}---\napiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: east}}\n\
+             spec: {{endpoints: ['192.0.2.5:4243'], allowedPrefixes: ['10.2.0.0/16'], caBundle: '-----BEGIN CERTIFICATE-----'}}\n",
+            node("g1", "172.31.0.1", true),
+            node("g2", "172.31.0.2", true),
+            node("w", "172.31.0.3", false),
+        ));
+        let east: IpNet = "10.2.0.0/16".parse().unwrap();
+        let (g1, g2): (IpAddr, IpAddr) =
+            ("172.31.0.1".parse().unwrap(), "172.31.0.2".parse().unwrap());
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::from([g1, g2]))[&east],
+            vec![g1, g2]
+        );
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::from([g2]))[&east],
+            vec![g2],
+            "a dead gateway leaves the route"
+        );
+        assert_eq!(
+            ecmp_routes(&s, "w", &BTreeSet::new())[&east],
+            vec![g1, g2],
+            "with none live, the route keeps them all"
+        );
+        assert!(
+            ecmp_routes(&s, "g1", &BTreeSet::new()).is_empty(),
+            "gateways route into the TUN"
+        );
     }
 
     #[test]

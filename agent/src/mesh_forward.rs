@@ -1,11 +1,12 @@
 //! The mesh gateway's data path between its TUN device and the link: packets the kernel routed
 //! into the TUN are read straight into the batch they are sent in, tagged with the identity we
-//! export for their source, put on a lane (the latency lane for flows that send little, else
-//! their flow's bulk lane; `weir_mesh::lanes`), and batched per lane until the TUN has nothing
-//! more to read (no timer, so a lone request goes out at once); packets the link received and
-//! checked are written back into the TUN, with their offload fields when the device has
-//! offload.
-
+//! export for their source, hashed by flow onto one of [`FLOW_SLOTS`] slots (each slot goes to
+//! one of the peer's live gateways, rendezvous-hashed, so a flow keeps its order and a gateway
+//! that leaves moves only its own slots), put on a lane of that gateway (the latency lane for
+//! flows that send little, else the slot's bulk lane; `weir_mesh::lanes`), and batched per slot
+//! and lane until the TUN has nothing more to read (no timer, so a lone request goes out at
+//! once); packets the link received and checked are written back into the TUN, with their
+//! offload fields when the device has offload.
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -18,7 +19,7 @@ use clap::Args;
 use weir_mesh::{
     codec::{MAX_PACKET_LEN, Offload, RECORD_HEADER_LEN, VNET_HDR_LEN, VNET_HDR_OFFSET},
     confine::packet_addresses,
-    lanes::{Lane, LaneSelector},
+    lanes::{Lane, LaneSelector, flow_hash},
     link::{BatchBuilder, DataPlane, Deliver, Link, Peer},
 };
 
@@ -93,9 +94,15 @@ pub struct Forwarder {
     pub batching: bool,
 }
 
-/// The batch being built towards one peer on one lane.
+/// Flows are hashed onto this many slots per peer; a slot is the unit the link places on one of
+/// the peer's gateways and one bulk lane (enough to spread over 16 lanes and a few gateways).
+pub const FLOW_SLOTS: u64 = 16;
+
+/// The batch being built towards one peer for one flow slot on one lane (the latency lane, or
+/// the slot's bulk lane).
 struct LaneBatch {
     peer: Arc<Peer>,
+    slot: u64,
     lane: Lane,
     builder: BatchBuilder,
 }
@@ -122,7 +129,6 @@ impl Batches {
         }
     }
 }
-
 impl Forwarder {
     /// Packets from the TUN to peers until the TUN fails.
     pub async fn run(self) {
@@ -180,7 +186,8 @@ impl Forwarder {
         for b in &mut batches.lanes {
             if !b.builder.is_empty() && which(b.lane) {
                 let (bytes, packets) = b.builder.take();
-                self.link.send_batch_to(&b.peer, b.lane, bytes, packets);
+                self.link
+                    .send_flow_batch_on(&b.peer, b.slot, b.lane, bytes, packets);
             }
         }
     }
@@ -189,19 +196,20 @@ impl Forwarder {
     /// packet behind its virtio header with offload): seals it there, moves it to its own
     /// peer's and lane's batch, or drops it (counted).
     fn route(&self, start: usize, batches: &mut Batches, selector: &mut LaneSelector) {
-        let Some((peer, id, offload, lane)) = self.classify(start, batches, selector) else {
+        let Some((peer, id, offload, slot, lane)) = self.classify(start, batches, selector) else {
             batches.reader().discard(start);
             return;
         };
         let target = match batches
             .lanes
             .iter()
-            .position(|b| b.lane == lane && Arc::ptr_eq(&b.peer, &peer))
+            .position(|b| b.slot == slot && b.lane == lane && Arc::ptr_eq(&b.peer, &peer))
         {
             Some(t) => t,
             None => {
                 batches.lanes.push(LaneBatch {
                     peer,
+                    slot,
                     lane,
                     builder: BatchBuilder::default(),
                 });
@@ -232,18 +240,20 @@ impl Forwarder {
         let b = &mut batches.lanes[target];
         if b.builder.is_full() || !self.batching {
             let (bytes, packets) = b.builder.take();
-            self.link.send_batch_to(&b.peer, b.lane, bytes, packets);
+            self.link
+                .send_flow_batch_on(&b.peer, b.slot, b.lane, bytes, packets);
         }
     }
 
-    /// The peer, exported id, offload fields and lane of the packet read at `start`; `None`
+    /// The peer, exported id, offload fields, flow slot and lane of the packet read at `start`;
+    /// `None`
     /// (counted) when it is not to be sent.
     fn classify(
         &self,
         start: usize,
         batches: &mut Batches,
         selector: &mut LaneSelector,
-    ) -> Option<(Arc<Peer>, u32, Offload, Lane)> {
+    ) -> Option<(Arc<Peer>, u32, Offload, u64, Lane)> {
         let record = &batches.reader().bytes()[start..];
         let offload = if self.tun.offload() {
             let Some(hdr) = record
@@ -284,11 +294,15 @@ impl Forwarder {
             tracing::debug!(%src, %dst, peer = %name, "not sent to the mesh peer: the source is not exported to it");
             return None;
         };
+        // The gateway is the slot's (the link picks it when the batch is sent); the lane is
+        // the selector's choice: latency, or the slot's bulk lane (so a flow's bulk packets and
+        // its latency packets' fallback, while that gateway serves no latency lane, share one).
+        let slot = flow_hash(packet) % FLOW_SLOTS;
         let lane = match selector.select(packet, Instant::now()) {
-            Lane::Latency if !peer.latency_lane_up() => selector.bulk_lane(packet),
-            lane => lane,
+            Lane::Latency => Lane::Latency,
+            Lane::Bulk(_) => Lane::Bulk(slot as usize),
         };
-        Some((peer, id, offload, lane))
+        Some((peer, id, offload, slot, lane))
     }
 }
 

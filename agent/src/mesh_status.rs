@@ -20,6 +20,9 @@ pub struct PeerStatus {
     pub connected: bool,
     /// The import holds exactly what was exported (a Synced since the session came up).
     pub synced: bool,
+    /// On a gateway: the peer's gateways a session is up with. On a node: this cluster's
+    /// gateways that are up and ready (the next hops of its ECMP route to the peer).
+    pub gateways_up: u64,
     pub imported_identities: u64,
     pub imported_endpoints: u64,
     /// Refusals by reason (`confine::Refusal` names), non-zero ones only.
@@ -71,6 +74,7 @@ fn gateway_status(g: &Gateway) -> MeshStatus {
                 peer: view.cluster.clone(),
                 connected: p.is_connected(),
                 synced: p.is_synced(),
+                gateways_up: p.gateways_up() as u64,
                 imported_identities: view.identities.len() as u64,
                 imported_endpoints: view.endpoints.len() as u64,
                 refusals: refusals(&p.refusals),
@@ -96,6 +100,7 @@ fn gateway_status(g: &Gateway) -> MeshStatus {
 fn node_status(n: &MeshNode) -> MeshStatus {
     let watcher = n.watcher();
     let (connected, synced) = (watcher.is_connected(), watcher.is_synced());
+    let gateways_up = watcher.live_gateways().borrow().len() as u64;
     let mut peers: Vec<PeerStatus> = watcher
         .views()
         .iter()
@@ -103,6 +108,7 @@ fn node_status(n: &MeshNode) -> MeshStatus {
             peer: v.cluster.clone(),
             connected,
             synced,
+            gateways_up,
             imported_identities: v.identities.len() as u64,
             imported_endpoints: v.endpoints.len() as u64,
             ..PeerStatus::default()
@@ -114,6 +120,7 @@ fn node_status(n: &MeshNode) -> MeshStatus {
                 peer: name,
                 connected,
                 synced,
+                gateways_up,
                 ..PeerStatus::default()
             });
         }
@@ -126,6 +133,7 @@ fn node_status(n: &MeshNode) -> MeshStatus {
                 peer,
                 connected,
                 synced,
+                gateways_up,
                 refusals: refused,
                 ..PeerStatus::default()
             }),
@@ -186,6 +194,13 @@ impl Collector for MeshCollector {
             "1 once the import of the peer holds exactly what it exports (Synced received in the current session)",
             MetricType::Gauge,
             gauge(|p| i64::from(p.synced)),
+        )?;
+        family(
+            &mut e,
+            "weir_mesh_gateways_up",
+            "On a gateway: the peer's gateways a mesh session is up with. On other nodes: this cluster's gateways that are up and ready, the next hops of the route to the peer",
+            MetricType::Gauge,
+            gauge(|p| i64::try_from(p.gateways_up).unwrap_or(i64::MAX)),
         )?;
         family(
             &mut e,
@@ -304,6 +319,7 @@ mod tests {
                 peer: "east".into(),
                 connected: true,
                 synced: false,
+                gateways_up: 2,
                 imported_identities: 2,
                 imported_endpoints: 5,
                 refusals: vec![("address_ours", 3), ("identity_mismatch", 1)],
@@ -316,6 +332,7 @@ mod tests {
         });
         for line in [
             "weir_mesh_peer_connected{peer=\"east\"} 1",
+            "weir_mesh_gateways_up{peer=\"east\"} 2",
             "weir_mesh_peer_synced{peer=\"east\"} 0",
             "weir_mesh_imported_identities{peer=\"east\"} 2",
             "weir_mesh_imported_endpoints{peer=\"east\"} 5",

@@ -8,6 +8,12 @@
 //! each caller is answered only after that write. 16 concurrent CNI ADDs cost about two compiles
 //! (the first ADD's, and one for the fifteen that queued meanwhile), not sixteen.
 //!
+//! The work of an event follows what it changes ([`weir_policy::incremental`]): a state that
+//! differs from the one in force only in policies recomputes those policies and the subjects
+//! they select, and writes those subjects; one that differs only in pods of other nodes whose
+//! label sets other pods already carry (a Deployment scaling elsewhere) changes only ipcache
+//! entries, and only those are computed and written. Everything else compiles the whole state.
+//!
 //! What it keeps from the runtime it replaced:
 //! - fail closed: a compile or write failure leaves the previous enforcement in place, marks the
 //!   runtime degraded and fails the ADDs of that round;
@@ -32,16 +38,17 @@ use weir_common::{
     CONFIG_REVOKE_ESTABLISHED,
 };
 use weir_policy::{
-    compile::{CompileInput, compile},
+    compile::CompileInput,
     identity::IdentityAllocator,
+    incremental::Incremental,
     model::{ClusterState, ObjectKey},
     output::{Compiled, Rejection},
 };
 
 use crate::{
     datapath::{
-        desired::desired_maps,
-        writer::{ApplyStats, DesiredMaps, Writer},
+        desired::{desired_maps, subject_state},
+        writer::{ApplyStats, DesiredMaps, SubjectState, Writer},
     },
     endpoints::{EndpointError, LocalEndpoint},
     flows::Explainer,
@@ -123,6 +130,108 @@ pub(crate) struct Reconciler {
     /// The rejected policies of the state in force, for whoever reports them (Kubernetes
     /// Events): validation runs once, in the compiler.
     pub rejections: watch::Sender<Arc<[Rejection]>>,
+    /// The indexes of `compiled` for address-only pod events (`None`: none yet, or the last
+    /// write failed; the next change compiles in full).
+    pub incremental: Option<Incremental>,
+    /// What the state accepted in this round changed, for [`Reconciler::reconcile`].
+    pub changed: StateChange,
+}
+
+/// How the accepted cluster state differs from the one compiled before it.
+#[derive(Debug, Default)]
+pub(crate) enum StateChange {
+    /// Nothing, or nothing since the last compile.
+    #[default]
+    None,
+    /// Only these pods (added, modified or removed).
+    Pods(Vec<ObjectKey>),
+    /// Only these NetworkPolicies.
+    Policies(Vec<ObjectKey>),
+    /// Anything else (the first state, namespaces, nodes, several kinds at once).
+    Everything,
+}
+
+impl StateChange {
+    /// What `new` changes from `old`.
+    fn between(old: &ClusterState, new: &ClusterState) -> Self {
+        // Every field named, so that a new kind of object cannot be missed here.
+        let ClusterState {
+            namespaces,
+            pods,
+            policies,
+            nodes,
+            mesh_peers,
+        } = new;
+        if old.namespaces != *namespaces || old.nodes != *nodes || old.mesh_peers != *mesh_peers {
+            return Self::Everything;
+        }
+        let pods = changed_keys(&old.pods, pods);
+        let policies = changed_keys(&old.policies, policies);
+        match (pods.is_empty(), policies.is_empty()) {
+            (true, true) => Self::None,
+            (false, true) => Self::Pods(pods),
+            (true, false) => Self::Policies(policies),
+            (false, false) => Self::Everything,
+        }
+    }
+
+    /// Two changes in a row, as one.
+    fn then(self, next: Self) -> Self {
+        match (self, next) {
+            (Self::None, next) => next,
+            (this, Self::None) => this,
+            (Self::Pods(a), Self::Pods(b)) => Self::Pods(merged(a, b)),
+            (Self::Policies(a), Self::Policies(b)) => Self::Policies(merged(a, b)),
+            _ => Self::Everything,
+        }
+    }
+}
+
+fn merged(mut a: Vec<ObjectKey>, b: Vec<ObjectKey>) -> Vec<ObjectKey> {
+    a.extend(b);
+    a.sort_unstable();
+    a.dedup();
+    a
+}
+
+/// The keys whose values differ between two maps (present in one only, or different), in one
+/// walk of both in key order.
+fn changed_keys<K: Ord + Clone, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> Vec<K> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((k, _)), None) => {
+                out.push((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.push((*k).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*kb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        out.push((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
 }
 
 /// The commands taken together in one round.
@@ -235,7 +344,7 @@ impl Reconciler {
         }
 
         if state_changed || endpoints_changed {
-            self.reconcile();
+            self.reconcile(endpoints_changed);
         }
         let saved = if endpoints_changed {
             self.save_endpoints().map_err(|e| e.to_string())
@@ -272,7 +381,12 @@ impl Reconciler {
     /// (a relist, or a rewritten file with the same objects, compiles nothing).
     fn accept(&mut self, state: ClusterState, fingerprint: String) -> bool {
         let first = !self.cluster_read;
-        if !first && self.input.state == state {
+        let change = if first {
+            StateChange::Everything
+        } else {
+            StateChange::between(&self.input.state, &state)
+        };
+        if matches!(change, StateChange::None) {
             tracing::debug!("cluster state unchanged; nothing to compile");
             if self.accepted.fingerprint != fingerprint {
                 // The same objects from other bytes (a comment, a reordered file): what is in
@@ -287,6 +401,7 @@ impl Reconciler {
             return false;
         }
         self.input.state = state;
+        self.changed = std::mem::take(&mut self.changed).then(change);
         self.cluster_read = true;
         self.accepted = Applied {
             generation: self.accepted.generation + 1,
@@ -407,11 +522,22 @@ impl Reconciler {
     }
 
     /// Compile and write. Failures leave the previous enforcement in place and are reported.
-    fn reconcile(&mut self) {
+    fn reconcile(&mut self, endpoints_changed: bool) {
         if !self.cluster_read {
             return;
         }
         let started = Instant::now();
+        let change = std::mem::take(&mut self.changed);
+        if !endpoints_changed && self.degraded.is_none() {
+            let done = match &change {
+                StateChange::Pods(pods) => self.update_addresses(pods, started),
+                StateChange::Policies(policies) => self.update_policies(policies, started),
+                StateChange::None | StateChange::Everything => false,
+            };
+            if done {
+                return;
+            }
+        }
         let mut local: BTreeMap<ObjectKey, Vec<IpAddr>> = BTreeMap::new();
         for e in self.endpoints.values() {
             local
@@ -421,11 +547,15 @@ impl Reconciler {
         }
         self.input.local_endpoints = local;
         self.shared.compiles.fetch_add(1, Ordering::Relaxed);
-        let compiled = match compile(&self.input, &mut self.identities) {
-            Ok(compiled) => compiled,
+        let compiled = match Incremental::compile(&self.input, &mut self.identities) {
+            Ok((compiled, incremental)) => {
+                self.incremental = Some(incremental);
+                compiled
+            }
             Err(e) => {
                 tracing::error!(error = %e, "compiling policy failed; previous enforcement stays in place");
                 self.degraded = Some(e.to_string());
+                self.incremental = None;
                 return;
             }
         };
@@ -433,22 +563,27 @@ impl Reconciler {
         crate::metrics::metrics()
             .compile_seconds
             .observe(compile_time.as_secs_f64());
-        log_new_rejections(&self.compiled.rejections, &compiled.rejections);
         let desired = self.desired_maps(&compiled);
         match self.writer.apply(&desired) {
             Ok(stats) => {
                 log_apply(&stats, compile_time, started.elapsed());
                 self.degraded = None;
-                if self.applied != self.accepted {
-                    self.applied = self.accepted.clone();
-                    self.log_applied();
-                }
+                self.mark_applied();
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
                 self.degraded = Some(e.to_string());
+                self.incremental = None;
             }
         }
+        let previous = std::mem::replace(&mut self.compiled, compiled);
+        self.compiled_changed(&previous.rejections);
+    }
+
+    /// After a compile (full or in place) into `self.compiled`: saves identities if they
+    /// changed, and hands the new output to the explainer and whoever reports rejections.
+    fn compiled_changed(&mut self, previous_rejections: &[Rejection]) {
+        let compiled = &self.compiled;
         if self.identities != self.saved_identities {
             match persist::write_json(&identities_file(&self.config), &self.identities) {
                 Ok(()) => self.saved_identities = self.identities.clone(),
@@ -461,12 +596,92 @@ impl Reconciler {
             .shared
             .explainer
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Explainer::from_compiled(&compiled);
-        if compiled.rejections != self.compiled.rejections {
+            .unwrap_or_else(|p| p.into_inner()) = Explainer::from_compiled(compiled);
+        if compiled.rejections != previous_rejections {
+            log_new_rejections(previous_rejections, &compiled.rejections);
             self.rejections
                 .send_replace(compiled.rejections.clone().into());
         }
-        self.compiled = compiled;
+    }
+
+    /// A change of policies alone, recomputed in place (see [`weir_policy::incremental`]) and
+    /// written subject by subject. Returns false, having changed nothing, when it needs a full
+    /// compile.
+    fn update_policies(&mut self, policies: &[ObjectKey], started: Instant) -> bool {
+        let Some(incremental) = &mut self.incremental else {
+            return false;
+        };
+        let previous_rejections = self.compiled.rejections.clone();
+        // Refused, it changes nothing; taken, it patches both as a full compile would.
+        let Some(subjects) = incremental.policies_changed(
+            &self.input,
+            policies,
+            &mut self.identities,
+            &mut self.compiled,
+        ) else {
+            return false;
+        };
+        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
+        let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
+        let desired: BTreeMap<u32, SubjectState> = subjects
+            .iter()
+            .filter_map(|s| Some((*s, subject_state(self.compiled.subjects.get(s)?))))
+            .collect();
+        match self.writer.apply_subjects(&desired) {
+            Ok(stats) => {
+                log_apply(&stats, compile_time, started.elapsed());
+                self.mark_applied();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
+                self.degraded = Some(e.to_string());
+                self.incremental = None;
+            }
+        }
+        self.compiled_changed(&previous_rejections);
+        true
+    }
+
+    /// An address-only pod event (see [`weir_policy::incremental`]): patches the ipcache and
+    /// writes just that. Returns false, having changed nothing, when the event needs a compile.
+    fn update_addresses(&mut self, pods: &[ObjectKey], started: Instant) -> bool {
+        let Some(incremental) = &mut self.incremental else {
+            return false;
+        };
+        let Some(changes) =
+            incremental.pods_changed(&self.input, pods, &self.identities, &mut self.compiled)
+        else {
+            return false;
+        };
+        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
+        let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
+        match self.writer.apply_ipcache(&changes) {
+            Ok(stats) => {
+                log_apply(&stats, compile_time, started.elapsed());
+                self.mark_applied();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
+                self.degraded = Some(e.to_string());
+                // `compiled` holds what was not written: the next change compiles in full and
+                // writes the whole difference.
+                self.incremental = None;
+            }
+        }
+        true
+    }
+
+    fn mark_applied(&mut self) {
+        if self.applied != self.accepted {
+            self.applied = self.accepted.clone();
+            self.log_applied();
+        }
     }
 
     fn desired_maps(&self, compiled: &Compiled) -> DesiredMaps {
@@ -562,6 +777,67 @@ mod tests {
             fingerprint: fingerprint.to_owned(),
             done: oneshot::channel().0,
         }
+    }
+
+    fn with_objects(yaml: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        for object in weir_policy::model::parse_documents(yaml, "test") {
+            state.apply(object.expect("valid"));
+        }
+        state
+    }
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\n";
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: ns}\nspec: {podSelector: {}}\n";
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns}\n";
+
+    #[test]
+    fn a_state_change_names_the_pods_or_policies_it_changed() {
+        let empty = ClusterState::default();
+        let pod = with_objects(POD);
+        let policy = with_objects(POLICY);
+        let key = |name: &str| ObjectKey::new("ns", name);
+        assert!(matches!(
+            StateChange::between(&empty, &empty),
+            StateChange::None
+        ));
+        assert!(
+            matches!(StateChange::between(&empty, &pod), StateChange::Pods(k) if k == [key("p")])
+        );
+        assert!(
+            matches!(StateChange::between(&pod, &empty), StateChange::Pods(k) if k == [key("p")])
+        );
+        assert!(
+            matches!(StateChange::between(&empty, &policy), StateChange::Policies(k) if k == [key("np")])
+        );
+        let both = with_objects(&format!("{POD}---\n{POLICY}"));
+        assert!(matches!(
+            StateChange::between(&empty, &both),
+            StateChange::Everything
+        ));
+        let namespace = with_objects(NAMESPACE);
+        assert!(matches!(
+            StateChange::between(&empty, &namespace),
+            StateChange::Everything
+        ));
+        // Changes in a row add up; kinds mixed compile in full.
+        let pods =
+            StateChange::Pods(vec![key("a")]).then(StateChange::Pods(vec![key("b"), key("a")]));
+        assert!(matches!(pods, StateChange::Pods(k) if k == [key("a"), key("b")]));
+        let mixed = StateChange::Pods(vec![key("a")]).then(StateChange::Policies(vec![key("np")]));
+        assert!(matches!(mixed, StateChange::Everything));
+        assert!(matches!(
+            StateChange::None.then(StateChange::Policies(vec![])),
+            StateChange::Policies(_)
+        ));
+    }
+
+    #[test]
+    fn changed_keys_walks_both_maps_once() {
+        let old = BTreeMap::from([(1, 'a'), (2, 'b'), (4, 'd')]);
+        let new = BTreeMap::from([(2, 'b'), (3, 'c'), (4, 'x'), (5, 'e')]);
+        assert_eq!(changed_keys(&old, &new), vec![1, 3, 4, 5]);
+        assert!(changed_keys(&old, &old).is_empty());
     }
 
     #[test]

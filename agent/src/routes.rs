@@ -5,7 +5,10 @@
 //! ipcache.
 //!
 //! The agent's routes carry their own protocol number, so it finds (and removes) exactly its own
-//! after a restart and never touches routes it did not make.
+//! after a restart and never touches routes it did not make. The mesh's routes to peer clusters
+//! (on nodes that are not gateways) carry another one ([`MESH_ROUTE_PROTOCOL`]) and may have
+//! several next hops: an ECMP route over the cluster's live gateways, hashed by L4
+//! ([`hash_multipath_by_l4`]).
 
 use std::{
     collections::BTreeMap,
@@ -14,17 +17,27 @@ use std::{
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteNextHop, RouteProtocol,
+};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use weir_policy::model::ClusterState;
 
 /// `rtm_protocol` of Weir's routes ('W').
 pub const ROUTE_PROTOCOL: u8 = 0x57;
+/// `rtm_protocol` of Weir's routes to mesh peers' prefixes via the cluster's gateways ('X').
+pub const MESH_ROUTE_PROTOCOL: u8 = 0x58;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
     #[error("opening a netlink socket: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("setting {path}: {source} (multipath routes would hash by addresses only)")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}: {source}")]
     Netlink {
         what: String,
@@ -72,30 +85,69 @@ pub(crate) fn connect() -> Result<Handle, RoutesError> {
     Ok(handle)
 }
 
-/// The routes the agent keeps in the node's main table.
-pub struct NodeRoutes {
-    handle: Handle,
-    installed: BTreeMap<IpNet, IpAddr>,
+/// Makes the kernel hash multipath routes by L4 (addresses, protocol and ports) in this
+/// network namespace, so the flows of one pod pair spread over the next hops while each flow
+/// keeps one.
+pub fn hash_multipath_by_l4() -> Result<(), RoutesError> {
+    for path in [
+        "/proc/sys/net/ipv4/fib_multipath_hash_policy",
+        "/proc/sys/net/ipv6/fib_multipath_hash_policy",
+    ] {
+        std::fs::write(path, "1").map_err(|source| RoutesError::Sysctl { path, source })?;
+    }
+    Ok(())
 }
 
-fn message(cidr: IpNet, via: Option<IpAddr>) -> RouteMessage {
-    let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
-    match (cidr, via) {
-        (IpNet::V4(net), via) => {
+/// The routes the agent keeps in the node's main table (of one protocol number).
+pub struct NodeRoutes {
+    handle: Handle,
+    protocol: u8,
+    installed: BTreeMap<IpNet, Vec<IpAddr>>,
+}
+
+fn message(protocol: u8, cidr: IpNet, via: &[IpAddr]) -> RouteMessage {
+    let protocol = RouteProtocol::from(protocol);
+    let hop = |gw: RouteAddress| {
+        let mut hop = RouteNextHop::default();
+        hop.attributes = vec![RouteAttribute::Gateway(gw)];
+        hop
+    };
+    match cidr {
+        IpNet::V4(net) => {
             let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(net.network(), net.prefix_len())
                 .protocol(protocol);
-            if let Some(IpAddr::V4(gw)) = via {
-                b = b.gateway(gw);
+            let gws: Vec<Ipv4Addr> = via
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            match gws.as_slice() {
+                [] => {}
+                [gw] => b = b.gateway(*gw),
+                many => b = b.multipath(many.iter().map(|g| hop(RouteAddress::Inet(*g))).collect()),
             }
             b.build()
         }
-        (IpNet::V6(net), via) => {
+        IpNet::V6(net) => {
             let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(net.network(), net.prefix_len())
                 .protocol(protocol);
-            if let Some(IpAddr::V6(gw)) = via {
-                b = b.gateway(gw);
+            let gws: Vec<Ipv6Addr> = via
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V6(v6) => Some(*v6),
+                    IpAddr::V4(_) => None,
+                })
+                .collect();
+            match gws.as_slice() {
+                [] => {}
+                [gw] => b = b.gateway(*gw),
+                many => {
+                    b = b.multipath(many.iter().map(|g| hop(RouteAddress::Inet6(*g))).collect())
+                }
             }
             b.build()
         }
@@ -114,6 +166,11 @@ impl NodeRoutes {
     /// Connects to netlink in the calling thread's network namespace (the node's) and adopts
     /// the routes a previous agent installed.
     pub async fn open() -> Result<Self, RoutesError> {
+        Self::open_with(ROUTE_PROTOCOL).await
+    }
+
+    /// [`NodeRoutes::open`] for the routes of protocol number `protocol`.
+    pub async fn open_with(protocol: u8) -> Result<Self, RoutesError> {
         let handle = connect()?;
         let mut installed = BTreeMap::new();
         for query in [
@@ -130,67 +187,92 @@ impl NodeRoutes {
                         source,
                     })?
             {
-                if route.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL) {
+                if route.header.protocol != RouteProtocol::from(protocol) {
                     continue;
                 }
-                let (mut dst, mut gw) = (None, None);
+                let (mut dst, mut gws) = (None, Vec::new());
                 for attr in &route.attributes {
                     match attr {
                         RouteAttribute::Destination(a) => dst = address(a),
-                        RouteAttribute::Gateway(a) => gw = address(a),
+                        RouteAttribute::Gateway(a) => gws.extend(address(a)),
+                        RouteAttribute::MultiPath(hops) => {
+                            for hop in hops {
+                                for a in &hop.attributes {
+                                    if let RouteAttribute::Gateway(a) = a {
+                                        gws.extend(address(a));
+                                    }
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }
-                if let (Some(dst), Some(gw)) = (dst, gw)
+                gws.sort();
+                if let Some(dst) = dst
+                    && !gws.is_empty()
                     && let Ok(net) = IpNet::new(dst, route.header.destination_prefix_length)
                 {
-                    installed.insert(net, gw);
+                    installed.insert(net, gws);
                 }
             }
         }
-        Ok(Self { handle, installed })
+        Ok(Self {
+            handle,
+            protocol,
+            installed,
+        })
     }
 
     /// Makes the agent's routes exactly `desired`. A route that cannot be added (its gateway is
     /// not reachable from this node, say) is logged and retried on the next change.
     pub async fn sync(&mut self, desired: &BTreeMap<IpNet, IpAddr>) {
+        let desired = desired.iter().map(|(c, v)| (*c, vec![*v])).collect();
+        self.sync_multipath(&desired).await;
+    }
+
+    /// [`NodeRoutes::sync`] with several next hops per prefix (an ECMP route; sorted, so an
+    /// unchanged set is not replaced). A prefix with no next hop has no route.
+    pub async fn sync_multipath(&mut self, desired: &BTreeMap<IpNet, Vec<IpAddr>>) {
         for (cidr, via) in desired {
-            if self.installed.get(cidr) == Some(via) {
+            let mut via = via.clone();
+            via.sort();
+            via.dedup();
+            if via.is_empty() || self.installed.get(cidr) == Some(&via) {
                 continue;
             }
             match self
                 .handle
                 .route()
-                .add(message(*cidr, Some(*via)))
+                .add(message(self.protocol, *cidr, &via))
                 .replace()
                 .execute()
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(%cidr, %via, "route to another node's pods");
-                    self.installed.insert(*cidr, *via);
+                    tracing::info!(%cidr, ?via, "route to pods elsewhere");
+                    self.installed.insert(*cidr, via);
                 }
                 Err(e) => {
-                    tracing::error!(%cidr, %via, error = %e, "cannot route another node's pod CIDR; is its InternalIP reachable from this node?")
+                    tracing::error!(%cidr, ?via, error = %e, "cannot route a pod CIDR; is its next hop (a Node's InternalIP) reachable from this node?")
                 }
             }
         }
-        let stale: Vec<(IpNet, IpAddr)> = self
+        let stale: Vec<(IpNet, Vec<IpAddr>)> = self
             .installed
             .iter()
-            .filter(|(cidr, _)| !desired.contains_key(cidr))
-            .map(|(c, v)| (*c, *v))
+            .filter(|(cidr, _)| desired.get(cidr).is_none_or(|v| v.is_empty()))
+            .map(|(c, v)| (*c, v.clone()))
             .collect();
         for (cidr, via) in stale {
             match self
                 .handle
                 .route()
-                .del(message(cidr, Some(via)))
+                .del(message(self.protocol, cidr, &via))
                 .execute()
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(%cidr, %via, "removed the route of a node that is gone");
+                    tracing::info!(%cidr, ?via, "removed a route that is no longer wanted");
                     self.installed.remove(&cidr);
                 }
                 Err(e) => tracing::warn!(%cidr, error = %e, "cannot remove a stale route"),

@@ -196,6 +196,8 @@ impl Runtime {
             published: published_tx,
             rejections,
             config: config.clone(),
+            incremental: None,
+            changed: Default::default(),
         };
         reconciler.save_endpoints()?;
         reconciler.publish();

@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
 use weir_proto::{
     agent::v1::{
         ActivateEndpointRequest, AllocateEndpointRequest, Attachment, CheckEndpointRequest,
@@ -24,7 +23,7 @@ use crate::{
     config::{Env, NetConf},
     error::PluginError,
     netlink,
-    result::{self, Wired},
+    result::{self, CniResult, Wired},
 };
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +80,7 @@ fn parse_ip(address: &str, gateway: &str) -> Result<(IpAddr, u8, IpAddr), Plugin
     Ok((addr, prefix, gateway))
 }
 
-pub fn add(conf: &NetConf, env: &Env) -> Result<Value, PluginError> {
+pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, PluginError> {
     let namespace = env
         .args
         .pod_namespace

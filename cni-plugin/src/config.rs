@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::PluginError;
+use crate::{error::PluginError, result::CniResult};
 
 /// Versions this plugin speaks (VERSION's `supportedVersions`).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
@@ -189,8 +189,12 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub pod_wait_seconds: Option<u64>,
-    #[serde(default)]
-    pub prev_result: Option<Value>,
+    /// The previous plugin's result when chained, as given; checked and typed into
+    /// `prev_result` by [`parse_netconf`].
+    #[serde(default, rename = "prevResult")]
+    prev_result_given: Option<Value>,
+    #[serde(skip)]
+    pub prev_result: Option<CniResult>,
     /// Weir allocates addresses itself (the agent's IPAM); an `ipam` section is refused.
     #[serde(default)]
     pub ipam: Option<Value>,
@@ -229,10 +233,11 @@ impl NetConf {
 
 /// Decodes stdin and checks the version and the values Weir reads.
 pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, PluginError> {
-    let conf: NetConf = serde_json::from_slice(stdin).map_err(|source| PluginError::Decode {
-        what: "the network configuration on stdin",
-        source,
-    })?;
+    let mut conf: NetConf =
+        serde_json::from_slice(stdin).map_err(|source| PluginError::Decode {
+            what: "the network configuration on stdin",
+            source,
+        })?;
     check_required(&conf)?;
     if conf.ipam.is_some() {
         return Err(PluginError::UnsupportedField {
@@ -260,12 +265,16 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, PluginError> {
             reason: "agentSocket is empty".into(),
         });
     }
-    if let Some(prev) = &conf.prev_result
-        && !prev.is_object()
-    {
-        return Err(PluginError::InvalidConfig {
-            reason: "prevResult is not an object".into(),
-        });
+    if let Some(prev) = conf.prev_result_given.take() {
+        if !prev.is_object() {
+            return Err(PluginError::InvalidConfig {
+                reason: "prevResult is not an object".into(),
+            });
+        }
+        let typed = serde_json::from_value(prev).map_err(|e| PluginError::InvalidConfig {
+            reason: format!("prevResult is not a CNI result: {e}"),
+        })?;
+        conf.prev_result = Some(typed);
     }
     Ok(conf)
 }

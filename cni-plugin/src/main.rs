@@ -17,16 +17,18 @@ use std::{
     time::Instant,
 };
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     config::{Command, Env, LATEST_VERSION, SUPPORTED_VERSIONS},
     error::PluginError,
+    result::{CniResult, ErrorResult, VersionResult},
 };
 
 /// What a successful call prints.
 enum Output {
-    Json(Value),
+    Result(CniResult),
+    Version(VersionResult),
     Nothing,
 }
 
@@ -68,10 +70,10 @@ fn run(ctx: &mut Ctx) -> Result<Output, PluginError> {
             })
             .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| LATEST_VERSION.to_owned());
-        return Ok(Output::Json(json!({
-            "cniVersion": asked,
-            "supportedVersions": SUPPORTED_VERSIONS,
-        })));
+        return Ok(Output::Version(VersionResult {
+            cni_version: asked,
+            supported_versions: SUPPORTED_VERSIONS.iter().map(|&v| v.to_owned()).collect(),
+        }));
     }
     // The version and log file are wanted for the error report even if the rest is invalid.
     if let Ok(v) = serde_json::from_slice::<Value>(&stdin) {
@@ -86,7 +88,7 @@ fn run(ctx: &mut Ctx) -> Result<Output, PluginError> {
     ctx.env = config::env(command)?;
     let env = &ctx.env;
     match command {
-        Command::Add => Ok(Output::Json(commands::add(&conf, env)?)),
+        Command::Add => Ok(Output::Result(commands::add(&conf, env)?)),
         Command::Del => {
             ctx.note = commands::del(&conf, env)?;
             Ok(Output::Nothing)
@@ -113,31 +115,29 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| LATEST_VERSION.to_owned());
     let mut stdout = std::io::stdout().lock();
+    let printed = match &outcome {
+        Ok(Output::Result(r)) => Some(serde_json::to_string(r)),
+        Ok(Output::Version(v)) => Some(serde_json::to_string(v)),
+        Ok(Output::Nothing) => None,
+        Err(e) => Some(serde_json::to_string(&ErrorResult {
+            cni_version,
+            code: e.code(),
+            msg: e.to_string(),
+            details: e.details(),
+        })),
+    };
+    if let Some(Ok(json)) = printed {
+        let _ = writeln!(stdout, "{json}");
+    }
     let (code, logged) = match outcome {
-        Ok(Output::Json(v)) => {
-            let _ = writeln!(stdout, "{v}");
-            (
-                ExitCode::SUCCESS,
-                ctx.note.clone().unwrap_or_else(|| "ok".into()),
-            )
-        }
-        Ok(Output::Nothing) => (
+        Ok(_) => (
             ExitCode::SUCCESS,
             ctx.note.clone().unwrap_or_else(|| "ok".into()),
         ),
-        Err(e) => {
-            let error = json!({
-                "cniVersion": cni_version,
-                "code": e.code(),
-                "msg": e.to_string(),
-                "details": e.details(),
-            });
-            let _ = writeln!(stdout, "{error}");
-            (
-                ExitCode::FAILURE,
-                format!("error code={} {}", e.code(), e.details()),
-            )
-        }
+        Err(e) => (
+            ExitCode::FAILURE,
+            format!("error code={} {}", e.code(), e.details()),
+        ),
     };
     let _ = stdout.flush();
     if ctx.command != Some(Command::Version) {

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use weir_lab::lab::Lab;
 use weir_lab::process::bin;
 
 /// Waits until the agent serving `socket` has written to its datapath the manifests directory
@@ -31,6 +32,14 @@ pub fn wait_applied(socket: &Path, manifests: &Path, timeout: Duration) -> u64 {
             manifests.display()
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until every agent of `lab` has applied the lab's manifests directory as it is now.
+pub fn wait_lab_applied(lab: &Lab) {
+    let state = lab.state();
+    for node in &state.nodes {
+        wait_applied(&node.socket, &state.manifests_dir(), APPLY_TIMEOUT);
     }
 }
 

@@ -232,7 +232,7 @@ impl KubeServer {
 
     /// Creates or replaces an object (any of the four kinds, as YAML or JSON text).
     pub fn apply(&self, manifest: &str) {
-        let object: Value = serde_yaml::from_str(manifest).expect("manifest");
+        let object: Value = yaml_serde::from_str(manifest).expect("manifest");
         self.apply_value(object);
     }
 

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod kube_server;
 pub mod mesh_objects;
 pub mod netpol_cases;
+pub mod netpol_lab;
 pub mod packet;
 pub mod testrun;
 

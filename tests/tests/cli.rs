@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde_json::Value;
-use weir_tests::tcp::{PORT, connects, serve};
+use weir_tests::tcp::{PORT, connects, eventually_connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs, bin},
     cni::{Plugin, PodRef, first_address},
@@ -307,7 +307,10 @@ fn the_cli_reads_a_live_agent() {
     assert!(err.contains("is not PORT/PROTO"), "{err}");
 
     // flows: a drop shows up in the history, and live with --follow
-    assert!(connects(client, ips[2]), "the client reaches the server");
+    assert!(
+        eventually_connects(client, ips[2]),
+        "the client reaches the server"
+    );
     assert!(!connects(intruder, ips[2]), "the intruder is dropped");
     let dropped = wait_for_flow(socket, &["--verdict", "drop", "--pod", "app/server"], |v| {
         v["src"] == ips[1].to_string() && v["reason"] == "policy-denied"

@@ -9,9 +9,10 @@
 //! plugin leaves them. Root only.
 
 use weir_common::{
-    CONFIG_REDIRECT_LOCAL, COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, CT_EGRESS_ALLOWED,
-    CT_INGRESS_ALLOWED, DIR_INGRESS, PROG_FROM_POD, PROTO_TCP, REASON_POLICY_DENIED,
-    SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
+    CONFIG_REDIRECT_LOCAL, CONFIG_REVOKE_ESTABLISHED, COUNTER_PATH_REDIRECT_PEER,
+    COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, DIR_INGRESS, PROG_FROM_POD,
+    PROTO_TCP, REASON_ESTABLISHED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_REVOKED,
+    REASON_RULE, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
 };
 use weir_tests::packet::{ipv4_checksum_ok, with_ipv4_checksum};
 use weir_tests::{
@@ -131,6 +132,56 @@ fn a_drop_by_the_destinations_ingress_is_reported_as_its_own() {
         assert_eq!(e.ifindex, vb, "reported on the destination's veth");
         assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 0);
         assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 0);
+    });
+}
+
+/// An established connection whose entry has both sides allowed under the current generation is
+/// delivered on the egress check's lookup alone (the destination's side counted as established,
+/// as its own check would); after a policy change the destination's ingress is checked inline
+/// again, and a revoked connection is cut and reported as the destination's drop.
+#[test]
+fn established_connections_are_redirected_and_rechecked_inline_after_a_policy_change() {
+    with_host_veth("rd5", true, |dp, vb| {
+        dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+        dp.allow(
+            ID_B,
+            1,
+            DIR_INGRESS,
+            ID_A,
+            Some(PROTO_TCP),
+            Ports::One(80),
+            5,
+        );
+        let syn_frame = with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80));
+        let ack_frame = with_ipv4_checksum(ack(POD_A, 40000, POD_B, 80));
+        assert_eq!(dp.run_out(PROG_FROM_POD, &syn_frame).0, TC_ACT_REDIRECT);
+        assert_eq!(dp.counter(REASON_NOT_ISOLATED), 1, "A's egress");
+        assert_eq!(dp.counter(REASON_RULE), 1, "B's ingress");
+        for _ in 0..3 {
+            assert_eq!(dp.run_out(PROG_FROM_POD, &ack_frame).0, TC_ACT_REDIRECT);
+        }
+        // Each packet counts both sides as established, as two hooks would.
+        assert_eq!(dp.counter(REASON_ESTABLISHED), 6);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 4);
+
+        // The rule goes, with revocation on: B's ingress is checked again on the next packet.
+        dp.revoke(ID_B, 1, DIR_INGRESS, ID_A, Some(PROTO_TCP), Ports::One(80));
+        dp.config(2, CONFIG_REDIRECT_LOCAL | CONFIG_REVOKE_ESTABLISHED);
+        assert_eq!(dp.from_pod(&ack_frame), SHOT);
+        assert_eq!(dp.counter(REASON_REVOKED), 1);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 4);
+        let events = dp.events();
+        let e = events
+            .iter()
+            .find(|e| e.reason == REASON_REVOKED)
+            .expect("the revocation is reported");
+        assert_eq!(e.direction, DIR_INGRESS);
+        assert_eq!(e.subject, ID_B);
+        assert_eq!(e.ifindex, vb, "reported on the destination's veth");
+        assert!(
+            dp.ct(&ct_key(POD_A, 40000, POD_B, 80, PROTO_TCP)).is_none(),
+            "the revoked entry is gone"
+        );
     });
 }
 

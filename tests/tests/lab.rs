@@ -36,10 +36,10 @@ fn two_pods(ns: &str) -> String {
 /// instead of the CNI plugin: a TCP and a UDP server answer across nodes, a closed port does not.
 #[test]
 fn lab_plumbing_without_agent_routes_between_nodes() {
-    let name = "tplumb";
+    let name = &lab::process_name("tplmb");
     lab::down(name).unwrap();
-    struct Guard(&'static str);
-    impl Drop for Guard {
+    struct Guard<'a>(&'a str);
+    impl Drop for Guard<'_> {
         fn drop(&mut self) {
             lab::down(self.0).unwrap();
         }
@@ -109,6 +109,7 @@ fn lab_plumbing_without_agent_routes_between_nodes() {
     let options = ProbeOptions {
         timeout: Duration::from_millis(500),
         udp_attempts: 2,
+        retry_within: None,
     };
     let matrix = probe::probe(&endpoints, &targets, |_, _| options);
     println!("{}", matrix.render(None));
@@ -139,7 +140,7 @@ fn lab_plumbing_without_agent_routes_between_nodes() {
 /// process or state.
 #[test]
 fn lab_up_probe_down_leaves_nothing() {
-    let name = "tlab";
+    let name = &lab::process_name("tlab");
     let started = Instant::now();
     let mut lab = Lab::up(LabSpec::new(name, 2).manifest(Manifest::Yaml(two_pods("la")))).unwrap();
     println!("lab up in {:?}", started.elapsed());
@@ -203,7 +204,7 @@ fn lab_up_probe_down_leaves_nothing() {
 /// A panic while a lab is held takes the lab down (the guard's Drop).
 #[test]
 fn lab_is_taken_down_when_its_holder_panics() {
-    let name = "tpanic";
+    let name = &lab::process_name("tpnic");
     let result = std::panic::catch_unwind(|| {
         let lab = Lab::up(
             LabSpec::new(name, 1).manifest(Manifest::Yaml(

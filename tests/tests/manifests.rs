@@ -40,7 +40,7 @@ fn documents() -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (i, doc) in yaml_serde::Deserializer::from_str(&text).enumerate() {
             let value: Value = serde::Deserialize::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{} document {i}: {e}", file.display()));
             if !value.is_null() {

@@ -16,7 +16,6 @@ use std::{
 };
 
 use weir_mesh::certs::MeshCa;
-use weir_tests::ping::internet_checksum;
 use weir_tests::{
     agent::{Agent, AgentDirs, bin, health_get, metric},
     cni::{Plugin, PodRef, first_address},
@@ -100,80 +99,9 @@ fn udp_ok(from: &Netns, to: IpAddr) -> bool {
     .unwrap()
 }
 
-/// One ICMP echo request from a raw socket in `from`; true if the matching reply comes back.
+/// One ICMP echo request from `from` (weir-lab's ping); true if the matching reply comes back.
 fn ping_ok(from: &Netns, to: IpAddr) -> bool {
-    let IpAddr::V4(to) = to else {
-        panic!("IPv4 only")
-    };
-    spawn_in(from.path(), move || {
-        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 500_000,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                size_of::<libc::timeval>() as u32,
-            );
-            let id: u16 = std::process::id() as u16;
-            let mut echo = [
-                8u8,
-                0,
-                0,
-                0,
-                (id >> 8) as u8,
-                id as u8,
-                0,
-                1,
-                b'w',
-                b'e',
-                b'i',
-                b'r',
-            ];
-            let sum = internet_checksum(&echo);
-            echo[2..4].copy_from_slice(&sum.to_be_bytes());
-            let dst = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(to.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            libc::sendto(
-                fd,
-                echo.as_ptr().cast(),
-                echo.len(),
-                0,
-                (&raw const dst).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            );
-            let mut buf = [0u8; 256];
-            let mut ok = false;
-            for _ in 0..8 {
-                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                if n < 28 {
-                    break;
-                }
-                let ihl = usize::from(buf[0] & 0x0f) * 4;
-                let icmp = &buf[ihl..n as usize];
-                if buf[12..16] == to.octets() && icmp[0] == 0 && icmp[4..6] == echo[4..6] {
-                    ok = true;
-                    break;
-                }
-            }
-            libc::close(fd);
-            ok
-        }
-    })
-    .join()
-    .unwrap()
+    weir_tests::ping::ping(from, to, "eth0", Duration::from_millis(500))
 }
 
 /// TCP and UDP servers on PORT in the pod.

@@ -33,6 +33,7 @@ fn cluster(name: &str, extra: &str) -> ClusterSpec {
     ClusterSpec {
         name: name.into(),
         nodes: 2,
+        gateways: 1,
         manifests: vec![Manifest::Yaml(format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: app, labels: {{mesh.weir.io/export: 'true'}}}}\n{}{}{extra}",
             pod("gw", "node1"),

@@ -4,205 +4,29 @@
 //! offline check of the compiler); this file runs each one against the lab, with real connections
 //! from inside the pods to the pods' addresses on the port and protocol upstream probes.
 //!
-//! The pods are spread over both nodes (x/a, x/c, y/b, z/a, z/c on node1; x/b, y/a, y/c, z/b on
-//! node2), so every case exercises enforcement on both sides of a node boundary.
+//! The lab and the running of a case are `weir_tests::netpol_lab` (over weir-lab's shared lab):
+//! the pods are spread over both nodes, so every case exercises enforcement on both sides of a
+//! node boundary.
 //!
 //! After the upstream cases come Weir's own (`weir_*`): a named port with an ipBlock peer, and
 //! policies only a manifest can carry, which are rejected and fail closed (issue 11).
 //!
-//! The cases share the lab and run one at a time (a mutex); the lab is brought up by the first
-//! case and taken down when the test binary exits (and by the next run if it was killed).
+//! The cases share the lab of this test process and run one at a time; the lab is brought up by
+//! the first case and taken down when the test binary exits (and by the next run if it was
+//! killed).
 //!
 //! Every truth table is probed once, after both agents report the manifests directory as it is
 //! applied (`weir status`): a policy change that is applied but not yet enforced fails the case.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
-
-use weir_lab::lab::{self, Lab, LabSpec, Manifest, ProbeOptions, ProbeSpec, Proto};
-use weir_tests::applied::{APPLY_TIMEOUT, wait_applied};
-use weir_tests::netpol_cases::{
-    self, Cluster, NAMESPACES, PODS, Reach, cluster_yaml, ns, pod, policy,
-};
-
-const LAB: &str = "netpol";
+use weir_lab::lab::{Lab, Proto};
+use weir_tests::netpol_cases::{self, Cluster as _, Reach, ns, pod, policy};
+use weir_tests::netpol_lab::{lab_case, run};
 
 use Proto::{Tcp as TCP, Udp as UDP};
 
 // ---------------------------------------------------------------------------------------------
-// The shared lab
-// ---------------------------------------------------------------------------------------------
-
-static SHARED: OnceLock<Result<Mutex<Lab>, String>> = OnceLock::new();
-
-extern "C" fn take_down_at_exit() {
-    if let Err(e) = lab::down(LAB) {
-        eprintln!("taking down lab {LAB}: {e:#}");
-    }
-}
-
-fn shared_lab() -> MutexGuard<'static, Lab> {
-    let shared = SHARED.get_or_init(|| {
-        let started = Instant::now();
-        let result = Lab::up(LabSpec::new(LAB, 2).manifest(Manifest::Yaml(cluster_yaml())));
-        match result {
-            Ok(lab) => {
-                // SAFETY: registering a plain extern "C" function.
-                unsafe { libc::atexit(take_down_at_exit) };
-                eprintln!("lab {LAB} up in {:.1} s", started.elapsed().as_secs_f64());
-                Ok(Mutex::new(lab))
-            }
-            Err(e) => Err(format!("{e:#}")),
-        }
-    });
-    match shared {
-        Ok(m) => m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
-        Err(e) => panic!("the shared lab did not come up: {e}"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A case: the lab reset to no policy and original labels, then policies and assertions
-// ---------------------------------------------------------------------------------------------
-
-struct Case {
-    lab: MutexGuard<'static, Lab>,
-    name: &'static str,
-    started: Instant,
-}
-
-impl Case {
-    fn new(name: &'static str) -> Case {
-        let mut lab = shared_lab();
-        let started = Instant::now();
-        lab.delete_kind("NetworkPolicy").expect("deleting policies");
-        for ns in NAMESPACES {
-            let want: BTreeMap<String, String> = BTreeMap::new();
-            if lab.labels("Namespace", None, ns).expect("namespace labels") != want {
-                lab.set_labels("Namespace", None, ns, &want)
-                    .expect("resetting labels");
-            }
-            for p in PODS {
-                let want = BTreeMap::from([("pod".to_string(), p.to_string())]);
-                if lab.labels("Pod", Some(ns), p).expect("pod labels") != want {
-                    lab.set_labels("Pod", Some(ns), p, &want)
-                        .expect("resetting labels");
-                }
-            }
-        }
-        let mut case = Case { lab, name, started };
-        // Start from a clean slate: everything reaches everything again.
-        for (port, proto) in [(80, TCP), (81, TCP), (80, UDP), (81, UDP)] {
-            case.check(port, proto, &Reach::new(), "resetting to no policy");
-        }
-        case
-    }
-
-    fn check(&mut self, port: u16, proto: Proto, reach: &Reach, what: &str) {
-        let expect = reach.expectations(port, proto);
-        let spec = ProbeSpec {
-            ports: Some(vec![(port, proto)]),
-            options: ProbeOptions {
-                timeout: Duration::from_millis(1000),
-                udp_attempts: 2,
-            },
-            denied_timeout: Some(Duration::from_millis(250)),
-            ..ProbeSpec::default()
-        };
-        let since = std::time::SystemTime::now();
-        self.wait_applied();
-        let (matrix, diffs) = self.lab.probe_once(&spec, &expect).expect("probing");
-        if !diffs.is_empty() {
-            let mut logs = String::new();
-            for d in diffs.iter().filter(|d| !d.observed) {
-                for line in self.lab.explain_drop(&d.from, &d.to, since) {
-                    logs.push_str(&format!("{} -> {}: {line}\n", d.from, d.to.pod));
-                }
-            }
-            for node in ["node1", "node2"] {
-                logs.push_str(&format!(
-                    "\n--- {node} agent log (tail) ---\n{}\n",
-                    self.lab.agent_log(node, 15)
-                ));
-            }
-            panic!(
-                "{what}: {port}/{proto} truth table differs once both agents applied the manifests\n\
-                 observed (. allowed, X denied, ! differs from expected):\n{}\n{}{logs}",
-                matrix.render(Some(&expect)),
-                lab::matrix::render_differences(&diffs),
-            );
-        }
-    }
-}
-
-impl Case {
-    /// Waits until both agents have written the manifests directory, as it is now, to their
-    /// datapath.
-    fn wait_applied(&self) {
-        let state = self.lab.state();
-        for node in &state.nodes {
-            wait_applied(&node.socket, &state.manifests_dir(), APPLY_TIMEOUT);
-        }
-    }
-}
-
-impl Cluster for Case {
-    fn apply(&mut self, yaml: &str) {
-        self.lab.apply_yaml(yaml).expect("applying policies");
-    }
-
-    fn delete_policies(&mut self) {
-        self.lab
-            .delete_kind("NetworkPolicy")
-            .expect("deleting policies");
-    }
-
-    fn pod_ip(&self, key: &str) -> String {
-        self.lab.pod_ip(key).expect("pod address").to_string()
-    }
-
-    fn add_pod_labels(&mut self, ns: &str, name: &str, labels: &[(&str, &str)]) {
-        let mut now = self.lab.labels("Pod", Some(ns), name).expect("labels");
-        now.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        self.lab
-            .set_labels("Pod", Some(ns), name, &now)
-            .expect("setting labels");
-    }
-
-    fn add_namespace_label(&mut self, ns: &str, key: &str, value: &str) {
-        let mut now = self.lab.labels("Namespace", None, ns).expect("labels");
-        now.insert(key.to_string(), value.to_string());
-        self.lab
-            .set_labels("Namespace", None, ns, &now)
-            .expect("setting labels");
-    }
-
-    fn validate(&mut self, port: u16, proto: Proto, reach: &Reach) {
-        let name = self.name;
-        self.check(port, proto, reach, name);
-    }
-}
-
-impl Drop for Case {
-    fn drop(&mut self) {
-        eprintln!(
-            "case {} took {:.1} s",
-            self.name,
-            self.started.elapsed().as_secs_f64()
-        );
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The cases, each a #[test] of its own
 // ---------------------------------------------------------------------------------------------
-
-fn run(name: &str) {
-    let case = netpol_cases::case(name);
-    let mut c = Case::new(case.upstream);
-    case.run(&mut c);
-}
 
 macro_rules! lab_cases {
     ($($name:ident),* $(,)?) => {
@@ -288,10 +112,15 @@ fn shortcut_packets(lab: &Lab) -> (u64, u64) {
 /// pods of one node through `bpf_redirect_peer`, across the nodes through `bpf_redirect_neigh`.
 #[test]
 fn weir_the_truth_table_runs_through_both_shortcuts() {
-    let mut case = Case::new("weir_the_truth_table_runs_through_both_shortcuts");
-    let before = shortcut_packets(&case.lab);
-    case.check(80, TCP, &Reach::new(), "every pod reaches every pod");
-    let after = shortcut_packets(&case.lab);
+    let case = lab_case("weir_the_truth_table_runs_through_both_shortcuts");
+    let before = shortcut_packets(case.lab());
+    case.check(
+        80,
+        TCP,
+        &Reach::new().expectations(80, TCP),
+        "every pod reaches every pod",
+    );
+    let after = shortcut_packets(case.lab());
     assert!(
         after.0 > before.0 && after.1 > before.1,
         "the probes did not take both shortcuts (redirect_peer, redirect_neigh): {before:?} -> {after:?}"
@@ -308,37 +137,13 @@ fn every_shared_case_runs_in_the_lab() {
 // Beyond upstream: named ports with ipBlocks, and rejected policies (issue 11)
 // ---------------------------------------------------------------------------------------------
 
-impl Case {
-    /// An ipBlock covering every pod of the lab (the nodes' pod CIDRs are 10.<lab>.<node>.0/24).
-    fn pods_cover(&self) -> String {
-        let ip = self.pod_ip("x/a");
-        let octets: Vec<&str> = ip.split('.').collect();
-        format!("{}.{}.0.0/16", octets[0], octets[1])
-    }
-
-    /// Asserts that both agents, having applied the manifests directory, logged every one of
-    /// `texts` (an agent logs a rejection before it reports the state applied).
-    fn assert_logged(&self, texts: &[&str]) {
-        self.wait_applied();
-        let logs: Vec<String> = ["node1", "node2"]
-            .iter()
-            .map(|n| self.lab.agent_log(n, 100_000))
-            .collect();
-        assert!(
-            logs.iter().all(|l| texts.iter().all(|t| l.contains(t))),
-            "the agents' logs do not say {texts:?}:\n{}",
-            logs.join("\n---\n")
-        );
-    }
-}
-
 /// The policy of issue 11, which Weir used to reject whole (and so fail open): ingress from
 /// pod=b and from an ipBlock with two excepts naming pods of other namespaces, egress to an
 /// ipBlock on `[{protocol: TCP}, {port: serve-80-tcp}]`. Accepted now, and enforced exactly.
 #[test]
 fn weir_issue_11_named_port_and_ip_block_policy() {
-    let mut c = Case::new("Weir: a named port with an ipBlock peer is enforced (issue 11)");
-    let cover = c.pods_cover();
+    let mut c = lab_case("Weir: a named port with an ipBlock peer is enforced (issue 11)");
+    let cover = c.lab().pods_supernet();
     let (ya, zb, yc) = (c.pod_ip("y/a"), c.pod_ip("z/b"), c.pod_ip("y/c"));
     c.apply(&policy(
         "x",
@@ -363,8 +168,8 @@ fn weir_issue_11_named_port_and_ip_block_policy() {
 /// the block (but the excepted one), nothing else.
 #[test]
 fn weir_named_port_to_ip_block_is_exact() {
-    let mut c = Case::new("Weir: egress to a named port of the pods in an ipBlock");
-    let cover = c.pods_cover();
+    let mut c = lab_case("Weir: egress to a named port of the pods in an ipBlock");
+    let cover = c.lab().pods_supernet();
     let zc = c.pod_ip("z/c");
     c.apply(&policy(
         "x",
@@ -387,7 +192,7 @@ fn weir_named_port_to_ip_block_is_exact() {
 /// (all pods of its namespace when its podSelector is invalid).
 #[test]
 fn weir_rejected_policies_fail_closed() {
-    let mut c = Case::new("Weir: a rejected policy never allows what it would have denied");
+    let mut c = lab_case("Weir: a rejected policy never allows what it would have denied");
     // Would admit only x/b into x/a; its name is invalid.
     c.apply(&policy(
         "x",
@@ -404,5 +209,5 @@ fn weir_rejected_policies_fail_closed() {
     r.ingress(pod("x", "a"), false).egress(ns("y"), false);
     c.validate(80, TCP, &r);
     c.validate(81, UDP, &r);
-    c.assert_logged(&["rejected NetworkPolicy", "UPPER_case!", "y/bad-selector"]);
+    c.assert_agents_logged(&["rejected NetworkPolicy", "UPPER_case!", "y/bad-selector"]);
 }

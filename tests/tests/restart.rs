@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use weir_lab::lab::{Lab, LabSpec, Manifest};
+use weir_lab::lab::{self, Lab, LabSpec, Manifest};
 use weir_tests::netns::{self, spawn_in};
 
 const ECHO_PORT: u16 = 9000;
@@ -145,8 +145,10 @@ fn requests(
 
 #[test]
 fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
-    let mut lab = Lab::up(LabSpec::new("trestart", 2).manifest(Manifest::Yaml(CLUSTER.to_owned())))
-        .expect("lab up");
+    let mut lab = Lab::up(
+        LabSpec::new(&lab::process_name("trest"), 2).manifest(Manifest::Yaml(CLUSTER.to_owned())),
+    )
+    .expect("lab up");
     let pod_netns = |name: &str| lab.state().pods[&format!("rs/{name}")].netns.clone();
     let local = lab.pod_ip("rs/local").unwrap();
     let remote = lab.pod_ip("rs/remote").unwrap();

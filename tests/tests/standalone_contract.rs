@@ -13,7 +13,7 @@ use std::{
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use weir_tests::applied::{APPLY_TIMEOUT, wait_applied};
-use weir_tests::tcp::{PORT, connects, serve};
+use weir_tests::tcp::{PORT, connects, eventually_connects, serve};
 use weir_tests::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef, first_address},
@@ -160,13 +160,12 @@ fn the_documented_standalone_contract_holds() {
     let (client, intruder, server, blue) = (&pods[0].2, &pods[1].2, &pods[2].2, &pods[3].2);
     let server_ip = ips[2];
     serve(server, server_ip);
-    thread::sleep(Duration::from_millis(100));
     assert!(
-        connects(client, server_ip),
+        eventually_connects(client, server_ip),
         "no policy: client reaches server"
     );
     assert!(
-        connects(intruder, server_ip),
+        eventually_connects(intruder, server_ip),
         "no policy: intruder reaches server"
     );
 
@@ -179,7 +178,7 @@ fn the_documented_standalone_contract_holds() {
     write(m, "marker.yaml", &namespace("marker", "team: none"));
     wait_applied(&dirs.socket, &dirs.manifests, APPLY_TIMEOUT);
     assert!(
-        connects(intruder, server_ip),
+        eventually_connects(intruder, server_ip),
         "ignored files must not apply"
     );
     std::fs::rename(m.join(".policy.yaml"), m.join("policy.yaml")).unwrap();
@@ -191,7 +190,7 @@ fn the_documented_standalone_contract_holds() {
         &agent,
     );
     assert!(
-        connects(client, server_ip),
+        eventually_connects(client, server_ip),
         "the policy allows the client (named port)"
     );
     assert!(!connects(blue, server_ip), "blue is not app=client");
@@ -222,7 +221,7 @@ fn the_documented_standalone_contract_holds() {
     wait_until("the metric to count the rejection", &agent, || {
         metrics(&node).contains("weir_rejected_policies 1\n")
     });
-    assert!(connects(client, server_ip) && !connects(intruder, server_ip));
+    assert!(eventually_connects(client, server_ip) && !connects(intruder, server_ip));
     // Fail closed: it selects every pod of `app` for ingress and allows nothing, so the client
     // (otherwise not isolated) is no longer reachable.
     eventually(
@@ -375,7 +374,7 @@ fn the_documented_standalone_contract_holds() {
         "after SIGTERM the policy is still enforced"
     );
     assert!(
-        connects(client, server_ip),
+        eventually_connects(client, server_ip),
         "after SIGTERM allowed traffic still flows"
     );
 }

@@ -9,7 +9,7 @@ use std::{io::Write, net::TcpListener, path::Path, time::Duration};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use weir_common::{COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, MAP_COUNTERS};
-use weir_tests::tcp::{PORT, connects};
+use weir_tests::tcp::{PORT, connects, eventually_connects};
 use weir_tests::{
     agent::{Agent, AgentDirs, flows},
     cni::{Plugin, PodRef, addresses},
@@ -99,21 +99,21 @@ fn local_pods_are_reached_through_redirect_peer_with_the_destinations_policy_enf
     for (family, index) in [("IPv4", 0), ("IPv6", 1)] {
         let b_ip = ips[1][index];
         let before = paths(&dirs.bpffs);
-        eventually(&format!("a reaches b over {family}"), PATIENCE, || {
-            connects(a, b_ip)
-        });
+        assert!(eventually_connects(a, b_ip), "a reaches b over {family}");
         let after = paths(&dirs.bpffs);
         assert!(
             after.0 > before.0,
             "{family}: no packet took the redirect: {before:?} -> {after:?}\n{}",
             agent.log_text()
         );
-        assert!(!connects(c, b_ip), "{family}: c reached b");
         let c_ip = ips[2][index].to_string();
+        // Each try is a denial check of its own and a new drop to explain, so the explanation
+        // does not rest on the event of one SYN.
         eventually(
             &format!("c's drop over {family} is explained"),
             PATIENCE,
             || {
+                assert!(!connects(c, b_ip), "{family}: c reached b");
                 flows(&dirs.state).iter().any(|f| {
                     f["src"] == c_ip.as_str()
                         && f["reason"] == "policy-denied"

@@ -200,8 +200,8 @@ fn across_nodes(tag: &str, args: &[&str]) {
     eventually(
         "the intruder's drop is explained on the server's node",
         || {
-            // Native routing: the server node's XDP filter on its uplink drops the SYN first; over
-            // the overlay the tunnel packet passes it and `weir_to_pod` drops the inner one.
+            // The server node's XDP filter on its uplink drops the SYN first (over the overlay,
+            // the pod packet inside the tunnel packet); `weir_to_pod` would drop it next.
             explained(
                 &d2.state,
                 intruder_ip,

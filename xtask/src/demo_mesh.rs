@@ -55,6 +55,7 @@ fn scenario(example: &Path, keep: bool) -> anyhow::Result<()> {
     let cluster = |name: &str| ClusterSpec {
         name: name.into(),
         nodes: 2,
+        gateways: 1,
         manifests: vec![Manifest::Path(example.join(name).join("cluster.yaml"))],
     };
     let mut lab = MeshLab::up(MeshSpec {

@@ -1,9 +1,10 @@
 //! `weir explain --manifests DIR --matrix`: every pod to every declared port of every other pod.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::Serialize;
 use weir_policy::explain::{PortProto, Protocol, Scenario, Verdict};
+use weir_policy::matrix::{Mark, layout, short_names};
 
 use crate::{
     error::CliError,
@@ -118,43 +119,32 @@ impl Matrix {
 
     /// Rows from, columns to:port/proto; `.` allowed, `X` denied, `-` a pod and itself.
     pub fn table(&self, style: Style) -> String {
-        let short = short_names(&self.sources);
+        let short = short_names(self.sources.iter().map(String::as_str));
         let headers: Vec<String> = self
             .targets
             .iter()
             .map(|t| format!("{}:{}/{}", short[&t.pod], t.port, t.protocol))
             .collect();
-        let corner = "from \\ to";
-        let width = self
+        let rows: Vec<(String, Vec<Mark>)> = self
             .sources
             .iter()
-            .map(|s| short[s].len())
-            .chain([corner.len()])
-            .max()
-            .unwrap_or(0);
-        let mut out = format!("{corner:<width$}");
-        for h in &headers {
-            out.push_str("  ");
-            out.push_str(h);
-        }
-        out.push('\n');
-        for source in &self.sources {
-            out.push_str(&format!("{:<width$}", short[source]));
-            for (t, h) in self.targets.iter().zip(&headers) {
-                let mark = match self.cell(source, t).map(|c| c.verdict) {
-                    Some(Verdict::Allow) => style.good("."),
-                    Some(Verdict::Deny) => style.bad("X"),
-                    None => "-".to_owned(),
-                };
-                let pad = h.len().saturating_sub(1);
-                out.push_str(&format!(
-                    "  {}{mark}{}",
-                    " ".repeat(pad / 2),
-                    " ".repeat(pad - pad / 2)
-                ));
-            }
-            out.push('\n');
-        }
+            .map(|source| {
+                let marks = self
+                    .targets
+                    .iter()
+                    .map(|t| Mark {
+                        text: match self.cell(source, t).map(|c| c.verdict) {
+                            Some(Verdict::Allow) => style.good("."),
+                            Some(Verdict::Deny) => style.bad("X"),
+                            None => "-".to_owned(),
+                        },
+                        width: 1,
+                    })
+                    .collect();
+                (short[source].clone(), marks)
+            })
+            .collect();
+        let mut out = layout("from \\ to", &headers, &rows);
         out.push_str("(. allowed, X denied, - a pod and itself)\n");
         let denied: Vec<&Cell> = self
             .cells
@@ -172,17 +162,4 @@ impl Matrix {
         }
         out
     }
-}
-
-/// Pod names without their namespace when that is unambiguous.
-fn short_names(pods: &[String]) -> BTreeMap<String, String> {
-    let names: Vec<&str> = pods
-        .iter()
-        .map(|p| p.rsplit('/').next().unwrap_or(p))
-        .collect();
-    let unique = names.iter().collect::<BTreeSet<_>>().len() == names.len();
-    pods.iter()
-        .zip(names)
-        .map(|(p, n)| (p.clone(), if unique { n.to_owned() } else { p.clone() }))
-        .collect()
 }

@@ -25,7 +25,7 @@ pub fn encode<T: Serialize>(format: Format, value: &T) -> Result<String, CliErro
         Format::Json => serde_json::to_string_pretty(value)
             .map(|s| s + "\n")
             .map_err(|e| CliError::Encode(e.to_string())),
-        Format::Yaml => serde_yaml::to_string(value).map_err(|e| CliError::Encode(e.to_string())),
+        Format::Yaml => yaml_serde::to_string(value).map_err(|e| CliError::Encode(e.to_string())),
         Format::Table => Err(CliError::Encode(
             "a table is not a serialisation".to_owned(),
         )),

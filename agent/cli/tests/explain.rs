@@ -7,7 +7,13 @@ use std::{
     process::{Command, Output},
 };
 
-use weir_lab::lab::Expectations;
+use weir_policy::matrix::{ExpectedRow, expected_rows};
+
+/// The rows of the Brown Bear example's expected.md.
+fn expected(bb: &Path) -> Vec<ExpectedRow> {
+    expected_rows(&std::fs::read_to_string(bb.join("expected.md")).expect("expected.md"))
+        .expect("expected.md has rows")
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -70,25 +76,25 @@ fn golden(name: &str, actual: &str) {
 #[test]
 fn brownbear_verdicts_equal_expected_md_row_by_row() {
     let bb = brownbear();
-    let expected = Expectations::load(&bb.join("expected.md")).expect("expected.md");
-    assert!(expected.order.len() >= 7, "expected.md has its rows");
-    for (from, to) in &expected.order {
-        let want = expected.entries[&(from.clone(), to.clone())];
-        let port = format!("{}/{}", to.port, to.proto);
+    let expected = expected(&bb);
+    assert!(expected.len() >= 7, "expected.md has its rows");
+    for row in &expected {
+        let port = format!("{}/{}", row.port, row.protocol);
         let out = ok(&[
             "explain",
             "--manifests",
             bb.to_str().unwrap(),
-            from,
-            &to.pod,
+            &row.from,
+            &row.to,
             &port,
         ]);
         let first = out.split_whitespace().next().unwrap_or_default();
         assert_eq!(
             first,
-            if want { "ALLOW" } else { "DENY" },
-            "{from} -> {} {port}:\n{out}",
-            to.pod
+            if row.allowed { "ALLOW" } else { "DENY" },
+            "{} -> {} {port}:\n{out}",
+            row.from,
+            row.to
         );
     }
 }
@@ -186,21 +192,20 @@ fn matrix_agrees_with_expected_md_and_is_schema_stable() {
     ]);
     golden("matrix-brownbear.json", &json);
     let m: serde_json::Value = serde_json::from_str(&json).expect("JSON");
-    let expected = Expectations::load(&bb.join("expected.md")).expect("expected.md");
     let cells = m["cells"].as_array().expect("cells");
-    for ((from, to), want) in &expected.entries {
+    for row in expected(&bb) {
         let cell = cells
             .iter()
             .find(|c| {
-                c["from"] == from.as_str()
-                    && c["to"] == to.pod.as_str()
-                    && c["port"] == to.port
-                    && c["protocol"] == to.proto.to_string()
+                c["from"] == row.from.as_str()
+                    && c["to"] == row.to.as_str()
+                    && c["port"] == row.port
+                    && c["protocol"] == row.protocol.as_str()
             })
-            .unwrap_or_else(|| panic!("no cell {from} -> {} {}", to.pod, to.port));
+            .unwrap_or_else(|| panic!("no cell {} -> {} {}", row.from, row.to, row.port));
         assert_eq!(
             cell["verdict"],
-            if *want { "ALLOW" } else { "DENY" },
+            if row.allowed { "ALLOW" } else { "DENY" },
             "{cell}"
         );
     }

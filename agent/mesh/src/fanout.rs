@@ -22,6 +22,16 @@
 //! reach this node through a gateway anyway. The residual risk is the one of the design's c.8: a
 //! host-network process on a node can forge node-level traffic, as it can without the mesh.
 //!
+//! # Which gateways are up (active/active)
+//! A cluster may have several gateways; nodes route peers' prefixes over every one that is up
+//! (an ECMP route). Besides the import session (with one gateway), a node keeps a *liveness*
+//! watch ([`LIVENESS_METADATA`]) with every gateway, on an HTTP/2 connection with a short
+//! keepalive ([`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]): the gateway answers it with one
+//! frame once it is ready to carry traffic (a session with every peer, [`ImportServer::set_ready`])
+//! and ends it when it no longer is. A gateway that dies closes the connection (or goes silent
+//! and misses the keepalive), so it leaves the node's set of live gateways
+//! ([`ImportWatcher::live_gateways`]) within a second, and comes back once it is ready again.
+//!
 //! # Restarts and staleness
 //! The node persists what it holds (`<state dir>/mesh-import.json`) and restores it before its
 //! datapath reconciles. It deletes nothing on its own: the gateway owns each peer's stale TTL and
@@ -55,6 +65,13 @@ use crate::{
 
 /// The default port of `MeshImport` on a gateway's InternalIP.
 pub const IMPORT_PORT: u16 = 4244;
+/// The request metadata of a liveness watch: the gateway sends one frame once it is ready to
+/// carry traffic and ends the stream when it no longer is.
+pub const LIVENESS_METADATA: &str = "weir-liveness";
+/// HTTP/2 PINGs from a node to its gateways this often...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
+/// ...and a gateway that leaves one unanswered this long is taken as gone.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
 const HISTORY_LIMIT: usize = 65_536;
 
 /// `<peer>/<entry name>`: an entry of the merged import.
@@ -135,6 +152,8 @@ pub struct ImportServer {
     /// The InternalIPs of the cluster's Nodes: the only sources served.
     watchers: RwLock<BTreeSet<IpAddr>>,
     limits: Limits,
+    /// Whether this gateway can carry traffic (what liveness watches report).
+    ready: watch::Sender<bool>,
 }
 
 impl ImportServer {
@@ -144,7 +163,47 @@ impl ImportServer {
             version: watch::Sender::new(0),
             watchers: RwLock::new(BTreeSet::new()),
             limits,
+            ready: watch::Sender::new(false),
         })
+    }
+
+    /// Whether this gateway can carry traffic now (a session with every peer): liveness watches
+    /// get their frame once it is, and end when it no longer is.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    /// Serves one liveness watch: one frame once ready, the end of the stream once not.
+    async fn serve_liveness(
+        self: Arc<Self>,
+        mut inbound: Streaming<pb::SyncFrame>,
+        out: mpsc::Sender<Result<pb::SyncFrame, Status>>,
+    ) {
+        let mut ready = self.ready.subscribe();
+        let up = async {
+            ready.wait_for(|r| *r).await.map_err(|_| ())?;
+            let (incarnation, version) = {
+                let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
+                (exporter.incarnation(), exporter.version())
+            };
+            out.send(Ok(pb::SyncFrame {
+                kind: Some(Kind::Synced(pb::Synced {
+                    incarnation,
+                    version,
+                })),
+            }))
+            .await
+            .map_err(|_| ())?;
+            ready.wait_for(|r| !*r).await.map_err(|_| ())?;
+            Ok::<(), ()>(())
+        };
+        // The watcher going away (its stream ends) ends this too.
+        let gone = async { while let Some(Ok(_)) = inbound.next().await {} };
+        tokio::select! {
+            _ = up => {}
+            () = gone => {}
+        }
     }
 
     /// Makes the served import equal to `views`; watchers get the difference at once.
@@ -280,9 +339,12 @@ impl mesh_import_server::MeshImport for ImportService {
         }
         let (tx, rx) = mpsc::channel(64);
         let server = Arc::clone(&self.server);
+        let liveness = req.metadata().contains_key(LIVENESS_METADATA);
         let inbound = req.into_inner();
         tokio::spawn(async move {
-            if let Err(e) = server.serve(remote, inbound, tx).await {
+            if liveness {
+                server.serve_liveness(inbound, tx).await;
+            } else if let Err(e) = server.serve(remote, inbound, tx).await {
                 tracing::warn!(watcher = %remote, error = %e, "mesh import watch ended");
             }
         });
@@ -319,6 +381,8 @@ pub struct ImportWatcher {
     connected: AtomicBool,
     /// Refusals by the peer the entry named (`-` for a peer this node does not know).
     refusals: Mutex<HashMap<String, Arc<RefusalCounters>>>,
+    /// The gateways whose liveness watch reported them ready, by MeshImport address.
+    live: watch::Sender<BTreeSet<SocketAddr>>,
 }
 
 impl ImportWatcher {
@@ -349,7 +413,94 @@ impl ImportWatcher {
             limits,
             connected: AtomicBool::new(false),
             refusals: Mutex::new(HashMap::new()),
+            live: watch::Sender::new(BTreeSet::new()),
         })
+    }
+
+    /// The gateways that are up and ready to carry traffic (by MeshImport address), as their
+    /// liveness watches say; notified on every change.
+    pub fn live_gateways(&self) -> watch::Receiver<BTreeSet<SocketAddr>> {
+        self.live.subscribe()
+    }
+
+    fn set_live(&self, gateway: SocketAddr, live: bool) {
+        self.live.send_if_modified(|set| {
+            if live {
+                set.insert(gateway)
+            } else {
+                set.remove(&gateway)
+            }
+        });
+    }
+
+    /// Keeps a liveness watch on every gateway of the list (see the module's doc), following
+    /// changes of the list.
+    pub async fn watch_liveness(self: Arc<Self>, mut gateways: watch::Receiver<Vec<SocketAddr>>) {
+        let mut tasks: BTreeMap<SocketAddr, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        loop {
+            let list = gateways.borrow_and_update().clone();
+            tasks.retain(|addr, task| {
+                let keep = list.contains(addr);
+                if !keep {
+                    task.abort();
+                    self.set_live(*addr, false);
+                }
+                keep
+            });
+            for addr in list {
+                tasks
+                    .entry(addr)
+                    .or_insert_with(|| tokio::spawn(Arc::clone(&self).liveness(addr)));
+            }
+            if gateways.changed().await.is_err() {
+                break;
+            }
+        }
+        for (addr, task) in tasks {
+            task.abort();
+            self.set_live(addr, false);
+        }
+    }
+
+    /// One gateway's liveness watch, re-opened whenever it ends.
+    async fn liveness(self: Arc<Self>, addr: SocketAddr) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI authority")
+            .connect_timeout(KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        loop {
+            let mut client = MeshImportClient::new(channel.clone());
+            // Our side of the stream stays open (a pending sender) while we watch.
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx
+                .send(pb::SyncFrame {
+                    kind: Some(Kind::Hello(pb::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        cluster_name: self.node.clone(),
+                        ..Default::default()
+                    })),
+                })
+                .await;
+            let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert(LIVENESS_METADATA, "1".parse().expect("valid metadata"));
+            if let Ok(response) = client.watch(request).await {
+                let mut inbound = response.into_inner();
+                if let Some(Ok(_)) = inbound.next().await {
+                    tracing::info!(gateway = %addr, "a mesh gateway is up");
+                    self.set_live(addr, true);
+                    while let Some(Ok(_)) = inbound.next().await {}
+                    tracing::warn!(gateway = %addr, "a mesh gateway is down or not ready; traffic moves to the others");
+                }
+            }
+            self.set_live(addr, false);
+            drop(tx);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// This node's valid MeshPeers; what it holds is filtered by them from now on.
@@ -487,8 +638,8 @@ impl ImportWatcher {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a valid URI authority")
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .connect()
             .await?;

@@ -1,7 +1,10 @@
 //! One gateway's side of the mesh link: its peers, the Sync sessions that move [`Frame`]s
 //! between our [`Exporter`] and their [`Importer`] (and back), and the Tunnel streams that carry
 //! packets. Serves `MeshLink` to peers that dial us and dials the peers whose name sorts after
-//! ours (so each pair has one session); a new session of a peer replaces its old one.
+//! ours. A peer has several gateways (active/active): we keep one session with each of them
+//! ([`Remote`]), each with its own import (the ids a gateway exports are its own) and its own
+//! lanes, and hash flows over the ones that are up; a new session of the same remote gateway
+//! replaces its old one.
 //!
 //! Everything a peer sends is checked by [`confine`](crate::confine) and refused whole, counted
 //! by reason and logged; a refused delta is NACKed and ends the session (the dialer retries with
@@ -56,6 +59,12 @@ pub const LANE_METADATA: &str = "weir-lane";
 /// The request metadata naming the dial (one per connection attempt of the dialer) a Sync or
 /// Tunnel belongs to: every lane of a dial ends when the peer opens a session of another dial.
 pub const DIAL_METADATA: &str = "weir-dial";
+/// The request metadata naming the dialing gateway (its node), stable across its restarts: the
+/// receiving side keeps one [`Remote`] per name (absent: the connection's address).
+pub const GATEWAY_METADATA: &str = "weir-gateway";
+/// Most gateways of one peer we keep state for: a peer that names more (new names in
+/// [`GATEWAY_METADATA`]) is refused rather than let grow our memory.
+pub const MAX_GATEWAYS: usize = 16;
 
 /// How a gateway carries packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,10 +75,10 @@ pub struct DataPlane {
     /// Batches queued per lane before further batches are dropped (and counted): a router's
     /// tail drop, so the inner TCP sees loss instead of a growing queue.
     pub queue: usize,
-    /// Dial a latency lane besides the bulk lanes (on in [`DataPlane::default`], which
-    /// [`Link::new`] uses; gateways follow the agent's `--mesh-latency-lane`, off by default) (on the Sync session's connection, so no
-    /// bulk batch is ever queued ahead of its packets); flows that send little take it
-    /// ([`crate::lanes`]).
+    /// Dial a latency lane besides the bulk lanes, to every gateway of a peer (on the Sync
+    /// session's connection, so no bulk batch is ever queued ahead of its packets); flows that
+    /// send little take it ([`crate::lanes`]). On in [`DataPlane::default`], which
+    /// [`Link::new`] uses; gateways follow the agent's `--mesh-latency-lane`, off by default.
     pub latency_lane: bool,
 }
 
@@ -171,45 +180,65 @@ impl LaneQueue {
     }
 }
 
-/// One configured peer.
+/// One configured peer (a cluster), with one [`Remote`] per gateway of it we have a session with.
 pub struct Peer {
     spec: RwLock<PeerSpec>,
     exporter: Mutex<Exporter<Export>>,
     export_version: watch::Sender<u64>,
-    importer: Mutex<Importer<Export>>,
-    view: RwLock<Arc<ImportView>>,
     pub refusals: RefusalCounters,
     pub tunnel: TunnelCounters,
-    /// Bumped by every new session; older sessions of the peer end when they see it change.
+    /// By remote gateway: the endpoint we dial, or the name the dialer gave
+    /// ([`GATEWAY_METADATA`]); `""` holds the import restored from the state directory until a
+    /// live gateway's import is synced.
+    remotes: RwLock<BTreeMap<String, Arc<Remote>>>,
+    data_plane: DataPlane,
+}
+
+/// One gateway of a peer: its sessions, what it exported to us (its ids are its own, so packets
+/// it sends are checked against its import only) and the lanes towards it.
+pub struct Remote {
+    key: String,
+    importer: Mutex<Importer<Export>>,
+    view: RwLock<Arc<ImportView>>,
+    /// Bumped by every new session; older sessions of this gateway end when they see it change.
     session: watch::Sender<u64>,
     lanes: Vec<LaneQueue>,
     latency: LaneQueue,
-    /// Tunnels serving the latency lane now (ours or the peer's dial): while none is, its
+    /// Tunnels serving this gateway's latency lane now (ours or its dial): while none is, its
     /// flows take their bulk lanes (a peer that does not open it loses nothing).
     latency_tunnels: Arc<AtomicUsize>,
     /// Sessions past their Hellos now (two while a new one replaces an old one).
     sessions_up: AtomicU64,
-    /// The dial of the latest session the peer opened to us: Tunnels of other dials (every
+    /// The dial of the latest session the gateway opened to us: Tunnels of other dials (every
     /// lane's connection) end when it changes, so an old connection's streams never keep taking
     /// packets from the queues.
     server_dial: watch::Sender<Option<DialKey>>,
 }
 
-impl Peer {
-    pub fn name(&self) -> String {
-        self.spec
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .name
-            .clone()
+impl Remote {
+    fn new(key: &str, cluster: &str, importer: Importer<Export>, data_plane: DataPlane) -> Self {
+        let view = ImportView::build(cluster, importer.entries());
+        Self {
+            key: key.to_owned(),
+            importer: Mutex::new(importer),
+            view: RwLock::new(Arc::new(view)),
+            session: watch::Sender::new(0),
+            lanes: (0..data_plane.lanes)
+                .map(|_| LaneQueue::new(data_plane.queue))
+                .collect(),
+            latency: LaneQueue::new(data_plane.queue),
+            latency_tunnels: Arc::default(),
+            sessions_up: AtomicU64::new(0),
+            server_dial: watch::Sender::new(None),
+        }
     }
 
-    pub fn view(&self) -> Arc<ImportView> {
-        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    /// The endpoint we dial, or the name the gateway gave when it dialled us.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
-    /// Whether a session with the peer is up (Hellos exchanged, not ended).
-    pub fn is_connected(&self) -> bool {
+    pub fn is_up(&self) -> bool {
         self.sessions_up.load(Ordering::Relaxed) > 0
     }
 
@@ -230,6 +259,142 @@ impl Peer {
             Lane::Latency => &self.latency,
             Lane::Bulk(n) => &self.lanes[n % self.lanes.len()],
         }
+    }
+
+    fn view(&self) -> Arc<ImportView> {
+        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Ends every session and lane of this gateway.
+    fn cut_off(&self) {
+        self.session.send_modify(|s| *s += 1);
+        self.server_dial.send_replace(None);
+    }
+}
+
+/// Rendezvous hashing: the weight of `flow` on gateway `key`. A flow goes to the live gateway of
+/// the highest weight, so when one gateway leaves only its own flows move.
+fn rendezvous(flow: u64, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ flow.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ (h >> 29)
+}
+
+impl Peer {
+    fn remote(&self, key: &str) -> Option<Arc<Remote>> {
+        self.remotes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The remote gateway `key`, added if new; none once the peer has [`MAX_GATEWAYS`] others.
+    fn remote_or_insert(&self, key: &str) -> Option<Arc<Remote>> {
+        if let Some(r) = self.remote(key) {
+            return Some(r);
+        }
+        let name = self.name();
+        let mut remotes = self.remotes.write().unwrap_or_else(|p| p.into_inner());
+        if !remotes.contains_key(key) && remotes.len() >= MAX_GATEWAYS {
+            return None;
+        }
+        Some(Arc::clone(remotes.entry(key.to_owned()).or_insert_with(
+            || Arc::new(Remote::new(key, &name, Importer::new(), self.data_plane)),
+        )))
+    }
+
+    /// [`Peer::remote_or_insert`] for a request of the peer: refused (and counted as `limit`)
+    /// beyond [`MAX_GATEWAYS`].
+    fn remote_for_request(&self, key: &str) -> Result<Arc<Remote>, Status> {
+        self.remote_or_insert(key).ok_or_else(|| {
+            self.refusals.count(Refusal::Limit);
+            Status::resource_exhausted(format!(
+                "more than {MAX_GATEWAYS} gateways of cluster {}",
+                self.name()
+            ))
+        })
+    }
+
+    /// Every remote gateway we know, by key.
+    pub fn remotes(&self) -> Vec<Arc<Remote>> {
+        self.remotes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The gateway whose import stands for the peer: one with a session and a synced import,
+    /// else one with a synced import, else any that holds something (the restored one).
+    fn primary(&self) -> Option<Arc<Remote>> {
+        let remotes = self.remotes();
+        let rank = |r: &Remote| {
+            let synced = r.is_synced();
+            (r.is_up() && synced, synced, !r.view().endpoints.is_empty())
+        };
+        let best = remotes.iter().map(|r| rank(r)).max()?;
+        remotes.into_iter().find(|r| rank(r) == best)
+    }
+
+    /// The gateway that carries `flow` now: among those with a session (preferring those whose
+    /// import is synced, so what we send is checked against a complete import), the one of the
+    /// highest rendezvous weight; a gateway that leaves moves only its own flows.
+    fn carrier(&self, flow: u64) -> Option<Arc<Remote>> {
+        let remotes = self.remotes();
+        let pick = |f: &dyn Fn(&Remote) -> bool| {
+            remotes
+                .iter()
+                .filter(|r| f(r))
+                .max_by_key(|r| rendezvous(flow, &r.key))
+                .cloned()
+        };
+        pick(&|r| r.is_up() && r.is_synced() && !r.key.is_empty())
+            .or_else(|| pick(&|r| r.is_up()))
+            .or_else(|| pick(&|r| !r.key.is_empty()))
+    }
+
+    pub fn name(&self) -> String {
+        self.spec
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .name
+            .clone()
+    }
+
+    /// What the peer exports, as its primary gateway's import says.
+    pub fn view(&self) -> Arc<ImportView> {
+        match self.primary() {
+            Some(r) => r.view(),
+            None => Arc::new(ImportView {
+                cluster: self.name(),
+                ..ImportView::default()
+            }),
+        }
+    }
+
+    /// Whether a session with one of the peer's gateways is up (Hellos exchanged, not ended).
+    pub fn is_connected(&self) -> bool {
+        self.remotes().iter().any(|r| r.is_up())
+    }
+
+    /// How many of the peer's gateways we have a session with.
+    pub fn gateways_up(&self) -> usize {
+        self.remotes().iter().filter(|r| r.is_up()).count()
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.primary().is_some_and(|r| r.is_synced())
+    }
+
+    /// Whether a Tunnel serves the latency lane of one of the peer's gateways (each gateway's
+    /// latency flows take their bulk lanes while none of its own does).
+    pub fn latency_lane_up(&self) -> bool {
+        self.remotes().iter().any(|r| r.latency_lane_up())
     }
 
     /// What we export to this peer now.
@@ -279,6 +444,8 @@ pub struct Link {
     data_plane: DataPlane,
     /// Deltas a peer may send per second before its session is refused (NACK, closed).
     max_deltas_per_second: AtomicU64,
+    /// This gateway's name towards the peers it dials ([`GATEWAY_METADATA`]).
+    gateway_name: RwLock<String>,
 }
 
 /// A random u64 from the kernel (incarnations and session ids need no more).
@@ -335,7 +502,21 @@ impl Link {
             deliver: Box::new(deliver),
             data_plane,
             max_deltas_per_second: AtomicU64::new(u64::from(MAX_DELTAS_PER_SECOND)),
+            gateway_name: RwLock::new(format!("{:016x}", random_u64())),
         })
+    }
+
+    /// Names this gateway to the peers it dials (its node name: stable across restarts, so a
+    /// restarted gateway's session replaces its previous one on the peer's side).
+    pub fn set_gateway_name(&self, name: &str) {
+        *self.gateway_name.write().unwrap_or_else(|p| p.into_inner()) = name.to_owned();
+    }
+
+    fn gateway_name(&self) -> String {
+        self.gateway_name
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn data_plane(&self) -> DataPlane {
@@ -413,12 +594,11 @@ impl Link {
                 // Cut off at once: its session ends, its Tunnels on our side end, and what it
                 // exported no longer admits a packet (an established connection it keeps
                 // open gets everything refused).
-                peer.session.send_modify(|s| *s += 1);
-                peer.server_dial.send_replace(None);
-                *peer.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ImportView {
-                    cluster: name.clone(),
-                    ..ImportView::default()
-                });
+                let remotes =
+                    std::mem::take(&mut *peer.remotes.write().unwrap_or_else(|p| p.into_inner()));
+                for remote in remotes.values() {
+                    remote.cut_off();
+                }
                 if let Some(path) = self.state_path(name) {
                     let _ = std::fs::remove_file(path);
                 }
@@ -431,23 +611,21 @@ impl Link {
                 continue;
             }
             let importer = self.restore(&name);
-            let view = ImportView::build(&name, importer.entries());
+            let mut remotes = BTreeMap::new();
+            if !importer.entries().is_empty() {
+                remotes.insert(
+                    String::new(),
+                    Arc::new(Remote::new("", &name, importer, self.data_plane)),
+                );
+            }
             let peer = Arc::new(Peer {
                 spec: RwLock::new(spec),
                 exporter: Mutex::new(Exporter::new(self.incarnation, HISTORY_LIMIT)),
                 export_version: watch::Sender::new(0),
-                importer: Mutex::new(importer),
-                view: RwLock::new(Arc::new(view)),
                 refusals: RefusalCounters::default(),
                 tunnel: TunnelCounters::default(),
-                session: watch::Sender::new(0),
-                lanes: (0..self.data_plane.lanes)
-                    .map(|_| LaneQueue::new(self.data_plane.queue))
-                    .collect(),
-                latency: LaneQueue::new(self.data_plane.queue),
-                latency_tunnels: Arc::default(),
-                sessions_up: AtomicU64::new(0),
-                server_dial: watch::Sender::new(None),
+                remotes: RwLock::new(remotes),
+                data_plane: self.data_plane,
             });
             peers.insert(name, Arc::clone(&peer));
             added.push(peer);
@@ -507,19 +685,21 @@ impl Link {
         p.export_version.send_replace(version);
     }
 
-    /// Runs one Sync session with `peer` over `inbound`/`outbound` until it ends.
+    /// Runs one Sync session with gateway `remote` of `peer` over `inbound`/`outbound` until
+    /// it ends.
     pub async fn session(
         self: &Arc<Self>,
         peer: Arc<Peer>,
+        remote: Arc<Remote>,
         certified: &str,
         mut inbound: Pin<Box<dyn Stream<Item = Result<pb::SyncFrame, Status>> + Send>>,
         outbound: mpsc::Sender<pb::SyncFrame>,
     ) -> Result<(), SessionError> {
         let session_id = format!("{:016x}", random_u64());
-        let mut replaced = peer.session.subscribe();
-        peer.session.send_modify(|s| *s += 1);
+        let mut replaced = remote.session.subscribe();
+        remote.session.send_modify(|s| *s += 1);
         replaced.mark_unchanged();
-        let resume = peer
+        let resume = remote
             .importer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -557,8 +737,8 @@ impl Link {
         if theirs.protocol_version != PROTOCOL_VERSION {
             return Err(SessionError::Version(theirs.protocol_version));
         }
-        tracing::info!(peer = certified, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
-        let _up = SessionUp::new(&peer);
+        tracing::info!(peer = certified, gateway = %remote.key, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        let _up = SessionUp::new(&remote, &self.imports);
         // The peer's limits on what we send, never above our own defaults.
         let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
             (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
@@ -602,7 +782,7 @@ impl Link {
                                 .await;
                         }
                     }
-                    if let Err(e) = self.receive(&peer, certified, frame, &outbound).await {
+                    if let Err(e) = self.receive(&peer, &remote, certified, frame, &outbound).await {
                         break Err(e);
                     }
                 }
@@ -630,11 +810,12 @@ impl Link {
                 _ = replaced.changed() => break Err(SessionError::Replaced),
             }
         };
-        peer.importer
+        remote
+            .importer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .disconnected();
-        self.expire_later(&peer);
+        self.expire_later(&peer, &remote);
         result
     }
 
@@ -642,6 +823,7 @@ impl Link {
     async fn receive(
         &self,
         peer: &Arc<Peer>,
+        remote: &Remote,
         certified: &str,
         frame: pb::SyncFrame,
         outbound: &mpsc::Sender<pb::SyncFrame>,
@@ -711,7 +893,7 @@ impl Link {
             .bounds
             .clone();
         let outcome = {
-            let mut importer = peer.importer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut importer = remote.importer.lock().unwrap_or_else(|p| p.into_inner());
             let applied = importer.apply(&frame, &self.limits, |name, export| {
                 confine::check_export(name, export, &bounds)
             });
@@ -720,14 +902,22 @@ impl Link {
                     let in_snapshot = importer.resume().is_none();
                     if !applied.changed.is_empty() || applied.synced {
                         if !applied.changed.is_empty() {
-                            *peer.view.write().unwrap_or_else(|p| p.into_inner()) =
+                            *remote.view.write().unwrap_or_else(|p| p.into_inner()) =
                                 Arc::new(ImportView::build(certified, importer.entries()));
                         }
                         if !in_snapshot {
                             self.persist(certified, &importer);
                         }
                     }
-                    Ok(!applied.changed.is_empty())
+                    // A synced live gateway stands for the peer from now on: the restored
+                    // import has done its job.
+                    if applied.synced && !remote.key.is_empty() {
+                        peer.remotes
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove("");
+                    }
+                    Ok(!applied.changed.is_empty() || applied.synced)
                 }
                 Err(e) => Err(e),
             }
@@ -801,42 +991,60 @@ impl Link {
         })
     }
 
-    /// Deletes the peer's import if no session has come back after its stale TTL.
-    fn expire_later(self: &Arc<Self>, peer: &Arc<Peer>) {
+    /// Forgets gateway `remote` if no session of it has come back after the peer's stale TTL;
+    /// once no gateway of the peer is left with a session, the peer's import is deleted.
+    fn expire_later(self: &Arc<Self>, peer: &Arc<Peer>, remote: &Arc<Remote>) {
         let ttl = peer
             .spec
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .stale_ttl;
-        let mut sessions = peer.session.subscribe();
+        let mut sessions = remote.session.subscribe();
         sessions.mark_unchanged();
         let link = Arc::clone(self);
-        let peer = Arc::clone(peer);
+        let (peer, remote) = (Arc::clone(peer), Arc::clone(remote));
         tokio::spawn(async move {
-            if tokio::time::timeout(ttl, sessions.changed()).await.is_ok() {
+            if tokio::time::timeout(ttl, sessions.changed()).await.is_ok() || remote.is_up() {
                 return;
             }
             let name = peer.name();
+            peer.remotes
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&remote.key);
+            if peer.is_connected() {
+                tracing::info!(peer = %name, gateway = %remote.key, ttl = ?ttl, "no session with a gateway of the peer within the stale TTL; it is forgotten");
+                link.imports.send_modify(|v| *v += 1);
+                return;
+            }
+            let stale =
+                std::mem::take(&mut *peer.remotes.write().unwrap_or_else(|p| p.into_inner()));
             let cleared = {
-                let mut importer = peer.importer.lock().unwrap_or_else(|p| p.into_inner());
-                if importer.is_synced() {
-                    return;
-                }
-                let cleared = importer.clear();
-                *peer.view.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(ImportView::build(&name, importer.entries()));
+                let mut importer = remote.importer.lock().unwrap_or_else(|p| p.into_inner());
+                let cleared = importer.clear().len()
+                    + stale
+                        .values()
+                        .map(|r| {
+                            r.importer
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entries()
+                                .len()
+                        })
+                        .sum::<usize>();
                 link.persist(&name, &importer);
                 cleared
             };
-            tracing::warn!(peer = %name, entries = cleared.len(), ttl = ?ttl, "no session within the stale TTL; the peer's import is deleted");
+            tracing::warn!(peer = %name, entries = cleared, ttl = ?ttl, "no session within the stale TTL; the peer's import is deleted");
             link.imports.send_modify(|v| *v += 1);
         });
     }
 
-    /// Checks the records of a received batch and delivers the good packets.
-    pub fn receive_batch(&self, peer: &Peer, batch: &Bytes) {
+    /// Checks the records of a batch received from gateway `remote` of `peer` (against what
+    /// that gateway exported) and delivers the good packets.
+    pub fn receive_batch(&self, peer: &Peer, remote: &Remote, batch: &Bytes) {
         let (records, error) = codec::decode_records(batch);
-        let view = peer.view();
+        let view = remote.view();
         let local = self
             .local_pod_prefixes
             .read()
@@ -887,16 +1095,56 @@ impl Link {
         self.send_batch_on(peer, 0, batch, packets);
     }
 
-    /// Queues a batch towards `peer` on bulk lane `lane` (modulo the lanes); a full queue drops
-    /// it (counted), never buffers more.
+    /// Queues a batch towards `peer` on bulk lane `lane` (modulo the lanes) of the gateway that
+    /// carries flow `lane`; a full queue drops it (counted), never buffers more.
     pub fn send_batch_on(&self, peer: &Peer, lane: usize, batch: Bytes, packets: u64) {
-        self.send_batch_to(peer, Lane::Bulk(lane), batch, packets);
+        self.send_flow_batch(peer, lane as u64, batch, packets);
     }
 
-    /// Queues a batch towards `peer` on `lane`; a full queue drops it (counted), never buffers
-    /// more.
+    /// Queues a batch towards `peer` on `lane` of the gateway that carries flow 0 (a bulk
+    /// lane's number, modulo the lanes, names the flow); a full queue drops it (counted).
     pub fn send_batch_to(&self, peer: &Peer, lane: Lane, batch: Bytes, packets: u64) {
-        match peer.queue(lane).tx.try_send(batch) {
+        let flow = match lane {
+            Lane::Latency => 0,
+            Lane::Bulk(n) => n as u64,
+        };
+        self.send_flow_batch_on(peer, flow, lane, batch, packets);
+    }
+
+    /// Queues a batch of flow hash `flow`'s packets towards `peer` on its bulk lane: to the live
+    /// gateway that carries the flow ([`rendezvous`]), on lane `flow` modulo the lanes. A full
+    /// queue, or no gateway at all, drops it (counted); never buffers more.
+    pub fn send_flow_batch(&self, peer: &Peer, flow: u64, batch: Bytes, packets: u64) {
+        self.send_flow_batch_on(peer, flow, Lane::Bulk(flow as usize), batch, packets);
+    }
+
+    /// Queues a batch of flow hash `flow`'s packets towards `peer`: to the live gateway that
+    /// carries the flow ([`rendezvous`]; the gateway is chosen first, the lane second), on
+    /// `lane` of that gateway. The latency lane is taken only while a Tunnel of that gateway
+    /// serves it, else the batch takes bulk lane `flow` (modulo the lanes), the flow's own, so
+    /// a peer gateway that does not open it loses nothing. A full queue, or no gateway at
+    /// all, drops it (counted); never buffers more.
+    pub fn send_flow_batch_on(
+        &self,
+        peer: &Peer,
+        flow: u64,
+        lane: Lane,
+        batch: Bytes,
+        packets: u64,
+    ) {
+        let Some(remote) = peer.carrier(flow) else {
+            peer.tunnel
+                .tx_queue_full
+                .fetch_add(packets, Ordering::Relaxed);
+            return;
+        };
+        let lane = match lane {
+            Lane::Latency if !remote.latency_lane_up() => {
+                Lane::Bulk((flow % remote.lanes.len() as u64) as usize)
+            }
+            lane => lane,
+        };
+        match remote.queue(lane).tx.try_send(batch) {
             Ok(()) => {
                 peer.tunnel.tx_packets.fetch_add(packets, Ordering::Relaxed);
             }
@@ -908,101 +1156,166 @@ impl Link {
         }
     }
 
-    /// The stream of batches queued towards `peer` on `lane`, for the Tunnel serving it.
-    fn outgoing(peer: &Peer, lane: Lane) -> impl Stream<Item = Bytes> + Send + 'static {
-        let rx = Arc::clone(&peer.queue(lane).rx);
+    /// The stream of batches queued towards gateway `remote` on `lane`, for the Tunnel serving
+    /// it.
+    fn outgoing(remote: &Remote, lane: Lane) -> impl Stream<Item = Bytes> + Send + 'static {
+        let rx = Arc::clone(&remote.queue(lane).rx);
         futures::stream::unfold(rx, |rx| async move {
             let next = rx.lock().await.recv().await;
             next.map(|b| (b, rx))
         })
     }
 
-    /// Dials `peer` and keeps its Sync session and Tunnel up, with backoff between attempts.
+    /// Dials every gateway of `peer` (its endpoints) and keeps a Sync session and the Tunnels
+    /// with each up, with backoff between attempts; follows changes of the endpoints. Returns
+    /// when the peer is removed or every gateway's session was replaced by a newer dial's.
     pub async fn dial(self: Arc<Self>, peer: Arc<Peer>, config: Arc<rustls::ClientConfig>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut dialers: BTreeMap<SocketAddr, tokio::task::JoinHandle<()>> = BTreeMap::new();
         loop {
-            let name = peer.name();
-            let endpoints = peer
+            if self
+                .peer(&peer.name())
+                .is_none_or(|p| !Arc::ptr_eq(&p, &peer))
+            {
+                break; // the peer was removed
+            }
+            let endpoints: Vec<SocketAddr> = peer
                 .spec
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .endpoints
                 .clone();
+            dialers.retain(|addr, task| {
+                let keep = endpoints.contains(addr);
+                if !keep {
+                    task.abort();
+                    if let Some(remote) = peer
+                        .remotes
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&addr.to_string())
+                    {
+                        remote.cut_off();
+                    }
+                }
+                keep
+            });
+            // A finished dialer stays in the map: its gateway's session was replaced by a newer
+            // dial's, which carries on.
+            for addr in endpoints {
+                dialers.entry(addr).or_insert_with(|| {
+                    tokio::spawn(Arc::clone(&self).dial_gateway(
+                        Arc::clone(&peer),
+                        addr,
+                        Arc::clone(&config),
+                    ))
+                });
+            }
+            if !dialers.is_empty() && dialers.values().all(|t| t.is_finished()) {
+                return; // every gateway's session was replaced by a newer dial's
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for task in dialers.values() {
+            task.abort();
+        }
+    }
+
+    /// Dials gateway `addr` of `peer` and keeps its Sync session and Tunnels up, with backoff
+    /// between attempts; returns once a newer dial's session replaced this one's.
+    async fn dial_gateway(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        let key = addr.to_string();
+        loop {
+            let name = peer.name();
             if self.peer(&name).is_none_or(|p| !Arc::ptr_eq(&p, &peer)) {
                 return; // the peer was removed
             }
-            for addr in endpoints {
-                let channel = crate::transport::channel(addr, Arc::clone(&config));
-                let mut client = MeshLinkClient::new(channel);
-                let (tx, rx) = mpsc::channel(64);
-                let started = tokio::time::Instant::now();
-                let dial = random_u64();
-                let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-                request.metadata_mut().insert(
-                    DIAL_METADATA,
-                    dial.to_string()
-                        .parse()
-                        .expect("a number is valid metadata"),
-                );
-                let inbound = match client.sync(request).await {
-                    Ok(r) => r.into_inner(),
-                    Err(e) => {
-                        tracing::debug!(peer = %name, %addr, error = %e, "mesh peer not reachable");
-                        continue;
-                    }
-                };
-                // Ends our side of every lane's Tunnel when this attempt ends: hyper keeps
-                // polling a request body after its response is dropped, and an old connection's
-                // body would go on taking packets from the queues.
-                let (_attempt, attempt_ended) = watch::channel(());
-                // The latency lane shares the Sync session's connection (neither carries bulk
-                // batches; without a latency lane, bulk lane 0 does); every other lane dials its
-                // own, with this dial's certificate (a re-dial after a rotation re-dials them
-                // all). Aborted with this dial's future too (a removed peer, a replaced
-                // dialer), so no lane outlives its session and keeps an old connection open.
-                let latency = self.data_plane.latency_lane;
-                let lanes: Vec<_> = (0..self.data_plane.lanes)
-                    .map(Lane::Bulk)
-                    .chain(latency.then_some(Lane::Latency))
-                    .map(|lane| {
-                        let shares_sync = match lane {
-                            Lane::Latency => true,
-                            Lane::Bulk(n) => n == 0 && !latency,
-                        };
-                        let client = if shares_sync {
-                            client.clone()
-                        } else {
-                            MeshLinkClient::new(crate::transport::channel(
-                                addr,
-                                Arc::clone(&config),
-                            ))
-                        };
-                        AbortOnDrop(tokio::spawn(Arc::clone(&self).lane(
-                            Arc::clone(&peer),
-                            client,
-                            lane,
-                            dial,
-                            attempt_ended.clone(),
-                        )))
-                    })
-                    .collect();
-                let result = self
-                    .session(Arc::clone(&peer), &name, Box::pin(inbound), tx)
-                    .await;
-                drop(lanes);
-                match result {
-                    // A newer session took over (a re-dial after a certificate rotation, or the
-                    // peer removed): its dialer carries on, this one stops.
-                    Err(SessionError::Replaced) => return,
-                    Err(e) => tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended"),
-                    Ok(()) => {}
+            let Some(remote) = peer.remote_or_insert(&key) else {
+                tracing::error!(peer = %name, %addr, "more than {MAX_GATEWAYS} gateways listed for the mesh peer; not dialled");
+                return;
+            };
+            let channel = crate::transport::channel(addr, Arc::clone(&config));
+            let mut client = MeshLinkClient::new(channel);
+            let (tx, rx) = mpsc::channel(64);
+            let started = tokio::time::Instant::now();
+            let dial = random_u64();
+            let gateway = self.gateway_name();
+            let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            dial_metadata(&mut request, dial, &gateway);
+            match client.sync(request).await {
+                Err(e) => {
+                    tracing::debug!(peer = %name, %addr, error = %e, "mesh peer not reachable");
                 }
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
+                Ok(response) => {
+                    let inbound = response.into_inner();
+                    // Ends our side of every lane's Tunnel when this attempt ends: hyper keeps
+                    // polling a request body after its response is dropped, and an old
+                    // connection's body would go on taking packets from the queues.
+                    let (_attempt, attempt_ended) = watch::channel(());
+                    // The latency lane shares the Sync session's connection (neither carries
+                    // bulk batches; without a latency lane, bulk lane 0 does); every other lane
+                    // dials its own, with this dial's certificate (a re-dial after a rotation
+                    // re-dials them all). Each gateway of the peer gets its own set. Aborted
+                    // with this dial's future too (a removed peer, a replaced dialer), so no
+                    // lane outlives its session and keeps an old connection open.
+                    let latency = self.data_plane.latency_lane;
+                    let lanes: Vec<_> = (0..self.data_plane.lanes)
+                        .map(Lane::Bulk)
+                        .chain(latency.then_some(Lane::Latency))
+                        .map(|lane| {
+                            let shares_sync = match lane {
+                                Lane::Latency => true,
+                                Lane::Bulk(n) => n == 0 && !latency,
+                            };
+                            let client = if shares_sync {
+                                client.clone()
+                            } else {
+                                MeshLinkClient::new(crate::transport::channel(
+                                    addr,
+                                    Arc::clone(&config),
+                                ))
+                            };
+                            AbortOnDrop(tokio::spawn(Arc::clone(&self).lane(
+                                Arc::clone(&peer),
+                                Arc::clone(&remote),
+                                client,
+                                lane,
+                                (dial, gateway.clone()),
+                                attempt_ended.clone(),
+                            )))
+                        })
+                        .collect();
+                    let result = self
+                        .session(
+                            Arc::clone(&peer),
+                            Arc::clone(&remote),
+                            &name,
+                            Box::pin(inbound),
+                            tx,
+                        )
+                        .await;
+                    drop(lanes);
+                    match result {
+                        // A newer session took over (a re-dial after a certificate rotation, or
+                        // the peer removed): its dialer carries on, this one stops.
+                        Err(SessionError::Replaced) => return,
+                        Err(e) => {
+                            tracing::warn!(peer = %name, %addr, error = %e, "mesh session ended")
+                        }
+                        Ok(()) => {}
+                    }
                 }
             }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -1010,9 +1323,10 @@ impl Link {
     async fn lane(
         self: Arc<Self>,
         peer: Arc<Peer>,
+        remote: Arc<Remote>,
         mut client: MeshLinkClient<tonic::transport::Channel>,
         lane: Lane,
-        dial: u64,
+        (dial, gateway): (u64, String),
         attempt: watch::Receiver<()>,
     ) {
         let lane_name = match lane {
@@ -1021,7 +1335,7 @@ impl Link {
         };
         loop {
             let mut ended = attempt.clone();
-            let out = Self::outgoing(&peer, lane)
+            let out = Self::outgoing(&remote, lane)
                 .take_until(async move { while ended.changed().await.is_ok() {} })
                 .map(|records| pb::PacketBatch { seq: 0, records });
             let mut request = Request::new(out);
@@ -1029,18 +1343,13 @@ impl Link {
                 LANE_METADATA,
                 lane_name.parse().expect("a lane name is valid metadata"),
             );
-            request.metadata_mut().insert(
-                DIAL_METADATA,
-                dial.to_string()
-                    .parse()
-                    .expect("a number is valid metadata"),
-            );
+            dial_metadata(&mut request, dial, &gateway);
             match client.tunnel(request).await {
                 Ok(resp) => {
-                    let _serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&peer));
+                    let _serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&remote));
                     let mut inbound = resp.into_inner();
                     while let Some(Ok(batch)) = inbound.next().await {
-                        self.receive_batch(&peer, &batch.records);
+                        self.receive_batch(&peer, &remote, &batch.records);
                     }
                 }
                 Err(e) => {
@@ -1060,19 +1369,22 @@ impl Link {
     }
 }
 
-/// Counts a session as up while it lives.
-struct SessionUp(Arc<Peer>);
+/// Counts a session as up while it lives; the peer's import view may change with it (which of
+/// its gateways stands for it).
+struct SessionUp(Arc<Remote>, watch::Sender<u64>);
 
 impl SessionUp {
-    fn new(peer: &Arc<Peer>) -> Self {
-        peer.sessions_up.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(peer))
+    fn new(remote: &Arc<Remote>, imports: &watch::Sender<u64>) -> Self {
+        remote.sessions_up.fetch_add(1, Ordering::Relaxed);
+        imports.send_modify(|v| *v += 1);
+        Self(Arc::clone(remote), imports.clone())
     }
 }
 
 impl Drop for SessionUp {
     fn drop(&mut self) {
         self.0.sessions_up.fetch_sub(1, Ordering::Relaxed);
+        self.1.send_modify(|v| *v += 1);
     }
 }
 
@@ -1080,9 +1392,9 @@ impl Drop for SessionUp {
 struct LatencyTunnel(Arc<AtomicUsize>);
 
 impl LatencyTunnel {
-    fn new(peer: &Peer) -> Self {
-        peer.latency_tunnels.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(&peer.latency_tunnels))
+    fn new(remote: &Remote) -> Self {
+        remote.latency_tunnels.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(&remote.latency_tunnels))
     }
 }
 
@@ -1090,6 +1402,29 @@ impl Drop for LatencyTunnel {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Names the dial and the dialing gateway on a Sync or Tunnel request.
+fn dial_metadata<T>(request: &mut Request<T>, dial: u64, gateway: &str) {
+    request.metadata_mut().insert(
+        DIAL_METADATA,
+        dial.to_string()
+            .parse()
+            .expect("a number is valid metadata"),
+    );
+    if let Ok(value) = gateway.parse() {
+        request.metadata_mut().insert(GATEWAY_METADATA, value);
+    }
+}
+
+/// Which gateway of the peer a Sync or Tunnel request comes from: the name it gave, or (a
+/// dialer that gives none) its connection's address.
+fn remote_key<T>(req: &Request<T>, remote: SocketAddr) -> String {
+    req.metadata()
+        .get(GATEWAY_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| remote.ip().to_string(), |v| format!("gw/{v}"))
 }
 
 /// Which dial of the peer a Sync or Tunnel request belongs to: the dialer's `weir-dial`
@@ -1276,14 +1611,19 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::SyncFrame>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (certified, remote, peer) = self.authenticated(&req)?;
-        peer.server_dial
-            .send_replace(Some(DialKey::of(&req, remote)));
+        let (certified, addr, peer) = self.authenticated(&req)?;
+        let remote = peer.remote_for_request(&remote_key(&req, addr))?;
+        remote
+            .server_dial
+            .send_replace(Some(DialKey::of(&req, addr)));
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let link = Arc::clone(&self.link);
         tokio::spawn(async move {
-            match link.session(peer, &certified, Box::pin(inbound), tx).await {
+            match link
+                .session(peer, remote, &certified, Box::pin(inbound), tx)
+                .await
+            {
                 Err(SessionError::Replaced) | Ok(()) => {}
                 Err(e) => tracing::warn!(peer = %certified, error = %e, "mesh session ended"),
             }
@@ -1297,7 +1637,8 @@ impl mesh_link_server::MeshLink for Service {
         &self,
         req: Request<Streaming<pb::PacketBatch>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (_, remote, peer) = self.authenticated(&req)?;
+        let (_, addr, peer) = self.authenticated(&req)?;
+        let remote = peer.remote_for_request(&remote_key(&req, addr))?;
         let lane = match req.metadata().get(LANE_METADATA).map(|v| v.to_str()) {
             None => Lane::Bulk(0),
             Some(Ok(Lane::LATENCY_NAME)) => Lane::Latency,
@@ -1313,11 +1654,11 @@ impl mesh_link_server::MeshLink for Service {
                     })?,
             ),
         };
-        let dial = DialKey::of(&req, remote);
-        // Both directions end when the peer opens a session of another dial (it re-dialled)
-        // or is removed.
-        let superseded = |peer: &Peer| {
-            let mut sessions = peer.server_dial.subscribe();
+        let dial = DialKey::of(&req, addr);
+        // Both directions end when the gateway opens a session of another dial (it re-dialled)
+        // or the peer is removed.
+        let superseded = |remote: &Remote| {
+            let mut sessions = remote.server_dial.subscribe();
             sessions.mark_unchanged();
             async move {
                 while sessions.changed().await.is_ok() {
@@ -1327,17 +1668,17 @@ impl mesh_link_server::MeshLink for Service {
                 }
             }
         };
-        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&peer)));
+        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&remote)));
         let link = Arc::clone(&self.link);
-        let receiving = Arc::clone(&peer);
+        let (receiving, from) = (Arc::clone(&peer), Arc::clone(&remote));
         tokio::spawn(async move {
             while let Some(Ok(batch)) = inbound.next().await {
-                link.receive_batch(&receiving, &batch.records);
+                link.receive_batch(&receiving, &from, &batch.records);
             }
         });
-        let serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&peer));
-        let out = Link::outgoing(&peer, lane)
-            .take_until(superseded(&peer))
+        let serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&remote));
+        let out = Link::outgoing(&remote, lane)
+            .take_until(superseded(&remote))
             .map(move |records| {
                 // Held as long as the stream is (the closure lives in it).
                 let _ = &serving;

@@ -824,7 +824,7 @@ async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
 }
 
 #[tokio::test]
-async fn the_latency_lane_carries_packets_both_ways_and_its_queue_is_bounded() {
+async fn the_latency_lane_carries_packets_both_ways_and_nothing_is_buffered_without_a_gateway() {
     let lab = Lab::new();
     let mut west = lab
         .gateway(
@@ -898,8 +898,8 @@ async fn the_latency_lane_carries_packets_both_ways_and_its_queue_is_bounded() {
         .unwrap();
     assert_eq!(&got[12..20], &[10, 244, 0, 7, 10, 245, 1, 5]);
 
-    // A latency lane nobody serves (mallory never connected) is not up, and its queue holds
-    // `queue` batches: the next is dropped and counted, never buffered.
+    // A latency lane nobody serves (mallory never connected) is not up, and with no gateway of
+    // mallory's to carry them, batches are dropped and counted, never buffered.
     let to_mallory = west.link.peer("mallory").unwrap();
     assert!(!to_mallory.latency_lane_up());
     let queue = west.link.data_plane().queue as u64;
@@ -911,6 +911,49 @@ async fn the_latency_lane_carries_packets_both_ways_and_its_queue_is_bounded() {
             1,
         );
     }
-    assert_eq!(to_mallory.tunnel.tx_packets.load(Ordering::Relaxed), queue);
-    assert_eq!(to_mallory.tunnel.tx_queue_full.load(Ordering::Relaxed), 1);
+    assert_eq!(to_mallory.tunnel.tx_packets.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        to_mallory.tunnel.tx_queue_full.load(Ordering::Relaxed),
+        queue + 1
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_names_more_gateways_than_allowed_is_refused() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let mut client = Evil::new(&lab, &west, "mallory").client;
+    // Each Tunnel names another gateway of mallory's; the ones within the limit stay open.
+    let mut open = Vec::new();
+    for g in 0..=weir_mesh::link::MAX_GATEWAYS {
+        let mut request = tonic::Request::new(futures::stream::pending::<pb::PacketBatch>());
+        request.metadata_mut().insert(
+            weir_mesh::link::GATEWAY_METADATA,
+            format!("gateway-{g}").parse().unwrap(),
+        );
+        let result = client.tunnel(request).await;
+        if g < weir_mesh::link::MAX_GATEWAYS {
+            open.push(result.expect("a gateway within the limit").into_inner());
+        } else {
+            let refused = result.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        }
+    }
+    let from_mallory = west.link.peer("mallory").unwrap();
+    assert!(
+        from_mallory
+            .refusals
+            .snapshot()
+            .iter()
+            .any(|(reason, n)| *reason == weir_mesh::confine::Refusal::Limit && *n == 1),
+        "counted as a limit refusal"
+    );
+    assert_eq!(from_mallory.remotes().len(), weir_mesh::link::MAX_GATEWAYS);
 }

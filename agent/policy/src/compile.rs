@@ -3,7 +3,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    rc::Rc,
     sync::Arc,
 };
 
@@ -17,7 +16,7 @@ use crate::{
     cidr::{CidrIdentities, cidr_identities},
     identity::{AllocError, IdentityAllocator, NamedPort, PodIdentityKey},
     model::{ClusterState, ObjectKey, Pod},
-    output::{Compiled, RuleMatch, RuleOrigin, SubjectRules},
+    output::{Compiled, Rejection, RuleMatch, RuleOrigin, SubjectRules},
     selector::Selector,
     validate::{IpBlockLabel, ValidPeer, ValidPolicy, ValidPort, ValidRule, check},
 };
@@ -80,6 +79,7 @@ pub fn pod_identity_key(namespace: &str, pod: &Pod) -> PodIdentityKey {
 }
 
 /// Pod identities of the cluster, indexed for selector evaluation.
+#[derive(Debug, Default)]
 struct Identities {
     keys: BTreeMap<u32, PodIdentityKey>,
     by_namespace: BTreeMap<String, Vec<u32>>,
@@ -87,22 +87,30 @@ struct Identities {
     named: HashMap<(String, u8), Vec<(u32, u16)>>,
 }
 
-/// Memoised selector results.
+/// Selector results and compiled rules, memoised. They depend on pod identities, namespaces and
+/// CIDR identities only, so they stay valid across policy changes.
+#[derive(Debug, Default)]
+struct Memo {
+    namespaces: HashMap<Selector, Arc<Vec<String>>>,
+    pods: HashMap<(String, Selector), Arc<Vec<u32>>>,
+    peers: HashMap<(Option<Selector>, Selector, String), Arc<Vec<u32>>>,
+    rules: HashMap<RuleKey, Arc<CompiledRule>>,
+}
+
+/// Evaluates selectors through the memo.
 struct Resolver<'a> {
     state: &'a ClusterState,
     ids: &'a Identities,
-    namespaces: BTreeSet<String>,
-    ns_memo: HashMap<Selector, Rc<Vec<String>>>,
-    pod_memo: HashMap<(String, Selector), Rc<Vec<u32>>>,
-    peer_memo: HashMap<(Option<Selector>, Selector, String), Rc<Vec<u32>>>,
+    namespaces: &'a BTreeSet<String>,
+    memo: &'a mut Memo,
 }
 
 impl Resolver<'_> {
-    fn namespaces(&mut self, sel: &Selector) -> Rc<Vec<String>> {
-        if let Some(r) = self.ns_memo.get(sel) {
-            return Rc::clone(r);
+    fn namespaces(&mut self, sel: &Selector) -> Arc<Vec<String>> {
+        if let Some(r) = self.memo.namespaces.get(sel) {
+            return Arc::clone(r);
         }
-        let r: Rc<Vec<String>> = Rc::new(
+        let r: Arc<Vec<String>> = Arc::new(
             self.namespaces
                 .iter()
                 .filter(|ns| {
@@ -112,17 +120,17 @@ impl Resolver<'_> {
                 .cloned()
                 .collect(),
         );
-        self.ns_memo.insert(sel.clone(), Rc::clone(&r));
+        self.memo.namespaces.insert(sel.clone(), Arc::clone(&r));
         r
     }
 
     /// Identities in `namespace` whose labels match `sel`.
-    fn pods_in(&mut self, namespace: &str, sel: &Selector) -> Rc<Vec<u32>> {
+    fn pods_in(&mut self, namespace: &str, sel: &Selector) -> Arc<Vec<u32>> {
         let key = (namespace.to_owned(), sel.clone());
-        if let Some(r) = self.pod_memo.get(&key) {
-            return Rc::clone(r);
+        if let Some(r) = self.memo.pods.get(&key) {
+            return Arc::clone(r);
         }
-        let r: Rc<Vec<u32>> = Rc::new(
+        let r: Arc<Vec<u32>> = Arc::new(
             self.ids
                 .by_namespace
                 .get(namespace)
@@ -137,7 +145,7 @@ impl Resolver<'_> {
                 })
                 .collect(),
         );
-        self.pod_memo.insert(key, Rc::clone(&r));
+        self.memo.pods.insert(key, Arc::clone(&r));
         r
     }
 
@@ -147,11 +155,11 @@ impl Resolver<'_> {
         namespaces: &Option<Selector>,
         pods: &Selector,
         policy_ns: &str,
-    ) -> Rc<Vec<u32>> {
+    ) -> Arc<Vec<u32>> {
         let scope_ns = if namespaces.is_some() { "" } else { policy_ns };
         let key = (namespaces.clone(), pods.clone(), scope_ns.to_owned());
-        if let Some(r) = self.peer_memo.get(&key) {
-            return Rc::clone(r);
+        if let Some(r) = self.memo.peers.get(&key) {
+            return Arc::clone(r);
         }
         let r = match namespaces {
             None => self.pods_in(policy_ns, pods),
@@ -161,10 +169,10 @@ impl Resolver<'_> {
                 for ns in nss.iter() {
                     out.extend(self.pods_in(ns, pods).iter().copied());
                 }
-                Rc::new(out)
+                Arc::new(out)
             }
         };
-        self.peer_memo.insert(key, Rc::clone(&r));
+        self.memo.peers.insert(key, Arc::clone(&r));
         r
     }
 }
@@ -188,6 +196,15 @@ pub fn compile(
     input: &CompileInput,
     alloc: &mut IdentityAllocator,
 ) -> Result<Compiled, CompileError> {
+    compile_indexed(input, alloc).map(|(compiled, _)| compiled)
+}
+
+/// [`compile()`], and what it computed on the way, for policy changes that follow
+/// ([`PolicyIndex::policies_changed`]).
+pub fn compile_indexed(
+    input: &CompileInput,
+    alloc: &mut IdentityAllocator,
+) -> Result<(Compiled, PolicyIndex), CompileError> {
     let state = &input.state;
     let node = &input.node_name;
     let err = |source| CompileError::Identity {
@@ -198,15 +215,12 @@ pub fn compile(
 
     // 1. Validate policies. A rejected one still isolates what it selects (fail closed).
     let mut policies: Vec<ValidPolicy> = Vec::new();
+    let mut rejected: Vec<Vec<Rejection>> = Vec::new();
     for (key, p) in &state.policies {
-        match check(key, p) {
-            Ok(v) => policies.push(v),
-            Err(r) => {
-                let r = *r;
-                out.rejections.extend(r.rejections);
-                policies.push(r.isolation);
-            }
-        }
+        let (valid, rejections) = validate(key, p);
+        out.rejections.extend(rejections.iter().cloned());
+        policies.push(valid);
+        rejected.push(rejections);
     }
 
     // 2. Pod identities and addresses.
@@ -299,15 +313,7 @@ pub fn compile(
         .insert(IDENTITY_REMOTE_NODE, "reserved:remote-node".into());
 
     // 4. CIDR identities.
-    let blocks: BTreeSet<Arc<IpBlockLabel>> = policies
-        .iter()
-        .flat_map(|p| p.ingress.iter().flatten().chain(p.egress.iter().flatten()))
-        .flat_map(|r| r.peers.iter())
-        .filter_map(|p| match p {
-            ValidPeer::IpBlock(b) => Some(Arc::clone(b)),
-            ValidPeer::Pods { .. } => None,
-        })
-        .collect();
+    let blocks: BTreeSet<Arc<IpBlockLabel>> = policies.iter().flat_map(policy_blocks).collect();
     let pod_prefixes = named_port_pod_prefixes(&policies, &out.ipcache, &ids);
     let cidrs: CidrIdentities = cidr_identities(&blocks, &pod_prefixes, alloc).map_err(err)?;
     out.cidr_identities = cidrs.prefixes.clone();
@@ -315,143 +321,371 @@ pub fn compile(
         out.identity_names.insert(*id, format!("cidr:{labels}"));
     }
 
-    // 5. Subjects.
+    // 5. Subjects: what each policy gives the local identities it selects, then each subject's
+    // rule set from the policies that select it.
     let mut namespaces: BTreeSet<String> = state.namespaces.keys().cloned().collect();
     namespaces.extend(ids.by_namespace.keys().cloned());
-    let mut resolver = Resolver {
-        state,
-        ids: &ids,
-        namespaces,
-        ns_memo: HashMap::new(),
-        pod_memo: HashMap::new(),
-        peer_memo: HashMap::new(),
-    };
-    let mut local_by_ns: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    let mut local_by_ns: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for id in &local_ids {
-        out.subjects.insert(*id, SubjectRules::default());
         if let Some(k) = ids.keys.get(id) {
             local_by_ns
-                .entry(k.namespace.as_str())
+                .entry(k.namespace.clone())
                 .or_default()
                 .push(*id);
         }
     }
+    let mut index = PolicyIndex {
+        ids,
+        namespaces,
+        local_by_ns,
+        cidrs,
+        memo: Memo::default(),
+        policies: BTreeMap::new(),
+        selecting: HashMap::new(),
+    };
     let mut used_rules: BTreeSet<RuleOrigin> = BTreeSet::new();
-    // Matches are collected per subject and sorted once at the end (much cheaper than a map
-    // insert per match: rules of many policies overlap).
-    let mut acc: HashMap<u32, Vec<(RuleMatch, u32)>> = HashMap::new();
-    // Subject → each distinct compiled rule it gets, with the lowest rule id that gave it.
-    type Shared = HashMap<*const CompiledRule, (Rc<CompiledRule>, u32)>;
-    let mut shared_acc: HashMap<u32, Shared> = HashMap::new();
-    let mut rule_memo: HashMap<RuleKey, Rc<CompiledRule>> = HashMap::new();
-    let mut scratch: Vec<RuleMatch> = Vec::new();
-    for p in &policies {
-        let selected: Vec<u32> = local_by_ns
-            .get(p.key.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|id| {
-                ids.keys
-                    .get(id)
-                    .is_some_and(|k| p.subjects.matches(&k.labels))
-            })
-            .collect();
-        if selected.is_empty() {
-            continue;
-        }
-        for (direction, rules) in [(DIR_INGRESS, &p.ingress), (DIR_EGRESS, &p.egress)] {
-            let Some(rules) = rules else { continue };
-            for s in &selected {
-                if let Some(sr) = out.subjects.get_mut(s) {
-                    if direction == DIR_INGRESS {
-                        sr.isolated_ingress = true;
-                        sr.selected_by_ingress.insert(p.key.clone());
-                    } else {
-                        sr.isolated_egress = true;
-                        sr.selected_by_egress.insert(p.key.clone());
-                    }
-                }
+    {
+        let PolicyIndex {
+            ids,
+            namespaces,
+            local_by_ns,
+            cidrs,
+            memo,
+            policies: outputs,
+            selecting,
+        } = &mut index;
+        let mut resolver = Resolver {
+            state,
+            ids,
+            namespaces,
+            memo,
+        };
+        for (p, rejections) in policies.iter().zip(rejected) {
+            let po = compile_policy(p, rejections, local_by_ns, &mut resolver, cidrs, alloc);
+            for s in &po.selected {
+                selecting.entry(*s).or_default().insert(p.key.clone());
             }
-            for rule in rules {
-                let origin = RuleOrigin {
-                    policy: p.key.clone(),
-                    direction,
-                    index: rule.index,
-                };
-                let rule_id = alloc.rule(&origin);
-                out.rule_origins.insert(rule_id, origin.clone());
-                used_rules.insert(origin);
-                let key: RuleKey = (
-                    direction,
-                    p.key.namespace.clone(),
-                    rule.peers.clone(),
-                    rule.ports.clone(),
-                );
-                let compiled = match rule_memo.get(&key) {
-                    Some(c) => Rc::clone(c),
-                    None => {
-                        let c = Rc::new(compile_rule(
-                            direction,
-                            rule,
-                            &p.key.namespace,
-                            &mut resolver,
-                            &cidrs,
-                        ));
-                        rule_memo.insert(key, Rc::clone(&c));
-                        c
-                    }
-                };
-                for s in &selected {
-                    let shared = shared_acc.entry(*s).or_default();
-                    shared
-                        .entry(Rc::as_ptr(&compiled))
-                        .and_modify(|(_, id)| *id = (*id).min(rule_id))
-                        .or_insert((Rc::clone(&compiled), rule_id));
-                    if !compiled.named_ingress.is_empty()
-                        && let Some(k) = ids.keys.get(s)
-                    {
-                        scratch.clear();
-                        subject_matches(&compiled, k, &mut scratch);
-                        acc.entry(*s)
-                            .or_default()
-                            .extend(scratch.iter().map(|m| (*m, rule_id)));
-                    }
-                }
+            for (id, origin) in &po.origins {
+                out.rule_origins.insert(*id, origin.clone());
+                used_rules.insert(origin.clone());
             }
+            outputs.insert(p.key.clone(), po);
         }
     }
+    for id in &local_ids {
+        out.subjects.insert(*id, index.subject_rules(*id));
+    }
 
-    for (subject, shared) in shared_acc {
-        let matches = acc.entry(subject).or_default();
+    let pods_used: BTreeSet<&PodIdentityKey> = index.ids.keys.values().collect();
+    let cidrs_used: BTreeSet<_> = index.cidrs.labels.values().collect();
+    alloc.retain(&pods_used, &cidrs_used, &used_rules.iter().collect());
+    Ok((out, index))
+}
+
+/// A policy validated: what it enforces, and its rejections (fail closed: a rejected policy
+/// still isolates what it selects).
+fn validate(
+    key: &ObjectKey,
+    policy: &crate::model::NetworkPolicy,
+) -> (ValidPolicy, Vec<Rejection>) {
+    match check(key, policy) {
+        Ok(v) => (v, Vec::new()),
+        Err(r) => {
+            let r = *r;
+            (r.isolation, r.rejections)
+        }
+    }
+}
+
+/// What one policy gives the local identities it selects.
+#[derive(Debug)]
+struct PolicyOutput {
+    /// The local identities it selects.
+    selected: Vec<u32>,
+    /// The directions it isolates.
+    ingress: bool,
+    egress: bool,
+    /// Its compiled rules with their ids (none when it selects nothing here).
+    rules: Vec<(u32, Arc<CompiledRule>)>,
+    origins: Vec<(u32, RuleOrigin)>,
+    rejections: Vec<Rejection>,
+    /// Its ipBlocks, and whether one of its egress rules has a named port and an ipBlock: both
+    /// shape the CIDR identities.
+    blocks: BTreeSet<Arc<IpBlockLabel>>,
+    named_port_blocks: bool,
+}
+
+fn policy_blocks(p: &ValidPolicy) -> BTreeSet<Arc<IpBlockLabel>> {
+    p.ingress
+        .iter()
+        .flatten()
+        .chain(p.egress.iter().flatten())
+        .flat_map(|r| r.peers.iter())
+        .filter_map(|p| match p {
+            ValidPeer::IpBlock(b) => Some(Arc::clone(b)),
+            ValidPeer::Pods { .. } => None,
+        })
+        .collect()
+}
+
+fn has_named_port_blocks(p: &ValidPolicy) -> bool {
+    p.egress.iter().flatten().any(|r| {
+        r.ports.iter().any(|p| matches!(p, ValidPort::Named(..)))
+            && r.peers.iter().any(|p| matches!(p, ValidPeer::IpBlock(_)))
+    })
+}
+
+fn compile_policy(
+    p: &ValidPolicy,
+    rejections: Vec<Rejection>,
+    local_by_ns: &BTreeMap<String, Vec<u32>>,
+    resolver: &mut Resolver<'_>,
+    cidrs: &CidrIdentities,
+    alloc: &mut IdentityAllocator,
+) -> PolicyOutput {
+    let selected: Vec<u32> = local_by_ns
+        .get(p.key.namespace.as_str())
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|id| {
+            resolver
+                .ids
+                .keys
+                .get(id)
+                .is_some_and(|k| p.subjects.matches(&k.labels))
+        })
+        .collect();
+    let mut out = PolicyOutput {
+        ingress: p.ingress.is_some(),
+        egress: p.egress.is_some(),
+        rules: Vec::new(),
+        origins: Vec::new(),
+        rejections,
+        blocks: policy_blocks(p),
+        named_port_blocks: has_named_port_blocks(p),
+        selected,
+    };
+    if out.selected.is_empty() {
+        return out;
+    }
+    for (direction, rules) in [(DIR_INGRESS, &p.ingress), (DIR_EGRESS, &p.egress)] {
+        for rule in rules.iter().flatten() {
+            let origin = RuleOrigin {
+                policy: p.key.clone(),
+                direction,
+                index: rule.index,
+            };
+            let rule_id = alloc.rule(&origin);
+            out.origins.push((rule_id, origin));
+            let key: RuleKey = (
+                direction,
+                p.key.namespace.clone(),
+                rule.peers.clone(),
+                rule.ports.clone(),
+            );
+            let compiled = match resolver.memo.rules.get(&key) {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let c = Arc::new(compile_rule(
+                        direction,
+                        rule,
+                        &p.key.namespace,
+                        resolver,
+                        cidrs,
+                    ));
+                    resolver.memo.rules.insert(key, Arc::clone(&c));
+                    c
+                }
+            };
+            out.rules.push((rule_id, compiled));
+        }
+    }
+    out
+}
+
+/// What a compile computed on the way, kept so that a change of policies alone recomputes
+/// only those policies and the subjects they select (or selected). Valid while pods (their
+/// identities and which are local), namespaces, nodes and CIDR identities stay as compiled;
+/// see [`crate::incremental`].
+#[derive(Debug)]
+pub struct PolicyIndex {
+    ids: Identities,
+    namespaces: BTreeSet<String>,
+    local_by_ns: BTreeMap<String, Vec<u32>>,
+    cidrs: CidrIdentities,
+    memo: Memo,
+    /// Every policy's output, in the compiler's order (by key).
+    policies: BTreeMap<ObjectKey, PolicyOutput>,
+    /// Local identity → the policies that select it.
+    selecting: HashMap<u32, BTreeSet<ObjectKey>>,
+}
+
+impl PolicyIndex {
+    /// The rule set of one local identity, from the policies that select it: each distinct
+    /// match once, with the lowest rule id that gives it.
+    fn subject_rules(&self, subject: u32) -> SubjectRules {
+        let mut sr = SubjectRules::default();
+        let key = self.ids.keys.get(&subject);
+        // Each distinct compiled rule once (rules of many policies are shared), with the lowest
+        // rule id that gave it; matches are sorted once at the end.
+        let mut shared: HashMap<*const CompiledRule, (&Arc<CompiledRule>, u32)> = HashMap::new();
+        let mut matches: Vec<(RuleMatch, u32)> = Vec::new();
+        let mut scratch: Vec<RuleMatch> = Vec::new();
+        let selecting = self.selecting.get(&subject).into_iter().flatten();
+        for (policy, po) in selecting.filter_map(|k| Some((k, self.policies.get(k)?))) {
+            if po.ingress {
+                sr.isolated_ingress = true;
+                sr.selected_by_ingress.insert(policy.clone());
+            }
+            if po.egress {
+                sr.isolated_egress = true;
+                sr.selected_by_egress.insert(policy.clone());
+            }
+            for (rule_id, rule) in &po.rules {
+                shared
+                    .entry(Arc::as_ptr(rule))
+                    .and_modify(|(_, id)| *id = (*id).min(*rule_id))
+                    .or_insert((rule, *rule_id));
+                if !rule.named_ingress.is_empty()
+                    && let Some(k) = key
+                {
+                    scratch.clear();
+                    subject_matches(rule, k, &mut scratch);
+                    matches.extend(scratch.iter().map(|m| (*m, *rule_id)));
+                }
+            }
+        }
         for (rule, id) in shared.into_values() {
             matches.extend(rule.common.iter().map(|m| (*m, id)));
         }
-    }
-    for (subject, mut matches) in acc {
         // Sorted by match, then rule id: the first of each match has the lowest id.
         matches.sort_unstable();
         matches.dedup_by_key(|(m, _)| *m);
-        if let Some(sr) = out.subjects.get_mut(&subject) {
-            sr.rules = matches.into_iter().collect();
+        sr.rules = matches.into_iter().collect();
+        // The node itself reaches its own pods even when they are isolated: kubelet's probes
+        // come from there. A rule that already allows the host keeps its own id.
+        if sr.isolated_ingress {
+            let from_host = RuleMatch {
+                direction: DIR_INGRESS,
+                peer: IDENTITY_HOST,
+                proto: None,
+                port: None,
+            };
+            sr.rules.entry(from_host).or_insert(RULE_FROM_HOST);
         }
-    }
-    // The node itself reaches its own pods even when they are isolated: kubelet's probes come
-    // from there. A rule that already allows the host keeps its own id.
-    let from_host = RuleMatch {
-        direction: DIR_INGRESS,
-        peer: IDENTITY_HOST,
-        proto: None,
-        port: None,
-    };
-    for sr in out.subjects.values_mut().filter(|sr| sr.isolated_ingress) {
-        sr.rules.entry(from_host).or_insert(RULE_FROM_HOST);
+        sr
     }
 
-    let pods_used: BTreeSet<&PodIdentityKey> = ids.keys.values().collect();
-    let cidrs_used: BTreeSet<_> = cidrs.labels.values().collect();
-    alloc.retain(&pods_used, &cidrs_used, &used_rules.iter().collect());
-    Ok(out)
+    /// The policies `changed` (added, modified or removed in `input.state`; pods, namespaces,
+    /// nodes and local endpoints as compiled last): recomputes those policies and the subjects
+    /// they select or selected, patches `compiled` and `alloc` as a full compile would, and
+    /// returns the subjects whose rule sets changed. `None` when the change reshapes CIDR
+    /// identities (ipBlocks added or removed, named ports with ipBlocks): then nothing was
+    /// changed and the caller compiles in full.
+    pub fn policies_changed(
+        &mut self,
+        input: &CompileInput,
+        changed: &[ObjectKey],
+        alloc: &mut IdentityAllocator,
+        compiled: &mut Compiled,
+    ) -> Option<BTreeSet<u32>> {
+        let mut changed: Vec<&ObjectKey> = changed.iter().collect();
+        // New rule ids are handed out in the order a full compile would.
+        changed.sort_unstable();
+        changed.dedup();
+        let mut validated = Vec::with_capacity(changed.len());
+        for key in changed {
+            let old = self.policies.get(key);
+            let new = input.state.policies.get(key).map(|p| validate(key, p));
+            let new_blocks = new
+                .as_ref()
+                .map(|(v, _)| policy_blocks(v))
+                .unwrap_or_default();
+            let old_blocks = old.map(|o| &o.blocks);
+            if old_blocks.unwrap_or(&BTreeSet::new()) != &new_blocks
+                || old.is_some_and(|o| o.named_port_blocks)
+                || new.as_ref().is_some_and(|(v, _)| has_named_port_blocks(v))
+            {
+                return None;
+            }
+            validated.push((key, new));
+        }
+        let Self {
+            ids,
+            namespaces,
+            local_by_ns,
+            cidrs,
+            memo,
+            policies,
+            selecting,
+        } = self;
+        let mut resolver = Resolver {
+            state: &input.state,
+            ids,
+            namespaces,
+            memo,
+        };
+        let mut affected: BTreeSet<u32> = BTreeSet::new();
+        let mut rejections_changed = false;
+        for (key, new) in validated {
+            let new = new.map(|(valid, rejections)| {
+                compile_policy(&valid, rejections, local_by_ns, &mut resolver, cidrs, alloc)
+            });
+            let old = match new {
+                Some(new) => policies.insert(key.clone(), new),
+                None => policies.remove(key),
+            };
+            let new = policies.get(key);
+            let new_origins: BTreeSet<&RuleOrigin> = new
+                .iter()
+                .flat_map(|n| n.origins.iter().map(|(_, o)| o))
+                .collect();
+            if let Some(old) = &old {
+                rejections_changed |= !old.rejections.is_empty();
+                for s in &old.selected {
+                    affected.insert(*s);
+                    if let Some(set) = selecting.get_mut(s) {
+                        set.remove(key);
+                    }
+                }
+                for (id, origin) in &old.origins {
+                    if !new_origins.contains(origin) {
+                        compiled.rule_origins.remove(id);
+                        alloc.forget_rule(origin);
+                    }
+                }
+            }
+            if let Some(new) = new {
+                rejections_changed |= !new.rejections.is_empty();
+                for s in &new.selected {
+                    affected.insert(*s);
+                    selecting.entry(*s).or_default().insert(key.clone());
+                }
+                for (id, origin) in &new.origins {
+                    compiled.rule_origins.insert(*id, origin.clone());
+                }
+            }
+        }
+        if rejections_changed {
+            compiled.rejections = self
+                .policies
+                .values()
+                .flat_map(|p| p.rejections.iter().cloned())
+                .collect();
+        }
+        let mut subjects_changed = BTreeSet::new();
+        for s in affected {
+            let rules = self.subject_rules(s);
+            if let Some(old) = compiled.subjects.get_mut(&s)
+                && *old != rules
+            {
+                *old = rules;
+                subjects_changed.insert(s);
+            }
+        }
+        Some(subjects_changed)
+    }
 }
 
 /// The exact prefixes of pod addresses that egress rules with a named port and an ipBlock peer
@@ -513,6 +747,7 @@ fn named_port_pod_prefixes(
 
 /// The subject-independent part of a compiled rule, shared by every policy with the same rule
 /// in the same namespace.
+#[derive(Debug)]
 struct CompiledRule {
     /// Matches that hold for every subject.
     common: Vec<RuleMatch>,

@@ -208,6 +208,15 @@ impl IdentityAllocator {
         Ok((cluster_id << IDENTITY_CLUSTER_SHIFT) | (IDENTITY_FIRST_POD + off))
     }
 
+    /// The identity `key` has now, without allocating one (`None`: it has none).
+    pub fn pod_id(&self, cluster_id: u32, key: &PodIdentityKey) -> Option<u32> {
+        if cluster_id > (u32::MAX >> IDENTITY_CLUSTER_SHIFT) {
+            return None;
+        }
+        let off = self.pods.ids.get(key)?;
+        Some((cluster_id << IDENTITY_CLUSTER_SHIFT) | (IDENTITY_FIRST_POD + off))
+    }
+
     /// The identity of a CIDR label set (its blocks must not be empty: that is `IDENTITY_WORLD`).
     pub fn cidr(&mut self, labels: &CidrLabels) -> Result<u32, AllocError> {
         let off = self
@@ -225,6 +234,12 @@ impl IdentityAllocator {
         self.rules
             .get_or_insert(origin, u32::MAX - 1)
             .map_or(u32::MAX, |o| o + 1)
+    }
+
+    /// Forgets one rule that is no longer in use (what [`Self::retain`] does for a policy
+    /// that changed alone).
+    pub fn forget_rule(&mut self, origin: &RuleOrigin) {
+        self.rules.ids.remove(origin);
     }
 
     /// Forgets every pod key, label set and rule not in use, so the state does not grow

@@ -19,6 +19,9 @@
 //!    The [`IdentityAllocator`] is serialisable so the agent persists it.
 //! 4. [`compile()`]: the ipcache (pod and node addresses → identity), CIDR identities, local
 //!    addresses, and per local subject identity the isolation flags and allow entries.
+//! 5. [`incremental`]: the same full compile keeping what the next events need, so that a change
+//!    of policies alone, or of pods of other nodes that only moves addresses, is applied to the
+//!    output in place with exactly the result of a full compile of the new state.
 //!
 //! # How the datapath uses the output
 //! For a packet between a local endpoint (the subject) and a peer address, in a direction:
@@ -96,6 +99,8 @@ pub mod cidr;
 pub mod compile;
 pub mod explain;
 pub mod identity;
+pub mod incremental;
+pub mod matrix;
 pub mod model;
 pub mod names;
 pub mod output;
@@ -105,3 +110,4 @@ pub mod verdict;
 
 pub use compile::{CompileError, CompileInput, compile};
 pub use identity::IdentityAllocator;
+pub use incremental::Incremental;

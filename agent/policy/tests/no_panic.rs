@@ -191,7 +191,7 @@ proptest! {
         }
         run(&v.to_string());
         // And as YAML.
-        if let Ok(y) = serde_yaml::to_string(&v) {
+        if let Ok(y) = yaml_serde::to_string(&v) {
             run(&y);
         }
     }

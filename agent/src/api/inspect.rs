@@ -144,7 +144,7 @@ impl Inspect for InspectService {
         &self,
         _request: Request<OverviewRequest>,
     ) -> Result<Response<OverviewReply>, Status> {
-        let reply = self
+        let mut reply = self
             .runtime
             .view(move |v| {
                 let (enforcement, reason) = match (v.cluster_read, v.degraded) {
@@ -220,7 +220,6 @@ impl Inspect for InspectService {
             })
             .await
             .map_err(stopped)?;
-        let mut reply = reply;
         if let Some(mesh) = &self.mesh {
             let status = mesh.status();
             reply.mesh_role = status.role.to_owned();

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use weir_common::{EndpointInfo, SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS};
-use weir_policy::output::Compiled;
+use weir_policy::output::{Compiled, SubjectRules};
 
 use super::writer::{DesiredMaps, SubjectState};
 
@@ -33,20 +33,7 @@ pub fn desired_maps(
     let subjects = compiled
         .subjects
         .iter()
-        .map(|(&id, rules)| {
-            let mut flags = 0;
-            if rules.isolated_ingress {
-                flags |= SUBJECT_ISOLATED_INGRESS;
-            }
-            if rules.isolated_egress {
-                flags |= SUBJECT_ISOLATED_EGRESS;
-            }
-            let state = SubjectState {
-                flags,
-                rules: rules.rules.clone(),
-            };
-            (id, state)
-        })
+        .map(|(&id, rules)| (id, subject_state(rules)))
         .collect::<BTreeMap<_, _>>();
     DesiredMaps {
         endpoints,
@@ -54,5 +41,20 @@ pub fn desired_maps(
         cidr_identities: compiled.cidr_identities.clone(),
         subjects,
         config_flags,
+    }
+}
+
+/// One subject's entry and rules in kernel terms.
+pub fn subject_state(rules: &SubjectRules) -> SubjectState {
+    let mut flags = 0;
+    if rules.isolated_ingress {
+        flags |= SUBJECT_ISOLATED_INGRESS;
+    }
+    if rules.isolated_egress {
+        flags |= SUBJECT_ISOLATED_EGRESS;
+    }
+    SubjectState {
+        flags,
+        rules: rules.rules.clone(),
     }
 }

@@ -10,18 +10,21 @@ use std::{
 
 use aya::{
     Ebpf,
+    maps::Array,
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
-use weir_common::PROG_XDP;
+use weir_common::{MAP_UPLINK, PROG_XDP, UplinkConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("the kernel object has no loaded XDP program {PROG_XDP}: {0}")]
     Program(String),
+    #[error("writing the XDP program's uplink settings ({MAP_UPLINK}): {0}")]
+    Settings(String),
     #[error("creating the XDP pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -70,8 +73,16 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, UplinkError> {
 
 /// Puts `weir_xdp` on `device`: into the pinned link if an earlier agent left one (atomic
 /// replacement), else a new link, pinned. Links pinned for other devices (the uplink changed)
-/// are removed afterwards, which detaches them.
-pub fn attach(ebpf: &mut Ebpf, device: &str, bpffs_dir: &Path) -> Result<Attached, UplinkError> {
+/// are removed afterwards, which detaches them. `vxlan_port`: the node's VXLAN overlay port, whose
+/// tunnel packets the program looks into; written before the program is attached, so it holds
+/// from its first packet.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    device: &str,
+    vxlan_port: Option<u16>,
+    bpffs_dir: &Path,
+) -> Result<Attached, UplinkError> {
+    configure(ebpf, vxlan_port)?;
     let dir = pin_dir(bpffs_dir);
     std::fs::create_dir_all(&dir).map_err(|source| UplinkError::PinDir {
         path: dir.clone(),
@@ -95,6 +106,22 @@ pub fn attach(ebpf: &mut Ebpf, device: &str, bpffs_dir: &Path) -> Result<Attache
         }
     }
     Ok(attached)
+}
+
+/// Writes the uplink settings `weir_xdp` reads (`WEIR_UPLINK`).
+pub fn configure(ebpf: &mut Ebpf, vxlan_port: Option<u16>) -> Result<(), UplinkError> {
+    let map = ebpf
+        .map_mut(MAP_UPLINK)
+        .ok_or_else(|| UplinkError::Settings("the kernel object has no such map".into()))?;
+    let mut settings: Array<_, UplinkConfig> =
+        Array::try_from(map).map_err(|e| UplinkError::Settings(e.to_string()))?;
+    let config = UplinkConfig {
+        vxlan_port: vxlan_port.unwrap_or(0).to_be(),
+        _pad: [0; 6],
+    };
+    settings
+        .set(0, config, 0)
+        .map_err(|e| UplinkError::Settings(e.to_string()))
 }
 
 /// Swaps the program into the link pinned at `pin`. `None` when there is none, or it is defunct

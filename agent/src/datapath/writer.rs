@@ -268,32 +268,7 @@ impl Writer {
 
         // 2. Subjects whose rules or isolation changed: new version beside the old, flip, delete.
         for (&subject, state) in &desired.subjects {
-            let previous = self.applied.subjects.get(&subject);
-            if previous.is_some_and(|(_, applied)| applied == state) {
-                continue;
-            }
-            let version = previous.map_or(1, |(v, _)| v.wrapping_add(1).max(1));
-            self.write_rules(subject, version, state, &mut stats)?;
-            self.maps
-                .subjects
-                .insert(
-                    SubjectKey { identity: subject },
-                    SubjectPolicy {
-                        version,
-                        flags: state.flags,
-                    },
-                    0,
-                )
-                .map_err(map_err("WEIR_SUBJECTS", subject))?;
-            stats.writes += 1;
-            stats.subjects_changed += 1;
-            if let Some((old_version, old)) = self
-                .applied
-                .subjects
-                .insert(subject, (version, state.clone()))
-            {
-                self.delete_rules(subject, old_version, &old.rules, &mut stats);
-            }
+            self.write_subject(subject, state, &mut stats)?;
         }
 
         // 3. Endpoints, once their subjects are live.
@@ -357,6 +332,98 @@ impl Writer {
         );
 
         // 5. Tell conntrack that policy moved.
+        self.bump_generation(&mut stats, desired.config_flags)?;
+        Ok(stats)
+    }
+
+    /// Writes only these ipcache changes (prefix → new identity, `None`: delete), for an event
+    /// that changes nothing else (see `weir_policy::incremental`): new and changed entries
+    /// first, removals after, then the config generation, in the order of [`Writer::apply`].
+    pub fn apply_ipcache(
+        &mut self,
+        changes: &BTreeMap<IpNet, Option<u32>>,
+    ) -> Result<ApplyStats, WriteError> {
+        let mut stats = ApplyStats::default();
+        let kernel: Vec<((u32, Addr), Option<u32>)> = changes
+            .iter()
+            .map(|(net, id)| (prefix_to_kernel(*net), *id))
+            .collect();
+        let (maps, applied) = (&mut self.maps, &mut self.applied);
+        for &((len, addr), identity) in &kernel {
+            let Some(identity) = identity else { continue };
+            if applied.ipcache.get(&(len, addr)) != Some(&identity) {
+                let value = IdentityValue { identity, _pad: 0 };
+                maps.ipcache
+                    .insert(&Key::new(len, AddrKey { addr }), value, 0)
+                    .map_err(map_err("WEIR_IPCACHE", (len, addr)))?;
+                applied.ipcache.insert((len, addr), identity);
+                stats.writes += 1;
+            }
+        }
+        for &((len, addr), identity) in &kernel {
+            if identity.is_none() && applied.ipcache.remove(&(len, addr)).is_some() {
+                let _ = maps.ipcache.remove(&Key::new(len, AddrKey { addr }));
+                stats.deletes += 1;
+            }
+        }
+        self.bump_generation(&mut stats, self.applied.config.flags)?;
+        Ok(stats)
+    }
+
+    /// Writes only these subjects (each already in the maps or new; none goes), for a change
+    /// of policies recomputed in place: step 2 of [`Writer::apply`] for them, then the config
+    /// generation.
+    pub fn apply_subjects(
+        &mut self,
+        subjects: &BTreeMap<u32, SubjectState>,
+    ) -> Result<ApplyStats, WriteError> {
+        let mut stats = ApplyStats::default();
+        for (&subject, state) in subjects {
+            self.write_subject(subject, state, &mut stats)?;
+        }
+        self.bump_generation(&mut stats, self.applied.config.flags)?;
+        Ok(stats)
+    }
+
+    /// Step 2 for one subject: if its rules or isolation changed, its rules under a new version
+    /// beside the old, the flip, the old version's rules deleted.
+    fn write_subject(
+        &mut self,
+        subject: u32,
+        state: &SubjectState,
+        stats: &mut ApplyStats,
+    ) -> Result<(), WriteError> {
+        let previous = self.applied.subjects.get(&subject);
+        if previous.is_some_and(|(_, applied)| applied == state) {
+            return Ok(());
+        }
+        let version = previous.map_or(1, |(v, _)| v.wrapping_add(1).max(1));
+        self.write_rules(subject, version, state, stats)?;
+        self.maps
+            .subjects
+            .insert(
+                SubjectKey { identity: subject },
+                SubjectPolicy {
+                    version,
+                    flags: state.flags,
+                },
+                0,
+            )
+            .map_err(map_err("WEIR_SUBJECTS", subject))?;
+        stats.writes += 1;
+        stats.subjects_changed += 1;
+        if let Some((old_version, old)) = self
+            .applied
+            .subjects
+            .insert(subject, (version, state.clone()))
+        {
+            self.delete_rules(subject, old_version, &old.rules, stats);
+        }
+        Ok(())
+    }
+
+    /// Step 5: a new config generation when anything changed (and the flags).
+    fn bump_generation(&mut self, stats: &mut ApplyStats, flags: u32) -> Result<(), WriteError> {
         let changed = stats.writes + stats.deletes > 0;
         let config = Config {
             generation: if changed {
@@ -364,7 +431,7 @@ impl Writer {
             } else {
                 self.applied.config.generation
             },
-            flags: desired.config_flags,
+            flags,
         };
         if config != self.applied.config {
             self.maps
@@ -374,7 +441,7 @@ impl Writer {
             self.applied.config = config;
         }
         stats.generation = config.generation;
-        Ok(stats)
+        Ok(())
     }
 
     fn write_rules(

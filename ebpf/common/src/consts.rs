@@ -130,6 +130,7 @@ pub const MAP_EVENTS: &str = "WEIR_EVENTS";
 pub const MAP_COUNTERS: &str = "WEIR_COUNTERS";
 pub const MAP_FRAGMENTS: &str = "WEIR_FRAGMENTS";
 pub const MAP_PREFILTER: &str = "WEIR_PREFILTER";
+pub const MAP_UPLINK: &str = "WEIR_UPLINK";
 
 /// Program names in the kernel object.
 /// Attached at tc ingress of a pod's host-side veth: packets the pod sends.

@@ -78,9 +78,23 @@ pub struct PrefilterValue {
 }
 const _: () = assert!(core::mem::size_of::<PrefilterValue>() == 8);
 
+/// `WEIR_UPLINK[0]`: what `weir_xdp` needs to know about the node's uplink. Written by the agent
+/// before it attaches (or swaps in) the program; not pinned, as each agent writes it anew.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UplinkConfig {
+    /// The UDP port of the node's VXLAN overlay, network order; 0 without an overlay. A UDP
+    /// packet to this port that is not for a local pod is a tunnel packet: `weir_xdp` filters the
+    /// pod packet inside it.
+    pub vxlan_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<UplinkConfig>() == 8);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
+    unsafe impl aya::Pod for UplinkConfig {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointInfo {}

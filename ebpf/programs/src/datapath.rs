@@ -100,7 +100,7 @@ pub fn run(ctx: &TcContext, hook_dir: u8) -> Result<i32, Error> {
         record_first(&buf.key, &parsed, hook_dir, &verdict);
     }
     if hook_dir == DIR_EGRESS && verdict.allowed() {
-        return Ok(deliver(ctx, ifindex, &parsed, &buf.key));
+        return Ok(deliver(ctx, ifindex, &parsed, &buf.key, &verdict));
     }
     Ok(verdict.action)
 }
@@ -238,7 +238,11 @@ pub fn decide(
         let (flag, side_generation) = side_state(ct, side);
         if ct.flags & flag != 0 && side_generation == generation {
             touch(ct, is_reply);
-            return allow(REASON_ESTABLISHED);
+            let mut verdict = allow(REASON_ESTABLISHED);
+            verdict.both_sides_current = ct.flags & CT_BOTH_SIDES == CT_BOTH_SIDES
+                && ct.egress_generation == generation
+                && ct.ingress_generation == generation;
+            return verdict;
         }
     }
 
@@ -327,10 +331,22 @@ fn record(ct: &mut CtValue, side: u8, generation: u32, rule: u32) {
     }
 }
 
+/// Both sides' allowed flags.
+const CT_BOTH_SIDES: u32 = CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED;
+
+/// How stale `CtValue::last_seen_ns` may get on an established flow. The entry is shared by both
+/// directions, which often run on different CPUs: writing it on every packet moves its cache line
+/// back and forth between them on every request and reply. Idle expiry works in seconds.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Marks the entry as used: its timestamp at most every `CT_REFRESH_NS`, the reply flag once.
 #[inline(always)]
 fn touch(ct: &mut CtValue, is_reply: bool) {
-    ct.last_seen_ns = now();
-    if is_reply {
+    let now = now();
+    if now.wrapping_sub(ct.last_seen_ns) >= CT_REFRESH_NS {
+        ct.last_seen_ns = now;
+    }
+    if is_reply && ct.flags & CT_SEEN_REPLY == 0 {
         ct.flags |= CT_SEEN_REPLY;
     }
 }

@@ -11,7 +11,7 @@ use weir_common::{
     AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, FragKey, FragValue,
     IdentityValue, MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
     MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, PolicyKey, PolicyValue, PrefilterValue,
-    REASON_COUNT, SubjectKey, SubjectPolicy,
+    REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig,
 };
 
 /// `WEIR_CONFIG[0]`: generation and flags.
@@ -57,6 +57,10 @@ pub static WEIR_FRAGMENTS: LruHashMap<FragKey, FragValue> =
 #[map(name = "WEIR_PREFILTER")]
 pub static WEIR_PREFILTER: LpmTrie<AddrKey, PrefilterValue> =
     LpmTrie::with_max_entries(MAX_PREFILTER, 0);
+
+/// `WEIR_UPLINK[0]`: the uplink's settings for `weir_xdp` (the overlay's VXLAN port).
+#[map(name = "WEIR_UPLINK")]
+pub static WEIR_UPLINK: Array<UplinkConfig> = Array::with_max_entries(1, 0);
 
 /// Verdict events (`weir_common::VerdictEvent`).
 #[map(name = "WEIR_EVENTS")]

@@ -88,6 +88,8 @@ pub struct Parsed {
     /// (`FragKey::id`, `FragKey::proto`).
     pub frag_id: u32,
     pub frag_proto: u8,
+    /// Offset of the transport header (0 when the packet is not IP).
+    pub l4_off: usize,
 }
 
 #[inline(always)]
@@ -223,10 +225,17 @@ fn walk_ipv6_extensions<C: Packet>(ctx: &C, next: u8, start: usize) -> Result<Ch
 /// must be zeroed.
 #[inline(always)]
 pub fn parse<C: Packet>(ctx: &C, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
-    let eth_type: [u8; 2] = load(ctx, 12)?;
+    parse_at(ctx, 0, key)
+}
+
+/// Parses an Ethernet frame that starts at `base` (0 for the packet itself, further in for the
+/// frame a tunnel carries) into `key`, which must be zeroed.
+#[inline(always)]
+pub fn parse_at<C: Packet>(ctx: &C, base: usize, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
+    let eth_type: [u8; 2] = load(ctx, base + 12)?;
     match u16::from_be_bytes(eth_type) {
-        ETH_P_IP => parse_ip(ctx, ETH_HLEN, false, false, key),
-        ETH_P_IPV6 => parse_ip(ctx, ETH_HLEN, true, false, key),
+        ETH_P_IP => parse_ip(ctx, base + ETH_HLEN, false, false, key),
+        ETH_P_IPV6 => parse_ip(ctx, base + ETH_HLEN, true, false, key),
         _ => Ok(Parsed {
             class: Class::NotIp,
             inner_off: 0,
@@ -235,6 +244,7 @@ pub fn parse<C: Packet>(ctx: &C, key: &mut KeyBuf) -> Result<Parsed, ParseError>
             fragment: Fragment::Whole,
             frag_id: 0,
             frag_proto: 0,
+            l4_off: 0,
         }),
     }
 }
@@ -263,6 +273,7 @@ pub fn parse_ip<C: Packet>(
         fragment: Fragment::Whole,
         frag_id: 0,
         frag_proto: 0,
+        l4_off: 0,
     };
     // Which ICMPv6 types may count as link-local: neighbour discovery and MLD behind no
     // extension header; behind exactly a hop-by-hop header with hop limit 1 only MLD, which
@@ -314,6 +325,7 @@ pub fn parse_ip<C: Packet>(
     }
     let key = &mut buf.key;
     key.proto = proto;
+    parsed.l4_off = l4;
     if parsed.fragment == Fragment::Later {
         // No transport header in this fragment: ports 0 (the datapath takes them from the
         // first fragment).

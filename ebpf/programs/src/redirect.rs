@@ -30,7 +30,7 @@ use aya_ebpf::{
 use weir_common::{
     CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE, COUNTER_PATH_REDIRECT_NEIGH,
     COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, CtKey, DIR_INGRESS, EndpointKey,
-    IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD,
+    IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, REASON_ESTABLISHED,
 };
 
 use crate::{
@@ -39,7 +39,7 @@ use crate::{
     maps::{WEIR_CONFIG, WEIR_ENDPOINTS},
     parse::{Class, ETH_HLEN, Fragment, Parsed},
     policy::resolve_peer,
-    report::count,
+    report::{Verdict, count},
 };
 
 const AF_INET: u8 = 2;
@@ -82,7 +82,13 @@ fn zeroed_params(slot: &mut MaybeUninit<ParamsBuf>) -> &mut FibParams {
 /// destination pod's namespace, or hands it to the next hop towards another node's pod, if it
 /// can; else hands it to the stack.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, ifindex: u32, parsed: &Parsed, key: &CtKey) -> i32 {
+pub fn deliver(
+    ctx: &TcContext,
+    ifindex: u32,
+    parsed: &Parsed,
+    key: &CtKey,
+    egress: &Verdict,
+) -> i32 {
     let flags = match WEIR_CONFIG.get(0) {
         Some(c) => c.flags,
         None => 0,
@@ -97,7 +103,7 @@ pub fn deliver(ctx: &TcContext, ifindex: u32, parsed: &Parsed, key: &CtKey) -> i
         Some(ep) if flags & CONFIG_REDIRECT_LOCAL != 0 => {
             // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
             let ep_ifindex = unsafe { (*ep).ifindex };
-            to_local_pod(ctx, ifindex, parsed, key, ep_ifindex)
+            to_local_pod(ctx, ifindex, parsed, key, ep_ifindex, egress)
         }
         None if flags & CONFIG_REDIRECT_REMOTE != 0 && is_cluster_pod(&key.daddr) => {
             to_next_hop(ctx, ifindex, parsed, key)
@@ -198,6 +204,7 @@ fn to_local_pod(
     parsed: &Parsed,
     key: &CtKey,
     ep_ifindex: u32,
+    egress: &Verdict,
 ) -> i32 {
     if ep_ifindex == ifindex {
         // To itself, or to another address of the same pod: the stack turns it around.
@@ -214,10 +221,16 @@ fn to_local_pod(
     };
 
     // The destination's ingress, exactly as its `weir_to_pod` would check it (and report a drop:
-    // its veth, its identity, ingress).
-    let verdict = decide(ctx, DIR_INGRESS, ep_ifindex, parsed, key);
-    if !verdict.allowed() {
-        return verdict.action;
+    // its veth, its identity, ingress). On an established connection whose entry the egress check
+    // found with both sides current, that check would find the same entry and allow it: it is
+    // counted as such without the lookups again.
+    if egress.both_sides_current {
+        count(REASON_ESTABLISHED as u32);
+    } else {
+        let verdict = decide(ctx, DIR_INGRESS, ep_ifindex, parsed, key);
+        if !verdict.allowed() {
+            return verdict.action;
+        }
     }
 
     let mut macs = [0u8; 12];

@@ -16,6 +16,10 @@ use crate::{
 pub struct Verdict {
     pub action: i32,
     pub reason: u8,
+    /// An established connection whose conntrack entry has both sides (the source's egress and
+    /// the destination's ingress) allowed under the current generation: the other side's check
+    /// would find the same entry and allow it too, so the redirect need not run it again.
+    pub both_sides_current: bool,
 }
 
 impl Verdict {
@@ -82,6 +86,7 @@ pub fn drop_packet(r: &Report<'_>, reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_SHOT as i32,
         reason,
+        both_sides_current: false,
     }
 }
 
@@ -92,6 +97,7 @@ pub fn allow(reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_OK as i32,
         reason,
+        both_sides_current: false,
     }
 }
 
@@ -103,5 +109,6 @@ pub fn allow_reported(r: &Report<'_>, reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_OK as i32,
         reason,
+        both_sides_current: false,
     }
 }

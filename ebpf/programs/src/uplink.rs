@@ -7,11 +7,17 @@
 //! - a new connection to a local pod whose ingress policy does not allow the source's identity:
 //!   the same lookups `weir_to_pod` does (ipcache, subject, policy), with the same result.
 //!
+//! On a node with the VXLAN overlay (`WEIR_UPLINK` names its port), pods of other nodes arrive
+//! inside tunnel packets addressed to the node: the filter looks through the outer IP, UDP and
+//! VXLAN headers and decides on the pod packet inside, as on a native one, with the same reports
+//! (the inner tuple; the uplink's ifindex).
+//!
 //! It is a filter, not the enforcer: `weir_to_pod` still checks every packet it passes. So where
 //! it cannot be sure it passes: anything conntrack knows in either direction (established flows,
-//! replies, revocation are tc's), fragments, ICMP errors, packets it cannot parse, non-IP, and
-//! traffic that is not for a local pod (the node itself, the VXLAN underlay: the inner packet
-//! meets `weir_to_pod` after decapsulation).
+//! replies, revocation are tc's), fragments, ICMP errors, packets it cannot parse (a truncated or
+//! malformed tunnel packet included: the stack drops it or decapsulates it, and `weir_to_pod`
+//! checks what comes out), non-IP, and traffic that is not for a local pod (the node itself,
+//! other tunnels).
 
 use core::mem::MaybeUninit;
 
@@ -22,19 +28,25 @@ use aya_ebpf::{
 };
 use weir_common::{
     AddrKey, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
-    REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, VERDICT_DROP,
+    PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, VERDICT_DROP,
 };
 
 use crate::{
     key::KeyBuf,
-    maps::{WEIR_CONNTRACK, WEIR_ENDPOINTS, WEIR_PREFILTER},
-    parse::{Class, Fragment, parse},
+    maps::{WEIR_CONNTRACK, WEIR_ENDPOINTS, WEIR_PREFILTER, WEIR_UPLINK},
+    packet::Packet,
+    parse::{Class, Fragment, Parsed, parse, parse_at},
     policy::{evaluate, resolve_peer, subject_policy},
     report::{Report, count, emit},
 };
 
 /// Full-length prefix of a 16-byte address.
 const ADDR_PREFIX_FULL: u32 = 128;
+/// The UDP header, and the VXLAN header after it (RFC 7348): flags, reserved, VNI, reserved.
+const UDP_HLEN: usize = 8;
+const VXLAN_HLEN: usize = 8;
+/// The VXLAN flag that says the VNI is valid (RFC 7348: must be set).
+const VXLAN_FLAG_VNI: u8 = 0x08;
 
 #[inline(always)]
 fn pass() -> u32 {
@@ -43,10 +55,9 @@ fn pass() -> u32 {
 }
 
 #[inline(always)]
-fn drop_packet(r: &Report<'_>, reason: u8) -> u32 {
+fn drop_packet(r: &Report<'_>, reason: u8) {
     count(reason as u32);
     emit(r, VERDICT_DROP, reason);
-    XDP_DROP
 }
 
 /// Whether conntrack has the packet's connection as the reply direction (`key` reversed): a
@@ -57,6 +68,16 @@ fn is_reply(key: &CtKey) -> bool {
     WEIR_CONNTRACK
         .get_ptr(&KeyBuf::reverse_in(&mut slot, key).key)
         .is_some()
+}
+
+/// What the filter made of one (outer or inner) packet.
+enum Filtered {
+    /// Dropped (counted and reported).
+    Dropped,
+    /// For a local pod, and left to `weir_to_pod`.
+    Passed,
+    /// Not for a local pod: the node's, another node's, or a tunnel's.
+    NotForLocalPod,
 }
 
 #[inline(always)]
@@ -71,12 +92,54 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if parsed.class != Class::Normal || parsed.fragment != Fragment::Whole {
         return pass();
     }
-    let key = &buf.key;
+    match filter(ifindex, &buf.key) {
+        Filtered::Dropped => return XDP_DROP,
+        Filtered::Passed => return pass(),
+        Filtered::NotForLocalPod => {}
+    }
+    // A tunnel packet of the overlay: the pod packet inside meets the same filter. Whatever is
+    // not a well-formed VXLAN packet with a whole, parsable IP packet inside passes: the stack
+    // decapsulates it (or not) and `weir_to_pod` enforces on what comes out.
+    let Some(inner_base) = vxlan_inner_frame(ctx, &parsed, &buf.key) else {
+        return pass();
+    };
+    // The outer tuple is no longer needed: the inner one takes its place.
+    let inner = KeyBuf::zeroed_in(&mut slot);
+    let Ok(inner_parsed) = parse_at(ctx, inner_base, inner) else {
+        return pass();
+    };
+    if inner_parsed.class != Class::Normal || inner_parsed.fragment != Fragment::Whole {
+        return pass();
+    }
+    match filter(ifindex, &inner.key) {
+        Filtered::Dropped => XDP_DROP,
+        Filtered::Passed | Filtered::NotForLocalPod => pass(),
+    }
+}
 
+/// The offset of the Ethernet frame inside `parsed` if it is a VXLAN packet of the node's overlay
+/// (UDP to the configured port, the VNI flag set); `None` without an overlay.
+#[inline(always)]
+fn vxlan_inner_frame(ctx: &XdpContext, parsed: &Parsed, key: &CtKey) -> Option<usize> {
+    let port = WEIR_UPLINK.get(0)?.vxlan_port;
+    if port == 0 || key.proto != PROTO_UDP || key.dport != port {
+        return None;
+    }
+    let header: [u8; VXLAN_HLEN] = ctx.load(parsed.l4_off + UDP_HLEN)?;
+    if header[0] & VXLAN_FLAG_VNI == 0 {
+        return None;
+    }
+    Some(parsed.l4_off + UDP_HLEN + VXLAN_HLEN)
+}
+
+/// The filter's decision on a whole, parsed IP packet with tuple `key`: the deny list, then (for
+/// a local pod) conntrack and the pod's ingress policy.
+#[inline(always)]
+fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     let listed = Key::new(ADDR_PREFIX_FULL, AddrKey { addr: key.saddr });
     if let Some(entry) = WEIR_PREFILTER.get(&listed) {
         if is_reply(key) {
-            return pass();
+            return Filtered::Passed;
         }
         let (subject, subject_version) =
             match WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: key.daddr }) {
@@ -96,16 +159,17 @@ pub fn run(ctx: &XdpContext) -> u32 {
             peer: resolve_peer(&key.saddr).reported(),
             rule: entry.entry,
         };
-        return drop_packet(&r, REASON_PREFILTER_DENIED);
+        drop_packet(&r, REASON_PREFILTER_DENIED);
+        return Filtered::Dropped;
     }
 
     let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: key.daddr }) else {
-        return pass();
+        return Filtered::NotForLocalPod;
     };
     // SAFETY: as above.
     let subject = unsafe { (*ep).identity };
     if WEIR_CONNTRACK.get_ptr(key).is_some() || is_reply(key) {
-        return pass();
+        return Filtered::Passed;
     }
     let dport = if key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6 {
         0
@@ -114,7 +178,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     let eval = evaluate(subject, DIR_INGRESS, &key.saddr, key.proto, dport);
     if eval.allowed {
-        return pass();
+        return Filtered::Passed;
     }
     let r = Report {
         key,
@@ -125,5 +189,6 @@ pub fn run(ctx: &XdpContext) -> u32 {
         peer: eval.peer,
         rule: 0,
     };
-    drop_packet(&r, REASON_XDP_POLICY_DENIED)
+    drop_packet(&r, REASON_XDP_POLICY_DENIED);
+    Filtered::Dropped
 }

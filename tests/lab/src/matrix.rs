@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
+use weir_policy::matrix::{Mark, expected_rows, layout, short_names};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Proto {
@@ -125,13 +126,12 @@ impl Matrix {
     /// The table for people: rows from, columns to:port/proto; `.` allowed, `X` denied, `-` not
     /// probed. Cells that differ from `expect` are marked `!`.
     pub fn render(&self, expect: Option<&Expectations>) -> String {
-        let pods: BTreeSet<&str> = self
-            .sources
-            .iter()
-            .map(String::as_str)
-            .chain(self.targets.iter().map(|t| t.pod.as_str()))
-            .collect();
-        let short = short_names(&pods);
+        let short = short_names(
+            self.sources
+                .iter()
+                .map(String::as_str)
+                .chain(self.targets.iter().map(|t| t.pod.as_str())),
+        );
         let one_port = {
             let ports: BTreeSet<(u16, Proto)> =
                 self.targets.iter().map(|t| (t.port, t.proto)).collect();
@@ -149,39 +149,33 @@ impl Matrix {
             Some((port, proto)) => format!("from \\ to ({port}/{proto})"),
             None => "from \\ to".to_string(),
         };
-        let row_width = self
+        let rows: Vec<(String, Vec<Mark>)> = self
             .sources
             .iter()
-            .map(|s| short[s.as_str()].len())
-            .chain([corner.len()])
-            .max()
-            .unwrap_or(0);
-        let mut out = String::new();
-        let _ = write!(out, "{corner:<row_width$}");
-        for h in &headers {
-            let _ = write!(out, "  {h}");
-        }
-        out.push('\n');
-        for source in &self.sources {
-            let _ = write!(out, "{:<row_width$}", short[source.as_str()]);
-            for (t, h) in self.targets.iter().zip(&headers) {
-                let got = self.get(source, t);
-                let want = expect.and_then(|e| e.get(source, t));
-                let mut mark = match got {
-                    Some(true) => ".".to_string(),
-                    Some(false) => "X".to_string(),
-                    None => "-".to_string(),
-                };
-                if let (Some(g), Some(w)) = (got, want)
-                    && g != w
-                {
-                    mark.push('!');
-                }
-                let _ = write!(out, "  {mark:^width$}", width = h.len());
-            }
-            out.push('\n');
-        }
-        out
+            .map(|source| {
+                let marks = self
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let got = self.get(source, t);
+                        let want = expect.and_then(|e| e.get(source, t));
+                        let mut mark = match got {
+                            Some(true) => ".".to_string(),
+                            Some(false) => "X".to_string(),
+                            None => "-".to_string(),
+                        };
+                        if let (Some(g), Some(w)) = (got, want)
+                            && g != w
+                        {
+                            mark.push('!');
+                        }
+                        Mark::plain(&mark)
+                    })
+                    .collect();
+                (short[source.as_str()].clone(), marks)
+            })
+            .collect();
+        layout(&corner, &headers, &rows)
     }
 
     /// Cells whose observed value differs from the expectation.
@@ -300,50 +294,18 @@ impl Expectations {
         Self::from_markdown(&text)
     }
 
+    /// See [`weir_policy::matrix::expected_rows`].
     pub fn from_markdown(text: &str) -> anyhow::Result<Self> {
         let mut e = Expectations::default();
-        for line in text.lines() {
-            let cells: Vec<&str> = line
-                .trim()
-                .trim_matches('|')
-                .split('|')
-                .map(str::trim)
-                .collect();
-            if cells.len() < 4 {
-                continue;
-            }
-            let allowed = match cells[3].to_ascii_uppercase().as_str() {
-                "ALLOW" => true,
-                "DENY" => false,
-                _ => continue,
-            };
-            let (port, proto) = cells[2]
-                .split_once('/')
-                .with_context(|| format!("port {:?} is not PORT/PROTO", cells[2]))?;
+        for row in expected_rows(text).map_err(anyhow::Error::msg)? {
             e.set(
-                cells[0],
-                Target::new(cells[1], port.parse()?, proto.parse()?),
-                allowed,
+                &row.from,
+                Target::new(&row.to, row.port, row.protocol.parse()?),
+                row.allowed,
             );
-        }
-        if e.entries.is_empty() {
-            bail!("no `| from | to | port | ALLOW/DENY |` rows found");
         }
         Ok(e)
     }
-}
-
-/// Pod names without their namespace when that is unambiguous.
-fn short_names<'a>(pods: &BTreeSet<&'a str>) -> BTreeMap<&'a str, String> {
-    let names: Vec<&str> = pods
-        .iter()
-        .map(|p| p.rsplit('/').next().unwrap_or(p))
-        .collect();
-    let unique = names.iter().collect::<BTreeSet<_>>().len() == names.len();
-    pods.iter()
-        .zip(names)
-        .map(|(p, n)| (*p, if unique { n.to_string() } else { p.to_string() }))
-        .collect()
 }
 
 #[cfg(test)]

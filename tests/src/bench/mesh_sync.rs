@@ -72,6 +72,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     let cluster = |name: &str, yaml: String| ClusterSpec {
         name: name.into(),
         nodes: 2,
+        gateways: 1,
         manifests: vec![Manifest::Yaml(yaml)],
     };
     let west = format!(

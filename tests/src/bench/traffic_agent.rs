@@ -38,7 +38,7 @@ pub struct AgentNode {
     pub server: Netns,
     pub client_ip: IpAddr,
     pub server_ip: IpAddr,
-    node: Netns,
+    pub node: Netns,
     dirs: AgentDirs,
 }
 

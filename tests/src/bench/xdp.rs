@@ -1,18 +1,34 @@
 //! Drop rate of a flood of denied packets from another node, at a pod whose policy denies the
-//! sender: with `weir_xdp` on the node's uplink, with Weir's tc programs only (the drop happens at
-//! `weir_to_pod`, after the node routed the packet), and with an iptables `raw` PREROUTING drop
-//! rule. Per case: packets dropped per second, the machine's CPU time per dropped packet (all
-//! CPUs, sender included: its share is the same in every case), and the UDP round-trip latency
-//! of an allowed flow from the same node during the flood.
+//! sender, and the CPU it costs: with `weir_xdp` on the node's uplink, with Weir's tc programs only
+//! (the drop happens at `weir_to_pod`, after the node routed the packet), and with an iptables
+//! `raw` PREROUTING drop rule. Two senders:
+//!
+//! - a UDP socket in the remote node (as the lab's traffic arrives): the sender's kernel builds
+//!   the skb before the uplink sees it, so XDP can save only the node's routing and tc hook;
+//! - the same socket's packets redirected by XDP inside the remote node (`xdp_frames`), so they
+//!   reach the node's uplink as XDP frames, as from a NIC driver with native XDP: no skb exists
+//!   on the node until it builds one, which `weir_xdp` avoids for what it drops.
+//!
+//! A third filter, `XDP_DROP` of everything on the uplink, is the floor: the sender's cost and the
+//! least possible receive work. Each case's CPU per dropped packet above the floor is the node's
+//! share, and the XDP filter's goal is about that share. (With the socket sender the floor also
+//! pays for the veth turning each skb into an XDP buffer, which the tc-only path without an XDP
+//! program does not: there the node's share of tc is understated.)
+//!
+//! Per case: packets dropped per second, the CPU the flood cost (the flooder thread, whose sends
+//! run the uplink's receive path in their context when they re-enable bottom halves, plus the
+//! ksoftirqd threads, where the rest of it is deferred; the sender's own share is the same in
+//! every case of one sender, so the machine's other load does not count), drops per CPU-second,
+//! and the request/response rate and latency of an allowed UDP flow from the same node during the
+//! flood against the same flow without a flood. The cases run in turn, several rounds over; each case
+//! reports its round with the median drops per machine CPU-second.
 //!
 //! Topology: remote node ns ── veth (`uplink` on the node) ── node ns ── veth ── server pod ns.
-//! The uplink is a veth, as in the lab: the sender's kernel built the skb already, so XDP saves
-//! the node's routing and the tc hook, not the skb allocation a physical NIC's driver would.
 
 use std::{
     fs::File,
     net::UdpSocket,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -26,7 +42,10 @@ use weir_common::{
     SUBJECT_ISOLATED_INGRESS,
 };
 
-use super::stats::{Samples, us};
+use super::{
+    stats::{Samples, us},
+    xdp_frames::{GEN_DEVICE, RedirectHop, XdpLink},
+};
 use crate::{
     cpu::CpuTime,
     netns::{Netns, spawn_in},
@@ -191,12 +210,62 @@ fn start_echo(server: &Netns) {
     ready_rx.recv().expect("echo server did not start");
 }
 
-/// Floods the server from the flooder's address for `secs`; returns the packets sent.
-fn flood(remote: &Netns, secs: u64) -> thread::JoinHandle<u64> {
+/// Floods the server from the flooder's address for `secs`, out of `device` if given (else as
+/// routed); returns the packets sent.
+/// The calling thread's CPU time (user and system; system includes the softirq work the kernel
+/// does in its context when it re-enables bottom halves after a send).
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+        u
+    };
+    let t =
+        |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// CPU time of the ksoftirqd threads so far: the softirq work deferred out of the senders'
+/// context.
+fn ksoftirqd_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .map(|pid| CpuTime::of_process(pid).total())
+        .sum()
+}
+
+fn flood(
+    remote: &Netns,
+    device: Option<&'static str>,
+    secs: u64,
+) -> thread::JoinHandle<(u64, Duration)> {
     spawn_in(remote.path(), move || {
         let sock = UdpSocket::bind((FLOODER, 0)).expect("binding the flooder");
+        if let Some(device) = device {
+            // SAFETY: the option value is `device`'s bytes, of the length passed.
+            let ret = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    device.as_ptr().cast(),
+                    device.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(ret, 0, "binding the flooder to {device}");
+        }
         sock.connect((SERVER, FLOOD_PORT)).expect("connecting");
         let msg = [0u8; 64];
+        let cpu_before = thread_cpu();
         let until = Instant::now() + Duration::from_secs(secs);
         let mut sent = 0u64;
         while Instant::now() < until {
@@ -206,7 +275,7 @@ fn flood(remote: &Netns, secs: u64) -> thread::JoinHandle<u64> {
                 }
             }
         }
-        sent
+        (sent, thread_cpu().saturating_sub(cpu_before))
     })
 }
 
@@ -230,77 +299,178 @@ fn allowed_rr(remote: &Netns, secs: u64) -> thread::JoinHandle<Vec<Duration>> {
     })
 }
 
+/// Where the flood comes from.
 #[derive(Clone, Copy, PartialEq)]
-enum Case {
+enum Sender {
+    /// A UDP socket in the remote node: skbs built by the sender's kernel.
+    Socket,
+    /// The same socket through an XDP redirect in the remote node: the uplink receives XDP
+    /// frames, no skb (`xdp_frames`).
+    Frames,
+}
+
+/// What drops the flood.
+#[derive(Clone, Copy, PartialEq)]
+enum Filter {
+    /// `XDP_DROP` of everything on the uplink (two instructions): the floor, what the sender and
+    /// the least possible receive work cost, subtracted from the others to get the node's share.
+    Floor,
     Xdp,
     TcOnly,
     IptablesRaw,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    /// No flood, Weir with XDP on the uplink: the allowed flow's baseline.
+    NoFlood,
+    Flood(Sender, Filter),
+}
+
 impl Case {
-    fn name(self) -> &'static str {
-        match self {
-            Case::Xdp => "weir, XDP on the uplink",
-            Case::TcOnly => "weir, tc only",
-            Case::IptablesRaw => "iptables raw DROP",
-        }
+    fn name(self) -> String {
+        let (sender, filter) = match self {
+            Case::NoFlood => return "no flood (weir, XDP)".to_owned(),
+            Case::Flood(sender, filter) => (sender, filter),
+        };
+        let sender = match sender {
+            Sender::Socket => "socket",
+            Sender::Frames => "xdp frames",
+        };
+        let filter = match filter {
+            Filter::Xdp => "weir, XDP on the uplink",
+            Filter::TcOnly => "weir, tc only",
+            Filter::IptablesRaw => "iptables raw DROP",
+            Filter::Floor => "XDP_DROP all (floor)",
+        };
+        format!("{sender}: {filter}")
     }
+}
+
+/// The MAC address of `dev` in `netns`, as `ip` prints it.
+fn mac(netns: &Netns, dev: &str) -> anyhow::Result<String> {
+    let out = netns.ip(&["-o", "link", "show", "dev", dev]);
+    out.split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no MAC address for {dev}: {out}"))
 }
 
 struct Measured {
     sent: u64,
     dropped: u64,
     elapsed: Duration,
-    cpu: Duration,
+    /// The flooder thread's CPU (sending, and the receive path the kernel runs in its context).
+    sender: Duration,
+    /// The ksoftirqd threads' CPU (the receive path deferred out of the senders' context).
+    ksoftirqd: Duration,
     allowed: Vec<Duration>,
 }
 
+impl Measured {
+    fn secs(&self) -> f64 {
+        self.elapsed.as_secs_f64()
+    }
+    fn drop_rate(&self) -> f64 {
+        self.dropped as f64 / self.secs()
+    }
+    /// The CPU the flood cost: its sender and ksoftirqd.
+    fn cpu(&self) -> Duration {
+        self.sender + self.ksoftirqd
+    }
+    fn per_cpu_second(&self) -> f64 {
+        self.dropped as f64 / self.cpu().as_secs_f64().max(1e-3)
+    }
+    /// CPU per dropped packet, in ns.
+    fn cpu_ns(&self) -> f64 {
+        self.cpu().as_nanos() as f64 / self.dropped.max(1) as f64
+    }
+    fn allowed_rate(&self) -> f64 {
+        self.allowed.len() as f64 / self.secs()
+    }
+}
+
 fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
+    // Frames reach the uplink only while it runs NAPI, i.e. has an XDP program.
+    let pass = match case {
+        Case::Flood(Sender::Frames, Filter::TcOnly | Filter::IptablesRaw) => {
+            Some(XdpLink::pass(&t.node, "uplink")?)
+        }
+        Case::Flood(_, Filter::Floor) => Some(XdpLink::drop_all(&t.node, "uplink")?),
+        _ => None,
+    };
     let weir = match case {
-        Case::Xdp => Some(weir(&t.node, true)?),
-        Case::TcOnly => Some(weir(&t.node, false)?),
-        Case::IptablesRaw => {
+        Case::NoFlood | Case::Flood(_, Filter::Xdp) => Some(weir(&t.node, true)?),
+        Case::Flood(_, Filter::TcOnly) => Some(weir(&t.node, false)?),
+        Case::Flood(_, Filter::IptablesRaw) => {
             iptables_raw(&t.node, "-A")?;
             None
         }
+        Case::Flood(_, Filter::Floor) => None,
     };
     let dropped = |w: &Option<Weir>| match (case, w) {
-        (Case::Xdp, Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
-        (Case::TcOnly, Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
+        // Counted below: everything sent.
+        (Case::NoFlood | Case::Flood(_, Filter::Floor), _) => 0,
+        (Case::Flood(_, Filter::Xdp), Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
+        (Case::Flood(_, Filter::TcOnly), Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
         _ => iptables_raw_dropped(&t.node),
     };
     let before = dropped(&weir);
-    let (cpu_before, started) = (CpuTime::machine(), Instant::now());
-    let flooder = flood(&t.remote, secs);
+    let (ksoftirqd_before, started) = (ksoftirqd_cpu(), Instant::now());
+    let flooder = match case {
+        Case::NoFlood => None,
+        Case::Flood(Sender::Socket, _) => Some(flood(&t.remote, None, secs)),
+        Case::Flood(Sender::Frames, _) => Some(flood(&t.remote, Some(GEN_DEVICE), secs)),
+    };
     let allowed = allowed_rr(&t.remote, secs);
-    let sent = flooder.join().expect("flooder panicked");
+    let (sent, sender) = match flooder {
+        Some(f) => f.join().expect("flooder panicked"),
+        None => (0, Duration::ZERO),
+    };
     let allowed = allowed.join().expect("allowed client panicked");
-    let (elapsed, cpu) = (
+    let (elapsed, ksoftirqd) = (
         started.elapsed(),
-        CpuTime::machine().since(cpu_before).total(),
+        ksoftirqd_cpu().saturating_sub(ksoftirqd_before),
     );
-    let dropped = dropped(&weir) - before;
+    let dropped = match case {
+        Case::Flood(_, Filter::Floor) => sent,
+        _ => dropped(&weir) - before,
+    };
     drop(weir);
-    if case == Case::IptablesRaw {
+    drop(pass);
+    if matches!(case, Case::Flood(_, Filter::IptablesRaw)) {
         iptables_raw(&t.node, "-D")?;
     }
     Ok(Measured {
         sent,
         dropped,
         elapsed,
-        cpu,
+        sender,
+        ksoftirqd,
         allowed,
     })
 }
 
 const ROUNDS: usize = 3;
-const CASES: [Case; 3] = [Case::TcOnly, Case::Xdp, Case::IptablesRaw];
+const CASES: [Case; 9] = [
+    Case::NoFlood,
+    Case::Flood(Sender::Socket, Filter::Floor),
+    Case::Flood(Sender::Socket, Filter::TcOnly),
+    Case::Flood(Sender::Socket, Filter::Xdp),
+    Case::Flood(Sender::Socket, Filter::IptablesRaw),
+    Case::Flood(Sender::Frames, Filter::Floor),
+    Case::Flood(Sender::Frames, Filter::TcOnly),
+    Case::Flood(Sender::Frames, Filter::Xdp),
+    Case::Flood(Sender::Frames, Filter::IptablesRaw),
+];
 
 pub fn run(secs: u64) -> anyhow::Result<()> {
     let t = topology();
     start_echo(&t.server);
+    let _hop = RedirectHop::new(&t.remote, &mac(&t.node, "uplink")?, "10.78.2.0/24")?;
     println!(
-        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node:"
+        "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node; CPU: the flooder thread (its sends and the receive path run in its context) and ksoftirqd (the receive path deferred), from the kernel's per-thread accounting:"
     );
     let mut results: Vec<Vec<Measured>> = CASES.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
@@ -308,34 +478,79 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
             results[i].push(measure(&t, *case, secs)?);
         }
     }
-    // Per case: the round with the median drop rate, and the allowed flow's pooled samples.
+    // Per case: the round with the median drops per machine CPU-second, and the allowed flow's
+    // pooled samples and median rate.
+    struct Row {
+        case: Case,
+        m: Measured,
+        allowed_rate: f64,
+        allowed_p50: Duration,
+    }
     let mut rows = Vec::new();
     for (case, mut rounds) in CASES.iter().zip(results) {
-        let rate = |m: &Measured| m.dropped as f64 / m.elapsed.as_secs_f64();
-        rounds.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+        let mut allowed_rates: Vec<f64> = rounds.iter().map(Measured::allowed_rate).collect();
+        allowed_rates.sort_by(f64::total_cmp);
         let allowed = Samples::new(rounds.iter().flat_map(|m| m.allowed.clone()).collect());
-        let m = &rounds[rounds.len() / 2];
-        let cpu_ns = m.cpu.as_nanos() as f64 / m.dropped.max(1) as f64;
+        rounds.sort_by(|a, b| a.per_cpu_second().total_cmp(&b.per_cpu_second()));
+        let m = rounds.swap_remove(rounds.len() / 2);
+        let row = Row {
+            case: *case,
+            allowed_rate: allowed_rates[allowed_rates.len() / 2],
+            allowed_p50: allowed.percentile(50.0),
+            m,
+        };
+        let m = &row.m;
         println!(
-            "  {:<26} dropped {:>9.0} pps of {:>9.0} sent   machine CPU {:>6.0} ns per dropped packet   allowed rr p50 {:>9} p99 {:>9}",
+            "  {:<34} dropped {:>7.0} pps of {:>7.0} sent   CPU: sender {:>4.2} + ksoftirqd {:>4.2} cores   drops per CPU-second {:>7.0}   allowed {:>6.0} rr/s p50 {:>8} p99 {:>8}",
             case.name(),
-            rate(m),
-            m.sent as f64 / m.elapsed.as_secs_f64(),
-            cpu_ns,
-            us(allowed.percentile(50.0)),
+            m.drop_rate(),
+            m.sent as f64 / m.secs(),
+            m.sender.as_secs_f64() / m.secs(),
+            m.ksoftirqd.as_secs_f64() / m.secs(),
+            m.per_cpu_second(),
+            row.allowed_rate,
+            us(row.allowed_p50),
             us(allowed.percentile(99.0)),
         );
-        rows.push((case.name(), rate(m), cpu_ns, allowed.percentile(50.0)));
+        rows.push(row);
     }
-    let (_, base_rate, base_cpu, base_p50) = rows[0];
-    println!("ratios against weir, tc only (goal: XDP drop rate >= 3x at equal CPU):");
-    for (name, rate, cpu, p50) in &rows[1..] {
+    let quiet = &rows[0];
+    println!(
+        "ratios against weir, tc only, with the same sender; the node's share is the CPU per dropped packet above the floor's (goal: XDP drops >= 3x per CPU-second, allowed traffic unaffected); the allowed flow against no flood:"
+    );
+    let row = |case: Case| rows.iter().find(|r| r.case == case);
+    for sender in [Sender::Socket, Sender::Frames] {
+        let (Some(tc), Some(floor)) = (
+            row(Case::Flood(sender, Filter::TcOnly)),
+            row(Case::Flood(sender, Filter::Floor)),
+        ) else {
+            continue;
+        };
+        let node_ns = |r: &Row| (r.m.cpu_ns() - floor.m.cpu_ns()).max(1.0);
         println!(
-            "  {name:<26} drop rate {:.2}x   CPU per dropped packet {:.2}x   allowed rr p50 {:.2}x",
-            rate / base_rate,
-            cpu / base_cpu,
-            p50.as_secs_f64() / base_p50.as_secs_f64()
+            "  {:<34} CPU per dropped packet {:>5.0} ns (floor {:.0} ns, the node's share {:.0} ns)   allowed rr/s {:.2}x",
+            tc.case.name(),
+            tc.m.cpu_ns(),
+            floor.m.cpu_ns(),
+            node_ns(tc),
+            tc.allowed_rate / quiet.allowed_rate
         );
+        for filter in [Filter::Xdp, Filter::IptablesRaw] {
+            let Some(r) = row(Case::Flood(sender, filter)) else {
+                continue;
+            };
+            println!(
+                "  {:<34} CPU per dropped packet {:>5.0} ns (the node's share {:.0} ns)   drops per CPU-second {:.2}x, per node CPU-second {:.2}x   drop rate {:.2}x   allowed rr/s {:.2}x, p50 {:.2}x",
+                r.case.name(),
+                r.m.cpu_ns(),
+                node_ns(r),
+                r.m.per_cpu_second() / tc.m.per_cpu_second(),
+                node_ns(tc) / node_ns(r),
+                r.m.drop_rate() / tc.m.drop_rate(),
+                r.allowed_rate / quiet.allowed_rate,
+                r.allowed_p50.as_secs_f64() / quiet.allowed_p50.as_secs_f64(),
+            );
+        }
     }
     Ok(())
 }

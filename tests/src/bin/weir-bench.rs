@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|scale|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -20,6 +20,15 @@ fn main() -> anyhow::Result<()> {
     }
     if all || which == "traffic" {
         bench::traffic::run(20_000, 3)?;
+        ran = true;
+    }
+    if which == "scale" {
+        // Not in "all": it wires 1,000 pods and runs for several minutes.
+        let rounds = std::env::var("WEIR_SCALE_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
+        bench::scale::run(rounds)?;
         ran = true;
     }
     if all || which == "idle" {
@@ -55,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, mesh, mesh-sync or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, scale, mesh, mesh-sync or all"
     );
     Ok(())
 }

@@ -26,7 +26,7 @@
 //!   Only a policy whose namespace is not a string is dropped: it cannot be placed.
 
 use serde::de::DeserializeOwned;
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use super::{LabelSelector, MeshPeer, Namespace, NetworkPolicy, Node, Object, Pod, Problem};
 use crate::names;
@@ -51,7 +51,7 @@ pub enum ParseError {
         origin: String,
         document: usize,
         #[source]
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     #[error(
         "{origin}: document {document}{item}: expected an object (a mapping with apiVersion and kind)"
@@ -95,7 +95,7 @@ pub enum ParseError {
         kind: &'static str,
         name: String,
         #[source]
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     #[error("{origin}: document {document}{item}: {kind} has no metadata.name")]
     MissingName {
@@ -200,7 +200,7 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<Object, ParseErro
         }));
         return out;
     }
-    for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (document, de) in yaml_serde::Deserializer::from_str(text).enumerate() {
         match Value::deserialize_from(de) {
             Ok(Value::Null) => {}
             Ok(value) => read_value(value, origin, document, &mut Vec::new(), &mut out),
@@ -227,11 +227,11 @@ impl ParseError {
 }
 
 trait DeserializeFrom: Sized {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error>;
+    fn deserialize_from(de: yaml_serde::Deserializer<'_>) -> Result<Self, yaml_serde::Error>;
 }
 
 impl DeserializeFrom for Value {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error> {
+    fn deserialize_from(de: yaml_serde::Deserializer<'_>) -> Result<Self, yaml_serde::Error> {
         serde::Deserialize::deserialize(de)
     }
 }
@@ -645,6 +645,6 @@ fn encoded_size(value: &Value, limit: usize) -> usize {
     total
 }
 
-fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, serde_yaml::Error> {
-    serde_yaml::from_value(value)
+fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, yaml_serde::Error> {
+    yaml_serde::from_value(value)
 }

@@ -4,14 +4,15 @@
 //! only way across is the gateways' mesh link (gRPC over mTLS on one TCP port).
 //!
 //! Layout of mesh lab `<name>`:
-//! - cluster `<c>` is the lab `<name><c>` (its namespaces are `wl-<name><c>-*`); its `node1` is the
-//!   gateway (Node label `mesh.weir.io/gateway=true`), the other nodes are workers;
+//! - cluster `<c>` is the lab `<name><c>` (its namespaces are `wl-<name><c>-*`); its first
+//!   [`ClusterSpec::gateways`] nodes (`node1`, ...) are its gateways (Node label
+//!   `mesh.weir.io/gateway=true`, active/active), the other nodes are workers;
 //! - the WAN is the namespace `wl-<name>-wan`, a router with one veth per gateway (`wan0` on the
 //!   gateway's side, 192.0.2.0/24 in /30s: documentation addresses, never routed off the machine);
-//! - certificates are made at start: a mesh CA and one gateway certificate per cluster, naming
-//!   the cluster in its URI SAN; each cluster's manifests directory holds a Node per node and a
-//!   MeshPeer per other cluster (its gateway's WAN address, the CA, its pod prefix, and the export
-//!   selector `mesh.weir.io/export: "true"` on namespaces);
+//! - certificates are made at start: a mesh CA and one gateway certificate per cluster (its
+//!   gateways share it), naming the cluster in its URI SAN; each cluster's manifests directory
+//!   holds a Node per node and a MeshPeer per other cluster (every gateway's WAN address, the CA,
+//!   its pod prefix, and the export selector `mesh.weir.io/export: "true"` on namespaces);
 //! - /run/weir-lab/<name>/mesh.json records the clusters, so [`super::down`] of the mesh lab takes
 //!   its clusters down too, from any process, also after a failure.
 
@@ -43,8 +44,11 @@ pub const EXPORT_LABEL: &str = "mesh.weir.io/export";
 pub struct ClusterSpec {
     /// The cluster's name (a-z, 0-9): its certificate's name and what `weir.io/cluster` says.
     pub name: String,
-    /// Nodes, the first of which is the gateway.
+    /// Nodes, the first `gateways` of which are gateways.
     pub nodes: usize,
+    /// Gateway nodes (1 to 4, at most `nodes`): every one talks to every gateway of the other
+    /// clusters, and workers spread flows over them.
+    pub gateways: usize,
     pub manifests: Vec<Manifest>,
 }
 
@@ -73,9 +77,16 @@ pub struct ClusterRecord {
     pub name: String,
     /// The cluster's lab.
     pub lab: String,
+    /// The first gateway node (`gateway_nodes[0]`).
     pub gateway_node: String,
-    /// The gateway's address on the WAN.
+    /// The first gateway's address on the WAN (`wan_ips[0]`).
     pub wan_ip: String,
+    /// Every gateway node, in order.
+    #[serde(default)]
+    pub gateway_nodes: Vec<String>,
+    /// Every gateway's address on the WAN, in the order of `gateway_nodes`.
+    #[serde(default)]
+    pub wan_ips: Vec<String>,
     /// Every pod address of the cluster is in here (its MeshPeer's `allowedPrefixes` elsewhere).
     pub pod_prefix: String,
 }
@@ -134,6 +145,8 @@ pub struct MeshLab {
     clusters: Vec<Lab>,
     capture: Option<WanCapture>,
     owned: bool,
+    /// The mesh CA, for labs built by this process (it is never written to disk).
+    ca: Option<MeshCa>,
 }
 
 impl Drop for MeshLab {
@@ -170,6 +183,13 @@ fn validate(spec: &MeshSpec) -> anyhow::Result<()> {
         if c.nodes == 0 || c.nodes > 20 {
             bail!("cluster {}: 1 to 20 nodes", c.name);
         }
+        if c.gateways == 0 || c.gateways > 4 || c.gateways > c.nodes {
+            bail!(
+                "cluster {}: 1 to 4 gateways, at most one per node ({} nodes)",
+                c.name,
+                c.nodes
+            );
+        }
         if spec.clusters[..i].iter().any(|o| o.name == c.name) {
             bail!("two clusters are named {:?}", c.name);
         }
@@ -198,11 +218,18 @@ impl MeshLab {
                 .map(|(i, c)| {
                     // Distinct address ranges per cluster: the prefixes must not overlap.
                     let index = cluster_index(base, i);
+                    let gateway_nodes: Vec<String> =
+                        (1..=c.gateways).map(topology::node_name).collect();
+                    let wan_ips: Vec<String> = (0..c.gateways)
+                        .map(|g| format!("192.0.2.{}", 4 * wan_slot(i, g) + 1))
+                        .collect();
                     ClusterRecord {
                         name: c.name.clone(),
                         lab: format!("{}{}", spec.name, c.name),
-                        gateway_node: topology::node_name(1),
-                        wan_ip: format!("192.0.2.{}", 4 * i + 1),
+                        gateway_node: gateway_nodes[0].clone(),
+                        wan_ip: wan_ips[0].clone(),
+                        gateway_nodes,
+                        wan_ips,
                         pod_prefix: format!("10.{index}.0.0/16"),
                     }
                 })
@@ -215,6 +242,7 @@ impl MeshLab {
             clusters: Vec::new(),
             capture: None,
             owned: true,
+            ca: None,
         };
         lab.build(&spec).with_context(|| {
             format!(
@@ -250,15 +278,20 @@ impl MeshLab {
                 key.display().to_string(),
             ];
             lab_spec.manifests = cluster.manifests.clone();
-            lab_spec
-                .manifests
-                .push(Manifest::Yaml(node_objects(&lab_spec, cluster.nodes)));
+            lab_spec.manifests.push(Manifest::Yaml(node_objects(
+                &lab_spec,
+                cluster.nodes,
+                cluster.gateways,
+            )));
             let built = Lab::up(lab_spec).with_context(|| format!("cluster {}", cluster.name))?;
             built.keep();
             self.clusters.push(Lab::open(&record.lab)?);
-            self.connect_to_wan(i)?;
+            for g in 0..cluster.gateways {
+                self.connect_to_wan(i, g)?;
+            }
         }
         let ca_pem = ca.pem();
+        self.ca = Some(ca);
         for i in 0..self.clusters.len() {
             let peers: String = self
                 .state
@@ -273,18 +306,19 @@ impl MeshLab {
         self.wait_synced(Duration::from_secs(60))
     }
 
-    /// A veth from the WAN router to the cluster's gateway (`wan0`), a /30 each, and the
-    /// gateway's routes to the other gateways' /30s through the router. Workers get nothing.
-    fn connect_to_wan(&self, i: usize) -> anyhow::Result<()> {
+    /// A veth from the WAN router to gateway `g` of cluster `i` (`wan0`), a /30 each, and the
+    /// gateway's route to the WAN's other addresses through the router. Workers get nothing.
+    fn connect_to_wan(&self, i: usize, g: usize) -> anyhow::Result<()> {
         let wan = &self.state.wan_netns;
         let record = &self.state.clusters[i];
         let gateway = self.clusters[i]
             .state()
-            .node(&record.gateway_node)
-            .context("the cluster has no gateway node")?
+            .node(&record.gateway_nodes[g])
+            .context("the cluster has no such gateway node")?
             .netns
             .clone();
-        let port = format!("c{}", i + 1);
+        let slot = wan_slot(i, g);
+        let port = format!("c{}g{}", i + 1, g + 1);
         netns::ip_in(
             wan,
             &[
@@ -294,45 +328,63 @@ impl MeshLab {
         // IPv4 only on the WAN: the capture then accounts for every frame (no IPv6 neighbour
         // discovery beside the link's TCP).
         netns::sysctl_in(&gateway, "net.ipv6.conf.wan0.disable_ipv6", "1")?;
-        netns::ip_in(
-            wan,
-            &[
-                "addr",
-                "add",
-                &format!("192.0.2.{}/30", 4 * i + 2),
-                "dev",
-                &port,
-            ],
-        )?;
+        let router = format!("192.0.2.{}", 4 * slot + 2);
+        netns::ip_in(wan, &["addr", "add", &format!("{router}/30"), "dev", &port])?;
         netns::ip_in(
             &gateway,
             &[
                 "addr",
                 "add",
-                &format!("{}/30", record.wan_ip),
+                &format!("{}/30", record.wan_ips[g]),
                 "dev",
                 "wan0",
             ],
         )?;
         netns::ip_in(wan, &["link", "set", &port, "up"])?;
         netns::ip_in(&gateway, &["link", "set", "wan0", "up"])?;
-        for j in 0..self.state.clusters.len() {
-            if j != i {
-                netns::ip_in(
-                    &gateway,
-                    &[
-                        "route",
-                        "add",
-                        &format!("192.0.2.{}/30", 4 * j),
-                        "via",
-                        &format!("192.0.2.{}", 4 * i + 2),
-                        "dev",
-                        "wan0",
-                    ],
-                )?;
-            }
-        }
+        netns::ip_in(
+            &gateway,
+            &[
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                &router,
+                "dev",
+                "wan0",
+            ],
+        )?;
         Ok(())
+    }
+
+    /// Rotates `cluster`'s certificate: a new key and certificate from the same CA written over
+    /// the files its gateways read (key first: the agents reload when the certificate changes).
+    /// Only for a lab this process built (the CA lives in memory).
+    pub fn rotate_certificate(&self, cluster: &str) -> anyhow::Result<()> {
+        let ca = self
+            .ca
+            .as_ref()
+            .context("only the process that built the mesh lab holds its CA")?;
+        let certs = State::dir_of(&self.state.name).join("certs");
+        let staging = certs.join("rotated");
+        std::fs::create_dir_all(&staging)?;
+        let (cert, key) = ca
+            .gateway(TRUST_DOMAIN, cluster)?
+            .write(&staging, cluster)?;
+        std::fs::copy(&key, certs.join(format!("{cluster}.key")))?;
+        std::fs::copy(&cert, certs.join(format!("{cluster}.crt")))?;
+        Ok(())
+    }
+
+    /// Sets the WAN link of `cluster`'s gateway `g` down or up (on the router's side): the
+    /// gateway goes silent to its peers without knowing it.
+    pub fn set_wan(&self, cluster: &str, g: usize, up: bool) -> anyhow::Result<()> {
+        let i = self.cluster_position(cluster)?;
+        let port = format!("c{}g{}", i + 1, g + 1);
+        netns::ip_in(
+            &self.state.wan_netns,
+            &["link", "set", &port, if up { "up" } else { "down" }],
+        )
     }
 
     /// Waits until every gateway has persisted every peer's import: the agent writes it only
@@ -340,26 +392,46 @@ impl MeshLab {
     fn wait_synced(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         for cluster in &self.state.clusters {
-            for peer in &self.state.clusters {
-                if peer.name == cluster.name {
-                    continue;
-                }
-                let path = self.import_path(&cluster.name, &peer.name)?;
-                while !path.exists() {
-                    if Instant::now() > deadline {
-                        let lab = self.cluster(&cluster.name)?;
-                        bail!(
-                            "cluster {}'s gateway has no complete import from {} after {timeout:?}; its log ends with:\n{}",
-                            cluster.name,
-                            peer.name,
-                            lab.agent_log(&cluster.gateway_node, 30)
-                        );
+            for gateway in self.gateways_of(cluster) {
+                for peer in &self.state.clusters {
+                    if peer.name == cluster.name {
+                        continue;
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    let path = self.gateway_import_path(&cluster.name, &gateway, &peer.name)?;
+                    while !path.exists() {
+                        if Instant::now() > deadline {
+                            let lab = self.cluster(&cluster.name)?;
+                            bail!(
+                                "cluster {}'s gateway {gateway} has no complete import from {} after {timeout:?}; its log ends with:\n{}",
+                                cluster.name,
+                                peer.name,
+                                lab.agent_log(&gateway, 30)
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A cluster's gateway nodes (a record of before active/active names one).
+    fn gateways_of(&self, cluster: &ClusterRecord) -> Vec<String> {
+        if cluster.gateway_nodes.is_empty() {
+            vec![cluster.gateway_node.clone()]
+        } else {
+            cluster.gateway_nodes.clone()
+        }
+    }
+
+    /// The gateway nodes of `cluster`, in order.
+    pub fn gateway_nodes(&self, cluster: &str) -> anyhow::Result<Vec<String>> {
+        let record = self
+            .state
+            .cluster(cluster)
+            .with_context(|| format!("no cluster {cluster}"))?;
+        Ok(self.gateways_of(record))
     }
 
     /// A mesh lab that is running (made by another process); dropping it leaves it running.
@@ -375,6 +447,7 @@ impl MeshLab {
             clusters,
             capture: None,
             owned: false,
+            ca: None,
         })
     }
 
@@ -422,17 +495,27 @@ impl MeshLab {
             .with_context(|| format!("mesh lab {} has no cluster {name:?}", self.state.name))
     }
 
-    /// Where `cluster`'s gateway persists what `peer` exports to it.
+    /// Where `cluster`'s (first) gateway persists what `peer` exports to it.
     pub fn import_path(&self, cluster: &str, peer: &str) -> anyhow::Result<PathBuf> {
         let record = self
             .state
             .cluster(cluster)
             .with_context(|| format!("no cluster {cluster}"))?;
+        self.gateway_import_path(cluster, &record.gateway_node, peer)
+    }
+
+    /// Where gateway node `gateway` of `cluster` persists what `peer` exports to it.
+    pub fn gateway_import_path(
+        &self,
+        cluster: &str,
+        gateway: &str,
+        peer: &str,
+    ) -> anyhow::Result<PathBuf> {
         let lab = self.cluster(cluster)?;
         let node = lab
             .state()
-            .node(&record.gateway_node)
-            .context("no gateway node")?;
+            .node(gateway)
+            .with_context(|| format!("no node {gateway} in cluster {cluster}"))?;
         Ok(node.state_dir.join("mesh").join(format!("{peer}.json")))
     }
 
@@ -649,6 +732,11 @@ impl MeshLab {
     }
 }
 
+/// The WAN /30 of gateway `g` of cluster `i` (four per cluster: 8 clusters fill 192.0.2.0/24).
+fn wan_slot(i: usize, g: usize) -> usize {
+    4 * i + g
+}
+
 /// Cluster `i`'s address index: the mesh's own, then the next ones (wrapping inside the labs'
 /// range 20..220), so the clusters' prefixes never overlap.
 fn cluster_index(base: u8, i: usize) -> u8 {
@@ -664,8 +752,8 @@ fn build_wan_router(wan: &str) -> anyhow::Result<()> {
 }
 
 /// The Node objects of a cluster: names, pod CIDRs and underlay addresses as the lab plans them,
-/// the first node labelled as the mesh gateway.
-fn node_objects(spec: &LabSpec, nodes: usize) -> String {
+/// the first `gateways` nodes labelled as mesh gateways.
+fn node_objects(spec: &LabSpec, nodes: usize, gateways: usize) -> String {
     let plan = State {
         name: spec.name.clone(),
         index: spec.index.unwrap_or_default(),
@@ -676,7 +764,7 @@ fn node_objects(spec: &LabSpec, nodes: usize) -> String {
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let labels = if i == 0 {
+            let labels = if i < gateways {
                 "{mesh.weir.io/gateway: 'true'}"
             } else {
                 "{}"
@@ -690,15 +778,26 @@ fn node_objects(spec: &LabSpec, nodes: usize) -> String {
         .collect()
 }
 
-/// The MeshPeer a cluster declares for `peer`.
+/// The MeshPeer a cluster declares for `peer`: every gateway of it is an endpoint.
 fn mesh_peer_yaml(peer: &ClusterRecord, ca_pem: &str) -> String {
     let ca = ca_pem.trim_end().replace('\n', "\n    ");
+    let wan_ips = if peer.wan_ips.is_empty() {
+        std::slice::from_ref(&peer.wan_ip)
+    } else {
+        &peer.wan_ips[..]
+    };
+    let endpoints: Vec<String> = wan_ips
+        .iter()
+        .map(|ip| format!("'{ip}:{MESH_PORT}'"))
+        .collect();
     format!(
         "---\napiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {}}}\nspec:\n  \
-         endpoints: ['{}:{MESH_PORT}']\n  allowedPrefixes: ['{}']\n  \
+         endpoints: [{}]\n  allowedPrefixes: ['{}']\n  \
          export: {{namespaceSelector: {{matchLabels: {{{EXPORT_LABEL}: 'true'}}}}}}\n  \
          staleTTL: 10m\n  caBundle: |\n    {ca}\n",
-        peer.name, peer.wan_ip, peer.pod_prefix
+        peer.name,
+        endpoints.join(", "),
+        peer.pod_prefix
     )
 }
 
@@ -786,6 +885,7 @@ pub fn parse_cluster_arg(text: &str, nodes: usize) -> anyhow::Result<ClusterSpec
     Ok(ClusterSpec {
         name: name.to_string(),
         nodes,
+        gateways: 1,
         manifests: vec![Manifest::Path(Path::new(path).to_path_buf())],
     })
 }
@@ -813,6 +913,7 @@ mod tests {
                 .map(|c| ClusterSpec {
                     name: (*c).into(),
                     nodes: 2,
+                    gateways: 1,
                     manifests: Vec::new(),
                 })
                 .collect(),
@@ -824,6 +925,11 @@ mod tests {
         assert!(validate(&spec("mesh", &["west", "west"])).is_err());
         assert!(validate(&spec("meshlabname", &["west", "east"])).is_err());
         assert!(validate(&spec("mesh", &["West", "east"])).is_err());
+        let mut three = spec("mesh", &["west", "east"]);
+        three.clusters[0].gateways = 3;
+        assert!(validate(&three).is_err(), "more gateways than nodes");
+        three.clusters[0].nodes = 3;
+        validate(&three).unwrap();
     }
 
     #[test]
@@ -832,21 +938,28 @@ mod tests {
             name: "east".into(),
             lab: "mesheast".into(),
             gateway_node: "node1".into(),
-            wan_ip: "192.0.2.5".into(),
+            wan_ip: "192.0.2.17".into(),
+            gateway_nodes: vec!["node1".into(), "node2".into()],
+            wan_ips: vec!["192.0.2.17".into(), "192.0.2.21".into()],
             pod_prefix: "10.41.0.0/16".into(),
         };
-        let objects = crate::objects::parse(&mesh_peer_yaml(
+        let yaml = mesh_peer_yaml(
             &peer,
             "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n",
-        ))
-        .unwrap();
+        );
+        let objects = crate::objects::parse(&yaml).unwrap();
         assert_eq!(objects.len(), 1);
         assert_eq!(objects[0].kind(), "MeshPeer");
-        let mut spec = LabSpec::new("meshwest", 2);
+        assert!(
+            yaml.contains("endpoints: ['192.0.2.17:4243', '192.0.2.21:4243']"),
+            "{yaml}"
+        );
+        let mut spec = LabSpec::new("meshwest", 3);
         spec.index = Some(40);
-        let nodes = crate::objects::parse(&node_objects(&spec, 2)).unwrap();
-        assert_eq!(nodes.len(), 2);
+        let nodes = crate::objects::parse(&node_objects(&spec, 3, 2)).unwrap();
+        assert_eq!(nodes.len(), 3);
         assert!(nodes[0].labels().contains_key("mesh.weir.io/gateway"));
-        assert!(nodes[1].labels().is_empty());
+        assert!(nodes[1].labels().contains_key("mesh.weir.io/gateway"));
+        assert!(nodes[2].labels().is_empty());
     }
 }

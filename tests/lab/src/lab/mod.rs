@@ -13,6 +13,7 @@
 pub mod mesh;
 pub mod probe;
 pub mod servers;
+pub mod shared;
 pub mod state;
 pub mod topology;
 pub mod wan_capture;
@@ -107,6 +108,9 @@ pub struct ProbeSpec {
     /// Timeout for cells expected to be denied (by [`Lab::probe_until`]'s expectations): a
     /// local connection that is allowed answers in well under a millisecond.
     pub denied_timeout: Option<Duration>,
+    /// Cells expected to be allowed are probed again after a miss until they answer or this
+    /// passes (see [`ProbeOptions::retry_within`]); cells expected to be denied, once.
+    pub allowed_within: Option<Duration>,
 }
 
 /// A running lab. Dropping it takes it down, unless it was [`Lab::open`]ed or [`Lab::keep`]t.
@@ -135,6 +139,17 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
         bail!("a lab name is 1 to 12 characters of a-z and 0-9, not {name:?}");
     }
     Ok(())
+}
+
+/// A lab name of this process: `tag` (1 to 5 characters of a-z and 0-9) and the pid, so that
+/// two test runs at once (two checkouts, two suites) never take each other's lab down. Tests
+/// name their labs with it; `cargo xtask lab up --name` is for people.
+pub fn process_name(tag: &str) -> String {
+    let name = format!("{tag}{}", std::process::id());
+    if let Err(e) = validate_name(&name) {
+        panic!("lab tag {tag:?}: {e:#}");
+    }
+    name
 }
 
 impl Lab {
@@ -521,6 +536,12 @@ impl Lab {
         Ok(record.ips.first().context("pod without address")?.parse()?)
     }
 
+    /// A CIDR covering every pod address of the lab (the nodes' pod CIDRs are
+    /// 10.<index>.<node>.0/24), for an ipBlock that takes in all its pods.
+    pub fn pods_supernet(&self) -> String {
+        format!("10.{}.0.0/16", self.state.index)
+    }
+
     pub fn pods(&self) -> Vec<String> {
         self.state.pods.keys().cloned().collect()
     }
@@ -556,10 +577,10 @@ impl Lab {
         }
         let options = |from: &str, to: &Target| {
             let mut o = spec.options;
-            if let (Some(short), Some(e)) = (spec.denied_timeout, expect)
-                && e.get(from, to) == Some(false)
-            {
-                o.timeout = short;
+            match expect.and_then(|e| e.get(from, to)) {
+                Some(false) => o.timeout = spec.denied_timeout.unwrap_or(o.timeout),
+                Some(true) => o.retry_within = spec.allowed_within,
+                None => {}
             }
             o
         };

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::matrix::{Matrix, Proto, Target};
 use crate::netns;
@@ -23,6 +23,9 @@ pub struct ProbeOptions {
     /// TCP connect and read timeout; UDP wait per attempt.
     pub timeout: Duration,
     pub udp_attempts: u32,
+    /// Probe again after a miss until the cell answers or this passes (for a cell that must be
+    /// allowed: one try can miss its timeout on a loaded machine); `None`: one try.
+    pub retry_within: Option<Duration>,
 }
 
 impl Default for ProbeOptions {
@@ -30,6 +33,7 @@ impl Default for ProbeOptions {
         ProbeOptions {
             timeout: Duration::from_millis(1000),
             udp_attempts: 2,
+            retry_within: None,
         }
     }
 }
@@ -53,7 +57,7 @@ pub fn probe(
                 .stack_size(64 * 1024)
                 .spawn(move || {
                     let allowed = netns::enter(&source.netns).is_ok()
-                        && probe_one(SocketAddr::new(ip, target.port), target.proto, options);
+                        && probe_retrying(SocketAddr::new(ip, target.port), target.proto, options);
                     ((source.pod, target), allowed)
                 })
                 .expect("spawning a probe thread");
@@ -66,6 +70,20 @@ pub fn probe(
         sources: sources.iter().map(|s| s.pod.clone()).collect(),
         targets: targets.iter().map(|(t, _)| t.clone()).collect(),
         cells,
+    }
+}
+
+/// [`probe_one`], again after each miss for as long as `options.retry_within` allows.
+fn probe_retrying(addr: SocketAddr, proto: Proto, options: ProbeOptions) -> bool {
+    let deadline = options.retry_within.map(|within| Instant::now() + within);
+    loop {
+        if probe_one(addr, proto, options) {
+            return true;
+        }
+        if deadline.is_none_or(|d| Instant::now() >= d) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
