@@ -118,8 +118,9 @@ pub struct ManifestDir {
     /// The files that define each object, by the order they were first seen: the first one's
     /// definition is in `state`.
     definers: BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
-    /// The state the files describe, updated per object as files change.
-    state: ClusterState,
+    /// The state the files describe, updated per object as files change (boxed: it is
+    /// large, and the directory is held by value until it is followed).
+    state: Box<ClusterState>,
     /// Duplicates already reported, so a steady state does not repeat the error.
     reported_duplicates: BTreeSet<(ObjectRef, PathBuf)>,
     /// File names inotify reported since the last scan: read even when their stamp is the same.
@@ -144,7 +145,7 @@ impl ManifestDir {
             files: BTreeMap::new(),
             next_seen: 0,
             definers: BTreeMap::new(),
-            state: ClusterState::default(),
+            state: Box::default(),
             reported_duplicates: BTreeSet::new(),
             dirty: BTreeSet::new(),
             all_dirty: false,
@@ -306,7 +307,7 @@ impl ManifestDir {
 
     /// The state the files describe (as of the last scan).
     pub fn state(&mut self) -> ClusterState {
-        self.state.clone()
+        (*self.state).clone()
     }
 
     /// Puts in the state, for each of `objects`, the definition of the earliest-seen file that
