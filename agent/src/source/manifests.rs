@@ -11,8 +11,9 @@
 //!   ctime) changed or that inotify named since the last scan;
 //! - a file read with the same bytes as last time (a `touch`, a rewrite of the same content) is
 //!   not parsed again;
-//! - the state is rebuilt and handed on only when some file's objects changed or a file came or
-//!   went.
+//! - the state is kept up to date object by object: a file whose objects changed (or that came
+//!   or went) updates only the objects it defines or defined, and the state is handed on only
+//!   then.
 //!
 //! inotify names the files it saw written because a stamp alone can miss a rewrite: a file
 //! rewritten with the same size within the filesystem's timestamp granularity keeps its stamp.
@@ -81,8 +82,20 @@ struct ParsedFile {
     /// The stable hash of the bytes last read, for the directory's [`fingerprint`].
     fingerprint: Option<u64>,
     objects: Vec<Object>,
+    /// Where each object `objects` defines appears first (a file that defines an object twice
+    /// is read as its first definition).
+    first: BTreeMap<ObjectRef, usize>,
     /// Order in which the file was first seen: earlier files win duplicates.
     first_seen: u64,
+}
+
+/// Where each object first appears in `objects`.
+fn first_definitions(objects: &[Object]) -> BTreeMap<ObjectRef, usize> {
+    let mut first = BTreeMap::new();
+    for (i, object) in objects.iter().enumerate() {
+        first.entry(object.object_ref()).or_insert(i);
+    }
+    first
 }
 
 /// What a scan found.
@@ -102,6 +115,12 @@ pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, ParsedFile>,
     next_seen: u64,
+    /// The files that define each object, by the order they were first seen: the first one's
+    /// definition is in `state`.
+    definers: BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    /// The state the files describe, updated per object as files change (boxed: it is
+    /// large, and the directory is held by value until it is followed).
+    state: Box<ClusterState>,
     /// Duplicates already reported, so a steady state does not repeat the error.
     reported_duplicates: BTreeSet<(ObjectRef, PathBuf)>,
     /// File names inotify reported since the last scan: read even when their stamp is the same.
@@ -125,6 +144,8 @@ impl ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
             next_seen: 0,
+            definers: BTreeMap::new(),
+            state: Box::default(),
             reported_duplicates: BTreeSet::new(),
             dirty: BTreeSet::new(),
             all_dirty: false,
@@ -157,8 +178,8 @@ impl ManifestDir {
         self.all_dirty = true;
     }
 
-    /// Stats every file and reads the ones that may have changed; [`Self::state`] then builds
-    /// the state.
+    /// Stats every file and reads the ones that may have changed, and updates the state with
+    /// the objects of the files that changed ([`Self::state`] hands it out).
     pub fn rescan(&mut self) -> Result<ScanReport, SourceError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|source| SourceError::ReadDir {
             path: self.dir.clone(),
@@ -168,6 +189,8 @@ impl ManifestDir {
         let all_dirty = std::mem::take(&mut self.all_dirty);
         let mut report = ScanReport::default();
         let mut present = BTreeSet::new();
+        // Objects that a file now defines or no longer defines: their winner is decided again.
+        let mut touched = BTreeSet::new();
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             if !is_manifest(&path) {
@@ -216,11 +239,19 @@ impl ManifestDir {
                     file.fingerprint = fingerprint;
                 }
                 Some(file) => {
-                    report.changed |= file.objects != parsed.objects;
                     file.stamp = stamp;
                     file.content = hash;
                     file.fingerprint = fingerprint;
-                    file.objects = parsed.objects;
+                    if file.objects != parsed.objects {
+                        report.changed = true;
+                        let first = first_definitions(&parsed.objects);
+                        unregister(&mut self.definers, &file.first, file.first_seen);
+                        register(&mut self.definers, &first, file.first_seen, &path);
+                        touched.extend(file.first.keys().cloned());
+                        touched.extend(first.keys().cloned());
+                        file.objects = parsed.objects;
+                        file.first = first;
+                    }
                 }
                 None => {
                     if let Some(reason) = &parsed.whole {
@@ -229,6 +260,9 @@ impl ManifestDir {
                     }
                     report.changed = true;
                     self.next_seen += 1;
+                    let first = first_definitions(&parsed.objects);
+                    register(&mut self.definers, &first, self.next_seen, &path);
+                    touched.extend(first.keys().cloned());
                     self.files.insert(
                         path,
                         ParsedFile {
@@ -236,6 +270,7 @@ impl ManifestDir {
                             content: hash,
                             fingerprint,
                             objects: parsed.objects,
+                            first,
                             first_seen: self.next_seen,
                         },
                     );
@@ -243,8 +278,17 @@ impl ManifestDir {
             }
         }
         let before = self.files.len();
-        self.files.retain(|path, _| present.contains(path));
+        let definers = &mut self.definers;
+        self.files.retain(|path, file| {
+            let keep = present.contains(path);
+            if !keep {
+                unregister(definers, &file.first, file.first_seen);
+                touched.extend(file.first.keys().cloned());
+            }
+            keep
+        });
         report.changed |= self.files.len() != before;
+        self.settle(touched);
         self.stats.manifest_scans.fetch_add(1, Ordering::Relaxed);
         self.stats
             .manifest_files_parsed
@@ -261,36 +305,66 @@ impl ManifestDir {
         )
     }
 
-    /// Builds the state, earlier-seen files first, so the first definition of an object wins.
+    /// The state the files describe (as of the last scan).
     pub fn state(&mut self) -> ClusterState {
-        let mut files: Vec<(&PathBuf, &ParsedFile)> = self.files.iter().collect();
-        files.sort_by_key(|(_, f)| f.first_seen);
-        let mut owners: BTreeMap<ObjectRef, &PathBuf> = BTreeMap::new();
-        let mut state = ClusterState::default();
-        let mut duplicates = BTreeSet::new();
-        for (path, file) in files {
-            for object in &file.objects {
-                let what = object.object_ref();
-                if let Some(owner) = owners.get(&what) {
-                    if *owner != path {
-                        duplicates.insert((what, path.clone(), (*owner).clone()));
-                    }
-                    continue;
+        (*self.state).clone()
+    }
+
+    /// Puts in the state, for each of `objects`, the definition of the earliest-seen file that
+    /// defines it (or takes it out when none does), and reports duplicates not reported yet.
+    fn settle(&mut self, objects: BTreeSet<ObjectRef>) {
+        for what in objects {
+            let Some(definers) = self.definers.get(&what) else {
+                self.state.remove(&what);
+                continue;
+            };
+            let mut definers = definers.values();
+            let winner = definers
+                .next()
+                .expect("an object's definers are never empty");
+            let file = &self.files[winner];
+            self.state.apply(file.objects[file.first[&what]].clone());
+            for loser in definers {
+                if self
+                    .reported_duplicates
+                    .insert((what.clone(), loser.clone()))
+                {
+                    tracing::error!(object = %what, kept = %winner.display(), ignored = %loser.display(),
+                        "two files define the same object; keeping the one seen first — delete or rename one of them");
                 }
-                owners.insert(what, path);
-                state.apply(object.clone());
             }
         }
-        for (what, loser, winner) in duplicates {
-            if self
-                .reported_duplicates
-                .insert((what.clone(), loser.clone()))
-            {
-                tracing::error!(object = %what, kept = %winner.display(), ignored = %loser.display(),
-                    "two files define the same object; keeping the one seen first — delete or rename one of them");
+    }
+}
+
+/// Records that the file first seen at `seen` defines `objects`.
+fn register(
+    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    objects: &BTreeMap<ObjectRef, usize>,
+    seen: u64,
+    path: &Path,
+) {
+    for what in objects.keys() {
+        definers
+            .entry(what.clone())
+            .or_default()
+            .insert(seen, path.to_owned());
+    }
+}
+
+/// Records that the file first seen at `seen` no longer defines `objects`.
+fn unregister(
+    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    objects: &BTreeMap<ObjectRef, usize>,
+    seen: u64,
+) {
+    for what in objects.keys() {
+        if let Some(files) = definers.get_mut(what) {
+            files.remove(&seen);
+            if files.is_empty() {
+                definers.remove(what);
             }
         }
-        state
     }
 }
 
@@ -569,6 +643,83 @@ mod tests {
         // Deleting the broken file removes what it held.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(source.scan().unwrap().policies.len(), 0);
+    }
+
+    /// The state rebuilt from scratch out of the files as last read, earlier-seen files first
+    /// and the first definition in a file winning: what the incremental state must equal.
+    fn rebuilt(source: &ManifestDir) -> ClusterState {
+        let mut files: Vec<&ParsedFile> = source.files.values().collect();
+        files.sort_by_key(|f| f.first_seen);
+        let mut seen = BTreeSet::new();
+        let mut state = ClusterState::default();
+        for object in files.iter().flat_map(|f| &f.objects) {
+            if seen.insert(object.object_ref()) {
+                state.apply(object.clone());
+            }
+        }
+        state
+    }
+
+    /// One random document: a namespace, a pod or a policy out of a small set of names, so
+    /// files often define the same objects (within a file and across files).
+    fn random_document(next: &mut impl FnMut() -> u64) -> String {
+        let (name, value) = (next() % 3, next() % 3);
+        match next() % 3 {
+            0 => format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: n{name}\n  labels: {{team: t{value}}}\n"
+            ),
+            1 => format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod{name}, namespace: n{}, labels: {{app: a{value}}}}}\nspec: {{nodeName: node-1}}\nstatus: {{podIPs: [{{ip: 10.0.0.{}}}]}}\n",
+                name % 2,
+                name + 1
+            ),
+            _ => format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{name}, namespace: n0}}\nspec:\n  podSelector: {{matchLabels: {{app: a{value}}}}}\n  ingress: [{{ports: [{{port: {}}}]}}]\n",
+                80 + value
+            ),
+        }
+    }
+
+    #[test]
+    fn the_state_kept_per_file_equals_the_state_rebuilt_from_every_file() {
+        let tmp = TempDir::new("incremental");
+        let mut source = ManifestDir::new(&tmp.0);
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let names = ["a.yaml", "b.yaml", "c.json", "d.yml", "e.yaml"];
+        for round in 0..400 {
+            let path = tmp.0.join(names[(next() % names.len() as u64) as usize]);
+            match next() % 6 {
+                0 => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                // Broken YAML: a known file keeps its objects, a new one applies those in
+                // front of the error.
+                1 => {
+                    let text = format!("{}---\nkind: [\n", random_document(&mut next));
+                    std::fs::write(&path, text).unwrap();
+                }
+                _ => {
+                    let documents: Vec<String> = (0..next() % 5)
+                        .map(|_| random_document(&mut next))
+                        .collect();
+                    std::fs::write(&path, documents.join("---\n")).unwrap();
+                }
+            }
+            // Writes land within one timestamp tick: name every file, as inotify would.
+            source.mark_all_dirty();
+            source.rescan().unwrap();
+            assert_eq!(source.state(), rebuilt(&source), "after round {round}");
+        }
+        assert!(
+            !source.state().namespaces.is_empty() || !source.state().policies.is_empty(),
+            "the edits left some objects to compare"
+        );
     }
 
     #[test]
