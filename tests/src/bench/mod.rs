@@ -1,6 +1,7 @@
 //! Benchmarks (run by `cargo xtask bench`, never by the test suite). Each prints its baseline,
 //! measured in the same run, next to Weir, and the ratio.
 
+mod bpf_syscall;
 pub mod cni;
 pub mod datapath;
 pub mod idle;

@@ -10,6 +10,7 @@ use std::{
 
 use weir_agent::datapath::tc::{Hook, Tc};
 
+use super::bpf_syscall::bpf;
 use crate::netns::{Netns, spawn_in};
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -31,23 +32,6 @@ struct InfoAttr {
     bpf_fd: u32,
     info_len: u32,
     info: u64,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a `repr(C)` head of `union bpf_attr` of the size passed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 /// Run-time statistics switched on for every program until dropped.

@@ -20,6 +20,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use super::bpf_syscall::bpf;
 use crate::netns::{Netns, spawn_in};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -92,24 +93,6 @@ struct LinkCreate {
     target_ifindex: u32,
     attach_type: u32,
     flags: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a `repr(C)` head of `union bpf_attr` of the size passed; the kernel reads
-    // (and for test runs writes) only that many bytes.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 fn load(insns: &[Insn], name: &str) -> io::Result<OwnedFd> {
