@@ -43,7 +43,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         step("Building weir-agent, weir-cni and the lab's servers (cargo xtask build)");
         build::binaries(false)?;
     }
-    take_down_on_signal()?;
+    take_down_on_signal(LAB)?;
     let started = Instant::now();
     let result = scenario(&example, options.keep);
     if result.is_err() && !options.keep {
@@ -229,8 +229,9 @@ fn offline_matrix(example: &Path) -> anyhow::Result<()> {
 }
 
 /// Ctrl-C, SIGTERM, SIGHUP: take the lab down, then exit. The signals are blocked in every
-/// thread and taken by one thread with sigwait (the agents and servers unblock them).
-fn take_down_on_signal() -> anyhow::Result<()> {
+/// thread and taken by one thread with sigwait (the agents and servers unblock them). Both demos
+/// use it, each with its own lab.
+pub(crate) fn take_down_on_signal(lab_name: &'static str) -> anyhow::Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
@@ -239,7 +240,7 @@ fn take_down_on_signal() -> anyhow::Result<()> {
     std::thread::spawn(move || {
         if let Ok(signal) = set.wait() {
             eprintln!("\n{signal}: taking the lab down");
-            if let Err(e) = lab::down(LAB) {
+            if let Err(e) = lab::down(lab_name) {
                 eprintln!("taking the lab down: {e:#}");
             }
             std::process::exit(130);
@@ -248,14 +249,14 @@ fn take_down_on_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn step(text: &str) {
+pub(crate) fn step(text: &str) {
     println!("\n== {text}");
 }
 
-fn indent(text: &str) -> String {
+pub(crate) fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
-fn word(allowed: bool) -> &'static str {
+pub(crate) fn word(allowed: bool) -> &'static str {
     if allowed { "ALLOW" } else { "DENY" }
 }

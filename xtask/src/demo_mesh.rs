@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
-use nix::sys::signal::{SigSet, Signal};
 use weir_lab::lab::mesh::{ClusterSpec, MESH_PORT, MeshLab, MeshSpec};
 use weir_lab::lab::wan_capture::WanCapture;
 use weir_lab::lab::{self, Expectations, Manifest, Matrix, Proto, Target};
 
+use crate::demo::{indent, step, take_down_on_signal, word};
 use crate::{build, setup};
 
 const LAB: &str = "mesh";
@@ -32,7 +32,7 @@ pub fn run(no_build: bool, keep: bool) -> anyhow::Result<()> {
         step("Building weir-agent, weir-cni and the lab's servers (cargo xtask build)");
         build::binaries(false)?;
     }
-    take_down_on_signal()?;
+    take_down_on_signal(LAB)?;
     let started = Instant::now();
     let result = scenario(&example, keep);
     if result.is_err() && !keep {
@@ -252,35 +252,4 @@ fn side_by_side(matrix: &Matrix, expected: &Expectations) -> String {
         ));
     }
     out
-}
-
-/// Ctrl-C, SIGTERM, SIGHUP: take the lab down, then exit.
-fn take_down_on_signal() -> anyhow::Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGHUP);
-    set.thread_block()?;
-    std::thread::spawn(move || {
-        if let Ok(signal) = set.wait() {
-            eprintln!("\n{signal}: taking the lab down");
-            if let Err(e) = lab::down(LAB) {
-                eprintln!("taking the lab down: {e:#}");
-            }
-            std::process::exit(130);
-        }
-    });
-    Ok(())
-}
-
-fn step(text: &str) {
-    println!("\n== {text}");
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}\n")).collect()
-}
-
-fn word(allowed: bool) -> &'static str {
-    if allowed { "ALLOW" } else { "DENY" }
 }
