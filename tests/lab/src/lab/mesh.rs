@@ -628,50 +628,25 @@ impl MeshLab {
         to: &Target,
         since: std::time::SystemTime,
     ) -> anyhow::Result<Vec<String>> {
-        let since_ms = since
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let ip = |key: &str| -> anyhow::Result<String> {
             let (cluster, pod) = key.split_once('/').context("key without cluster")?;
             Ok(self.cluster(cluster)?.pod_ip(pod)?.to_string())
         };
         let (src, dst) = (ip(from)?, ip(&to.pod)?);
-        let proto = to.proto.to_string();
         let mut lines = Vec::new();
         for (record, lab) in self.state.clusters.iter().zip(&self.clusters) {
-            for f in lab.flows().iter().filter(|f| {
-                f["verdict"] == "drop"
-                    && f["time_ms"].as_u64().is_none_or(|t| t >= since_ms)
-                    && f["src"].as_str() == Some(src.as_str())
-                    && f["dst"].as_str() == Some(dst.as_str())
-                    && f["dport"].as_u64() == Some(u64::from(to.port))
-                    && f["proto"].as_str() == Some(proto.as_str())
-            }) {
+            let flows = lab.flows();
+            for f in super::drops_between(&flows, &src, &dst, to, since) {
                 let direction = f["direction"].as_str().unwrap_or("?");
-                let policies: Vec<&str> = f["policies"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.as_str())
-                    .collect();
                 let line = format!(
-                    "dropped at {}/{}'s {direction} on {}/{} ({}), peer {}: isolated by {}; {}",
+                    "dropped at {}/{}'s {direction} on {}/{} ({}), peer {}: {}",
                     record.name,
                     f["endpoint"].as_str().unwrap_or("?"),
                     record.name,
                     f["node"].as_str().unwrap_or("?"),
                     f["reason"].as_str().unwrap_or("?"),
                     f["peer"].as_str().unwrap_or("?"),
-                    if policies.is_empty() {
-                        "no policy".to_string()
-                    } else {
-                        policies.join(", ")
-                    },
-                    match f["rule"].as_str() {
-                        Some(rule) => format!("rule {rule}"),
-                        None => format!("no {direction} rule of these policies allows it"),
-                    }
+                    super::why_isolated(f),
                 );
                 if !lines.contains(&line) {
                     lines.push(line);

@@ -640,10 +640,6 @@ impl Lab {
         to: &Target,
         since: std::time::SystemTime,
     ) -> Vec<String> {
-        let since_ms = since
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let ip = |pod: &str| {
             self.state
                 .pods
@@ -653,37 +649,16 @@ impl Lab {
         let (Some(src), Some(dst)) = (ip(from), ip(&to.pod)) else {
             return Vec::new();
         };
-        let proto = to.proto.to_string();
         let mut lines: Vec<String> = Vec::new();
-        for f in self.flows().iter().filter(|f| {
-            f["verdict"] == "drop"
-                && f["time_ms"].as_u64().is_none_or(|t| t >= since_ms)
-                && f["src"].as_str() == Some(src.as_str())
-                && f["dst"].as_str() == Some(dst.as_str())
-                && f["dport"].as_u64() == Some(u64::from(to.port))
-                && f["proto"].as_str() == Some(proto.as_str())
-        }) {
+        let flows = self.flows();
+        for f in drops_between(&flows, &src, &dst, to, since) {
             let direction = f["direction"].as_str().unwrap_or("?");
-            let policies: Vec<&str> = f["policies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.as_str())
-                .collect();
             let line = format!(
-                "dropped at {}'s {direction} on {} ({}): isolated by {}; {}",
+                "dropped at {}'s {direction} on {} ({}): {}",
                 f["endpoint"].as_str().unwrap_or("?"),
                 f["node"].as_str().unwrap_or("?"),
                 f["reason"].as_str().unwrap_or("?"),
-                if policies.is_empty() {
-                    "no policy".to_string()
-                } else {
-                    policies.join(", ")
-                },
-                match f["rule"].as_str() {
-                    Some(rule) => format!("rule {rule}"),
-                    None => format!("no {direction} rule of these policies allows it"),
-                }
+                why_isolated(f),
             );
             if !lines.contains(&line) {
                 lines.push(line);
@@ -935,4 +910,53 @@ fn save_logs(state: &State) -> PathBuf {
         }
     }
     to
+}
+
+/// The drop records among `flows` (flows.jsonl records) of traffic from `src` to `dst` on `to`'s
+/// port and protocol, written from `since` on (older ones may describe older policies).
+pub(crate) fn drops_between<'a>(
+    flows: &'a [serde_json::Value],
+    src: &str,
+    dst: &str,
+    to: &Target,
+    since: std::time::SystemTime,
+) -> impl Iterator<Item = &'a serde_json::Value> {
+    let since_ms = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (src, dst, proto) = (src.to_owned(), dst.to_owned(), to.proto.to_string());
+    let port = u64::from(to.port);
+    flows.iter().filter(move |f| {
+        f["verdict"] == "drop"
+            && f["time_ms"].as_u64().is_none_or(|t| t >= since_ms)
+            && f["src"].as_str() == Some(src.as_str())
+            && f["dst"].as_str() == Some(dst.as_str())
+            && f["dport"].as_u64() == Some(port)
+            && f["proto"].as_str() == Some(proto.as_str())
+    })
+}
+
+/// What a drop record says isolated the pod, and which rule (none, for a policy denial) would
+/// have allowed the traffic: "isolated by <policies>; <rule>".
+pub(crate) fn why_isolated(f: &serde_json::Value) -> String {
+    let direction = f["direction"].as_str().unwrap_or("?");
+    let policies: Vec<&str> = f["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    format!(
+        "isolated by {}; {}",
+        if policies.is_empty() {
+            "no policy".to_string()
+        } else {
+            policies.join(", ")
+        },
+        match f["rule"].as_str() {
+            Some(rule) => format!("rule {rule}"),
+            None => format!("no {direction} rule of these policies allows it"),
+        }
+    )
 }
