@@ -1,6 +1,7 @@
 //! Generated protobuf and gRPC code for Weir's contracts, and the names both sides derive.
 
 pub mod gateway;
+pub mod local_socket;
 pub mod naming;
 
 /// Where the agent serves its local API when nothing else is configured: the agent, the CNI

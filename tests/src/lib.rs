@@ -7,7 +7,7 @@ pub mod bench;
 pub mod cni_bench;
 pub mod cpu;
 pub mod kube_server;
-pub mod mesh_objects;
+pub mod mesh_pair;
 pub mod netpol_cases;
 pub mod netpol_lab;
 pub mod packet;

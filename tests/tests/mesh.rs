@@ -10,88 +10,29 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use weir_mesh::certs::MeshCa;
 use weir_tests::{
-    agent::{Agent, AgentDirs, bin, health_get, metric},
-    cni::{Plugin, PodRef, first_address},
+    agent::{bin, health_get, metric},
+    mesh_pair::{
+        EAST_ENDPOINT, EAST_PODS, MeshPair, PairOptions, WEST_PODS, mesh_peer_yaml, namespace_yaml,
+    },
     netns::{Netns, spawn_in},
+    tcp,
+    wait::eventually,
 };
 
-const PORT: u16 = 8080;
-const WEST_PODS: &str = "10.160.0.0/16";
-const EAST_PODS: &str = "10.161.0.0/16";
-
-fn node(name: &str, cidr: &str, ip: &str, gateway: bool) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{mesh.weir.io/gateway: '{gateway}'}}}}\n\
-         spec: {{podCIDRs: ['{cidr}']}}\nstatus: {{addresses: [{{type: InternalIP, address: '{ip}'}}]}}\n"
-    )
-}
-
-fn namespace(name: &str, team: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}, mesh.weir.io/export: 'true'}}}}\n"
-    )
-}
-
-fn pod(name: &str, ns: &str, node: &str, ip: Option<IpAddr>) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
-         spec: {{nodeName: {node}}}\n"
-    );
-    if let Some(ip) = ip {
-        y.push_str(&format!("status: {{podIPs: [{{ip: '{ip}'}}]}}\n"));
-    }
-    y
-}
-
-fn mesh_peer(name: &str, endpoint: &str, ca: &str, prefix: &str) -> String {
-    let ca = ca.replace('\n', "\n    ");
-    format!(
-        "apiVersion: weir.io/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec:\n  endpoints: ['{endpoint}']\n  \
-         allowedPrefixes: ['{prefix}']\n  export: {{namespaceSelector: {{matchLabels: {{mesh.weir.io/export: 'true'}}}}}}\n  \
-         staleTTL: 10m\n  caBundle: |\n    {ca}\n"
-    )
-}
-
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn tcp_ok(from: &Netns, to: IpAddr) -> bool {
-    spawn_in(from.path(), move || {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&SocketAddr::from((to, PORT)), Duration::from_millis(500))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).is_ok() && &buf == b"hi"
-    })
-    .join()
-    .unwrap()
-}
-
+/// A UDP probe from `from` to the server [`serve`] starts: one try (allowed paths are polled
+/// with `eventually`).
 fn udp_ok(from: &Netns, to: IpAddr) -> bool {
     spawn_in(from.path(), move || {
         let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        s.send_to(b"ping", (to, PORT)).unwrap();
+        s.send_to(b"ping", (to, tcp::PORT)).unwrap();
         let mut buf = [0u8; 4];
         matches!(s.recv_from(&mut buf), Ok((4, _))) && &buf == b"pong"
     })
@@ -104,16 +45,11 @@ fn ping_ok(from: &Netns, to: IpAddr) -> bool {
     weir_tests::ping::ping(from, to, "eth0", Duration::from_millis(500))
 }
 
-/// TCP and UDP servers on PORT in the pod.
-fn serve(pod: &Netns) {
-    spawn_in(pod.path(), || {
-        let listener = TcpListener::bind(("0.0.0.0", PORT)).unwrap();
-        for mut s in listener.incoming().flatten() {
-            let _ = s.write_all(b"hi");
-        }
-    });
-    spawn_in(pod.path(), || {
-        let s = UdpSocket::bind(("0.0.0.0", PORT)).unwrap();
+/// The TCP probe's server and a UDP one on the same port, in the pod with address `ip`.
+fn serve(pod: &Netns, ip: IpAddr) {
+    tcp::serve(pod, ip);
+    spawn_in(pod.path(), move || {
+        let s = UdpSocket::bind((ip, tcp::PORT)).unwrap();
         let mut buf = [0u8; 64];
         while let Ok((_, from)) = s.recv_from(&mut buf) {
             let _ = s.send_to(b"pong", from);
@@ -121,178 +57,13 @@ fn serve(pod: &Netns) {
     });
 }
 
-/// One node of a cluster: its namespace, its agent's directories (the cluster's manifests
-/// directory is shared by its nodes) and its CNI plugin.
-struct Node {
-    name: String,
-    netns: Netns,
-    dirs: AgentDirs,
-    plugin: Plugin,
-    args: Vec<String>,
-}
-
-impl Node {
-    fn new(name: &str, netns: Netns, dirs: AgentDirs, args: Vec<String>) -> Self {
-        let plugin = Plugin::new(&netns.name, &dirs.socket, &dirs.root.join("cni.log"));
-        Self {
-            name: name.to_owned(),
-            netns,
-            dirs,
-            plugin,
-            args,
-        }
-    }
-
-    fn manifests(&self) -> &Path {
-        &self.dirs.manifests
-    }
-
-    fn start(&self) -> Agent {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Agent::start(&self.netns, &self.name, &self.dirs, &args)
-    }
-
-    /// Wires pod `name` in `ns` with the real plugin and publishes its address, as kubelet does.
-    fn add_pod(&self, name: &str, ns: &str, tag: &str) -> (Netns, IpAddr) {
-        let file = self.manifests().join(format!("pod-{name}.yaml"));
-        std::fs::write(&file, pod(name, ns, &self.name, None)).unwrap();
-        let pod_ns = Netns::new(tag);
-        let (out, _) = self.plugin.ok(
-            "ADD",
-            &PodRef {
-                container_id: &format!("ctr-{name}"),
-                namespace: ns,
-                name,
-                netns: &pod_ns.name,
-            },
-        );
-        let ip = first_address(&out);
-        std::fs::write(&file, pod(name, ns, &self.name, Some(ip))).unwrap();
-        (pod_ns, ip)
-    }
-}
-
-/// Two clusters joined only through a WAN router namespace: west's gateway node (WAN
-/// 192.0.2.1) and east's (WAN 192.0.2.5), each with an agent holding a certificate of one mesh
-/// CA and a MeshPeer for the other. With `east_worker`, east also has a worker node `wk` (pods
-/// 10.161.2.0/24) on a LAN with its gateway (192.168.91.0/24; the gateway's InternalIP is its
-/// LAN address then), which is not a gateway and has no certificate.
-struct Lab {
-    wan: Netns,
-    ca: MeshCa,
-    west: Node,
-    east: Node,
-    worker: Option<Node>,
-}
-
-fn lab(tag: &str, east_worker: bool) -> Lab {
-    let wan = Netns::new(&format!("{tag}w"));
-    let (gw_west, gw_east) = (
-        Netns::new(&format!("{tag}gw")),
-        Netns::new(&format!("{tag}ge")),
-    );
-    for (dev, node) in [("w0", &gw_west), ("e0", &gw_east)] {
-        wan.ip(&[
-            "link", "add", dev, "type", "veth", "peer", "name", "wan0", "netns", &node.name,
-        ]);
-    }
-    wan.ip(&["addr", "add", "192.0.2.2/30", "dev", "w0"]);
-    wan.ip(&["addr", "add", "192.0.2.6/30", "dev", "e0"]);
-    gw_west.ip(&["addr", "add", "192.0.2.1/30", "dev", "wan0"]);
-    gw_east.ip(&["addr", "add", "192.0.2.5/30", "dev", "wan0"]);
-    for (ns, dev) in [
-        (&wan, "w0"),
-        (&wan, "e0"),
-        (&gw_west, "wan0"),
-        (&gw_east, "wan0"),
-    ] {
-        ns.ip(&["link", "set", dev, "up"]);
-    }
-    wan.command("sysctl")
-        .args(["-qw", "net.ipv4.ip_forward=1"])
-        .status()
-        .unwrap();
-    gw_west.ip(&["route", "add", "192.0.2.4/30", "via", "192.0.2.2"]);
-    gw_east.ip(&["route", "add", "192.0.2.0/30", "via", "192.0.2.6"]);
-    let worker_ns = east_worker.then(|| {
-        let wk = Netns::new(&format!("{tag}wk"));
-        gw_east.ip(&[
-            "link", "add", "lan0", "type", "veth", "peer", "name", "lan0", "netns", &wk.name,
-        ]);
-        gw_east.ip(&["addr", "add", "192.168.91.1/24", "dev", "lan0"]);
-        wk.ip(&["addr", "add", "192.168.91.2/24", "dev", "lan0"]);
-        gw_east.ip(&["link", "set", "lan0", "up"]);
-        wk.ip(&["link", "set", "lan0", "up"]);
-        wk
-    });
-
-    // Certificates: one mesh CA, a gateway certificate per cluster.
-    let ca = MeshCa::new("weir mesh test CA").unwrap();
-    let east_internal = if east_worker {
-        "192.168.91.1"
-    } else {
-        "192.0.2.5"
-    };
-    let mut gateways = Vec::new();
-    for (name, node_ns, cidr, ip, peer, peer_ep, peer_prefix) in [
-        (
-            "west",
-            gw_west,
-            "10.160.1.0/24",
-            "192.0.2.1",
-            "east",
-            "192.0.2.5:4243",
-            EAST_PODS,
-        ),
-        (
-            "east",
-            gw_east,
-            "10.161.1.0/24",
-            east_internal,
-            "west",
-            "192.0.2.1:4243",
-            WEST_PODS,
-        ),
-    ] {
-        let dirs = AgentDirs::new(&format!("{tag}-{name}"), "gw");
-        let (cert, key) = ca
-            .gateway("mesh.test", name)
-            .unwrap()
-            .write(&dirs.root, name)
-            .unwrap();
-        let m = &dirs.manifests;
-        std::fs::write(m.join("node.yaml"), node("gw", cidr, ip, true)).unwrap();
-        std::fs::write(
-            m.join("peer.yaml"),
-            mesh_peer(peer, peer_ep, &ca.pem(), peer_prefix),
-        )
-        .unwrap();
-        let args = vec![
-            "--mesh-cert".into(),
-            cert.display().to_string(),
-            "--mesh-key".into(),
-            key.display().to_string(),
-        ];
-        gateways.push(Node::new("gw", node_ns, dirs, args));
-    }
-    let east = gateways.pop().unwrap();
-    let west = gateways.pop().unwrap();
-    let worker = worker_ns.map(|wk| {
-        let dirs = AgentDirs::sharing_manifests(&format!("{tag}-east"), "wk", &east.dirs);
-        std::fs::write(
-            east.manifests().join("node-wk.yaml"),
-            node("wk", "10.161.2.0/24", "192.168.91.2", false),
-        )
-        .unwrap();
-        Node::new("wk", wk, dirs, Vec::new())
-    });
-    Lab {
-        wan,
-        ca,
-        west,
-        east,
-        worker,
-    }
+/// The pair of clusters of these tests, named by `tag`.
+fn lab(tag: &str, east_worker: bool) -> MeshPair {
+    MeshPair::new(&PairOptions {
+        tag,
+        domain: "mesh.test",
+        east_worker,
+    })
 }
 
 #[test]
@@ -301,14 +72,10 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     let (wan, west, east) = (&lab.wan, &lab.west, &lab.east);
     std::fs::write(
         west.manifests().join("ns.yaml"),
-        format!(
-            "{}---\n{}",
-            namespace("shop", "shop"),
-            namespace("dev", "dev")
-        ),
+        format!("{}---\n{}", namespace_yaml("shop"), namespace_yaml("dev")),
     )
     .unwrap();
-    std::fs::write(east.manifests().join("ns.yaml"), namespace("pay", "pay")).unwrap();
+    std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
 
     let west_agent = west.start();
     let east_agent = east.start();
@@ -321,14 +88,18 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     let (client, client_ip) = west.add_pod("client", "shop", "mcl");
     let (intruder, intruder_ip) = west.add_pod("intruder", "dev", "min");
     let (server, server_ip) = east.add_pod("server", "pay", "msv");
-    serve(&server);
-    serve(&client);
+    serve(&server, server_ip);
+    serve(&client, client_ip);
     let _ = intruder_ip;
 
     // No policy: everything crosses, both ways, TCP, UDP and ICMP.
     let wait = Duration::from_secs(30);
-    eventually("TCP west → east", wait, || tcp_ok(&client, server_ip));
-    eventually("TCP east → west", wait, || tcp_ok(&server, client_ip));
+    eventually("TCP west → east", wait, || {
+        tcp::connects(&client, server_ip)
+    });
+    eventually("TCP east → west", wait, || {
+        tcp::connects(&server, client_ip)
+    });
     eventually("UDP west → east", wait, || udp_ok(&client, server_ip));
     eventually("UDP east → west", wait, || udp_ok(&server, client_ip));
     eventually("ICMP west → east", wait, || ping_ok(&client, server_ip));
@@ -374,22 +145,22 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
             &format!("{what}: client {client_allowed}, intruder {intruder_allowed}"),
             wait,
             || {
-                tcp_ok(&client, server_ip) == client_allowed
-                    && tcp_ok(&intruder, server_ip) == intruder_allowed
+                tcp::connects(&client, server_ip) == client_allowed
+                    && tcp::connects(&intruder, server_ip) == intruder_allowed
             },
         );
     }
 
     std::fs::write(east.manifests().join("policy.yaml"), policy(table[1].1)).unwrap();
     eventually("back to one remote team", wait, || {
-        tcp_ok(&client, server_ip) && !tcp_ok(&intruder, server_ip)
+        tcp::connects(&client, server_ip) && !tcp::connects(&intruder, server_ip)
     });
 
     // The WAN down for 10 s (the scenario's length, not a wait for state): nothing imported is
     // deleted meanwhile, and traffic resumes by itself once it is back.
     wan.ip(&["link", "set", "w0", "down"]);
     thread::sleep(Duration::from_secs(10));
-    assert!(!tcp_ok(&client, server_ip), "the WAN is down");
+    assert!(!tcp::connects(&client, server_ip), "the WAN is down");
     let import = std::fs::read_to_string(east.dirs.state.join("mesh/west.json")).unwrap();
     assert!(
         import.contains(&client_ip.to_string()),
@@ -397,10 +168,10 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     );
     wan.ip(&["link", "set", "w0", "up"]);
     eventually("traffic resumes after the link is back", wait, || {
-        tcp_ok(&client, server_ip) && tcp_ok(&server, client_ip)
+        tcp::connects(&client, server_ip) && tcp::connects(&server, client_ip)
     });
     assert!(
-        !tcp_ok(&intruder, server_ip),
+        !tcp::connects(&intruder, server_ip),
         "the intruder is still denied"
     );
 
@@ -422,10 +193,10 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
         east_agent.log_text()
     );
     eventually("the client crosses again after the restart", wait, || {
-        tcp_ok(&client, server_ip)
+        tcp::connects(&client, server_ip)
     });
     assert!(
-        !tcp_ok(&intruder, server_ip),
+        !tcp::connects(&intruder, server_ip),
         "the intruder is still denied"
     );
 
@@ -480,14 +251,10 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
     let worker = lab.worker.as_ref().unwrap();
     std::fs::write(
         west.manifests().join("ns.yaml"),
-        format!(
-            "{}---\n{}",
-            namespace("shop", "shop"),
-            namespace("dev", "dev")
-        ),
+        format!("{}---\n{}", namespace_yaml("shop"), namespace_yaml("dev")),
     )
     .unwrap();
-    std::fs::write(east.manifests().join("ns.yaml"), namespace("pay", "pay")).unwrap();
+    std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
     let west_agent = west.start();
     let east_agent = east.start();
     let worker_agent = worker.start();
@@ -497,8 +264,8 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
     // The server runs on the worker, which has no mesh certificate and no route to west but
     // through its gateway.
     let (server, server_ip) = worker.add_pod("server", "pay", "mksv");
-    serve(&server);
-    serve(&client);
+    serve(&server, server_ip);
+    serve(&client, client_ip);
     let routes = worker.netns.ip(&["route", "show", WEST_PODS]);
     assert!(
         routes.contains("via 192.168.91.1"),
@@ -507,10 +274,10 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
 
     let wait = Duration::from_secs(30);
     eventually("TCP west → east's worker", wait, || {
-        tcp_ok(&client, server_ip)
+        tcp::connects(&client, server_ip)
     });
     eventually("TCP east's worker → west", wait, || {
-        tcp_ok(&server, client_ip)
+        tcp::connects(&server, client_ip)
     });
     eventually("ICMP west → east's worker", wait, || {
         ping_ok(&client, server_ip)
@@ -525,7 +292,7 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
     )
     .unwrap();
     eventually("client in, intruder out, at the worker", wait, || {
-        tcp_ok(&client, server_ip) && !tcp_ok(&intruder, server_ip)
+        tcp::connects(&client, server_ip) && !tcp::connects(&intruder, server_ip)
     });
     assert!(
         worker_agent
@@ -596,10 +363,10 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
         worker_agent.log_text()
     );
     eventually("the client crosses again after the restart", wait, || {
-        tcp_ok(&client, server_ip)
+        tcp::connects(&client, server_ip)
     });
     assert!(
-        !tcp_ok(&intruder, server_ip),
+        !tcp::connects(&intruder, server_ip),
         "the intruder is still denied"
     );
 
@@ -628,7 +395,10 @@ fn a_worker_node_enforces_remote_identities_it_watches_on_its_gateway() {
         let (_, metrics) = health_get(&west.netns, 9876, "/metrics");
         metric(&metrics, "weir_mesh_peer_connected{peer=\"east\"}") == Some(0)
     });
-    assert!(!tcp_ok(&client, server_ip), "nothing crosses any more");
+    assert!(
+        !tcp::connects(&client, server_ip),
+        "nothing crosses any more"
+    );
     drop((west_agent, east_agent, worker_agent));
     drop((client, intruder, server));
 }
@@ -718,7 +488,7 @@ fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is
     let both = format!("{}{}", lab.ca.pem(), ca2.pem());
     std::fs::write(
         lab.west.manifests().join("peer.yaml"),
-        mesh_peer("east", "192.0.2.5:4243", &both, EAST_PODS),
+        mesh_peer_yaml("east", EAST_ENDPOINT, &both, EAST_PODS),
     )
     .unwrap();
     let east_ca = lab.east.dirs.root.join("mesh-ca.pem");
@@ -727,16 +497,18 @@ fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is
         .args
         .extend(["--mesh-ca".into(), east_ca.display().to_string()]);
     let (west, east) = (&lab.west, &lab.east);
-    std::fs::write(west.manifests().join("ns.yaml"), namespace("shop", "shop")).unwrap();
-    std::fs::write(east.manifests().join("ns.yaml"), namespace("pay", "pay")).unwrap();
+    std::fs::write(west.manifests().join("ns.yaml"), namespace_yaml("shop")).unwrap();
+    std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
     let west_agent = west.start();
     let east_agent = east.start();
     let (client, _) = west.add_pod("client", "shop", "mrcl");
     let (server, server_ip) = east.add_pod("server", "pay", "mrsv");
-    serve(&server);
+    serve(&server, server_ip);
     serve_echo(&server);
     let wait = Duration::from_secs(30);
-    eventually("TCP west → east", wait, || tcp_ok(&client, server_ip));
+    eventually("TCP west → east", wait, || {
+        tcp::connects(&client, server_ip)
+    });
 
     // A connection that lives across the rotation, and probes all along.
     let mut conn = spawn_in(client.path(), move || {
@@ -806,7 +578,7 @@ fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is
     // up: east presents the certificate of its good rotation, not a refused one.
     std::fs::write(
         west.manifests().join("peer.yaml"),
-        mesh_peer("east", "192.0.2.5:4243", &ca2.pem(), EAST_PODS),
+        mesh_peer_yaml("east", EAST_ENDPOINT, &ca2.pem(), EAST_PODS),
     )
     .unwrap();
     west_agent.stop(nix::sys::signal::Signal::SIGTERM);
@@ -814,7 +586,7 @@ fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is
     eventually(
         "a new session with east's rotated certificate",
         wait,
-        || tcp_ok(&client, server_ip),
+        || tcp::connects(&client, server_ip),
     );
     assert!(
         !west_agent.log_text().contains("mesh handshake refused"),

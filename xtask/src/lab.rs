@@ -189,19 +189,7 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
                     .collect();
             }
             let matrix = lab.probe(&spec)?;
-            if json {
-                println!("{}", matrix.to_json());
-            } else {
-                print!("{}", matrix.render(expect.as_ref()));
-            }
-            if let Some(e) = &expect {
-                let diffs = matrix.differences(e);
-                eprint!("{}", lab::matrix::render_differences(&diffs));
-                if !diffs.is_empty() {
-                    bail!("the matrix differs from {} expectation(s)", diffs.len());
-                }
-            }
-            Ok(())
+            lab::matrix::report(&matrix, expect.as_ref(), json)
         }
         LabCommand::Down { name, all } => {
             if all {

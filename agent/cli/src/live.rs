@@ -3,14 +3,15 @@
 
 use std::{collections::BTreeMap, io::Write as _, path::Path, time::Duration};
 
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use weir_policy::explain::{Explanation, PortProto};
-use weir_proto::agent::v1::{
-    ExplainRequest, FlowsRequest, ListEndpointsRequest, ListIdentitiesRequest, OverviewRequest,
-    PodPolicyRequest, inspect_client::InspectClient,
+use weir_proto::{
+    agent::v1::{
+        ExplainRequest, FlowsRequest, ListEndpointsRequest, ListIdentitiesRequest, OverviewRequest,
+        PodPolicyRequest, inspect_client::InspectClient,
+    },
+    local_socket,
 };
 
 use crate::{
@@ -19,8 +20,7 @@ use crate::{
     output::{Format, Style, encode, table},
 };
 
-/// How long connecting may take, and any one call (not a followed stream).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long any one call may take (not a followed stream).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a live command on a small runtime of its own.
@@ -39,34 +39,13 @@ async fn client(
     socket: &Path,
     timeout: Option<Duration>,
 ) -> Result<InspectClient<Channel>, CliError> {
-    let unreachable = |reason: String| CliError::Unreachable {
-        socket: socket.to_owned(),
-        reason,
-    };
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(socket))
-        .await
-        .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut first = Some(first);
-    let path = socket.to_owned();
-    let mut endpoint = Endpoint::from_static("http://[::]:50051").connect_timeout(CONNECT_TIMEOUT);
-    if let Some(t) = timeout {
-        endpoint = endpoint.timeout(t);
-    }
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            let ready = first.take();
-            async move {
-                let stream = match ready {
-                    Some(s) => s,
-                    None => UnixStream::connect(path).await?,
-                };
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let channel =
+        local_socket::connect(socket, timeout)
+            .await
+            .map_err(|e| CliError::Unreachable {
+                socket: socket.to_owned(),
+                reason: e.to_string(),
+            })?;
     Ok(InspectClient::new(channel))
 }
 

@@ -242,6 +242,25 @@ pub fn render_differences(diffs: &[Difference]) -> String {
     out
 }
 
+/// What `lab probe` prints: the matrix (JSON, or the table marked against `expect`) on stdout,
+/// and the differences from `expect` on stderr. An error when the matrix differs, so the
+/// command's exit status says whether the expectations held.
+pub fn report(matrix: &Matrix, expect: Option<&Expectations>, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", matrix.to_json());
+    } else {
+        print!("{}", matrix.render(expect));
+    }
+    if let Some(e) = expect {
+        let diffs = matrix.differences(e);
+        eprint!("{}", render_differences(&diffs));
+        if !diffs.is_empty() {
+            bail!("the matrix differs from {} expectation(s)", diffs.len());
+        }
+    }
+    Ok(())
+}
+
 /// Expected reachability: explicit cells, and a default for cells not named.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Expectations {

@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use weir_mesh::certs::MeshCa;
 
-use crate::mesh_objects::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
+use crate::mesh_pair::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
 use crate::{
     agent::{Agent, AgentDirs},
     cni::{Plugin, PodRef, first_address},
@@ -201,7 +201,7 @@ impl Cluster {
 
     fn add_pod(&self, name: &str, ns: &str, tag: &str) -> (Netns, IpAddr) {
         let file = self.dirs.manifests.join(format!("pod-{name}.yaml"));
-        std::fs::write(&file, pod_yaml(name, ns, None)).expect("writing the pod");
+        std::fs::write(&file, pod_yaml(name, ns, "gw", None)).expect("writing the pod");
         let pod_ns = Netns::new(tag);
         let (out, _) = self.plugin.ok(
             "ADD",
@@ -213,7 +213,7 @@ impl Cluster {
             },
         );
         let ip = first_address(&out);
-        std::fs::write(&file, pod_yaml(name, ns, Some(ip))).expect("writing the pod");
+        std::fs::write(&file, pod_yaml(name, ns, "gw", Some(ip))).expect("writing the pod");
         (pod_ns, ip)
     }
 }
@@ -403,7 +403,7 @@ fn lab() -> anyhow::Result<Lab> {
         let dirs = AgentDirs::new(&format!("bench-mesh-{name}"), "gw");
         let (cert, key) = ca.gateway("mesh.bench", name)?.write(&dirs.root, name)?;
         let m = &dirs.manifests;
-        std::fs::write(m.join("node.yaml"), node_yaml(cidr, ip))?;
+        std::fs::write(m.join("node.yaml"), node_yaml("gw", cidr, ip, true))?;
         std::fs::write(
             m.join("peer.yaml"),
             mesh_peer_yaml(peer, peer_ep, &ca.pem(), peer_prefix),

@@ -837,19 +837,7 @@ pub fn probe_from_cli(name: &str, expect: Option<&Path>, json: bool) -> anyhow::
         .flat_map(|e| e.entries.keys().map(|(_, t)| t.clone()))
         .collect();
     let matrix = lab.probe(&extra, expect.as_ref())?;
-    if json {
-        println!("{}", matrix.to_json());
-    } else {
-        print!("{}", matrix.render(expect.as_ref()));
-    }
-    if let Some(e) = &expect {
-        let diffs = matrix.differences(e);
-        eprint!("{}", crate::matrix::render_differences(&diffs));
-        if !diffs.is_empty() {
-            bail!("the matrix differs from {} expectation(s)", diffs.len());
-        }
-    }
-    Ok(())
+    crate::matrix::report(&matrix, expect.as_ref(), json)
 }
 
 /// Reads `--cluster NAME=PATH` arguments.
