@@ -27,21 +27,18 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use weir_mesh::certs::MeshCa;
 
-use crate::mesh_pair::{mesh_peer_yaml, namespace_yaml, node_yaml, pod_yaml};
 use crate::{
-    agent::{Agent, AgentDirs},
-    cni::{Plugin, PodRef, first_address},
+    agent::Agent,
     cpu::CpuTime,
+    mesh_pair::{
+        EAST_NODE_PODS, EAST_PODS, MeshPair, Node, PairOptions, WEST_NODE_PODS, WEST_PODS,
+        namespace_yaml,
+    },
     netns::Netns,
     tcp,
 };
 
-const WEST_PODS: &str = "10.160.0.0/16";
-const EAST_PODS: &str = "10.161.0.0/16";
-const WEST_NODE_PODS: &str = "10.160.1.0/24";
-const EAST_NODE_PODS: &str = "10.161.1.0/24";
 const IPERF_PORT: &str = "5201";
 const SOCKPERF_PORT: &str = "11111";
 const WG_PORT: u16 = 51820;
@@ -170,15 +167,13 @@ fn boringtun_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// One cluster: its gateway node, the agent's directories and arguments, its pod.
+/// One cluster: its gateway node and the agent running there.
+/// (Fields drop in order: the agent stops before its node's namespace goes.)
 struct Cluster {
-    node: Netns,
-    dirs: AgentDirs,
-    plugin: Plugin,
-    cert_args: Vec<String>,
     agent: Option<Agent>,
     /// The data-plane flags the running agent was started with.
     running: Option<&'static [&'static str]>,
+    gateway: Node,
 }
 
 impl Cluster {
@@ -189,32 +184,12 @@ impl Cluster {
         if let Some(agent) = self.agent.take() {
             agent.stop(nix::sys::signal::Signal::SIGTERM);
         }
-        let mut args: Vec<&str> = self.cert_args.iter().map(String::as_str).collect();
-        args.extend_from_slice(step_args);
-        self.agent = Some(Agent::start(&self.node, "gw", &self.dirs, &args));
+        self.agent = Some(self.gateway.start_with(step_args));
         self.running = Some(step_args);
     }
 
     fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Agent::pid)
-    }
-
-    fn add_pod(&self, name: &str, ns: &str, tag: &str) -> (Netns, IpAddr) {
-        let file = self.dirs.manifests.join(format!("pod-{name}.yaml"));
-        std::fs::write(&file, pod_yaml(name, ns, "gw", None)).expect("writing the pod");
-        let pod_ns = Netns::new(tag);
-        let (out, _) = self.plugin.ok(
-            "ADD",
-            &PodRef {
-                container_id: &format!("ctr-{name}"),
-                namespace: ns,
-                name,
-                netns: &pod_ns.name,
-            },
-        );
-        let ip = first_address(&out);
-        std::fs::write(&file, pod_yaml(name, ns, "gw", Some(ip))).expect("writing the pod");
-        (pod_ns, ip)
     }
 }
 
@@ -344,99 +319,33 @@ struct Lab {
 }
 
 fn lab() -> anyhow::Result<Lab> {
-    let wan = Netns::new("bmw");
-    let (gw_west, gw_east) = (Netns::new("bmgw"), Netns::new("bmge"));
-    for (dev, gw, wan_addr, gw_addr, other) in [
-        (
-            "w0",
-            &gw_west,
-            "192.0.2.2/30",
-            "192.0.2.1/30",
-            "192.0.2.4/30",
-        ),
-        (
-            "e0",
-            &gw_east,
-            "192.0.2.6/30",
-            "192.0.2.5/30",
-            "192.0.2.0/30",
-        ),
-    ] {
-        wan.ip(&[
-            "link", "add", dev, "type", "veth", "peer", "name", "wan0", "netns", &gw.name,
-        ]);
-        wan.ip(&["addr", "add", wan_addr, "dev", dev]);
-        wan.ip(&["link", "set", dev, "up"]);
-        gw.ip(&["addr", "add", gw_addr, "dev", "wan0"]);
-        gw.ip(&["link", "set", "wan0", "up"]);
-        let via = wan_addr.split('/').next().unwrap_or_default();
-        gw.ip(&["route", "add", other, "via", via]);
-    }
+    let MeshPair {
+        wan, west, east, ..
+    } = MeshPair::new(&PairOptions {
+        tag: "bm",
+        domain: "mesh.bench",
+        east_worker: false,
+    });
     // The WAN knows the pod prefixes only for the plain case; the gateways route into it only
     // while that case runs.
     wan.ip(&["route", "add", WEST_NODE_PODS, "via", "192.0.2.1"]);
     wan.ip(&["route", "add", EAST_NODE_PODS, "via", "192.0.2.5"]);
-    output(&wan, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-
-    let ca = MeshCa::new("weir mesh bench CA")?;
-    let mut clusters = Vec::new();
-    for (name, node, cidr, ip, peer, peer_ep, peer_prefix) in [
-        (
-            "west",
-            gw_west,
-            WEST_NODE_PODS,
-            "192.0.2.1",
-            "east",
-            "192.0.2.5:4243",
-            EAST_PODS,
-        ),
-        (
-            "east",
-            gw_east,
-            EAST_NODE_PODS,
-            "192.0.2.5",
-            "west",
-            "192.0.2.1:4243",
-            WEST_PODS,
-        ),
-    ] {
-        let dirs = AgentDirs::new(&format!("bench-mesh-{name}"), "gw");
-        let (cert, key) = ca.gateway("mesh.bench", name)?.write(&dirs.root, name)?;
-        let m = &dirs.manifests;
-        std::fs::write(m.join("node.yaml"), node_yaml("gw", cidr, ip, true))?;
-        std::fs::write(
-            m.join("peer.yaml"),
-            mesh_peer_yaml(peer, peer_ep, &ca.pem(), peer_prefix),
-        )?;
-        let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
-        clusters.push(Cluster {
-            node,
-            plugin,
-            cert_args: vec![
-                "--mesh-cert".into(),
-                cert.display().to_string(),
-                "--mesh-key".into(),
-                key.display().to_string(),
-            ],
-            dirs,
+    std::fs::write(west.manifests().join("ns.yaml"), namespace_yaml("shop"))?;
+    std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay"))?;
+    let mut clusters: Vec<Cluster> = [west, east]
+        .into_iter()
+        .map(|gateway| Cluster {
             agent: None,
             running: None,
-        });
-    }
-    std::fs::write(
-        clusters[0].dirs.manifests.join("ns.yaml"),
-        namespace_yaml("shop"),
-    )?;
-    std::fs::write(
-        clusters[1].dirs.manifests.join("ns.yaml"),
-        namespace_yaml("pay"),
-    )?;
+            gateway,
+        })
+        .collect();
     let first = MESH_STEPS[0].args;
     for c in &mut clusters {
         c.ensure_agent(first);
     }
-    let (client, _) = clusters[0].add_pod("client", "shop", "bmcl");
-    let (server, server_ip) = clusters[1].add_pod("server", "pay", "bmsv");
+    let (client, _) = clusters[0].gateway.add_pod("client", "shop", "bmcl");
+    let (server, server_ip) = clusters[1].gateway.add_pod("server", "pay", "bmsv");
     tcp::serve(&server, server_ip);
     let ip = server_ip.to_string();
     let servers = vec![
@@ -469,8 +378,18 @@ fn wait_path(lab: &Lab, what: &str) -> anyhow::Result<()> {
 /// agents' routes into the mesh TUN), or removes those routes.
 fn gateway_routes(lab: &Lab, how: Option<RouteVia<'_>>) -> anyhow::Result<()> {
     for (side, gw, remote, wan_hop) in [
-        (0, &lab.clusters[0].node, EAST_NODE_PODS, "192.0.2.2"),
-        (1, &lab.clusters[1].node, WEST_NODE_PODS, "192.0.2.6"),
+        (
+            0,
+            &lab.clusters[0].gateway.netns,
+            EAST_NODE_PODS,
+            "192.0.2.2",
+        ),
+        (
+            1,
+            &lab.clusters[1].gateway.netns,
+            WEST_NODE_PODS,
+            "192.0.2.6",
+        ),
     ] {
         match how {
             None => {
@@ -496,26 +415,38 @@ enum RouteVia<'a> {
 
 /// Gbit/s of an iperf3 run from the client pod (`streams` parallel streams), as received.
 fn iperf3(lab: &Lab, streams: u32, secs: f64) -> anyhow::Result<f64> {
-    let out = output(
-        &lab.client,
-        "iperf3",
-        &[
-            "-c",
-            &lab.server_ip.to_string(),
-            "-p",
-            IPERF_PORT,
-            "-t",
-            &format!("{secs:.0}"),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3's JSON")?;
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .with_context(|| format!("no end.sum_received in iperf3's output: {out}"))
+    // The server takes one test at a time and may still be closing the previous one (the bulk
+    // flow of the last case) when this one starts: it answers "busy" then, so ask again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = output(
+            &lab.client,
+            "iperf3",
+            &[
+                "-c",
+                &lab.server_ip.to_string(),
+                "-p",
+                IPERF_PORT,
+                "-t",
+                &format!("{secs:.0}"),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3's JSON")?;
+        let busy = json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("server is busy"));
+        if busy && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        return json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .with_context(|| format!("no end.sum_received in iperf3's output: {out}"));
+    }
 }
 
 /// Round-trip percentiles (p50, p99) in µs of sockperf request/response from the client pod
@@ -643,11 +574,11 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
     let boringtun = boringtun_bin()?;
     let mut lab = lab()?;
     wait_path(&lab, "the mesh link")?;
-    let work = lab.clusters[0].dirs.root.clone();
+    let work = lab.clusters[0].gateway.dirs.root.clone();
     let wg = Boringtun::start(
         &boringtun,
-        &lab.clusters[0].node,
-        &lab.clusters[1].node,
+        &lab.clusters[0].gateway.netns,
+        &lab.clusters[1].gateway.netns,
         &work,
     )?;
     let mut cases = vec![Case::Plain, Case::Boringtun];
