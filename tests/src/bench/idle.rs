@@ -16,6 +16,7 @@ use std::{
 
 use serde_json::{Value, json};
 
+use super::objects::{self, list};
 use crate::{
     agent::{Agent, AgentDirs, ClusterSource, bin, health_get, metric},
     cni::{Plugin, PodRef},
@@ -53,37 +54,29 @@ impl Mode {
 /// Namespaces, Nodes and Pods: the first `LOCAL_PODS` pods on this node (addresses from its
 /// IPAM at ADD), the others spread over other nodes with their `status.podIPs`.
 fn cluster() -> Vec<Value> {
-    let mut objects = Vec::new();
-    for n in 0..NAMESPACES {
-        objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 3)}}}));
-    }
+    let mut objects: Vec<Value> = objects::namespaces(NAMESPACES).collect();
     for k in 0..=REMOTE_NODES {
-        let name = if k == 0 {
-            NODE.to_owned()
-        } else {
-            format!("n{k}")
-        };
-        objects.push(
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"podCIDRs": [format!("10.230.{k}.0/24")]}}),
-        );
+        let cidr = format!("10.230.{k}.0/24");
+        objects.push(objects::node(&objects::node_name(NODE, k), &cidr, None));
     }
     for i in 0..PODS {
         let local = i < LOCAL_PODS;
         let node = 1 + i % REMOTE_NODES;
-        let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("p{i}"), "namespace": format!("ns{}", i % NAMESPACES),
-                "labels": {"app": format!("a{}", i % 100), "tier": format!("t{}", i % 20)}},
-            "spec": {"nodeName": if local { NODE.to_owned() } else { format!("n{node}") },
-                "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
-            "status": {"phase": "Running"}});
-        if !local {
+        let labels = json!({"app": format!("a{}", i % 100), "tier": format!("t{}", i % 20)});
+        let (node_name, ip) = if local {
+            (NODE.to_owned(), None)
+        } else {
             let ip = format!("10.230.{node}.{}", (i / REMOTE_NODES) % 250 + 2);
-            pod["status"]["podIP"] = json!(ip);
-            pod["status"]["podIPs"] = json!([{ "ip": ip }]);
-        }
-        objects.push(pod);
+            (format!("n{node}"), Some(ip))
+        };
+        let namespace = format!("ns{}", i % NAMESPACES);
+        objects.push(objects::pod(
+            &format!("p{i}"),
+            &namespace,
+            labels,
+            &node_name,
+            ip,
+        ));
     }
     objects
 }
@@ -98,13 +91,7 @@ fn policy(j: usize) -> Value {
         json!({"from": [{"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 3)}}}],
             "ports": [{"port": "http"}]}),
     ];
-    if j.is_multiple_of(10) {
-        let block = 100 + j % 100;
-        ingress.push(
-            json!({"from": [{"ipBlock": {"cidr": format!("10.{block}.0.0/16"),
-            "except": [format!("10.{block}.1.0/24")]}}]}),
-        );
-    }
+    ingress.extend(objects::every_tenth_ip_block(j));
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{}", j % NAMESPACES)},
         "spec": {"podSelector": {"matchLabels": {"app": format!("a{}", j % 100)}},
@@ -112,10 +99,6 @@ fn policy(j: usize) -> Value {
             "ingress": ingress,
             "egress": [{"to": [{"podSelector": {"matchLabels": {"app": format!("a{}", (j + 7) % 100)}}}],
                 "ports": [{"port": 5432, "endPort": 5440}]}]}})
-}
-
-fn list(items: Vec<Value>) -> String {
-    json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
 /// One agent under measurement, with what it needs; dropped in field order (the agent first,

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod idle;
 pub mod mesh;
 pub mod mesh_sync;
+mod objects;
 pub mod propagation;
 pub mod scale;
 pub mod stats;

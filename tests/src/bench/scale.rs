@@ -40,7 +40,10 @@ use weir_policy::{
     model::{ClusterState, Object, ObjectKey, parse_documents},
 };
 
-use super::stats::{Samples, ms};
+use super::{
+    objects::{self, list},
+    stats::{Samples, ms},
+};
 use crate::{
     agent::{Agent, AgentDirs},
     applied::{APPLY_TIMEOUT, wait_applied},
@@ -105,40 +108,37 @@ fn namespace_of_group(g: usize) -> String {
 
 fn pod(i: usize) -> Value {
     let g = group_of(i);
-    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": format!("p{i}"), "namespace": namespace_of_group(g),
-            "labels": labels_of_group(g)},
-        "spec": {"nodeName": if is_local(i) { NODE.to_owned() } else { format!("n{}", remote_node(i)) },
-            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
-        "status": {"phase": "Running"}});
-    if !is_local(i) {
-        let ip = remote_address(i).to_string();
-        pod["status"]["podIP"] = json!(ip);
-        pod["status"]["podIPs"] = json!([{ "ip": ip }]);
-    }
-    pod
+    let (node, ip) = if is_local(i) {
+        (NODE.to_owned(), None)
+    } else {
+        (
+            format!("n{}", remote_node(i)),
+            Some(remote_address(i).to_string()),
+        )
+    };
+    objects::pod(
+        &format!("p{i}"),
+        &namespace_of_group(g),
+        labels_of_group(g),
+        &node,
+        ip,
+    )
 }
 
 fn namespaces_and_nodes() -> Vec<Value> {
-    let mut objects = Vec::new();
-    for n in 0..NAMESPACES {
-        objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 3)}}}));
-    }
+    let mut objects: Vec<Value> = objects::namespaces(NAMESPACES).collect();
     for k in 0..=REMOTE_NODES {
-        let name = if k == 0 {
-            NODE.to_owned()
-        } else {
-            format!("n{k}")
-        };
         let cidr = if k == 0 {
             LOCAL_CIDR.to_owned()
         } else {
             format!("10.{}.0.0/16", 200 + k)
         };
-        objects.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"podCIDRs": [cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": format!("192.168.50.{}", 10 + k)}]}}));
+        let internal_ip = format!("192.168.50.{}", 10 + k);
+        objects.push(objects::node(
+            &objects::node_name(NODE, k),
+            &cidr,
+            Some(&internal_ip),
+        ));
     }
     objects
 }
@@ -155,13 +155,7 @@ fn policy(j: usize, port_shift: usize) -> Value {
                 "podSelector": {"matchLabels": {"app": format!("a{}", (j + 11) % APPS)}}}],
             "ports": [{"port": "http"}]}),
     ];
-    if j.is_multiple_of(10) {
-        let block = 100 + j % 100;
-        ingress.push(
-            json!({"from": [{"ipBlock": {"cidr": format!("10.{block}.0.0/16"),
-            "except": [format!("10.{block}.1.0/24")]}}]}),
-        );
-    }
+    ingress.extend(objects::every_tenth_ip_block(j));
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": format!("pol{j}"), "namespace": format!("ns{}", j % NAMESPACES)},
         "spec": {"podSelector": {"matchLabels": {"app": format!("a{}", j % APPS)}},
@@ -195,10 +189,6 @@ fn probe_policies() -> Vec<usize> {
         .step_by(POLICIES / PROBES / 2)
         .take(PROBES)
         .collect()
-}
-
-fn list(items: Vec<Value>) -> String {
-    json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
 /// Writes a file whole, through a dotfile renamed into place, as `kubectl`-driven tooling and
