@@ -28,8 +28,9 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 use weir_common::{
-    COUNTER_EVENTS_LOST, COUNTER_PATH_REDIRECT_NEIGH, COUNTER_PATH_REDIRECT_PEER,
-    COUNTER_PATH_STACK, COUNTER_XDP_PASSED, FIRST_COUNTER_SLOT, REASON_POLICY_DENIED,
+    COUNTER_EVENTS_LOST, COUNTER_EVENTS_THROTTLED, COUNTER_PATH_REDIRECT_NEIGH,
+    COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, COUNTER_XDP_PASSED, FIRST_COUNTER_SLOT,
+    REASON_POLICY_DENIED,
 };
 
 use crate::{endpoints::EndpointBackend, runtime::Runtime, source::SourceStats};
@@ -543,6 +544,12 @@ impl Collector for Snapshot {
             "weir_events_lost",
             "Verdict events the ring buffer had no room for (the packets were still judged; their flow records are missing)",
             &[(vec![], slot(COUNTER_EVENTS_LOST))],
+        )?;
+        counter(
+            &mut e,
+            "weir_events_throttled",
+            "XDP drops counted but not reported because the same kind of drop (source, destination, port, reason) was reported within the second, or the CPU's report budget was spent (weir_datapath_packets_total still counts every drop)",
+            &[(vec![], slot(COUNTER_EVENTS_THROTTLED))],
         )?;
         gauge(
             &mut e,

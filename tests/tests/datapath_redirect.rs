@@ -2,22 +2,26 @@
 //! sends to another gets the destination's ingress check inline in `weir_from_pod` (same
 //! conntrack entry, same drop report as `weir_to_pod`), the MACs a router would write and a
 //! decremented TTL, and is redirected into the destination's namespace; everything the shortcut
-//! cannot take goes to the stack. Counters say which way each allowed packet went.
+//! cannot take goes to the stack. Counters say which way each allowed packet went. The next hop
+//! is cached per destination under the config generation, and not used under another one or once
+//! it is older than the recheck interval.
 //!
 //! The FIB lookup runs in the namespace of the thread that runs the test: each test builds one
 //! with the destination pod's host veth, its route and its permanent neighbour entry, as the CNI
 //! plugin leaves them. Root only.
 
+use aya::maps::HashMap;
 use weir_common::{
     CONFIG_REDIRECT_LOCAL, CONFIG_REVOKE_ESTABLISHED, COUNTER_PATH_REDIRECT_PEER,
-    COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, DIR_INGRESS, PROG_FROM_POD,
+    COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, DIR_INGRESS, EndpointInfo,
+    EndpointKey, LocalNextHop, MAP_ENDPOINTS, MAP_NEXTHOPS, NEXTHOP_RECHECK_NS, PROG_FROM_POD,
     PROTO_TCP, REASON_ESTABLISHED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_REVOKED,
     REASON_RULE, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
 };
 use weir_tests::packet::{ipv4_checksum_ok, with_ipv4_checksum};
 use weir_tests::{
     netns::{Netns, run, spawn_in},
-    packet::{ETH_P_IP, TCP_SYN, ethernet, ipv4_fragment, tcp, tcp_header},
+    packet::{ETH_P_IP, TCP_SYN, addr, ethernet, ipv4_fragment, tcp, tcp_header},
     testrun::*,
 };
 
@@ -233,5 +237,159 @@ fn without_the_flag_everything_goes_to_the_stack() {
         assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), OK);
         assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 1);
         assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 0);
+    });
+}
+
+/// `bpf_ktime_get_coarse_ns` as user space reads it.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn next_hops(dp: &mut Datapath) -> HashMap<&mut aya::maps::MapData, EndpointKey, LocalNextHop> {
+    HashMap::try_from(dp.ebpf.map_mut(MAP_NEXTHOPS).expect("the next hop cache")).unwrap()
+}
+
+fn pod_b_key() -> EndpointKey {
+    EndpointKey {
+        addr: addr(ip_of(POD_B)),
+    }
+}
+
+/// A MAC no neighbour entry has: where a packet carries it, it came from the cache.
+const PLANTED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xee];
+
+/// Puts a next hop towards B with `PLANTED_MAC` into the cache, filled under `generation` and
+/// confirmed at `checked_ns`.
+fn plant_hop(dp: &mut Datapath, vb: u32, generation: u32, checked_ns: u64) {
+    let mut macs = [0; 12];
+    macs[..6].copy_from_slice(&PLANTED_MAC);
+    macs[6..].copy_from_slice(&HOST_B_MAC);
+    let hop = LocalNextHop {
+        checked_ns,
+        generation,
+        ifindex: vb,
+        macs,
+        _pad: 0,
+    };
+    next_hops(dp).insert(pod_b_key(), hop, 0).unwrap();
+}
+
+/// The first packet to a local pod fills the next hop cache from the FIB; the next packets of the
+/// same generation take the cached hop without a FIB lookup (a planted MAC shows it).
+#[test]
+fn the_next_hop_to_a_local_pod_is_cached_under_its_generation() {
+    with_host_veth("rd6", true, |dp, vb| {
+        let syn_frame = with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80));
+        assert_eq!(dp.run_out(PROG_FROM_POD, &syn_frame).0, TC_ACT_REDIRECT);
+        let hop = next_hops(dp).get(&pod_b_key(), 0).expect("a cached hop");
+        assert_eq!(hop.ifindex, vb);
+        assert_eq!(hop.generation, 1);
+        assert_eq!(&hop.macs[..6], &POD_B_MAC);
+        assert_eq!(&hop.macs[6..], &HOST_B_MAC);
+        assert!(hop.checked_ns <= coarse_now_ns());
+
+        // A cached hop is used as it is. The cache trusts an entry for NEXTHOP_RECHECK_NS: if
+        // the machine stalled that long between planting and the run, plant it again.
+        let ack_frame = with_ipv4_checksum(ack(POD_A, 40000, POD_B, 80));
+        let out = loop {
+            let planted = coarse_now_ns();
+            plant_hop(dp, vb, 1, planted);
+            let (verdict, out) = dp.run_out(PROG_FROM_POD, &ack_frame);
+            if coarse_now_ns() - planted < NEXTHOP_RECHECK_NS {
+                assert_eq!(verdict, TC_ACT_REDIRECT);
+                break out;
+            }
+        };
+        assert_eq!(&out[..6], &PLANTED_MAC, "the cached MAC, not the FIB's");
+        assert_eq!(&out[6..12], &HOST_B_MAC);
+        assert!(ipv4_checksum_ok(&out[14..34]));
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 2);
+    });
+}
+
+/// A cached hop is not used under another config generation (the agent bumps it on every
+/// endpoint change), nor once it is older than the recheck interval: the FIB is asked again and
+/// the entry refilled. A pod whose endpoint went is not delivered to on its cached hop.
+#[test]
+fn a_cached_next_hop_is_dropped_on_a_generation_change_or_when_stale() {
+    with_host_veth("rd7", true, |dp, vb| {
+        let ack_frame = with_ipv4_checksum(ack(POD_A, 40000, POD_B, 80));
+        assert_eq!(
+            dp.run_out(
+                PROG_FROM_POD,
+                &with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80))
+            )
+            .0,
+            TC_ACT_REDIRECT
+        );
+
+        // Filled under generation 1, the config is at 2.
+        plant_hop(dp, vb, 1, coarse_now_ns());
+        dp.config(2, CONFIG_REDIRECT_LOCAL);
+        let (verdict, out) = dp.run_out(PROG_FROM_POD, &ack_frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[..6], &POD_B_MAC, "the FIB's MAC");
+        let hop = next_hops(dp).get(&pod_b_key(), 0).expect("refilled");
+        assert_eq!(hop.generation, 2);
+        assert_eq!(&hop.macs[..6], &POD_B_MAC);
+
+        // Current generation, but confirmed longer ago than the recheck interval.
+        plant_hop(dp, vb, 2, coarse_now_ns() - 2 * NEXTHOP_RECHECK_NS);
+        let (verdict, out) = dp.run_out(PROG_FROM_POD, &ack_frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[..6], &POD_B_MAC, "the FIB's MAC");
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 3);
+
+        // B's endpoint goes (generation 3): its cached hop is not taken, the packet goes to the
+        // stack like any packet to an address that is no local pod.
+        plant_hop(dp, vb, 2, coarse_now_ns());
+        HashMap::<_, EndpointKey, EndpointInfo>::try_from(dp.ebpf.map_mut(MAP_ENDPOINTS).unwrap())
+            .unwrap()
+            .remove(&pod_b_key())
+            .unwrap();
+        dp.config(3, CONFIG_REDIRECT_LOCAL);
+        assert_eq!(dp.from_pod(&ack_frame), OK);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 3);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 1);
+    });
+}
+
+/// The hop's TTL rewrite updates the IPv4 header checksum incrementally: it stays valid whatever
+/// the header's other fields make of it (the one's complement carry included).
+#[test]
+fn the_ttl_rewrite_keeps_the_ipv4_checksum_valid_for_every_header() {
+    with_host_veth("rd8", true, |dp, _| {
+        assert_eq!(
+            dp.run_out(
+                PROG_FROM_POD,
+                &with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80))
+            )
+            .0,
+            TC_ACT_REDIRECT
+        );
+        let mut frame = ack(POD_A, 40000, POD_B, 80);
+        for id in (0..=u16::MAX).step_by(61) {
+            for ttl in [2, 64, 128, 255] {
+                frame[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+                frame[14 + 8] = ttl;
+                frame = with_ipv4_checksum(frame);
+                let (verdict, out) = dp.run_out(PROG_FROM_POD, &frame);
+                assert_eq!(verdict, TC_ACT_REDIRECT);
+                assert_eq!(out[14 + 8], ttl - 1);
+                assert!(
+                    ipv4_checksum_ok(&out[14..34]),
+                    "checksum after the hop, id {id} ttl {ttl}"
+                );
+            }
+        }
     });
 }

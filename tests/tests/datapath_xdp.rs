@@ -2,12 +2,14 @@
 //! connection that the destination pod's ingress policy denies and sources on the operator's deny
 //! list, reports both like any drop, and passes everything else (allowed connections, replies of
 //! connections local pods opened, traffic not for a local pod, non-IP, fragments). Whatever it
-//! drops, `weir_to_pod` would drop too: it is a filter in front of the enforcer.
+//! drops, `weir_to_pod` would drop too: it is a filter in front of the enforcer. A flood of drops
+//! is counted packet by packet and reported once per kind and interval, within a per-CPU budget.
 //!
 //! Root only (loading programs needs CAP_BPF and CAP_NET_ADMIN).
 
 use weir_common::{
-    COUNTER_XDP_PASSED, DIR_INGRESS, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
+    COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, DIR_INGRESS, DROP_REPORT_INTERVAL_NS,
+    DROP_REPORTS_PER_CPU, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
     REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
 };
 use weir_tests::{
@@ -195,4 +197,126 @@ fn non_ip_fragments_and_traffic_not_for_a_local_pod_pass() {
     }
     assert_eq!(dp.counter_slot(COUNTER_XDP_PASSED), frames.len() as u64);
     assert!(dp.events().is_empty());
+}
+
+/// `bpf_ktime_get_coarse_ns` as user space reads it.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How many report intervals a stretch of time from `start` until now touches: the most reports
+/// one kind of drop can get in it.
+fn intervals_since(start: u64) -> usize {
+    ((coarse_now_ns() - start) / DROP_REPORT_INTERVAL_NS + 1) as usize
+}
+
+/// A flood of denied packets is counted packet by packet, but each kind of drop (source,
+/// destination address and port, reason) is reported once per interval, not once per packet;
+/// a new kind is reported at once, and the drops not reported are counted.
+#[test]
+fn a_flood_of_denied_packets_is_counted_exactly_and_reported_once_per_kind() {
+    let mut dp = b_admits_remote_on_80();
+    dp.prefilter(WORLD, 32, 4);
+    const FLOOD: u16 = 1_000;
+    let start = coarse_now_ns();
+    // New connections (new source ports) of two kinds, interleaved.
+    for n in 0..FLOOD {
+        assert_eq!(dp.xdp(&syn(REMOTE, 20_000 + n, POD_B, 81)), XDP_DROP);
+        assert_eq!(dp.xdp(&syn(WORLD, 20_000 + n, POD_A, 80)), XDP_DROP);
+    }
+    // A third kind: another port.
+    assert_eq!(dp.xdp(&syn(REMOTE, 40_000, POD_B, 82)), XDP_DROP);
+    let intervals = intervals_since(start);
+
+    assert_eq!(
+        dp.counter(REASON_XDP_POLICY_DENIED),
+        u64::from(FLOOD) + 1,
+        "every drop counted"
+    );
+    assert_eq!(dp.counter(REASON_PREFILTER_DENIED), u64::from(FLOOD));
+    let events = dp.events();
+    let of_kind = |reason: u8, port: u16| {
+        events
+            .iter()
+            .filter(|e| e.reason == reason && u16::from_be(e.dport) == port)
+            .collect::<Vec<_>>()
+    };
+    let denied_81 = of_kind(REASON_XDP_POLICY_DENIED, 81);
+    let listed = of_kind(REASON_PREFILTER_DENIED, 80);
+    let denied_82 = of_kind(REASON_XDP_POLICY_DENIED, 82);
+    for kind in [&denied_81, &listed] {
+        assert!(
+            (1..=intervals).contains(&kind.len()),
+            "{} reports of one kind in {intervals} interval(s)",
+            kind.len()
+        );
+    }
+    assert_eq!(denied_82.len(), 1, "a new kind is reported at once");
+    assert_eq!(events.len(), denied_81.len() + listed.len() + 1);
+    // Each report explains its kind as an unthrottled one would.
+    let first = denied_81[0];
+    assert_eq!((first.subject, first.peer), (ID_B, ID_REMOTE));
+    assert_eq!(
+        u16::from_be(first.sport),
+        20_000,
+        "the first drop of the kind"
+    );
+    assert_eq!((listed[0].subject, listed[0].rule), (ID_A, 4));
+    assert_eq!(
+        dp.counter_slot(COUNTER_EVENTS_THROTTLED),
+        2 * u64::from(FLOOD) + 1 - events.len() as u64,
+        "every drop not reported is counted as throttled"
+    );
+}
+
+/// A flood from ever new sources (each drop a new kind) is reported up to each CPU's budget per
+/// interval; every drop is still counted.
+#[test]
+fn a_flood_from_ever_new_sources_is_reported_within_the_cpus_budget() {
+    // On one CPU, so that one budget applies.
+    let cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .ok()
+        .and_then(|set| (0..nix::sched::CpuSet::count()).find(|&c| set.is_set(c).unwrap_or(false)))
+        .expect("a CPU this thread may run on");
+    let mut one = nix::sched::CpuSet::new();
+    one.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+
+    let mut dp = Datapath::with_pods();
+    dp.prefilter("10.200.0.0", 16, 9);
+    const SOURCES: u32 = 3 * DROP_REPORTS_PER_CPU;
+    let start = coarse_now_ns();
+    for n in 0..SOURCES {
+        let source = format!("10.200.{}.{}", n / 250, n % 250 + 1);
+        assert_eq!(dp.xdp(&syn(&source, 40_000, POD_A, 80)), XDP_DROP);
+    }
+    let intervals = intervals_since(start);
+    assert_eq!(dp.counter(REASON_PREFILTER_DENIED), u64::from(SOURCES));
+    let events = dp.events();
+    let budget = DROP_REPORTS_PER_CPU as usize;
+    assert!(
+        events.len() >= budget && events.len() <= budget * intervals,
+        "{} reports in {intervals} interval(s) with a budget of {budget}",
+        events.len()
+    );
+    let sources: std::collections::BTreeSet<_> = events.iter().map(|e| e.saddr).collect();
+    assert_eq!(sources.len(), events.len(), "each report a new source");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.reason == REASON_PREFILTER_DENIED && e.rule == 9)
+    );
+    assert_eq!(
+        dp.counter_slot(COUNTER_EVENTS_THROTTLED),
+        u64::from(SOURCES) - events.len() as u64
+    );
 }

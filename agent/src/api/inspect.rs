@@ -8,8 +8,8 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use weir_common::{
-    COUNTER_EVENTS_LOST, DIR_EGRESS, DIR_INGRESS, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD,
-    IDENTITY_LOCAL_MASK, REASON_COUNT,
+    COUNTER_EVENTS_LOST, DIR_EGRESS, DIR_INGRESS, FIRST_COUNTER_SLOT, IDENTITY_FIRST_CIDR,
+    IDENTITY_FIRST_POD, IDENTITY_LOCAL_MASK,
 };
 use weir_policy::{
     explain::{ExplainError, PortProto, Scenario, explain_side, identity_name, rule_ref},
@@ -161,9 +161,9 @@ impl Inspect for InspectService {
                     .iter()
                     .enumerate()
                     .filter(|(slot, n)| {
-                        **n > 0
-                            && (*slot as u32) < REASON_COUNT
-                            && *slot as u32 != COUNTER_EVENTS_LOST
+                        // Reasons only: the slots above them count paths, lost and throttled
+                        // events.
+                        **n > 0 && (*slot as u32) < FIRST_COUNTER_SLOT
                     })
                     .map(|(slot, n)| {
                         let reason = slot as u8;

@@ -46,7 +46,8 @@ pub const CT_SEEN_REPLY: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` of the last packet; the agent expires idle entries.
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most every second); the LRU
+    /// evicts idle entries.
     pub last_seen_ns: u64,
     /// Generation the egress side was checked under.
     pub egress_generation: u32,

@@ -92,8 +92,12 @@ pub const COUNTER_PATH_STACK: u32 = REASON_COUNT - 4;
 /// `WEIR_COUNTERS` slot (not a reason): packets a pod sent that `weir_from_pod` allowed and handed
 /// straight to the next hop towards a pod of another node (`bpf_redirect_neigh`).
 pub const COUNTER_PATH_REDIRECT_NEIGH: u32 = REASON_COUNT - 5;
+/// `WEIR_COUNTERS` slot (not a reason): drops `weir_xdp` counted but did not report, because the
+/// same kind of drop was reported within the interval or the CPU's report budget was spent (see
+/// `throttle`).
+pub const COUNTER_EVENTS_THROTTLED: u32 = REASON_COUNT - 6;
 /// The lowest counter slot that is not a reason.
-pub const FIRST_COUNTER_SLOT: u32 = COUNTER_PATH_REDIRECT_NEIGH;
+pub const FIRST_COUNTER_SLOT: u32 = COUNTER_EVENTS_THROTTLED;
 // The counter slots that are not reasons sit above every reason.
 const _: () = assert!((REASON_PREFILTER_DENIED as u32) < FIRST_COUNTER_SLOT);
 
@@ -131,6 +135,9 @@ pub const MAP_COUNTERS: &str = "WEIR_COUNTERS";
 pub const MAP_FRAGMENTS: &str = "WEIR_FRAGMENTS";
 pub const MAP_PREFILTER: &str = "WEIR_PREFILTER";
 pub const MAP_UPLINK: &str = "WEIR_UPLINK";
+pub const MAP_NEXTHOPS: &str = "WEIR_NEXTHOPS";
+pub const MAP_DROP_REPORTS: &str = "WEIR_DROP_REPORTS";
+pub const MAP_DROP_BUDGET: &str = "WEIR_DROP_BUDGET";
 
 /// Program names in the kernel object.
 /// Attached at tc ingress of a pod's host-side veth: packets the pod sends.

@@ -11,12 +11,16 @@ pub mod consts;
 pub mod event;
 pub mod fragments;
 pub mod maps;
+pub mod nexthop;
 pub mod policy;
 pub mod ports;
+pub mod throttle;
 
 pub use conntrack::*;
 pub use consts::*;
 pub use event::*;
 pub use fragments::*;
 pub use maps::*;
+pub use nexthop::*;
 pub use policy::*;
+pub use throttle::*;

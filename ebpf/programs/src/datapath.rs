@@ -10,7 +10,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use weir_common::{
     CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
     CT_SEEN_REPLY, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, ECHO_REPLY, ECHO_REQUEST, EndpointKey,
@@ -44,10 +44,12 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
 }
 
+/// The conntrack clock: the coarse monotonic clock, which reads the last tick's time instead of
+/// the clock source (conntrack works in seconds, and this runs on every packet).
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Runs the datapath for a packet at the hook enforcing direction `hook_dir` of its endpoint:

@@ -24,6 +24,7 @@ mod parse;
 mod policy;
 mod redirect;
 mod report;
+mod throttle;
 mod uplink;
 
 use aya_ebpf::{

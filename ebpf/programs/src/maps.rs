@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use weir_common::{
-    AddrKey, Config, CtKey, CtValue, EVENTS_BYTES, EndpointInfo, EndpointKey, FragKey, FragValue,
-    IdentityValue, MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
+    AddrKey, Config, CtKey, CtValue, DropBudget, DropKind, DropReported, EVENTS_BYTES,
+    EndpointInfo, EndpointKey, FragKey, FragValue, IdentityValue, LocalNextHop,
+    MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_DROP_KINDS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
     MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, PolicyKey, PolicyValue, PrefilterValue,
     REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig,
 };
@@ -61,6 +62,21 @@ pub static WEIR_PREFILTER: LpmTrie<AddrKey, PrefilterValue> =
 /// `WEIR_UPLINK[0]`: the uplink's settings for `weir_xdp` (the overlay's VXLAN port).
 #[map(name = "WEIR_UPLINK")]
 pub static WEIR_UPLINK: Array<UplinkConfig> = Array::with_max_entries(1, 0);
+
+/// The next hop towards each local pod delivered to with `bpf_redirect_peer` (see
+/// `weir_common::nexthop`): a cache the programs fill, not pinned.
+#[map(name = "WEIR_NEXTHOPS")]
+pub static WEIR_NEXTHOPS: LruHashMap<EndpointKey, LocalNextHop> =
+    LruHashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// When each kind of XDP drop was last reported (see `weir_common::throttle`); not pinned.
+#[map(name = "WEIR_DROP_REPORTS")]
+pub static WEIR_DROP_REPORTS: LruHashMap<DropKind, DropReported> =
+    LruHashMap::with_max_entries(MAX_DROP_KINDS, 0);
+
+/// Each CPU's XDP drop reports in its current interval; not pinned.
+#[map(name = "WEIR_DROP_BUDGET")]
+pub static WEIR_DROP_BUDGET: PerCpuArray<DropBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Verdict events (`weir_common::VerdictEvent`).
 #[map(name = "WEIR_EVENTS")]

@@ -90,6 +90,9 @@ pub struct Parsed {
     pub frag_proto: u8,
     /// Offset of the transport header (0 when the packet is not IP).
     pub l4_off: usize,
+    /// IPv4: the header's TTL, protocol and checksum; IPv6: the hop limit, then zeros. What a
+    /// router's hop rewrites (`redirect`), read here with the rest of the header.
+    pub ttl_check: [u8; 4],
 }
 
 #[inline(always)]
@@ -111,6 +114,11 @@ fn load_addr<C: Packet>(ctx: &C, off: usize, dst: &mut Addr) -> Result<(), Parse
 #[inline(always)]
 fn require<C: Packet>(ctx: &C, off: usize, len: usize) -> Result<(), ParseError> {
     load::<u8, C>(ctx, off + len - 1).map(|_| ())
+}
+
+#[inline(always)]
+fn first_four<const N: usize>(h: [u8; N]) -> [u8; 4] {
+    [h[0], h[1], h[2], h[3]]
 }
 
 /// Ports in network order (as they sit in memory in the packet).
@@ -245,6 +253,7 @@ pub fn parse_at<C: Packet>(ctx: &C, base: usize, key: &mut KeyBuf) -> Result<Par
             frag_id: 0,
             frag_proto: 0,
             l4_off: 0,
+            ttl_check: [0; 4],
         }),
     }
 }
@@ -274,6 +283,7 @@ pub fn parse_ip<C: Packet>(
         frag_id: 0,
         frag_proto: 0,
         l4_off: 0,
+        ttl_check: [0; 4],
     };
     // Which ICMPv6 types may count as link-local: neighbour discovery and MLD behind no
     // extension header; behind exactly a hop-by-hop header with hop limit 1 only MLD, which
@@ -287,6 +297,7 @@ pub fn parse_ip<C: Packet>(
         require(ctx, off, IPV6_HLEN)?;
         // Next header, hop limit.
         let nh_hl: [u8; 2] = load(ctx, off + 6)?;
+        parsed.ttl_check = [nh_hl[1], 0, 0, 0];
         load_addr(ctx, off + 8, &mut buf.key.saddr)?;
         load_addr(ctx, off + 24, &mut buf.key.daddr)?;
         let chain = walk_ipv6_extensions(ctx, nh_hl[0], off + IPV6_HLEN)?;
@@ -309,8 +320,11 @@ pub fn parse_ip<C: Packet>(
         if ihl < IPV4_MIN_HLEN {
             return Err(ParseError::Malformed);
         }
-        require(ctx, off, ihl)?;
+        if ihl > IPV4_MIN_HLEN {
+            require(ctx, off, ihl)?;
+        }
         proto = hdr[9];
+        parsed.ttl_check = [hdr[8], hdr[9], hdr[10], hdr[11]];
         let flags_offset = u16::from_be_bytes([hdr[6], hdr[7]]);
         if flags_offset & IPV4_OFFSET != 0 {
             parsed.fragment = Fragment::Later;
@@ -360,17 +374,25 @@ pub fn parse_ip<C: Packet>(
         }
         return Ok(parsed);
     }
-    let l4_len = match proto {
-        PROTO_TCP => 20,
-        PROTO_UDP => 8,
-        PROTO_SCTP => 12,
-        _ => return Ok(parsed),
-    };
-    // A quoted packet carries only the first 8 bytes of its transport header.
-    if !inner {
-        require(ctx, l4, l4_len)?;
+    if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        return Ok(parsed);
     }
-    let (sport, dport) = ports(load(ctx, l4)?);
+    // The whole fixed transport header must be there. A quoted packet carries only the first 8
+    // bytes of its transport header. UDP's header is read whole (one read checks it and takes the
+    // ports); the longer ones are checked by their last byte, to keep the stack short.
+    let first_word: [u8; 4] = match proto {
+        _ if inner => load(ctx, l4)?,
+        PROTO_UDP => first_four(load::<[u8; 8], C>(ctx, l4)?),
+        PROTO_TCP => {
+            require(ctx, l4, 20)?;
+            load(ctx, l4)?
+        }
+        _ => {
+            require(ctx, l4, 12)?;
+            load(ctx, l4)?
+        }
+    };
+    let (sport, dport) = ports(first_word);
     key.sport = sport;
     key.dport = dport;
     Ok(parsed)

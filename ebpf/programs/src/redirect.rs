@@ -3,7 +3,9 @@
 //! - to another pod on this node: the destination's ingress is checked right here (the same
 //!   `decide` that `weir_to_pod` runs, on the same conntrack entry) and the packet goes with
 //!   `bpf_redirect_peer` straight into the destination's namespace, as a router would deliver it:
-//!   MACs from the FIB and neighbour table, TTL or hop limit decremented;
+//!   MACs from the FIB and neighbour table, TTL or hop limit decremented. The next hop is cached
+//!   per destination pod (`WEIR_NEXTHOPS`, valid under one config generation and for a second),
+//!   so an established flow's packets take it without a FIB lookup;
 //! - to a pod of another node of the cluster (the ipcache knows its address): the packet goes with
 //!   `bpf_redirect_neigh` to the egress device of the node's route (the uplink, the overlay
 //!   device), towards the route's next hop, TTL decremented; the destination's ingress is checked
@@ -17,26 +19,30 @@
 //! TTL is running out. `COUNTER_PATH_REDIRECT_PEER`, `COUNTER_PATH_REDIRECT_NEIGH` and
 //! `COUNTER_PATH_STACK` count which way each allowed packet went.
 
-use core::{mem::MaybeUninit, ptr::write_volatile};
+use core::{
+    mem::MaybeUninit,
+    ptr::{null, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::{
         TC_ACT_OK, bpf_fib_lookup as FibParams, bpf_redir_neigh as RedirNeigh,
         bpf_redir_neigh__bindgen_ty_1 as RedirNeighAddr,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use weir_common::{
     CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE, COUNTER_PATH_REDIRECT_NEIGH,
     COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, CtKey, DIR_INGRESS, EndpointKey,
-    IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, REASON_ESTABLISHED,
+    IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, LocalNextHop,
+    NEXTHOP_RECHECK_NS, REASON_ESTABLISHED,
 };
 
 use crate::{
     datapath::decide,
     debug_log,
-    maps::{WEIR_CONFIG, WEIR_ENDPOINTS},
+    maps::{WEIR_CONFIG, WEIR_ENDPOINTS, WEIR_NEXTHOPS},
     parse::{Class, ETH_HLEN, Fragment, Parsed},
     policy::resolve_peer,
     report::{Verdict, count},
@@ -45,9 +51,8 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-/// IPv4 header: TTL (followed by the protocol, one 16-bit checksum word) and the checksum.
+/// IPv4 header: TTL (followed by the protocol and the checksum).
 const IPV4_TTL_OFF: usize = ETH_HLEN + 8;
-const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 /// IPv6 header: hop limit.
 const IPV6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 
@@ -56,6 +61,12 @@ fn stack(ifindex: u32) -> i32 {
     count(COUNTER_PATH_STACK);
     debug_log::path(COUNTER_PATH_STACK, ifindex, 0);
     TC_ACT_OK as i32
+}
+
+/// Destination and source MAC, 8-byte aligned for the helper's copy into the frame.
+#[repr(C, align(8))]
+struct MacsBuf {
+    macs: [u8; 12],
 }
 
 /// FIB lookup parameters, 8-byte aligned so they can be zeroed with word stores (see `key`: a
@@ -89,9 +100,9 @@ pub fn deliver(
     key: &CtKey,
     egress: &Verdict,
 ) -> i32 {
-    let flags = match WEIR_CONFIG.get(0) {
-        Some(c) => c.flags,
-        None => 0,
+    let (flags, generation) = match WEIR_CONFIG.get(0) {
+        Some(c) => (c.flags, c.generation),
+        None => (0, 0),
     };
     if flags & (CONFIG_REDIRECT_LOCAL | CONFIG_REDIRECT_REMOTE) == 0
         || parsed.class != Class::Normal
@@ -99,11 +110,25 @@ pub fn deliver(
     {
         return stack(ifindex);
     }
-    match WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: key.daddr }) {
+    let dest = endpoint_key(&key.daddr);
+    if flags & CONFIG_REDIRECT_LOCAL != 0
+        && let Some(hop) = cached_hop(dest, generation)
+    {
+        return to_local_pod(ctx, ifindex, parsed, key, hop, egress);
+    }
+    match WEIR_ENDPOINTS.get_ptr(dest) {
         Some(ep) if flags & CONFIG_REDIRECT_LOCAL != 0 => {
             // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
             let ep_ifindex = unsafe { (*ep).ifindex };
-            to_local_pod(ctx, ifindex, parsed, key, ep_ifindex, egress)
+            if ep_ifindex == ifindex {
+                // To itself, or to another address of the same pod: the stack turns it around.
+                return stack(ifindex);
+            }
+            let hop = next_hop(ctx, ifindex, parsed.v6, key, ep_ifindex);
+            if hop.is_null() {
+                return stack(ifindex);
+            }
+            to_local_pod(ctx, ifindex, parsed, key, hop, egress)
         }
         None if flags & CONFIG_REDIRECT_REMOTE != 0 && is_cluster_pod(&key.daddr) => {
             to_next_hop(ctx, ifindex, parsed, key)
@@ -128,18 +153,12 @@ fn is_cluster_pod(addr: &[u8; 16]) -> bool {
 /// Looks up the route of `key` as a router receiving it on `ifindex` would; `params` holds the
 /// result (egress device, next hop, MACs) when it returns success.
 #[inline(always)]
-fn fib_lookup(
-    ctx: &TcContext,
-    ifindex: u32,
-    parsed: &Parsed,
-    key: &CtKey,
-    params: &mut FibParams,
-) -> i64 {
+fn fib_lookup(ctx: &TcContext, ifindex: u32, v6: bool, key: &CtKey, params: &mut FibParams) -> i64 {
     params.ifindex = ifindex;
     params.l4_protocol = key.proto;
     params.sport = key.sport;
     params.dport = key.dport;
-    if parsed.v6 {
+    if v6 {
         params.family = AF_INET6;
         params.__bindgen_anon_3.ipv6_src = words(&key.saddr);
         params.__bindgen_anon_4.ipv6_dst = words(&key.daddr);
@@ -161,41 +180,113 @@ fn fib_lookup(
     }
 }
 
-/// The TTL (or hop limit) word of the packet, if a router may forward it: the stack would answer
-/// an expiring TTL with an ICMP error.
+/// The TTL (or hop limit) with what follows it (see `Parsed::ttl_check`), if a router may forward
+/// the packet: the stack would answer an expiring TTL with an ICMP error.
 #[inline(always)]
-fn forwardable_ttl(ctx: &TcContext, parsed: &Parsed) -> Option<[u8; 2]> {
-    let ttl_off = if parsed.v6 {
-        IPV6_HOP_LIMIT_OFF
-    } else {
-        IPV4_TTL_OFF
-    };
-    let ttl_word = ctx.load::<[u8; 2]>(ttl_off).ok()?;
-    if ttl_word[0] <= 1 {
+fn forwardable_ttl(parsed: &Parsed) -> Option<[u8; 4]> {
+    if parsed.ttl_check[0] <= 1 {
         return None;
     }
-    Some(ttl_word)
+    Some(parsed.ttl_check)
 }
 
-/// Decrements the TTL (or hop limit), the IPv4 checksum with it: the hop a router takes.
+/// One's complement sum of two 16-bit words (RFC 1071).
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, parsed: &Parsed, ttl_word: [u8; 2]) -> bool {
-    let new_word = [ttl_word[0] - 1, ttl_word[1]];
-    if parsed.v6 {
-        ctx.store(IPV6_HOP_LIMIT_OFF, &new_word[0], 0).is_ok()
-    } else {
-        ctx.l3_csum_replace(
-            IPV4_CSUM_OFF,
-            u16::from_ne_bytes(ttl_word) as u64,
-            u16::from_ne_bytes(new_word) as u64,
-            2,
-        )
-        .is_ok()
-            && ctx.store(IPV4_TTL_OFF, &new_word[0], 0).is_ok()
-    }
+fn ones_add(a: u16, b: u16) -> u16 {
+    let sum = u32::from(a) + u32::from(b);
+    ((sum & 0xffff) + (sum >> 16)) as u16
 }
 
-/// A local destination pod on the veth `ep_ifindex`: its ingress checked here, then
+/// Decrements the TTL (or hop limit), the IPv4 checksum with it: the hop a router takes. IPv4
+/// writes TTL, protocol and checksum in one store, the checksum updated incrementally (RFC 1624,
+/// eq. 3: HC' = ~(~HC + ~m + m'), m the TTL and protocol word).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, parsed: &Parsed, ttl_check: [u8; 4]) -> bool {
+    let ttl = ttl_check[0] - 1;
+    if parsed.v6 {
+        return ctx.store(IPV6_HOP_LIMIT_OFF, &ttl, 0).is_ok();
+    }
+    let old_word = u16::from_be_bytes([ttl_check[0], ttl_check[1]]);
+    let new_word = u16::from_be_bytes([ttl, ttl_check[1]]);
+    let check = u16::from_be_bytes([ttl_check[2], ttl_check[3]]);
+    let check = !ones_add(ones_add(!check, !old_word), new_word);
+    let [c0, c1] = check.to_be_bytes();
+    ctx.store(IPV4_TTL_OFF, &[ttl, ttl_check[1], c0, c1], 0)
+        .is_ok()
+}
+
+/// The address as the endpoint and next hop maps' key, in place (a copy would take 16 more bytes
+/// of the programs' short stack, live across both lookups).
+#[inline(always)]
+fn endpoint_key(addr: &[u8; 16]) -> &EndpointKey {
+    // SAFETY: `EndpointKey` is `repr(C)` with the address as its only field: same size, same
+    // alignment (1), every bit pattern valid.
+    unsafe { &*addr.as_ptr().cast::<EndpointKey>() }
+}
+
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The cached next hop towards the local pod `dest`, if it was filled under `generation` (no
+/// endpoint changed since) and confirmed by the FIB within `NEXTHOP_RECHECK_NS`.
+///
+/// The entry is used in place, not copied (the programs' stack is short). A refill by another
+/// CPU writes the same pod's hop; only an LRU eviction could reuse the memory for another pod,
+/// and then the frame carries a wrong MAC into the right veth, which the pod's stack discards.
+#[inline(always)]
+fn cached_hop(dest: &EndpointKey, generation: u32) -> Option<*const LocalNextHop> {
+    let hop = WEIR_NEXTHOPS.get_ptr(dest)?;
+    // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
+    let (hop_generation, checked_ns) = unsafe { ((*hop).generation, (*hop).checked_ns) };
+    if hop_generation != generation || coarse_now().wrapping_sub(checked_ns) >= NEXTHOP_RECHECK_NS {
+        return None;
+    }
+    Some(hop)
+}
+
+/// The next hop towards the local pod on the veth `ep_ifindex` from the FIB, as a router receiving
+/// the packet on `ifindex` would route it, put into the cache and used from there; null if the
+/// route does not go to the pod's veth (or there is none, or no neighbour entry), or, rarely, if
+/// the cache could not take it (the packet then takes the stack).
+#[inline(always)]
+fn next_hop(
+    ctx: &TcContext,
+    ifindex: u32,
+    v6: bool,
+    key: &CtKey,
+    ep_ifindex: u32,
+) -> *const LocalNextHop {
+    // Read before the lookup: the hop is the FIB's answer under this generation or a later one.
+    let generation = match WEIR_CONFIG.get(0) {
+        Some(c) => c.generation,
+        None => 0,
+    };
+    let mut slot = MaybeUninit::uninit();
+    let params = zeroed_params(&mut slot);
+    let ret = fib_lookup(ctx, ifindex, v6, key, params);
+    if ret != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ep_ifindex {
+        return null();
+    }
+    let mut hop = LocalNextHop {
+        checked_ns: coarse_now(),
+        generation,
+        ifindex: ep_ifindex,
+        macs: [0; 12],
+        _pad: 0,
+    };
+    hop.macs[..6].copy_from_slice(&params.dmac);
+    hop.macs[6..].copy_from_slice(&params.smac);
+    let dest = endpoint_key(&key.daddr);
+    if WEIR_NEXTHOPS.insert(dest, &hop, 0).is_err() {
+        return null();
+    }
+    WEIR_NEXTHOPS.get_ptr(dest).unwrap_or(null())
+}
+
+/// A local destination pod behind the next hop `hop`: its ingress checked here, then
 /// `bpf_redirect_peer` into its namespace.
 #[inline(always)]
 fn to_local_pod(
@@ -203,20 +294,16 @@ fn to_local_pod(
     ifindex: u32,
     parsed: &Parsed,
     key: &CtKey,
-    ep_ifindex: u32,
+    hop: *const LocalNextHop,
     egress: &Verdict,
 ) -> i32 {
+    // SAFETY: a pointer to a cache entry from a successful lookup; a plain integer.
+    let ep_ifindex = unsafe { (*hop).ifindex };
     if ep_ifindex == ifindex {
         // To itself, or to another address of the same pod: the stack turns it around.
         return stack(ifindex);
     }
-    let mut slot = MaybeUninit::uninit();
-    let params = zeroed_params(&mut slot);
-    let ret = fib_lookup(ctx, ifindex, parsed, key, params);
-    if ret != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ep_ifindex {
-        return stack(ifindex);
-    }
-    let Some(ttl_word) = forwardable_ttl(ctx, parsed) else {
+    let Some(ttl_check) = forwardable_ttl(parsed) else {
         return stack(ifindex);
     };
 
@@ -233,10 +320,13 @@ fn to_local_pod(
         }
     }
 
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    if !(ctx.store(0, &macs, 0).is_ok() && decrement_ttl(ctx, parsed, ttl_word)) {
+    // Copied to the stack first: the helper's copy from wherever the entry sits in the map can
+    // cost several times more than from an aligned stack slot.
+    // SAFETY: as above; plain bytes.
+    let macs = MacsBuf {
+        macs: unsafe { (*hop).macs },
+    };
+    if !(ctx.store(0, &macs.macs, 0).is_ok() && decrement_ttl(ctx, parsed, ttl_check)) {
         // The destination's side is recorded in conntrack: its `weir_to_pod` finds it there.
         return stack(ifindex);
     }
@@ -253,12 +343,12 @@ fn to_local_pod(
 fn to_next_hop(ctx: &TcContext, ifindex: u32, parsed: &Parsed, key: &CtKey) -> i32 {
     let mut slot = MaybeUninit::uninit();
     let params = zeroed_params(&mut slot);
-    let ret = fib_lookup(ctx, ifindex, parsed, key, params);
+    let ret = fib_lookup(ctx, ifindex, parsed.v6, key, params);
     // Back out of the veth it came in on: not a route through this node.
     if ret != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex == ifindex {
         return stack(ifindex);
     }
-    let Some(ttl_word) = forwardable_ttl(ctx, parsed) else {
+    let Some(ttl_check) = forwardable_ttl(parsed) else {
         return stack(ifindex);
     };
     // The next hop as the lookup left it: the gateway of the route, or the destination itself on
@@ -276,7 +366,7 @@ fn to_next_hop(ctx: &TcContext, ifindex: u32, parsed: &Parsed, key: &CtKey) -> i
         }
     }
     let out_ifindex = params.ifindex;
-    if !decrement_ttl(ctx, parsed, ttl_word) {
+    if !decrement_ttl(ctx, parsed, ttl_check) {
         return stack(ifindex);
     }
     count(COUNTER_PATH_REDIRECT_NEIGH);

@@ -7,6 +7,9 @@
 //! - a new connection to a local pod whose ingress policy does not allow the source's identity:
 //!   the same lookups `weir_to_pod` does (ipcache, subject, policy), with the same result.
 //!
+//! Every drop is counted; the first of each kind in an interval is reported (see `throttle`), so
+//! that a flood of denied packets does not become a flood of events.
+//!
 //! On a node with the VXLAN overlay (`WEIR_UPLINK` names its port), pods of other nodes arrive
 //! inside tunnel packets addressed to the node: the filter looks through the outer IP, UDP and
 //! VXLAN headers and decides on the pod packet inside, as on a native one, with the same reports
@@ -27,8 +30,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use weir_common::{
-    AddrKey, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, VERDICT_DROP,
+    AddrKey, COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED,
+    VERDICT_DROP,
 };
 
 use crate::{
@@ -38,6 +42,7 @@ use crate::{
     parse::{Class, Fragment, Parsed, parse, parse_at},
     policy::{evaluate, resolve_peer, subject_policy},
     report::{Report, count, emit},
+    throttle::report_drop,
 };
 
 /// Full-length prefix of a 16-byte address.
@@ -54,10 +59,16 @@ fn pass() -> u32 {
     XDP_PASS
 }
 
+/// Counts the drop and reports it, unless the same kind of drop was reported within the interval
+/// (or this CPU's report budget is spent): a flood is not one event per packet.
 #[inline(always)]
 fn drop_packet(r: &Report<'_>, reason: u8) {
     count(reason as u32);
-    emit(r, VERDICT_DROP, reason);
+    if report_drop(r.key, reason) {
+        emit(r, VERDICT_DROP, reason);
+    } else {
+        count(COUNTER_EVENTS_THROTTLED);
+    }
 }
 
 /// Whether conntrack has the packet's connection as the reply direction (`key` reversed): a

@@ -193,7 +193,8 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
         many.ipv6_extensions,
     );
     println!("  goal: ratio <= 1.10");
-    logging_cost(repeat)
+    logging_cost(repeat)?;
+    super::datapath_redirect::run()
 }
 
 const LOG_ROUNDS: usize = 5;

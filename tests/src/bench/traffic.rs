@@ -345,7 +345,24 @@ fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
     )
 }
 
+/// Rounds over the cases; `WEIR_TRAFFIC_ROUNDS` overrides it.
 const ROUNDS: usize = 3;
+
+/// The rounds and the cases to run: every case, or with `WEIR_TRAFFIC_CASES=agent` only the real
+/// agent's (and their baseline), which is what a change of the datapath is judged by.
+fn selection() -> (usize, Vec<Case>) {
+    let rounds = std::env::var("WEIR_TRAFFIC_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(ROUNDS);
+    let agent_only = std::env::var("WEIR_TRAFFIC_CASES").is_ok_and(|v| v == "agent");
+    let cases = CASES
+        .into_iter()
+        .filter(|c| !agent_only || c.baseline() == Case::AgentUninstalled)
+        .collect();
+    (rounds, cases)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Case {
@@ -417,10 +434,6 @@ impl Case {
     fn is_baseline(self) -> bool {
         matches!(self, Case::NoEnforcement | Case::AgentUninstalled)
     }
-
-    fn index(self) -> usize {
-        CASES.iter().position(|c| *c == self).unwrap_or(0)
-    }
 }
 
 pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
@@ -431,6 +444,8 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
             .is_ok(),
         "iptables-restore is not installed (the iptables baseline needs it): apt-get install iptables"
     );
+    let (rounds, cases) = selection();
+    let index = |case: Case| cases.iter().position(|c| *c == case).unwrap_or(0);
     let t = topology();
     let results = start_servers(&t.server, SERVER.parse()?);
     let map_pair = Pair {
@@ -442,12 +457,12 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     let mut agent_node = AgentNode::start()?;
     let agent_results = start_servers(&agent_node.server, agent_node.server_ip);
     println!(
-        "pod-to-pod through a node namespace ({ROUNDS} rounds over the cases; per case and round {iterations} UDP round trips, {secs} s TCP):"
+        "pod-to-pod through a node namespace ({rounds} rounds over the cases; per case and round {iterations} UDP round trips, {secs} s TCP):"
     );
-    let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); CASES.len()];
-    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
-    for _ in 0..ROUNDS {
-        for (i, case) in CASES.iter().enumerate() {
+    let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (i, case) in cases.iter().enumerate() {
             // Held for the case's measurement: Weir's programs come off when it drops.
             let weir_attached = match case {
                 Case::NoEnforcement | Case::AgentUninstalled | Case::Agent { .. } => None,
@@ -497,7 +512,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     let spent = super::traffic_bpf_stats::weir_programs(&agent_node.node).since(before);
     drop(stats);
     drop(agent_node);
-    let rows: Vec<(Case, Samples, f64)> = CASES
+    let rows: Vec<(Case, Samples, f64)> = cases
         .iter()
         .zip(latency)
         .zip(throughput)
@@ -520,7 +535,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
         "ratios against the same veths without enforcement (the map-writing cases: no enforcement; the agent's: weir uninstalled). Goals at 10,000 rules/policies through the stack: latency <= 1.10x, throughput >= 0.90x; with the redirect: latency p50 <= 1.0x, throughput >= 1.0x:"
     );
     for (case, lat, tp) in rows.iter().filter(|(c, _, _)| !c.is_baseline()) {
-        let (_, base_lat, base_tp) = &rows[case.baseline().index()];
+        let (_, base_lat, base_tp) = &rows[index(case.baseline())];
         println!(
             "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x",
             case.name(),
@@ -531,12 +546,11 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     }
     // Every round trip of `udp_latency` plus its 1,000 warm-up ones.
     let round_trips = (iterations + 1000) as f64;
-    let (_, uninstalled, _) = &rows[Case::AgentUninstalled.index()];
-    let (_, redirect, _) = &rows[Case::Agent {
+    let (_, uninstalled, _) = &rows[index(Case::AgentUninstalled)];
+    let (_, redirect, _) = &rows[index(Case::Agent {
         policies: 10_000,
         redirect: true,
-    }
-    .index()];
+    })];
     let delta_ns = (redirect.percentile(50.0).as_secs_f64()
         - uninstalled.percentile(50.0).as_secs_f64())
         * 1e9;

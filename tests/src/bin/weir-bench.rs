@@ -10,6 +10,11 @@ fn main() -> anyhow::Result<()> {
         bench::datapath::run(1_000_000)?;
         ran = true;
     }
+    if which == "datapath-redirect" {
+        // Also part of "datapath": only the redirect path's per-packet cost.
+        bench::datapath_redirect::run()?;
+        ran = true;
+    }
     if all || which == "propagation" {
         bench::propagation::run(200)?;
         ran = true;

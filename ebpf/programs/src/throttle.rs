@@ -1,0 +1,48 @@
+//! How often `weir_xdp` reports a drop (see `weir_common::throttle`): the first drop of each kind
+//! (source, destination address, protocol and port, reason) in an interval, and at most
+//! `DROP_REPORTS_PER_CPU` kinds per CPU in an interval. The counters stay exact: the caller counts
+//! every drop, and a drop not reported in `COUNTER_EVENTS_THROTTLED`.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use weir_common::{CtKey, DROP_REPORT_INTERVAL_NS, DROP_REPORTS_PER_CPU, DropKind, DropReported};
+
+use crate::maps::{WEIR_DROP_BUDGET, WEIR_DROP_REPORTS};
+
+/// Whether this drop of the packet with tuple `key` for `reason` is to be reported; if so, it
+/// is remembered as reported now.
+#[inline(always)]
+pub fn report_drop(key: &CtKey, reason: u8) -> bool {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let kind = DropKind {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        dport: key.dport,
+        proto: key.proto,
+        reason,
+        _pad: 0,
+    };
+    if let Some(last) = WEIR_DROP_REPORTS.get_ptr(&kind) {
+        // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
+        if now.wrapping_sub(unsafe { (*last).at_ns }) < DROP_REPORT_INTERVAL_NS {
+            return false;
+        }
+    }
+    // Without its budget slot (which every CPU has) the drop is reported: a report too many is
+    // better than a kind of drop left unexplained.
+    if let Some(budget) = WEIR_DROP_BUDGET.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        let budget = unsafe { &mut *budget };
+        if now.wrapping_sub(budget.since_ns) >= DROP_REPORT_INTERVAL_NS {
+            budget.since_ns = now;
+            budget.reports = 0;
+        }
+        if budget.reports >= DROP_REPORTS_PER_CPU {
+            return false;
+        }
+        budget.reports += 1;
+    }
+    // If the LRU cannot take it, the next drop of this kind is reported again.
+    let _ = WEIR_DROP_REPORTS.insert(&kind, &DropReported { at_ns: now }, 0);
+    true
+}
