@@ -189,6 +189,68 @@ mod tests {
         state
     }
 
+    /// Two peers' imports that collide with each other and with the source: a namespace both
+    /// peers and the source define, and an address both peers export.
+    fn views() -> Vec<std::sync::Arc<weir_mesh::link::ImportView>> {
+        use std::collections::HashMap;
+
+        use weir_mesh::{export::IdentityExport, link::ImportView};
+        let view = |cluster: &str, app: &str, addrs: &[&str]| {
+            std::sync::Arc::new(ImportView {
+                cluster: cluster.into(),
+                identities: BTreeMap::from([(
+                    300,
+                    IdentityExport {
+                        id: 300,
+                        namespace: "pay".into(),
+                        pod_labels: BTreeMap::from([("app".into(), app.into())]),
+                        namespace_labels: BTreeMap::from([("team".into(), app.into())]),
+                    },
+                )]),
+                endpoints: addrs
+                    .iter()
+                    .map(|a| (a.parse().expect("an address"), 300))
+                    .collect::<HashMap<_, _>>(),
+            })
+        };
+        vec![
+            view("east", "api", &["10.245.0.5", "10.245.0.6"]),
+            view("east", "web", &["10.245.0.6", "10.245.0.7"]),
+        ]
+    }
+
+    #[test]
+    fn merging_the_imports_per_object_equals_merge_imports() {
+        let mut source = random_state(&mut || 0);
+        source.apply(Object::Pod(weir_policy::model::Pod {
+            metadata: weir_policy::model::ObjectMeta {
+                name: "10.245.0.5".into(),
+                namespace: Some("east/pay".into()),
+                labels: BTreeMap::new(),
+            },
+            ..Default::default()
+        }));
+        let mut namespace = source.namespaces["a"].clone();
+        namespace.metadata.name = "east/pay".into();
+        source.apply(Object::Namespace(namespace));
+        let views = views();
+        let expected = crate::mesh::merge_imports(&source, &views);
+        let mut layer = ImportLayer::default();
+        let mut merged = ClusterState::default();
+        layer.apply_source(
+            &mut merged,
+            StateDelta::between(&ClusterState::default(), &source),
+        );
+        layer.set_imports(
+            &mut merged,
+            crate::mesh::merge_imports(&ClusterState::default(), &views),
+        );
+        assert_eq!(merged, expected);
+        // And taken away again, the source's objects are back.
+        layer.set_imports(&mut merged, ClusterState::default());
+        assert_eq!(merged, source);
+    }
+
     #[test]
     fn the_merged_state_kept_per_object_equals_the_merge_from_scratch() {
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
