@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod flows;
 pub mod health;
 pub mod ipam;
+pub mod merged_state;
 pub mod mesh;
 pub mod mesh_forward;
 pub mod mesh_status;

@@ -23,13 +23,13 @@ use weir_agent::{
     routes::{NodeRoutes, desired_routes},
     runtime::{Runtime, RuntimeConfig},
     source::{
-        SourceState,
+        SourceUpdate,
         kubernetes::{self, KubeSourceConfig},
         manifests::{ManifestDir, follow},
     },
 };
 use weir_common::MAP_EVENTS;
-use weir_policy::model::ClusterState;
+use weir_policy::model::{ClusterState, StateDelta};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -74,7 +74,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The compiler's rejections, for the Kubernetes source's Events (validation runs once).
     let (rejections_tx, rejections_rx) = tokio::sync::watch::channel(Arc::from([]));
-    let (first_state, source, pod_cidrs) = if args.kubernetes {
+    let (first_state, first_fingerprint, source, pod_cidrs) = if args.kubernetes {
         node::prepare(&bpffs_dir).context("preparing the node")?;
         let (first_state, states) =
             start_kubernetes(&args, &node_name, &health, rejections_rx).await?;
@@ -83,11 +83,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         } else {
             node_pod_cidrs(&first_state, &node_name)?
         };
-        let first_state = SourceState {
-            state: first_state,
-            fingerprint: String::new(),
-        };
-        (first_state, Source::Kubernetes(states), pod_cidrs)
+        (
+            first_state,
+            String::new(),
+            Source::Kubernetes(states),
+            pod_cidrs,
+        )
     } else {
         let Some(manifests) = args.manifests.clone() else {
             bail!(
@@ -113,11 +114,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
         health.source.connected.store(true, Ordering::Relaxed);
-        let first_state = SourceState {
-            fingerprint: source.fingerprint(),
-            state: first_state,
-        };
-        (first_state, Source::Manifests(source), pod_cidrs)
+        let fingerprint = source.fingerprint();
+        (
+            first_state,
+            fingerprint,
+            Source::Manifests(source),
+            pod_cidrs,
+        )
     };
     health.set_phase("loading the datapath");
 
@@ -132,7 +135,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    start_uplink_filter(&args, &mut ebpf, &first_state.state, &node_name, &bpffs_dir)?;
+    start_uplink_filter(&args, &mut ebpf, &first_state, &node_name, &bpffs_dir)?;
     let events = ebpf
         .take_map(MAP_EVENTS)
         .context("the kernel object has no events ring buffer")?;
@@ -176,7 +179,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Other nodes' pods: native routes, or the VXLAN overlay, from their Node objects.
     let mut peers = if args.overlay == OverlayMode::Vxlan {
-        let (underlay, cidr) = overlay_endpoint(&first_state.state, &node_name, &pod_cidrs)?;
+        let (underlay, cidr) = overlay_endpoint(&first_state, &node_name, &pod_cidrs)?;
         let overlay = Overlay::open(underlay, cidr)
             .await
             .context("setting up the VXLAN overlay")?;
@@ -196,33 +199,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // over the live gateways itself; through the overlay, they are node routes (one gateway).
     let mesh_ecmp = matches!(peers, NodePeers::Routes(_));
     let mesh = Arc::new(
-        Mesh::start(
-            &args.mesh,
-            &first_state.state,
-            &node_name,
-            &state_dir,
-            mesh_ecmp,
-        )
-        .await
-        .context("starting the mesh role")?,
+        Mesh::start(&args.mesh, &first_state, &node_name, &state_dir, mesh_ecmp)
+            .await
+            .context("starting the mesh role")?,
     );
     health.attach_mesh(Arc::clone(&mesh));
     peers
-        .sync(&node_and_mesh_routes(
-            &first_state.state,
-            &node_name,
-            mesh_ecmp,
-        ))
+        .sync(&node_and_mesh_routes(&first_state, &node_name, mesh_ecmp))
         .await;
-    health.source.observe_state(&first_state.state);
+    health.source.observe_state(&first_state);
+    // Subscribed before the imports are read, so no change of them is missed.
+    let mut imports = Some(mesh.subscribe_imports());
     runtime
-        .set_cluster_state(
-            mesh.with_imports(&first_state.state),
-            first_state.fingerprint.clone(),
+        .update_cluster_state(
+            StateDelta::between(&ClusterState::default(), &first_state),
+            Some(mesh.imported()),
+            first_fingerprint.clone(),
         )
         .await
         .context("applying the first cluster state")?;
-    let mut last_state = first_state;
+    // The source's state, kept object by object from the changes the source names: node routes,
+    // the mesh role and the object counts follow it.
+    let mut state = first_state;
+    let mut fingerprint = first_fingerprint;
     let mut states = match source {
         Source::Manifests(source) => {
             let (states_tx, states_rx) = mpsc::channel(4);
@@ -238,29 +237,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state_runtime = runtime.clone();
     let state_health = health.clone();
     let routes_node = node_name.clone();
-    let mut imports = Some(mesh.subscribe_imports());
     let state_mesh = Arc::clone(&mesh);
-    // The source's states and the mesh imports, in order, to the reconcile task: each is sent
+    // The source's changes and the mesh imports, in order, to the reconcile task: each is sent
     // once the one before is enforced (what queues meanwhile in the source is merged there).
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                state = states.next() => {
-                    let Some(state) = state else { break };
+            let (delta, imported) = tokio::select! {
+                update = states.next(&mut state) => {
+                    let Some(update) = update else { break };
                     // The same objects under a new fingerprint (a comment in a manifest) only
                     // tell the runtime what its state was read from.
-                    if state.state != last_state.state {
-                        state_health.source.observe_state(&state.state);
-                        peers.sync(&node_and_mesh_routes(&state.state, &routes_node, mesh_ecmp)).await;
-                        state_mesh.observe(&state.state).await;
+                    if !update.delta.is_empty() {
+                        state_health.source.observe_state(&state);
+                        peers.sync(&node_and_mesh_routes(&state, &routes_node, mesh_ecmp)).await;
+                        state_mesh.observe(&state).await;
                     }
-                    last_state = state;
+                    fingerprint = update.fingerprint;
+                    (update.delta, None)
                 }
-                () = imports_changed(&mut imports) => {}
-            }
-            let merged = state_mesh.with_imports(&last_state.state);
+                () = imports_changed(&mut imports) => (StateDelta::default(), Some(state_mesh.imported())),
+            };
             if let Err(e) = state_runtime
-                .set_cluster_state(merged, last_state.fingerprint.clone())
+                .update_cluster_state(delta, imported, fingerprint.clone())
                 .await
             {
                 tracing::error!(error = %e, "cluster states are no longer applied");
@@ -321,19 +319,31 @@ enum Source {
 
 /// The states the source hands on after the first one.
 enum States {
-    Manifests(mpsc::Receiver<SourceState>),
-    /// The Kubernetes source has no fingerprint: the applied generation tells its states apart.
+    /// The manifests source names the objects that changed.
+    Manifests(mpsc::Receiver<SourceUpdate>),
+    /// The Kubernetes source hands on whole states, compared here with the one before to find
+    /// what changed. It has no fingerprint: the applied generation tells its states apart.
     Kubernetes(mpsc::Receiver<ClusterState>),
 }
 
 impl States {
-    async fn next(&mut self) -> Option<SourceState> {
+    /// The next change, applied to `state` (the source's state as of the change before).
+    async fn next(&mut self, state: &mut ClusterState) -> Option<SourceUpdate> {
         match self {
-            States::Manifests(rx) => rx.recv().await,
-            States::Kubernetes(rx) => rx.recv().await.map(|state| SourceState {
-                state,
-                fingerprint: String::new(),
-            }),
+            States::Manifests(rx) => {
+                let update = rx.recv().await?;
+                update.delta.apply_to(state);
+                Some(update)
+            }
+            States::Kubernetes(rx) => {
+                let new = rx.recv().await?;
+                let delta = StateDelta::between(state, &new);
+                *state = new;
+                Some(SourceUpdate {
+                    delta,
+                    fingerprint: String::new(),
+                })
+            }
         }
     }
 }

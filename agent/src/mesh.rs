@@ -531,13 +531,10 @@ impl Mesh {
         }
     }
 
-    /// The state the compiler sees: the source's, plus what mesh peers export.
-    pub fn with_imports(&self, state: &ClusterState) -> ClusterState {
-        let imports = self.imports();
-        if imports.is_empty() {
-            return state.clone();
-        }
-        merge_imports(state, &imports)
+    /// What mesh peers export, as the objects the compiler sees besides the source's (the
+    /// reconcile task merges them: [`crate::merged_state`]).
+    pub fn imported(&self) -> ClusterState {
+        merge_imports(&ClusterState::default(), &self.imports())
     }
 }
 

@@ -41,7 +41,7 @@ use weir_policy::{
     compile::CompileInput,
     identity::IdentityAllocator,
     incremental::Incremental,
-    model::{ClusterState, ObjectKey},
+    model::{ClusterState, ObjectKey, ObjectRef, StateDelta},
     output::{Compiled, Rejection},
 };
 
@@ -52,6 +52,7 @@ use crate::{
     },
     endpoints::{EndpointError, LocalEndpoint},
     flows::Explainer,
+    merged_state::ImportLayer,
     persist::{self, SnapshotLog},
     runtime::{Applied, Published, RuntimeConfig, RuntimeView},
 };
@@ -64,10 +65,12 @@ type Reply<T> = oneshot::Sender<T>;
 
 /// What the reconcile task is asked to do.
 pub(crate) enum Command {
-    /// A complete cluster state from the source, with the source's fingerprint of it. Answered
-    /// with the applied generation once it is written (or once it is known to change nothing).
+    /// What changed in the source's cluster state, and the mesh imports' objects when they
+    /// changed, with the source's fingerprint of the whole state. Answered with the applied
+    /// generation once it is written (or once it is known to change nothing).
     ClusterState {
-        state: ClusterState,
+        delta: StateDelta,
+        imports: Option<ClusterState>,
         fingerprint: String,
         done: Reply<Applied>,
     },
@@ -107,8 +110,12 @@ pub(crate) struct Reconciler {
     /// Holds the loaded object (programs and the maps not taken by the writer).
     pub _ebpf: Ebpf,
     pub writer: Writer,
-    /// The compiler's input: the cluster state (once read) and the local endpoints' addresses.
+    /// The compiler's input: the cluster state (once read: the source's, with the mesh imports
+    /// merged by `imports`) and the local endpoints' addresses.
     pub input: CompileInput,
+    /// The mesh imports' objects and what they hide of the source's, for merging changes into
+    /// `input.state`.
+    pub imports: ImportLayer,
     /// Whether the source has delivered a cluster state yet.
     pub cluster_read: bool,
     pub endpoints: BTreeMap<EndpointId, LocalEndpoint>,
@@ -152,21 +159,24 @@ pub(crate) enum StateChange {
 }
 
 impl StateChange {
-    /// What `new` changes from `old`.
-    fn between(old: &ClusterState, new: &ClusterState) -> Self {
-        // Every field named, so that a new kind of object cannot be missed here.
-        let ClusterState {
-            namespaces,
-            pods,
-            policies,
-            nodes,
-            mesh_peers,
-        } = new;
-        if old.namespaces != *namespaces || old.nodes != *nodes || old.mesh_peers != *mesh_peers {
-            return Self::Everything;
+    /// The change made by changing these objects.
+    fn of(changed: &[ObjectRef]) -> Self {
+        let mut pods = Vec::new();
+        let mut policies = Vec::new();
+        for what in changed {
+            // Every kind named, so that a new kind of object cannot be missed here.
+            match what {
+                ObjectRef::Pod(key) => pods.push(key.clone()),
+                ObjectRef::NetworkPolicy(key) => policies.push(key.clone()),
+                ObjectRef::Namespace(_) | ObjectRef::Node(_) | ObjectRef::MeshPeer(_) => {
+                    return Self::Everything;
+                }
+            }
         }
-        let pods = changed_keys(&old.pods, pods);
-        let policies = changed_keys(&old.policies, policies);
+        pods.sort_unstable();
+        pods.dedup();
+        policies.sort_unstable();
+        policies.dedup();
         match (pods.is_empty(), policies.is_empty()) {
             (true, true) => Self::None,
             (false, true) => Self::Pods(pods),
@@ -194,50 +204,11 @@ fn merged(mut a: Vec<ObjectKey>, b: Vec<ObjectKey>) -> Vec<ObjectKey> {
     a
 }
 
-/// The keys whose values differ between two maps (present in one only, or different), in one
-/// walk of both in key order.
-fn changed_keys<K: Ord + Clone, V: PartialEq>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-) -> Vec<K> {
-    let mut out = Vec::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some((k, _)), None) => {
-                out.push((*k).clone());
-                a.next();
-            }
-            (None, Some((k, _))) => {
-                out.push((*k).clone());
-                b.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.push((*ka).clone());
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push((*kb).clone());
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if va != vb {
-                        out.push((*ka).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-}
-
 /// The commands taken together in one round.
 #[derive(Default)]
 struct Round {
-    state: Option<(ClusterState, String)>,
+    /// The source's changes (in order, as one), the newest imports and the newest fingerprint.
+    state: Option<(StateDelta, Option<ClusterState>, String)>,
     state_done: Vec<Reply<Applied>>,
     activations: Vec<(LocalEndpoint, Reply<Result<(), EndpointError>>)>,
     deactivations: Vec<(EndpointId, Reply<Result<(), EndpointError>>)>,
@@ -253,12 +224,19 @@ impl Round {
     fn take(&mut self, command: Command) -> Option<Command> {
         match command {
             Command::ClusterState {
-                state,
+                delta,
+                imports,
                 fingerprint,
                 done,
             } => {
-                // A newer complete state replaces an older one not yet applied.
-                self.state = Some((state, fingerprint));
+                // Changes not yet applied add up; newer imports replace older ones.
+                self.state = Some(match self.state.take() {
+                    Some((mut pending, pending_imports, _)) => {
+                        pending.then(delta);
+                        (pending, imports.or(pending_imports), fingerprint)
+                    }
+                    None => (delta, imports, fingerprint),
+                });
                 self.state_done.push(done);
             }
             Command::Activate { endpoint, done } => {
@@ -313,8 +291,8 @@ impl Reconciler {
             queries,
             touched: _,
         } = round;
-        let state_changed =
-            state.is_some_and(|(state, fingerprint)| self.accept(state, fingerprint));
+        let state_changed = state
+            .is_some_and(|(delta, imports, fingerprint)| self.accept(delta, imports, fingerprint));
 
         let mut endpoints_changed = false;
         let mut activated = Vec::new();
@@ -377,14 +355,24 @@ impl Reconciler {
         self.publish();
     }
 
-    /// Takes a cluster state from the source; returns whether it differs from the one in force
-    /// (a relist, or a rewritten file with the same objects, compiles nothing).
-    fn accept(&mut self, state: ClusterState, fingerprint: String) -> bool {
+    /// Takes a change of the source's cluster state (and of the imports); returns whether the
+    /// state in force changed (a relist, or a rewritten file with the same objects, compiles
+    /// nothing).
+    fn accept(
+        &mut self,
+        delta: StateDelta,
+        imports: Option<ClusterState>,
+        fingerprint: String,
+    ) -> bool {
         let first = !self.cluster_read;
+        let mut changed = self.imports.apply_source(&mut self.input.state, delta);
+        if let Some(imports) = imports {
+            changed.extend(self.imports.set_imports(&mut self.input.state, imports));
+        }
         let change = if first {
             StateChange::Everything
         } else {
-            StateChange::between(&self.input.state, &state)
+            StateChange::of(&changed)
         };
         if matches!(change, StateChange::None) {
             tracing::debug!("cluster state unchanged; nothing to compile");
@@ -400,7 +388,6 @@ impl Reconciler {
             }
             return false;
         }
-        self.input.state = state;
         self.changed = std::mem::take(&mut self.changed).then(change);
         self.cluster_read = true;
         self.accepted = Applied {
@@ -773,7 +760,8 @@ mod tests {
 
     fn state(fingerprint: &str) -> Command {
         Command::ClusterState {
-            state: ClusterState::default(),
+            delta: StateDelta::default(),
+            imports: None,
             fingerprint: fingerprint.to_owned(),
             done: oneshot::channel().0,
         }
@@ -790,6 +778,17 @@ mod tests {
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\n";
     const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: ns}\nspec: {podSelector: {}}\n";
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns}\n";
+
+    impl StateChange {
+        /// What `new` changes from `old`.
+        fn between(old: &ClusterState, new: &ClusterState) -> Self {
+            let changed: Vec<ObjectRef> = StateDelta::between(old, new)
+                .iter()
+                .map(|(what, _)| what.clone())
+                .collect();
+            Self::of(&changed)
+        }
+    }
 
     #[test]
     fn a_state_change_names_the_pods_or_policies_it_changed() {
@@ -833,14 +832,6 @@ mod tests {
     }
 
     #[test]
-    fn changed_keys_walks_both_maps_once() {
-        let old = BTreeMap::from([(1, 'a'), (2, 'b'), (4, 'd')]);
-        let new = BTreeMap::from([(2, 'b'), (3, 'c'), (4, 'x'), (5, 'e')]);
-        assert_eq!(changed_keys(&old, &new), vec![1, 3, 4, 5]);
-        assert!(changed_keys(&old, &old).is_empty());
-    }
-
-    #[test]
     fn a_burst_is_one_round_and_the_newest_state_wins() {
         let mut round = Round::default();
         for i in 0..16 {
@@ -851,7 +842,10 @@ mod tests {
         assert!(round.take(state("new")).is_none());
         assert_eq!(round.activations.len(), 16);
         assert_eq!(round.deactivations.len(), 1);
-        assert_eq!(round.state.as_ref().map(|(_, f)| f.as_str()), Some("new"));
+        assert_eq!(
+            round.state.as_ref().map(|(_, _, f)| f.as_str()),
+            Some("new")
+        );
         assert_eq!(round.state_done.len(), 2, "both senders are answered");
     }
 

@@ -23,7 +23,7 @@ use weir_common::VerdictEvent;
 use weir_policy::{
     compile::CompileInput,
     identity::IdentityAllocator,
-    model::{ClusterState, ObjectKey},
+    model::{ClusterState, ObjectKey, StateDelta},
     output::{Compiled, Rejection},
 };
 
@@ -182,6 +182,7 @@ impl Runtime {
                 cluster_id: u32::from(config.cluster_id),
                 local_endpoints: BTreeMap::new(),
             },
+            imports: Default::default(),
             cluster_read: false,
             endpoints,
             endpoints_log,
@@ -243,16 +244,20 @@ impl Runtime {
         self.shared.compiles.load(Ordering::Relaxed)
     }
 
-    /// A new cluster state from the source, with the source's fingerprint of it. Returns once
-    /// it is enforced (or known to change nothing: a state equal to the one in force, a relist,
-    /// a rewritten file with the same objects, is not compiled again), with what is applied.
-    pub async fn set_cluster_state(
+    /// A change of the source's cluster state (the first one: every object, as a delta from an
+    /// empty state), with the source's fingerprint of the whole state, and the mesh imports'
+    /// objects when they changed ([`crate::mesh::Mesh::imported`]). Returns once it is enforced
+    /// (or known to change nothing: an empty delta, from a relist or a rewritten file with the
+    /// same objects, compiles nothing), with what is applied.
+    pub async fn update_cluster_state(
         &self,
-        state: ClusterState,
+        delta: StateDelta,
+        imports: Option<ClusterState>,
         fingerprint: String,
     ) -> Result<Applied, Stopped> {
         self.ask(|done| Command::ClusterState {
-            state,
+            delta,
+            imports,
             fingerprint,
             done,
         })

@@ -12,8 +12,9 @@
 //! - a file read with the same bytes as last time (a `touch`, a rewrite of the same content) is
 //!   not parsed again;
 //! - the state is kept up to date object by object: a file whose objects changed (or that came
-//!   or went) updates only the objects it defines or defined, and the state is handed on only
-//!   then.
+//!   or went) updates only the objects it defines or defined, and only the objects whose
+//!   definition in force really changed are handed on ([`StateDelta`]), so that nothing after
+//!   the source compares or copies the whole state.
 //!
 //! inotify names the files it saw written because a stamp alone can miss a rewrite: a file
 //! rewritten with the same size within the filesystem's timestamp granularity keeps its stamp.
@@ -30,9 +31,11 @@ use std::{
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use weir_policy::model::{ClusterState, MAX_FILE_BYTES, Object, ObjectRef, parse_documents};
+use weir_policy::model::{
+    ClusterState, MAX_FILE_BYTES, Object, ObjectRef, StateDelta, parse_documents,
+};
 
-use super::{SourceState, SourceStats};
+use super::{SourceStats, SourceUpdate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -121,6 +124,8 @@ pub struct ManifestDir {
     /// The state the files describe, updated per object as files change (boxed: it is
     /// large, and the directory is held by value until it is followed).
     state: Box<ClusterState>,
+    /// What changed in `state` since the last [`Self::take_delta`] (or [`Self::scan`]).
+    pending: StateDelta,
     /// Duplicates already reported, so a steady state does not repeat the error.
     reported_duplicates: BTreeSet<(ObjectRef, PathBuf)>,
     /// File names inotify reported since the last scan: read even when their stamp is the same.
@@ -146,6 +151,7 @@ impl ManifestDir {
             next_seen: 0,
             definers: BTreeMap::new(),
             state: Box::default(),
+            pending: StateDelta::default(),
             reported_duplicates: BTreeSet::new(),
             dirty: BTreeSet::new(),
             all_dirty: false,
@@ -160,10 +166,18 @@ impl ManifestDir {
         self
     }
 
-    /// Reads what changed and returns the whole cluster state the directory describes.
+    /// Reads what changed and returns the whole cluster state the directory describes (the
+    /// changes since the last delta taken are then part of what it returns).
     pub fn scan(&mut self) -> Result<ClusterState, SourceError> {
         self.rescan()?;
+        self.pending = StateDelta::default();
         Ok(self.state())
+    }
+
+    /// The objects whose definition in force changed since the last delta taken or the last
+    /// [`Self::scan`]: added, changed or removed, each named once with what it is now.
+    pub fn take_delta(&mut self) -> StateDelta {
+        std::mem::take(&mut self.pending)
     }
 
     /// The next scan reads this file even if its stamp is unchanged.
@@ -311,27 +325,37 @@ impl ManifestDir {
     }
 
     /// Puts in the state, for each of `objects`, the definition of the earliest-seen file that
-    /// defines it (or takes it out when none does), and reports duplicates not reported yet.
+    /// defines it (or takes it out when none does), records in the pending delta those whose
+    /// definition changed, and reports duplicates not reported yet.
     fn settle(&mut self, objects: BTreeSet<ObjectRef>) {
         for what in objects {
-            let Some(definers) = self.definers.get(&what) else {
-                self.state.remove(&what);
-                continue;
-            };
-            let mut definers = definers.values();
-            let winner = definers
-                .next()
-                .expect("an object's definers are never empty");
-            let file = &self.files[winner];
-            self.state.apply(file.objects[file.first[&what]].clone());
-            for loser in definers {
-                if self
-                    .reported_duplicates
-                    .insert((what.clone(), loser.clone()))
-                {
-                    tracing::error!(object = %what, kept = %winner.display(), ignored = %loser.display(),
+            let before = self.state.object(&what);
+            self.settle_one(&what);
+            let now = self.state.object(&what);
+            if now != before {
+                self.pending.set(what, now);
+            }
+        }
+    }
+
+    fn settle_one(&mut self, what: &ObjectRef) {
+        let Some(definers) = self.definers.get(what) else {
+            self.state.remove(what);
+            return;
+        };
+        let mut definers = definers.values();
+        let winner = definers
+            .next()
+            .expect("an object's definers are never empty");
+        let file = &self.files[winner];
+        self.state.apply(file.objects[file.first[what]].clone());
+        for loser in definers {
+            if self
+                .reported_duplicates
+                .insert((what.clone(), loser.clone()))
+            {
+                tracing::error!(object = %what, kept = %winner.display(), ignored = %loser.display(),
                         "two files define the same object; keeping the one seen first — delete or rename one of them");
-                }
             }
         }
     }
@@ -486,13 +510,13 @@ impl ManifestDir {
     }
 }
 
-/// Follows the directory, sending the whole state after every change (debounced) and after a
+/// Follows the directory, sending what changed after every change (debounced) and after a
 /// periodic rescan that found one. A change of bytes that changes no object (a comment, a
-/// reformatted file) sends the same state under its new fingerprint. `dir` has been scanned
+/// reformatted file) sends an empty delta under its new fingerprint. `dir` has been scanned
 /// once and its state handed on by the caller. Returns when the receiver is gone.
 pub async fn follow(
     mut dir: ManifestDir,
-    states: mpsc::Sender<SourceState>,
+    updates: mpsc::Sender<SourceUpdate>,
     rescan_every: Duration,
 ) -> Result<(), SourceError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -520,11 +544,11 @@ pub async fn follow(
                 let fingerprint = dir.fingerprint();
                 if report.changed || fingerprint != sent_fingerprint {
                     sent_fingerprint = fingerprint.clone();
-                    let state = SourceState {
-                        state: dir.state(),
+                    let update = SourceUpdate {
+                        delta: dir.take_delta(),
                         fingerprint,
                     };
-                    if states.send(state).await.is_err() {
+                    if updates.send(update).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -713,8 +737,15 @@ mod tests {
             }
             // Writes land within one timestamp tick: name every file, as inotify would.
             source.mark_all_dirty();
+            let before = source.state();
             source.rescan().unwrap();
             assert_eq!(source.state(), rebuilt(&source), "after round {round}");
+            // The objects the source names as changed are exactly those a full comparison finds.
+            assert_eq!(
+                source.take_delta(),
+                StateDelta::between(&before, &source.state()),
+                "the delta of round {round}"
+            );
         }
         assert!(
             !source.state().namespaces.is_empty() || !source.state().policies.is_empty(),
@@ -855,7 +886,7 @@ mod tests {
         std::fs::write(&path, policies(100, 80)).unwrap();
         let stats = Arc::new(SourceStats::default());
         let mut source = ManifestDir::new(&tmp.0).with_stats(stats.clone());
-        source.scan().unwrap();
+        let mut state = source.scan().unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         // No periodic rescan during the test: every scan after the first is an event's.
         let task = tokio::spawn(follow(source, tx, Duration::from_secs(3600)));
@@ -874,7 +905,8 @@ mod tests {
             .await
             .expect("no state after a change")
             .unwrap();
-        assert!(next.state.namespaces.contains_key("x"));
+        next.delta.apply_to(&mut state);
+        assert!(state.namespaces.contains_key("x"));
         // The start-up scan, the first follow scan, and the rename's (one event, perhaps
         // split in two by the debounce); reads would add scans that cause more.
         let scans = stats.manifest_scans.load(Ordering::Relaxed);
@@ -914,8 +946,10 @@ mod tests {
             .await
             .expect("no state after a change")
             .unwrap();
-        assert_ne!(next.state, first);
-        assert_eq!(next.state.policies.len(), 100);
+        let mut next_state = first.clone();
+        next.delta.apply_to(&mut next_state);
+        assert_ne!(next_state, first);
+        assert_eq!(next_state.policies.len(), 100);
         assert_eq!(next.fingerprint, fingerprint(&tmp.0).unwrap());
         // New bytes with the same objects: the same state, under the directory's new
         // fingerprint (whoever wrote them can see them applied).
@@ -929,7 +963,7 @@ mod tests {
             .await
             .expect("no state after a comment")
             .unwrap();
-        assert_eq!(commented.state, next.state);
+        assert!(commented.delta.is_empty(), "the same state");
         assert_ne!(commented.fingerprint, next.fingerprint);
         assert_eq!(commented.fingerprint, fingerprint(&tmp.0).unwrap());
         task.abort();

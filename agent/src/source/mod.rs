@@ -2,21 +2,24 @@
 //! (kube-rs watchers) feeds the same `ClusterState` into the same runtime.
 //!
 //! Both sources hand on a state only when it differs from the last one they handed on: the
-//! agent's CPU follows changes, not the size of what it watches.
+//! agent's CPU follows changes, not the size of what it watches. The manifests source names the
+//! objects that changed ([`SourceUpdate`]); the Kubernetes source hands on whole states, which
+//! the agent compares with the one before to find them ([`StateDelta::between`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use weir_policy::model::ClusterState;
+use weir_policy::model::{ClusterState, StateDelta};
 
 pub mod kubernetes;
 pub mod manifests;
 pub mod meshpeer_crd;
 
-/// A complete cluster state as a source hands it on, with the source's fingerprint of what it
-/// was read from (standalone: [`manifests::fingerprint`]; empty where the source has none).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SourceState {
-    pub state: ClusterState,
+/// What changed in the cluster state, as a source hands it on, with the source's fingerprint of
+/// what the whole state was read from (standalone: [`manifests::fingerprint`]; empty where the
+/// source has none).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceUpdate {
+    pub delta: StateDelta,
     pub fingerprint: String,
 }
 

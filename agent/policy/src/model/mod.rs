@@ -1,11 +1,13 @@
 //! Kubernetes objects as the compiler reads them, and the cluster state they add up to.
 
+mod delta;
 mod mesh_peer;
 mod objects;
 mod parse;
 
 use std::collections::BTreeMap;
 
+pub use delta::StateDelta;
 pub use mesh_peer::*;
 pub use objects::*;
 pub use parse::{
@@ -101,6 +103,17 @@ pub fn is_manifest_file(path: &std::path::Path) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
+macro_rules! object_from {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Object {
+            fn from(object: $kind) -> Self {
+                Object::$kind(object)
+            }
+        }
+    )*};
+}
+object_from!(Namespace, Pod, NetworkPolicy, Node, MeshPeer);
+
 impl Object {
     /// The object's `kind`.
     pub fn kind(&self) -> &'static str {
@@ -182,6 +195,17 @@ impl ClusterState {
             ObjectRef::NetworkPolicy(k) => self.policies.remove(k).is_some(),
             ObjectRef::Node(n) => self.nodes.remove(n).is_some(),
             ObjectRef::MeshPeer(n) => self.mesh_peers.remove(n).is_some(),
+        }
+    }
+
+    /// The object's definition in this state, if it has one.
+    pub fn object(&self, what: &ObjectRef) -> Option<Object> {
+        match what {
+            ObjectRef::Namespace(n) => self.namespaces.get(n).cloned().map(Object::Namespace),
+            ObjectRef::Pod(k) => self.pods.get(k).cloned().map(Object::Pod),
+            ObjectRef::NetworkPolicy(k) => self.policies.get(k).cloned().map(Object::NetworkPolicy),
+            ObjectRef::Node(n) => self.nodes.get(n).cloned().map(Object::Node),
+            ObjectRef::MeshPeer(n) => self.mesh_peers.get(n).cloned().map(Object::MeshPeer),
         }
     }
 
