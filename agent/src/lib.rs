@@ -21,4 +21,5 @@ pub mod prefilter;
 pub mod reconcile;
 pub mod routes;
 pub mod runtime;
+pub mod sched_slice;
 pub mod source;

@@ -22,6 +22,7 @@ use weir_agent::{
     overlay::Overlay,
     routes::{NodeRoutes, desired_routes},
     runtime::{Runtime, RuntimeConfig},
+    sched_slice,
     source::{
         SourceUpdate,
         kubernetes::{self, KubeSourceConfig},
@@ -46,9 +47,19 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Uninstall(args)) => uninstall(&args),
-        None => tokio::runtime::Runtime::new()
-            .context("starting the async runtime")?
-            .block_on(run(cli.run)),
+        None => {
+            let slice = Duration::from_micros(cli.run.mesh.data_plane.sched_slice_us);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(move || {
+                    if let Err(e) = sched_slice::request_for_current_thread(slice) {
+                        tracing::debug!(error = %e, "the scheduler slice was not set on a runtime thread");
+                    }
+                })
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run(cli.run))
+        }
     }
 }
 

@@ -54,6 +54,13 @@ pub struct DataPlaneArgs {
     /// mesh`, step "+latency lane").
     #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = false, action = clap::ArgAction::Set)]
     pub mesh_latency_lane: bool,
+    /// The CPU slice, in µs, every thread of the agent's runtime asks the scheduler for (Linux
+    /// 6.12 or later; 100 is the kernel's minimum): a thread woken by a packet then preempts a
+    /// CPU-bound task instead of waiting for the scheduler's next tick, which delays each
+    /// packet through a mesh gateway by up to 4 ms on a busy node. 0 keeps the kernel's
+    /// default slice. The threads' share of the CPU does not change.
+    #[arg(long, env = "WEIR_SCHED_SLICE_US", default_value_t = 100)]
+    pub sched_slice_us: u64,
 }
 
 impl DataPlaneArgs {

@@ -17,6 +17,9 @@
 //! both gateways (the agents, or the boringtun processes) per Gbit/s of single-stream TCP. The
 //! more specific /24 routes of the plain and boringtun cases win over the agents' /16 routes
 //! into the mesh TUN while they exist, so the agents keep running through those cases.
+//!
+//! `WEIR_BENCH_MESH_HOLD=<case number>` sets up one case and keeps it up for profiling by hand
+//! (see [`hold_case`]).
 
 use std::{
     net::IpAddr,
@@ -58,7 +61,8 @@ pub struct MeshStep {
 }
 
 /// The steps, one thing added at a time; the one without flags is the agent's defaults (the
-/// latency lane, off by default, comes after it).
+/// latency lane, off by default, comes after it). The steps before the defaults keep the
+/// kernel's default scheduler slice, so the step "+short slice" shows what it changes.
 pub const MESH_STEPS: &[MeshStep] = &[
     MeshStep {
         name: "mesh 1 packet/message",
@@ -71,6 +75,8 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--mesh-latency-lane",
             "false",
+            "--sched-slice-us",
+            "0",
         ],
     },
     MeshStep {
@@ -82,14 +88,27 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--mesh-latency-lane",
             "false",
+            "--sched-slice-us",
+            "0",
         ],
     },
     MeshStep {
         name: "mesh +offload",
-        args: &["--mesh-lanes", "1", "--mesh-latency-lane", "false"],
+        args: &[
+            "--mesh-lanes",
+            "1",
+            "--mesh-latency-lane",
+            "false",
+            "--sched-slice-us",
+            "0",
+        ],
     },
     MeshStep {
-        name: "mesh +lanes (default)",
+        name: "mesh +lanes",
+        args: &["--mesh-latency-lane", "false", "--sched-slice-us", "0"],
+    },
+    MeshStep {
+        name: "mesh +short slice (default)",
         args: &[],
     },
     MeshStep {
@@ -583,6 +602,9 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
     )?;
     let mut cases = vec![Case::Plain, Case::Boringtun];
     cases.extend(MESH_STEPS.iter().copied().map(Case::Mesh));
+    if let Ok(hold) = std::env::var("WEIR_BENCH_MESH_HOLD") {
+        return hold_case(&mut lab, &wg, &cases, &hold);
+    }
     println!(
         "mesh link: pod → gateway → WAN → gateway → pod ({rounds} rounds over the cases; per case and round: iperf3 {:?} with 1 and 4 streams, sockperf request/response {:?} idle and under a bulk flow)",
         d.tcp, d.rr
@@ -611,7 +633,7 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
             measure(&lab, &pids, d, &mut results[i])
                 .with_context(|| format!("round {round}, case {}", case.name()))?;
             eprintln!(
-                "  round {} {:<22} tcp1 {:.2} Gbit/s",
+                "  round {} {:<28} tcp1 {:.2} Gbit/s",
                 round + 1,
                 case.name(),
                 results[i].tcp1.last().copied().unwrap_or_default()
@@ -625,9 +647,69 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets up case number `which` (0 plain, 1 boringtun, then the mesh steps) and keeps it up,
+/// printing the namespaces and processes, until a line arrives on stdin: for profiling one
+/// case by hand (strace, perf, sockperf ping-pong) on the bench's own topology.
+fn hold_case(lab: &mut Lab, wg: &Boringtun, cases: &[Case], which: &str) -> anyhow::Result<()> {
+    let case = which
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| cases.get(i).copied())
+        .with_context(|| {
+            format!(
+                "WEIR_BENCH_MESH_HOLD={which}: a case number below {}",
+                cases.len()
+            )
+        })?;
+    let pids: Vec<u32> = match case {
+        Case::Plain => {
+            gateway_routes(lab, Some(RouteVia::Wan))?;
+            Vec::new()
+        }
+        Case::Boringtun => {
+            gateway_routes(lab, Some(RouteVia::Devices(&wg.ifnames)))?;
+            wg.pids()
+        }
+        Case::Mesh(step) => {
+            for c in &mut lab.clusters {
+                c.ensure_agent(step.args);
+            }
+            lab.clusters.iter().filter_map(Cluster::agent_pid).collect()
+        }
+    };
+    wait_path(lab, &case.name())?;
+    println!(
+        "holding {}: client pod netns {}, server {} (iperf3 :{IPERF_PORT}, sockperf :{SOCKPERF_PORT}), gateways {} {}, processes {pids:?}; press Enter to end",
+        case.name(),
+        lab.client.name,
+        lab.server_ip,
+        lab.clusters[0].node.name,
+        lab.clusters[1].node.name,
+    );
+    // Each further non-empty line is a shell command run in the client pod from here, so the
+    // load generator shares the agents' scheduling group as in the bench's own measurements.
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line)? > 0 && !line.trim().is_empty() {
+        let out = lab
+            .client
+            .command("sh")
+            .args(["-c", line.trim()])
+            .output()?;
+        print!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("-- done: {}", line.trim());
+        line.clear();
+    }
+    gateway_routes(lab, None)?;
+    Ok(())
+}
+
 fn report(cases: &[Case], results: &[Measured]) {
     println!(
-        "  {:<22} {:>10} {:>10} {:>10} {:>10} {:>14} {:>12} {:>8}",
+        "  {:<28} {:>10} {:>10} {:>10} {:>10} {:>14} {:>12} {:>8}",
         "case",
         "tcp1 Gb/s",
         "tcp4 Gb/s",
@@ -647,7 +729,7 @@ fn report(cases: &[Case], results: &[Measured]) {
             )
         };
         println!(
-            "  {:<22} {:>10.2} {:>10.2} {:>10.1} {:>10.1} {:>14.1} {:>12} {:>8}",
+            "  {:<28} {:>10.2} {:>10.2} {:>10.1} {:>10.1} {:>14.1} {:>12} {:>8}",
             case.name(),
             median(&m.tcp1),
             median(&m.tcp4),
@@ -664,7 +746,7 @@ fn report(cases: &[Case], results: &[Measured]) {
     );
     for (case, m) in cases.iter().zip(results).skip(2) {
         println!(
-            "  {:<22} tcp1 {:.2}x  tcp4 {:.2}x  rr p50 {:.2}x  rr p99 {:.2}x",
+            "  {:<28} tcp1 {:.2}x  tcp4 {:.2}x  rr p50 {:.2}x  rr p99 {:.2}x",
             case.name(),
             median(&m.tcp1) / median(&anchor.tcp1),
             median(&m.tcp4) / median(&anchor.tcp4),
