@@ -683,8 +683,8 @@ fn hold_case(lab: &mut Lab, wg: &Boringtun, cases: &[Case], which: &str) -> anyh
         case.name(),
         lab.client.name,
         lab.server_ip,
-        lab.clusters[0].node.name,
-        lab.clusters[1].node.name,
+        lab.clusters[0].gateway.netns.name,
+        lab.clusters[1].gateway.netns.name,
     );
     // Each further non-empty line is a shell command run in the client pod from here, so the
     // load generator shares the agents' scheduling group as in the bench's own measurements.
