@@ -233,9 +233,10 @@ fn coarse_now() -> u64 {
 /// The cached next hop towards the local pod `dest`, if it was filled under `generation` (no
 /// endpoint changed since) and confirmed by the FIB within `NEXTHOP_RECHECK_NS`.
 ///
-/// The entry is used in place, not copied (the programs' stack is short). A refill by another
-/// CPU writes the same pod's hop; only an LRU eviction could reuse the memory for another pod,
-/// and then the frame carries a wrong MAC into the right veth, which the pod's stack discards.
+/// The entry is read in place, not copied whole (the programs' stack is short; only its MACs go
+/// to the stack, right before the write). A refill by another CPU writes the same pod's hop; only
+/// an LRU eviction could reuse the memory for another pod in between, and then the frame carries
+/// a wrong MAC into the right veth, which the pod's stack discards.
 #[inline(always)]
 fn cached_hop(dest: &EndpointKey, generation: u32) -> Option<*const LocalNextHop> {
     let hop = WEIR_NEXTHOPS.get_ptr(dest)?;

@@ -7,6 +7,8 @@
 //! logging off (as the agent loads it without `--bpf-log`) against the same object with logging
 //! on, and, with `WEIR_BENCH_BASELINE_EBPF=<path to a weir-ebpf object built without aya-log>`,
 //! against that build; the loads alternate over rounds and each case takes its median round.
+//!
+//! Last, the redirect path of `weir_from_pod` (`datapath_redirect`).
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
