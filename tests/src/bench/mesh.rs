@@ -515,22 +515,44 @@ enum RouteVia<'a> {
 
 /// Gbit/s of an iperf3 run from the client pod (`streams` parallel streams), as received.
 fn iperf3(lab: &Lab, streams: u32, secs: f64) -> anyhow::Result<f64> {
-    let out = output(
-        &lab.client,
-        "iperf3",
-        &[
-            "-c",
-            &lab.server_ip.to_string(),
-            "-p",
-            IPERF_PORT,
-            "-t",
-            &format!("{secs:.0}"),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3's JSON")?;
+    let run = || -> anyhow::Result<serde_json::Value> {
+        let out = output(
+            &lab.client,
+            "iperf3",
+            &[
+                "-c",
+                &lab.server_ip.to_string(),
+                "-p",
+                IPERF_PORT,
+                "-t",
+                &format!("{secs:.0}"),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+        );
+        // iperf3 reports errors (a busy server) in its JSON, with a failing exit status.
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => e.to_string(),
+        };
+        let start = out.find('{').unwrap_or(0);
+        serde_json::from_str(&out[start..]).with_context(|| format!("iperf3's JSON: {out}"))
+    };
+    // The server may still be closing the previous case's bulk test (its client has exited, the
+    // server's end of the control connection not yet): wait for it, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        let json = run()?;
+        let busy = json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("server is busy"));
+        if !busy || Instant::now() > deadline {
+            break json;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let out = json.to_string();
     json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
