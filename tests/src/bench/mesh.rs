@@ -434,10 +434,7 @@ enum RouteVia<'a> {
 
 /// Gbit/s of an iperf3 run from the client pod (`streams` parallel streams), as received.
 fn iperf3(lab: &Lab, streams: u32, secs: f64) -> anyhow::Result<f64> {
-    // The server takes one test at a time and may still be closing the previous one (the bulk
-    // flow of the last case) when this one starts: it answers "busy" then, so ask again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let run = || -> anyhow::Result<serde_json::Value> {
         let out = output(
             &lab.client,
             "iperf3",
@@ -452,20 +449,33 @@ fn iperf3(lab: &Lab, streams: u32, secs: f64) -> anyhow::Result<f64> {
                 &streams.to_string(),
                 "-J",
             ],
-        )?;
-        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3's JSON")?;
+        );
+        // iperf3 reports errors (a busy server) in its JSON, with a failing exit status.
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => e.to_string(),
+        };
+        let start = out.find('{').unwrap_or(0);
+        serde_json::from_str(&out[start..]).with_context(|| format!("iperf3's JSON: {out}"))
+    };
+    // The server may still be closing the previous case's bulk test (its client has exited, the
+    // server's end of the control connection not yet): wait for it, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        let json = run()?;
         let busy = json["error"]
             .as_str()
             .is_some_and(|e| e.contains("server is busy"));
-        if busy && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(200));
-            continue;
+        if !busy || Instant::now() > deadline {
+            break json;
         }
-        return json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e9)
-            .with_context(|| format!("no end.sum_received in iperf3's output: {out}"));
-    }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let out = json.to_string();
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("no end.sum_received in iperf3's output: {out}"))
 }
 
 /// Round-trip percentiles (p50, p99) in µs of sockperf request/response from the client pod
