@@ -410,6 +410,17 @@ pub struct MeshNode {
     routed_state: Option<watch::Sender<Arc<ClusterState>>>,
 }
 
+/// What [`ecmp_routes`] reads of the cluster: its Nodes and MeshPeers (a copy of those follows
+/// every change of them; a copy of the whole cluster per change of anything would cost what the
+/// cluster's size does).
+fn routing_objects(state: &ClusterState) -> ClusterState {
+    ClusterState {
+        nodes: state.nodes.clone(),
+        mesh_peers: state.mesh_peers.clone(),
+        ..ClusterState::default()
+    }
+}
+
 /// Keeps the node's ECMP routes to peers' prefixes over the live gateways, following the state
 /// (MeshPeers, gateway Nodes) and the gateways' liveness.
 async fn keep_ecmp_routes(
@@ -434,7 +445,14 @@ async fn keep_ecmp_routes(
 impl MeshNode {
     fn observe(&self, state: &ClusterState) {
         if let Some(routed) = &self.routed_state {
-            routed.send_replace(Arc::new(state.clone()));
+            routed.send_if_modified(|current| {
+                let changed =
+                    current.nodes != state.nodes || current.mesh_peers != state.mesh_peers;
+                if changed {
+                    *current = Arc::new(routing_objects(state));
+                }
+                changed
+            });
         }
         let peers = valid_peers(state);
         self.watcher
@@ -483,7 +501,7 @@ impl Mesh {
                 tracing::warn!(error = %e, "mesh routes hash by addresses only");
             }
             let routes = NodeRoutes::open_with(MESH_ROUTE_PROTOCOL).await?;
-            let (tx, states) = watch::channel(Arc::new(state.clone()));
+            let (tx, states) = watch::channel(Arc::new(routing_objects(state)));
             tokio::spawn(keep_ecmp_routes(
                 node.to_owned(),
                 routes,
