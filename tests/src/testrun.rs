@@ -377,3 +377,18 @@ pub fn syn(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
 pub fn ack(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
     tcp(ip_of(src), sport, ip_of(dst), dport, TCP_ACK)
 }
+
+/// `bpf_ktime_get_coarse_ns` as user space reads it (`CLOCK_MONOTONIC_COARSE`): the clock of the
+/// programs' coarse timestamps (next-hop checks, drop-report throttling).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -240,20 +240,6 @@ fn without_the_flag_everything_goes_to_the_stack() {
     });
 }
 
-/// `bpf_ktime_get_coarse_ns` as user space reads it.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn next_hops(dp: &mut Datapath) -> HashMap<&mut aya::maps::MapData, EndpointKey, LocalNextHop> {
     HashMap::try_from(dp.ebpf.map_mut(MAP_NEXTHOPS).expect("the next hop cache")).unwrap()
 }

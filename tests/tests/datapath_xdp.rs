@@ -199,20 +199,6 @@ fn non_ip_fragments_and_traffic_not_for_a_local_pod_pass() {
     assert!(dp.events().is_empty());
 }
 
-/// `bpf_ktime_get_coarse_ns` as user space reads it.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// How many report intervals a stretch of time from `start` until now touches: the most reports
 /// one kind of drop can get in it.
 fn intervals_since(start: u64) -> usize {
