@@ -50,9 +50,9 @@ pub struct DataPlaneArgs {
     pub mesh_queue: usize,
     /// Mesh gateways: a latency lane besides the bulk lanes, for flows that send little
     /// (requests, responses, ACK streams), so they never queue behind a transfer's batches.
-    /// Off by default until a bench on a quiet machine shows what it gains (`cargo xtask bench
-    /// mesh`, step "+latency lane").
-    #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = false, action = clap::ArgAction::Set)]
+    /// On by default: a request/response flow's p99 while a transfer runs is what it improves
+    /// (`cargo xtask bench mesh`, step "+latency lane"), at no cost to the transfer.
+    #[arg(long, env = "WEIR_MESH_LATENCY_LANE", default_value_t = true, action = clap::ArgAction::Set)]
     pub mesh_latency_lane: bool,
     /// The CPU slice, in µs, every thread of the agent's runtime asks the scheduler for (Linux
     /// 6.12 or later; 100 is the kernel's minimum): a thread woken by a packet then preempts a

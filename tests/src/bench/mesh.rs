@@ -60,9 +60,9 @@ pub struct MeshStep {
     pub args: &'static [&'static str],
 }
 
-/// The steps, one thing added at a time; the one without flags is the agent's defaults (the
-/// latency lane, off by default, comes after it). The steps before the defaults keep the
-/// kernel's default scheduler slice, so the step "+short slice" shows what it changes.
+/// The steps, one thing added at a time; the last, without flags, is the agent's defaults. The
+/// steps before "+short slice" keep the kernel's default scheduler slice, so that step shows what
+/// the slice changes.
 pub const MESH_STEPS: &[MeshStep] = &[
     MeshStep {
         name: "mesh 1 packet/message",
@@ -108,12 +108,12 @@ pub const MESH_STEPS: &[MeshStep] = &[
         args: &["--mesh-latency-lane", "false", "--sched-slice-us", "0"],
     },
     MeshStep {
-        name: "mesh +short slice (default)",
-        args: &[],
+        name: "mesh +short slice",
+        args: &["--mesh-latency-lane", "false"],
     },
     MeshStep {
-        name: "mesh +latency lane",
-        args: &["--mesh-latency-lane", "true"],
+        name: "mesh +latency lane (default)",
+        args: &[],
     },
 ];
 
