@@ -24,13 +24,13 @@ use weir_agent::{
     runtime::{Runtime, RuntimeConfig},
     sched_slice,
     source::{
-        SourceUpdate,
+        ObjectCounts, SourceUpdate,
         kubernetes::{self, KubeSourceConfig},
         manifests::{ManifestDir, follow},
     },
 };
 use weir_common::MAP_EVENTS;
-use weir_policy::model::{ClusterState, StateDelta};
+use weir_policy::model::{ClusterState, ObjectRef, StateDelta};
 
 /// mimalloc rather than glibc's malloc. A full compile allocates and frees millions of small
 /// objects on the reconcile thread; glibc keeps what it freed in its arenas (fragmented, so the
@@ -237,9 +237,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await
         .context("applying the first cluster state")?;
-    // The source's state, kept object by object from the changes the source names: node routes,
-    // the mesh role and the object counts follow it.
-    let mut state = first_state;
+    // The source's state, kept object by object from the changes the source names: node routes
+    // and the mesh role follow it. They need only the Nodes and MeshPeers, unless this node is
+    // a gateway (it exports its cluster's pods) or the source hands on whole states (compared
+    // with the one before): the other objects are not held here a second time (the reconcile
+    // task keeps them), and the manifests source counts them.
+    let routing_only = matches!(source, Source::Manifests(_)) && !matches!(*mesh, Mesh::Gateway(_));
+    let mut state = if routing_only {
+        routing_objects(first_state)
+    } else {
+        first_state
+    };
     let mut fingerprint = first_fingerprint;
     let mut states = match source {
         Source::Manifests(source) => {
@@ -249,7 +257,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
                 }
             });
-            States::Manifests(states_rx)
+            States::Manifests {
+                updates: states_rx,
+                routing_only,
+            }
         }
         Source::Kubernetes(states_rx) => States::Kubernetes(states_rx),
     };
@@ -267,7 +278,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     // The same objects under a new fingerprint (a comment in a manifest) only
                     // tell the runtime what its state was read from.
                     if !update.delta.is_empty() {
-                        state_health.source.observe_state(&state);
+                        state_health.source.observe_counts(update.counts);
                         peers.sync(&node_and_mesh_routes(&state, &routes_node, mesh_ecmp)).await;
                         state_mesh.observe(&state).await;
                     }
@@ -338,8 +349,12 @@ enum Source {
 
 /// The states the source hands on after the first one.
 enum States {
-    /// The manifests source names the objects that changed.
-    Manifests(mpsc::Receiver<SourceUpdate>),
+    /// The manifests source names the objects that changed; with `routing_only`, only the
+    /// Nodes and MeshPeers among them are kept ([`routing_objects`]).
+    Manifests {
+        updates: mpsc::Receiver<SourceUpdate>,
+        routing_only: bool,
+    },
     /// The Kubernetes source hands on whole states, compared here with the one before to find
     /// what changed. It has no fingerprint: the applied generation tells its states apart.
     Kubernetes(mpsc::Receiver<ClusterState>),
@@ -349,21 +364,48 @@ impl States {
     /// The next change, applied to `state` (the source's state as of the change before).
     async fn next(&mut self, state: &mut ClusterState) -> Option<SourceUpdate> {
         match self {
-            States::Manifests(rx) => {
-                let update = rx.recv().await?;
-                update.delta.apply_to(state);
+            States::Manifests {
+                updates,
+                routing_only,
+            } => {
+                let update = updates.recv().await?;
+                if *routing_only {
+                    for (what, now) in update.delta.iter() {
+                        if matches!(what, ObjectRef::Node(_) | ObjectRef::MeshPeer(_)) {
+                            match now {
+                                Some(object) => state.apply(object.clone()),
+                                None => {
+                                    state.remove(what);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    update.delta.apply_to(state);
+                }
                 Some(update)
             }
             States::Kubernetes(rx) => {
                 let new = rx.recv().await?;
                 let delta = StateDelta::between(state, &new);
+                let counts = ObjectCounts::of(&new);
                 *state = new;
                 Some(SourceUpdate {
                     delta,
                     fingerprint: String::new(),
+                    counts,
                 })
             }
         }
+    }
+}
+
+/// What node routes and a node's mesh role (not a gateway's) read of a cluster state.
+fn routing_objects(state: ClusterState) -> ClusterState {
+    ClusterState {
+        nodes: state.nodes,
+        mesh_peers: state.mesh_peers,
+        ..ClusterState::default()
     }
 }
 

@@ -35,7 +35,7 @@ use weir_policy::model::{
     ClusterState, MAX_FILE_BYTES, Object, ObjectRef, StateDelta, parse_documents,
 };
 
-use super::{SourceStats, SourceUpdate};
+use super::{ObjectCounts, SourceStats, SourceUpdate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -547,6 +547,7 @@ pub async fn follow(
                     let update = SourceUpdate {
                         delta: dir.take_delta(),
                         fingerprint,
+                        counts: ObjectCounts::of(&dir.state),
                     };
                     if updates.send(update).await.is_err() {
                         return Ok(());

@@ -16,11 +16,13 @@ pub mod meshpeer_crd;
 
 /// What changed in the cluster state, as a source hands it on, with the source's fingerprint of
 /// what the whole state was read from (standalone: [`manifests::fingerprint`]; empty where the
-/// source has none).
+/// source has none) and the whole state's object counts (so that whoever follows the changes
+/// need not keep every object to count them).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SourceUpdate {
     pub delta: StateDelta,
     pub fingerprint: String,
+    pub counts: ObjectCounts,
 }
 
 /// Counters the cluster source updates (cheap atomics; the health endpoint's `/metrics` reads
@@ -56,16 +58,31 @@ pub struct ObjectCounts {
     pub nodes: u64,
 }
 
+impl ObjectCounts {
+    /// The counts of `state`'s objects.
+    pub fn of(state: &ClusterState) -> Self {
+        let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
+        Self {
+            pods: n(state.pods.len()),
+            namespaces: n(state.namespaces.len()),
+            policies: n(state.policies.len()),
+            nodes: n(state.nodes.len()),
+        }
+    }
+}
+
 impl SourceStats {
     /// Records a cluster state about to be handed to the runtime.
     pub fn observe_state(&self, state: &ClusterState) {
-        let n = |len: usize| u64::try_from(len).unwrap_or(u64::MAX);
-        self.pods.store(n(state.pods.len()), Ordering::Relaxed);
-        self.namespaces
-            .store(n(state.namespaces.len()), Ordering::Relaxed);
-        self.policies
-            .store(n(state.policies.len()), Ordering::Relaxed);
-        self.nodes.store(n(state.nodes.len()), Ordering::Relaxed);
+        self.observe_counts(ObjectCounts::of(state));
+    }
+
+    /// Records a cluster state about to be handed to the runtime, by its object counts.
+    pub fn observe_counts(&self, counts: ObjectCounts) {
+        self.pods.store(counts.pods, Ordering::Relaxed);
+        self.namespaces.store(counts.namespaces, Ordering::Relaxed);
+        self.policies.store(counts.policies, Ordering::Relaxed);
+        self.nodes.store(counts.nodes, Ordering::Relaxed);
         self.updates.fetch_add(1, Ordering::Relaxed);
     }
 
