@@ -47,8 +47,8 @@ use weir_policy::{
 
 use crate::{
     datapath::{
-        desired::{desired_maps, subject_state},
-        writer::{ApplyStats, DesiredMaps, SubjectState, Writer},
+        desired::{desired_maps, desired_subjects},
+        writer::{ApplyStats, DesiredMaps, WriteError, Writer},
     },
     endpoints::{EndpointError, LocalEndpoint},
     flows::Explainer,
@@ -551,18 +551,8 @@ impl Reconciler {
             .compile_seconds
             .observe(compile_time.as_secs_f64());
         let desired = self.desired_maps(&compiled);
-        match self.writer.apply(&desired) {
-            Ok(stats) => {
-                log_apply(&stats, compile_time, started.elapsed());
-                self.degraded = None;
-                self.mark_applied();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
-                self.degraded = Some(e.to_string());
-                self.incremental = None;
-            }
-        }
+        let written = self.writer.apply(&desired);
+        self.written(written, compile_time, started);
         let previous = std::mem::replace(&mut self.compiled, compiled);
         self.compiled_changed(&previous.rejections);
     }
@@ -613,21 +603,10 @@ impl Reconciler {
         crate::metrics::metrics()
             .compile_seconds
             .observe(compile_time.as_secs_f64());
-        let desired: BTreeMap<u32, SubjectState> = subjects
-            .iter()
-            .filter_map(|s| Some((*s, subject_state(self.compiled.subjects.get(s)?))))
-            .collect();
-        match self.writer.apply_subjects(&desired) {
-            Ok(stats) => {
-                log_apply(&stats, compile_time, started.elapsed());
-                self.mark_applied();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
-                self.degraded = Some(e.to_string());
-                self.incremental = None;
-            }
-        }
+        let written = self
+            .writer
+            .apply_subjects(&desired_subjects(&self.compiled, &subjects));
+        self.written(written, compile_time, started);
         self.compiled_changed(&previous_rejections);
         true
     }
@@ -648,20 +627,33 @@ impl Reconciler {
         crate::metrics::metrics()
             .compile_seconds
             .observe(compile_time.as_secs_f64());
-        match self.writer.apply_ipcache(&changes) {
+        let written = self.writer.apply_ipcache(&changes);
+        self.written(written, compile_time, started);
+        true
+    }
+
+    /// After a write of the datapath (whole, or the part a change compiled in place touched):
+    /// written, the agent is healthy and the state applied; not written, the previous
+    /// enforcement stays and the agent is degraded, and since `compiled` then holds what was not
+    /// written, the next change compiles in full and writes the whole difference.
+    fn written(
+        &mut self,
+        written: Result<ApplyStats, WriteError>,
+        compile_time: Duration,
+        started: Instant,
+    ) {
+        match written {
             Ok(stats) => {
                 log_apply(&stats, compile_time, started.elapsed());
+                self.degraded = None;
                 self.mark_applied();
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
                 self.degraded = Some(e.to_string());
-                // `compiled` holds what was not written: the next change compiles in full and
-                // writes the whole difference.
                 self.incremental = None;
             }
         }
-        true
     }
 
     fn mark_applied(&mut self) {

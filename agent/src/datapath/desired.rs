@@ -1,7 +1,10 @@
 //! From the compiler's output to the maps' desired contents: the one place that turns policy
 //! terms (isolation, rules, local addresses) into kernel terms (flags, endpoint entries).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use weir_common::{EndpointInfo, SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS};
 use weir_policy::output::{Compiled, SubjectRules};
@@ -42,6 +45,18 @@ pub fn desired_maps(
         subjects,
         config_flags,
     }
+}
+
+/// The entries and rules of `subjects` as compiled, for a write of just those (a policy change
+/// compiled in place); a subject no longer compiled is left out.
+pub fn desired_subjects(
+    compiled: &Compiled,
+    subjects: &BTreeSet<u32>,
+) -> BTreeMap<u32, SubjectState> {
+    subjects
+        .iter()
+        .filter_map(|s| Some((*s, subject_state(compiled.subjects.get(s)?))))
+        .collect()
 }
 
 /// One subject's entry and rules in kernel terms.

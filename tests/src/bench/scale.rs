@@ -27,7 +27,7 @@ use std::{
 use aya::maps::{Array, Map, MapData};
 use serde_json::{Value, json};
 use weir_agent::datapath::{
-    desired::{desired_maps, subject_state},
+    desired::{desired_maps, desired_subjects},
     loader,
     maps::DatapathMaps,
     writer::Writer,
@@ -429,11 +429,7 @@ fn in_process_incremental(
         let subjects = incremental
             .policies_changed(&input, &[key], &mut ids, &mut compiled)
             .ok_or_else(|| anyhow::anyhow!("a port change compiles in place"))?;
-        let desired = subjects
-            .iter()
-            .filter_map(|s| Some((*s, subject_state(compiled.subjects.get(s)?))))
-            .collect();
-        writer.apply_subjects(&desired)?;
+        writer.apply_subjects(&desired_subjects(&compiled, &subjects))?;
         policies.push(started.elapsed());
 
         let (key, object) = extra_pod(r, false);
