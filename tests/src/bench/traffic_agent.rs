@@ -15,7 +15,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::traffic::{TCP_PORT, UDP_PORT};
+use super::{
+    objects::list,
+    traffic::{TCP_PORT, UDP_PORT},
+};
 use crate::{
     agent::{Agent, AgentDirs, bin, health_get, metric},
     cni::{Plugin, PodRef, first_address},
@@ -40,10 +43,6 @@ pub struct AgentNode {
     pub server_ip: IpAddr,
     pub node: Netns,
     dirs: AgentDirs,
-}
-
-fn list(items: Vec<Value>) -> String {
-    json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
 fn cluster() -> Vec<Value> {
