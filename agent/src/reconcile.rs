@@ -551,14 +551,32 @@ impl Reconciler {
             .compile_seconds
             .observe(compile_time.as_secs_f64());
         let desired = self.desired_maps(&compiled);
+        let explainer_before = self.explain_with(Explainer::from_compiled(&compiled));
         let written = self.writer.apply(&desired);
-        self.written(written, compile_time, started);
+        if !self.written(written, compile_time, started) {
+            self.explain_with(explainer_before);
+        }
         let previous = std::mem::replace(&mut self.compiled, compiled);
         self.compiled_changed(&previous.rejections);
     }
 
+    /// Puts `explainer` in force and returns the one it replaces. Called before a write, never
+    /// after: once the write publishes the state applied, a drop it causes (an observer may be
+    /// waiting for exactly that drop) must already be explained by the policies now in force.
+    /// A drop reported during the write itself is explained by the policies being written.
+    fn explain_with(&self, explainer: Explainer) -> Explainer {
+        std::mem::replace(
+            &mut *self
+                .shared
+                .explainer
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            explainer,
+        )
+    }
+
     /// After a compile (full or in place) into `self.compiled`: saves identities if they
-    /// changed, and hands the new output to the explainer and whoever reports rejections.
+    /// changed, and hands the new output to whoever reports rejections.
     fn compiled_changed(&mut self, previous_rejections: &[Rejection]) {
         let compiled = &self.compiled;
         if self.identities != self.saved_identities {
@@ -569,11 +587,6 @@ impl Reconciler {
                 }
             }
         }
-        *self
-            .shared
-            .explainer
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Explainer::from_compiled(compiled);
         if compiled.rejections != previous_rejections {
             log_new_rejections(previous_rejections, &compiled.rejections);
             self.rejections
@@ -603,10 +616,13 @@ impl Reconciler {
         crate::metrics::metrics()
             .compile_seconds
             .observe(compile_time.as_secs_f64());
+        let explainer_before = self.explain_with(Explainer::from_compiled(&self.compiled));
         let written = self
             .writer
             .apply_subjects(&desired_subjects(&self.compiled, &subjects));
-        self.written(written, compile_time, started);
+        if !self.written(written, compile_time, started) {
+            self.explain_with(explainer_before);
+        }
         self.compiled_changed(&previous_rejections);
         true
     }
@@ -635,23 +651,26 @@ impl Reconciler {
     /// After a write of the datapath (whole, or the part a change compiled in place touched):
     /// written, the agent is healthy and the state applied; not written, the previous
     /// enforcement stays and the agent is degraded, and since `compiled` then holds what was not
-    /// written, the next change compiles in full and writes the whole difference.
+    /// written, the next change compiles in full and writes the whole difference. Returns
+    /// whether it was written.
     fn written(
         &mut self,
         written: Result<ApplyStats, WriteError>,
         compile_time: Duration,
         started: Instant,
-    ) {
+    ) -> bool {
         match written {
             Ok(stats) => {
                 log_apply(&stats, compile_time, started.elapsed());
                 self.degraded = None;
                 self.mark_applied();
+                true
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not write the datapath; previous enforcement stays in place");
                 self.degraded = Some(e.to_string());
                 self.incremental = None;
+                false
             }
         }
     }
