@@ -32,6 +32,9 @@ pub enum Benchmark {
     /// One node with 1,000 local pods in a cluster of 10,000 pods and 10,000 policies: policy
     /// and remote pod changes until the maps are written, RSS and idle CPU (not in `all`).
     Scale,
+    /// Only the scale bench's in-process cases (the compile path per event, no agent; not in
+    /// `all`).
+    ScaleInProcess,
     /// Drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule.
     Xdp,
     /// A label change in one cluster until enforced in another, and the first sync of 10,000

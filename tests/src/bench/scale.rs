@@ -26,11 +26,14 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use serde_json::{Value, json};
-use weir_agent::datapath::{
-    desired::{desired_maps, desired_subjects},
-    loader,
-    maps::DatapathMaps,
-    writer::Writer,
+use weir_agent::{
+    datapath::{
+        desired::{desired_maps, desired_subjects},
+        loader,
+        maps::DatapathMaps,
+        writer::Writer,
+    },
+    flows::Explainer,
 };
 use weir_common::Config;
 use weir_policy::{
@@ -399,15 +402,25 @@ fn parsed(object: &Value) -> anyhow::Result<Object> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// The same events in this process through the incremental compiler and the writer's
-/// partial writes (to unpinned maps): what the agent's reconcile task does per event, without
+/// What one event cost in this process, through the incremental compiler and the writer's
+/// partial writes (to unpinned maps).
+struct InProcess {
+    /// One policy changed: the compile in place, the explainer for its output, the write.
+    policy: Samples,
+    /// Of which the explainer's rebuild (the reconcile task puts it in force before the write).
+    explainer: Samples,
+    /// One remote pod added with an existing label set: the ipcache patch and its write.
+    pod: Samples,
+}
+
+/// The same events in this process: what the agent's reconcile task does per event, without
 /// the manifests directory in front of it.
 fn in_process_incremental(
     files: &[(String, String)],
     local: &BTreeMap<ObjectKey, Vec<IpAddr>>,
     probes: &[usize],
     rounds: usize,
-) -> anyhow::Result<(Samples, Samples)> {
+) -> anyhow::Result<InProcess> {
     let mut input = CompileInput {
         state: cluster_state(files)?,
         node_name: NODE.to_owned(),
@@ -419,7 +432,7 @@ fn in_process_incremental(
     let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
     let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids)?;
     writer.apply(&desired_maps(&compiled, |_| Some(1), 0))?;
-    let (mut policies, mut pods) = (Vec::new(), Vec::new());
+    let (mut policies, mut explainers, mut pods) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         let j = probes[r % probes.len()];
         let object = parsed(&policy(j, 1 + r / probes.len()))?;
@@ -429,6 +442,9 @@ fn in_process_incremental(
         let subjects = incremental
             .policies_changed(&input, &[key], &mut ids, &mut compiled)
             .ok_or_else(|| anyhow::anyhow!("a port change compiles in place"))?;
+        let explaining = Instant::now();
+        std::hint::black_box(Explainer::from_compiled(&compiled));
+        explainers.push(explaining.elapsed());
         writer.apply_subjects(&desired_subjects(&compiled, &subjects))?;
         policies.push(started.elapsed());
 
@@ -447,7 +463,11 @@ fn in_process_incremental(
             .ok_or_else(|| anyhow::anyhow!("removing it is address-only too"))?;
         writer.apply_ipcache(&changes)?;
     }
-    Ok((Samples::new(policies), Samples::new(pods)))
+    Ok(InProcess {
+        policy: Samples::new(policies),
+        explainer: Samples::new(explainers),
+        pod: Samples::new(pods),
+    })
 }
 
 /// The work one event cost before incremental compiles, in this process: a full compile of the
@@ -504,6 +524,57 @@ fn in_process_baseline(
         ms(w_sum / n)
     );
     Ok(Samples::new(samples))
+}
+
+/// The in-process cases: the full recompile per event (the baseline, returned) and the
+/// incremental path, printed against it.
+fn in_process(
+    files: &[(String, String)],
+    local: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+    probes: &[usize],
+    rounds: usize,
+) -> anyhow::Result<(Samples, InProcess)> {
+    let baseline = in_process_baseline(files, local, rounds.min(20))?;
+    let incremental = in_process_incremental(files, local, probes, rounds)?;
+    let full = baseline.percentile(50.0).as_secs_f64().max(1e-6);
+    let InProcess {
+        policy,
+        explainer,
+        pod,
+    } = &incremental;
+    println!(
+        "  in this process, incremental compile + partial write: one policy changed p50 {} p99 {} ({:.3}x the full recompile; the explainer's rebuild p50 {} p99 {} of it), one remote pod added p50 {} p99 {} ({:.3}x)",
+        ms(policy.percentile(50.0)),
+        ms(policy.percentile(99.0)),
+        policy.percentile(50.0).as_secs_f64() / full,
+        ms(explainer.percentile(50.0)),
+        ms(explainer.percentile(99.0)),
+        ms(pod.percentile(50.0)),
+        ms(pod.percentile(99.0)),
+        pod.percentile(50.0).as_secs_f64() / full,
+    );
+    Ok((baseline, incremental))
+}
+
+/// Only the in-process cases, on the same objects, with the local pods' addresses assigned
+/// here in order instead of by the agent's IPAM: the compile path without an agent, for
+/// profiling it.
+pub fn run_in_process(rounds: usize) -> anyhow::Result<()> {
+    let probes = probe_policies();
+    let files = manifest_files(&probes);
+    let base: Ipv4Addr = LOCAL_CIDR.split('/').next().unwrap().parse()?;
+    let local = (0..PODS)
+        .filter(|&i| is_local(i))
+        .enumerate()
+        .map(|(k, i)| {
+            let key = ObjectKey::new(namespace_of_group(group_of(i)), format!("p{i}"));
+            let addr = Ipv4Addr::from(u32::from(base) + 2 + k as u32);
+            (key, vec![IpAddr::V4(addr)])
+        })
+        .collect();
+    println!("scale (in process only): {POLICIES} policies, {PODS} pods, {rounds} rounds");
+    in_process(&files, &local, &probes, rounds)?;
+    Ok(())
 }
 
 pub fn run(rounds: usize) -> anyhow::Result<()> {
@@ -621,18 +692,8 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     let local = node.local.clone();
     drop(node);
 
-    let baseline = in_process_baseline(&files, &local, rounds.min(20))?;
-    let (policy_inc, pod_inc) = in_process_incremental(&files, &local, &probes, rounds)?;
+    let (baseline, _) = in_process(&files, &local, &probes, rounds)?;
     let full = baseline.percentile(50.0).as_secs_f64().max(1e-6);
-    println!(
-        "  in this process, incremental compile + partial write: one policy changed p50 {} p99 {} ({:.3}x the full recompile), one remote pod added p50 {} p99 {} ({:.3}x)",
-        ms(policy_inc.percentile(50.0)),
-        ms(policy_inc.percentile(99.0)),
-        policy_inc.percentile(50.0).as_secs_f64() / full,
-        ms(pod_inc.percentile(50.0)),
-        ms(pod_inc.percentile(99.0)),
-        pod_inc.percentile(50.0).as_secs_f64() / full,
-    );
     println!(
         "  through the agent against the full recompile per event (p50 {}): policy {:.3}x, remote pod (existing labels) {:.3}x",
         ms(baseline.percentile(50.0)),

@@ -1,4 +1,4 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|scale|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|scale|scale-in-process|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
 
@@ -29,11 +29,12 @@ fn main() -> anyhow::Result<()> {
     }
     if which == "scale" {
         // Not in "all": it wires 1,000 pods and runs for several minutes.
-        let rounds = std::env::var("WEIR_SCALE_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100);
-        bench::scale::run(rounds)?;
+        bench::scale::run(scale_rounds())?;
+        ran = true;
+    }
+    if which == "scale-in-process" {
+        // Only the scale bench's in-process cases (no agent, no pods): the compile path.
+        bench::scale::run_in_process(scale_rounds())?;
         ran = true;
     }
     if all || which == "idle" {
@@ -72,4 +73,12 @@ fn main() -> anyhow::Result<()> {
         "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, scale, mesh, mesh-sync or all"
     );
     Ok(())
+}
+
+/// `WEIR_SCALE_ROUNDS`, 100 by default.
+fn scale_rounds() -> usize {
+    std::env::var("WEIR_SCALE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
 }
