@@ -61,7 +61,8 @@ pub struct MeshStep {
     pub args: &'static [&'static str],
 }
 
-/// The steps, one thing added at a time; the last, without flags, is the agent's defaults. The
+/// The steps, one thing added at a time, up to the agent's defaults (the step without flags),
+/// then trials of the defaults with one knob changed. The
 /// steps before "+short slice" keep the kernel's default scheduler slice, so that step shows what
 /// the slice changes.
 pub const MESH_STEPS: &[MeshStep] = &[
@@ -113,12 +114,13 @@ pub const MESH_STEPS: &[MeshStep] = &[
         args: &["--mesh-latency-lane", "false"],
     },
     MeshStep {
-        name: "mesh default +1 MiB h2 frames",
-        args: &["--mesh-h2-frame-bytes", "1048576"],
-    },
-    MeshStep {
         name: "mesh +latency lane (default)",
         args: &[],
+    },
+    // Not a step: the defaults with one knob changed, to decide whether it should be the default.
+    MeshStep {
+        name: "defaults, 1 MiB h2 frames",
+        args: &["--mesh-h2-frame-bytes", "1048576"],
     },
 ];
 
@@ -670,7 +672,11 @@ fn selected(cases: Vec<Case>) -> anyhow::Result<Vec<Case>> {
     let Ok(list) = std::env::var("WEIR_BENCH_MESH_CASES") else {
         return Ok(cases);
     };
-    let mut wanted = std::collections::BTreeSet::from([1, cases.len() - 1]);
+    let defaults = cases
+        .iter()
+        .position(|c| matches!(c, Case::Mesh(step) if step.args.is_empty()))
+        .expect("a mesh step with the defaults");
+    let mut wanted = std::collections::BTreeSet::from([1, defaults]);
     for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let i = n
             .parse::<usize>()
