@@ -603,6 +603,7 @@ impl Gateway {
                 node: node.to_owned(),
             });
         };
+        transport::set_max_frame_size(args.data_plane.mesh_h2_frame_bytes);
         let provider = tls::provider();
         let mut identity = ReloadingIdentity::load(cert, key, Arc::clone(&provider))?;
         if let Some(ca) = &args.mesh_ca {

@@ -31,6 +31,8 @@ pub struct PeerStatus {
     pub rx_packets: u64,
     pub tx_packets: u64,
     pub tx_dropped: u64,
+    /// Sessions ended because a gateway of the peer went silent (gateways only).
+    pub silent_sessions: u64,
 }
 
 /// The mesh role's state at one scrape.
@@ -81,6 +83,7 @@ fn gateway_status(g: &Gateway) -> MeshStatus {
                 rx_packets: load(&p.tunnel.rx_packets),
                 tx_packets: load(&p.tunnel.tx_packets),
                 tx_dropped: load(&p.tunnel.tx_queue_full),
+                silent_sessions: load(&p.tunnel.silent_sessions),
             }
         })
         .collect();
@@ -261,6 +264,16 @@ impl Collector for MeshCollector {
             )?;
             family(
                 &mut e,
+                "weir_mesh_silent_sessions",
+                "Sessions with a gateway of the peer ended because nothing came from it for the silence timeout (its gateway left the set that carries traffic)",
+                MetricType::Counter,
+                s.peers
+                    .iter()
+                    .map(|p| (peer(&p.peer), ConstCounter::new(p.silent_sessions)))
+                    .collect(),
+            )?;
+            family(
+                &mut e,
                 "weir_mesh_unsent_packets",
                 "Packets from the mesh TUN the gateway did not send, by reason",
                 MetricType::Counter,
@@ -326,6 +339,7 @@ mod tests {
                 rx_packets: 7,
                 tx_packets: 9,
                 tx_dropped: 0,
+                silent_sessions: 1,
             }],
             rotations: Some((1, 2)),
             unsent: vec![("no_peer", 4)],
@@ -341,6 +355,7 @@ mod tests {
             "weir_mesh_tunnel_packets_total{peer=\"east\",direction=\"rx\"} 7",
             "weir_mesh_tunnel_packets_total{peer=\"east\",direction=\"tx\"} 9",
             "weir_mesh_unsent_packets_total{reason=\"no_peer\"} 4",
+            "weir_mesh_silent_sessions_total{peer=\"east\"} 1",
             "weir_mesh_certificate_rotations_total{result=\"refused\"} 2",
         ] {
             assert!(

@@ -16,7 +16,9 @@
 //! SIGKILLed in turn while the other of its cluster lives, then started again. The longest probe
 //! gap over each kill and return is at most a second (the issue's bound), the workers' ECMP
 //! route loses the dead gateway and gets it back, the connection survives, and nothing of the
-//! lab is left behind. Root only; never skipped.
+//! lab is left behind. Then the same with each gateway blackholed in turn instead of killed
+//! (the WAN router drops all its traffic; its agent and links stay up): it leaves both clusters'
+//! sets within the silence timeout. Root only; never skipped.
 
 use std::{
     io::{Read as _, Write as _},
@@ -461,11 +463,11 @@ fn next_hops(node_netns: &str, prefix: &str) -> Vec<String> {
     hops
 }
 
-#[test]
-fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
-    let name = format!("a{}", std::process::id());
-    let mut mesh = MeshLab::up(MeshSpec {
-        name: name.clone(),
+/// The active/active mesh lab: two clusters with two gateways (node1, node2) and a worker
+/// (node3) each, the client pod on west's worker and the server pod on east's.
+fn active_active_lab(name: String) -> MeshLab {
+    MeshLab::up(MeshSpec {
+        name,
         clusters: vec![
             mesh_cluster("west", 3, 2, "client"),
             mesh_cluster("east", 3, 2, "server"),
@@ -473,39 +475,69 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
         extra_ports: Vec::new(),
         capture_wan: false,
     })
-    .expect("the active/active mesh lab comes up");
-    let wait = Duration::from_secs(60);
-    let prefix = |c: &str| mesh.state().cluster(c).unwrap().pod_prefix.clone();
-    let (west_prefix, east_prefix) = (prefix("west"), prefix("east"));
-    let gateway_ips = |mesh: &MeshLab, c: &str| {
-        let lab = mesh.cluster(c).unwrap();
-        let mut ips: Vec<String> = mesh
-            .gateway_nodes(c)
-            .unwrap()
-            .iter()
-            .map(|n| lab.state().node(n).unwrap().underlay_ip.clone())
-            .collect();
-        ips.sort();
-        ips
-    };
-    // Each worker routes the other cluster's pods over both of its gateways, and each gateway
-    // has a session with both gateways of the other cluster.
-    let all_up = |mesh: &MeshLab| {
-        [
-            ("west", &east_prefix, "east"),
-            ("east", &west_prefix, "west"),
-        ]
+    .expect("the active/active mesh lab comes up")
+}
+
+/// The pod prefix of `cluster`.
+fn pod_prefix(mesh: &MeshLab, cluster: &str) -> String {
+    mesh.state().cluster(cluster).unwrap().pod_prefix.clone()
+}
+
+/// The underlay address of `cluster`'s node `node`.
+fn underlay_ip(mesh: &MeshLab, cluster: &str, node: &str) -> String {
+    mesh.cluster(cluster)
+        .unwrap()
+        .state()
+        .node(node)
+        .unwrap()
+        .underlay_ip
+        .clone()
+}
+
+/// The underlay addresses of `cluster`'s gateways, sorted.
+fn gateway_ips(mesh: &MeshLab, cluster: &str) -> Vec<String> {
+    let mut ips: Vec<String> = mesh
+        .gateway_nodes(cluster)
+        .unwrap()
         .iter()
-        .all(|(c, other_prefix, other)| {
-            next_hops(&node_netns(mesh, c, "node3"), other_prefix) == gateway_ips(mesh, c)
-                && mesh.gateway_nodes(c).unwrap().iter().all(|g| {
-                    sample(
-                        &lab_metrics(&node_netns(mesh, c, g)),
-                        &format!("weir_mesh_gateways_up{{peer=\"{other}\"}}"),
-                    ) == Some(2)
-                })
+        .map(|n| underlay_ip(mesh, cluster, n))
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// A metric of the agent on every gateway of `cluster`, about peer `other`.
+fn gateway_samples(mesh: &MeshLab, cluster: &str, metric: &str, other: &str) -> Vec<Option<u64>> {
+    mesh.gateway_nodes(cluster)
+        .unwrap()
+        .iter()
+        .map(|g| {
+            sample(
+                &lab_metrics(&node_netns(mesh, cluster, g)),
+                &format!("{metric}{{peer=\"{other}\"}}"),
+            )
         })
-    };
+        .collect()
+}
+
+/// Each worker routes the other cluster's pods over both of its gateways, and each gateway has
+/// a session with both gateways of the other cluster.
+fn all_up(mesh: &MeshLab) -> bool {
+    [("west", "east"), ("east", "west")]
+        .iter()
+        .all(|&(c, other)| {
+            next_hops(&node_netns(mesh, c, "node3"), &pod_prefix(mesh, other))
+                == gateway_ips(mesh, c)
+                && gateway_samples(mesh, c, "weir_mesh_gateways_up", other)
+                    .iter()
+                    .all(|n| *n == Some(2))
+        })
+}
+
+#[test]
+fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
+    let mut mesh = active_active_lab(format!("a{}", std::process::id()));
+    let wait = Duration::from_secs(60);
     eventually(
         "every gateway up, on the workers' ECMP routes",
         wait,
@@ -523,17 +555,11 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
     });
 
     let mut gaps = Vec::new();
-    for (cluster, worker_route) in [("west", &east_prefix), ("east", &west_prefix)] {
+    for (cluster, other) in [("west", "east"), ("east", "west")] {
         let worker = node_netns(&mesh, cluster, "node3");
+        let worker_route = pod_prefix(&mesh, other);
         for gateway in mesh.gateway_nodes(cluster).unwrap() {
-            let gateway_ip = mesh
-                .cluster(cluster)
-                .unwrap()
-                .state()
-                .node(&gateway)
-                .unwrap()
-                .underlay_ip
-                .clone();
+            let gateway_ip = underlay_ip(&mesh, cluster, &gateway);
             let killed = Instant::now();
             mesh.cluster_mut(cluster)
                 .unwrap()
@@ -542,7 +568,7 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
             eventually(
                 &format!("{cluster}'s worker drops {gateway} from its route"),
                 wait,
-                || !next_hops(&worker, worker_route).contains(&gateway_ip),
+                || !next_hops(&worker, &worker_route).contains(&gateway_ip),
             );
             let replies = probe.replies();
             eventually("probes go on through the other gateway", wait, || {
@@ -580,6 +606,107 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
         assert!(
             *gap <= Duration::from_secs(1),
             "killing gateway {gateway} stopped the probes for {gap:?} (all gaps: {gaps:?})"
+        );
+    }
+
+    down_leaving_nothing(mesh);
+}
+
+/// A gateway that goes silent without dying: the WAN router drops everything to and from it,
+/// its agent runs and its links stay up, so no connection of it closes. The other cluster's
+/// gateways hear nothing from it (no heartbeat, no batch) and end their sessions with it, and
+/// it hears nothing from them, ends its own and tells its cluster's workers it is not ready:
+/// both directions leave it within the silence timeout, well within the second the issue
+/// allows. Each of the four gateways in turn, then its WAN comes back.
+#[test]
+fn with_two_gateways_per_cluster_a_silent_one_loses_at_most_a_second() {
+    let mesh = active_active_lab(format!("s{}", std::process::id()));
+    let wait = Duration::from_secs(60);
+    eventually(
+        "every gateway up, on the workers' ECMP routes",
+        wait,
+        || all_up(&mesh),
+    );
+
+    let (client_ns, server_ns, server_ip) = pods(&mesh, "west/app/client", "east/app/server");
+    let probe = Probe::start(&client_ns, &server_ns, server_ip);
+    eventually("probes answered across the mesh", wait, || {
+        probe.replies() > 500
+    });
+    let transfer = Transfer::start(&client_ns, &server_ns, server_ip);
+    eventually("the transfer runs", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > 1 << 20
+    });
+
+    let mut gaps = Vec::new();
+    for (cluster, other) in [("west", "east"), ("east", "west")] {
+        let worker = node_netns(&mesh, cluster, "node3");
+        let worker_route = pod_prefix(&mesh, other);
+        for (g, gateway) in mesh.gateway_nodes(cluster).unwrap().into_iter().enumerate() {
+            let gateway_ip = underlay_ip(&mesh, cluster, &gateway);
+            let silent_before: u64 =
+                gateway_samples(&mesh, other, "weir_mesh_silent_sessions_total", cluster)
+                    .iter()
+                    .map(|n| n.unwrap_or(0))
+                    .sum();
+            let blackholed = Instant::now();
+            mesh.blackhole_wan(cluster, g, true).unwrap();
+            eventually(
+                &format!("{cluster}'s worker drops the silent {gateway} from its route"),
+                wait,
+                || !next_hops(&worker, &worker_route).contains(&gateway_ip),
+            );
+            eventually(
+                &format!("{other}'s gateways drop the silent {cluster}/{gateway}"),
+                wait,
+                || {
+                    gateway_samples(&mesh, other, "weir_mesh_gateways_up", cluster)
+                        .iter()
+                        .all(|n| *n == Some(1))
+                },
+            );
+            let silent_after: u64 =
+                gateway_samples(&mesh, other, "weir_mesh_silent_sessions_total", cluster)
+                    .iter()
+                    .map(|n| n.unwrap_or(0))
+                    .sum();
+            assert!(
+                silent_after >= silent_before + 2,
+                "both of {other}'s gateways ended their session with {cluster}/{gateway} for its silence ({silent_before} -> {silent_after})"
+            );
+            let replies = probe.replies();
+            eventually("probes go on through the other gateway", wait, || {
+                probe.replies() > replies + 1000
+            });
+            mesh.blackhole_wan(cluster, g, false).unwrap();
+            eventually(
+                &format!("{cluster}'s {gateway} is back everywhere"),
+                wait,
+                || all_up(&mesh),
+            );
+            let replies = probe.replies();
+            eventually("probes go on after the return", wait, || {
+                probe.replies() > replies + 1000
+            });
+            let gap = probe.longest_gap_since(blackholed);
+            println!("{cluster}/{gateway} silent and back: longest probe gap {gap:?}");
+            gaps.push((format!("{cluster}/{gateway}"), gap));
+        }
+    }
+    let before = transfer.sent.load(Ordering::Relaxed);
+    eventually("the transfer still moves", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
+    });
+    let (sent, received) = transfer.finish();
+    assert_eq!(
+        sent, received,
+        "every byte sent on the connection arrived, in order"
+    );
+    drop(probe);
+    for (gateway, gap) in &gaps {
+        assert!(
+            *gap <= Duration::from_secs(1),
+            "gateway {gateway} going silent stopped the probes for {gap:?} (all gaps: {gaps:?})"
         );
     }
 

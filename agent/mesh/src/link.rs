@@ -40,7 +40,18 @@ use crate::{
 };
 
 /// 2: records carry offload fields (TSO/USO super-packets), and a Tunnel names its lane.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: Sync sessions carry heartbeats, and a session that hears nothing for [`SILENCE_TIMEOUT`]
+/// ends.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// How often a Sync session sends a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// A session ends when nothing came from the peer's gateway for this long: no frame on the
+/// session and no batch on any lane of that gateway. Its gateway leaves the set that carries
+/// traffic (and, if it was our last session with the peer, this gateway tells the nodes of its
+/// cluster it is not ready), so a gateway that went silent without closing its connections (its
+/// WAN blackholed) costs well under a second of packets. Every batch counts, so a lane busy with
+/// bulk data, whose heartbeats may queue behind it, never looks silent.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Changes kept for resuming sessions by delta instead of snapshot.
 const HISTORY_LIMIT: usize = 65_536;
 /// Deltas a peer may send in one second by default; more is a flood (each delta costs a
@@ -161,6 +172,8 @@ pub struct TunnelCounters {
     pub tx_queue_full: AtomicU64,
     /// Checked packets the TUN did not take.
     pub rx_dropped: AtomicU64,
+    /// Sessions ended because the peer's gateway went silent ([`SILENCE_TIMEOUT`]).
+    pub silent_sessions: AtomicU64,
 }
 
 /// One lane's queue of batches towards the peer; whichever Tunnel stream serves the lane
@@ -209,6 +222,9 @@ pub struct Remote {
     latency_tunnels: Arc<AtomicUsize>,
     /// Sessions past their Hellos now (two while a new one replaces an old one).
     sessions_up: AtomicU64,
+    /// When we last heard from the gateway (any Sync frame, any batch), in ms since `epoch`.
+    heard_ms: AtomicU64,
+    epoch: std::time::Instant,
     /// The dial of the latest session the gateway opened to us: Tunnels of other dials (every
     /// lane's connection) end when it changes, so an old connection's streams never keep taking
     /// packets from the queues.
@@ -229,8 +245,22 @@ impl Remote {
             latency: LaneQueue::new(data_plane.queue),
             latency_tunnels: Arc::default(),
             sessions_up: AtomicU64::new(0),
+            heard_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             server_dial: watch::Sender::new(None),
         }
+    }
+
+    /// Notes that something came from the gateway now.
+    fn heard(&self) {
+        self.heard_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since anything came from the gateway.
+    fn silent_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(heard)
     }
 
     /// The endpoint we dial, or the name the gateway gave when it dialled us.
@@ -426,6 +456,8 @@ pub enum SessionError {
     Ended,
     #[error("replaced by a newer session of the same peer")]
     Replaced,
+    #[error("nothing from the peer's gateway for {0:?}")]
+    Silent(Duration),
 }
 
 /// A gateway's mesh link.
@@ -738,6 +770,7 @@ impl Link {
             return Err(SessionError::Version(theirs.protocol_version));
         }
         tracing::info!(peer = certified, gateway = %remote.key, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
+        remote.heard();
         let _up = SessionUp::new(&remote, &self.imports);
         // The peer's limits on what we send, never above our own defaults.
         let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
@@ -761,14 +794,20 @@ impl Link {
         }
         // Deltas received in the current one-second window.
         let mut window = (tokio::time::Instant::now(), 0u64);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
+                // A frame that is ready wins over the heartbeat's check.
+                biased;
                 frame = inbound.next() => {
                     let frame = match frame {
                         Some(Ok(f)) => f,
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(SessionError::Ended),
                     };
+                    remote.heard();
                     if let Some(pb::sync_frame::Kind::Delta(d)) = &frame.kind {
                         if window.0.elapsed() >= Duration::from_secs(1) {
                             window = (tokio::time::Instant::now(), 0);
@@ -808,6 +847,24 @@ impl Link {
                     }
                 }
                 _ = replaced.changed() => break Err(SessionError::Replaced),
+                _ = heartbeat.tick() => {
+                    // A tick this late means this task did not run (a stalled process or
+                    // machine): frames may be waiting unread, so that time is not the peer's
+                    // silence.
+                    if last_tick.elapsed() > 2 * HEARTBEAT_INTERVAL {
+                        remote.heard();
+                    }
+                    last_tick = tokio::time::Instant::now();
+                    let silent = remote.silent_for();
+                    if silent >= SILENCE_TIMEOUT {
+                        peer.tunnel.silent_sessions.fetch_add(1, Ordering::Relaxed);
+                        break Err(SessionError::Silent(silent));
+                    }
+                    // A full queue means frames are on their way anyway.
+                    let _ = outbound.try_send(pb::SyncFrame {
+                        kind: Some(pb::sync_frame::Kind::Heartbeat(pb::Heartbeat {})),
+                    });
+                }
             }
         };
         remote
@@ -830,6 +887,7 @@ impl Link {
     ) -> Result<(), SessionError> {
         use pb::sync_frame::Kind;
         let frame = match frame.kind {
+            Some(Kind::Heartbeat(_)) => return Ok(()),
             Some(Kind::Ack(ack)) => {
                 if ack.error.is_empty() {
                     return Ok(());
@@ -1043,6 +1101,7 @@ impl Link {
     /// Checks the records of a batch received from gateway `remote` of `peer` (against what
     /// that gateway exported) and delivers the good packets.
     pub fn receive_batch(&self, peer: &Peer, remote: &Remote, batch: &Bytes) {
+        remote.heard();
         let (records, error) = codec::decode_records(batch);
         let view = remote.view();
         let local = self

@@ -2,7 +2,8 @@
 //! follow changes, packets cross with their identity checked, and an evil peer with a valid
 //! certificate is refused everything that is not its own, counted by reason, while the honest
 //! peer's import stays untouched; every lane of a replaced dial or a removed peer ends; the
-//! latency lane carries packets both ways and its queue is bounded.
+//! latency lane carries packets both ways and its queue is bounded; a gateway that goes silent
+//! leaves the set that carries traffic, and a lane's batches count as hearing from it.
 
 use std::{
     collections::BTreeMap,
@@ -956,4 +957,84 @@ async fn a_peer_that_names_more_gateways_than_allowed_is_refused() {
         "counted as a limit refusal"
     );
     assert_eq!(from_mallory.remotes().len(), weir_mesh::link::MAX_GATEWAYS);
+}
+
+#[tokio::test]
+async fn a_gateway_that_goes_silent_leaves_the_set_and_its_batches_count_as_liveness() {
+    let lab = Lab::new();
+    let west = lab
+        .gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            Limits::default(),
+        )
+        .await;
+    let from_mallory = west.link.peer("mallory").unwrap();
+    let mut evil = Evil::new(&lab, &west, "mallory");
+    // Mallory's session sends its Hello and then nothing (no heartbeat, no frame), while a
+    // lane of the same dial carries a batch every 50 ms, as a busy lane whose session's
+    // heartbeats queue behind its data would.
+    let (_keep_open, mut inbound) = mallory_session(&mut evil, "1").await;
+    eventually("mallory's session is up", || {
+        from_mallory.gateways_up() == 1
+    })
+    .await;
+    let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let lane_sending = Arc::clone(&sending);
+    let batches = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+        Duration::from_millis(50),
+    ))
+    .take_while(move |_| std::future::ready(lane_sending.load(Ordering::Relaxed)))
+    .map(|_| pb::PacketBatch {
+        seq: 0,
+        // From an address mallory does not export: refused, and counted, once heard.
+        records: batch(&[(1, ipv4_packet([10, 247, 0, 9], [10, 244, 0, 7]))]),
+    });
+    let mut request = tonic::Request::new(batches);
+    request
+        .metadata_mut()
+        .insert(weir_mesh::link::DIAL_METADATA, "1".parse().unwrap());
+    let _lane = evil.client.tunnel(request).await.unwrap();
+    // Ten silence timeouts' worth of batches: the session stays up all along.
+    let heard = || {
+        from_mallory
+            .refusals
+            .snapshot()
+            .into_iter()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    let enough = 10 * weir_mesh::link::SILENCE_TIMEOUT.as_millis() as u64 / 50;
+    eventually("the lane's batches arrive", || heard() >= enough).await;
+    assert_eq!(
+        from_mallory.tunnel.silent_sessions.load(Ordering::Relaxed),
+        0,
+        "a gateway whose lane carries batches is not silent"
+    );
+    assert_eq!(from_mallory.gateways_up(), 1);
+
+    // The lane stops too: the gateway is silent, its session ends and it leaves the set.
+    sending.store(false, Ordering::Relaxed);
+    eventually("the silent gateway leaves the set", || {
+        from_mallory.gateways_up() == 0
+    })
+    .await;
+    assert_eq!(
+        from_mallory.tunnel.silent_sessions.load(Ordering::Relaxed),
+        1
+    );
+    // Its session's stream from us ended (after heartbeats while it lasted).
+    let mut heartbeats = 0;
+    while let Ok(Some(Ok(frame))) =
+        tokio::time::timeout(Duration::from_secs(30), inbound.next()).await
+    {
+        if matches!(frame.kind, Some(pb::sync_frame::Kind::Heartbeat(_))) {
+            heartbeats += 1;
+        }
+    }
+    assert!(
+        heartbeats > 0,
+        "the session sent heartbeats while it lasted"
+    );
 }

@@ -19,7 +19,8 @@
 //! into the mesh TUN while they exist, so the agents keep running through those cases.
 //!
 //! `WEIR_BENCH_MESH_HOLD=<case number>` sets up one case and keeps it up for profiling by hand
-//! (see [`hold_case`]).
+//! (see [`hold_case`]); `WEIR_BENCH_MESH_CASES=<numbers>` runs only those cases besides boringtun
+//! and the defaults (see [`selected`]).
 
 use std::{
     net::IpAddr,
@@ -60,7 +61,8 @@ pub struct MeshStep {
     pub args: &'static [&'static str],
 }
 
-/// The steps, one thing added at a time; the last, without flags, is the agent's defaults. The
+/// The steps, one thing added at a time, up to the agent's defaults (the step without flags),
+/// then trials of the defaults with one knob changed. The
 /// steps before "+short slice" keep the kernel's default scheduler slice, so that step shows what
 /// the slice changes.
 pub const MESH_STEPS: &[MeshStep] = &[
@@ -114,6 +116,11 @@ pub const MESH_STEPS: &[MeshStep] = &[
     MeshStep {
         name: "mesh +latency lane (default)",
         args: &[],
+    },
+    // Not a step: the defaults with one knob changed, to decide whether it should be the default.
+    MeshStep {
+        name: "defaults, 1 MiB h2 frames",
+        args: &["--mesh-h2-frame-bytes", "1048576"],
     },
 ];
 
@@ -615,6 +622,7 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
     if let Ok(hold) = std::env::var("WEIR_BENCH_MESH_HOLD") {
         return hold_case(&mut lab, &wg, &cases, &hold);
     }
+    let cases = selected(cases)?;
     println!(
         "mesh link: pod → gateway → WAN → gateway → pod ({rounds} rounds over the cases; per case and round: iperf3 {:?} with 1 and 4 streams, sockperf request/response {:?} idle and under a bulk flow)",
         d.tcp, d.rr
@@ -655,6 +663,39 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
     report(&cases, &results);
     drop(lab);
     Ok(())
+}
+
+/// The cases `WEIR_BENCH_MESH_CASES` names (case numbers, comma-separated, as for
+/// `WEIR_BENCH_MESH_HOLD`; boringtun and the defaults always run, for the ratios), else all:
+/// shorter runs while trying one change.
+fn selected(cases: Vec<Case>) -> anyhow::Result<Vec<Case>> {
+    let Ok(list) = std::env::var("WEIR_BENCH_MESH_CASES") else {
+        return Ok(cases);
+    };
+    let defaults = cases
+        .iter()
+        .position(|c| matches!(c, Case::Mesh(step) if step.args.is_empty()))
+        .expect("a mesh step with the defaults");
+    let mut wanted = std::collections::BTreeSet::from([1, defaults]);
+    for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let i = n
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < cases.len())
+            .with_context(|| {
+                format!(
+                    "WEIR_BENCH_MESH_CASES: {n} is not a case number below {}",
+                    cases.len()
+                )
+            })?;
+        wanted.insert(i);
+    }
+    Ok(cases
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| wanted.contains(i))
+        .map(|(_, c)| c)
+        .collect())
 }
 
 /// Sets up case number `which` (0 plain, 1 boringtun, then the mesh steps) and keeps it up,
@@ -750,11 +791,20 @@ fn report(cases: &[Case], results: &[Measured]) {
             kernel
         );
     }
-    let anchor = &results[1];
+    let anchor = cases
+        .iter()
+        .zip(results)
+        .find(|(c, _)| matches!(c, Case::Boringtun))
+        .map(|(_, m)| m)
+        .expect("the boringtun case always runs");
     println!(
         "ratios against boringtun (must: tcp1 >= 3x, rr p50 <= 1.5x; goal: tcp1 >= 6x, rr p50 <= 1.2x; bulk rr p99 <= 2 ms):"
     );
-    for (case, m) in cases.iter().zip(results).skip(2) {
+    for (case, m) in cases
+        .iter()
+        .zip(results)
+        .filter(|(c, _)| matches!(c, Case::Mesh(_)))
+    {
         println!(
             "  {:<28} tcp1 {:.2}x  tcp4 {:.2}x  rr p50 {:.2}x  rr p99 {:.2}x",
             case.name(),
