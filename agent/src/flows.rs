@@ -75,6 +75,17 @@ impl Explainer {
         }
     }
 
+    /// Local endpoints wired or unwired in place (`Compiled::local_addresses` patched, see
+    /// `weir_policy::incremental`): address → its pod now, `None` when it is no longer local.
+    pub fn endpoints_changed(&mut self, changes: &BTreeMap<IpAddr, Option<(ObjectKey, u32)>>) {
+        for (addr, owner) in changes {
+            match owner {
+                Some((pod, _)) => self.endpoints.insert(*addr, pod.clone()),
+                None => self.endpoints.remove(addr),
+            };
+        }
+    }
+
     /// Turns a kernel event into a record.
     pub fn explain(&self, event: &VerdictEvent) -> FlowRecord {
         let src = from_kernel(event.saddr);

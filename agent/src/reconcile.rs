@@ -35,7 +35,7 @@ use aya::Ebpf;
 use tokio::sync::{mpsc, oneshot, watch};
 use weir_common::{
     CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE,
-    CONFIG_REVOKE_ESTABLISHED,
+    CONFIG_REVOKE_ESTABLISHED, EndpointInfo,
 };
 use weir_policy::{
     compile::CompileInput,
@@ -295,6 +295,8 @@ impl Reconciler {
             .is_some_and(|(delta, imports, fingerprint)| self.accept(delta, imports, fingerprint));
 
         let mut endpoints_changed = false;
+        // The pods whose endpoints this round wires or unwires.
+        let mut wired = Vec::new();
         let mut activated = Vec::new();
         for (endpoint, done) in activations {
             if !self.cluster_read {
@@ -308,6 +310,7 @@ impl Reconciler {
                 endpoint.clone(),
             );
             endpoints_changed = true;
+            wired.push(endpoint.pod.clone());
             activated.push((endpoint, done));
         }
         let mut deactivated = Vec::new();
@@ -315,6 +318,7 @@ impl Reconciler {
             match self.endpoints.remove(&id) {
                 Some(endpoint) => {
                     endpoints_changed = true;
+                    wired.push(endpoint.pod.clone());
                     deactivated.push((Some(endpoint), done));
                 }
                 None => deactivated.push((None, done)),
@@ -322,7 +326,9 @@ impl Reconciler {
         }
 
         if state_changed || endpoints_changed {
-            self.reconcile(endpoints_changed);
+            wired.sort_unstable();
+            wired.dedup();
+            self.reconcile(&wired);
         }
         let saved = if endpoints_changed {
             self.save_endpoints().map_err(|e| e.to_string())
@@ -508,18 +514,21 @@ impl Reconciler {
         self.published.send_replace(Arc::new(published));
     }
 
-    /// Compile and write. Failures leave the previous enforcement in place and are reported.
-    fn reconcile(&mut self, endpoints_changed: bool) {
+    /// Compile and write (`wired`: the pods whose local endpoints changed). Failures leave the
+    /// previous enforcement in place and are reported.
+    fn reconcile(&mut self, wired: &[ObjectKey]) {
         if !self.cluster_read {
             return;
         }
         let started = Instant::now();
         let change = std::mem::take(&mut self.changed);
-        if !endpoints_changed && self.degraded.is_none() {
-            let done = match &change {
-                StateChange::Pods(pods) => self.update_addresses(pods, started),
-                StateChange::Policies(policies) => self.update_policies(policies, started),
-                StateChange::None | StateChange::Everything => false,
+        if self.degraded.is_none() {
+            // One kind of change at a time is compiled in place.
+            let done = match (&change, wired.is_empty()) {
+                (StateChange::Pods(pods), true) => self.update_addresses(pods, started),
+                (StateChange::Policies(policies), true) => self.update_policies(policies, started),
+                (StateChange::None, false) => self.update_endpoints(wired, started),
+                _ => false,
             };
             if done {
                 return;
@@ -648,6 +657,92 @@ impl Reconciler {
         true
     }
 
+    /// Local endpoints wired or unwired (CNI ADD and DEL) for pods whose Pod names this node
+    /// (see [`weir_policy::incremental`]): their addresses patched in the ipcache and the local
+    /// addresses, and just those entries written. Returns false, having changed nothing the
+    /// full compile does not redo, when the change needs a full compile.
+    fn update_endpoints(&mut self, wired: &[ObjectKey], started: Instant) -> bool {
+        let Some(incremental) = &mut self.incremental else {
+            return false;
+        };
+        // The compiler's input for those pods, as a full compile builds it (which rebuilds it
+        // whole when this refuses).
+        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        for pod in wired {
+            let addresses: Vec<IpAddr> = self
+                .endpoints
+                .values()
+                .filter(|e| e.pod == *pod)
+                .flat_map(|e| e.addresses.iter().copied())
+                .collect();
+            touched.extend(addresses.iter().copied());
+            let previous = if addresses.is_empty() {
+                self.input.local_endpoints.remove(pod)
+            } else {
+                self.input.local_endpoints.insert(pod.clone(), addresses)
+            };
+            touched.extend(previous.into_iter().flatten());
+        }
+        let Some(changes) = incremental.endpoints_changed(&self.input, wired, &mut self.compiled)
+        else {
+            return false;
+        };
+        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
+        let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
+        // Every address the pods held or hold: a pod wired again at the same address has a
+        // new veth.
+        let ifindexes = self.endpoint_ifindexes(|addr| touched.contains(addr));
+        let endpoints = touched
+            .iter()
+            .map(|addr| {
+                let entry = self.compiled.local_addresses.get(addr).and_then(|(_, id)| {
+                    Some(EndpointInfo {
+                        ifindex: *ifindexes.get(addr)?,
+                        identity: *id,
+                        flags: 0,
+                        _pad: 0,
+                    })
+                });
+                (*addr, entry)
+            })
+            .collect();
+        // The explainer knows a new endpoint before its first packet can pass.
+        self.shared
+            .explainer
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoints_changed(&changes.local_addresses);
+        tracing::info!(
+            pods = wired.len(),
+            ipcache = changes.ipcache.len(),
+            addresses = changes.local_addresses.len(),
+            "local endpoints compiled in place"
+        );
+        let written = self.writer.apply_endpoints(&changes.ipcache, &endpoints);
+        self.written(written, compile_time, started);
+        true
+    }
+
+    /// The ifindex of the host veth of every local address `wanted` picks (one lookup per
+    /// endpoint; an endpoint whose veth is gone has none).
+    fn endpoint_ifindexes(&self, wanted: impl Fn(&IpAddr) -> bool) -> BTreeMap<IpAddr, u32> {
+        let mut ifindexes = BTreeMap::new();
+        for endpoint in self.endpoints.values() {
+            if !endpoint.addresses.iter().any(&wanted) {
+                continue;
+            }
+            if let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) {
+                for addr in endpoint.addresses.iter().filter(|a| wanted(a)) {
+                    ifindexes.insert(*addr, ifindex);
+                }
+            }
+        }
+        ifindexes
+    }
+
     /// After a write of the datapath (whole, or the part a change compiled in place touched):
     /// written, the agent is healthy and the state applied; not written, the previous
     /// enforcement stays and the agent is degraded, and since `compiled` then holds what was not
@@ -684,14 +779,7 @@ impl Reconciler {
 
     fn desired_maps(&self, compiled: &Compiled) -> DesiredMaps {
         // The ifindex of every local address's veth, looked up once per endpoint.
-        let mut ifindexes = BTreeMap::new();
-        for endpoint in self.endpoints.values() {
-            if let Ok(ifindex) = nix::net::if_::if_nametoindex(endpoint.host_ifname.as_str()) {
-                for addr in &endpoint.addresses {
-                    ifindexes.insert(*addr, ifindex);
-                }
-            }
-        }
+        let ifindexes = self.endpoint_ifindexes(|_| true);
         let mut config_flags = 0;
         if self.config.revoke_established {
             config_flags |= CONFIG_REVOKE_ESTABLISHED;

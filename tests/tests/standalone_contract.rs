@@ -378,3 +378,75 @@ fn the_documented_standalone_contract_holds() {
         "after SIGTERM allowed traffic still flows"
     );
 }
+
+/// What the agent logs when a CNI ADD or DEL changed only that pod's entries (compiled in place).
+const IN_PLACE: &str = "local endpoints compiled in place";
+
+/// A CNI ADD or DEL of a pod whose Pod names this node changes only that pod's entries in the
+/// maps (compiled in place, not the whole cluster), and is enforced when ADD returns: the pod's
+/// first packet meets its policy, and so do the packets of its next sandbox.
+#[test]
+fn adds_and_dels_of_this_nodes_pods_are_compiled_in_place_and_enforced() {
+    let node = Netns::new("sci");
+    let dirs = AgentDirs::new("sci", NODE);
+    let m = &dirs.manifests;
+    write(m, "ns.yaml", &namespace("app", "team: red"));
+    write(m, "client.yaml", &pod("app", "client", "client"));
+    write(m, "intruder.yaml", &pod("app", "intruder", "intruder"));
+    write(m, "server.yaml", &pod("app", "server", "server"));
+    write(m, "policy.yaml", &policy("app"));
+    let agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", "10.210.2.0/24"]);
+    wait_applied(&dirs.socket, &dirs.manifests, APPLY_TIMEOUT);
+    let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
+    let in_place = || agent.log_text().matches(IN_PLACE).count();
+    // Runs `verb` (one round of the agent each) and waits for its in-place line.
+    let verb = |verb: &str, container_id: &str, name: &str, netns: &Netns| {
+        let before = in_place();
+        let pod = PodRef {
+            container_id,
+            namespace: "app",
+            name,
+            netns: &netns.name,
+        };
+        let (out, _) = plugin.ok(verb, &pod);
+        wait_until(&format!("{verb} {name} compiled in place"), &agent, || {
+            in_place() > before
+        });
+        out
+    };
+    let (client, intruder, server) = (
+        Netns::new("scicl"),
+        Netns::new("sciin"),
+        Netns::new("scisv"),
+    );
+    verb("ADD", "ctr-client", "client", &client);
+    verb("ADD", "ctr-intruder", "intruder", &intruder);
+    let server_ip = first_address(&verb("ADD", "ctr-server", "server", &server));
+    serve(&server, server_ip);
+    // Enforced when ADD returned: the intruder is refused from its first packet on.
+    assert!(
+        !connects(&intruder, server_ip),
+        "the intruder reached the server right after ADD; agent log:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        eventually_connects(&client, server_ip),
+        "the policy admits the client"
+    );
+
+    // DEL, then the pod's next sandbox at a new address: enforced as well.
+    verb("DEL", "ctr-server", "server", &server);
+    let next = Netns::new("scisv2");
+    let next_ip = first_address(&verb("ADD", "ctr-server-2", "server", &next));
+    assert_ne!(next_ip, server_ip);
+    serve(&next, next_ip);
+    assert!(
+        !connects(&intruder, next_ip),
+        "the intruder reached the server's next sandbox; agent log:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        eventually_connects(&client, next_ip),
+        "the policy admits the client"
+    );
+}

@@ -4,10 +4,13 @@
 //! - **policies changed** (and nothing else): only those policies are validated and compiled
 //!   again, and only the subjects they select or selected get their rule sets recomputed
 //!   ([`PolicyIndex::policies_changed`]); selector results and compiled rules are reused;
-//! - **pods changed, addresses only** (below).
+//! - **pods changed, addresses only** (below);
+//! - **local endpoints wired or unwired** for pods of this node (a CNI ADD or DEL): the pod's
+//!   identity is a subject already (its Pod names this node), so only the addresses it gains or
+//!   loses change, in the ipcache and the local addresses ([`Incremental::endpoints_changed`]).
 //!
-//! Anything else (namespaces, nodes, local endpoints, a label set that appears or disappears,
-//! ipBlocks added or removed) compiles in full. Each answer of "in place" is exactly what a
+//! Anything else (namespaces, nodes, the endpoint of a pod that names another node or none, a
+//! label set that appears or disappears, ipBlocks added or removed) compiles in full. Each answer of "in place" is exactly what a
 //! full compile of the new state gives, with the same identity allocator: the tests compare
 //! them over random event sequences.
 //!
@@ -32,7 +35,7 @@
 //! policy could produce such rules, every pod event compiles in full.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -97,6 +100,20 @@ impl Incremental {
         self.addresses.pods_changed(input, changed, alloc, compiled)
     }
 
+    /// The local endpoints of the pods `wired` changed (`input.local_endpoints` holds the new
+    /// addresses; everything else as compiled last): patches `compiled` and returns what
+    /// changed. `None` when the change needs a full compile (a pod not in the state, of the
+    /// host's network, or whose Pod does not name this node, or pod addresses that may be CIDR
+    /// prefixes); nothing was changed then.
+    pub fn endpoints_changed(
+        &mut self,
+        input: &CompileInput,
+        wired: &[ObjectKey],
+        compiled: &mut Compiled,
+    ) -> Option<EndpointChanges> {
+        self.addresses.endpoints_changed(input, wired, compiled)
+    }
+
     /// The policies `changed` (added, modified or removed in `input.state`; everything else
     /// as compiled last): patches `compiled` and `alloc` and returns the subjects whose rule
     /// sets changed. `None` when the change needs a full compile; nothing was changed then.
@@ -123,8 +140,11 @@ struct AddressIndex {
     uses: HashMap<u32, usize>,
     /// Address → the non-local pods claiming it (the first one wins).
     claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
-    /// Addresses of local endpoints: theirs whatever other pods claim.
-    local_addresses: HashSet<IpAddr>,
+    /// Addresses of local endpoints → the pods wired with them (the first one wins, as in a
+    /// compile): theirs whatever other pods claim.
+    local_claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// The local endpoints' addresses of each pod, as last compiled.
+    local_of: HashMap<ObjectKey, Vec<IpAddr>>,
     /// Node `InternalIP`s and their identity (the first node by name wins, as in a compile).
     node_addresses: HashMap<IpAddr, u32>,
     /// Some policy may make pod addresses CIDR prefixes (named port and ipBlock in one egress
@@ -134,6 +154,15 @@ struct AddressIndex {
 
 /// The ipcache entries an event changes: prefix → its new identity, `None` to delete.
 pub type IpcacheChanges = BTreeMap<IpNet, Option<u32>>;
+
+/// What wiring or unwiring local endpoints changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointChanges {
+    pub ipcache: IpcacheChanges,
+    /// Local addresses → their pod and identity now (`Compiled::local_addresses`), `None`
+    /// when the address is no longer a local endpoint's.
+    pub local_addresses: BTreeMap<IpAddr, Option<(ObjectKey, u32)>>,
+}
 
 fn facts(
     input: &CompileInput,
@@ -208,7 +237,7 @@ impl AddressIndex {
                 .get(key)
                 .is_some_and(|p| !p.spec.host_network)
             {
-                this.local_addresses.extend(addrs.iter().copied());
+                this.wire(key, addrs.clone());
             }
         }
         for (name, node) in &input.state.nodes {
@@ -315,16 +344,10 @@ impl AddressIndex {
         }
         let mut changes = IpcacheChanges::new();
         for addr in touched {
-            if self.local_addresses.contains(&addr) {
+            if self.local_claims.contains_key(&addr) {
                 continue;
             }
-            let want = self
-                .claims
-                .get(&addr)
-                .and_then(|set| set.first())
-                .and_then(|key| self.pods.get(key))
-                .and_then(|f| f.identity)
-                .or_else(|| self.node_addresses.get(&addr).copied());
+            let want = self.remote_owner(&addr);
             let prefix = IpNet::from(addr);
             if compiled.ipcache.get(&prefix).copied() == want {
                 continue;
@@ -334,6 +357,102 @@ impl AddressIndex {
                 None => compiled.ipcache.remove(&prefix),
             };
             changes.insert(prefix, want);
+        }
+        Some(changes)
+    }
+
+    /// The identity an address has when no local endpoint holds it: the first pod claiming it,
+    /// else a Node's.
+    fn remote_owner(&self, addr: &IpAddr) -> Option<u32> {
+        self.claims
+            .get(addr)
+            .and_then(|set| set.first())
+            .and_then(|key| self.pods.get(key))
+            .and_then(|f| f.identity)
+            .or_else(|| self.node_addresses.get(addr).copied())
+    }
+
+    /// Records `addrs` as the local endpoints' addresses of `key` (replacing its earlier ones).
+    fn wire(&mut self, key: &ObjectKey, addrs: Vec<IpAddr>) {
+        self.unwire(key);
+        for a in &addrs {
+            self.local_claims.entry(*a).or_default().insert(key.clone());
+        }
+        if !addrs.is_empty() {
+            self.local_of.insert(key.clone(), addrs);
+        }
+    }
+
+    /// Forgets the local endpoints' addresses of `key`; returns them.
+    fn unwire(&mut self, key: &ObjectKey) -> Vec<IpAddr> {
+        let addrs = self.local_of.remove(key).unwrap_or_default();
+        for a in &addrs {
+            if let Some(set) = self.local_claims.get_mut(a) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.local_claims.remove(a);
+                }
+            }
+        }
+        addrs
+    }
+
+    fn endpoints_changed(
+        &mut self,
+        input: &CompileInput,
+        wired: &[ObjectKey],
+        compiled: &mut Compiled,
+    ) -> Option<EndpointChanges> {
+        if self.addresses_in_cidrs {
+            return None;
+        }
+        for key in wired {
+            // A pod whose Pod names this node is a subject with or without endpoints: its
+            // identity, rules and facts stay; anything else changes more than addresses.
+            let pod = input.state.pods.get(key)?;
+            if pod.spec.host_network
+                || pod.spec.node_name.as_deref() != Some(input.node_name.as_str())
+                || !self
+                    .pods
+                    .get(key)
+                    .is_some_and(|f| f.local && f.identity.is_some())
+            {
+                return None;
+            }
+        }
+        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        for key in wired {
+            touched.extend(self.unwire(key));
+            let addrs = input.local_endpoints.get(key).cloned().unwrap_or_default();
+            touched.extend(addrs.iter().copied());
+            self.wire(key, addrs);
+        }
+        let mut changes = EndpointChanges::default();
+        for addr in touched {
+            let local = self
+                .local_claims
+                .get(&addr)
+                .and_then(|set| set.first())
+                .and_then(|key| Some((key.clone(), self.pods.get(key)?.identity?)));
+            let want = match &local {
+                Some((_, id)) => Some(*id),
+                None => self.remote_owner(&addr),
+            };
+            let prefix = IpNet::from(addr);
+            if compiled.ipcache.get(&prefix).copied() != want {
+                match want {
+                    Some(id) => compiled.ipcache.insert(prefix, id),
+                    None => compiled.ipcache.remove(&prefix),
+                };
+                changes.ipcache.insert(prefix, want);
+            }
+            if compiled.local_addresses.get(&addr) != local.as_ref() {
+                match &local {
+                    Some(owner) => compiled.local_addresses.insert(addr, owner.clone()),
+                    None => compiled.local_addresses.remove(&addr),
+                };
+                changes.local_addresses.insert(addr, local);
+            }
         }
         Some(changes)
     }

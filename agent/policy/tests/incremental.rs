@@ -1,6 +1,7 @@
 //! Incremental events against the reference, the full compile: after every event of a random
 //! sequence (pods and policies written and removed), the output patched by
-//! [`Incremental::pods_changed`] or [`Incremental::policies_changed`] (when it takes the event)
+//! [`Incremental::pods_changed`], [`Incremental::policies_changed`] or
+//! [`Incremental::endpoints_changed`] (when it takes the event)
 //! equals a full compile of the new state, and the identity allocator is the one a full compile
 //! leaves.
 
@@ -164,10 +165,32 @@ fn policy(name: usize, variant: usize) -> Value {
 #[derive(Clone, Debug)]
 enum Change {
     Write(PodSpec),
-    Remove { namespace: usize, name: usize },
-    WritePolicy { name: usize, variant: usize },
-    RemovePolicy { name: usize },
+    Remove {
+        namespace: usize,
+        name: usize,
+    },
+    WritePolicy {
+        name: usize,
+        variant: usize,
+    },
+    RemovePolicy {
+        name: usize,
+    },
+    /// A CNI ADD: the pod's local endpoint holds `WIRED[address]` (replacing what it held).
+    Wire {
+        namespace: usize,
+        name: usize,
+        address: usize,
+    },
+    /// A CNI DEL: the pod has no local endpoint any more.
+    Unwire {
+        namespace: usize,
+        name: usize,
+    },
 }
+
+/// Addresses a local endpoint is wired with: some claimed by other pods, one a node's.
+const WIRED: [&str; 5] = ["10.0.0.1", "10.0.0.3", "10.0.0.9", "10.9.1.7", "fd00::5"];
 
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
@@ -175,6 +198,9 @@ fn change() -> impl Strategy<Value = Change> {
         1 => (0..3usize, 0..6usize).prop_map(|(namespace, name)| Change::Remove { namespace, name }),
         2 => (0..3usize, 0..12usize).prop_map(|(name, variant)| Change::WritePolicy { name, variant }),
         1 => (0..3usize).prop_map(|name| Change::RemovePolicy { name }),
+        2 => (0..3usize, 0..6usize, 0..WIRED.len())
+            .prop_map(|(namespace, name, address)| Change::Wire { namespace, name, address }),
+        1 => (0..3usize, 0..6usize).prop_map(|(namespace, name)| Change::Unwire { namespace, name }),
     ]
 }
 
@@ -183,6 +209,7 @@ fn change() -> impl Strategy<Value = Change> {
 struct Taken {
     pods: usize,
     policies: usize,
+    endpoints: usize,
 }
 
 fn input_of(pods: &[PodSpec], named_port_blocks: bool) -> CompileInput {
@@ -243,8 +270,26 @@ fn run(
     for event in events {
         let mut changed = Vec::new();
         let mut policies_changed = Vec::new();
+        let mut wired = Vec::new();
         for change in event {
             let key = match change {
+                Change::Wire {
+                    namespace,
+                    name,
+                    address,
+                } => {
+                    let key = ObjectKey::new(["a", "b", "c"][*namespace], format!("p{name}"));
+                    let addr: IpAddr = WIRED[*address].parse().expect("an address");
+                    input.local_endpoints.insert(key.clone(), vec![addr]);
+                    wired.push(key);
+                    continue;
+                }
+                Change::Unwire { namespace, name } => {
+                    let key = ObjectKey::new(["a", "b", "c"][*namespace], format!("p{name}"));
+                    input.local_endpoints.remove(&key);
+                    wired.push(key);
+                    continue;
+                }
                 Change::WritePolicy { name, variant } => {
                     let state = state_of(&[policy(*name, *variant)]);
                     let (key, p) = state.policies.into_iter().next().expect("one policy");
@@ -278,6 +323,36 @@ fn run(
         let alloc_before = alloc.clone();
         // One kind of change at a time takes an incremental path, as in the agent.
         let done = match (changed.is_empty(), policies_changed.is_empty()) {
+            _ if !wired.is_empty() => {
+                if !(changed.is_empty() && policies_changed.is_empty()) {
+                    false
+                } else if let Some(changes) =
+                    incremental.endpoints_changed(&input, &wired, &mut compiled)
+                {
+                    taken.endpoints += 1;
+                    let full = agrees(&input, &compiled, &alloc, &alloc_before)?;
+                    // The changes are exactly the difference of the ipcache and local addresses.
+                    let mut ipcache = before.ipcache.clone();
+                    for (prefix, id) in changes.ipcache {
+                        match id {
+                            Some(id) => ipcache.insert(prefix, id),
+                            None => ipcache.remove(&prefix),
+                        };
+                    }
+                    prop_assert_eq!(&ipcache, &full.ipcache);
+                    let mut local = before.local_addresses.clone();
+                    for (addr, owner) in changes.local_addresses {
+                        match owner {
+                            Some(owner) => local.insert(addr, owner),
+                            None => local.remove(&addr),
+                        };
+                    }
+                    prop_assert_eq!(&local, &full.local_addresses);
+                    true
+                } else {
+                    false
+                }
+            }
             (false, true) => {
                 match incremental.pods_changed(&input, &changed, &alloc, &mut compiled) {
                     Some(changes) => {
@@ -408,10 +483,50 @@ fn random_sequences_take_the_incremental_path() {
         let t = run(&initial, &events, false).expect("agrees with a full compile");
         taken.pods += t.pods;
         taken.policies += t.policies;
+        taken.endpoints += t.endpoints;
     }
     assert!(
-        taken.pods > 50 && taken.policies > 50,
+        // Wirings take it only for pods of this node, a fifth of the pods.
+        taken.pods > 50 && taken.policies > 50 && taken.endpoints > 5,
         "too few incremental events in 100 sequences: {taken:?}"
+    );
+}
+
+/// A CNI ADD or DEL of a pod whose Pod names this node patches addresses; one of a pod that
+/// names another node (its identity becomes a subject) compiles in full.
+#[test]
+fn wiring_a_local_pod_is_incremental() {
+    let mut here = remote(2, 0, 3);
+    here.node = 0;
+    let initial = [remote(0, 1, 1), remote(1, 2, 2), here];
+    let wire = |name: usize, address: usize| Change::Wire {
+        namespace: 0,
+        name,
+        address,
+    };
+    // Wired, rewired at an address a remote pod claims, unwired.
+    let events = vec![
+        vec![wire(2, 3)],
+        vec![wire(2, 0)],
+        vec![Change::Unwire {
+            namespace: 0,
+            name: 2,
+        }],
+    ];
+    assert_eq!(run(&initial, &events, false).unwrap().endpoints, 3);
+    // An endpoint for a pod of another node, or for no pod.
+    assert_eq!(
+        run(&initial, &[vec![wire(0, 3)]], false).unwrap().endpoints,
+        0
+    );
+    assert_eq!(
+        run(&initial, &[vec![wire(5, 3)]], false).unwrap().endpoints,
+        0
+    );
+    // Pod addresses may be CIDR prefixes: a full compile.
+    assert_eq!(
+        run(&initial, &[vec![wire(2, 3)]], true).unwrap().endpoints,
+        0
     );
 }
 

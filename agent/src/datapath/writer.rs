@@ -343,6 +343,16 @@ impl Writer {
         &mut self,
         changes: &BTreeMap<IpNet, Option<u32>>,
     ) -> Result<ApplyStats, WriteError> {
+        let mut stats = self.write_ipcache(changes)?;
+        self.bump_generation(&mut stats, self.applied.config.flags)?;
+        Ok(stats)
+    }
+
+    /// [`Writer::apply_ipcache`] without the config generation.
+    fn write_ipcache(
+        &mut self,
+        changes: &BTreeMap<IpNet, Option<u32>>,
+    ) -> Result<ApplyStats, WriteError> {
         let mut stats = ApplyStats::default();
         let kernel: Vec<((u32, Addr), Option<u32>)> = changes
             .iter()
@@ -366,6 +376,49 @@ impl Writer {
                 stats.deletes += 1;
             }
         }
+        Ok(stats)
+    }
+
+    /// Writes only these local endpoint changes (address → its entry, `None`: delete) and the
+    /// ipcache changes that go with them, for endpoints wired or unwired in place (see
+    /// `weir_policy::incremental`), in the order of [`Writer::apply`]: new peers, then new
+    /// endpoints (their subjects are live already), then removals, endpoints first, then the
+    /// config generation.
+    pub fn apply_endpoints(
+        &mut self,
+        ipcache: &BTreeMap<IpNet, Option<u32>>,
+        endpoints: &BTreeMap<IpAddr, Option<EndpointInfo>>,
+    ) -> Result<ApplyStats, WriteError> {
+        let mut stats = ApplyStats::default();
+        type Changes = BTreeMap<IpNet, Option<u32>>;
+        let (added, removed): (Changes, Changes) = ipcache
+            .iter()
+            .map(|(prefix, id)| (*prefix, *id))
+            .partition(|(_, id)| id.is_some());
+        let added = self.write_ipcache(&added)?;
+        for (&addr, info) in endpoints {
+            let Some(info) = info else { continue };
+            let addr = to_kernel(addr);
+            if self.applied.endpoints.get(&addr) != Some(info) {
+                self.maps
+                    .endpoints
+                    .insert(EndpointKey { addr }, info, 0)
+                    .map_err(map_err("WEIR_ENDPOINTS", addr))?;
+                self.applied.endpoints.insert(addr, *info);
+                stats.writes += 1;
+            }
+        }
+        for (&addr, info) in endpoints {
+            let addr = to_kernel(addr);
+            if info.is_none() && self.applied.endpoints.remove(&addr).is_some() {
+                // A failed delete of an entry that is already gone is fine.
+                let _ = self.maps.endpoints.remove(&EndpointKey { addr });
+                stats.deletes += 1;
+            }
+        }
+        let removed = self.write_ipcache(&removed)?;
+        stats.writes += added.writes + removed.writes;
+        stats.deletes += added.deletes + removed.deletes;
         self.bump_generation(&mut stats, self.applied.config.flags)?;
         Ok(stats)
     }

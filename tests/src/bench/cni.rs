@@ -139,6 +139,7 @@ fn measure(agent_bin: &Path, which: &str, rounds: usize) -> anyhow::Result<()> {
         }
     }
     report("floor (ip link)", floor_add.clone(), floor_del);
+    let claim_p99 = pool_claims(&node, &pods, rounds);
     // CPU per verb: the plugin processes, the agent, and the whole machine (kernel threads and
     // interrupts included, e.g. the work a veth's deletion defers).
     let agent_pid = agent.child.id();
@@ -175,6 +176,10 @@ fn measure(agent_bin: &Path, which: &str, rounds: usize) -> anyhow::Result<()> {
         "  ADD p99 at 16 at once is {:.2}x the floor's p99 (16 processes at once creating only a veth pair)",
         add_p99.as_secs_f64() / floor_p99.as_secs_f64()
     );
+    println!(
+        "  a pool's claim alone (no agent, no addresses) is {:.2}x the floor's p99",
+        claim_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
     // On 2 cores, 16 concurrent ADDs cannot finish sooner than their CPU time allows.
     let calls = (rounds * PODS) as u32;
     let per_call = |used: CpuTime| {
@@ -207,4 +212,57 @@ fn measure(agent_bin: &Path, which: &str, rounds: usize) -> anyhow::Result<()> {
     }
     println!("  goal: ADD p99 <= 30 ms at 16 concurrent");
     Ok(())
+}
+
+/// What a pool of pre-made veths (programs attached beforehand) would pay to hand one out, 16 at
+/// once, in the same run as the floor: the pair is made beforehand in the node's namespace (not
+/// timed); a claim moves its peer into the pod's namespace as eth0 and renames the host end, in
+/// one `ip` process, as a claim must (the pod's namespace exists only once the runtime asks for
+/// the ADD). Returns the p99.
+fn pool_claims(node: &Netns, pods: &[Netns], rounds: usize) -> Duration {
+    let ip = |args: &[&str]| {
+        let status = std::process::Command::new("ip")
+            .args(["-n", &node.name])
+            .args(args)
+            .status()
+            .expect("running ip");
+        assert!(status.success(), "ip {args:?} failed");
+    };
+    let mut claims = Vec::new();
+    for _ in 0..rounds {
+        for i in 0..pods.len() {
+            let (host, peer) = (format!("pool{i}"), format!("poolp{i}"));
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer]);
+        }
+        claims.extend(at_once(pods, |i, pod| {
+            let started = std::time::Instant::now();
+            let mut batch = std::process::Command::new("ip")
+                .args(["-n", &node.name, "-batch", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("running ip");
+            let commands = format!(
+                "link set poolp{i} netns {} name eth0\nlink set pool{i} name claimed{i}\n",
+                pod.name
+            );
+            let mut stdin = batch.stdin.take().expect("piped stdin");
+            std::io::Write::write_all(&mut stdin, commands.as_bytes()).expect("writing to ip");
+            drop(stdin);
+            let status = batch.wait().expect("running ip");
+            let took = started.elapsed();
+            assert!(status.success(), "claiming pool{i} failed");
+            took
+        }));
+        for i in 0..pods.len() {
+            ip(&["link", "del", &format!("claimed{i}")]);
+        }
+    }
+    let samples = Samples::new(claims);
+    println!(
+        "  {:<16} ADD p50 {:>9} p99 {:>9}   (a pre-made pair's peer moved into the pod, host end renamed)",
+        "pool claim (ip)",
+        ms(samples.percentile(50.0)),
+        ms(samples.percentile(99.0)),
+    );
+    samples.percentile(99.0)
 }
