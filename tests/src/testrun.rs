@@ -392,3 +392,9 @@ pub fn coarse_now_ns() -> u64 {
     );
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// How many drop-report intervals (`DROP_REPORT_INTERVAL_NS`) a stretch of time from `start`
+/// (`coarse_now_ns`) until now touches: the most reports one kind of drop can get in it.
+pub fn report_intervals_since(start: u64) -> usize {
+    ((coarse_now_ns() - start) / weir_common::DROP_REPORT_INTERVAL_NS + 1) as usize
+}

@@ -6,18 +6,16 @@
 //! Root only (loading programs needs CAP_BPF and CAP_NET_ADMIN); CI runs them as root through
 //! `cargo xtask test`. Each test loads its own, unpinned object, so tests are independent.
 
-use aya::{
-    maps::PerCpuArray,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
+use aya::programs::SchedClassifier;
 use weir_common::{
-    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST, COUNTER_PATH_STACK,
-    CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS,
-    IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_WORLD, MAP_COUNTERS, PROG_FROM_POD, PROG_TO_POD,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
-    REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_RELATED,
-    REASON_REVOKED, REASON_RULE, REASON_SPOOFED_SOURCE, REASON_UNKNOWN_ENDPOINT,
-    SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS, VERDICT_ALLOW, VERDICT_DROP,
+    CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST,
+    COUNTER_EVENTS_THROTTLED, COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
+    CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR,
+    IDENTITY_WORLD, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, REASON_ESTABLISHED, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
+    REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_RULE, REASON_SPOOFED_SOURCE,
+    REASON_UNKNOWN_ENDPOINT, SUBJECT_ISOLATED_EGRESS, SUBJECT_ISOLATED_INGRESS, VERDICT_ALLOW,
+    VERDICT_DROP,
 };
 use weir_tests::{
     packet::{
@@ -715,6 +713,7 @@ fn malformed_and_truncated_packets_drop() {
     // so truncation is exercised past the fixed IP header.
     let mut dp = Datapath::with_pods();
     let full = syn(POD_A, 40000, POD_B, 80);
+    let start = coarse_now_ns();
     // TCP header cut short.
     assert_eq!(dp.from_pod(&full[..14 + 20 + 10]), SHOT);
     // IHL below 5.
@@ -736,14 +735,26 @@ fn malformed_and_truncated_packets_drop() {
     assert_eq!(dp.to_pod(&v6[..14 + 40 + 19]), SHOT);
     let echo = ping(ip_of(POD_A), ip_of(POD_B), 1);
     assert_eq!(dp.from_pod(&echo[..14 + 20 + 4]), SHOT);
+    let intervals = report_intervals_since(start);
     assert_eq!(dp.counter(REASON_MALFORMED), 7);
     assert_eq!(dp.ct_len(), 0);
+    // A malformed packet is reported without its tuple: one kind of drop per direction.
     let events = dp.events();
-    assert_eq!(events.len(), 7);
     assert!(
         events
             .iter()
             .all(|e| e.reason == REASON_MALFORMED && e.verdict == VERDICT_DROP)
+    );
+    for direction in [DIR_EGRESS, DIR_INGRESS] {
+        let of_direction = events.iter().filter(|e| e.direction == direction).count();
+        assert!(
+            (1..=intervals).contains(&of_direction),
+            "{of_direction} reports in {intervals} interval(s)"
+        );
+    }
+    assert_eq!(
+        dp.counter_slot(COUNTER_EVENTS_THROTTLED),
+        7 - events.len() as u64
     );
     // The whole packet passes.
     assert_eq!(dp.from_pod(&full), OK);
@@ -879,32 +890,127 @@ fn every_verdict_is_counted() {
     assert_eq!(counters[COUNTER_PATH_STACK as usize], 2);
 }
 
+/// Allow events are not throttled (each is a new connection): a ring nobody reads overflows, the
+/// connections are still allowed and tracked, and every event that did not fit is counted as lost.
 #[test]
-fn full_event_ring_still_drops_and_counts_the_loss() {
+fn full_event_ring_still_allows_and_counts_the_loss() {
     let mut dp = Datapath::with_pods();
-    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
-    let frame = syn(WORLD, 1, POD_B, 80);
-    // EVENTS_BYTES (4 MiB) holds about 52,000 72-byte events with their headers: 60,000 drops
-    // without a reader overflow it.
-    let runs = 60_000;
-    let prog: &SchedClassifier = dp.ebpf.program(PROG_TO_POD).unwrap().try_into().unwrap();
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            repeat: runs,
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(result.return_value, SHOT);
-    assert_eq!(dp.counter(REASON_POLICY_DENIED), runs as u64);
-    let lost = {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(dp.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
-        m.get(&COUNTER_EVENTS_LOST, 0).unwrap().iter().sum::<u64>()
-    };
+    dp.config(1, CONFIG_EMIT_ALLOW_EVENTS);
+    // EVENTS_BYTES (4 MiB) holds about 52,000 72-byte events with their headers: 60,000 new
+    // connections without a reader overflow it.
+    let connections: u16 = 60_000;
+    for sport in 1..=connections {
+        assert_eq!(dp.to_pod(&syn(WORLD, sport, POD_B, 80)), OK);
+    }
+    assert_eq!(dp.counter(REASON_NOT_ISOLATED), u64::from(connections));
+    assert_eq!(dp.ct_len(), usize::from(connections));
+    let lost = dp.counter_slot(COUNTER_EVENTS_LOST);
     let delivered = dp.events().len() as u64;
     assert!(lost > 0, "the ring overflowed");
-    assert_eq!(delivered + lost, runs as u64);
+    assert_eq!(delivered + lost, u64::from(connections));
+}
+
+/// A flood of denied packets at the tc hooks is counted packet by packet, but each kind of drop
+/// (source, destination address and port, reason, direction) is reported once per interval, not
+/// once per packet: the first drop of a kind is reported, with everything an unthrottled report
+/// says, and every drop not reported is counted as throttled.
+#[test]
+fn a_flood_of_denied_packets_at_tc_is_counted_exactly_and_reported_once_per_kind() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_B, 7, SUBJECT_ISOLATED_INGRESS);
+    dp.subject(ID_C, 3, SUBJECT_ISOLATED_EGRESS);
+    const FLOOD: u16 = 1_000;
+    let start = coarse_now_ns();
+    // New connections (new source ports) of two kinds, interleaved: denied by B's ingress (at
+    // its `weir_to_pod`), and by C's egress (at its `weir_from_pod`).
+    for n in 0..FLOOD {
+        assert_eq!(dp.to_pod(&syn(REMOTE, 20_000 + n, POD_B, 81)), SHOT);
+        assert_eq!(dp.from_pod(&syn(POD_C, 20_000 + n, REMOTE, 80)), SHOT);
+    }
+    // A third kind: another port.
+    assert_eq!(dp.to_pod(&syn(REMOTE, 40_000, POD_B, 82)), SHOT);
+    let intervals = report_intervals_since(start);
+
+    assert_eq!(
+        dp.counter(REASON_POLICY_DENIED),
+        2 * u64::from(FLOOD) + 1,
+        "every drop counted"
+    );
+    assert_eq!(dp.ct_len(), 0);
+    let events = dp.events();
+    let of_kind = |direction: u8, port: u16| {
+        events
+            .iter()
+            .filter(|e| e.direction == direction && u16::from_be(e.dport) == port)
+            .collect::<Vec<_>>()
+    };
+    let ingress_81 = of_kind(DIR_INGRESS, 81);
+    let egress_80 = of_kind(DIR_EGRESS, 80);
+    let ingress_82 = of_kind(DIR_INGRESS, 82);
+    for kind in [&ingress_81, &egress_80] {
+        assert!(
+            (1..=intervals).contains(&kind.len()),
+            "{} reports of one kind in {intervals} interval(s)",
+            kind.len()
+        );
+    }
+    assert_eq!(ingress_82.len(), 1, "a new kind is reported at once");
+    assert_eq!(
+        events.len(),
+        ingress_81.len() + egress_80.len() + 1,
+        "no other reports"
+    );
+    // Each report explains its kind as an unthrottled one would.
+    let first = ingress_81[0];
+    assert_eq!(
+        (
+            first.verdict,
+            first.reason,
+            first.subject,
+            first.subject_version
+        ),
+        (VERDICT_DROP, REASON_POLICY_DENIED, ID_B, 7)
+    );
+    assert_eq!(first.peer, ID_REMOTE);
+    assert_eq!(
+        u16::from_be(first.sport),
+        20_000,
+        "the first drop of the kind"
+    );
+    let first = egress_80[0];
+    assert_eq!(
+        (first.subject, first.subject_version, first.peer),
+        (ID_C, 3, ID_REMOTE)
+    );
+    assert_eq!(u16::from_be(first.sport), 20_000);
+    assert_eq!(
+        dp.counter_slot(COUNTER_EVENTS_THROTTLED),
+        2 * u64::from(FLOOD) + 1 - events.len() as u64,
+        "every drop not reported is counted as throttled"
+    );
+}
+
+/// The same tuple dropped by the other side's check is another kind of drop: its explanation
+/// (the other endpoint's policy) is reported at once, not throttled behind the first.
+#[test]
+fn a_drop_by_the_other_side_is_reported_at_once() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_A, 1, SUBJECT_ISOLATED_EGRESS);
+    dp.subject(ID_B, 1, SUBJECT_ISOLATED_INGRESS);
+    // A's egress denies.
+    assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), SHOT);
+    // Now A's egress allows B, and B's ingress denies the retransmission.
+    dp.allow(ID_A, 1, DIR_EGRESS, ID_B, Some(PROTO_TCP), Ports::Any, 91);
+    assert_eq!(dp.from_pod(&syn(POD_A, 40000, POD_B, 80)), OK);
+    assert_eq!(dp.to_pod(&syn(POD_A, 40000, POD_B, 80)), SHOT);
+    let events = dp.events();
+    let directions: Vec<_> = events.iter().map(|e| (e.direction, e.subject)).collect();
+    assert_eq!(
+        directions,
+        [(DIR_EGRESS, ID_A), (DIR_INGRESS, ID_B)],
+        "both drops reported, each with its own side"
+    );
+    assert_eq!(dp.counter_slot(COUNTER_EVENTS_THROTTLED), 0);
 }
 
 #[test]

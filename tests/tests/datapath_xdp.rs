@@ -8,9 +8,9 @@
 //! Root only (loading programs needs CAP_BPF and CAP_NET_ADMIN).
 
 use weir_common::{
-    COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, DIR_INGRESS, DROP_REPORT_INTERVAL_NS,
-    DROP_REPORTS_PER_CPU, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED,
-    REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
+    COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, DIR_INGRESS, DROP_REPORTS_PER_CPU,
+    IDENTITY_WORLD, PROTO_TCP, PROTO_UDP, REASON_ESTABLISHED, REASON_PREFILTER_DENIED,
+    REASON_XDP_POLICY_DENIED, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
 };
 use weir_tests::{
     packet::{ETH_P_IP, addr, arp_request, ethernet, ipv4_fragment, ping, pong, tcp_header, udp},
@@ -199,12 +199,6 @@ fn non_ip_fragments_and_traffic_not_for_a_local_pod_pass() {
     assert!(dp.events().is_empty());
 }
 
-/// How many report intervals a stretch of time from `start` until now touches: the most reports
-/// one kind of drop can get in it.
-fn intervals_since(start: u64) -> usize {
-    ((coarse_now_ns() - start) / DROP_REPORT_INTERVAL_NS + 1) as usize
-}
-
 /// A flood of denied packets is counted packet by packet, but each kind of drop (source,
 /// destination address and port, reason) is reported once per interval, not once per packet;
 /// a new kind is reported at once, and the drops not reported are counted.
@@ -221,7 +215,7 @@ fn a_flood_of_denied_packets_is_counted_exactly_and_reported_once_per_kind() {
     }
     // A third kind: another port.
     assert_eq!(dp.xdp(&syn(REMOTE, 40_000, POD_B, 82)), XDP_DROP);
-    let intervals = intervals_since(start);
+    let intervals = report_intervals_since(start);
 
     assert_eq!(
         dp.counter(REASON_XDP_POLICY_DENIED),
@@ -285,7 +279,7 @@ fn a_flood_from_ever_new_sources_is_reported_within_the_cpus_budget() {
         let source = format!("10.200.{}.{}", n / 250, n % 250 + 1);
         assert_eq!(dp.xdp(&syn(&source, 40_000, POD_A, 80)), XDP_DROP);
     }
-    let intervals = intervals_since(start);
+    let intervals = report_intervals_since(start);
     assert_eq!(dp.counter(REASON_PREFILTER_DENIED), u64::from(SOURCES));
     let events = dp.events();
     let budget = DROP_REPORTS_PER_CPU as usize;

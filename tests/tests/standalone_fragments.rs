@@ -285,11 +285,12 @@ fn large_udp_datagrams_follow_the_port_rule_over_both_families() {
             agent.log_text()
         );
         // The large one to the refused port: every fragment is dropped at b, with the
-        // datagram's ports, as the policy's denial.
+        // datagram's ports, as the policy's denial. The fragments' drops are one kind of drop:
+        // the first is reported, the others counted (`weir_events_throttled_total`).
         assert_eq!(exchange(&pod_a, sport, refused, LARGE), None, "{family}");
         let drops = wait_for_flows(
             &dirs.state,
-            LARGE_FRAGMENTS,
+            1,
             &format!("{family}: the fragments of the refused datagram"),
             &agent,
             |r| {
@@ -306,10 +307,9 @@ fn large_udp_datagrams_follow_the_port_rule_over_both_families() {
             assert_eq!(r["direction"], "ingress", "{family}: {r}");
             assert_eq!(r["endpoint"], "frag/b", "{family}: {r}");
         }
-        assert_eq!(
-            drops.len(),
-            LARGE_FRAGMENTS,
-            "{family}: one drop per fragment"
+        assert!(
+            drops.len() <= LARGE_FRAGMENTS,
+            "{family}: at most one report per fragment: {drops:?}"
         );
         // Nothing of it reached b: the admitted port has answered since, the refused one never
         // got a large datagram.

@@ -1,11 +1,10 @@
-//! `WEIR_DROP_REPORTS`: how often `weir_xdp` reports drops, so that a flood of denied packets is
-//! not one ring-buffer event per packet.
+//! `WEIR_DROP_REPORTS`: how often the programs (`weir_xdp` and the tc classifiers alike) report
+//! drops, so that a flood of denied packets is not one ring-buffer event per packet.
 //!
 //! Every drop is still counted exactly (`WEIR_COUNTERS`, per reason). The first drop of each
-//! kind is reported: per source address, destination (address, protocol, port) and reason, at
-//! most one event per `DROP_REPORT_INTERVAL_NS`; and each CPU reports at most
-//! `DROP_REPORTS_PER_CPU` kinds per interval, so that a flood from ever new sources is bounded
-//! too. Drops not reported are counted in `COUNTER_EVENTS_THROTTLED`.
+//! kind is reported: per source address, destination (address, protocol, port), reason and
+//! direction, at most one event per `DROP_REPORT_INTERVAL_NS`; and each CPU reports at most
+//! `DROP_REPORTS_PER_CPU` kinds per interval, so that a flood from ever new sources is bounded too. Drops not reported are counted in `COUNTER_EVENTS_THROTTLED`.
 
 use crate::maps::Addr;
 
@@ -20,7 +19,10 @@ pub struct DropKind {
     pub proto: u8,
     /// `REASON_*`.
     pub reason: u8,
-    pub _pad: u32,
+    /// `DIR_*` of the check that dropped it: a drop at the destination's ingress is not the
+    /// same explanation as one at the source's egress.
+    pub direction: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<DropKind>() == 40);
 

@@ -2,8 +2,9 @@
 //! `MAX_IPV6_EXTENSION_HEADERS` headers), whether the packet is a fragment, and the first bytes of
 //! the transport header, into the 16-byte-address 5-tuple of `CtKey`.
 //!
-//! All reads go through `Packet::load_bytes` (`bpf_skb_load_bytes` at tc, `bpf_xdp_load_bytes` at
-//! XDP), which fails when the packet is shorter than the read: a truncated header is `Malformed`.
+//! The headers every packet has are read with `Packet::load_linear` (directly from the linear part
+//! where it can), the rest with `Packet::load` (the helper); both fail when the packet is shorter
+//! than the read: a truncated header is `Malformed`.
 
 use weir_common::{
     Addr, ECHO_NONE, ECHO_REPLY, ECHO_REQUEST, MAX_IPV6_EXTENSION_HEADERS, PROTO_ICMP,
@@ -100,20 +101,27 @@ fn load<T, C: Packet>(ctx: &C, off: usize) -> Result<T, ParseError> {
     ctx.load::<T>(off).ok_or(ParseError::Malformed)
 }
 
-/// Loads 16 bytes straight into `dst` (no stack temporary).
+/// A read of the headers every packet has: directly where it can (see `packet`).
+#[inline(always)]
+fn load_linear<T, C: Packet>(ctx: &C, off: usize) -> Result<T, ParseError> {
+    ctx.load_linear::<T>(off).ok_or(ParseError::Malformed)
+}
+
+/// Loads 16 bytes straight into `dst` (no stack temporary), directly where it can.
 #[inline(always)]
 fn load_addr<C: Packet>(ctx: &C, off: usize, dst: &mut Addr) -> Result<(), ParseError> {
-    if ctx.load_bytes(off, dst.as_mut_ptr(), dst.len()) {
+    if ctx.load_bytes_linear(off, dst.as_mut_ptr(), dst.len()) {
         Ok(())
     } else {
         Err(ParseError::Malformed)
     }
 }
 
-/// Fails unless the packet holds at least `len` bytes from `off`.
+/// Fails unless the packet holds at least `len` (2 or more) bytes from `off`. It reads the last
+/// two bytes, not the last one (see `Packet::load_linear`).
 #[inline(always)]
 fn require<C: Packet>(ctx: &C, off: usize, len: usize) -> Result<(), ParseError> {
-    load::<u8, C>(ctx, off + len - 1).map(|_| ())
+    load_linear::<[u8; 2], C>(ctx, off + len - 2).map(|_| ())
 }
 
 #[inline(always)]
@@ -240,7 +248,7 @@ pub fn parse<C: Packet>(ctx: &C, key: &mut KeyBuf) -> Result<Parsed, ParseError>
 /// frame a tunnel carries) into `key`, which must be zeroed.
 #[inline(always)]
 pub fn parse_at<C: Packet>(ctx: &C, base: usize, key: &mut KeyBuf) -> Result<Parsed, ParseError> {
-    let eth_type: [u8; 2] = load(ctx, base + 12)?;
+    let eth_type: [u8; 2] = load_linear(ctx, base + 12)?;
     match u16::from_be_bytes(eth_type) {
         ETH_P_IP => parse_ip(ctx, base + ETH_HLEN, false, false, key),
         ETH_P_IPV6 => parse_ip(ctx, base + ETH_HLEN, true, false, key),
@@ -290,13 +298,13 @@ pub fn parse_ip<C: Packet>(
     // always carries its router alert there (RFC 2710, 3810); behind anything else, none.
     let mut link_local_types = (true, true);
     if v6 {
-        let vtc: u8 = load(ctx, off)?;
-        if vtc >> 4 != 6 {
+        // Version, traffic class, flow label, payload length, next header, hop limit.
+        let fixed: [u8; 8] = load_linear(ctx, off)?;
+        if fixed[0] >> 4 != 6 {
             return Err(ParseError::Malformed);
         }
         require(ctx, off, IPV6_HLEN)?;
-        // Next header, hop limit.
-        let nh_hl: [u8; 2] = load(ctx, off + 6)?;
+        let nh_hl = [fixed[6], fixed[7]];
         parsed.ttl_check = [nh_hl[1], 0, 0, 0];
         load_addr(ctx, off + 8, &mut buf.key.saddr)?;
         load_addr(ctx, off + 24, &mut buf.key.daddr)?;
@@ -312,7 +320,7 @@ pub fn parse_ip<C: Packet>(
             link_local_types = (false, false);
         }
     } else {
-        let hdr: [u8; IPV4_MIN_HLEN] = load(ctx, off)?;
+        let hdr: [u8; IPV4_MIN_HLEN] = load_linear(ctx, off)?;
         if hdr[0] >> 4 != 4 {
             return Err(ParseError::Malformed);
         }
@@ -382,10 +390,10 @@ pub fn parse_ip<C: Packet>(
     // ports); the longer ones are checked by their last byte, to keep the stack short.
     let first_word: [u8; 4] = match proto {
         _ if inner => load(ctx, l4)?,
-        PROTO_UDP => first_four(load::<[u8; 8], C>(ctx, l4)?),
+        PROTO_UDP => first_four(load_linear::<[u8; 8], C>(ctx, l4)?),
         PROTO_TCP => {
             require(ctx, l4, 20)?;
-            load(ctx, l4)?
+            load_linear(ctx, l4)?
         }
         _ => {
             require(ctx, l4, 12)?;

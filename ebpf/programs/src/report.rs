@@ -4,11 +4,14 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
 };
-use weir_common::{COUNTER_EVENTS_LOST, CtKey, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent};
+use weir_common::{
+    COUNTER_EVENTS_LOST, COUNTER_EVENTS_THROTTLED, CtKey, VERDICT_ALLOW, VERDICT_DROP, VerdictEvent,
+};
 
 use crate::{
     debug_log,
     maps::{WEIR_COUNTERS, WEIR_EVENTS},
+    throttle::report_drop,
 };
 
 /// What a hook decided for a packet: the tc action and the reason it was counted under.
@@ -78,11 +81,23 @@ pub fn emit(r: &Report<'_>, verdict: u8, reason: u8) {
     }
 }
 
-/// Counts `reason`, reports the drop, and returns the drop verdict.
+/// Counts a drop for `reason` and reports it, unless the same kind of drop was reported within
+/// the interval (or this CPU's report budget is spent; see `throttle`): a flood of denied packets
+/// is not one event per packet. A drop not reported is counted as throttled.
+#[inline(always)]
+pub fn count_and_report_drop(r: &Report<'_>, reason: u8) {
+    count(reason as u32);
+    if report_drop(r.key, reason, r.direction) {
+        emit(r, VERDICT_DROP, reason);
+    } else {
+        count(COUNTER_EVENTS_THROTTLED);
+    }
+}
+
+/// Counts and (throttled) reports the drop, and returns the drop verdict.
 #[inline(always)]
 pub fn drop_packet(r: &Report<'_>, reason: u8) -> Verdict {
-    count(reason as u32);
-    emit(r, VERDICT_DROP, reason);
+    count_and_report_drop(r, reason);
     Verdict {
         action: TC_ACT_SHOT as i32,
         reason,

@@ -1,5 +1,5 @@
-//! How often `weir_xdp` reports a drop (see `weir_common::throttle`): the first drop of each kind
-//! (source, destination address, protocol and port, reason) in an interval, and at most
+//! How often a program reports a drop (see `weir_common::throttle`): the first drop of each kind
+//! (source, destination address, protocol and port, reason, direction) in an interval, and at most
 //! `DROP_REPORTS_PER_CPU` kinds per CPU in an interval. The counters stay exact: the caller counts
 //! every drop, and a drop not reported in `COUNTER_EVENTS_THROTTLED`.
 
@@ -8,10 +8,14 @@ use weir_common::{CtKey, DROP_REPORT_INTERVAL_NS, DROP_REPORTS_PER_CPU, DropKind
 
 use crate::maps::{WEIR_DROP_BUDGET, WEIR_DROP_REPORTS};
 
-/// Whether this drop of the packet with tuple `key` for `reason` is to be reported; if so, it
-/// is remembered as reported now.
-#[inline(always)]
-pub fn report_drop(key: &CtKey, reason: u8) -> bool {
+/// Whether this drop of the packet with tuple `key` for `reason`, by the check of `direction`, is
+/// to be reported; if so, it is remembered as reported now.
+///
+/// A function of its own (a BPF-to-BPF call), not inlined: its key then takes the stack only
+/// while it runs, not in the frame of the classifiers, which are at the verifier's stack limit
+/// with aya-log on. A drop is off the hot path.
+#[inline(never)]
+pub fn report_drop(key: &CtKey, reason: u8, direction: u8) -> bool {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let kind = DropKind {
@@ -20,7 +24,8 @@ pub fn report_drop(key: &CtKey, reason: u8) -> bool {
         dport: key.dport,
         proto: key.proto,
         reason,
-        _pad: 0,
+        direction,
+        _pad: [0; 3],
     };
     if let Some(last) = WEIR_DROP_REPORTS.get_ptr(&kind) {
         // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.

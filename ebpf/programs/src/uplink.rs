@@ -30,9 +30,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use weir_common::{
-    AddrKey, COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED,
-    VERDICT_DROP,
+    AddrKey, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED,
 };
 
 use crate::{
@@ -41,8 +40,7 @@ use crate::{
     packet::Packet,
     parse::{Class, Fragment, Parsed, parse, parse_at},
     policy::{evaluate, resolve_peer, subject_policy},
-    report::{Report, count, emit},
-    throttle::report_drop,
+    report::{Report, count, count_and_report_drop},
 };
 
 /// Full-length prefix of a 16-byte address.
@@ -57,18 +55,6 @@ const VXLAN_FLAG_VNI: u8 = 0x08;
 fn pass() -> u32 {
     count(COUNTER_XDP_PASSED);
     XDP_PASS
-}
-
-/// Counts the drop and reports it, unless the same kind of drop was reported within the interval
-/// (or this CPU's report budget is spent): a flood is not one event per packet.
-#[inline(always)]
-fn drop_packet(r: &Report<'_>, reason: u8) {
-    count(reason as u32);
-    if report_drop(r.key, reason) {
-        emit(r, VERDICT_DROP, reason);
-    } else {
-        count(COUNTER_EVENTS_THROTTLED);
-    }
 }
 
 /// Whether conntrack has the packet's connection as the reply direction (`key` reversed): a
@@ -170,7 +156,7 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
             peer: resolve_peer(&key.saddr).reported(),
             rule: entry.entry,
         };
-        drop_packet(&r, REASON_PREFILTER_DENIED);
+        count_and_report_drop(&r, REASON_PREFILTER_DENIED);
         return Filtered::Dropped;
     }
 
@@ -200,6 +186,6 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
         peer: eval.peer,
         rule: 0,
     };
-    drop_packet(&r, REASON_XDP_POLICY_DENIED);
+    count_and_report_drop(&r, REASON_XDP_POLICY_DENIED);
     Filtered::Dropped
 }
