@@ -506,6 +506,35 @@ fn in_process_baseline(
     Ok(Samples::new(samples))
 }
 
+/// The local pods' addresses as the IPAM hands them out (the pod CIDR's hosts in order), for
+/// measurements without the agent.
+fn synthetic_local() -> BTreeMap<ObjectKey, Vec<IpAddr>> {
+    let base = u32::from(Ipv4Addr::new(10, 199, 0, 2));
+    (0..PODS)
+        .filter(|&i| is_local(i))
+        .enumerate()
+        .map(|(k, i)| {
+            let key = ObjectKey::new(namespace_of_group(group_of(i)), format!("p{i}"));
+            (key, vec![IpAddr::V4(Ipv4Addr::from(base + k as u32))])
+        })
+        .collect()
+}
+
+/// Where the agent's heap goes with this cluster (see [`super::heap`]), without an agent: the
+/// scale bench's manifests directory read by the agent's own source, compiler and writer.
+pub fn heap() -> anyhow::Result<()> {
+    let files = manifest_files(&probe_policies());
+    let dir = std::env::temp_dir().join(format!("weir-scale-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in &files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    drop(files);
+    let result = super::heap::attribute(&dir, NODE, &synthetic_local());
+    std::fs::remove_dir_all(&dir)?;
+    result
+}
+
 pub fn run(rounds: usize) -> anyhow::Result<()> {
     let probes = probe_policies();
     anyhow::ensure!(!probes.is_empty(), "no policy selects a local pod");
@@ -646,5 +675,5 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         rss,
         idle_percent
     );
-    Ok(())
+    heap()
 }

@@ -2,6 +2,11 @@
 
 use weir_tests::bench;
 
+/// Counts live bytes for the heap attribution of `scale` (an atomic add per allocation).
+#[global_allocator]
+static ALLOCATOR: bench::heap::CountingAllocator<std::alloc::System> =
+    bench::heap::CountingAllocator(std::alloc::System);
+
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
     let all = which == "all";
@@ -34,6 +39,11 @@ fn main() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(100);
         bench::scale::run(rounds)?;
+        ran = true;
+    }
+    if which == "scale-heap" {
+        // The heap attribution alone (also printed by "scale").
+        bench::scale::heap()?;
         ran = true;
     }
     if all || which == "idle" {
