@@ -292,6 +292,7 @@ pub fn merge_imports(state: &ClusterState, imports: &[Arc<ImportView>]) -> Clust
                     },
                     rejected: None,
                 }
+                .into()
             });
         }
         for (addr, id) in &view.endpoints {
@@ -318,7 +319,8 @@ pub fn merge_imports(state: &ClusterState, imports: &[Arc<ImportView>]) -> Clust
                         }],
                         phase: Some("Running".into()),
                     },
-                },
+                }
+                .into(),
             );
         }
     }

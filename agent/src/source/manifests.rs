@@ -101,6 +101,28 @@ fn first_definitions(objects: &[Object]) -> BTreeMap<ObjectRef, usize> {
     first
 }
 
+/// The objects of a file read again, each replaced by its previous definition in the file
+/// when equal to it: an object that did not change stays one allocation, shared with the state
+/// and whoever holds what the state handed on.
+fn reuse_unchanged(
+    previous: &[Object],
+    previous_first: &BTreeMap<ObjectRef, usize>,
+    objects: Vec<Object>,
+) -> Vec<Object> {
+    objects
+        .into_iter()
+        .map(|object| {
+            match previous_first
+                .get(&object.object_ref())
+                .map(|&i| &previous[i])
+            {
+                Some(before) if *before == object => before.clone(),
+                _ => object,
+            }
+        })
+        .collect()
+}
+
 /// What a scan found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -256,14 +278,15 @@ impl ManifestDir {
                     file.stamp = stamp;
                     file.content = hash;
                     file.fingerprint = fingerprint;
-                    if file.objects != parsed.objects {
+                    let objects = reuse_unchanged(&file.objects, &file.first, parsed.objects);
+                    if file.objects != objects {
                         report.changed = true;
-                        let first = first_definitions(&parsed.objects);
+                        let first = first_definitions(&objects);
                         unregister(&mut self.definers, &file.first, file.first_seen);
                         register(&mut self.definers, &first, file.first_seen, &path);
                         touched.extend(file.first.keys().cloned());
                         touched.extend(first.keys().cloned());
-                        file.objects = parsed.objects;
+                        file.objects = objects;
                         file.first = first;
                     }
                 }
@@ -575,6 +598,7 @@ mod tests {
     use std::{fmt::Write as _, fs::File, time::SystemTime};
 
     use super::*;
+    use weir_policy::model::ObjectKey;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n";
 
@@ -636,6 +660,46 @@ mod tests {
         assert_eq!(state.namespaces["x"].metadata.labels["team"], "b");
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         assert!(source.scan().unwrap().namespaces.is_empty());
+    }
+
+    /// One allocation per object: the state handed out, the delta and the file's parsed
+    /// objects share it, and a rewrite of one object leaves the others shared.
+    #[test]
+    fn the_state_and_the_files_share_each_object() {
+        let tmp = TempDir::new("shared");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(3, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        let state = source.scan().unwrap();
+        let file = &source.files[&path];
+        for object in &file.objects {
+            let Object::NetworkPolicy(parsed) = object else {
+                panic!("a policy");
+            };
+            let key = ObjectKey::new("x", parsed.metadata.name.clone());
+            assert!(Arc::ptr_eq(parsed, &state.policies[&key]));
+            assert!(Arc::ptr_eq(parsed, &source.state.policies[&key]));
+        }
+        std::fs::write(&path, policies(3, 81)).unwrap();
+        source.mark_dirty(&path);
+        source.rescan().unwrap();
+        let delta: Vec<_> = source.take_delta().into_iter().collect();
+        assert_eq!(delta.len(), 1, "only p0 changed");
+        let (ObjectRef::NetworkPolicy(changed), Some(Object::NetworkPolicy(now))) = &delta[0]
+        else {
+            panic!("p0 changed: {delta:?}");
+        };
+        assert_eq!(changed.name, "p0");
+        assert!(Arc::ptr_eq(now, &source.state.policies[changed]));
+        let unchanged = ObjectKey::new("x", "p1");
+        assert!(Arc::ptr_eq(
+            &state.policies[&unchanged],
+            &source.state.policies[&unchanged]
+        ));
+        assert!(!Arc::ptr_eq(
+            &state.policies[changed],
+            &source.state.policies[changed]
+        ));
     }
 
     #[test]

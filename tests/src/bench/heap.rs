@@ -17,8 +17,7 @@ use weir_agent::{
     source::manifests::ManifestDir,
 };
 use weir_policy::{
-    compile::CompileInput, identity::IdentityAllocator, incremental::Incremental,
-    model::ObjectKey,
+    compile::CompileInput, identity::IdentityAllocator, incremental::Incremental, model::ObjectKey,
 };
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -52,7 +51,10 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAllocator<A> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = unsafe { self.0.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
         }
         p
     }
@@ -92,7 +94,10 @@ pub fn attribute(
         "manifests source (its files' objects, its state, indexes)",
         live_bytes() - start - one_state,
     ));
-    rows.push(("reconcile task's merged state (one ClusterState)", one_state));
+    rows.push((
+        "reconcile task's merged state (one ClusterState)",
+        one_state,
+    ));
 
     let input = CompileInput {
         state: merged,
