@@ -140,9 +140,11 @@ pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, ParsedFile>,
     next_seen: u64,
-    /// The files that define each object, by the order they were first seen: the first one's
-    /// definition is in `state`.
-    definers: BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    /// The files that define each object, by the order they were first seen (`first_seen`):
+    /// the first one's definition is in `state`.
+    definers: BTreeMap<ObjectRef, Definers>,
+    /// Each file by the order it was first seen.
+    seen: BTreeMap<u64, PathBuf>,
     /// The state the files describe, updated per object as files change (boxed: it is
     /// large, and the directory is held by value until it is followed).
     state: Box<ClusterState>,
@@ -172,6 +174,7 @@ impl ManifestDir {
             files: BTreeMap::new(),
             next_seen: 0,
             definers: BTreeMap::new(),
+            seen: BTreeMap::new(),
             state: Box::default(),
             pending: StateDelta::default(),
             reported_duplicates: BTreeSet::new(),
@@ -283,7 +286,7 @@ impl ManifestDir {
                         report.changed = true;
                         let first = first_definitions(&objects);
                         unregister(&mut self.definers, &file.first, file.first_seen);
-                        register(&mut self.definers, &first, file.first_seen, &path);
+                        register(&mut self.definers, &first, file.first_seen);
                         touched.extend(file.first.keys().cloned());
                         touched.extend(first.keys().cloned());
                         file.objects = objects;
@@ -298,7 +301,8 @@ impl ManifestDir {
                     report.changed = true;
                     self.next_seen += 1;
                     let first = first_definitions(&parsed.objects);
-                    register(&mut self.definers, &first, self.next_seen, &path);
+                    register(&mut self.definers, &first, self.next_seen);
+                    self.seen.insert(self.next_seen, path.clone());
                     touched.extend(first.keys().cloned());
                     self.files.insert(
                         path,
@@ -315,11 +319,12 @@ impl ManifestDir {
             }
         }
         let before = self.files.len();
-        let definers = &mut self.definers;
+        let (definers, seen) = (&mut self.definers, &mut self.seen);
         self.files.retain(|path, file| {
             let keep = present.contains(path);
             if !keep {
                 unregister(definers, &file.first, file.first_seen);
+                seen.remove(&file.first_seen);
                 touched.extend(file.first.keys().cloned());
             }
             keep
@@ -366,7 +371,7 @@ impl ManifestDir {
             self.state.remove(what);
             return;
         };
-        let mut definers = definers.values();
+        let mut definers = definers.0.iter().map(|seen| &self.seen[seen]);
         let winner = definers
             .next()
             .expect("an object's definers are never empty");
@@ -384,30 +389,51 @@ impl ManifestDir {
     }
 }
 
+/// The files that define one object, as the order each was first seen, ascending. Almost
+/// always one file: a sorted vector of those numbers (the paths are in [`ManifestDir`]'s
+/// `seen`, once per file) holds it in a few bytes, where a map of paths per object would
+/// hold a tree node and a copy of the path for every object of the directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Definers(Vec<u64>);
+
+impl Definers {
+    fn insert(&mut self, seen: u64) {
+        if let Err(at) = self.0.binary_search(&seen) {
+            self.0.insert(at, seen);
+        }
+    }
+
+    fn remove(&mut self, seen: u64) {
+        if let Ok(at) = self.0.binary_search(&seen) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Records that the file first seen at `seen` defines `objects`.
 fn register(
-    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    definers: &mut BTreeMap<ObjectRef, Definers>,
     objects: &BTreeMap<ObjectRef, usize>,
     seen: u64,
-    path: &Path,
 ) {
     for what in objects.keys() {
-        definers
-            .entry(what.clone())
-            .or_default()
-            .insert(seen, path.to_owned());
+        definers.entry(what.clone()).or_default().insert(seen);
     }
 }
 
 /// Records that the file first seen at `seen` no longer defines `objects`.
 fn unregister(
-    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    definers: &mut BTreeMap<ObjectRef, Definers>,
     objects: &BTreeMap<ObjectRef, usize>,
     seen: u64,
 ) {
     for what in objects.keys() {
         if let Some(files) = definers.get_mut(what) {
-            files.remove(&seen);
+            files.remove(seen);
             if files.is_empty() {
                 definers.remove(what);
             }
@@ -700,6 +726,20 @@ mod tests {
             &state.policies[changed],
             &source.state.policies[changed]
         ));
+    }
+
+    #[test]
+    fn definers_keep_the_order_first_seen_and_each_file_once() {
+        let mut d = Definers::default();
+        d.insert(7);
+        d.insert(3);
+        d.insert(7);
+        assert_eq!(d.0, [3, 7]);
+        d.remove(3);
+        d.remove(99);
+        assert_eq!(d.0, [7]);
+        d.remove(7);
+        assert!(d.is_empty());
     }
 
     #[test]
