@@ -137,7 +137,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (
             first_state,
             fingerprint,
-            Source::Manifests(source),
+            Source::Manifests(Box::new(source)),
             pod_cidrs,
         )
     };
@@ -253,7 +253,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Source::Manifests(source) => {
             let (states_tx, states_rx) = mpsc::channel(4);
             tokio::spawn(async move {
-                if let Err(e) = follow(source, states_tx, Duration::from_secs(2)).await {
+                if let Err(e) = follow(*source, states_tx, Duration::from_secs(2)).await {
                     tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
                 }
             });
@@ -343,7 +343,7 @@ async fn imports_changed(imports: &mut Option<tokio::sync::watch::Receiver<u64>>
 
 /// Where the cluster state comes from after the first one.
 enum Source {
-    Manifests(ManifestDir),
+    Manifests(Box<ManifestDir>),
     Kubernetes(mpsc::Receiver<ClusterState>),
 }
 

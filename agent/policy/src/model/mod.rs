@@ -1,6 +1,7 @@
 //! Kubernetes objects as the compiler reads them, and the cluster state they add up to.
 
 mod delta;
+mod labels;
 mod mesh_peer;
 mod objects;
 mod parse;
@@ -8,6 +9,7 @@ mod parse;
 use std::{collections::BTreeMap, sync::Arc};
 
 pub use delta::StateDelta;
+pub use labels::Labels;
 pub use mesh_peer::*;
 pub use objects::*;
 pub use parse::{

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::Labels;
+
 /// `metadata` of any object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -227,7 +229,7 @@ pub enum IntOrString {
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, deserialize_with = "null_default")]
-    pub match_labels: BTreeMap<String, String>,
+    pub match_labels: Labels,
     #[serde(default, deserialize_with = "null_default")]
     pub match_expressions: Vec<LabelSelectorRequirement>,
 }
