@@ -37,6 +37,7 @@ use weir_policy::model::{ClusterState, ObjectRef, StateDelta};
 /// agent's RSS kept the high-water mark of several compiles, even with one arena per process)
 /// and spends much of a compile consolidating free chunks. mimalloc returns freed pages to the
 /// system and allocates small objects faster; the README's scale benchmark has both measured.
+/// Built without transparent huge pages (`no_thp`; `MIMALLOC_ALLOW_THP=1` turns them back on).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
