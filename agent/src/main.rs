@@ -37,6 +37,7 @@ use weir_policy::model::{ClusterState, ObjectRef, StateDelta};
 /// agent's RSS kept the high-water mark of several compiles, even with one arena per process)
 /// and spends much of a compile consolidating free chunks. mimalloc returns freed pages to the
 /// system and allocates small objects faster; the README's scale benchmark has both measured.
+/// Built without transparent huge pages (`no_thp`; `MIMALLOC_ALLOW_THP=1` turns them back on).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -137,7 +138,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (
             first_state,
             fingerprint,
-            Source::Manifests(source),
+            Source::Manifests(Box::new(source)),
             pod_cidrs,
         )
     };
@@ -253,7 +254,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Source::Manifests(source) => {
             let (states_tx, states_rx) = mpsc::channel(4);
             tokio::spawn(async move {
-                if let Err(e) = follow(source, states_tx, Duration::from_secs(2)).await {
+                if let Err(e) = follow(*source, states_tx, Duration::from_secs(2)).await {
                     tracing::error!(error = %e, "following the manifests directory stopped; enforcement stays as last applied");
                 }
             });
@@ -343,7 +344,7 @@ async fn imports_changed(imports: &mut Option<tokio::sync::watch::Receiver<u64>>
 
 /// Where the cluster state comes from after the first one.
 enum Source {
-    Manifests(ManifestDir),
+    Manifests(Box<ManifestDir>),
     Kubernetes(mpsc::Receiver<ClusterState>),
 }
 

@@ -167,7 +167,7 @@ mod tests {
                 else {
                     panic!("a namespace");
                 };
-                namespace.metadata.name = name.to_owned();
+                std::sync::Arc::make_mut(&mut namespace).metadata.name = name.to_owned();
                 state.apply(Object::Namespace(namespace));
             }
         }
@@ -180,8 +180,9 @@ mod tests {
                 let Some(Ok(Object::Pod(mut pod))) = parse_documents(&yaml, "test").pop() else {
                     panic!("a pod");
                 };
-                pod.metadata.name = name.to_owned();
-                pod.metadata.namespace = Some(namespace.to_owned());
+                let edited = std::sync::Arc::make_mut(&mut pod);
+                edited.metadata.name = name.to_owned();
+                edited.metadata.namespace = Some(namespace.to_owned());
                 state.apply(Object::Pod(pod));
             }
         }
@@ -222,7 +223,7 @@ mod tests {
     #[test]
     fn merging_the_imports_per_object_equals_merge_imports() {
         let mut source = random_state(&mut || 0);
-        source.apply(Object::Pod(weir_policy::model::Pod {
+        source.apply(Object::from(weir_policy::model::Pod {
             metadata: weir_policy::model::ObjectMeta {
                 name: "10.245.0.5".into(),
                 namespace: Some("east/pay".into()),
@@ -231,7 +232,7 @@ mod tests {
             ..Default::default()
         }));
         let mut namespace = source.namespaces["a"].clone();
-        namespace.metadata.name = "east/pay".into();
+        std::sync::Arc::make_mut(&mut namespace).metadata.name = "east/pay".into();
         source.apply(Object::Namespace(namespace));
         let views = views();
         let expected = crate::mesh::merge_imports(&source, &views);

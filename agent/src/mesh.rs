@@ -292,6 +292,7 @@ pub fn merge_imports(state: &ClusterState, imports: &[Arc<ImportView>]) -> Clust
                     },
                     rejected: None,
                 }
+                .into()
             });
         }
         for (addr, id) in &view.endpoints {
@@ -318,7 +319,8 @@ pub fn merge_imports(state: &ClusterState, imports: &[Arc<ImportView>]) -> Clust
                         }],
                         phase: Some("Running".into()),
                     },
-                },
+                }
+                .into(),
             );
         }
     }
@@ -891,7 +893,10 @@ mod tests {
              apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: dev, labels: {app: web}}\nstatus: {podIPs: [{ip: 10.1.0.6}]}\n",
         );
         let sel = Selector::from_label_selector(&weir_policy::model::LabelSelector {
-            match_labels: BTreeMap::from([("mesh.weir.io/export".into(), "true".into())]),
+            match_labels: weir_policy::model::Labels::from([(
+                "mesh.weir.io/export".into(),
+                "true".into(),
+            )]),
             ..Default::default()
         })
         .unwrap();

@@ -54,18 +54,20 @@ impl Cluster for Offline {
     }
 
     fn add_pod_labels(&mut self, ns: &str, name: &str, labels: &[(&str, &str)]) {
-        let pod = self
-            .state
-            .pods
-            .get_mut(&ObjectKey::new(ns, name))
-            .expect("a pod of the case");
+        let pod = std::sync::Arc::make_mut(
+            self.state
+                .pods
+                .get_mut(&ObjectKey::new(ns, name))
+                .expect("a pod of the case"),
+        );
         for (k, v) in labels {
             pod.metadata.labels.insert(k.to_string(), v.to_string());
         }
     }
 
     fn add_namespace_label(&mut self, ns: &str, key: &str, value: &str) {
-        let namespace = self.state.namespaces.get_mut(ns).expect("a namespace");
+        let namespace =
+            std::sync::Arc::make_mut(self.state.namespaces.get_mut(ns).expect("a namespace"));
         namespace
             .metadata
             .labels

@@ -35,6 +35,9 @@ pub enum Benchmark {
     /// Only the scale bench's in-process cases (the compile path per event, no agent; not in
     /// `all`).
     ScaleInProcess,
+    /// Only the scale bench's heap attribution: the bytes each of the agent's structures holds
+    /// at rest, built in the bench process (not in `all`).
+    ScaleHeap,
     /// Drop rate of a flood of denied packets: XDP vs tc vs an iptables raw rule.
     Xdp,
     /// A label change in one cluster until enforced in another, and the first sync of 10,000

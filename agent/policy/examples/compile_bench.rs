@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 use serde_json::json;
 use weir_policy::{
     CompileInput, IdentityAllocator,
-    model::{ClusterState, NetworkPolicy, Object, ObjectKey, Pod},
+    model::{ClusterState, Namespace, NetworkPolicy, ObjectKey, Pod},
 };
 
 /// `distinct`: every policy gets its own ipBlock (10k CIDR prefixes at 10k policies) and no two
@@ -17,11 +17,11 @@ fn cluster(pods: usize, policies: usize, namespaces: usize, distinct: bool) -> C
     let mut state = ClusterState::default();
     let mut local_endpoints = BTreeMap::new();
     for n in 0..namespaces {
-        state.apply(Object::Namespace(
+        let namespace: Namespace =
             serde_json::from_value(json!({"metadata": {"name": format!("ns{n}"),
                 "labels": {"team": format!("t{}", n % 7)}}}))
-            .expect("namespace"),
-        ));
+            .expect("namespace");
+        state.apply(namespace.into());
     }
     for i in 0..pods {
         let ns = format!("ns{}", i % namespaces);
@@ -40,7 +40,7 @@ fn cluster(pods: usize, policies: usize, namespaces: usize, distinct: bool) -> C
         if node == "n1" {
             local_endpoints.insert(ObjectKey::new(&ns, format!("p{i}")), vec![addr]);
         }
-        state.apply(Object::Pod(pod));
+        state.apply(pod.into());
     }
     for j in 0..policies {
         let ns = format!("ns{}", j % namespaces);
@@ -75,7 +75,7 @@ fn cluster(pods: usize, policies: usize, namespaces: usize, distinct: bool) -> C
             }
         }))
         .expect("policy");
-        state.apply(Object::NetworkPolicy(p));
+        state.apply(p.into());
     }
     CompileInput {
         state,

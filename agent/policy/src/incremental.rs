@@ -139,10 +139,10 @@ struct AddressIndex {
     /// Identity → how many pods carry it.
     uses: HashMap<u32, usize>,
     /// Address → the non-local pods claiming it (the first one wins).
-    claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    claims: HashMap<IpAddr, Claimants>,
     /// Addresses of local endpoints → the pods wired with them (the first one wins, as in a
     /// compile): theirs whatever other pods claim.
-    local_claims: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    local_claims: HashMap<IpAddr, Claimants>,
     /// The local endpoints' addresses of each pod, as last compiled.
     local_of: HashMap<ObjectKey, Vec<IpAddr>>,
     /// Node `InternalIP`s and their identity (the first node by name wins, as in a compile).
@@ -150,6 +150,35 @@ struct AddressIndex {
     /// Some policy may make pod addresses CIDR prefixes (named port and ipBlock in one egress
     /// rule): then every pod event compiles in full.
     addresses_in_cidrs: bool,
+}
+
+/// The pods claiming one address, in key order. Almost always one pod: a sorted vector holds
+/// it in a fraction of the memory of a `BTreeSet`'s node, and the rare address claimed by a
+/// few pods costs a shift.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Claimants(Vec<ObjectKey>);
+
+impl Claimants {
+    fn insert(&mut self, key: ObjectKey) {
+        if let Err(at) = self.0.binary_search(&key) {
+            self.0.insert(at, key);
+        }
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        if let Ok(at) = self.0.binary_search(key) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The claimant that wins: the first by namespace/name.
+    fn first(&self) -> Option<&ObjectKey> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The ipcache entries an event changes: prefix → its new identity, `None` to delete.
@@ -455,5 +484,26 @@ impl AddressIndex {
             }
         }
         Some(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claimants_keep_key_order_and_each_key_once() {
+        let mut c = Claimants::default();
+        assert!(c.is_empty() && c.first().is_none());
+        c.insert(ObjectKey::new("b", "p"));
+        c.insert(ObjectKey::new("a", "q"));
+        c.insert(ObjectKey::new("b", "p"));
+        assert_eq!(c.0, [ObjectKey::new("a", "q"), ObjectKey::new("b", "p")]);
+        assert_eq!(c.first(), Some(&ObjectKey::new("a", "q")));
+        c.remove(&ObjectKey::new("a", "q"));
+        assert_eq!(c.first(), Some(&ObjectKey::new("b", "p")));
+        c.remove(&ObjectKey::new("x", "absent"));
+        c.remove(&ObjectKey::new("b", "p"));
+        assert!(c.is_empty());
     }
 }

@@ -88,6 +88,7 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Labels;
 
     #[test]
     fn operators() {
@@ -112,7 +113,7 @@ mod tests {
         let mut remote = local.clone();
         remote.insert(CLUSTER_LABEL.to_owned(), "east".to_owned());
         let team = Selector::from_label_selector(&LabelSelector {
-            match_labels: BTreeMap::from([("team".to_owned(), "pay".to_owned())]),
+            match_labels: Labels::from([("team".to_owned(), "pay".to_owned())]),
             ..LabelSelector::default()
         })
         .unwrap();
@@ -126,7 +127,7 @@ mod tests {
             "{{}} is local only"
         );
         let east_team = Selector::from_label_selector(&LabelSelector {
-            match_labels: BTreeMap::from([
+            match_labels: Labels::from([
                 ("team".to_owned(), "pay".to_owned()),
                 (CLUSTER_LABEL.to_owned(), "east".to_owned()),
             ]),

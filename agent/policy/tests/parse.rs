@@ -69,7 +69,7 @@ fn policy_types_defaulting() {
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec: {spec}\n"
         );
         match ok(&text).remove(0) {
-            Object::NetworkPolicy(p) => p.spec.policy_types.unwrap(),
+            Object::NetworkPolicy(p) => p.spec.policy_types.clone().unwrap(),
             _ => panic!("policy"),
         }
     };

@@ -445,10 +445,7 @@ spec: {{podSelector: {{}}, ingress: [{{ports: [{{port: 443}}]}}]}}
         2
     );
     // Relabel b: no policy change, a recompile.
-    state
-        .pods
-        .get_mut(&ObjectKey::new("default", "b"))
-        .unwrap()
+    std::sync::Arc::make_mut(state.pods.get_mut(&ObjectKey::new("default", "b")).unwrap())
         .metadata
         .labels
         .insert("app".into(), "z".into());
@@ -489,10 +486,7 @@ spec: {{podSelector: {{}}, ingress: [{{from: [{{namespaceSelector: {{matchLabels
     let mut state = state_from_yaml(&text);
     let c = compile_local(&state, &[("default", "a", &["10.1.0.1"])]);
     assert!(allow(&c, DIR_INGRESS, "10.1.0.1", "10.1.0.2", PROTO_TCP, 1));
-    state
-        .namespaces
-        .get_mut("other")
-        .unwrap()
+    std::sync::Arc::make_mut(state.namespaces.get_mut("other").unwrap())
         .metadata
         .labels
         .insert("env".into(), "dev".into());

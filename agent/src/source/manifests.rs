@@ -101,6 +101,28 @@ fn first_definitions(objects: &[Object]) -> BTreeMap<ObjectRef, usize> {
     first
 }
 
+/// The objects of a file read again, each replaced by its previous definition in the file
+/// when equal to it: an object that did not change stays one allocation, shared with the state
+/// and whoever holds what the state handed on.
+fn reuse_unchanged(
+    previous: &[Object],
+    previous_first: &BTreeMap<ObjectRef, usize>,
+    objects: Vec<Object>,
+) -> Vec<Object> {
+    objects
+        .into_iter()
+        .map(|object| {
+            match previous_first
+                .get(&object.object_ref())
+                .map(|&i| &previous[i])
+            {
+                Some(before) if *before == object => before.clone(),
+                _ => object,
+            }
+        })
+        .collect()
+}
+
 /// What a scan found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -118,9 +140,11 @@ pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, ParsedFile>,
     next_seen: u64,
-    /// The files that define each object, by the order they were first seen: the first one's
-    /// definition is in `state`.
-    definers: BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    /// The files that define each object, by the order they were first seen (`first_seen`):
+    /// the first one's definition is in `state`.
+    definers: BTreeMap<ObjectRef, Definers>,
+    /// Each file by the order it was first seen.
+    seen: BTreeMap<u64, PathBuf>,
     /// The state the files describe, updated per object as files change (boxed: it is
     /// large, and the directory is held by value until it is followed).
     state: Box<ClusterState>,
@@ -150,6 +174,7 @@ impl ManifestDir {
             files: BTreeMap::new(),
             next_seen: 0,
             definers: BTreeMap::new(),
+            seen: BTreeMap::new(),
             state: Box::default(),
             pending: StateDelta::default(),
             reported_duplicates: BTreeSet::new(),
@@ -256,14 +281,15 @@ impl ManifestDir {
                     file.stamp = stamp;
                     file.content = hash;
                     file.fingerprint = fingerprint;
-                    if file.objects != parsed.objects {
+                    let objects = reuse_unchanged(&file.objects, &file.first, parsed.objects);
+                    if file.objects != objects {
                         report.changed = true;
-                        let first = first_definitions(&parsed.objects);
+                        let first = first_definitions(&objects);
                         unregister(&mut self.definers, &file.first, file.first_seen);
-                        register(&mut self.definers, &first, file.first_seen, &path);
+                        register(&mut self.definers, &first, file.first_seen);
                         touched.extend(file.first.keys().cloned());
                         touched.extend(first.keys().cloned());
-                        file.objects = parsed.objects;
+                        file.objects = objects;
                         file.first = first;
                     }
                 }
@@ -275,7 +301,8 @@ impl ManifestDir {
                     report.changed = true;
                     self.next_seen += 1;
                     let first = first_definitions(&parsed.objects);
-                    register(&mut self.definers, &first, self.next_seen, &path);
+                    register(&mut self.definers, &first, self.next_seen);
+                    self.seen.insert(self.next_seen, path.clone());
                     touched.extend(first.keys().cloned());
                     self.files.insert(
                         path,
@@ -292,11 +319,12 @@ impl ManifestDir {
             }
         }
         let before = self.files.len();
-        let definers = &mut self.definers;
+        let (definers, seen) = (&mut self.definers, &mut self.seen);
         self.files.retain(|path, file| {
             let keep = present.contains(path);
             if !keep {
                 unregister(definers, &file.first, file.first_seen);
+                seen.remove(&file.first_seen);
                 touched.extend(file.first.keys().cloned());
             }
             keep
@@ -343,7 +371,7 @@ impl ManifestDir {
             self.state.remove(what);
             return;
         };
-        let mut definers = definers.values();
+        let mut definers = definers.0.iter().map(|seen| &self.seen[seen]);
         let winner = definers
             .next()
             .expect("an object's definers are never empty");
@@ -361,30 +389,51 @@ impl ManifestDir {
     }
 }
 
+/// The files that define one object, as the order each was first seen, ascending. Almost
+/// always one file: a sorted vector of those numbers (the paths are in [`ManifestDir`]'s
+/// `seen`, once per file) holds it in a few bytes, where a map of paths per object would
+/// hold a tree node and a copy of the path for every object of the directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Definers(Vec<u64>);
+
+impl Definers {
+    fn insert(&mut self, seen: u64) {
+        if let Err(at) = self.0.binary_search(&seen) {
+            self.0.insert(at, seen);
+        }
+    }
+
+    fn remove(&mut self, seen: u64) {
+        if let Ok(at) = self.0.binary_search(&seen) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Records that the file first seen at `seen` defines `objects`.
 fn register(
-    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    definers: &mut BTreeMap<ObjectRef, Definers>,
     objects: &BTreeMap<ObjectRef, usize>,
     seen: u64,
-    path: &Path,
 ) {
     for what in objects.keys() {
-        definers
-            .entry(what.clone())
-            .or_default()
-            .insert(seen, path.to_owned());
+        definers.entry(what.clone()).or_default().insert(seen);
     }
 }
 
 /// Records that the file first seen at `seen` no longer defines `objects`.
 fn unregister(
-    definers: &mut BTreeMap<ObjectRef, BTreeMap<u64, PathBuf>>,
+    definers: &mut BTreeMap<ObjectRef, Definers>,
     objects: &BTreeMap<ObjectRef, usize>,
     seen: u64,
 ) {
     for what in objects.keys() {
         if let Some(files) = definers.get_mut(what) {
-            files.remove(&seen);
+            files.remove(seen);
             if files.is_empty() {
                 definers.remove(what);
             }
@@ -575,6 +624,7 @@ mod tests {
     use std::{fmt::Write as _, fs::File, time::SystemTime};
 
     use super::*;
+    use weir_policy::model::ObjectKey;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n";
 
@@ -636,6 +686,60 @@ mod tests {
         assert_eq!(state.namespaces["x"].metadata.labels["team"], "b");
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         assert!(source.scan().unwrap().namespaces.is_empty());
+    }
+
+    /// One allocation per object: the state handed out, the delta and the file's parsed
+    /// objects share it, and a rewrite of one object leaves the others shared.
+    #[test]
+    fn the_state_and_the_files_share_each_object() {
+        let tmp = TempDir::new("shared");
+        let path = tmp.0.join("policies.yaml");
+        std::fs::write(&path, policies(3, 80)).unwrap();
+        let mut source = ManifestDir::new(&tmp.0);
+        let state = source.scan().unwrap();
+        let file = &source.files[&path];
+        for object in &file.objects {
+            let Object::NetworkPolicy(parsed) = object else {
+                panic!("a policy");
+            };
+            let key = ObjectKey::new("x", parsed.metadata.name.clone());
+            assert!(Arc::ptr_eq(parsed, &state.policies[&key]));
+            assert!(Arc::ptr_eq(parsed, &source.state.policies[&key]));
+        }
+        std::fs::write(&path, policies(3, 81)).unwrap();
+        source.mark_dirty(&path);
+        source.rescan().unwrap();
+        let delta: Vec<_> = source.take_delta().into_iter().collect();
+        assert_eq!(delta.len(), 1, "only p0 changed");
+        let (ObjectRef::NetworkPolicy(changed), Some(Object::NetworkPolicy(now))) = &delta[0]
+        else {
+            panic!("p0 changed: {delta:?}");
+        };
+        assert_eq!(changed.name, "p0");
+        assert!(Arc::ptr_eq(now, &source.state.policies[changed]));
+        let unchanged = ObjectKey::new("x", "p1");
+        assert!(Arc::ptr_eq(
+            &state.policies[&unchanged],
+            &source.state.policies[&unchanged]
+        ));
+        assert!(!Arc::ptr_eq(
+            &state.policies[changed],
+            &source.state.policies[changed]
+        ));
+    }
+
+    #[test]
+    fn definers_keep_the_order_first_seen_and_each_file_once() {
+        let mut d = Definers::default();
+        d.insert(7);
+        d.insert(3);
+        d.insert(7);
+        assert_eq!(d.0, [3, 7]);
+        d.remove(3);
+        d.remove(99);
+        assert_eq!(d.0, [7]);
+        d.remove(7);
+        assert!(d.is_empty());
     }
 
     #[test]

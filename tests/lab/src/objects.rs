@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use weir_policy::model::{self, NAMESPACE_NAME_LABEL, ObjectMeta};
@@ -30,8 +31,8 @@ impl Object {
     /// when absent), so that the file is self-contained.
     fn new(mut object: model::Object) -> Self {
         let meta = match &mut object {
-            model::Object::Pod(p) => Some(&mut p.metadata),
-            model::Object::NetworkPolicy(p) => Some(&mut p.metadata),
+            model::Object::Pod(p) => Some(&mut Arc::make_mut(p).metadata),
+            model::Object::NetworkPolicy(p) => Some(&mut Arc::make_mut(p).metadata),
             _ => None,
         };
         if let Some(meta) = meta
@@ -58,11 +59,11 @@ impl Object {
 
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         match &mut self.0 {
-            model::Object::Namespace(o) => &mut o.metadata,
-            model::Object::Pod(o) => &mut o.metadata,
-            model::Object::NetworkPolicy(o) => &mut o.metadata,
-            model::Object::Node(o) => &mut o.metadata,
-            model::Object::MeshPeer(o) => &mut o.metadata,
+            model::Object::Namespace(o) => &mut Arc::make_mut(o).metadata,
+            model::Object::Pod(o) => &mut Arc::make_mut(o).metadata,
+            model::Object::NetworkPolicy(o) => &mut Arc::make_mut(o).metadata,
+            model::Object::Node(o) => &mut Arc::make_mut(o).metadata,
+            model::Object::MeshPeer(o) => &mut Arc::make_mut(o).metadata,
         }
     }
 
@@ -118,13 +119,14 @@ impl Object {
 
     pub fn set_node_name(&mut self, node: &str) {
         if let model::Object::Pod(p) = &mut self.0 {
-            p.spec.node_name = Some(node.to_owned());
+            Arc::make_mut(p).spec.node_name = Some(node.to_owned());
         }
     }
 
     /// Writes `status.podIPs` and the Running phase, as kubelet does after the CNI ADD.
     pub fn set_pod_ips(&mut self, ips: &[String]) {
         if let model::Object::Pod(p) = &mut self.0 {
+            let p = Arc::make_mut(p);
             p.status.phase = Some("Running".to_owned());
             p.status.pod_ips = ips
                 .iter()
@@ -159,14 +161,14 @@ impl Object {
     pub fn to_json(&self) -> serde_json::Value {
         let mut object = self.0.clone();
         if let model::Object::Namespace(n) = &mut object {
-            n.metadata.labels = self.labels();
+            Arc::make_mut(n).metadata.labels = self.labels();
         }
         let mut value = match &object {
-            model::Object::Namespace(o) => serde_json::to_value(o),
-            model::Object::Pod(o) => serde_json::to_value(o),
-            model::Object::NetworkPolicy(o) => serde_json::to_value(o),
-            model::Object::Node(o) => serde_json::to_value(o),
-            model::Object::MeshPeer(o) => serde_json::to_value(o),
+            model::Object::Namespace(o) => serde_json::to_value(&**o),
+            model::Object::Pod(o) => serde_json::to_value(&**o),
+            model::Object::NetworkPolicy(o) => serde_json::to_value(&**o),
+            model::Object::Node(o) => serde_json::to_value(&**o),
+            model::Object::MeshPeer(o) => serde_json::to_value(&**o),
         }
         .expect("the model's objects serialize");
         value["apiVersion"] = self.0.api_version().into();

@@ -5,6 +5,7 @@ mod bpf_syscall;
 pub mod cni;
 pub mod datapath;
 pub mod datapath_redirect;
+pub mod heap;
 pub mod idle;
 pub mod mesh;
 pub mod mesh_sync;

@@ -14,12 +14,18 @@
 //! Same-run baselines: a file rewritten with the same objects (the source's own path: inotify,
 //! read, compare; nothing to compile), timed until the agent reports its fingerprint; and, in
 //! this process on the same objects, the work a full recompile does (compile, desired maps,
-//! diff and write to an unpinned copy of the maps), with the compiler's phases.
+//! diff and write to an unpinned copy of the maps), with the compiler's phases. With
+//! `WEIR_BENCH_BASELINE_AGENT=<path to another weir-agent build>` that build is measured the
+//! same way after this one, and the ratios printed.
+//!
+//! Last, where the agent's heap goes at rest ([`super::heap`]): the agent's own structures built
+//! in this process over the same directory, each with the bytes it holds (`weir-bench
+//! scale-heap` prints only that, without an agent).
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -48,7 +54,7 @@ use super::{
     stats::{Samples, ms},
 };
 use crate::{
-    agent::{Agent, AgentDirs},
+    agent::{Agent, AgentDirs, ClusterSource, bin},
     applied::{APPLY_TIMEOUT, wait_applied},
     cni::{Plugin, PodRef, first_address},
     cpu::CpuTime,
@@ -289,7 +295,10 @@ impl Node {
     /// Starts the agent on the cluster without its policies, wires the local pods, then writes
     /// the policies: every ADD compiles the whole cluster, and the setup would otherwise pay a
     /// compile of 10,000 policies per batch of ADDs. What is measured afterwards is the same.
-    fn start(files: &[(String, String)]) -> anyhow::Result<(Self, Duration, Duration)> {
+    fn start(
+        program: &Path,
+        files: &[(String, String)],
+    ) -> anyhow::Result<(Self, Duration, Duration)> {
         let node = Netns::new("scale");
         let dirs = AgentDirs::new("scale", NODE);
         let is_policy = |name: &str| name.starts_with("polic");
@@ -297,7 +306,14 @@ impl Node {
             std::fs::write(dirs.manifests.join(name), text)?;
         }
         let started = Instant::now();
-        let agent = Agent::start(&node, NODE, &dirs, &["--pod-cidr", LOCAL_CIDR]);
+        let agent = Agent::start_with(
+            program,
+            ClusterSource::Manifests,
+            &node,
+            NODE,
+            &dirs,
+            &["--pod-cidr", LOCAL_CIDR],
+        );
         let ready = started.elapsed();
         let plugin = Plugin::new(&node.name, &dirs.socket, &dirs.root.join("cni.log"));
         let locals: Vec<usize> = (0..PODS).filter(|&i| is_local(i)).collect();
@@ -526,6 +542,20 @@ fn in_process_baseline(
     Ok(Samples::new(samples))
 }
 
+/// The local pods' addresses as the IPAM hands them out (the pod CIDR's hosts in order), for
+/// measurements without the agent.
+fn synthetic_local() -> BTreeMap<ObjectKey, Vec<IpAddr>> {
+    let base = u32::from(Ipv4Addr::new(10, 199, 0, 2));
+    (0..PODS)
+        .filter(|&i| is_local(i))
+        .enumerate()
+        .map(|(k, i)| {
+            let key = ObjectKey::new(namespace_of_group(group_of(i)), format!("p{i}"));
+            (key, vec![IpAddr::V4(Ipv4Addr::from(base + k as u32))])
+        })
+        .collect()
+}
+
 /// The in-process cases: the full recompile per event (the baseline, returned) and the
 /// incremental path, printed against it.
 fn in_process(
@@ -556,44 +586,57 @@ fn in_process(
     Ok((baseline, incremental))
 }
 
-/// Only the in-process cases, on the same objects, with the local pods' addresses assigned
-/// here in order instead of by the agent's IPAM: the compile path without an agent, for
-/// profiling it.
+/// Only the in-process cases, on the same objects with the local pods' addresses assigned
+/// here: the compile path per event without an agent, for profiling it.
 pub fn run_in_process(rounds: usize) -> anyhow::Result<()> {
     let probes = probe_policies();
     let files = manifest_files(&probes);
-    let base: Ipv4Addr = LOCAL_CIDR.split('/').next().unwrap().parse()?;
-    let local = (0..PODS)
-        .filter(|&i| is_local(i))
-        .enumerate()
-        .map(|(k, i)| {
-            let key = ObjectKey::new(namespace_of_group(group_of(i)), format!("p{i}"));
-            let addr = Ipv4Addr::from(u32::from(base) + 2 + k as u32);
-            (key, vec![IpAddr::V4(addr)])
-        })
-        .collect();
     println!("scale (in process only): {POLICIES} policies, {PODS} pods, {rounds} rounds");
-    in_process(&files, &local, &probes, rounds)?;
+    in_process(&files, &synthetic_local(), &probes, rounds)?;
     Ok(())
 }
 
-pub fn run(rounds: usize) -> anyhow::Result<()> {
-    let probes = probe_policies();
-    anyhow::ensure!(!probes.is_empty(), "no policy selects a local pod");
-    let files = manifest_files(&probes);
-    println!(
-        "scale: one node with {} local pods (wired through weir-cni) in a cluster of {PODS} pods \
-         ({GROUPS} deployments, {} nodes) and {POLICIES} policies, standalone mode, {rounds} rounds",
-        (0..PODS).filter(|&i| is_local(i)).count(),
-        REMOTE_NODES + 1
-    );
-    let (node, ready, wired) = Node::start(&files)?;
-    println!(
-        "  agent ready after {:.1} s; 1,000 pods wired and the policies applied after {:.1} s more; RSS {:.1} MiB",
-        ready.as_secs_f64(),
-        wired.as_secs_f64(),
-        node.agent.rss_mib()
-    );
+/// Where the agent's heap goes with this cluster (see [`super::heap`]), without an agent: the
+/// scale bench's manifests directory read by the agent's own source, compiler and writer.
+pub fn heap() -> anyhow::Result<()> {
+    let files = manifest_files(&probe_policies());
+    let dir = std::env::temp_dir().join(format!("weir-scale-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in &files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    drop(files);
+    let result = super::heap::attribute(&dir, NODE, &synthetic_local());
+    std::fs::remove_dir_all(&dir)?;
+    result
+}
+
+/// What one agent build measured.
+struct Measured {
+    ready: Duration,
+    wired: Duration,
+    rss_after_start: f64,
+    noop: Samples,
+    policy_changes: Samples,
+    existing_add: Samples,
+    existing_del: Samples,
+    new_add: Samples,
+    new_del: Samples,
+    rss: f64,
+    idle_percent: f64,
+    local: BTreeMap<ObjectKey, Vec<IpAddr>>,
+}
+
+/// Starts `program` on the cluster and measures it over `rounds` of each change, its RSS
+/// after them and its CPU over an idle window.
+fn measure(
+    program: &Path,
+    files: &[(String, String)],
+    probes: &[usize],
+    rounds: usize,
+) -> anyhow::Result<Measured> {
+    let (node, ready, wired) = Node::start(program, files)?;
+    let rss_after_start = node.agent.rss_mib();
     let probe = GenerationProbe::open(&node.dirs.bpffs)?;
     wait_applied(&node.dirs.socket, &node.dirs.manifests, APPLY_TIMEOUT);
 
@@ -649,48 +692,113 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     std::thread::sleep(IDLE_WINDOW);
     let idle = CpuTime::of_process(node.agent.pid()).since(cpu_before);
     let idle_percent = idle.total().as_secs_f64() / started.elapsed().as_secs_f64() * 100.0;
-
-    let noop = Samples::new(noop);
-    let policy_changes = Samples::new(policy_changes);
-    let existing_add = Samples::new(existing_add);
-    let existing_del = Samples::new(existing_del);
-    let new_add = Samples::new(new_add);
-    let new_del = Samples::new(new_del);
-    println!(
-        "  from the file written to the maps written (WEIR_CONFIG generation through its pin):"
-    );
-    show(
-        "baseline: a file rewritten, same objects (until applied)",
-        &noop,
-        "",
-    );
-    show("one policy changed", &policy_changes, "(goal p99 <= 50 ms)");
-    show(
-        "one remote pod added, existing label set",
-        &existing_add,
-        "(goal p99 <= 20 ms)",
-    );
-    show(
-        "one remote pod removed, existing label set",
-        &existing_del,
-        "",
-    );
-    show("one remote pod added, new label set", &new_add, "");
-    show("one remote pod removed, new label set", &new_del, "");
-    let floor = noop.percentile(50.0).as_secs_f64().max(1e-6);
-    println!(
-        "  p50 over the same-objects baseline: policy {:.2}x, remote pod (existing labels) {:.2}x, (new labels) {:.2}x",
-        policy_changes.percentile(50.0).as_secs_f64() / floor,
-        existing_add.percentile(50.0).as_secs_f64() / floor,
-        new_add.percentile(50.0).as_secs_f64() / floor,
-    );
-    println!(
-        "  agent RSS {rss:.1} MiB (goal <= 200 MiB); idle CPU {:.2} % of one core over {} s (goal <= 1 %)",
+    Ok(Measured {
+        ready,
+        wired,
+        rss_after_start,
+        noop: Samples::new(noop),
+        policy_changes: Samples::new(policy_changes),
+        existing_add: Samples::new(existing_add),
+        existing_del: Samples::new(existing_del),
+        new_add: Samples::new(new_add),
+        new_del: Samples::new(new_del),
+        rss,
         idle_percent,
-        IDLE_WINDOW.as_secs()
+        local: node.local.clone(),
+    })
+}
+
+impl Measured {
+    fn print(&self) {
+        println!(
+            "  agent ready after {:.1} s; 1,000 pods wired and the policies applied after {:.1} s more; RSS {:.1} MiB",
+            self.ready.as_secs_f64(),
+            self.wired.as_secs_f64(),
+            self.rss_after_start
+        );
+        println!(
+            "  from the file written to the maps written (WEIR_CONFIG generation through its pin):"
+        );
+        show(
+            "baseline: a file rewritten, same objects (until applied)",
+            &self.noop,
+            "",
+        );
+        show(
+            "one policy changed",
+            &self.policy_changes,
+            "(goal p99 <= 50 ms)",
+        );
+        show(
+            "one remote pod added, existing label set",
+            &self.existing_add,
+            "(goal p99 <= 20 ms)",
+        );
+        show(
+            "one remote pod removed, existing label set",
+            &self.existing_del,
+            "",
+        );
+        show("one remote pod added, new label set", &self.new_add, "");
+        show("one remote pod removed, new label set", &self.new_del, "");
+        let floor = self.noop.percentile(50.0).as_secs_f64().max(1e-6);
+        println!(
+            "  p50 over the same-objects baseline: policy {:.2}x, remote pod (existing labels) {:.2}x, (new labels) {:.2}x",
+            self.policy_changes.percentile(50.0).as_secs_f64() / floor,
+            self.existing_add.percentile(50.0).as_secs_f64() / floor,
+            self.new_add.percentile(50.0).as_secs_f64() / floor,
+        );
+        println!(
+            "  agent RSS {:.1} MiB (goal <= 200 MiB); idle CPU {:.2} % of one core over {} s (goal <= 1 %)",
+            self.rss,
+            self.idle_percent,
+            IDLE_WINDOW.as_secs()
+        );
+    }
+}
+
+pub fn run(rounds: usize) -> anyhow::Result<()> {
+    let probes = probe_policies();
+    anyhow::ensure!(!probes.is_empty(), "no policy selects a local pod");
+    let files = manifest_files(&probes);
+    println!(
+        "scale: one node with {} local pods (wired through weir-cni) in a cluster of {PODS} pods \
+         ({GROUPS} deployments, {} nodes) and {POLICIES} policies, standalone mode, {rounds} rounds",
+        (0..PODS).filter(|&i| is_local(i)).count(),
+        REMOTE_NODES + 1
     );
-    let local = node.local.clone();
-    drop(node);
+    let measured = measure(&bin("weir-agent"), &files, &probes, rounds)?;
+    measured.print();
+    // Another build (WEIR_BENCH_BASELINE_AGENT), measured the same way after this one.
+    if let Some(other) = std::env::var_os("WEIR_BENCH_BASELINE_AGENT").map(PathBuf::from) {
+        println!("  baseline build {}:", other.display());
+        let baseline = measure(&other, &files, &probes, rounds)?;
+        baseline.print();
+        println!(
+            "  this build over the baseline build: RSS {:.2}x, policy p99 {:.2}x, remote pod p99 {:.2}x",
+            measured.rss / baseline.rss.max(1e-6),
+            measured.policy_changes.percentile(99.0).as_secs_f64()
+                / baseline
+                    .policy_changes
+                    .percentile(99.0)
+                    .as_secs_f64()
+                    .max(1e-9),
+            measured.existing_add.percentile(99.0).as_secs_f64()
+                / baseline
+                    .existing_add
+                    .percentile(99.0)
+                    .as_secs_f64()
+                    .max(1e-9),
+        );
+    }
+    let Measured {
+        policy_changes,
+        existing_add,
+        rss,
+        idle_percent,
+        local,
+        ..
+    } = measured;
 
     let (baseline, _) = in_process(&files, &local, &probes, rounds)?;
     let full = baseline.percentile(50.0).as_secs_f64().max(1e-6);
@@ -707,5 +815,5 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
         rss,
         idle_percent
     );
-    Ok(())
+    heap()
 }

@@ -1,6 +1,11 @@
-//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|scale|scale-in-process|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
+//! `weir-bench <datapath|propagation|cni|traffic|idle|xdp|scale|scale-in-process|scale-heap|mesh|mesh-sync|all>`: Weir's benchmarks (see `cargo xtask bench`).
 
 use weir_tests::bench;
+
+/// Counts live bytes for the heap attribution of `scale` (an atomic add per allocation).
+#[global_allocator]
+static ALLOCATOR: bench::heap::CountingAllocator<std::alloc::System> =
+    bench::heap::CountingAllocator(std::alloc::System);
 
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
@@ -37,6 +42,11 @@ fn main() -> anyhow::Result<()> {
         bench::scale::run_in_process(scale_rounds())?;
         ran = true;
     }
+    if which == "scale-heap" {
+        // The heap attribution alone (also printed by "scale").
+        bench::scale::heap()?;
+        ran = true;
+    }
     if all || which == "idle" {
         bench::idle::run(std::time::Duration::from_secs(30))?;
         ran = true;
@@ -70,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         ran,
-        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, scale, mesh, mesh-sync or all"
+        "unknown benchmark {which:?}: choose datapath, propagation, cni, traffic, idle, xdp, scale, scale-in-process, scale-heap, mesh, mesh-sync or all"
     );
     Ok(())
 }

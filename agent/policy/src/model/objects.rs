@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::Labels;
+
 /// `metadata` of any object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -227,7 +229,7 @@ pub enum IntOrString {
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, deserialize_with = "null_default")]
-    pub match_labels: BTreeMap<String, String>,
+    pub match_labels: Labels,
     #[serde(default, deserialize_with = "null_default")]
     pub match_expressions: Vec<LabelSelectorRequirement>,
 }
@@ -257,6 +259,12 @@ where
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 impl Namespace {
+    /// Whether [`Self::apply_defaults`] would change nothing.
+    pub fn is_defaulted(&self) -> bool {
+        self.metadata.namespace.is_none()
+            && self.metadata.labels.get(NAMESPACE_NAME_LABEL) == Some(&self.metadata.name)
+    }
+
     /// Defaulting as the API server does it: the `kubernetes.io/metadata.name` label.
     pub fn apply_defaults(&mut self) {
         self.metadata.namespace = None;
@@ -267,6 +275,14 @@ impl Namespace {
 }
 
 impl NetworkPolicy {
+    /// Whether [`Self::apply_defaults`] would change nothing.
+    pub fn is_defaulted(&self) -> bool {
+        self.spec
+            .policy_types
+            .as_ref()
+            .is_some_and(|t| !t.is_empty())
+    }
+
     /// Defaulting as the API server does it: `policyTypes` absent or empty → `Ingress`, plus
     /// `Egress` when there are egress rules. (Protocols default to TCP on read.)
     pub fn apply_defaults(&mut self) {

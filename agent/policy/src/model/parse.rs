@@ -25,6 +25,8 @@
 //!   ([`NetworkPolicy::problems`]); validation rejects it and it isolates without allowing.
 //!   Only a policy whose namespace is not a string is dropped: it cannot be placed.
 
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use yaml_serde::{Mapping, Value};
 
@@ -373,7 +375,7 @@ fn read_value(
         n.metadata.name = raw_name.clone();
         n.apply_defaults();
         n.rejected = Some(reason);
-        Ok(Object::Namespace(n))
+        Ok(Object::Namespace(Arc::new(n)))
     };
     if encoded_size(&value, MAX_OBJECT_BYTES) > MAX_OBJECT_BYTES {
         let e = ParseError::ObjectTooLarge {
@@ -404,7 +406,7 @@ fn read_value(
             Ok(mut n) => {
                 n.apply_defaults();
                 let meta = n.metadata.clone();
-                (Object::Namespace(n), meta)
+                (Object::Namespace(Arc::new(n)), meta)
             }
             Err(e) => {
                 let e = shape(e);
@@ -417,7 +419,7 @@ fn read_value(
         "Pod" => match from_value::<Pod>(value) {
             Ok(p) => {
                 let meta = p.metadata.clone();
-                (Object::Pod(p), meta)
+                (Object::Pod(Arc::new(p)), meta)
             }
             Err(e) => {
                 out.push(Err(shape(e)));
@@ -427,7 +429,7 @@ fn read_value(
         "MeshPeer" => match from_value::<MeshPeer>(value) {
             Ok(p) => {
                 let meta = p.metadata.clone();
-                (Object::MeshPeer(p), meta)
+                (Object::MeshPeer(Arc::new(p)), meta)
             }
             Err(e) => {
                 out.push(Err(shape(e)));
@@ -437,7 +439,7 @@ fn read_value(
         _ => match from_value::<Node>(value) {
             Ok(n) => {
                 let meta = n.metadata.clone();
-                (Object::Node(n), meta)
+                (Object::Node(Arc::new(n)), meta)
             }
             Err(e) => {
                 out.push(Err(shape(e)));
@@ -546,7 +548,7 @@ fn network_policy(value: Value, api_version: &str, at: &At<'_>) -> Result<Object
                 p.apply_defaults();
                 p.metadata.name = name;
                 p.metadata.namespace = namespace;
-                return Ok(Object::NetworkPolicy(p));
+                return Ok(Object::NetworkPolicy(Arc::new(p)));
             }
             Err(e) => push(
                 &mut problems,
@@ -609,7 +611,7 @@ fn network_policy(value: Value, api_version: &str, at: &At<'_>) -> Result<Object
     p.spec.pod_selector = pod_selector;
     p.spec.policy_types = Some(policy_types);
     p.problems = problems;
-    Ok(Object::NetworkPolicy(p))
+    Ok(Object::NetworkPolicy(Arc::new(p)))
 }
 
 /// The length of `value`'s JSON encoding, counted until it passes `limit` (then some number
