@@ -25,7 +25,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{
-        Arc, RwLock,
+        Arc, RwLock, RwLockWriteGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -574,14 +574,15 @@ impl Reconciler {
     /// waiting for exactly that drop) must already be explained by the policies now in force.
     /// A drop reported during the write itself is explained by the policies being written.
     fn explain_with(&self, explainer: Explainer) -> Explainer {
-        std::mem::replace(
-            &mut *self
-                .shared
-                .explainer
-                .write()
-                .unwrap_or_else(|p| p.into_inner()),
-            explainer,
-        )
+        std::mem::replace(&mut *self.explainer(), explainer)
+    }
+
+    /// The explainer the event reader uses, to change it.
+    fn explainer(&self) -> RwLockWriteGuard<'_, Explainer> {
+        self.shared
+            .explainer
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// After a compile (full or in place) into `self.compiled`: saves identities if they
@@ -625,13 +626,15 @@ impl Reconciler {
         crate::metrics::metrics()
             .compile_seconds
             .observe(compile_time.as_secs_f64());
-        let explainer_before = self.explain_with(Explainer::from_compiled(&self.compiled));
+        // Before the write, as for a full compile (see `explain_with`), and patched rather than
+        // rebuilt. Should the write fail, it describes what `compiled` now holds and was not
+        // written; the agent is degraded then, and the next change compiles and explains in
+        // full.
+        self.explainer().policies_changed(&self.compiled, &subjects);
         let written = self
             .writer
             .apply_subjects(&desired_subjects(&self.compiled, &subjects));
-        if !self.written(written, compile_time, started) {
-            self.explain_with(explainer_before);
-        }
+        self.written(written, compile_time, started);
         self.compiled_changed(&previous_rejections);
         true
     }
@@ -710,11 +713,7 @@ impl Reconciler {
             })
             .collect();
         // The explainer knows a new endpoint before its first packet can pass.
-        self.shared
-            .explainer
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .endpoints_changed(&changes.local_addresses);
+        self.explainer().endpoints_changed(&changes.local_addresses);
         tracing::info!(
             pods = wired.len(),
             ipcache = changes.ipcache.len(),
