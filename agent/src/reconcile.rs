@@ -621,11 +621,7 @@ impl Reconciler {
         ) else {
             return false;
         };
-        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
-        let compile_time = started.elapsed();
-        crate::metrics::metrics()
-            .compile_seconds
-            .observe(compile_time.as_secs_f64());
+        let compile_time = self.compiled_in_place(started);
         // Before the write, as for a full compile (see `explain_with`), and patched rather than
         // rebuilt. Should the write fail, it describes what `compiled` now holds and was not
         // written; the agent is degraded then, and the next change compiles and explains in
@@ -639,6 +635,16 @@ impl Reconciler {
         true
     }
 
+    /// Counts a compile done in place and records its time (since `started`), which it returns.
+    fn compiled_in_place(&self, started: Instant) -> Duration {
+        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
+        let compile_time = started.elapsed();
+        crate::metrics::metrics()
+            .compile_seconds
+            .observe(compile_time.as_secs_f64());
+        compile_time
+    }
+
     /// An address-only pod event (see [`weir_policy::incremental`]): patches the ipcache and
     /// writes just that. Returns false, having changed nothing, when the event needs a compile.
     fn update_addresses(&mut self, pods: &[ObjectKey], started: Instant) -> bool {
@@ -650,11 +656,7 @@ impl Reconciler {
         else {
             return false;
         };
-        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
-        let compile_time = started.elapsed();
-        crate::metrics::metrics()
-            .compile_seconds
-            .observe(compile_time.as_secs_f64());
+        let compile_time = self.compiled_in_place(started);
         let written = self.writer.apply_ipcache(&changes);
         self.written(written, compile_time, started);
         true
@@ -690,11 +692,7 @@ impl Reconciler {
         else {
             return false;
         };
-        self.shared.compiles.fetch_add(1, Ordering::Relaxed);
-        let compile_time = started.elapsed();
-        crate::metrics::metrics()
-            .compile_seconds
-            .observe(compile_time.as_secs_f64());
+        let compile_time = self.compiled_in_place(started);
         // Every address the pods held or hold: a pod wired again at the same address has a
         // new veth.
         let ifindexes = self.endpoint_ifindexes(|addr| touched.contains(addr));

@@ -534,6 +534,35 @@ fn all_up(mesh: &MeshLab) -> bool {
         })
 }
 
+/// After each gateway in turn was `what` and came back: the transfer still moves and lost
+/// nothing, no probe gap exceeded a second, and the lab goes down leaving nothing behind.
+fn survived_each_gateway(
+    mesh: MeshLab,
+    transfer: Transfer,
+    probe: Probe,
+    gaps: &[(String, Duration)],
+    what: &str,
+    wait: Duration,
+) {
+    let before = transfer.sent.load(Ordering::Relaxed);
+    eventually("the transfer still moves", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
+    });
+    let (sent, received) = transfer.finish();
+    assert_eq!(
+        sent, received,
+        "every byte sent on the connection arrived, in order"
+    );
+    drop(probe);
+    for (gateway, gap) in gaps {
+        assert!(
+            *gap <= Duration::from_secs(1),
+            "gateway {gateway} {what}: the probes stopped for {gap:?} (all gaps: {gaps:?})"
+        );
+    }
+    down_leaving_nothing(mesh);
+}
+
 #[test]
 fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
     let mut mesh = active_active_lab(format!("a{}", std::process::id()));
@@ -592,24 +621,7 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
             gaps.push((format!("{cluster}/{gateway}"), gap));
         }
     }
-    let before = transfer.sent.load(Ordering::Relaxed);
-    eventually("the transfer still moves", wait, || {
-        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
-    });
-    let (sent, received) = transfer.finish();
-    assert_eq!(
-        sent, received,
-        "every byte sent on the connection arrived, in order"
-    );
-    drop(probe);
-    for (gateway, gap) in &gaps {
-        assert!(
-            *gap <= Duration::from_secs(1),
-            "killing gateway {gateway} stopped the probes for {gap:?} (all gaps: {gaps:?})"
-        );
-    }
-
-    down_leaving_nothing(mesh);
+    survived_each_gateway(mesh, transfer, probe, &gaps, "killed", wait);
 }
 
 /// A gateway that goes silent without dying: the WAN router drops everything to and from it,
@@ -693,22 +705,5 @@ fn with_two_gateways_per_cluster_a_silent_one_loses_at_most_a_second() {
             gaps.push((format!("{cluster}/{gateway}"), gap));
         }
     }
-    let before = transfer.sent.load(Ordering::Relaxed);
-    eventually("the transfer still moves", wait, || {
-        transfer.sent.load(Ordering::Relaxed) > before + (1 << 20)
-    });
-    let (sent, received) = transfer.finish();
-    assert_eq!(
-        sent, received,
-        "every byte sent on the connection arrived, in order"
-    );
-    drop(probe);
-    for (gateway, gap) in &gaps {
-        assert!(
-            *gap <= Duration::from_secs(1),
-            "gateway {gateway} going silent stopped the probes for {gap:?} (all gaps: {gaps:?})"
-        );
-    }
-
-    down_leaving_nothing(mesh);
+    survived_each_gateway(mesh, transfer, probe, &gaps, "silent", wait);
 }
