@@ -534,6 +534,28 @@ fn all_up(mesh: &MeshLab) -> bool {
         })
 }
 
+/// The two-gateway lab with every gateway up, and a probe stream and a TCP transfer from
+/// west's client to east's server running across it; with the wait for each step.
+fn active_active_lab_with_traffic(tag: &str) -> (MeshLab, Probe, Transfer, Duration) {
+    let mesh = active_active_lab(format!("{tag}{}", std::process::id()));
+    let wait = Duration::from_secs(60);
+    eventually(
+        "every gateway up, on the workers' ECMP routes",
+        wait,
+        || all_up(&mesh),
+    );
+    let (client_ns, server_ns, server_ip) = pods(&mesh, "west/app/client", "east/app/server");
+    let probe = Probe::start(&client_ns, &server_ns, server_ip);
+    eventually("probes answered across the mesh", wait, || {
+        probe.replies() > 500
+    });
+    let transfer = Transfer::start(&client_ns, &server_ns, server_ip);
+    eventually("the transfer runs", wait, || {
+        transfer.sent.load(Ordering::Relaxed) > 1 << 20
+    });
+    (mesh, probe, transfer, wait)
+}
+
 /// After each gateway in turn was `what` and came back: the transfer still moves and lost
 /// nothing, no probe gap exceeded a second, and the lab goes down leaving nothing behind.
 fn survived_each_gateway(
@@ -565,23 +587,7 @@ fn survived_each_gateway(
 
 #[test]
 fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
-    let mut mesh = active_active_lab(format!("a{}", std::process::id()));
-    let wait = Duration::from_secs(60);
-    eventually(
-        "every gateway up, on the workers' ECMP routes",
-        wait,
-        || all_up(&mesh),
-    );
-
-    let (client_ns, server_ns, server_ip) = pods(&mesh, "west/app/client", "east/app/server");
-    let probe = Probe::start(&client_ns, &server_ns, server_ip);
-    eventually("probes answered across the mesh", wait, || {
-        probe.replies() > 500
-    });
-    let transfer = Transfer::start(&client_ns, &server_ns, server_ip);
-    eventually("the transfer runs", wait, || {
-        transfer.sent.load(Ordering::Relaxed) > 1 << 20
-    });
+    let (mut mesh, probe, transfer, wait) = active_active_lab_with_traffic("a");
 
     let mut gaps = Vec::new();
     for (cluster, other) in [("west", "east"), ("east", "west")] {
@@ -632,23 +638,7 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
 /// allows. Each of the four gateways in turn, then its WAN comes back.
 #[test]
 fn with_two_gateways_per_cluster_a_silent_one_loses_at_most_a_second() {
-    let mesh = active_active_lab(format!("s{}", std::process::id()));
-    let wait = Duration::from_secs(60);
-    eventually(
-        "every gateway up, on the workers' ECMP routes",
-        wait,
-        || all_up(&mesh),
-    );
-
-    let (client_ns, server_ns, server_ip) = pods(&mesh, "west/app/client", "east/app/server");
-    let probe = Probe::start(&client_ns, &server_ns, server_ip);
-    eventually("probes answered across the mesh", wait, || {
-        probe.replies() > 500
-    });
-    let transfer = Transfer::start(&client_ns, &server_ns, server_ip);
-    eventually("the transfer runs", wait, || {
-        transfer.sent.load(Ordering::Relaxed) > 1 << 20
-    });
+    let (mesh, probe, transfer, wait) = active_active_lab_with_traffic("s");
 
     let mut gaps = Vec::new();
     for (cluster, other) in [("west", "east"), ("east", "west")] {

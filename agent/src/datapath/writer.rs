@@ -273,15 +273,7 @@ impl Writer {
 
         // 3. Endpoints, once their subjects are live.
         for (&addr, info) in &desired.endpoints {
-            let addr = to_kernel(addr);
-            if self.applied.endpoints.get(&addr) != Some(info) {
-                self.maps
-                    .endpoints
-                    .insert(EndpointKey { addr }, info, 0)
-                    .map_err(map_err("WEIR_ENDPOINTS", addr))?;
-                self.applied.endpoints.insert(addr, *info);
-                stats.writes += 1;
-            }
+            self.write_endpoint(to_kernel(addr), info, &mut stats)?;
         }
 
         // 4. Removals: endpoints first, so nothing points at what goes next.
@@ -294,10 +286,7 @@ impl Writer {
             .copied()
             .collect();
         for addr in gone {
-            // A failed delete of an entry that is already gone is fine.
-            let _ = self.maps.endpoints.remove(&EndpointKey { addr });
-            self.applied.endpoints.remove(&addr);
-            stats.deletes += 1;
+            self.remove_endpoint(addr, &mut stats);
         }
         let gone: Vec<u32> = self
             .applied
@@ -379,6 +368,33 @@ impl Writer {
         Ok(stats)
     }
 
+    /// Writes one local endpoint's entry unless it is in the map already.
+    fn write_endpoint(
+        &mut self,
+        addr: Addr,
+        info: &EndpointInfo,
+        stats: &mut ApplyStats,
+    ) -> Result<(), WriteError> {
+        if self.applied.endpoints.get(&addr) != Some(info) {
+            self.maps
+                .endpoints
+                .insert(EndpointKey { addr }, info, 0)
+                .map_err(map_err("WEIR_ENDPOINTS", addr))?;
+            self.applied.endpoints.insert(addr, *info);
+            stats.writes += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes one local endpoint's entry if it was written.
+    fn remove_endpoint(&mut self, addr: Addr, stats: &mut ApplyStats) {
+        if self.applied.endpoints.remove(&addr).is_some() {
+            // A failed delete of an entry that is already gone is fine.
+            let _ = self.maps.endpoints.remove(&EndpointKey { addr });
+            stats.deletes += 1;
+        }
+    }
+
     /// Writes only these local endpoint changes (address → its entry, `None`: delete) and the
     /// ipcache changes that go with them, for endpoints wired or unwired in place (see
     /// `weir_policy::incremental`), in the order of [`Writer::apply`]: new peers, then new
@@ -397,23 +413,13 @@ impl Writer {
             .partition(|(_, id)| id.is_some());
         let added = self.write_ipcache(&added)?;
         for (&addr, info) in endpoints {
-            let Some(info) = info else { continue };
-            let addr = to_kernel(addr);
-            if self.applied.endpoints.get(&addr) != Some(info) {
-                self.maps
-                    .endpoints
-                    .insert(EndpointKey { addr }, info, 0)
-                    .map_err(map_err("WEIR_ENDPOINTS", addr))?;
-                self.applied.endpoints.insert(addr, *info);
-                stats.writes += 1;
+            if let Some(info) = info {
+                self.write_endpoint(to_kernel(addr), info, &mut stats)?;
             }
         }
         for (&addr, info) in endpoints {
-            let addr = to_kernel(addr);
-            if info.is_none() && self.applied.endpoints.remove(&addr).is_some() {
-                // A failed delete of an entry that is already gone is fine.
-                let _ = self.maps.endpoints.remove(&EndpointKey { addr });
-                stats.deletes += 1;
+            if info.is_none() {
+                self.remove_endpoint(to_kernel(addr), &mut stats);
             }
         }
         let removed = self.write_ipcache(&removed)?;
