@@ -204,15 +204,56 @@ fn ones_add(a: u16, b: u16) -> u16 {
 fn decrement_ttl(ctx: &TcContext, parsed: &Parsed, ttl_check: [u8; 4]) -> bool {
     let ttl = ttl_check[0] - 1;
     if parsed.v6 {
-        return ctx.store(IPV6_HOP_LIMIT_OFF, &ttl, 0).is_ok();
+        // The hop limit is the last byte of the word from the payload length on: a one-byte
+        // bounds check gives the verifier no range (see `Packet::load_linear`).
+        return match linear_window::<4>(ctx, IPV6_HOP_LIMIT_OFF - 3) {
+            Some(at) => {
+                // SAFETY: the four bytes from `at` are in the linear part.
+                unsafe { at.add(3).write(ttl) };
+                true
+            }
+            None => ctx.store(IPV6_HOP_LIMIT_OFF, &ttl, 0).is_ok(),
+        };
     }
     let old_word = u16::from_be_bytes([ttl_check[0], ttl_check[1]]);
     let new_word = u16::from_be_bytes([ttl, ttl_check[1]]);
     let check = u16::from_be_bytes([ttl_check[2], ttl_check[3]]);
     let check = !ones_add(ones_add(!check, !old_word), new_word);
     let [c0, c1] = check.to_be_bytes();
-    ctx.store(IPV4_TTL_OFF, &[ttl, ttl_check[1], c0, c1], 0)
-        .is_ok()
+    store(ctx, IPV4_TTL_OFF, &[ttl, ttl_check[1], c0, c1])
+}
+
+/// A pointer to the `N` bytes at `off`, if they lie in the packet's linear part: a bounds check
+/// the verifier follows, as for the parser's direct reads.
+#[inline(always)]
+fn linear_window<const N: usize>(ctx: &TcContext, off: usize) -> Option<*mut u8> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if data + off + N <= data_end {
+        Some((data + off) as *mut u8)
+    } else {
+        None
+    }
+}
+
+/// Writes `bytes` at `off`: straight into the linear part where they lie there, as the headers of
+/// pod traffic nearly always do (stores, no helper call and its `memcpy`), else through
+/// `bpf_skb_store_bytes`, which also reaches paged data.
+///
+/// A program with a direct write gets a prologue from the verifier that makes the packet's
+/// linear part writable (`bpf_skb_pull_data(skb, 0)`): a cloned skb (TCP keeps the original for
+/// retransmission) is uncloned there, on every packet of `weir_from_pod`, instead of in the
+/// helper, on the packets it rewrites. Nearly all of them are rewritten once the redirect is on.
+#[inline(always)]
+fn store<const N: usize>(ctx: &TcContext, off: usize, bytes: &[u8; N]) -> bool {
+    match linear_window::<N>(ctx, off) {
+        Some(at) => {
+            // SAFETY: `N` bytes from `at` are in the linear part (checked, and by the verifier)
+            // and do not overlap `bytes`, which is on the stack.
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), at, N) };
+            true
+        }
+        None => ctx.store(off, bytes, 0).is_ok(),
+    }
 }
 
 /// The address as the endpoint and next hop maps' key, in place (a copy would take 16 more bytes
@@ -321,13 +362,14 @@ fn to_local_pod(
         }
     }
 
-    // Copied to the stack first: the helper's copy from wherever the entry sits in the map can
-    // cost several times more than from an aligned stack slot.
+    // Copied to the stack first: where the write falls back to the helper, its copy from
+    // wherever the entry sits in the map can cost several times more than from an aligned stack
+    // slot.
     // SAFETY: as above; plain bytes.
     let macs = MacsBuf {
         macs: unsafe { (*hop).macs },
     };
-    if !(ctx.store(0, &macs.macs, 0).is_ok() && decrement_ttl(ctx, parsed, ttl_check)) {
+    if !(store(ctx, 0, &macs.macs) && decrement_ttl(ctx, parsed, ttl_check)) {
         // The destination's side is recorded in conntrack: its `weir_to_pod` finds it there.
         return stack(ifindex);
     }
