@@ -50,12 +50,56 @@ pub struct Explainer {
     identity_names: BTreeMap<u32, String>,
     rule_origins: BTreeMap<u32, RuleOrigin>,
     endpoints: BTreeMap<IpAddr, ObjectKey>,
-    selected_by: BTreeMap<(u32, u8), Vec<String>>,
+    /// Per subject identity, the policies selecting it now.
+    selected: BTreeMap<u32, Selection>,
+    /// Per subject identity, the selection it had before its last change: a drop the kernel
+    /// decided under the rules of that version, and that is read after the change, is explained
+    /// by the policies that caused it.
+    superseded: BTreeMap<u32, Selection>,
+}
+
+/// The policies selecting one subject, in each direction, and the version of its rules in the
+/// kernel's maps that they describe (a drop event carries the version it was decided under).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Selection {
+    /// `None` until the write that puts these rules in the maps has returned.
+    version: Option<u32>,
+    ingress: Vec<String>,
+    egress: Vec<String>,
+}
+
+impl Selection {
+    fn of(compiled: &Compiled, subject: u32) -> Self {
+        let names = |set: &BTreeSet<ObjectKey>| set.iter().map(ToString::to_string).collect();
+        match compiled.subjects.get(&subject) {
+            Some(rules) => Self {
+                version: None,
+                ingress: names(&rules.selected_by_ingress),
+                egress: names(&rules.selected_by_egress),
+            },
+            None => Self::default(),
+        }
+    }
+
+    fn same_policies(&self, other: &Self) -> bool {
+        self.ingress == other.ingress && self.egress == other.egress
+    }
+
+    fn policies(&self, direction: u8) -> &[String] {
+        if direction == DIR_EGRESS {
+            &self.egress
+        } else {
+            &self.ingress
+        }
+    }
 }
 
 impl Explainer {
-    pub fn from_compiled(compiled: &Compiled) -> Self {
-        let mut this = Self {
+    /// An explainer of `compiled`, a full compile's output, to put in force before it is
+    /// written: what is new is taken from `compiled`, and each subject whose policies changed
+    /// keeps its selection from here as superseded (see `superseded`).
+    pub fn rebuilt(&self, compiled: &Compiled) -> Self {
+        let mut next = Self {
             identity_names: compiled.identity_names.clone(),
             rule_origins: compiled.rule_origins.clone(),
             endpoints: compiled
@@ -63,12 +107,19 @@ impl Explainer {
                 .iter()
                 .map(|(addr, (pod, _))| (*addr, pod.clone()))
                 .collect(),
-            selected_by: BTreeMap::new(),
+            selected: self.selected.clone(),
+            superseded: self.superseded.clone(),
         };
-        for &subject in compiled.subjects.keys() {
-            this.subject_changed(compiled, subject);
+        let subjects: BTreeSet<u32> = compiled
+            .subjects
+            .keys()
+            .chain(self.selected.keys())
+            .copied()
+            .collect();
+        for subject in subjects {
+            next.subject_changed(compiled, subject);
         }
-        this
+        next
     }
 
     /// Policies compiled in place (see `weir_policy::incremental`), which changed the rule sets
@@ -83,20 +134,73 @@ impl Explainer {
         }
     }
 
-    /// The policies selecting `subject`, in each direction, as `compiled` has them.
+    /// The policies selecting `subject`, in each direction, as `compiled` has them, under a
+    /// version the next write decides (see `versions_written`). A subject selected by no policy
+    /// any more keeps an empty selection until then, so the drops of its last version stay
+    /// explained.
     fn subject_changed(&mut self, compiled: &Compiled, subject: u32) {
-        let names = |set: &BTreeSet<ObjectKey>| set.iter().map(ToString::to_string).collect();
-        match compiled.subjects.get(&subject) {
-            Some(rules) => {
-                self.selected_by
-                    .insert((subject, DIR_INGRESS), names(&rules.selected_by_ingress));
-                self.selected_by
-                    .insert((subject, DIR_EGRESS), names(&rules.selected_by_egress));
+        let now = Selection::of(compiled, subject);
+        match self.selected.get(&subject) {
+            Some(before) if before.same_policies(&now) => {}
+            Some(_) => {
+                let before = self.selected.insert(subject, now).expect("present");
+                self.superseded.insert(subject, before);
             }
             None => {
-                self.selected_by.remove(&(subject, DIR_INGRESS));
-                self.selected_by.remove(&(subject, DIR_EGRESS));
+                self.selected.insert(subject, now);
             }
+        }
+    }
+
+    /// After a successful write of `subjects` (`None`: of all), the version of each one's rules
+    /// in the maps now (`version_of`, 0 for a subject without rules there). A write can change a
+    /// subject's rules without changing the policies selecting it (a port, a peer), so every
+    /// written subject takes its version, not only those whose selection changed. Subjects
+    /// that no policy selects any more are forgotten here; their superseded selection keeps
+    /// explaining their last version's drops.
+    pub fn versions_written(
+        &mut self,
+        subjects: Option<&BTreeSet<u32>>,
+        version_of: impl Fn(u32) -> u32,
+    ) {
+        let mut unselected = Vec::new();
+        let mut update = |subject: u32, selection: &mut Selection| {
+            selection.version = Some(version_of(subject));
+            if selection.ingress.is_empty() && selection.egress.is_empty() {
+                unselected.push(subject);
+            }
+        };
+        match subjects {
+            Some(subjects) => {
+                for &subject in subjects {
+                    if let Some(selection) = self.selected.get_mut(&subject) {
+                        update(subject, selection);
+                    }
+                }
+            }
+            None => {
+                for (&subject, selection) in &mut self.selected {
+                    update(subject, selection);
+                }
+            }
+        }
+        for subject in unselected {
+            self.selected.remove(&subject);
+        }
+    }
+
+    /// The selection that explains a verdict on `subject` decided under `version`: the one
+    /// before the subject's last change if that is the version it describes, else the current.
+    fn selection(&self, subject: u32, version: u32) -> Option<&Selection> {
+        let current = self.selected.get(&subject);
+        match self.superseded.get(&subject) {
+            Some(before)
+                if before.version == Some(version)
+                    && current.is_none_or(|now| now.version != Some(version)) =>
+            {
+                Some(before)
+            }
+            _ => current,
         }
     }
 
@@ -151,9 +255,8 @@ impl Explainer {
             proto: proto_name(event.proto),
             peer: self.identity_name(event.peer),
             policies: self
-                .selected_by
-                .get(&(event.subject, event.direction))
-                .cloned()
+                .selection(event.subject, event.subject_version)
+                .map(|s| s.policies(event.direction).to_vec())
                 .unwrap_or_default(),
             rule,
         }
@@ -410,8 +513,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn an_explainer_patched_for_policies_compiled_in_place_equals_one_rebuilt() {
+    /// Pods a, b and c on node n1 (10.0.0.1-3, each labelled `app: <name>`), and `policies`.
+    fn three_local_pods_and(policies: &str) -> CompileInput {
         let pods: String = ["a", "b", "c"]
             .iter()
             .enumerate()
@@ -423,8 +526,8 @@ mod tests {
                 )
             })
             .collect();
-        let mut input = CompileInput {
-            state: state(&format!("{pods}{}", policy("p1", "a", "b", 80))),
+        CompileInput {
+            state: state(&format!("{pods}{policies}")),
             node_name: "n1".to_owned(),
             cluster_id: 0,
             local_endpoints: ["a", "b", "c"]
@@ -435,10 +538,15 @@ mod tests {
                     (ObjectKey::new("default", *app), vec![addr])
                 })
                 .collect(),
-        };
+        }
+    }
+
+    #[test]
+    fn an_explainer_patched_for_policies_compiled_in_place_equals_one_rebuilt() {
+        let mut input = three_local_pods_and(&policy("p1", "a", "b", 80));
         let mut ids = IdentityAllocator::default();
         let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids).unwrap();
-        let mut explainer = Explainer::from_compiled(&compiled);
+        let mut explainer = Explainer::default().rebuilt(&compiled);
         // A policy added, one changed, one removed: each compiled in place.
         let changes = [
             ("p2", Some(policy("p2", "b", "c", 81))),
@@ -460,15 +568,70 @@ mod tests {
                 .policies_changed(&input, &[key], &mut ids, &mut compiled)
                 .expect("compiled in place");
             explainer.policies_changed(&compiled, &subjects);
-            let rebuilt = Explainer::from_compiled(&compiled);
+            explainer.versions_written(Some(&subjects), |_| 1);
+            let mut rebuilt = Explainer::default().rebuilt(&compiled);
+            rebuilt.versions_written(None, |_| 1);
             assert_eq!(explainer.rule_origins, rebuilt.rule_origins, "after {name}");
             assert_eq!(
                 explainer.identity_names, rebuilt.identity_names,
                 "after {name}"
             );
-            assert_eq!(explainer.selected_by, rebuilt.selected_by, "after {name}");
+            assert_eq!(explainer.selected, rebuilt.selected, "after {name}");
             assert_eq!(explainer.endpoints, rebuilt.endpoints, "after {name}");
         }
+    }
+
+    #[test]
+    fn a_drop_is_explained_by_the_policies_of_the_version_it_was_decided_under() {
+        let mut input = three_local_pods_and(&policy("p1", "a", "b", 80));
+        let mut ids = IdentityAllocator::default();
+        let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids).unwrap();
+        let a = compiled.local_addresses[&"10.0.0.1".parse::<IpAddr>().unwrap()].1;
+        let drop_under = |version: u32| VerdictEvent {
+            saddr: ipv4_mapped([10, 0, 0, 3]),
+            daddr: ipv4_mapped([10, 0, 0, 1]),
+            proto: PROTO_TCP,
+            direction: DIR_INGRESS,
+            verdict: VERDICT_DROP,
+            reason: REASON_POLICY_DENIED,
+            subject: a,
+            subject_version: version,
+            ..VerdictEvent::default()
+        };
+        let mut explainer = Explainer::default().rebuilt(&compiled);
+        explainer.versions_written(None, |_| 1);
+        let policies = |e: &Explainer, version| e.explain(&drop_under(version)).policies;
+        assert_eq!(policies(&explainer, 1), ["default/p1"]);
+
+        // p1 replaced by p3, which selects a too: compiled in place, explained before the write.
+        let (p1, p3) = (ObjectKey::new("default", "p1"), ObjectKey::new("default", "p3"));
+        input.state.policies.remove(&p1);
+        let p3_text = policy("p3", "a", "c", 83);
+        input
+            .state
+            .apply(parse_documents(&p3_text, "test").pop().unwrap().unwrap());
+        let subjects = incremental
+            .policies_changed(&input, &[p1, p3], &mut ids, &mut compiled)
+            .expect("compiled in place");
+        explainer.policies_changed(&compiled, &subjects);
+        // During the write: a drop under the old rules names p1, one under the new rules p3.
+        assert_eq!(policies(&explainer, 1), ["default/p1"]);
+        assert_eq!(policies(&explainer, 2), ["default/p3"]);
+        explainer.versions_written(Some(&subjects), |_| 2);
+        // After it, a drop decided before the change and read late still names p1.
+        assert_eq!(policies(&explainer, 1), ["default/p1"]);
+        assert_eq!(policies(&explainer, 2), ["default/p3"]);
+        // A version it never saw (an event older than the last change but one): the current.
+        assert_eq!(policies(&explainer, 9), ["default/p3"]);
+
+        // A full compile that no longer selects a (p3 removed): rebuilt, the same way.
+        input.state.policies.remove(&ObjectKey::new("default", "p3"));
+        let (compiled, _) = Incremental::compile(&input, &mut ids).unwrap();
+        let mut rebuilt = explainer.rebuilt(&compiled);
+        assert_eq!(policies(&rebuilt, 2), ["default/p3"]);
+        rebuilt.versions_written(None, |_| 0);
+        assert_eq!(policies(&rebuilt, 2), ["default/p3"]);
+        assert!(policies(&rebuilt, 0).is_empty(), "not isolated any more");
     }
 
     #[test]

@@ -560,9 +560,18 @@ impl Reconciler {
             .compile_seconds
             .observe(compile_time.as_secs_f64());
         let desired = self.desired_maps(&compiled);
-        let explainer_before = self.explain_with(Explainer::from_compiled(&compiled));
+        let next = self
+            .shared
+            .explainer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .rebuilt(&compiled);
+        let explainer_before = self.explain_with(next);
         let written = self.writer.apply(&desired);
-        if !self.written(written, compile_time, started) {
+        if self.written(written, compile_time, started) {
+            self.explainer()
+                .versions_written(None, |subject| self.writer.subject_version(subject));
+        } else {
             self.explain_with(explainer_before);
         }
         let previous = std::mem::replace(&mut self.compiled, compiled);
@@ -572,7 +581,8 @@ impl Reconciler {
     /// Puts `explainer` in force and returns the one it replaces. Called before a write, never
     /// after: once the write publishes the state applied, a drop it causes (an observer may be
     /// waiting for exactly that drop) must already be explained by the policies now in force.
-    /// A drop reported during the write itself is explained by the policies being written.
+    /// A drop reported during the write, or read after it, is explained by the policies of the
+    /// version of its subject's rules it was decided under (see `Explainer::versions_written`).
     fn explain_with(&self, explainer: Explainer) -> Explainer {
         std::mem::replace(&mut *self.explainer(), explainer)
     }
@@ -630,7 +640,10 @@ impl Reconciler {
         let written = self
             .writer
             .apply_subjects(&desired_subjects(&self.compiled, &subjects));
-        self.written(written, compile_time, started);
+        if self.written(written, compile_time, started) {
+            self.explainer()
+                .versions_written(Some(&subjects), |subject| self.writer.subject_version(subject));
+        }
         self.compiled_changed(&previous_rejections);
         true
     }

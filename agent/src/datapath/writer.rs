@@ -184,6 +184,12 @@ impl Writer {
         Ok(Self { maps, applied })
     }
 
+    /// The version of `subject`'s rules in the maps (what its drop events carry), 0 when it has
+    /// none there.
+    pub fn subject_version(&self, subject: u32) -> u32 {
+        self.applied.subjects.get(&subject).map_or(0, |(v, _)| *v)
+    }
+
     /// The config generation last written.
     pub fn generation(&self) -> u32 {
         self.applied.config.generation
