@@ -146,6 +146,7 @@ impl Explainer {
                 let before = self.selected.insert(subject, now).expect("present");
                 self.superseded.insert(subject, before);
             }
+            None if now.ingress.is_empty() && now.egress.is_empty() => {}
             None => {
                 self.selected.insert(subject, now);
             }
@@ -547,6 +548,7 @@ mod tests {
         let mut ids = IdentityAllocator::default();
         let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids).unwrap();
         let mut explainer = Explainer::default().rebuilt(&compiled);
+        explainer.versions_written(None, |_| 1);
         // A policy added, one changed, one removed: each compiled in place.
         let changes = [
             ("p2", Some(policy("p2", "b", "c", 81))),
@@ -604,7 +606,10 @@ mod tests {
         assert_eq!(policies(&explainer, 1), ["default/p1"]);
 
         // p1 replaced by p3, which selects a too: compiled in place, explained before the write.
-        let (p1, p3) = (ObjectKey::new("default", "p1"), ObjectKey::new("default", "p3"));
+        let (p1, p3) = (
+            ObjectKey::new("default", "p1"),
+            ObjectKey::new("default", "p3"),
+        );
         input.state.policies.remove(&p1);
         let p3_text = policy("p3", "a", "c", 83);
         input
@@ -625,7 +630,10 @@ mod tests {
         assert_eq!(policies(&explainer, 9), ["default/p3"]);
 
         // A full compile that no longer selects a (p3 removed): rebuilt, the same way.
-        input.state.policies.remove(&ObjectKey::new("default", "p3"));
+        input
+            .state
+            .policies
+            .remove(&ObjectKey::new("default", "p3"));
         let (compiled, _) = Incremental::compile(&input, &mut ids).unwrap();
         let mut rebuilt = explainer.rebuilt(&compiled);
         assert_eq!(policies(&rebuilt, 2), ["default/p3"]);

@@ -642,7 +642,9 @@ impl Reconciler {
             .apply_subjects(&desired_subjects(&self.compiled, &subjects));
         if self.written(written, compile_time, started) {
             self.explainer()
-                .versions_written(Some(&subjects), |subject| self.writer.subject_version(subject));
+                .versions_written(Some(&subjects), |subject| {
+                    self.writer.subject_version(subject)
+                });
         }
         self.compiled_changed(&previous_rejections);
         true

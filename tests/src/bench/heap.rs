@@ -135,7 +135,7 @@ pub fn attribute(
     rows.push(("map writer's applied entries", written));
 
     let before = live_bytes();
-    let explainer = Explainer::from_compiled(&compiled);
+    let explainer = Explainer::default().rebuilt(&compiled);
     rows.push(("explainer", live_bytes() - before));
 
     let total = live_bytes() - start;

@@ -448,7 +448,8 @@ fn in_process_incremental(
     let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
     let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids)?;
     writer.apply(&desired_maps(&compiled, |_| Some(1), 0))?;
-    let mut explainer = Explainer::from_compiled(&compiled);
+    let mut explainer = Explainer::default().rebuilt(&compiled);
+    explainer.versions_written(None, |subject| writer.subject_version(subject));
     let (mut policies, mut explainers, mut pods) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         let j = probes[r % probes.len()];
@@ -461,8 +462,12 @@ fn in_process_incremental(
             .ok_or_else(|| anyhow::anyhow!("a port change compiles in place"))?;
         let explaining = Instant::now();
         explainer.policies_changed(&compiled, &subjects);
-        explainers.push(explaining.elapsed());
+        let mut explained = explaining.elapsed();
         writer.apply_subjects(&desired_subjects(&compiled, &subjects))?;
+        let versions = Instant::now();
+        explainer.versions_written(Some(&subjects), |subject| writer.subject_version(subject));
+        explained += versions.elapsed();
+        explainers.push(explained);
         policies.push(started.elapsed());
 
         let (key, object) = extra_pod(r, false);
