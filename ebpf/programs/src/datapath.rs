@@ -209,28 +209,32 @@ pub fn decide(
     }
 
     // Forward entry first, then the reverse one. An echo request is looked up only as a
-    // forward packet and an echo reply only as a reply: their tuples are the same.
+    // forward packet and an echo reply only as a reply: their tuples are the same. The reversed
+    // key is built only when the forward lookup misses (a packet in a connection's original
+    // direction does not need it).
     let mut rslot = MaybeUninit::uninit();
-    let rkey = &KeyBuf::reverse_in(&mut rslot, key).key;
     let forward = if parsed.echo == ECHO_REPLY {
         None
     } else {
         WEIR_CONNTRACK.get_ptr_mut(key)
     };
-    let (entry, is_reply) = match forward {
-        Some(e) => (Some(e), false),
-        None if parsed.echo == ECHO_REQUEST => (None, false),
-        None => match WEIR_CONNTRACK.get_ptr_mut(rkey) {
-            Some(e) => (Some(e), true),
-            None => (None, false),
-        },
+    // `orig`: the connection's original tuple, as its entry is keyed.
+    let (entry, is_reply, orig) = match forward {
+        Some(e) => (Some(e), false, key),
+        None if parsed.echo == ECHO_REQUEST => (None, false, key),
+        None => {
+            let rkey = &KeyBuf::reverse_in(&mut rslot, key).key;
+            match WEIR_CONNTRACK.get_ptr_mut(rkey) {
+                Some(e) => (Some(e), true, rkey),
+                None => (None, false, key),
+            }
+        }
     };
     // The side of the original tuple this endpoint is on.
     let side = match (hook_dir, is_reply) {
         (DIR_EGRESS, false) | (DIR_INGRESS, true) => DIR_EGRESS,
         _ => DIR_INGRESS,
     };
-    let orig = if is_reply { rkey } else { key };
 
     // Fast path: this side was allowed under the current generation.
     if let Some(entry) = entry {
