@@ -118,9 +118,10 @@ pub const MESH_STEPS: &[MeshStep] = &[
         args: &[],
     },
     // Not a step: the defaults with one knob changed, to decide whether it should be the default.
+    // HTTP/2's own frame size, the default before 1 MiB frames.
     MeshStep {
-        name: "defaults, 1 MiB h2 frames",
-        args: &["--mesh-h2-frame-bytes", "1048576"],
+        name: "defaults, 16 KiB h2 frames",
+        args: &["--mesh-h2-frame-bytes", "16384"],
     },
     // The XDP filter on the gateways' WAN veth in native mode (the default before `--xdp-mode
     // auto` chose generic on a veth): the WAN router's side of the veth loses TSO.
