@@ -116,16 +116,16 @@ pub fn attach(
     })?;
     let pin = dir.join(device);
     let program = program(ebpf)?;
-    let link = nix::net::if_::if_nametoindex(device)
-        .ok()
-        .and_then(|ifindex| uplink_link::query(ifindex).ok());
+    let ifindex = nix::net::if_::if_nametoindex(device).ok();
+    let link = ifindex.and_then(|ifindex| uplink_link::query(ifindex).ok());
     let mode = resolve(mode, link);
-    if let Some(existing) = link.and_then(|l| l.xdp)
+    if let (Some(ifindex), Some(existing)) = (ifindex, link.and_then(|l| l.xdp))
         && pin.exists()
         && !keeps(mode, existing)
     {
         tracing::warn!(device, ?existing, wanted = ?mode, "the pinned XDP link is in another mode; replacing it (the uplink is without the filter for a moment)");
         let _ = std::fs::remove_file(&pin);
+        wait_detached(ifindex);
     }
     let attached = match replace_pinned(program, &pin) {
         Some(attached) => attached,
@@ -183,6 +183,25 @@ fn replace_pinned(program: &mut Xdp, pin: &Path) -> Option<Attached> {
             tracing::warn!(pin = %pin.display(), error = %e, "the pinned XDP link cannot be updated; attaching anew");
             let _ = std::fs::remove_file(pin);
             None
+        }
+    }
+}
+
+/// How long [`wait_detached`] waits for the kernel to release a link whose pin was removed.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until `ifindex` has no XDP program, at most [`DETACH_WAIT`]. Removing a link's pin does
+/// not detach it at once: the kernel releases the link from a workqueue (`bpf_link_put`), and
+/// until then an attach in the other mode fails with EEXIST (one mode at a time on a device).
+fn wait_detached(ifindex: u32) {
+    let deadline = std::time::Instant::now() + DETACH_WAIT;
+    while std::time::Instant::now() < deadline {
+        match uplink_link::query(ifindex) {
+            Ok(link) if link.xdp.is_some() => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // Gone, or the device cannot be read: the attach reports what is wrong.
+            _ => return,
         }
     }
 }
