@@ -170,6 +170,11 @@ pub struct RunArgs {
     /// `none`, or an interface name.
     #[arg(long, env = "WEIR_XDP_DEVICE", default_value = "auto")]
     pub xdp_device: XdpDevice,
+    /// The XDP filter's mode: `auto` (generic on a veth, whose native XDP takes the peer's
+    /// segmentation offloads away and saves nothing; native elsewhere, generic where the driver
+    /// has none), `native` or `generic`.
+    #[arg(long, env = "WEIR_XDP_MODE", value_enum, default_value_t = crate::datapath::uplink::XdpMode::Auto)]
+    pub xdp_mode: crate::datapath::uplink::XdpMode,
     /// The operator's deny list, dropped at XDP on the uplink: a file with one CIDR or address
     /// per line (`#` comments), followed for changes. In Kubernetes mode, mount the
     /// `weir-prefilter` ConfigMap's `deny` key here.

@@ -605,7 +605,7 @@ fn start_uplink_filter(
     };
     let vxlan_port =
         (args.overlay == OverlayMode::Vxlan).then_some(weir_agent::overlay::VXLAN_PORT);
-    let attached = uplink::attach(ebpf, &device, vxlan_port, bpffs_dir)?;
+    let attached = uplink::attach(ebpf, &device, vxlan_port, bpffs_dir, args.xdp_mode)?;
     tracing::info!(
         device,
         ?attached,

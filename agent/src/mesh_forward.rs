@@ -62,7 +62,7 @@ pub struct DataPlaneArgs {
     #[arg(long, env = "WEIR_SCHED_SLICE_US", default_value_t = 100)]
     pub sched_slice_us: u64,
     /// Mesh gateways: the largest HTTP/2 frame the mesh connections accept, in bytes (16384 to
-    /// 16777215). Larger frames carry a batch in fewer frames.
+    /// 16777215; HTTP/2's own default is 16384). Larger frames carry a batch in fewer frames.
     #[arg(long, env = "WEIR_MESH_H2_FRAME_BYTES", default_value_t = weir_mesh::transport::DEFAULT_MAX_FRAME_SIZE)]
     pub mesh_h2_frame_bytes: u32,
 }

@@ -22,6 +22,14 @@ fn xdp_program(netns: &Netns, dev: &str) -> Option<u32> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
+/// The mode of the XDP program on `dev` in `netns`, as `ip link` names it after the MTU: `xdp`
+/// (native), `xdpgeneric`, or none.
+fn xdp_mode(netns: &Netns, dev: &str) -> Option<String> {
+    let out = netns.ip(&["link", "show", "dev", dev]);
+    let word = out.split("mtu ").nth(1)?.split_whitespace().nth(1)?;
+    word.starts_with("xdp").then(|| word.to_owned())
+}
+
 #[test]
 fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     let two = TwoNodes::new("xdp", "192.168.78", "10.152");
@@ -46,6 +54,9 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         xdp_program(n1, "eth0").is_some(),
         "no XDP program on n1's uplink"
     );
+    // The uplink is a veth: `--xdp-mode auto` runs the filter in generic mode there, so the
+    // other end keeps its segmentation offloads.
+    assert_eq!(xdp_mode(n2, "eth0").as_deref(), Some("xdpgeneric"));
 
     let started = two.start_pods(&pods);
     let netns: Vec<&Netns> = started.iter().map(|p| &p.netns).collect();
@@ -170,6 +181,26 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
     assert!(
         eventually_connects(netns[0], server_ip),
         "the client is denied after the restart"
+    );
+
+    // Another mode asked for: the pinned link is replaced by one in that mode, which filters as
+    // the other did.
+    drop(a2);
+    let native_args = [n2_args[0], n2_args[1], "--xdp-mode", "native"];
+    let a2 = Agent::start(n2, "n2", d2, &native_args);
+    assert!(
+        a2.log_text().contains("attached=Native"),
+        "{}",
+        a2.log_text()
+    );
+    assert_eq!(xdp_mode(n2, "eth0").as_deref(), Some("xdp"));
+    assert!(
+        !connects(netns[1], server_ip),
+        "the intruder got in after the change of mode"
+    );
+    assert!(
+        eventually_connects(netns[0], server_ip),
+        "the client is denied after the change of mode"
     );
 
     // Uninstall takes the filter off.

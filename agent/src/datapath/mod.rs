@@ -11,4 +11,5 @@ pub mod maps;
 pub mod object;
 pub mod tc;
 pub mod uplink;
+pub mod uplink_link;
 pub mod writer;

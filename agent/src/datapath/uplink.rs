@@ -2,6 +2,15 @@
 //! `<bpffs-dir>/xdp/<device>`, so it stays attached when the agent exits or dies. A restarted
 //! agent swaps its freshly loaded program into the pinned link (`BPF_LINK_UPDATE`, atomic: the
 //! device is never without a program); `weir-agent uninstall` removes the pin, which detaches it.
+//!
+//! The mode (`--xdp-mode`): native (in the driver, before an skb exists) on a real NIC, but
+//! generic on a veth. A veth has no driver ring: its native XDP runs on the skb the peer already
+//! built (`veth_xdp_rcv_skb` in drivers/net/veth.c), so it saves nothing, and it costs the peer its
+//! segmentation offloads: while a native program is attached, `veth_fix_features` clears
+//! `NETIF_F_GSO_SOFTWARE` on the peer (with or without multi-buffer support), so every TCP burst
+//! the peer sends (a forwarded 64 KiB GSO packet included) is cut into MTU-sized packets, each
+//! copied into a page-pool page before the program runs. Generic XDP runs on the same skb in the
+//! core receive path with the same verdicts, and the peer keeps TSO: one burst, one run.
 
 use std::{
     net::IpAddr,
@@ -12,12 +21,26 @@ use aya::{
     Ebpf,
     maps::Array,
     programs::{
-        Xdp, XdpMode,
+        Xdp, XdpMode as KernelXdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
 use weir_common::{MAP_UPLINK, PROG_XDP, UplinkConfig};
+
+use super::uplink_link::{self, AttachedMode, UplinkLink};
+
+/// The XDP mode of `weir_xdp` on the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Generic on a veth (see the module's doc), else native, or generic where the driver has no
+    /// native XDP.
+    Auto,
+    /// In the driver only: fails where the driver has no native XDP.
+    Native,
+    /// In the core receive path, on the skb.
+    Generic,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -32,11 +55,12 @@ pub enum UplinkError {
         source: std::io::Error,
     },
     #[error(
-        "attaching {PROG_XDP} to {device} (native XDP, then generic): {source}; pass --xdp-device \
-         with the uplink's name, or --xdp-device none to run without the XDP filter"
+        "attaching {PROG_XDP} to {device} ({mode:?} XDP): {source}; pass --xdp-device with the \
+         uplink's name, --xdp-mode auto, or --xdp-device none to run without the XDP filter"
     )]
     Attach {
         device: String,
+        mode: XdpMode,
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -75,12 +99,14 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, UplinkError> {
 /// replacement), else a new link, pinned. Links pinned for other devices (the uplink changed)
 /// are removed afterwards, which detaches them. `vxlan_port`: the node's VXLAN overlay port, whose
 /// tunnel packets the program looks into; written before the program is attached, so it holds
-/// from its first packet.
+/// from its first packet. A pinned link in another mode than `mode` asks for is replaced by a new
+/// link: the device is without the filter for that moment (the tc programs still enforce policy).
 pub fn attach(
     ebpf: &mut Ebpf,
     device: &str,
     vxlan_port: Option<u16>,
     bpffs_dir: &Path,
+    mode: XdpMode,
 ) -> Result<Attached, UplinkError> {
     configure(ebpf, vxlan_port)?;
     let dir = pin_dir(bpffs_dir);
@@ -90,9 +116,20 @@ pub fn attach(
     })?;
     let pin = dir.join(device);
     let program = program(ebpf)?;
+    let ifindex = nix::net::if_::if_nametoindex(device).ok();
+    let link = ifindex.and_then(|ifindex| uplink_link::query(ifindex).ok());
+    let mode = resolve(mode, link);
+    if let (Some(ifindex), Some(existing)) = (ifindex, link.and_then(|l| l.xdp))
+        && pin.exists()
+        && !keeps(mode, existing)
+    {
+        tracing::warn!(device, ?existing, wanted = ?mode, "the pinned XDP link is in another mode; replacing it (the uplink is without the filter for a moment)");
+        let _ = std::fs::remove_file(&pin);
+        wait_detached(ifindex);
+    }
     let attached = match replace_pinned(program, &pin) {
         Some(attached) => attached,
-        None => attach_new(program, device, &pin)?,
+        None => attach_new(program, device, &pin, mode)?,
     };
     for stale in pinned_devices(bpffs_dir)
         .into_iter()
@@ -150,20 +187,73 @@ fn replace_pinned(program: &mut Xdp, pin: &Path) -> Option<Attached> {
     }
 }
 
-fn attach_new(program: &mut Xdp, device: &str, pin: &Path) -> Result<Attached, UplinkError> {
-    let (id, attached) = match program.attach(device, XdpMode::Driver) {
-        Ok(id) => (id, Attached::Native),
-        Err(native) => {
-            tracing::warn!(device, error = %native, "no native XDP on the uplink; attaching in generic mode");
-            let id =
-                program
-                    .attach(device, XdpMode::Skb)
-                    .map_err(|source| UplinkError::Attach {
-                        device: device.to_owned(),
-                        source,
-                    })?;
-            (id, Attached::Generic)
+/// How long [`wait_detached`] waits for the kernel to release a link whose pin was removed.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until `ifindex` has no XDP program, at most [`DETACH_WAIT`]. Removing a link's pin does
+/// not detach it at once: the kernel releases the link from a workqueue (`bpf_link_put`), and
+/// until then an attach in the other mode fails with EEXIST (one mode at a time on a device).
+fn wait_detached(ifindex: u32) {
+    let deadline = std::time::Instant::now() + DETACH_WAIT;
+    while std::time::Instant::now() < deadline {
+        match uplink_link::query(ifindex) {
+            Ok(link) if link.xdp.is_some() => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // Gone, or the device cannot be read: the attach reports what is wrong.
+            _ => return,
         }
+    }
+}
+
+/// `Auto` made concrete for the device: `Generic` on a veth; `Native` and `Generic` as asked.
+/// `Auto` stays for any other device: native, falling back to generic.
+fn resolve(mode: XdpMode, link: Option<UplinkLink>) -> XdpMode {
+    match mode {
+        XdpMode::Auto if link.is_some_and(|l| l.is_veth) => XdpMode::Generic,
+        other => other,
+    }
+}
+
+/// Whether a link attached in `existing` mode serves a request for `mode`.
+fn keeps(mode: XdpMode, existing: AttachedMode) -> bool {
+    match mode {
+        XdpMode::Auto => true,
+        XdpMode::Native => existing == AttachedMode::Native,
+        XdpMode::Generic => existing == AttachedMode::Generic,
+    }
+}
+
+fn attach_new(
+    program: &mut Xdp,
+    device: &str,
+    pin: &Path,
+    mode: XdpMode,
+) -> Result<Attached, UplinkError> {
+    let failed = |source| UplinkError::Attach {
+        device: device.to_owned(),
+        mode,
+        source,
+    };
+    let (id, attached) = match mode {
+        XdpMode::Generic => (
+            program.attach(device, KernelXdpMode::Skb).map_err(failed)?,
+            Attached::Generic,
+        ),
+        XdpMode::Native => (
+            program
+                .attach(device, KernelXdpMode::Driver)
+                .map_err(failed)?,
+            Attached::Native,
+        ),
+        XdpMode::Auto => match program.attach(device, KernelXdpMode::Driver) {
+            Ok(id) => (id, Attached::Native),
+            Err(native) => {
+                tracing::warn!(device, error = %native, "no native XDP on the uplink; attaching in generic mode");
+                let id = program.attach(device, KernelXdpMode::Skb).map_err(failed)?;
+                (id, Attached::Generic)
+            }
+        },
     };
     let pin_error = |reason: String| UplinkError::Pin {
         device: device.to_owned(),
