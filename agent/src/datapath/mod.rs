@@ -9,6 +9,7 @@ pub mod events;
 pub mod loader;
 pub mod maps;
 pub mod object;
+pub mod rtnl;
 pub mod tc;
 pub mod uplink;
 pub mod uplink_link;

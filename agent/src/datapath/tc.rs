@@ -15,14 +15,13 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     tc::{TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::rtnl::Rtnl;
 
 /// Our filters' priority on each hook. One filter per hook: a replace with the same priority and
 /// handle swaps the program atomically (a restarted agent's fresh programs).
@@ -50,26 +49,21 @@ impl Hook {
     }
 }
 
-/// A netlink route socket in the calling thread's network namespace.
+/// The tc requests, over a netlink route socket in the calling thread's network namespace.
 pub struct Tc {
-    socket: Socket,
-    sequence: u32,
+    rtnl: Rtnl,
 }
 
 impl Tc {
     pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Self {
-            socket,
-            sequence: 0,
+            rtnl: Rtnl::open()?,
         })
     }
 
     /// Adds a clsact qdisc to `ifindex`; one that is already there is fine.
     pub fn ensure_clsact(&mut self, ifindex: u32) -> io::Result<()> {
-        match self.request(
+        match self.rtnl.request(
             RouteNetlinkMessage::NewQueueDiscipline(clsact_message(ifindex)),
             NLM_F_CREATE | NLM_F_EXCL,
         ) {
@@ -94,7 +88,8 @@ impl Tc {
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_owned())),
             TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
         ]));
-        self.request(RouteNetlinkMessage::NewTrafficFilter(message), NLM_F_CREATE)
+        self.rtnl
+            .request(RouteNetlinkMessage::NewTrafficFilter(message), NLM_F_CREATE)
             .map(drop)
     }
 
@@ -103,7 +98,9 @@ impl Tc {
     pub fn filter_programs(&mut self, ifindex: u32, hook: Hook) -> io::Result<Vec<u32>> {
         let mut message = TcMessage::with_index(ifindex as i32);
         message.header.parent = hook.parent();
-        let replies = match self.request(RouteNetlinkMessage::GetTrafficFilter(message), NLM_F_DUMP)
+        let replies = match self
+            .rtnl
+            .request(RouteNetlinkMessage::GetTrafficFilter(message), NLM_F_DUMP)
         {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
                 return Ok(Vec::new());
@@ -131,57 +128,13 @@ impl Tc {
 
     /// Removes the clsact qdisc of `ifindex` and every filter on it. `false` if it had none.
     pub fn delete_clsact(&mut self, ifindex: u32) -> io::Result<bool> {
-        match self.request(
+        match self.rtnl.request(
             RouteNetlinkMessage::DelQueueDiscipline(clsact_message(ifindex)),
             0,
         ) {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(false),
             Err(e) => Err(e),
-        }
-    }
-
-    /// Sends one request and collects the replies up to its ACK (or the end of a dump).
-    fn request(
-        &mut self,
-        message: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let sequence = self.sequence;
-        let mut request = NetlinkMessage::from(message);
-        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-        request.header.sequence_number = sequence;
-        request.finalize();
-        let mut buf = vec![0; request.buffer_len()];
-        request.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-
-        let mut replies = Vec::new();
-        let mut receive = Vec::with_capacity(64 * 1024);
-        loop {
-            receive.clear();
-            self.socket.recv(&mut receive, 0)?;
-            let mut offset = 0;
-            while offset < receive.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let length = reply.header.length as usize;
-                if length == 0 {
-                    break;
-                }
-                offset += length;
-                if reply.header.sequence_number != sequence {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(replies),
-                    NetlinkPayload::Error(e) => return Err(e.to_io()),
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::InnerMessage(m) => replies.push(m),
-                    _ => {}
-                }
-            }
         }
     }
 }

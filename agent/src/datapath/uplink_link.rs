@@ -1,15 +1,15 @@
 //! What the uplink is, as far as the XDP filter's mode is concerned: whether it is a veth, and in
 //! which mode an XDP program is attached to it now. One `RTM_GETLINK` over a synchronous rtnetlink
-//! socket of the calling thread's network namespace.
+//! socket of the calling thread's network namespace (`rtnl`).
 
 use std::io;
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::rtnl::Rtnl;
 
 /// The XDP mode a program runs in on a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,47 +32,16 @@ pub struct UplinkLink {
 
 /// Reads `ifindex`'s kind and XDP attachment.
 pub fn query(ifindex: u32) -> io::Result<UplinkLink> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
     let mut message = LinkMessage::default();
     message.header.index = ifindex;
-    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetLink(message));
-    request.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut link = None;
-    let mut receive = Vec::with_capacity(64 * 1024);
-    loop {
-        receive.clear();
-        socket.recv(&mut receive, 0)?;
-        let mut offset = 0;
-        while offset < receive.len() {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let length = reply.header.length as usize;
-            if length == 0 {
-                break;
-            }
-            offset += length;
-            match reply.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
-                    link = Some(describe(&m));
-                }
-                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                NetlinkPayload::Error(_) | NetlinkPayload::Done(_) => {
-                    return link.ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, "no link in the reply")
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
+    Rtnl::open()?
+        .request(RouteNetlinkMessage::GetLink(message), 0)?
+        .iter()
+        .find_map(|reply| match reply {
+            RouteNetlinkMessage::NewLink(m) => Some(describe(m)),
+            _ => None,
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no link in the reply"))
 }
 
 fn describe(message: &LinkMessage) -> UplinkLink {
