@@ -556,6 +556,35 @@ fn active_active_lab_with_traffic(tag: &str) -> (MeshLab, Probe, Transfer, Durat
     (mesh, probe, transfer, wait)
 }
 
+/// Waits until the probe stream has 1,000 more replies than now (a second of it), `how`.
+fn probes_go_on(probe: &Probe, how: &str, wait: Duration) {
+    let replies = probe.replies();
+    eventually(&format!("probes go on {how}"), wait, || {
+        probe.replies() > replies + 1000
+    });
+}
+
+/// After `cluster`'s `gateway` was `what` (since `since`) and let back: waits until it is up
+/// everywhere and the probes go on, and returns the longest probe gap since then.
+fn came_back(
+    mesh: &MeshLab,
+    probe: &Probe,
+    (cluster, gateway): (&str, &str),
+    since: Instant,
+    what: &str,
+    wait: Duration,
+) -> (String, Duration) {
+    eventually(
+        &format!("{cluster}'s {gateway} is back everywhere"),
+        wait,
+        || all_up(mesh),
+    );
+    probes_go_on(probe, "after the return", wait);
+    let gap = probe.longest_gap_since(since);
+    println!("{cluster}/{gateway} {what} and back: longest probe gap {gap:?}");
+    (format!("{cluster}/{gateway}"), gap)
+}
+
 /// After each gateway in turn was `what` and came back: the transfer still moves and lost
 /// nothing, no probe gap exceeded a second, and the lab goes down leaving nothing behind.
 fn survived_each_gateway(
@@ -605,26 +634,19 @@ fn with_two_gateways_per_cluster_killing_any_one_loses_at_most_a_second() {
                 wait,
                 || !next_hops(&worker, &worker_route).contains(&gateway_ip),
             );
-            let replies = probe.replies();
-            eventually("probes go on through the other gateway", wait, || {
-                probe.replies() > replies + 1000
-            });
+            probes_go_on(&probe, "through the other gateway", wait);
             mesh.cluster_mut(cluster)
                 .unwrap()
                 .start_agent(&gateway)
                 .unwrap();
-            eventually(
-                &format!("{cluster}'s {gateway} is back everywhere"),
+            gaps.push(came_back(
+                &mesh,
+                &probe,
+                (cluster, &gateway),
+                killed,
+                "killed",
                 wait,
-                || all_up(&mesh),
-            );
-            let replies = probe.replies();
-            eventually("probes go on after the return", wait, || {
-                probe.replies() > replies + 1000
-            });
-            let gap = probe.longest_gap_since(killed);
-            println!("{cluster}/{gateway} killed and back: longest probe gap {gap:?}");
-            gaps.push((format!("{cluster}/{gateway}"), gap));
+            ));
         }
     }
     survived_each_gateway(mesh, transfer, probe, &gaps, "killed", wait);
@@ -646,11 +668,13 @@ fn with_two_gateways_per_cluster_a_silent_one_loses_at_most_a_second() {
         let worker_route = pod_prefix(&mesh, other);
         for (g, gateway) in mesh.gateway_nodes(cluster).unwrap().into_iter().enumerate() {
             let gateway_ip = underlay_ip(&mesh, cluster, &gateway);
-            let silent_before: u64 =
+            let silent_sessions = || -> u64 {
                 gateway_samples(&mesh, other, "weir_mesh_silent_sessions_total", cluster)
                     .iter()
                     .map(|n| n.unwrap_or(0))
-                    .sum();
+                    .sum()
+            };
+            let silent_before = silent_sessions();
             let blackholed = Instant::now();
             mesh.blackhole_wan(cluster, g, true).unwrap();
             eventually(
@@ -667,32 +691,21 @@ fn with_two_gateways_per_cluster_a_silent_one_loses_at_most_a_second() {
                         .all(|n| *n == Some(1))
                 },
             );
-            let silent_after: u64 =
-                gateway_samples(&mesh, other, "weir_mesh_silent_sessions_total", cluster)
-                    .iter()
-                    .map(|n| n.unwrap_or(0))
-                    .sum();
+            let silent_after = silent_sessions();
             assert!(
                 silent_after >= silent_before + 2,
                 "both of {other}'s gateways ended their session with {cluster}/{gateway} for its silence ({silent_before} -> {silent_after})"
             );
-            let replies = probe.replies();
-            eventually("probes go on through the other gateway", wait, || {
-                probe.replies() > replies + 1000
-            });
+            probes_go_on(&probe, "through the other gateway", wait);
             mesh.blackhole_wan(cluster, g, false).unwrap();
-            eventually(
-                &format!("{cluster}'s {gateway} is back everywhere"),
+            gaps.push(came_back(
+                &mesh,
+                &probe,
+                (cluster, &gateway),
+                blackholed,
+                "silent",
                 wait,
-                || all_up(&mesh),
-            );
-            let replies = probe.replies();
-            eventually("probes go on after the return", wait, || {
-                probe.replies() > replies + 1000
-            });
-            let gap = probe.longest_gap_since(blackholed);
-            println!("{cluster}/{gateway} silent and back: longest probe gap {gap:?}");
-            gaps.push((format!("{cluster}/{gateway}"), gap));
+            ));
         }
     }
     survived_each_gateway(mesh, transfer, probe, &gaps, "silent", wait);

@@ -60,6 +60,18 @@ impl Lab {
     }
 
     /// A gateway of `cluster` with pods in `ours`, knowing `peers` (name, prefix).
+    /// West's gateway, peered with east and with mallory (whose valid certificate `Evil`
+    /// uses to attack west).
+    async fn west_with_mallory(&self, limits: Limits) -> Gateway {
+        self.gateway(
+            "west",
+            WEST_PODS,
+            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
+            limits,
+        )
+        .await
+    }
+
     async fn gateway(
         &self,
         cluster: &str,
@@ -393,14 +405,7 @@ async fn an_evil_peer_with_a_valid_certificate_gets_nothing_that_is_not_its_own(
         max_entries: 50,
         max_delta_entries: 1_000,
     };
-    let west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            limits,
-        )
-        .await;
+    let west = lab.west_with_mallory(limits).await;
     let east = lab
         .gateway("east", EAST_PODS, &[("west", WEST_PODS)], Limits::default())
         .await;
@@ -631,14 +636,7 @@ fn tso4_packet(src: [u8; 4], dst: [u8; 4], len: usize) -> (Vec<u8>, Offload) {
 #[tokio::test]
 async fn super_packets_and_lanes_are_confined_like_single_packets() {
     let lab = Lab::new();
-    let west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            Limits::default(),
-        )
-        .await;
+    let west = lab.west_with_mallory(Limits::default()).await;
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut evil = Evil::new(&lab, &west, "mallory");
     // Mallory's own, legitimate export, kept up by an open session.
@@ -772,14 +770,7 @@ async fn tunnel_ends(tunnel: &mut tonic::Streaming<pb::PacketBatch>) -> bool {
 #[tokio::test]
 async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
     let lab = Lab::new();
-    let west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            Limits::default(),
-        )
-        .await;
+    let west = lab.west_with_mallory(Limits::default()).await;
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut first = Evil::new(&lab, &west, "mallory");
     let _first_session = mallory_session(&mut first, "1").await;
@@ -827,14 +818,7 @@ async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
 #[tokio::test]
 async fn the_latency_lane_carries_packets_both_ways_and_nothing_is_buffered_without_a_gateway() {
     let lab = Lab::new();
-    let mut west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            Limits::default(),
-        )
-        .await;
+    let mut west = lab.west_with_mallory(Limits::default()).await;
     let mut east = lab
         .gateway("east", EAST_PODS, &[("west", WEST_PODS)], Limits::default())
         .await;
@@ -922,14 +906,7 @@ async fn the_latency_lane_carries_packets_both_ways_and_nothing_is_buffered_with
 #[tokio::test]
 async fn a_peer_that_names_more_gateways_than_allowed_is_refused() {
     let lab = Lab::new();
-    let west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            Limits::default(),
-        )
-        .await;
+    let west = lab.west_with_mallory(Limits::default()).await;
     let mut client = Evil::new(&lab, &west, "mallory").client;
     // Each Tunnel names another gateway of mallory's; the ones within the limit stay open.
     let mut open = Vec::new();
@@ -962,14 +939,7 @@ async fn a_peer_that_names_more_gateways_than_allowed_is_refused() {
 #[tokio::test]
 async fn a_gateway_that_goes_silent_leaves_the_set_and_its_batches_count_as_liveness() {
     let lab = Lab::new();
-    let west = lab
-        .gateway(
-            "west",
-            WEST_PODS,
-            &[("east", EAST_PODS), ("mallory", MALLORY_PODS)],
-            Limits::default(),
-        )
-        .await;
+    let west = lab.west_with_mallory(Limits::default()).await;
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut evil = Evil::new(&lab, &west, "mallory");
     // Mallory's session sends its Hello and then nothing (no heartbeat, no frame), while a
