@@ -429,6 +429,23 @@ struct InProcess {
     pod: Samples,
 }
 
+/// What the in-process cases start from: the cluster as the agent would read it, a fresh
+/// identity allocator, and a writer over unpinned maps of a newly loaded object.
+fn in_process_node(
+    files: &[(String, String)],
+    local: &BTreeMap<ObjectKey, Vec<IpAddr>>,
+) -> anyhow::Result<(CompileInput, IdentityAllocator, Writer)> {
+    let input = CompileInput {
+        state: cluster_state(files)?,
+        node_name: NODE.to_owned(),
+        cluster_id: 0,
+        local_endpoints: local.clone(),
+    };
+    let mut ebpf = loader::load(None)?;
+    let writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
+    Ok((input, IdentityAllocator::default(), writer))
+}
+
 /// The same events in this process: what the agent's reconcile task does per event, without
 /// the manifests directory in front of it.
 fn in_process_incremental(
@@ -437,15 +454,7 @@ fn in_process_incremental(
     probes: &[usize],
     rounds: usize,
 ) -> anyhow::Result<InProcess> {
-    let mut input = CompileInput {
-        state: cluster_state(files)?,
-        node_name: NODE.to_owned(),
-        cluster_id: 0,
-        local_endpoints: local.clone(),
-    };
-    let mut ids = IdentityAllocator::default();
-    let mut ebpf = loader::load(None)?;
-    let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
+    let (mut input, mut ids, mut writer) = in_process_node(files, local)?;
     let (mut compiled, mut incremental) = Incremental::compile(&input, &mut ids)?;
     writer.apply(&desired_maps(&compiled, |_| Some(1), 0))?;
     let mut explainer = Explainer::default().rebuilt(&compiled);
@@ -499,15 +508,7 @@ fn in_process_baseline(
     local: &BTreeMap<ObjectKey, Vec<IpAddr>>,
     rounds: usize,
 ) -> anyhow::Result<Samples> {
-    let mut input = CompileInput {
-        state: cluster_state(files)?,
-        node_name: NODE.to_owned(),
-        cluster_id: 0,
-        local_endpoints: local.clone(),
-    };
-    let mut ids = IdentityAllocator::default();
-    let mut ebpf = loader::load(None)?;
-    let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
+    let (mut input, mut ids, mut writer) = in_process_node(files, local)?;
     let started = Instant::now();
     let compiled = compile(&input, &mut ids)?;
     let compile_time = started.elapsed();
