@@ -65,6 +65,11 @@ pub struct DataPlaneArgs {
     /// 16777215; HTTP/2's own default is 16384). Larger frames carry a batch in fewer frames.
     #[arg(long, env = "WEIR_MESH_H2_FRAME_BYTES", default_value_t = weir_mesh::transport::DEFAULT_MAX_FRAME_SIZE)]
     pub mesh_h2_frame_bytes: u32,
+    /// Mesh gateways: run the whole gateway (TUN reader, lanes, sessions) on one thread of its
+    /// own with a single-threaded runtime, so a packet crosses it without waking other threads
+    /// (`crate::mesh_thread`); false runs it on the agent's multi-threaded runtime.
+    #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mesh_own_thread: bool,
 }
 
 impl DataPlaneArgs {

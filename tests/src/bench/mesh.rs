@@ -79,6 +79,8 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--sched-slice-us",
             "0",
+            "--mesh-own-thread",
+            "false",
         ],
     },
     MeshStep {
@@ -92,6 +94,8 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--sched-slice-us",
             "0",
+            "--mesh-own-thread",
+            "false",
         ],
     },
     MeshStep {
@@ -103,18 +107,31 @@ pub const MESH_STEPS: &[MeshStep] = &[
             "false",
             "--sched-slice-us",
             "0",
+            "--mesh-own-thread",
+            "false",
         ],
     },
     MeshStep {
         name: "mesh +lanes",
-        args: &["--mesh-latency-lane", "false", "--sched-slice-us", "0"],
+        args: &[
+            "--mesh-latency-lane",
+            "false",
+            "--sched-slice-us",
+            "0",
+            "--mesh-own-thread",
+            "false",
+        ],
     },
     MeshStep {
         name: "mesh +short slice",
-        args: &["--mesh-latency-lane", "false"],
+        args: &["--mesh-latency-lane", "false", "--mesh-own-thread", "false"],
     },
     MeshStep {
-        name: "mesh +latency lane (default)",
+        name: "mesh +latency lane",
+        args: &["--mesh-own-thread", "false"],
+    },
+    MeshStep {
+        name: "mesh +own thread (default)",
         args: &[],
     },
     // Not a step: the defaults with one knob changed, to decide whether it should be the default.

@@ -3,6 +3,7 @@
 
 mod bpf_syscall;
 pub mod cni;
+pub mod cpu_wakeup;
 pub mod datapath;
 pub mod datapath_redirect;
 pub mod heap;

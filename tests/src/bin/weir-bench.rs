@@ -10,6 +10,8 @@ static ALLOCATOR: bench::heap::CountingAllocator<std::alloc::System> =
 fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
     let all = which == "all";
+    // Latency percentiles would otherwise depend on whether a vCPU happened to be halted.
+    let _wakeup_hold = bench::cpu_wakeup::hold_polling_idle();
     let mut ran = false;
     if all || which == "datapath" {
         bench::datapath::run(1_000_000)?;
