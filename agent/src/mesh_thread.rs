@@ -12,6 +12,11 @@
 //! A single-threaded runtime has no other worker to wake: the tasks of one packet run back to
 //! back, and the only wake-ups left are the ones a packet must cause (the TUN or the socket
 //! waking this thread).
+//!
+//! The price is one core for all of the gateway's lanes, where the shared runtime spreads them
+//! over the node's cores; and on the 2-core bench machine the saved wake-ups did not show in the
+//! request/response latency beyond its noise (README, the `mesh` bench). So it is opt-in
+//! (`--mesh-own-thread`).
 
 use std::{io, thread, time::Duration};
 

@@ -86,9 +86,9 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     .unwrap();
     std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
 
-    // West runs its gateway on the agent's shared runtime, east on a thread of its own (the
+    // West runs its gateway on a thread of its own, east on the agent's shared runtime (the
     // default): both carry every check below, across the link between them.
-    let west_agent = west.start_with(&["--mesh-own-thread", "false"]);
+    let west_agent = west.start_with(&["--mesh-own-thread", "true"]);
     let east_agent = east.start();
     assert!(
         west_agent.log_text().contains("mesh gateway up"),
@@ -96,13 +96,13 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
         west_agent.log_text()
     );
     assert!(
-        !thread_names(west_agent.pid()).contains(&"weir-mesh".to_owned()),
-        "west: --mesh-own-thread false, yet a weir-mesh thread: {:?}",
+        thread_names(west_agent.pid()).contains(&"weir-mesh".to_owned()),
+        "west: --mesh-own-thread true, yet no weir-mesh thread: {:?}",
         thread_names(west_agent.pid())
     );
     assert!(
-        thread_names(east_agent.pid()).contains(&"weir-mesh".to_owned()),
-        "east's gateway runs on its own thread by default: {:?}",
+        !thread_names(east_agent.pid()).contains(&"weir-mesh".to_owned()),
+        "east's gateway runs on the shared runtime by default: {:?}",
         thread_names(east_agent.pid())
     );
 
