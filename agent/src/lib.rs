@@ -12,6 +12,7 @@ pub mod merged_state;
 pub mod mesh;
 pub mod mesh_forward;
 pub mod mesh_status;
+pub mod mesh_thread;
 pub mod mesh_tun;
 pub mod metrics;
 pub mod node;

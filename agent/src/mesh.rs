@@ -48,6 +48,7 @@ use weir_policy::{
 
 use crate::{
     mesh_forward::{DataPlaneArgs, Forwarder, TunDeliver},
+    mesh_thread::MeshThread,
     mesh_tun::{Tun, TunError},
     routes::{MESH_ROUTE_PROTOCOL, NodeRoutes, RoutesError, hash_multipath_by_l4},
 };
@@ -108,6 +109,10 @@ pub enum MeshError {
         #[source]
         source: io::Error,
     },
+    #[error("starting the mesh gateway's own thread: {0} (or run with --mesh-own-thread false)")]
+    Thread(#[source] io::Error),
+    #[error("the mesh gateway's start failed on its own thread: {0}")]
+    ThreadStart(String),
 }
 
 /// Whether the Node object `node` is labelled as a mesh gateway.
@@ -580,6 +585,11 @@ pub struct Gateway {
     exported: Arc<Mutex<HashMap<String, HashMap<IpAddr, u32>>>>,
     /// The merged import, served to the cluster's other nodes.
     import_server: Arc<ImportServer>,
+    /// The runtime the gateway's tasks run on: its own thread's ([`MeshThread`]), or the
+    /// agent's. Dials started later (a new peer, a rotation) are spawned here too.
+    runtime: tokio::runtime::Handle,
+    /// The gateway's own thread, when it has one; it ends with the gateway.
+    _thread: Option<MeshThread>,
 }
 
 #[derive(Default)]
@@ -590,7 +600,8 @@ struct GatewayState {
 }
 
 impl Gateway {
-    /// Starts the gateway role if `node` is labelled as a gateway in `state`.
+    /// Starts the gateway role if `node` is labelled as a gateway in `state`: on a thread of its
+    /// own with `--mesh-own-thread` ([`MeshThread`]), else on the calling runtime.
     pub async fn start_if_gateway(
         args: &MeshArgs,
         state: &ClusterState,
@@ -600,6 +611,36 @@ impl Gateway {
         if !is_gateway(state, node) {
             return Ok(None);
         }
+        if !args.data_plane.mesh_own_thread {
+            return Self::start_here(args, state, node, state_dir, None).await;
+        }
+        let thread = MeshThread::start(Duration::from_micros(args.data_plane.sched_slice_us))
+            .map_err(MeshError::Thread)?;
+        let (args, state, node, state_dir) = (
+            args.clone(),
+            state.clone(),
+            node.to_owned(),
+            state_dir.to_owned(),
+        );
+        let handle = thread.handle().clone();
+        // Every task the start spawns (listeners, the TUN reader, sessions) lands on the
+        // thread's runtime, which the gateway then keeps.
+        handle
+            .spawn(async move {
+                Self::start_here(&args, &state, &node, &state_dir, Some(thread)).await
+            })
+            .await
+            .map_err(|e| MeshError::ThreadStart(e.to_string()))?
+    }
+
+    /// Starts the gateway on the runtime this runs on.
+    async fn start_here(
+        args: &MeshArgs,
+        state: &ClusterState,
+        node: &str,
+        state_dir: &Path,
+        thread: Option<MeshThread>,
+    ) -> Result<Option<Arc<Self>>, MeshError> {
         let (Some(cert), Some(key)) = (&args.mesh_cert, &args.mesh_key) else {
             return Err(MeshError::NoCertificate {
                 node: node.to_owned(),
@@ -686,6 +727,8 @@ impl Gateway {
             state: tokio::sync::Mutex::new(GatewayState::default()),
             exported: Arc::default(),
             import_server,
+            runtime: tokio::runtime::Handle::current(),
+            _thread: thread,
         });
         tokio::spawn(Arc::clone(&gateway).redial_on_rotation());
         tokio::spawn(
@@ -782,7 +825,9 @@ impl Gateway {
                 &name,
             ) {
                 Ok(config) => {
-                    let task = tokio::spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
+                    let task = self
+                        .runtime
+                        .spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
                     inner.dialing.insert(name, task);
                 }
                 Err(e) => tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer"),
@@ -857,8 +902,9 @@ impl Gateway {
                 ) {
                     Ok(config) => {
                         // The previous task ends by itself once this session replaces its own.
-                        let task =
-                            tokio::spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
+                        let task = self
+                            .runtime
+                            .spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
                         inner.dialing.insert(name, task);
                     }
                     Err(e) => {

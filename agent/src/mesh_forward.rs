@@ -65,6 +65,13 @@ pub struct DataPlaneArgs {
     /// 16777215; HTTP/2's own default is 16384). Larger frames carry a batch in fewer frames.
     #[arg(long, env = "WEIR_MESH_H2_FRAME_BYTES", default_value_t = weir_mesh::transport::DEFAULT_MAX_FRAME_SIZE)]
     pub mesh_h2_frame_bytes: u32,
+    /// Mesh gateways: run the whole gateway (TUN reader, lanes, sessions) on one thread of its
+    /// own with a single-threaded runtime, so a packet crosses it without waking other threads
+    /// (`crate::mesh_thread`). Off by default: the gateway then has one core for all its
+    /// lanes, and the request/response latency it saves was within the noise of
+    /// `cargo xtask bench mesh` (row "defaults, own thread"; README).
+    #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = false, action = clap::ArgAction::Set)]
+    pub mesh_own_thread: bool,
 }
 
 impl DataPlaneArgs {

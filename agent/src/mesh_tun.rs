@@ -41,6 +41,21 @@ const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const TUN_F_USO4: libc::c_uint = 0x20;
 const TUN_F_USO6: libc::c_uint = 0x40;
 
+/// Attaches `fd` (an open /dev/net/tun) to the device [`TUN_DEVICE`], creating it.
+fn attach(fd: &OwnedFd, offload: bool) -> Result<(), TunError> {
+    // SAFETY: ifreq is plain data; zero is a valid value for every field.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(TUN_DEVICE.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 };
+    // SAFETY: TUNSETIFF reads an ifreq we own for the duration of the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &ifr) } < 0 {
+        return Err(TunError::Open(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// An open TUN device.
 pub struct Tun {
     fd: AsyncFd<OwnedFd>,
@@ -65,16 +80,9 @@ impl Tun {
         }
         // SAFETY: raw is a valid, owned descriptor from open(2).
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ifreq is plain data; zero is a valid value for every field.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(TUN_DEVICE.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 };
-        // SAFETY: TUNSETIFF reads an ifreq we own for the duration of the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &ifr) } < 0 {
-            return Err(TunError::Open(io::Error::last_os_error()));
-        }
+        // Its own function: the ifreq (not `Send`) must not live across this function's awaits,
+        // so the gateway's start can run on its own thread (`crate::mesh_thread`).
+        attach(&fd, offload)?;
         if offload {
             let features =
                 TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6;

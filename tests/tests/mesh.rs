@@ -58,6 +58,15 @@ fn serve(pod: &Netns, ip: IpAddr) {
 }
 
 /// The pair of clusters of these tests, named by `tag`.
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the agent's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect()
+}
+
 fn lab(tag: &str, east_worker: bool) -> MeshPair {
     MeshPair::new(&PairOptions {
         tag,
@@ -77,12 +86,24 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     .unwrap();
     std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
 
-    let west_agent = west.start();
+    // West runs its gateway on a thread of its own, east on the agent's shared runtime (the
+    // default): both carry every check below, across the link between them.
+    let west_agent = west.start_with(&["--mesh-own-thread", "true"]);
     let east_agent = east.start();
     assert!(
         west_agent.log_text().contains("mesh gateway up"),
         "{}",
         west_agent.log_text()
+    );
+    assert!(
+        thread_names(west_agent.pid()).contains(&"weir-mesh".to_owned()),
+        "west: --mesh-own-thread true, yet no weir-mesh thread: {:?}",
+        thread_names(west_agent.pid())
+    );
+    assert!(
+        !thread_names(east_agent.pid()).contains(&"weir-mesh".to_owned()),
+        "east's gateway runs on the shared runtime by default: {:?}",
+        thread_names(east_agent.pid())
     );
 
     let (client, client_ip) = west.add_pod("client", "shop", "mcl");

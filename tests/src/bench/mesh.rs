@@ -123,6 +123,12 @@ pub const MESH_STEPS: &[MeshStep] = &[
         name: "defaults, 16 KiB h2 frames",
         args: &["--mesh-h2-frame-bytes", "16384"],
     },
+    // The whole gateway on one thread of its own (`--mesh-own-thread`): no wake-ups of other
+    // runtime workers on a packet's path, but one core for all of the gateway's lanes.
+    MeshStep {
+        name: "defaults, own thread",
+        args: &["--mesh-own-thread", "true"],
+    },
     // The XDP filter on the gateways' WAN veth in native mode (the default before `--xdp-mode
     // auto` chose generic on a veth): the WAN router's side of the veth loses TSO.
     MeshStep {
@@ -665,11 +671,13 @@ pub fn run(rounds: usize, d: Durations) -> anyhow::Result<()> {
             wait_path(&lab, &case.name())?;
             measure(&lab, &pids, d, &mut results[i])
                 .with_context(|| format!("round {round}, case {}", case.name()))?;
+            // Each round's values too: the medians hide how far a busy machine spreads them.
             eprintln!(
-                "  round {} {:<28} tcp1 {:.2} Gbit/s",
+                "  round {} {:<28} tcp1 {:.2} Gbit/s, rr p50 {:.1} µs",
                 round + 1,
                 case.name(),
-                results[i].tcp1.last().copied().unwrap_or_default()
+                results[i].tcp1.last().copied().unwrap_or_default(),
+                results[i].rr_p50.last().copied().unwrap_or_default()
             );
         }
     }
