@@ -122,7 +122,8 @@ struct Counts {
 
 /// Runs `executables` with `harness_args`, at most `jobs` at once, the slowest of the last run
 /// first; prints each one's output whole when it exits, then a summary. `dir` keeps each
-/// executable's output (`<name>.log`) and the durations of the last run (`timings.json`).
+/// executable's output (`<name>.log`) and the durations of the last run without harness
+/// arguments (`timings.json`).
 /// Fails naming every executable that failed.
 pub fn run(
     executables: Vec<Executable>,
@@ -170,7 +171,10 @@ pub fn run(
             .map_err(|_| anyhow::anyhow!("a test runner thread panicked"))?;
     }
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
-    save_timings(&timings, &last, &outcomes);
+    // A filtered run times only what it filtered in: it would mislead the next full run.
+    if harness_args.is_empty() {
+        save_timings(&timings, &last, &outcomes);
+    }
     summarize(what, &outcomes, started.elapsed())
 }
 
