@@ -47,15 +47,25 @@ pub fn binaries(release: bool) -> anyhow::Result<PathBuf> {
 }
 
 fn build(release: bool, locked: bool) -> anyhow::Result<PathBuf> {
-    let profile = if release { "release" } else { "debug" };
-    let flags: Vec<&str> = [(release, "--release"), (locked, "--locked")]
+    let mut all = vec!["build", "--bins"];
+    all.extend(flags(release, locked));
+    cargo(&all, &[], "building weir-agent and weir-cni")?;
+    static_cni(release, locked)
+}
+
+fn flags(release: bool, locked: bool) -> Vec<&'static str> {
+    [(release, "--release"), (locked, "--locked")]
         .into_iter()
         .filter_map(|(on, flag)| on.then_some(flag))
-        .collect();
-    let mut all = vec!["build", "--bins"];
-    all.extend(&flags);
-    cargo(&all, &[], "building weir-agent and weir-cni")?;
+        .collect()
+}
 
+/// Builds weir-cni as a static executable and puts it in place of cargo's
+/// `target/<profile>/weir-cni` (which a `cargo build` of the binaries made first); returns
+/// `target/<profile>`.
+pub fn static_cni(release: bool, locked: bool) -> anyhow::Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    let flags = flags(release, locked);
     let triple = host_triple()?;
     let mut static_build = vec!["build", "--package", "weir-cni", "--target", &triple];
     static_build.extend(&flags);
@@ -105,16 +115,50 @@ pub fn workspace_root() -> PathBuf {
 /// names `what` when cargo fails.
 pub fn cargo(args: &[&str], env: &[(&str, &str)], what: &str) -> anyhow::Result<()> {
     println!("\n==> {what}: cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = cargo_command()
         .args(args)
         .envs(env.iter().copied())
-        .current_dir(workspace_root())
         .status()
         .with_context(|| format!("{what}: could not start cargo"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+/// `cargo`, in the workspace root, with the environment a shell would give it.
+///
+/// `cargo xtask` runs under `cargo run`, which gives xtask the variables of its own package
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...). A nested cargo must not see them: some build
+/// scripts name them in `rerun-if-env-changed` (ring does), and cargo compares the values in its
+/// own environment with those of the last run. The `cargo run` that starts xtask sees none, the
+/// cargo xtask starts would see xtask's, so every `cargo xtask test` ran ring's build script
+/// twice and rebuilt everything above ring (rustls, kube, the agent, the tests) on a warm
+/// target directory with nothing changed.
+pub fn cargo_command() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_set_by_cargo_run) {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// The variables `cargo run` sets for the package it runs (its manifest, name, version,
+/// authors, crate and binary name); not `CARGO` (which cargo to run) nor the user's own
+/// `CARGO_*` settings (`CARGO_HOME`, `CARGO_TARGET_DIR`, ...).
+fn is_set_by_cargo_run(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
 }
 
 /// The triple rustc builds for by default (`host:` in `rustc -vV`).

@@ -8,6 +8,7 @@ mod kind;
 mod lab;
 mod setup;
 mod test;
+mod test_binaries;
 mod toolchain;
 
 use clap::{Parser, Subcommand};

@@ -1,15 +1,27 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Nothing is skipped: the kernel tests need
 //! root, and without root this fails and says so rather than passing quietly.
+//!
+//! One cargo build makes the binaries the end-to-end tests drive and every test executable, so
+//! the workspace's crates are compiled with one set of features (a `cargo test` per package, or
+//! a `cargo build --bins` beside `cargo test`, resolves features differently and compiles the
+//! agent again for each). The test executables then run side by side ([`test_binaries`]).
 
 use anyhow::bail;
 
-use crate::{build, setup};
+use crate::{build, setup, test_binaries};
 
 #[derive(clap::Args)]
 pub struct Options {
     /// Only run tests whose name contains this (passed to the test harness).
     pub filter: Option<String>,
+    /// How many test executables run at once. Most root-only tests wait on the kernel, the
+    /// agents and the network more than they compute, so more than the number of CPUs pays.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
 }
+
+/// The package of the tests that need root (kernel programs, namespaces).
+const ROOT_ONLY_PACKAGE: &str = "weir-tests";
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     if !setup::is_complete() {
@@ -34,29 +46,53 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         &[],
         "clippy",
     )?;
+    // Binaries first in target/debug (the end-to-end tests find them there), weir-cni then
+    // replaced by its static build as `cargo xtask build` makes it.
+    let executables = test_binaries::build(
+        &[
+            "build",
+            "--workspace",
+            "--exclude",
+            "weir-ebpf",
+            "--bins",
+            "--tests",
+        ],
+        "building the binaries and the test executables",
+    )?;
+    build::static_cni(false, false)?;
     let filter: Vec<&str> = options.filter.iter().map(String::as_str).collect();
-    let mut unit = vec![
+    let mut doc = vec![
         "test",
         "--workspace",
         "--exclude",
         "weir-ebpf",
-        "--exclude",
-        "weir-tests",
+        "--doc",
         "--",
     ];
-    unit.extend(&filter);
-    build::cargo(&unit, &[], "unit tests")?;
-    if !is_root() {
+    doc.extend(&filter);
+    build::cargo(&doc, &[], "doc tests")?;
+
+    let root = is_root();
+    let (runnable, root_only): (Vec<_>, Vec<_>) = executables
+        .into_iter()
+        .partition(|e| root || e.package != ROOT_ONLY_PACKAGE);
+    test_binaries::run(
+        runnable,
+        &filter,
+        options.jobs,
+        &build::workspace_root().join("target/xtask-test"),
+        if root {
+            "unit, kernel and end-to-end tests"
+        } else {
+            "unit tests"
+        },
+    )?;
+    if !root_only.is_empty() {
         bail!(
-            "the kernel and end-to-end tests (crate weir-tests) need root: they load eBPF programs and \
-             create network namespaces; run `sudo -E cargo xtask test`"
+            "the kernel and end-to-end tests (crate {ROOT_ONLY_PACKAGE}) need root: they load eBPF \
+             programs and create network namespaces; run `sudo -E cargo xtask test`"
         );
     }
-    // Binaries the end-to-end tests drive, built first so tests find them in target/debug.
-    build::binaries(false)?;
-    let mut root = vec!["test", "--package", "weir-tests", "--"];
-    root.extend(&filter);
-    build::cargo(&root, &[], "root-only kernel and end-to-end tests")?;
     println!("xtask test: all passed");
     Ok(())
 }
