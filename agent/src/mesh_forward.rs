@@ -68,8 +68,8 @@ pub struct DataPlaneArgs {
     /// Mesh gateways: run the whole gateway (TUN reader, lanes, sessions) on one thread of its
     /// own with a single-threaded runtime, so a packet crosses it without waking other threads
     /// (`crate::mesh_thread`). Off by default: the gateway then has one core for all its
-    /// lanes, and the request/response latency it saves was within the noise of
-    /// `cargo xtask bench mesh` (row "defaults, own thread"; README).
+    /// lanes, and the request/response latency it saves in `cargo xtask bench mesh` (row
+    /// "defaults, own thread"; README) showed on a quiet machine only.
     #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = false, action = clap::ArgAction::Set)]
     pub mesh_own_thread: bool,
 }

@@ -14,9 +14,9 @@
 //! waking this thread).
 //!
 //! The price is one core for all of the gateway's lanes, where the shared runtime spreads them
-//! over the node's cores; and on the 2-core bench machine the saved wake-ups did not show in the
-//! request/response latency beyond its noise (README, the `mesh` bench). So it is opt-in
-//! (`--mesh-own-thread`).
+//! over the node's cores; and on the 2-core bench machine the saved wake-ups lowered the
+//! request/response latency when the machine was quiet but not under other load (README, the
+//! `mesh` bench). So it is opt-in (`--mesh-own-thread`).
 
 use std::{io, thread, time::Duration};
 
