@@ -155,6 +155,18 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         "the client is let through again"
     );
 
+    // The intruder stays out and the client gets in, as before the step named by `after`.
+    let filters_as_before = |after: &str| {
+        assert!(
+            !connects(netns[1], server_ip),
+            "the intruder got in {after}"
+        );
+        assert!(
+            eventually_connects(netns[0], server_ip),
+            "the client is denied {after}"
+        );
+    };
+
     // Restart safety: with n2's agent dead, the filter stays and still drops; a new agent swaps
     // its program into the pinned link.
     drop(a2);
@@ -174,14 +186,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         second_program, first_program,
         "the restarted agent's program was not swapped in"
     );
-    assert!(
-        !connects(netns[1], server_ip),
-        "the intruder got in after the restart"
-    );
-    assert!(
-        eventually_connects(netns[0], server_ip),
-        "the client is denied after the restart"
-    );
+    filters_as_before("after the restart");
 
     // Another mode asked for: the pinned link is replaced by one in that mode, which filters as
     // the other did.
@@ -194,14 +199,7 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         a2.log_text()
     );
     assert_eq!(xdp_mode(n2, "eth0").as_deref(), Some("xdp"));
-    assert!(
-        !connects(netns[1], server_ip),
-        "the intruder got in after the change of mode"
-    );
-    assert!(
-        eventually_connects(netns[0], server_ip),
-        "the client is denied after the change of mode"
-    );
+    filters_as_before("after the change of mode");
 
     // Uninstall takes the filter off.
     drop((a1, a2));
