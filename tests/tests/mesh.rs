@@ -592,7 +592,9 @@ fn a_certificate_rotation_keeps_flows_and_a_rotation_to_another_ca_or_cluster_is
     println!("UDP probes across the rotation: {answered} of {sent} answered");
     assert!(
         sent - answered <= 1,
-        "make before break: {answered} of {sent} probes answered"
+        "make before break: {answered} of {sent} probes answered\nwest:\n{}\neast:\n{}",
+        west_agent.log_text(),
+        east_agent.log_text()
     );
 
     // West now trusts only the second CA for east, and a fresh session (west restarted) comes

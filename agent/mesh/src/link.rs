@@ -52,6 +52,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// WAN blackholed) costs well under a second of packets. Every batch counts, so a lane busy with
 /// bulk data, whose heartbeats may queue behind it, never looks silent.
 pub const SILENCE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the lanes of a replaced session may go on reading what the peer had sent on them
+/// before it switched to the new session's; the peer ends them itself well before that.
+const REPLACED_LANES_DRAIN: Duration = Duration::from_secs(2);
 /// Changes kept for resuming sessions by delta instead of snapshot.
 const HISTORY_LIMIT: usize = 65_536;
 /// Deltas a peer may send in one second by default; more is a flood (each delta costs a
@@ -68,7 +71,8 @@ pub const MAX_LANES: usize = 16;
 /// `latency` ([`Lane::LATENCY_NAME`]).
 pub const LANE_METADATA: &str = "weir-lane";
 /// The request metadata naming the dial (one per connection attempt of the dialer) a Sync or
-/// Tunnel belongs to: every lane of a dial ends when the peer opens a session of another dial.
+/// Tunnel belongs to: what we send on every lane of a dial ends when the peer opens a session of
+/// another dial.
 pub const DIAL_METADATA: &str = "weir-dial";
 /// The request metadata naming the dialing gateway (its node), stable across its restarts: the
 /// receiving side keeps one [`Remote`] per name (absent: the connection's address).
@@ -1315,7 +1319,7 @@ impl Link {
                     // Ends our side of every lane's Tunnel when this attempt ends: hyper keeps
                     // polling a request body after its response is dropped, and an old
                     // connection's body would go on taking packets from the queues.
-                    let (_attempt, attempt_ended) = watch::channel(());
+                    let (attempt, attempt_ended) = watch::channel(());
                     // The latency lane shares the Sync session's connection (neither carries
                     // bulk batches; without a latency lane, bulk lane 0 does); every other lane
                     // dials its own, with this dial's certificate (a re-dial after a rotation
@@ -1323,7 +1327,7 @@ impl Link {
                     // with this dial's future too (a removed peer, a replaced dialer), so no
                     // lane outlives its session and keeps an old connection open.
                     let latency = self.data_plane.latency_lane;
-                    let lanes: Vec<_> = (0..self.data_plane.lanes)
+                    let mut lanes: Vec<_> = (0..self.data_plane.lanes)
                         .map(Lane::Bulk)
                         .chain(latency.then_some(Lane::Latency))
                         .map(|lane| {
@@ -1358,6 +1362,15 @@ impl Link {
                             tx,
                         )
                         .await;
+                    drop(attempt);
+                    if matches!(result, Err(SessionError::Replaced)) {
+                        // Make before break: what the peer sent on these lanes before it
+                        // switched to the new session's is still on its way; each lane ends
+                        // once the peer ends its side.
+                        let finished =
+                            futures::future::join_all(lanes.iter_mut().map(|l| &mut l.0));
+                        let _ = tokio::time::timeout(REPLACED_LANES_DRAIN, finished).await;
+                    }
                     drop(lanes);
                     match result {
                         // A newer session took over (a re-dial after a certificate rotation, or
@@ -1378,7 +1391,8 @@ impl Link {
         }
     }
 
-    /// One lane's Tunnel from the dialing side, redialled while the session lasts.
+    /// One lane's Tunnel from the dialing side, redialled while the session lasts; once it has
+    /// ended, reads what the peer still sends and returns when the peer ends its side.
     async fn lane(
         self: Arc<Self>,
         peer: Arc<Peer>,
@@ -1414,6 +1428,9 @@ impl Link {
                 Err(e) => {
                     tracing::debug!(peer = %peer.name(), lane = %lane_name, error = %e, "mesh lane not up");
                 }
+            }
+            if attempt.has_changed().is_err() {
+                return; // the session ended
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1714,20 +1731,29 @@ impl mesh_link_server::MeshLink for Service {
             ),
         };
         let dial = DialKey::of(&req, addr);
-        // Both directions end when the gateway opens a session of another dial (it re-dialled)
-        // or the peer is removed.
-        let superseded = |remote: &Remote| {
+        // What we send ends when the gateway opens a session of another dial (it re-dialled):
+        // the batches still queued go out on the new dial's Tunnels. What it sends is read until
+        // it ends this Tunnel itself, which it does once its new session is up; reading on
+        // until then loses nothing it sent before it switched (make before break). Both end at
+        // once when the peer is removed (cut off).
+        let ends_when = |remote: &Remote, ends: fn(Option<DialKey>, DialKey) -> bool| {
             let mut sessions = remote.server_dial.subscribe();
             sessions.mark_unchanged();
             async move {
                 while sessions.changed().await.is_ok() {
-                    if *sessions.borrow() != Some(dial) {
+                    if ends(*sessions.borrow(), dial) {
                         return;
                     }
                 }
             }
         };
-        let mut inbound = Box::pin(req.into_inner().take_until(superseded(&remote)));
+        fn superseded(now: Option<DialKey>, dial: DialKey) -> bool {
+            now != Some(dial)
+        }
+        fn cut_off(now: Option<DialKey>, _: DialKey) -> bool {
+            now.is_none()
+        }
+        let mut inbound = Box::pin(req.into_inner().take_until(ends_when(&remote, cut_off)));
         let link = Arc::clone(&self.link);
         let (receiving, from) = (Arc::clone(&peer), Arc::clone(&remote));
         tokio::spawn(async move {
@@ -1737,7 +1763,7 @@ impl mesh_link_server::MeshLink for Service {
         });
         let serving = (lane == Lane::Latency).then(|| LatencyTunnel::new(&remote));
         let out = Link::outgoing(&remote, lane)
-            .take_until(superseded(&remote))
+            .take_until(ends_when(&remote, superseded))
             .map(move |records| {
                 // Held as long as the stream is (the closure lives in it).
                 let _ = &serving;

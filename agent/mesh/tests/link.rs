@@ -740,15 +740,20 @@ async fn mallory_session(
     (tx, inbound)
 }
 
-/// Opens lane `lane`'s Tunnel of dial `dial` (on a connection of its own, as lanes above 0 are).
+/// Opens lane `lane`'s Tunnel of dial `dial` (on a connection of its own, as lanes above 0 are);
+/// the returned sender sends batches on it and keeps our side open.
 async fn mallory_lane(
     lab: &Lab,
     west: &Gateway,
     dial: &str,
     lane: usize,
-) -> tonic::Streaming<pb::PacketBatch> {
+) -> (
+    mpsc::Sender<pb::PacketBatch>,
+    tonic::Streaming<pb::PacketBatch>,
+) {
     let mut client = Evil::new(lab, west, "mallory").client;
-    let mut request = tonic::Request::new(futures::stream::pending::<pb::PacketBatch>());
+    let (tx, rx) = mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     request.metadata_mut().insert(
         weir_mesh::link::LANE_METADATA,
         lane.to_string().parse().unwrap(),
@@ -756,7 +761,7 @@ async fn mallory_lane(
     request
         .metadata_mut()
         .insert(weir_mesh::link::DIAL_METADATA, dial.parse().unwrap());
-    client.tunnel(request).await.unwrap().into_inner()
+    (tx, client.tunnel(request).await.unwrap().into_inner())
 }
 
 /// Whether the Tunnel's stream from the server ended (closed or failed).
@@ -768,21 +773,34 @@ async fn tunnel_ends(tunnel: &mut tonic::Streaming<pb::PacketBatch>) -> bool {
 }
 
 #[tokio::test]
-async fn every_lane_of_a_replaced_dial_or_a_removed_peer_ends() {
+async fn a_replaced_dials_lanes_hand_over_and_a_removed_peers_lanes_end() {
     let lab = Lab::new();
     let west = lab.west_with_mallory(Limits::default()).await;
     let from_mallory = west.link.peer("mallory").unwrap();
     let mut first = Evil::new(&lab, &west, "mallory");
     let _first_session = mallory_session(&mut first, "1").await;
-    let mut old_lane = mallory_lane(&lab, &west, "1", 1).await;
+    let (old_lane_out, mut old_lane) = mallory_lane(&lab, &west, "1", 1).await;
     // The re-dial's lane may come up before its Sync session: it must survive that session.
-    let mut new_lane = mallory_lane(&lab, &west, "2", 1).await;
+    let (_new_lane_out, mut new_lane) = mallory_lane(&lab, &west, "2", 1).await;
     let mut second = Evil::new(&lab, &west, "mallory");
     let _second_session = mallory_session(&mut second, "2").await;
     assert!(
         tunnel_ends(&mut old_lane).await,
-        "the replaced dial's lane 1 ends"
+        "what west sends on the replaced dial's lane 1 ends"
     );
+    // What the dialer still sends on its old lane, until it ends that lane itself, is read
+    // (make before break): this packet's source is not exported, so it is refused.
+    old_lane_out
+        .send(pb::PacketBatch {
+            seq: 0,
+            records: batch(&[(1, ipv4_packet([10, 247, 0, 9], [10, 244, 0, 7]))]),
+        })
+        .await
+        .expect("west still reads the old lane");
+    eventually("the old lane's batch is read and checked", || {
+        from_mallory.refusals.get(Refusal::UnexportedSource) == 1
+    })
+    .await;
     // The new dial's lane still carries lane 1's packets.
     west.link.send_batch_on(
         &from_mallory,
