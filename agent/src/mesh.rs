@@ -815,22 +815,8 @@ impl Gateway {
             if inner.dialing.contains_key(&name) {
                 continue;
             }
-            let Some(peer) = self.link.peer(&name) else {
-                continue;
-            };
-            match tls::client_config(
-                Arc::clone(&self.identity),
-                Arc::clone(&self.trust),
-                tls::provider(),
-                &name,
-            ) {
-                Ok(config) => {
-                    let task = self
-                        .runtime
-                        .spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
-                    inner.dialing.insert(name, task);
-                }
-                Err(e) => tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer"),
+            if let Some(task) = self.spawn_dial(&name) {
+                inner.dialing.insert(name, task);
             }
         }
         // Exports.
@@ -891,26 +877,31 @@ impl Gateway {
             let names: Vec<String> = inner.dialing.keys().cloned().collect();
             tracing::info!(peers = ?names, "mesh certificate rotated; re-dialling the peers we dial");
             for name in names {
-                let Some(peer) = self.link.peer(&name) else {
-                    continue;
-                };
-                match tls::client_config(
-                    Arc::clone(&self.identity),
-                    Arc::clone(&self.trust),
-                    tls::provider(),
-                    &name,
-                ) {
-                    Ok(config) => {
-                        // The previous task ends by itself once this session replaces its own.
-                        let task = self
-                            .runtime
-                            .spawn(Arc::clone(&self.link).dial(peer, Arc::new(config)));
-                        inner.dialing.insert(name, task);
-                    }
-                    Err(e) => {
-                        tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer")
-                    }
+                // The previous task ends by itself once this session replaces its own.
+                if let Some(task) = self.spawn_dial(&name) {
+                    inner.dialing.insert(name, task);
                 }
+            }
+        }
+    }
+
+    /// Starts dialling peer `name` with our certificate as it is now; `None` when the peer is
+    /// gone or no client configuration can be made for it (logged).
+    fn spawn_dial(&self, name: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let peer = self.link.peer(name)?;
+        match tls::client_config(
+            Arc::clone(&self.identity),
+            Arc::clone(&self.trust),
+            tls::provider(),
+            name,
+        ) {
+            Ok(config) => Some(
+                self.runtime
+                    .spawn(Arc::clone(&self.link).dial(peer, Arc::new(config))),
+            ),
+            Err(e) => {
+                tracing::error!(peer = %name, error = %e, "cannot dial the mesh peer");
+                None
             }
         }
     }
