@@ -59,8 +59,9 @@ use weir_proto::mesh::v1::{
 use crate::{
     confine::{self, PeerBounds, Refusal, RefusalCounters},
     export::{Export, endpoint_name, identity_name},
+    export_feed::ExportFeed,
     link::{ImportView, PROTOCOL_VERSION, delta_from_wire, frame_to_wire, random_u64},
-    sync::{Exporter, Frame, ImportError, Importer, Limits, Resume},
+    sync::{Exporter, Frame, ImportError, Importer, Limits},
 };
 
 /// The default port of `MeshImport` on a gateway's InternalIP.
@@ -256,22 +257,8 @@ impl ImportServer {
                 hello.protocol_version
             ));
         }
-        let max_delta = hello.limits.map_or(self.limits.max_delta_entries, |l| {
-            (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
-        });
-        let resume = hello.resume.map(|r| Resume {
-            incarnation: r.incarnation,
-            version: r.version,
-        });
-        let mut versions = self.version.subscribe();
-        let (frames, mut cursor) = {
-            let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                exporter.catch_up(resume, max_delta, true),
-                exporter.version(),
-            )
-        };
-        versions.mark_unchanged();
+        let (mut feed, frames) =
+            ExportFeed::open(&self.exporter, &self.version, &hello, &self.limits);
         tracing::info!(%watcher, node = %hello.cluster_name, "a node watches the mesh import");
         let send = |f: &Frame<Export>| {
             out.send(Ok(pb::SyncFrame {
@@ -293,17 +280,11 @@ impl ImportServer {
                     Some(Err(e)) => return Err(e.to_string()),
                     None => return Ok(()),
                 },
-                changed = versions.changed() => {
+                changed = feed.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let frames = {
-                        let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
-                        let from = Resume { incarnation: exporter.incarnation(), version: cursor };
-                        cursor = exporter.version();
-                        exporter.catch_up(Some(from), max_delta, false)
-                    };
-                    for f in &frames {
+                    for f in &feed.next_frames(&self.exporter) {
                         send(f).await.map_err(|_| "the watcher went away")?;
                     }
                 }

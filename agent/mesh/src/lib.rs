@@ -4,6 +4,7 @@
 //! - [`sync`]: the versioned export/import protocol as pure state machines (resume after a
 //!   reconnect, full resync ended by a "synced" marker, nothing deleted before it).
 //! - [`export`]: the synced entries (identities, endpoints) and their wire form.
+//! - [`export_feed`]: the sending half of a session that follows an exporter.
 //! - [`confine`]: the checks that confine a peer, and refusal counters by reason.
 //! - [`codec`]: the records of a packet batch.
 //! - [`lanes`]: which lane a packet takes (flows hashed onto bulk lanes; a latency lane).
@@ -13,6 +14,7 @@ pub mod certs;
 pub mod codec;
 pub mod confine;
 pub mod export;
+pub mod export_feed;
 pub mod fanout;
 pub mod lanes;
 pub mod link;

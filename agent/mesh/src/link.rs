@@ -34,8 +34,9 @@ use crate::{
     codec::{self, Offload, RECORD_HEADER_LEN, encode_record_with, write_record_header},
     confine::{self, PeerBounds, Refusal, RefusalCounters},
     export::{Export, IdentityExport},
+    export_feed::ExportFeed,
     lanes::Lane,
-    sync::{Delta, Exporter, Frame, ImportError, Importer, Limits, Resume},
+    sync::{Delta, Exporter, Frame, ImportError, Importer, Limits},
     transport::PeerCluster,
 };
 
@@ -776,23 +777,8 @@ impl Link {
         tracing::info!(peer = certified, gateway = %remote.key, session = %session_id, peer_session = %theirs.session_id, "mesh session up");
         remote.heard();
         let _up = SessionUp::new(&remote, &self.imports);
-        // The peer's limits on what we send, never above our own defaults.
-        let max_delta = theirs.limits.map_or(self.limits.max_delta_entries, |l| {
-            (l.max_delta_entries as usize).clamp(1, self.limits.max_delta_entries)
-        });
-        let their_resume = theirs.resume.map(|r| Resume {
-            incarnation: r.incarnation,
-            version: r.version,
-        });
-        let mut versions = peer.export_version.subscribe();
-        let (frames, mut cursor) = {
-            let exporter = peer.exporter.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                exporter.catch_up(their_resume, max_delta, true),
-                exporter.version(),
-            )
-        };
-        versions.mark_unchanged();
+        let (mut feed, frames) =
+            ExportFeed::open(&peer.exporter, &peer.export_version, &theirs, &self.limits);
         for f in frames {
             send(&outbound, frame_to_wire(&f)).await?;
         }
@@ -829,18 +815,12 @@ impl Link {
                         break Err(e);
                     }
                 }
-                changed = versions.changed() => {
+                changed = feed.changed() => {
                     if changed.is_err() {
                         break Err(SessionError::Ended);
                     }
-                    let frames = {
-                        let exporter = peer.exporter.lock().unwrap_or_else(|p| p.into_inner());
-                        let from = Resume { incarnation: exporter.incarnation(), version: cursor };
-                        cursor = exporter.version();
-                        exporter.catch_up(Some(from), max_delta, false)
-                    };
                     let mut failed = None;
-                    for f in frames {
+                    for f in feed.next_frames(&peer.exporter) {
                         if let Err(e) = send(&outbound, frame_to_wire(&f)).await {
                             failed = Some(e);
                             break;
