@@ -657,7 +657,13 @@ impl Gateway {
         tls::spawn_reloader(Arc::clone(&identity), Duration::from_secs(2));
         tracing::info!(%cluster, node, "this node is a mesh gateway");
         let trust = Arc::new(TrustStore::default());
-        let tun = Arc::new(Tun::open(args.data_plane.mesh_offload).await?);
+        let tun = Arc::new(
+            Tun::open(
+                args.data_plane.mesh_offload,
+                usize::from(args.data_plane.mesh_tun_queues),
+            )
+            .await?,
+        );
         let link = Link::with_data_plane(
             cluster.clone(),
             Limits::default(),
@@ -731,17 +737,20 @@ impl Gateway {
             _thread: thread,
         });
         tokio::spawn(Arc::clone(&gateway).redial_on_rotation());
-        tokio::spawn(
-            Forwarder {
-                tun,
-                link: Arc::clone(&gateway.link),
-                exported: Arc::clone(&gateway.exported),
-                counters: Arc::clone(&gateway.counters),
-                batching: args.data_plane.mesh_batching,
-            }
-            .run(),
-        );
-        tracing::info!(%cluster, listen = %args.mesh_listen, "mesh gateway up");
+        for queue in 0..tun.queues() {
+            tokio::spawn(
+                Forwarder {
+                    tun: Arc::clone(&tun),
+                    queue,
+                    link: Arc::clone(&gateway.link),
+                    exported: Arc::clone(&gateway.exported),
+                    counters: Arc::clone(&gateway.counters),
+                    batching: args.data_plane.mesh_batching,
+                }
+                .run(),
+            );
+        }
+        tracing::info!(%cluster, listen = %args.mesh_listen, tun_queues = tun.queues(), "mesh gateway up");
         Ok(Some(gateway))
     }
 

@@ -72,6 +72,12 @@ pub struct DataPlaneArgs {
     /// "defaults, own thread"; README) showed on a quiet machine only.
     #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = false, action = clap::ArgAction::Set)]
     pub mesh_own_thread: bool,
+    /// Mesh gateways: queues of the TUN device (1 to 16), each read by a reader of its own. The
+    /// kernel puts each flow on one queue, so several flows are read on several cores; one flow
+    /// always stays on one queue and one reader.
+    #[arg(long, env = "WEIR_MESH_TUN_QUEUES", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=crate::mesh_tun::MAX_TUN_QUEUES as i64))]
+    pub mesh_tun_queues: u8,
 }
 
 impl DataPlaneArgs {
@@ -102,9 +108,11 @@ impl Deliver for TunDeliver {
     }
 }
 
-/// Reads the TUN and sends what it reads to the peers.
+/// Reads one queue of the TUN and sends what it reads to the peers.
 pub struct Forwarder {
     pub tun: Arc<Tun>,
+    /// The TUN queue this forwarder reads.
+    pub queue: usize,
     pub link: Arc<Link>,
     /// Per peer: our exported address → id (the sending gateway tags records with it).
     pub exported: Arc<Mutex<HashMap<String, HashMap<IpAddr, u32>>>>,
@@ -168,7 +176,7 @@ impl Forwarder {
             let start = reader.pending();
             if let Err(e) = self
                 .tun
-                .recv_into(reader.spare(headroom + TUN_READ_BUF), headroom)
+                .recv_into(self.queue, reader.spare(headroom + TUN_READ_BUF), headroom)
                 .await
             {
                 tracing::error!(error = %e, "reading the mesh TUN failed; the gateway stops forwarding");
@@ -183,7 +191,7 @@ impl Forwarder {
                     let start = reader.pending();
                     if self
                         .tun
-                        .try_recv_into(reader.spare(headroom + TUN_READ_BUF), headroom)
+                        .try_recv_into(self.queue, reader.spare(headroom + TUN_READ_BUF), headroom)
                         .is_err()
                     {
                         break;

@@ -87,9 +87,11 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
 
     // West runs its gateway on a thread of its own, east on the agent's shared runtime (the
-    // default): both carry every check below, across the link between them.
+    // default) with a TUN of two queues, each read by a reader of its own: both carry every
+    // check below, across the link between them.
     let west_agent = west.start_with(&["--mesh-own-thread", "true"]);
-    let east_agent = east.start();
+    let east_args = ["--mesh-tun-queues", "2"];
+    let east_agent = east.start_with(&east_args);
     assert!(
         west_agent.log_text().contains("mesh gateway up"),
         "{}",
@@ -105,6 +107,18 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
         "east's gateway runs on the shared runtime by default: {:?}",
         thread_names(east_agent.pid())
     );
+    let tun_queues = |netns: &Netns| {
+        let link = netns.ip(&["-d", "link", "show", "weir-mesh"]);
+        if link.contains("multi_queue numqueues 2 ") {
+            2
+        } else if link.contains("multi_queue") {
+            panic!("an unexpected number of queues: {link}")
+        } else {
+            1
+        }
+    };
+    assert_eq!(tun_queues(&west.netns), 1, "west's TUN has one queue");
+    assert_eq!(tun_queues(&east.netns), 2, "east's TUN has two queues");
 
     let (client, client_ip) = west.add_pod("client", "shop", "mcl");
     let (intruder, intruder_ip) = west.add_pod("intruder", "dev", "min");
@@ -204,7 +218,7 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
             "east persisted west's import"
         );
         east_agent.stop(nix::sys::signal::Signal::SIGKILL);
-        east.start()
+        east.start_with(&east_args)
     };
     assert!(
         east_agent

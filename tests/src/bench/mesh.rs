@@ -135,6 +135,12 @@ pub const MESH_STEPS: &[MeshStep] = &[
         name: "defaults, native XDP",
         args: &["--xdp-mode", "native"],
     },
+    // A TUN of two queues, each read by a reader of its own (`--mesh-tun-queues`): the kernel
+    // puts each flow on one queue, so tcp4's flows can be read on two cores.
+    MeshStep {
+        name: "defaults, 2 TUN queues",
+        args: &["--mesh-tun-queues", "2"],
+    },
 ];
 
 #[derive(Clone, Copy, Debug)]
