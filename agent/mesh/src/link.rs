@@ -1386,7 +1386,8 @@ impl Link {
             Lane::Latency => Lane::LATENCY_NAME.to_owned(),
             Lane::Bulk(n) => n.to_string(),
         };
-        loop {
+        // No new Tunnel once the session ended (the accepting side would take it for a live one).
+        while attempt.has_changed().is_ok() {
             let mut ended = attempt.clone();
             let out = Self::outgoing(&remote, lane)
                 .take_until(async move { while ended.changed().await.is_ok() {} })
