@@ -73,7 +73,8 @@ pub struct DataPlaneArgs {
     #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = false, action = clap::ArgAction::Set)]
     pub mesh_own_thread: bool,
     /// Mesh gateways: queues of the TUN device (1 to 16), each read by a reader of its own. The
-    /// kernel puts each flow on one queue, so several flows are read on several cores; one flow
+    /// kernel puts each flow on one queue, so several flows can be read at once on a gateway
+    /// with cores to spare (`cargo xtask bench mesh` found none on a 2-core machine); one flow
     /// always stays on one queue and one reader.
     #[arg(long, env = "WEIR_MESH_TUN_QUEUES", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=crate::mesh_tun::MAX_TUN_QUEUES as i64))]

@@ -11,7 +11,7 @@
 //!
 //! With more than one queue (`IFF_MULTI_QUEUE`), the device has one descriptor per queue and
 //! the gateway one reader per queue: the kernel puts each flow on one queue (by its hash, so a
-//! flow's packets stay in order) and several flows are read on several cores.
+//! flow's packets stay in order), so several flows can be read on several cores at once.
 
 use std::{
     io,
