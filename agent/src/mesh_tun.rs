@@ -88,6 +88,10 @@ impl Tun {
         let queues = (0..queues)
             .map(|_| open_queue(offload, queues > 1))
             .collect::<Result<Vec<_>, _>>()?;
+        if offload {
+            // A setting of the device, not of a queue: once, through any of them.
+            set_offload(queues[0].get_ref())?;
+        }
         let (connection, handle, _) = rtnetlink::new_connection().map_err(TunError::Open)?;
         tokio::spawn(connection);
         let index = handle
@@ -222,7 +226,7 @@ impl Tun {
 }
 
 /// Opens /dev/net/tun as one queue of [`TUN_DEVICE`] (the first creates the device), with
-/// offload turned on when asked, registered with the runtime.
+/// virtio headers when `offload`, registered with the runtime.
 fn open_queue(offload: bool, multi_queue: bool) -> Result<AsyncFd<OwnedFd>, TunError> {
     // SAFETY: a plain open(2) of a device node; the result is checked.
     let raw = unsafe {
@@ -239,17 +243,19 @@ fn open_queue(offload: bool, multi_queue: bool) -> Result<AsyncFd<OwnedFd>, TunE
     // Its own function: the ifreq (not `Send`) must not live across an await of the caller, so
     // the gateway's start can run on its own thread (`crate::mesh_thread`).
     attach(&fd, offload, multi_queue)?;
-    if offload {
-        let features =
-            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6;
-        // SAFETY: TUNSETOFFLOAD takes the feature bits by value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, features) } < 0 {
-            return Err(TunError::Offload(io::Error::last_os_error()));
-        }
-    }
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for the
     // AsyncFd's whole life.
     unsafe { AsyncFd::register(fd) }.map_err(|e| TunError::Open(io::Error::other(e.to_string())))
+}
+
+/// Tells the device that we take TSO (v4, v6, ECN), USO (v4, v6) and partial checksums.
+fn set_offload(fd: &OwnedFd) -> Result<(), TunError> {
+    let features = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6;
+    // SAFETY: TUNSETOFFLOAD takes the feature bits by value.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, features) } < 0 {
+        return Err(TunError::Offload(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Reads one packet into `buf`'s spare capacity after `headroom` zero bytes; on success `buf`

@@ -1411,7 +1411,7 @@ impl Link {
                 }
             }
             if attempt.has_changed().is_err() {
-                return; // the session ended
+                return; // the session ended: no pause before returning
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1712,6 +1712,12 @@ impl mesh_link_server::MeshLink for Service {
             ),
         };
         let dial = DialKey::of(&req, addr);
+        fn superseded(now: Option<DialKey>, dial: DialKey) -> bool {
+            now != Some(dial)
+        }
+        fn cut_off(now: Option<DialKey>, _: DialKey) -> bool {
+            now.is_none()
+        }
         // What we send ends when the gateway opens a session of another dial (it re-dialled):
         // the batches still queued go out on the new dial's Tunnels. What it sends is read until
         // it ends this Tunnel itself, which it does once its new session is up; reading on
@@ -1728,12 +1734,6 @@ impl mesh_link_server::MeshLink for Service {
                 }
             }
         };
-        fn superseded(now: Option<DialKey>, dial: DialKey) -> bool {
-            now != Some(dial)
-        }
-        fn cut_off(now: Option<DialKey>, _: DialKey) -> bool {
-            now.is_none()
-        }
         let mut inbound = Box::pin(req.into_inner().take_until(ends_when(&remote, cut_off)));
         let link = Arc::clone(&self.link);
         let (receiving, from) = (Arc::clone(&peer), Arc::clone(&remote));
