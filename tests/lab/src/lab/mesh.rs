@@ -387,29 +387,19 @@ impl MeshLab {
         )
     }
 
-    /// Drops everything the WAN router forwards to or from `cluster`'s gateway `g` (iptables
-    /// rules in the router's namespace), or removes those rules: the gateway's process runs and
-    /// its links stay up, but it neither hears its peers nor is heard (a blackholed WAN, not a
-    /// killed gateway or a link that went down).
+    /// Drops everything the WAN router forwards to or from `cluster`'s gateway `g`, or stops
+    /// dropping it: the gateway's process runs and its links stay up, but it neither hears its
+    /// peers nor is heard (a blackholed WAN, not a killed gateway or a link that went down).
+    /// Routing does the dropping (a blackhole rule for what arrives on the gateway's port and a
+    /// blackhole route to its address), so the lab needs nothing beyond iproute2.
     pub fn blackhole_wan(&self, cluster: &str, g: usize, on: bool) -> anyhow::Result<()> {
         let i = self.cluster_position(cluster)?;
         let port = format!("c{}g{}", i + 1, g + 1);
-        for direction in ["-i", "-o"] {
-            let out = netns::command_in(&self.state.wan_netns, Path::new("iptables"))
-                .args([if on { "-I" } else { "-D" }, "FORWARD", direction, &port])
-                .args(["-j", "DROP"])
-                .output()
-                .context("running iptables in the WAN namespace")?;
-            if !out.status.success() {
-                bail!(
-                    "iptables {} FORWARD {direction} {port} -j DROP failed in {}: {}",
-                    if on { "-I" } else { "-D" },
-                    self.state.wan_netns,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
-        Ok(())
+        let gateway = format!("{}/32", self.state.clusters[i].wan_ips[g]);
+        let op = if on { "add" } else { "del" };
+        let wan = &self.state.wan_netns;
+        netns::ip_in(wan, &["rule", op, "iif", &port, "blackhole"])?;
+        netns::ip_in(wan, &["route", op, "blackhole", &gateway])
     }
 
     /// Waits until every gateway has persisted every peer's import: the agent writes it only
