@@ -12,12 +12,13 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use weir_common::{
-    AddrKey, Config, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
+    AddrKey, Config, CtKey, CtValue, DropKind, EndpointInfo, EndpointKey, FragKey, FragValue,
     IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_POLICY, MAP_PREFILTER,
-    MAP_SUBJECTS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
-    PROG_FROM_POD, PROG_TO_POD, PROG_XDP, PolicyKey, PolicyValue, PrefilterValue, REASON_COUNT,
-    SubjectKey, SubjectPolicy, VerdictEvent, ports::port_range_blocks,
+    MAP_SUBJECTS, MAP_XDP_DENIALS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+    POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_TO_POD, PROG_XDP, PolicyKey, PolicyValue,
+    PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, VerdictEvent, XdpDenial,
+    ports::port_range_blocks,
 };
 
 use crate::packet::{TCP_ACK, TCP_SYN, addr, tcp};
@@ -332,6 +333,13 @@ impl Datapath {
         let m: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(MAP_CONNTRACK).unwrap()).unwrap();
         m.keys().count()
+    }
+
+    /// The policy denials `weir_xdp` remembers.
+    pub fn xdp_denials(&self) -> Vec<(DropKind, XdpDenial)> {
+        let m: HashMap<_, DropKind, XdpDenial> =
+            HashMap::try_from(self.ebpf.map(MAP_XDP_DENIALS).unwrap()).unwrap();
+        m.iter().map(Result::unwrap).collect()
     }
 
     /// The fragment record of a datagram at one hook.

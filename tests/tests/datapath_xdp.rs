@@ -156,6 +156,127 @@ fn established_connections_are_left_to_the_enforcer() {
     assert_eq!(dp.xdp(&syn(REMOTE, 40001, POD_B, 80)), XDP_DROP);
 }
 
+/// A denied kind is remembered under the config generation it was decided under, and its next
+/// packets are dropped and explained from there, without the policy lookups. The agent bumps the
+/// generation after every map write: a policy or identity that changed is evaluated afresh.
+#[test]
+fn a_remembered_denial_holds_until_the_generation_changes() {
+    let mut dp = b_admits_remote_on_80();
+    let denied = syn(REMOTE, 40000, POD_B, 81);
+    assert_eq!(dp.xdp(&denied), XDP_DROP);
+    let remembered = dp.xdp_denials();
+    assert_eq!(remembered.len(), 1);
+    let (kind, denial) = remembered[0];
+    assert_eq!(kind.saddr, addr(ip_of(REMOTE)));
+    assert_eq!(kind.daddr, addr(ip_of(POD_B)));
+    assert_eq!(u16::from_be(kind.dport), 81);
+    assert_eq!(
+        (kind.proto, kind.reason, kind.direction),
+        (PROTO_TCP, REASON_XDP_POLICY_DENIED, DIR_INGRESS)
+    );
+    assert_eq!(
+        (
+            denial.generation,
+            denial.subject,
+            denial.subject_version,
+            denial.peer
+        ),
+        (1, ID_B, 1, ID_REMOTE)
+    );
+
+    // A rule written without a new generation is not seen: the remembered denial decides. (The
+    // agent never writes that way; this shows the lookups were not made.)
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+        8,
+    );
+    assert_eq!(dp.xdp(&syn(REMOTE, 40001, POD_B, 81)), XDP_DROP);
+    assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), 2);
+    assert_eq!(dp.counter_slot(COUNTER_EVENTS_THROTTLED), 1);
+
+    // The write's generation: evaluated again, and now allowed.
+    dp.config(2, 0);
+    assert_eq!(dp.xdp(&syn(REMOTE, 40002, POD_B, 81)), XDP_PASS);
+    assert_eq!(dp.to_pod(&syn(REMOTE, 40002, POD_B, 81)), OK);
+
+    // Revoked under generation 3: denied again, and the stale entry refreshed in place (its kind
+    // was reported within the interval, so only a known kind is written again).
+    dp.revoke(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+    );
+    dp.config(3, 0);
+    assert_eq!(dp.xdp(&syn(REMOTE, 40003, POD_B, 81)), XDP_DROP);
+    let remembered = dp.xdp_denials();
+    assert_eq!(remembered.len(), 1);
+    assert_eq!(remembered[0].1.generation, 3);
+
+    // The source becomes another identity, one B admits on 81: evaluated afresh under the
+    // ipcache write's generation.
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_C,
+        Some(PROTO_TCP),
+        Ports::One(81),
+        9,
+    );
+    dp.ipcache(REMOTE, 32, ID_C);
+    dp.config(4, 0);
+    assert_eq!(dp.xdp(&syn(REMOTE, 40004, POD_B, 81)), XDP_PASS);
+}
+
+/// Conntrack comes before a remembered denial: once a local pod opened a connection to the
+/// source, its replies pass, though packets of the same kind were denied before.
+#[test]
+fn a_remembered_denial_never_drops_a_reply() {
+    let dp = b_admits_remote_on_80();
+    // The remote pod knocks on B's port 40001 from its port 443: denied, and remembered.
+    assert_eq!(dp.xdp(&syn(REMOTE, 443, POD_B, 40001)), XDP_DROP);
+    assert_eq!(dp.xdp(&syn(REMOTE, 443, POD_B, 40001)), XDP_DROP);
+    assert_eq!(dp.xdp_denials().len(), 1);
+    // B opens a connection from that port to the remote pod's 443: the reply is the same kind.
+    assert_eq!(dp.from_pod(&syn(POD_B, 40001, REMOTE, 443)), OK);
+    let reply = ack(REMOTE, 443, POD_B, 40001);
+    assert_eq!(dp.xdp(&reply), XDP_PASS);
+    assert_eq!(dp.to_pod(&reply), OK);
+    assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), 2);
+}
+
+/// Sources that are each denied once are remembered only as far as their drops are reported: a
+/// flood from ever new sources writes no entry per packet beyond each CPU's report budget.
+#[test]
+fn denials_are_remembered_only_within_the_report_budget() {
+    pin_to_one_cpu();
+    let mut dp = b_admits_remote_on_80();
+    dp.ipcache("10.200.0.0", 16, ID_REMOTE);
+    const SOURCES: u32 = 2 * DROP_REPORTS_PER_CPU;
+    let start = coarse_now_ns();
+    for n in 0..SOURCES {
+        let source = format!("10.200.{}.{}", n / 250, n % 250 + 1);
+        assert_eq!(dp.xdp(&syn(&source, 40_000, POD_B, 81)), XDP_DROP);
+    }
+    let intervals = report_intervals_since(start);
+    assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), u64::from(SOURCES));
+    let reported = dp.events().len();
+    let remembered = dp.xdp_denials().len();
+    assert_eq!(
+        remembered, reported,
+        "each reported kind remembered, no other ({intervals} interval(s))"
+    );
+    assert!(remembered <= DROP_REPORTS_PER_CPU as usize * intervals);
+}
+
 #[test]
 fn non_ip_fragments_and_traffic_not_for_a_local_pod_pass() {
     let mut dp = b_admits_remote_on_80();
@@ -262,15 +383,7 @@ fn a_flood_of_denied_packets_is_counted_exactly_and_reported_once_per_kind() {
 /// interval; every drop is still counted.
 #[test]
 fn a_flood_from_ever_new_sources_is_reported_within_the_cpus_budget() {
-    // On one CPU, so that one budget applies.
-    let cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .ok()
-        .and_then(|set| (0..nix::sched::CpuSet::count()).find(|&c| set.is_set(c).unwrap_or(false)))
-        .expect("a CPU this thread may run on");
-    let mut one = nix::sched::CpuSet::new();
-    one.set(cpu).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
-
+    pin_to_one_cpu();
     let mut dp = Datapath::with_pods();
     dp.prefilter("10.200.0.0", 16, 9);
     const SOURCES: u32 = 3 * DROP_REPORTS_PER_CPU;
@@ -299,4 +412,15 @@ fn a_flood_from_ever_new_sources_is_reported_within_the_cpus_budget() {
         dp.counter_slot(COUNTER_EVENTS_THROTTLED),
         u64::from(SOURCES) - events.len() as u64
     );
+}
+
+/// Keeps this test's thread on one CPU, so that one report budget applies.
+fn pin_to_one_cpu() {
+    let cpu = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .ok()
+        .and_then(|set| (0..nix::sched::CpuSet::count()).find(|&c| set.is_set(c).unwrap_or(false)))
+        .expect("a CPU this thread may run on");
+    let mut one = nix::sched::CpuSet::new();
+    one.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
 }

@@ -15,6 +15,7 @@ pub mod nexthop;
 pub mod policy;
 pub mod ports;
 pub mod throttle;
+pub mod xdp_denials;
 
 pub use conntrack::*;
 pub use consts::*;
@@ -24,3 +25,4 @@ pub use maps::*;
 pub use nexthop::*;
 pub use policy::*;
 pub use throttle::*;
+pub use xdp_denials::*;

@@ -4,6 +4,7 @@
 //! the node's bpffs directory (and adopts them from there after a restart).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -11,8 +12,8 @@ use weir_common::{
     AddrKey, Config, CtKey, CtValue, DropBudget, DropKind, DropReported, EVENTS_BYTES,
     EndpointInfo, EndpointKey, FragKey, FragValue, IdentityValue, LocalNextHop,
     MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_DROP_KINDS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
-    MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, PolicyKey, PolicyValue, PrefilterValue,
-    REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig,
+    MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, MAX_XDP_DENIALS, PolicyKey, PolicyValue,
+    PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig, XdpDenial,
 };
 
 /// `WEIR_CONFIG[0]`: generation and flags.
@@ -73,6 +74,13 @@ pub static WEIR_NEXTHOPS: LruHashMap<EndpointKey, LocalNextHop> =
 #[map(name = "WEIR_DROP_REPORTS")]
 pub static WEIR_DROP_REPORTS: LruHashMap<DropKind, DropReported> =
     LruHashMap::with_max_entries(MAX_DROP_KINDS, 0);
+
+/// The kinds of new connection `weir_xdp` found denied by policy, under a config generation (see
+/// `weir_common::xdp_denials`); not pinned. Each CPU evicts from its own LRU list: a flood on one
+/// CPU does not contend for another's.
+#[map(name = "WEIR_XDP_DENIALS")]
+pub static WEIR_XDP_DENIALS: LruHashMap<DropKind, XdpDenial> =
+    LruHashMap::with_max_entries(MAX_XDP_DENIALS, BPF_F_NO_COMMON_LRU);
 
 /// Each CPU's XDP drop reports in its current interval; not pinned.
 #[map(name = "WEIR_DROP_BUDGET")]

@@ -33,21 +33,32 @@ pub fn report_drop(key: &CtKey, reason: u8, direction: u8) -> bool {
             return false;
         }
     }
-    // Without its budget slot (which every CPU has) the drop is reported: a report too many is
-    // better than a kind of drop left unexplained.
-    if let Some(budget) = WEIR_DROP_BUDGET.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
-        let budget = unsafe { &mut *budget };
-        if now.wrapping_sub(budget.since_ns) >= DROP_REPORT_INTERVAL_NS {
-            budget.since_ns = now;
-            budget.reports = 0;
-        }
-        if budget.reports >= DROP_REPORTS_PER_CPU {
-            return false;
-        }
-        budget.reports += 1;
+    if !take_report_budget(now) {
+        return false;
     }
     // If the LRU cannot take it, the next drop of this kind is reported again.
     let _ = WEIR_DROP_REPORTS.insert(&kind, &DropReported { at_ns: now }, 0);
+    true
+}
+
+/// Whether this CPU may report one more kind of drop in its current interval (at `now`, the
+/// coarse clock); if so, the report is counted against its budget.
+#[inline(always)]
+pub fn take_report_budget(now: u64) -> bool {
+    // Without its budget slot (which every CPU has) the drop is reported: a report too many is
+    // better than a kind of drop left unexplained.
+    let Some(budget) = WEIR_DROP_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+    let budget = unsafe { &mut *budget };
+    if now.wrapping_sub(budget.since_ns) >= DROP_REPORT_INTERVAL_NS {
+        budget.since_ns = now;
+        budget.reports = 0;
+    }
+    if budget.reports >= DROP_REPORTS_PER_CPU {
+        return false;
+    }
+    budget.reports += 1;
     true
 }

@@ -5,7 +5,9 @@
 //! - a source in the operator's deny list (`WEIR_PREFILTER`), unless the packet is a reply of a
 //!   connection a local pod opened;
 //! - a new connection to a local pod whose ingress policy does not allow the source's identity:
-//!   the same lookups `weir_to_pod` does (ipcache, subject, policy), with the same result.
+//!   the same lookups `weir_to_pod` does (ipcache, subject, policy), with the same result. The
+//!   denial is remembered per kind under the config generation (`WEIR_XDP_DENIALS`), so a flood
+//!   of one kind pays one lookup for them instead of up to six.
 //!
 //! Every drop is counted; the first of each kind in an interval is reported (see `throttle`), so
 //! that a flood of denied packets does not become a flood of events.
@@ -26,21 +28,26 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use weir_common::{
-    AddrKey, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, EndpointKey, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_UDP, REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED,
+    AddrKey, COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS,
+    DROP_REPORT_INTERVAL_NS, DropKind, EndpointKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
+    REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, VERDICT_DROP, XdpDenial,
 };
 
 use crate::{
     key::KeyBuf,
-    maps::{WEIR_CONNTRACK, WEIR_ENDPOINTS, WEIR_PREFILTER, WEIR_UPLINK},
+    maps::{
+        WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS, WEIR_PREFILTER, WEIR_UPLINK, WEIR_XDP_DENIALS,
+    },
     packet::Packet,
     parse::{Class, Fragment, Parsed, parse, parse_at},
     policy::{evaluate, resolve_peer, subject_policy},
-    report::{Report, count, count_and_report_drop},
+    report::{Report, count, count_and_report_drop, emit},
+    throttle::take_report_budget,
 };
 
 /// Full-length prefix of a 16-byte address.
@@ -168,6 +175,15 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     if WEIR_CONNTRACK.get_ptr(key).is_some() || is_reply(key) {
         return Filtered::Passed;
     }
+    // Read before the policy: a denial is remembered under the generation whose maps decided it
+    // (the agent writes the maps first, then bumps the generation).
+    let generation = match WEIR_CONFIG.get(0) {
+        Some(c) => c.generation,
+        None => 0,
+    };
+    if drop_if_denied_before(ifindex, key, generation) {
+        return Filtered::Dropped;
+    }
     let dport = if key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6 {
         0
     } else {
@@ -177,15 +193,96 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     if eval.allowed {
         return Filtered::Passed;
     }
+    let denial = XdpDenial {
+        generation,
+        subject,
+        subject_version: eval.version,
+        peer: eval.peer,
+        reported_ns: 0,
+    };
+    drop_denied(ifindex, key, denial);
+    Filtered::Dropped
+}
+
+/// The key of a policy denial's kind in `WEIR_XDP_DENIALS`.
+#[inline(always)]
+fn denial_kind(key: &CtKey) -> DropKind {
+    DropKind {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        dport: key.dport,
+        proto: key.proto,
+        reason: REASON_XDP_POLICY_DENIED,
+        direction: DIR_INGRESS,
+        _pad: [0; 3],
+    }
+}
+
+/// Counts and drops the packet if its kind was denied under `generation` (see
+/// `weir_common::xdp_denials`), reporting it as that denial was unless throttled.
+///
+/// Not inlined, as `throttle::report_drop`: the kind takes the stack only while this runs.
+#[inline(never)]
+fn drop_if_denied_before(ifindex: u32, key: &CtKey, generation: u32) -> bool {
+    let Some(denial) = WEIR_XDP_DENIALS.get_ptr_mut(&denial_kind(key)) else {
+        return false;
+    };
+    // SAFETY: the pointer comes from a successful lookup; the fields are plain integers, which a
+    // concurrent refresh of the same kind overwrites with values as current.
+    let denial = unsafe { &mut *denial };
+    if denial.generation != generation {
+        return false;
+    }
+    count(REASON_XDP_POLICY_DENIED as u32);
+    report_throttled(ifindex, key, denial);
+    true
+}
+
+/// Counts a drop the policy decided just now, reports it unless its kind was reported within the
+/// interval (or this CPU's budget is spent), and remembers it: a kind remembered under an older
+/// generation is refreshed in place; a new kind is remembered if it was reported.
+#[inline(never)]
+fn drop_denied(ifindex: u32, key: &CtKey, mut denial: XdpDenial) {
+    count(REASON_XDP_POLICY_DENIED as u32);
+    let kind = denial_kind(key);
+    if let Some(known) = WEIR_XDP_DENIALS.get_ptr_mut(&kind) {
+        // SAFETY: as in `drop_if_denied_before`.
+        let known = unsafe { &mut *known };
+        known.generation = denial.generation;
+        known.subject = denial.subject;
+        known.subject_version = denial.subject_version;
+        known.peer = denial.peer;
+        report_throttled(ifindex, key, known);
+        return;
+    }
+    if report_throttled(ifindex, key, &mut denial) {
+        // If the LRU cannot take it, the next packet of the kind is evaluated again.
+        let _ = WEIR_XDP_DENIALS.insert(&kind, &denial, 0);
+    }
+}
+
+/// Reports the denial's drop unless its kind was reported within the interval or this CPU's
+/// budget is spent (then it is counted as throttled); whether it was reported.
+#[inline(always)]
+fn report_throttled(ifindex: u32, key: &CtKey, denial: &mut XdpDenial) -> bool {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let recent =
+        denial.reported_ns != 0 && now.wrapping_sub(denial.reported_ns) < DROP_REPORT_INTERVAL_NS;
+    if recent || !take_report_budget(now) {
+        count(COUNTER_EVENTS_THROTTLED);
+        return false;
+    }
+    denial.reported_ns = now;
     let r = Report {
         key,
         direction: DIR_INGRESS,
         ifindex,
-        subject,
-        subject_version: eval.version,
-        peer: eval.peer,
+        subject: denial.subject,
+        subject_version: denial.subject_version,
+        peer: denial.peer,
         rule: 0,
     };
-    count_and_report_drop(&r, REASON_XDP_POLICY_DENIED);
-    Filtered::Dropped
+    emit(&r, VERDICT_DROP, REASON_XDP_POLICY_DENIED);
+    true
 }

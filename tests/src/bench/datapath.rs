@@ -8,7 +8,8 @@
 //! on, and, with `WEIR_BENCH_BASELINE_EBPF=<path to a weir-ebpf object built without aya-log>`,
 //! against that build; the loads alternate over rounds and each case takes its median round.
 //!
-//! Last, the redirect path of `weir_from_pod` (`datapath_redirect`).
+//! Last, the redirect path of `weir_from_pod` (`datapath_redirect`) and `weir_xdp`
+//! (`datapath_xdp`).
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -24,20 +25,20 @@ use weir_policy::output::RuleMatch;
 
 use crate::packet::{ETH_P_IPV6, Ext, Fragmented, TCP_SYN, ethernet, ipv6_chain, tcp, tcp_header};
 
-const CLIENT: &str = "10.61.0.1";
-const SERVER: &str = "10.61.0.2";
+pub(super) const CLIENT: &str = "10.61.0.1";
+pub(super) const SERVER: &str = "10.61.0.2";
 const CLIENT_V6: &str = "fd00:61::1";
 const SERVER_V6: &str = "fd00:61::2";
 const CLIENT_ID: u32 = 1000;
 const SERVER_ID: u32 = 1001;
-const ALLOWED_PORT: u16 = 8080;
-const DENIED_PORT: u16 = 9090;
+pub(super) const ALLOWED_PORT: u16 = 8080;
+pub(super) const DENIED_PORT: u16 = 9090;
 /// `skb->ifindex` under BPF_PROG_TEST_RUN (loopback).
 const TEST_RUN_IFINDEX: u32 = 1;
 
 /// Desired maps: the server isolated for ingress with `rules` rules, one of which allows the
 /// client on ALLOWED_PORT; the others allow other identities.
-fn desired(rules: u32) -> DesiredMaps {
+pub(super) fn desired(rules: u32) -> DesiredMaps {
     let client: IpAddr = CLIENT.parse().expect("address");
     let server: IpAddr = SERVER.parse().expect("address");
     let client_v6: IpAddr = CLIENT_V6.parse().expect("address");
@@ -196,7 +197,8 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
     );
     println!("  goal: ratio <= 1.10");
     logging_cost(repeat)?;
-    super::datapath_redirect::run()
+    super::datapath_redirect::run()?;
+    super::datapath_xdp::run(repeat)
 }
 
 const LOG_ROUNDS: usize = 5;

@@ -6,6 +6,7 @@ pub mod cni;
 pub mod cpu_wakeup;
 pub mod datapath;
 pub mod datapath_redirect;
+pub mod datapath_xdp;
 pub mod heap;
 pub mod idle;
 pub mod mesh;

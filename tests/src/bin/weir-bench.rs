@@ -22,6 +22,11 @@ fn main() -> anyhow::Result<()> {
         bench::datapath_redirect::run()?;
         ran = true;
     }
+    if which == "datapath-xdp" {
+        // Also part of "datapath": only weir_xdp's per-packet cost.
+        bench::datapath_xdp::run(1_000_000)?;
+        ran = true;
+    }
     if all || which == "propagation" {
         bench::propagation::run(200)?;
         ran = true;
