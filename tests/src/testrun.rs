@@ -78,6 +78,17 @@ impl Datapath {
     pub fn new() -> Self {
         let ebpf = weir_agent::datapath::loader::load(None)
             .expect("loading the kernel object (needs root; verifier log in the error)");
+        Self::with_generation_one(ebpf)
+    }
+
+    /// Loads another build's kernel object (a benchmark's previous build); config generation 1,
+    /// no flags.
+    pub fn from_object(object: &[u8]) -> anyhow::Result<Self> {
+        let ebpf = weir_agent::datapath::loader::load_object(object, None, false)?;
+        Ok(Self::with_generation_one(ebpf))
+    }
+
+    fn with_generation_one(ebpf: Ebpf) -> Self {
         let mut dp = Self { ebpf };
         dp.config(1, 0);
         dp

@@ -21,7 +21,9 @@
 //! every case of one sender, so the machine's other load does not count), drops per CPU-second,
 //! and the request/response rate and latency of an allowed UDP flow from the same node during the
 //! flood against the same flow without a flood. The cases run in turn, several rounds over; each case
-//! reports its round with the median drops per machine CPU-second.
+//! reports its round with the median drops per machine CPU-second. With
+//! `WEIR_BENCH_PREVIOUS_EBPF=<path to another weir-ebpf object>` that object's `weir_xdp` floods
+//! too, right after this build's in every round, for a same-run comparison of a change.
 //!
 //! Topology: remote node ns ── veth (`uplink` on the node) ── node ns ── veth ── server pod ns.
 
@@ -138,11 +140,16 @@ impl Drop for Weir {
     }
 }
 
-fn weir(node: &Netns, xdp: bool) -> anyhow::Result<Weir> {
+/// Weir with `weir_xdp` on the uplink if `xdp`, from the kernel object `previous` if given (else
+/// this build's).
+fn weir(node: &Netns, xdp: bool, previous: Option<&'static [u8]>) -> anyhow::Result<Weir> {
     let node_path = node.path();
     thread::spawn(move || -> anyhow::Result<Weir> {
         setns(File::open(&node_path)?.as_fd(), CloneFlags::CLONE_NEWNET)?;
-        let mut dp = Datapath::new();
+        let mut dp = match previous {
+            Some(object) => Datapath::from_object(object)?,
+            None => Datapath::new(),
+        };
         let ifindex = nix::net::if_::if_nametoindex("vs")?;
         dp.endpoint(SERVER, ifindex, SERVER_ID);
         dp.ipcache(SERVER, 32, SERVER_ID);
@@ -316,6 +323,8 @@ enum Filter {
     /// the least possible receive work cost, subtracted from the others to get the node's share.
     Floor,
     Xdp,
+    /// `weir_xdp` of the object in `WEIR_BENCH_PREVIOUS_EBPF`: a same-run comparison of a change.
+    XdpPrevious,
     TcOnly,
     IptablesRaw,
 }
@@ -339,6 +348,7 @@ impl Case {
         };
         let filter = match filter {
             Filter::Xdp => "weir, XDP on the uplink",
+            Filter::XdpPrevious => "previous build's XDP",
             Filter::TcOnly => "weir, tc only",
             Filter::IptablesRaw => "iptables raw DROP",
             Filter::Floor => "XDP_DROP all (floor)",
@@ -391,7 +401,12 @@ impl Measured {
     }
 }
 
-fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
+fn measure(
+    t: &Topology,
+    case: Case,
+    secs: u64,
+    previous: Option<&'static [u8]>,
+) -> anyhow::Result<Measured> {
     // Frames reach the uplink only while it runs NAPI, i.e. has an XDP program.
     let pass = match case {
         Case::Flood(Sender::Frames, Filter::TcOnly | Filter::IptablesRaw) => {
@@ -401,8 +416,9 @@ fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
         _ => None,
     };
     let weir = match case {
-        Case::NoFlood | Case::Flood(_, Filter::Xdp) => Some(weir(&t.node, true)?),
-        Case::Flood(_, Filter::TcOnly) => Some(weir(&t.node, false)?),
+        Case::NoFlood | Case::Flood(_, Filter::Xdp) => Some(weir(&t.node, true, None)?),
+        Case::Flood(_, Filter::XdpPrevious) => Some(weir(&t.node, true, previous)?),
+        Case::Flood(_, Filter::TcOnly) => Some(weir(&t.node, false, None)?),
         Case::Flood(_, Filter::IptablesRaw) => {
             iptables_raw(&t.node, "-A")?;
             None
@@ -412,7 +428,9 @@ fn measure(t: &Topology, case: Case, secs: u64) -> anyhow::Result<Measured> {
     let dropped = |w: &Option<Weir>| match (case, w) {
         // Counted below: everything sent.
         (Case::NoFlood | Case::Flood(_, Filter::Floor), _) => 0,
-        (Case::Flood(_, Filter::Xdp), Some(w)) => w.dp.counter(REASON_XDP_POLICY_DENIED),
+        (Case::Flood(_, Filter::Xdp | Filter::XdpPrevious), Some(w)) => {
+            w.dp.counter(REASON_XDP_POLICY_DENIED)
+        }
         (Case::Flood(_, Filter::TcOnly), Some(w)) => w.dp.counter(REASON_POLICY_DENIED),
         _ => iptables_raw_dropped(&t.node),
     };
@@ -466,16 +484,35 @@ const CASES: [Case; 9] = [
 ];
 
 pub fn run(secs: u64) -> anyhow::Result<()> {
+    // Leaked: loaded again in every round of its cases, and the process ends with the bench.
+    let previous: Option<&'static [u8]> = match std::env::var_os("WEIR_BENCH_PREVIOUS_EBPF") {
+        Some(path) => {
+            Some(Vec::leak(std::fs::read(&path).map_err(|e| {
+                anyhow::anyhow!("reading {}: {e}", path.to_string_lossy())
+            })?))
+        }
+        None => None,
+    };
+    let mut cases = CASES.to_vec();
+    if previous.is_some() {
+        for sender in [Sender::Socket, Sender::Frames] {
+            let xdp = cases
+                .iter()
+                .position(|c| *c == Case::Flood(sender, Filter::Xdp))
+                .expect("an XDP case per sender");
+            cases.insert(xdp + 1, Case::Flood(sender, Filter::XdpPrevious));
+        }
+    }
     let t = topology();
     start_echo(&t.server);
     let _hop = RedirectHop::new(&t.remote, &mac(&t.node, "uplink")?, "10.78.2.0/24")?;
     println!(
         "a flood of denied UDP packets from another node at a pod ({ROUNDS} rounds over the cases, {secs} s each), with an allowed UDP request/response flow from the same node; CPU: the flooder thread (its sends and the receive path run in its context) and ksoftirqd (the receive path deferred), from the kernel's per-thread accounting:"
     );
-    let mut results: Vec<Vec<Measured>> = CASES.iter().map(|_| Vec::new()).collect();
+    let mut results: Vec<Vec<Measured>> = cases.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        for (i, case) in CASES.iter().enumerate() {
-            results[i].push(measure(&t, *case, secs)?);
+        for (i, case) in cases.iter().enumerate() {
+            results[i].push(measure(&t, *case, secs, previous)?);
         }
     }
     // Per case: the round with the median drops per machine CPU-second, and the allowed flow's
@@ -487,7 +524,7 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
         allowed_p50: Duration,
     }
     let mut rows = Vec::new();
-    for (case, mut rounds) in CASES.iter().zip(results) {
+    for (case, mut rounds) in cases.iter().zip(results) {
         let mut allowed_rates: Vec<f64> = rounds.iter().map(Measured::allowed_rate).collect();
         allowed_rates.sort_by(f64::total_cmp);
         let allowed = Samples::new(rounds.iter().flat_map(|m| m.allowed.clone()).collect());
@@ -535,7 +572,7 @@ pub fn run(secs: u64) -> anyhow::Result<()> {
             node_ns(tc),
             tc.allowed_rate / quiet.allowed_rate
         );
-        for filter in [Filter::Xdp, Filter::IptablesRaw] {
+        for filter in [Filter::Xdp, Filter::XdpPrevious, Filter::IptablesRaw] {
             let Some(r) = row(Case::Flood(sender, filter)) else {
                 continue;
             };
