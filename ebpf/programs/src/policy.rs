@@ -71,13 +71,38 @@ pub struct Eval {
 /// `proto` and destination port `dport` (network order; 0 for ICMP).
 #[inline(always)]
 pub fn evaluate(subject: u32, dir: u8, peer_addr: &Addr, proto: u8, dport: u16) -> Eval {
-    let peer = resolve_peer(peer_addr);
-    let (version, flags) = subject_policy(subject);
+    evaluate_under(
+        subject,
+        subject_policy(subject),
+        dir,
+        peer_addr,
+        proto,
+        dport,
+    )
+}
+
+/// Whether `flags` (a subject's `WEIR_SUBJECTS` flags) isolate it in direction `dir`.
+#[inline(always)]
+pub fn is_isolated(flags: u32, dir: u8) -> bool {
     let isolated = if dir == DIR_EGRESS {
         SUBJECT_ISOLATED_EGRESS
     } else {
         SUBJECT_ISOLATED_INGRESS
     };
+    flags & isolated != 0
+}
+
+/// `evaluate` with the subject's `(version, flags)` already looked up (`subject_policy`).
+#[inline(always)]
+pub fn evaluate_under(
+    subject: u32,
+    (version, flags): (u32, u32),
+    dir: u8,
+    peer_addr: &Addr,
+    proto: u8,
+    dport: u16,
+) -> Eval {
+    let peer = resolve_peer(peer_addr);
     let mut eval = Eval {
         allowed: true,
         reason: REASON_NOT_ISOLATED,
@@ -85,7 +110,7 @@ pub fn evaluate(subject: u32, dir: u8, peer_addr: &Addr, proto: u8, dport: u16) 
         version,
         peer: peer.reported(),
     };
-    if flags & isolated == 0 {
+    if !is_isolated(flags, dir) {
         return eval;
     }
     let candidates = [

@@ -45,7 +45,7 @@ use crate::{
     },
     packet::Packet,
     parse::{Class, Fragment, Parsed, parse, parse_at},
-    policy::{evaluate, resolve_peer, subject_policy},
+    policy::{evaluate_under, is_isolated, resolve_peer, subject_policy},
     report::{Report, count, count_and_report_drop, emit},
     throttle::take_report_budget,
 };
@@ -184,12 +184,18 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     if drop_if_denied_before(ifindex, key, generation) {
         return Filtered::Dropped;
     }
+    let policy = subject_policy(subject);
+    if !is_isolated(policy.1, DIR_INGRESS) {
+        // Nothing to deny, and the filter reports no allowed connection: the peer's identity is
+        // not needed.
+        return Filtered::Passed;
+    }
     let dport = if key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6 {
         0
     } else {
         key.dport
     };
-    let eval = evaluate(subject, DIR_INGRESS, &key.saddr, key.proto, dport);
+    let eval = evaluate_under(subject, policy, DIR_INGRESS, &key.saddr, key.proto, dport);
     if eval.allowed {
         return Filtered::Passed;
     }
@@ -221,8 +227,9 @@ fn denial_kind(key: &CtKey) -> DropKind {
 /// Counts and drops the packet if its kind was denied under `generation` (see
 /// `weir_common::xdp_denials`), reporting it as that denial was unless throttled.
 ///
-/// Not inlined, as `throttle::report_drop`: the kind takes the stack only while this runs.
-#[inline(never)]
+/// Inlined (unlike `drop_denied`): it runs for every new connection to a local pod, and
+/// `weir_xdp`'s frame has room for its key.
+#[inline(always)]
 fn drop_if_denied_before(ifindex: u32, key: &CtKey, generation: u32) -> bool {
     let Some(denial) = WEIR_XDP_DENIALS.get_ptr_mut(&denial_kind(key)) else {
         return false;

@@ -1,8 +1,8 @@
 //! Per-packet cost of `weir_xdp` through `BPF_PROG_TEST_RUN`, with 10 and 10,000 rules on the
 //! destination pod (written by the agent's writer, as `datapath`'s cases): a flood of one denied
-//! kind (the same new connection the pod's ingress policy denies, packet after packet) and an
+//! kind (the same new connection the pod's ingress policy denies, packet after packet), an
 //! allowed new connection (the filter passes it and leaves it to `weir_to_pod`, so each run makes
-//! every lookup again).
+//! every lookup again), and a new connection to a local pod that no policy isolates.
 //!
 //! With `WEIR_BENCH_PREVIOUS_EBPF=<path to another weir-ebpf object>` the same packets run
 //! through that object too, the loads alternating over rounds, for a same-run comparison of a
@@ -12,11 +12,14 @@ use std::{net::IpAddr, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use weir_agent::datapath::{loader, maps::DatapathMaps, object::EBPF_OBJECT, writer::Writer};
-use weir_common::{PROG_XDP, REASON_XDP_POLICY_DENIED};
+use weir_common::{EndpointInfo, PROG_XDP, REASON_XDP_POLICY_DENIED};
 
 use super::datapath::{ALLOWED_PORT, CLIENT, DENIED_PORT, SERVER, desired};
 use crate::packet::{TCP_SYN, tcp};
 
+/// A local pod no policy selects.
+const OPEN_POD: &str = "10.61.0.3";
+const OPEN_POD_ID: u32 = 1002;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const ROUNDS: usize = 5;
@@ -26,6 +29,7 @@ const ROUNDS: usize = 5;
 struct Costs {
     denied_flood: Duration,
     allowed_new: Duration,
+    not_isolated: Duration,
 }
 
 /// Average ns per run of `weir_xdp` for `frame`, which must get the verdict `expect`.
@@ -46,7 +50,16 @@ fn per_packet(program: &Xdp, frame: &[u8], repeat: u32, expect: u32) -> anyhow::
 fn measure(object: &[u8], rules: u32, repeat: u32) -> anyhow::Result<Costs> {
     let mut ebpf = loader::load_object(object, None, false)?;
     let mut writer = Writer::adopt(DatapathMaps::take(&mut ebpf)?)?;
-    writer.apply(&desired(rules))?;
+    let mut maps = desired(rules);
+    let open: IpAddr = OPEN_POD.parse()?;
+    maps.endpoints.insert(
+        open,
+        EndpointInfo {
+            identity: OPEN_POD_ID,
+            ..Default::default()
+        },
+    );
+    writer.apply(&maps)?;
     let program: &Xdp = ebpf
         .program(PROG_XDP)
         .ok_or_else(|| anyhow::anyhow!("no {PROG_XDP}"))?
@@ -55,9 +68,11 @@ fn measure(object: &[u8], rules: u32, repeat: u32) -> anyhow::Result<Costs> {
     let server: IpAddr = SERVER.parse()?;
     let denied = tcp(client, 40000, server, DENIED_PORT, TCP_SYN);
     let allowed = tcp(client, 40001, server, ALLOWED_PORT, TCP_SYN);
+    let to_open_pod = tcp(client, 40002, open, DENIED_PORT, TCP_SYN);
     let costs = Costs {
         denied_flood: per_packet(program, &denied, repeat, XDP_DROP)?,
         allowed_new: per_packet(program, &allowed, repeat, XDP_PASS)?,
+        not_isolated: per_packet(program, &to_open_pod, repeat, XDP_PASS)?,
     };
     // Every run of the denied packet was dropped by the policy, not by anything else.
     let dropped = writer.counters()[REASON_XDP_POLICY_DENIED as usize];
@@ -90,6 +105,7 @@ fn compare(
     let medians = |rounds: &[Costs]| Costs {
         denied_flood: median(rounds.iter().map(|c| c.denied_flood).collect()),
         allowed_new: median(rounds.iter().map(|c| c.allowed_new).collect()),
+        not_isolated: median(rounds.iter().map(|c| c.not_isolated).collect()),
     };
     Ok((
         medians(&current),
@@ -135,6 +151,9 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
         };
         row("flood of one denied kind (dropped)", |c| c.denied_flood);
         row("allowed new connection (passed)", |c| c.allowed_new);
+        row("new connection, pod not isolated (passed)", |c| {
+            c.not_isolated
+        });
     }
     Ok(())
 }
