@@ -15,9 +15,9 @@ use weir_common::{
     AddrKey, Config, CtKey, CtValue, DropKind, EndpointInfo, EndpointKey, FragKey, FragValue,
     IPV4_MAPPED_PREFIX_BITS, IdentityValue, MAP_CIDR_IDENTITIES, MAP_CONFIG, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_IPCACHE, MAP_POLICY, MAP_PREFILTER,
-    MAP_SUBJECTS, MAP_XDP_DENIALS, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
-    POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_TO_POD, PROG_XDP, PolicyKey, PolicyValue,
-    PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, VerdictEvent, XdpDenial,
+    MAP_SUBJECTS, MAP_XDP_DENIALS, MAP_XDP_DENIALS_GENERATION, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_TO_POD, PROG_XDP, PolicyKey,
+    PolicyValue, PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, VerdictEvent, XdpDenial,
     ports::port_range_blocks,
 };
 
@@ -351,6 +351,13 @@ impl Datapath {
         let m: HashMap<_, DropKind, XdpDenial> =
             HashMap::try_from(self.ebpf.map(MAP_XDP_DENIALS).unwrap()).unwrap();
         m.iter().map(Result::unwrap).collect()
+    }
+
+    /// The config generation of the newest denial `weir_xdp` remembered (0: none yet).
+    pub fn xdp_denials_generation(&self) -> u32 {
+        let m: Array<_, u32> =
+            Array::try_from(self.ebpf.map(MAP_XDP_DENIALS_GENERATION).unwrap()).unwrap();
+        m.get(&0, 0).unwrap()
     }
 
     /// The fragment record of a datagram at one hook.

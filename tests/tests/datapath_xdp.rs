@@ -162,8 +162,10 @@ fn established_connections_are_left_to_the_enforcer() {
 #[test]
 fn a_remembered_denial_holds_until_the_generation_changes() {
     let mut dp = b_admits_remote_on_80();
+    assert_eq!(dp.xdp_denials_generation(), 0, "nothing remembered yet");
     let denied = syn(REMOTE, 40000, POD_B, 81);
     assert_eq!(dp.xdp(&denied), XDP_DROP);
+    assert_eq!(dp.xdp_denials_generation(), 1);
     let remembered = dp.xdp_denials();
     assert_eq!(remembered.len(), 1);
     let (kind, denial) = remembered[0];
@@ -219,6 +221,27 @@ fn a_remembered_denial_holds_until_the_generation_changes() {
     let remembered = dp.xdp_denials();
     assert_eq!(remembered.len(), 1);
     assert_eq!(remembered[0].1.generation, 3);
+    assert_eq!(dp.xdp_denials_generation(), 3);
+    // And the refreshed entry decides the next packet under generation 3: a rule written without
+    // a new generation is again not seen.
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+        8,
+    );
+    assert_eq!(dp.xdp(&syn(REMOTE, 40005, POD_B, 81)), XDP_DROP);
+    dp.revoke(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+    );
 
     // The source becomes another identity, one B admits on 81: evaluated afresh under the
     // ipcache write's generation.

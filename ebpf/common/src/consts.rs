@@ -139,6 +139,7 @@ pub const MAP_NEXTHOPS: &str = "WEIR_NEXTHOPS";
 pub const MAP_DROP_REPORTS: &str = "WEIR_DROP_REPORTS";
 pub const MAP_DROP_BUDGET: &str = "WEIR_DROP_BUDGET";
 pub const MAP_XDP_DENIALS: &str = "WEIR_XDP_DENIALS";
+pub const MAP_XDP_DENIALS_GENERATION: &str = "WEIR_XDP_DENIALS_GENERATION";
 
 /// Program names in the kernel object.
 /// Attached at tc ingress of a pod's host-side veth: packets the pod sends.

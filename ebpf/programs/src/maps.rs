@@ -82,6 +82,12 @@ pub static WEIR_DROP_REPORTS: LruHashMap<DropKind, DropReported> =
 pub static WEIR_XDP_DENIALS: LruHashMap<DropKind, XdpDenial> =
     LruHashMap::with_max_entries(MAX_XDP_DENIALS, BPF_F_NO_COMMON_LRU);
 
+/// `WEIR_XDP_DENIALS_GENERATION[0]`: the config generation of the newest denial remembered or
+/// refreshed in `WEIR_XDP_DENIALS` (0 before the first); not pinned. Under any other generation
+/// every entry is stale, and `weir_xdp` skips the lookup.
+#[map(name = "WEIR_XDP_DENIALS_GENERATION")]
+pub static WEIR_XDP_DENIALS_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Each CPU's XDP drop reports in its current interval; not pinned.
 #[map(name = "WEIR_DROP_BUDGET")]
 pub static WEIR_DROP_BUDGET: PerCpuArray<DropBudget> = PerCpuArray::with_max_entries(1, 0);

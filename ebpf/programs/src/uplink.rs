@@ -42,6 +42,7 @@ use crate::{
     key::KeyBuf,
     maps::{
         WEIR_CONFIG, WEIR_CONNTRACK, WEIR_ENDPOINTS, WEIR_PREFILTER, WEIR_UPLINK, WEIR_XDP_DENIALS,
+        WEIR_XDP_DENIALS_GENERATION,
     },
     packet::Packet,
     parse::{Class, Fragment, Parsed, parse, parse_at},
@@ -181,7 +182,7 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
         Some(c) => c.generation,
         None => 0,
     };
-    if drop_if_denied_before(ifindex, key, generation) {
+    if denials_remembered_under(generation) && drop_if_denied_before(ifindex, key, generation) {
         return Filtered::Dropped;
     }
     let policy = subject_policy(subject);
@@ -224,6 +225,16 @@ fn denial_kind(key: &CtKey) -> DropKind {
     }
 }
 
+/// Whether `WEIR_XDP_DENIALS` may hold a denial decided under `generation`: one array read that
+/// spares a new connection the hash lookup while no denial was remembered since the last map
+/// write (a remembered one is only trusted under its own generation anyway).
+#[inline(always)]
+fn denials_remembered_under(generation: u32) -> bool {
+    WEIR_XDP_DENIALS_GENERATION
+        .get(0)
+        .is_none_or(|newest| *newest == generation)
+}
+
 /// Counts and drops the packet if its kind was denied under `generation` (see
 /// `weir_common::xdp_denials`), reporting it as that denial was unless throttled.
 ///
@@ -251,6 +262,17 @@ fn drop_if_denied_before(ifindex: u32, key: &CtKey, generation: u32) -> bool {
 #[inline(never)]
 fn drop_denied(ifindex: u32, key: &CtKey, mut denial: XdpDenial) {
     count(REASON_XDP_POLICY_DENIED as u32);
+    // Only a gate for the lookup: a reader that misses this store evaluates the packet, which is
+    // never wrong.
+    if let Some(newest) = WEIR_XDP_DENIALS_GENERATION.get_ptr_mut(0) {
+        // SAFETY: a pointer into the array's only slot; a plain integer, which every writer
+        // sets to a generation as current as its own.
+        unsafe {
+            if *newest != denial.generation {
+                *newest = denial.generation;
+            }
+        }
+    }
     let kind = denial_kind(key);
     if let Some(known) = WEIR_XDP_DENIALS.get_ptr_mut(&kind) {
         // SAFETY: as in `drop_if_denied_before`.

@@ -2,7 +2,9 @@
 //! destination pod (written by the agent's writer, as `datapath`'s cases): a flood of one denied
 //! kind (the same new connection the pod's ingress policy denies, packet after packet), an
 //! allowed new connection (the filter passes it and leaves it to `weir_to_pod`, so each run makes
-//! every lookup again), and a new connection to a local pod that no policy isolates.
+//! every lookup again) and a new connection to a local pod that no policy isolates, both before
+//! the flood and the allowed one again while a denial is remembered under the current generation
+//! (it then also looks for a remembered denial of its own kind).
 //!
 //! With `WEIR_BENCH_PREVIOUS_EBPF=<path to another weir-ebpf object>` the same packets run
 //! through that object too, the loads alternating over rounds, for a same-run comparison of a
@@ -30,6 +32,7 @@ struct Costs {
     denied_flood: Duration,
     allowed_new: Duration,
     not_isolated: Duration,
+    allowed_new_during_flood: Duration,
 }
 
 /// Average ns per run of `weir_xdp` for `frame`, which must get the verdict `expect`.
@@ -69,10 +72,14 @@ fn measure(object: &[u8], rules: u32, repeat: u32) -> anyhow::Result<Costs> {
     let denied = tcp(client, 40000, server, DENIED_PORT, TCP_SYN);
     let allowed = tcp(client, 40001, server, ALLOWED_PORT, TCP_SYN);
     let to_open_pod = tcp(client, 40002, open, DENIED_PORT, TCP_SYN);
+    let allowed_new = per_packet(program, &allowed, repeat, XDP_PASS)?;
+    let not_isolated = per_packet(program, &to_open_pod, repeat, XDP_PASS)?;
+    let denied_flood = per_packet(program, &denied, repeat, XDP_DROP)?;
     let costs = Costs {
-        denied_flood: per_packet(program, &denied, repeat, XDP_DROP)?,
-        allowed_new: per_packet(program, &allowed, repeat, XDP_PASS)?,
-        not_isolated: per_packet(program, &to_open_pod, repeat, XDP_PASS)?,
+        denied_flood,
+        allowed_new,
+        not_isolated,
+        allowed_new_during_flood: per_packet(program, &allowed, repeat, XDP_PASS)?,
     };
     // Every run of the denied packet was dropped by the policy, not by anything else.
     let dropped = writer.counters()[REASON_XDP_POLICY_DENIED as usize];
@@ -106,6 +113,9 @@ fn compare(
         denied_flood: median(rounds.iter().map(|c| c.denied_flood).collect()),
         allowed_new: median(rounds.iter().map(|c| c.allowed_new).collect()),
         not_isolated: median(rounds.iter().map(|c| c.not_isolated).collect()),
+        allowed_new_during_flood: median(
+            rounds.iter().map(|c| c.allowed_new_during_flood).collect(),
+        ),
     };
     Ok((
         medians(&current),
@@ -153,6 +163,9 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
         row("allowed new connection (passed)", |c| c.allowed_new);
         row("new connection, pod not isolated (passed)", |c| {
             c.not_isolated
+        });
+        row("allowed new connection during the flood", |c| {
+            c.allowed_new_during_flood
         });
     }
     Ok(())
