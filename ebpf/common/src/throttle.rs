@@ -5,6 +5,8 @@
 //! kind is reported: per source address, destination (address, protocol, port), reason and
 //! direction, at most one event per `DROP_REPORT_INTERVAL_NS`; and each CPU reports at most
 //! `DROP_REPORTS_PER_CPU` kinds per interval, so that a flood from ever new sources is bounded too. Drops not reported are counted in `COUNTER_EVENTS_THROTTLED`.
+//! `weir_xdp`'s policy denials keep their kind's last report in their `WEIR_XDP_DENIALS` entry
+//! instead (same interval, same budget; see `xdp_denials`).
 
 use crate::maps::Addr;
 
