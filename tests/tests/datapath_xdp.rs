@@ -188,15 +188,7 @@ fn a_remembered_denial_holds_until_the_generation_changes() {
 
     // A rule written without a new generation is not seen: the remembered denial decides. (The
     // agent never writes that way; this shows the lookups were not made.)
-    dp.allow(
-        ID_B,
-        1,
-        DIR_INGRESS,
-        ID_REMOTE,
-        Some(PROTO_TCP),
-        Ports::One(81),
-        8,
-    );
+    admit_remote_on_81(&mut dp);
     assert_eq!(dp.xdp(&syn(REMOTE, 40001, POD_B, 81)), XDP_DROP);
     assert_eq!(dp.counter(REASON_XDP_POLICY_DENIED), 2);
     assert_eq!(dp.counter_slot(COUNTER_EVENTS_THROTTLED), 1);
@@ -208,14 +200,7 @@ fn a_remembered_denial_holds_until_the_generation_changes() {
 
     // Revoked under generation 3: denied again, and the stale entry refreshed in place (its kind
     // was reported within the interval, so only a known kind is written again).
-    dp.revoke(
-        ID_B,
-        1,
-        DIR_INGRESS,
-        ID_REMOTE,
-        Some(PROTO_TCP),
-        Ports::One(81),
-    );
+    revoke_remote_on_81(&mut dp);
     dp.config(3, 0);
     assert_eq!(dp.xdp(&syn(REMOTE, 40003, POD_B, 81)), XDP_DROP);
     let remembered = dp.xdp_denials();
@@ -224,24 +209,9 @@ fn a_remembered_denial_holds_until_the_generation_changes() {
     assert_eq!(dp.xdp_denials_generation(), 3);
     // And the refreshed entry decides the next packet under generation 3: a rule written without
     // a new generation is again not seen.
-    dp.allow(
-        ID_B,
-        1,
-        DIR_INGRESS,
-        ID_REMOTE,
-        Some(PROTO_TCP),
-        Ports::One(81),
-        8,
-    );
+    admit_remote_on_81(&mut dp);
     assert_eq!(dp.xdp(&syn(REMOTE, 40005, POD_B, 81)), XDP_DROP);
-    dp.revoke(
-        ID_B,
-        1,
-        DIR_INGRESS,
-        ID_REMOTE,
-        Some(PROTO_TCP),
-        Ports::One(81),
-    );
+    revoke_remote_on_81(&mut dp);
 
     // The source becomes another identity, one B admits on 81: evaluated afresh under the
     // ipcache write's generation.
@@ -257,6 +227,30 @@ fn a_remembered_denial_holds_until_the_generation_changes() {
     dp.ipcache(REMOTE, 32, ID_C);
     dp.config(4, 0);
     assert_eq!(dp.xdp(&syn(REMOTE, 40004, POD_B, 81)), XDP_PASS);
+}
+
+/// B's rule 8 admitting the remote pod on TCP 81, written without a new generation.
+fn admit_remote_on_81(dp: &mut Datapath) {
+    dp.allow(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+        8,
+    );
+}
+
+fn revoke_remote_on_81(dp: &mut Datapath) {
+    dp.revoke(
+        ID_B,
+        1,
+        DIR_INGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(81),
+    );
 }
 
 /// Conntrack comes before a remembered denial: once a local pod opened a connection to the
