@@ -69,12 +69,22 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
         "the client reaches the server on the other node"
     );
 
-    std::fs::write(
-        m.join("policy.yaml"),
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: default}\n\
-         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
-    )
-    .unwrap();
+    let server_admits = |apps: &[&str]| {
+        let from: Vec<String> = apps
+            .iter()
+            .map(|app| format!("{{podSelector: {{matchLabels: {{app: {app}}}}}}}"))
+            .collect();
+        std::fs::write(
+            m.join("policy.yaml"),
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server, namespace: default}}\n\
+                 spec: {{podSelector: {{matchLabels: {{app: server}}}}, ingress: [{{from: [{}]}}]}}\n",
+                from.join(", ")
+            ),
+        )
+        .unwrap();
+    };
+    server_admits(&["client"]);
     eventually(
         "the intruder is denied across nodes",
         Duration::from_secs(10),
@@ -111,6 +121,19 @@ fn cross_node_traffic_denied_by_policy_or_the_deny_list_is_dropped_at_xdp() {
             .iter()
             .any(|f| f["reason"] == "policy-denied" && f["src"] == intruder.as_str()),
         "a tc drop of the intruder: {records:?}"
+    );
+    // XDP remembers the denial of the intruder's connections, but not past a policy change: once
+    // the server admits it too, it gets in; when that rule goes, it is denied again.
+    server_admits(&["client", "intruder"]);
+    assert!(
+        eventually_connects(netns[1], server_ip),
+        "a denial XDP remembered outlived the policy that admits the intruder"
+    );
+    server_admits(&["client"]);
+    eventually(
+        "the intruder is denied again",
+        Duration::from_secs(10),
+        || !connects(netns[1], server_ip),
     );
 
     // The server may open connections to the intruder: their replies pass n2's XDP although the
