@@ -601,7 +601,8 @@ struct GatewayState {
 
 impl Gateway {
     /// Starts the gateway role if `node` is labelled as a gateway in `state`: on a thread of its
-    /// own with `--mesh-own-thread` ([`MeshThread`]), else on the calling runtime.
+    /// own ([`MeshThread`]) if `--mesh-own-thread` resolves to it for the CPUs the agent may run
+    /// on, else on the calling runtime.
     pub async fn start_if_gateway(
         args: &MeshArgs,
         state: &ClusterState,
@@ -611,7 +612,15 @@ impl Gateway {
         if !is_gateway(state, node) {
             return Ok(None);
         }
-        if !args.data_plane.mesh_own_thread {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let own_thread = args.data_plane.mesh_own_thread.resolve(cpus);
+        tracing::info!(
+            mode = ?args.data_plane.mesh_own_thread,
+            cpus,
+            own_thread,
+            "mesh gateway runtime chosen"
+        );
+        if !own_thread {
             return Self::start_here(args, state, node, state_dir, None).await;
         }
         let thread = MeshThread::start(Duration::from_micros(args.data_plane.sched_slice_us))

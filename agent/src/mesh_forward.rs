@@ -67,11 +67,12 @@ pub struct DataPlaneArgs {
     pub mesh_h2_frame_bytes: u32,
     /// Mesh gateways: run the whole gateway (TUN reader, lanes, sessions) on one thread of its
     /// own with a single-threaded runtime, so a packet crosses it without waking other threads
-    /// (`crate::mesh_thread`). Off by default: the gateway then has one core for all its
-    /// lanes, and the request/response latency it saves in `cargo xtask bench mesh` (row
-    /// "defaults, own thread"; README) showed on a quiet machine only.
-    #[arg(long, env = "WEIR_MESH_OWN_THREAD", default_value_t = false, action = clap::ArgAction::Set)]
-    pub mesh_own_thread: bool,
+    /// (`crate::mesh_thread`), or on the agent's shared runtime, which spreads the lanes over
+    /// the node's cores. `auto` (the default) takes the own thread on a node with at most
+    /// `OWN_THREAD_MAX_CPUS` CPUs for the agent, where the shared runtime has no core to spread
+    /// over: there it was faster in every run of `cargo xtask bench mesh` (README).
+    #[arg(long, env = "WEIR_MESH_OWN_THREAD", value_enum, default_value_t = OwnThread::Auto)]
+    pub mesh_own_thread: OwnThread,
     /// Mesh gateways: queues of the TUN device (1 to 16), each read by a reader of its own. The
     /// kernel puts each flow on one queue, so several flows can be read at once on a gateway
     /// with cores to spare (`cargo xtask bench mesh` found none on a 2-core machine); one flow
@@ -79,6 +80,33 @@ pub struct DataPlaneArgs {
     #[arg(long, env = "WEIR_MESH_TUN_QUEUES", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=crate::mesh_tun::MAX_TUN_QUEUES as i64))]
     pub mesh_tun_queues: u8,
+}
+
+/// `--mesh-own-thread`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnThread {
+    /// The own thread on a node with at most `OWN_THREAD_MAX_CPUS` CPUs, else the shared runtime.
+    Auto,
+    True,
+    False,
+}
+
+/// The most CPUs the agent may run on for `--mesh-own-thread auto` to take the own thread. The
+/// bench's 2-core machines had the own thread ahead in request/response latency and in 1- and
+/// 4-stream throughput in every run; with more cores the shared runtime can put the lanes on
+/// cores of their own, as the lanes are meant to run.
+pub const OWN_THREAD_MAX_CPUS: usize = 2;
+
+impl OwnThread {
+    /// Whether the gateway takes a thread of its own on a node where the agent may run on
+    /// `cpus` CPUs.
+    pub fn resolve(self, cpus: usize) -> bool {
+        match self {
+            OwnThread::True => true,
+            OwnThread::False => false,
+            OwnThread::Auto => cpus <= OWN_THREAD_MAX_CPUS,
+        }
+    }
 }
 
 impl DataPlaneArgs {
@@ -342,5 +370,34 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     } else {
         let (left, right) = v.split_at_mut(a);
         (&mut right[0], &mut left[b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        data_plane: DataPlaneArgs,
+    }
+
+    #[test]
+    fn the_own_thread_is_auto_by_default_and_auto_takes_it_on_small_nodes_only() {
+        let default = Cli::try_parse_from(["weir-agent"]).unwrap();
+        assert_eq!(default.data_plane.mesh_own_thread, OwnThread::Auto);
+        assert!(OwnThread::Auto.resolve(1));
+        assert!(OwnThread::Auto.resolve(OWN_THREAD_MAX_CPUS));
+        assert!(!OwnThread::Auto.resolve(OWN_THREAD_MAX_CPUS + 1));
+        for (arg, own_thread) in [("true", true), ("false", false)] {
+            let cli = Cli::try_parse_from(["weir-agent", "--mesh-own-thread", arg]).unwrap();
+            // Whatever the node's CPUs.
+            assert_eq!(cli.data_plane.mesh_own_thread.resolve(1), own_thread);
+            assert_eq!(cli.data_plane.mesh_own_thread.resolve(64), own_thread);
+        }
+        assert!(Cli::try_parse_from(["weir-agent", "--mesh-own-thread", "yes"]).is_err());
     }
 }

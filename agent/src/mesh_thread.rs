@@ -14,9 +14,10 @@
 //! waking this thread).
 //!
 //! The price is one core for all of the gateway's lanes, where the shared runtime spreads them
-//! over the node's cores; and on the 2-core bench machine the saved wake-ups lowered the
-//! request/response latency when the machine was quiet but not under other load (README, the
-//! `mesh` bench). So it is opt-in (`--mesh-own-thread`).
+//! over the node's cores. On the bench's 2-core machines, where the shared runtime has no core to
+//! spread them over, the own thread was ahead in every run (README, the `mesh` bench), so
+//! `--mesh-own-thread auto`, the default, takes it on nodes with that few CPUs
+//! (`mesh_forward::OwnThread`).
 
 use std::{io, thread, time::Duration};
 

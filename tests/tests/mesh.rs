@@ -86,11 +86,11 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     .unwrap();
     std::fs::write(east.manifests().join("ns.yaml"), namespace_yaml("pay")).unwrap();
 
-    // West runs its gateway on a thread of its own, east on the agent's shared runtime (the
-    // default) with a TUN of two queues, each read by a reader of its own: both carry every
-    // check below, across the link between them.
+    // West runs its gateway on a thread of its own, east on the agent's shared runtime with a
+    // TUN of two queues, each read by a reader of its own: both carry every check below, across
+    // the link between them. (The default, `auto`, picks one of the two by the node's CPUs.)
     let west_agent = west.start_with(&["--mesh-own-thread", "true"]);
-    let east_args = ["--mesh-tun-queues", "2"];
+    let east_args = ["--mesh-own-thread", "false", "--mesh-tun-queues", "2"];
     let east_agent = east.start_with(&east_args);
     assert!(
         west_agent.log_text().contains("mesh gateway up"),
@@ -104,7 +104,7 @@ fn pods_of_two_clusters_talk_through_the_mesh_link_and_policy_selects_by_cluster
     );
     assert!(
         !thread_names(east_agent.pid()).contains(&"weir-mesh".to_owned()),
-        "east's gateway runs on the shared runtime by default: {:?}",
+        "east: --mesh-own-thread false, yet a weir-mesh thread: {:?}",
         thread_names(east_agent.pid())
     );
     let tun_queues = |netns: &Netns| {

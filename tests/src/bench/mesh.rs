@@ -123,11 +123,13 @@ pub const MESH_STEPS: &[MeshStep] = &[
         name: "defaults, 16 KiB h2 frames",
         args: &["--mesh-h2-frame-bytes", "16384"],
     },
-    // The whole gateway on one thread of its own (`--mesh-own-thread`): no wake-ups of other
-    // runtime workers on a packet's path, but one core for all of the gateway's lanes.
+    // The gateway on the agent's shared runtime (`--mesh-own-thread false`), against the
+    // default `auto`, which takes a thread of its own on a node with at most 2 CPUs (no wake-ups
+    // of other runtime workers on a packet's path, one core for all of the gateway's lanes) and
+    // the shared runtime on larger ones.
     MeshStep {
-        name: "defaults, own thread",
-        args: &["--mesh-own-thread", "true"],
+        name: "defaults, shared runtime",
+        args: &["--mesh-own-thread", "false"],
     },
     // The XDP filter on the gateways' WAN veth in native mode (the default before `--xdp-mode
     // auto` chose generic on a veth): the WAN router's side of the veth loses TSO.
