@@ -70,7 +70,7 @@ pub struct DataPlaneArgs {
     /// (`crate::mesh_thread`), or on the agent's shared runtime, which spreads the lanes over
     /// the node's cores. `auto` (the default) takes the own thread on a node with at most
     /// `OWN_THREAD_MAX_CPUS` CPUs for the agent, where the shared runtime has no core to spread
-    /// over: there it was faster in every run of `cargo xtask bench mesh` (README).
+    /// over (see the constant and the README's `mesh` bench).
     #[arg(long, env = "WEIR_MESH_OWN_THREAD", value_enum, default_value_t = OwnThread::Auto)]
     pub mesh_own_thread: OwnThread,
     /// Mesh gateways: queues of the TUN device (1 to 16), each read by a reader of its own. The
@@ -91,10 +91,11 @@ pub enum OwnThread {
     False,
 }
 
-/// The most CPUs the agent may run on for `--mesh-own-thread auto` to take the own thread. The
-/// bench's 2-core machines had the own thread ahead in request/response latency and in 1- and
-/// 4-stream throughput in every run; with more cores the shared runtime can put the lanes on
-/// cores of their own, as the lanes are meant to run.
+/// The most CPUs the agent may run on for `--mesh-own-thread auto` to take the own thread. On the
+/// bench's 2-core machines the own thread had the lower request/response latency and the higher
+/// single-stream throughput in every round of every quiet run, and kept the throughput and CPU
+/// gain under other load (where its idle latency was not better). With more cores the shared
+/// runtime can put the lanes on cores of their own, as the lanes are meant to run.
 pub const OWN_THREAD_MAX_CPUS: usize = 2;
 
 impl OwnThread {

@@ -15,9 +15,9 @@
 //!
 //! The price is one core for all of the gateway's lanes, where the shared runtime spreads them
 //! over the node's cores. On the bench's 2-core machines, where the shared runtime has no core to
-//! spread them over, the own thread was ahead in every run (README, the `mesh` bench), so
+//! spread them over, the own thread was ahead in every quiet run (README, the `mesh` bench), so
 //! `--mesh-own-thread auto`, the default, takes it on nodes with that few CPUs
-//! (`mesh_forward::OwnThread`).
+//! (`mesh_forward::OWN_THREAD_MAX_CPUS`).
 
 use std::{io, thread, time::Duration};
 
