@@ -28,14 +28,13 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use weir_common::{
-    AddrKey, COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS,
-    DROP_REPORT_INTERVAL_NS, DropKind, EndpointKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
-    REASON_PREFILTER_DENIED, REASON_XDP_POLICY_DENIED, VERDICT_DROP, XdpDenial,
+    AddrKey, COUNTER_EVENTS_THROTTLED, COUNTER_XDP_PASSED, CtKey, DIR_INGRESS, DropKind,
+    EndpointKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, REASON_PREFILTER_DENIED,
+    REASON_XDP_POLICY_DENIED, VERDICT_DROP, XdpDenial,
 };
 
 use crate::{
@@ -48,7 +47,7 @@ use crate::{
     parse::{Class, Fragment, Parsed, parse, parse_at},
     policy::{evaluate_under, is_isolated, resolve_peer, subject_policy},
     report::{Report, count, count_and_report_drop, emit},
-    throttle::take_report_budget,
+    throttle::{drop_kind, report_again},
 };
 
 /// Full-length prefix of a 16-byte address.
@@ -214,15 +213,7 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
 /// The key of a policy denial's kind in `WEIR_XDP_DENIALS`.
 #[inline(always)]
 fn denial_kind(key: &CtKey) -> DropKind {
-    DropKind {
-        saddr: key.saddr,
-        daddr: key.daddr,
-        dport: key.dport,
-        proto: key.proto,
-        reason: REASON_XDP_POLICY_DENIED,
-        direction: DIR_INGRESS,
-        _pad: [0; 3],
-    }
+    drop_kind(key, REASON_XDP_POLICY_DENIED, DIR_INGRESS)
 }
 
 /// Whether `WEIR_XDP_DENIALS` may hold a denial decided under `generation`: one array read that
@@ -277,10 +268,10 @@ fn drop_denied(ifindex: u32, key: &CtKey, mut denial: XdpDenial) {
     if let Some(known) = WEIR_XDP_DENIALS.get_ptr_mut(&kind) {
         // SAFETY: as in `drop_if_denied_before`.
         let known = unsafe { &mut *known };
-        known.generation = denial.generation;
-        known.subject = denial.subject;
-        known.subject_version = denial.subject_version;
-        known.peer = denial.peer;
+        *known = XdpDenial {
+            reported_ns: known.reported_ns,
+            ..denial
+        };
         report_throttled(ifindex, key, known);
         return;
     }
@@ -294,14 +285,11 @@ fn drop_denied(ifindex: u32, key: &CtKey, mut denial: XdpDenial) {
 /// budget is spent (then it is counted as throttled); whether it was reported.
 #[inline(always)]
 fn report_throttled(ifindex: u32, key: &CtKey, denial: &mut XdpDenial) -> bool {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let recent =
-        denial.reported_ns != 0 && now.wrapping_sub(denial.reported_ns) < DROP_REPORT_INTERVAL_NS;
-    if recent || !take_report_budget(now) {
+    let last = (denial.reported_ns != 0).then_some(denial.reported_ns);
+    let Some(now) = report_again(last) else {
         count(COUNTER_EVENTS_THROTTLED);
         return false;
-    }
+    };
     denial.reported_ns = now;
     let r = Report {
         key,
