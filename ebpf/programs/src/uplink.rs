@@ -184,8 +184,8 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     if denials_remembered_under(generation) && drop_if_denied_before(ifindex, key, generation) {
         return Filtered::Dropped;
     }
-    let policy = subject_policy(subject);
-    if !is_isolated(policy.1, DIR_INGRESS) {
+    let (version, flags) = subject_policy(subject);
+    if !is_isolated(flags, DIR_INGRESS) {
         // Nothing to deny, and the filter reports no allowed connection: the peer's identity is
         // not needed.
         return Filtered::Passed;
@@ -195,7 +195,14 @@ fn filter(ifindex: u32, key: &CtKey) -> Filtered {
     } else {
         key.dport
     };
-    let eval = evaluate_under(subject, policy, DIR_INGRESS, &key.saddr, key.proto, dport);
+    let eval = evaluate_under(
+        subject,
+        (version, flags),
+        DIR_INGRESS,
+        &key.saddr,
+        key.proto,
+        dport,
+    );
     if eval.allowed {
         return Filtered::Passed;
     }
