@@ -30,6 +30,7 @@ use weir_policy::{
 use crate::{
     datapath::{
         attach::{Programs, attach_endpoint, is_attached, retire_legacy_tcx_links},
+        conntrack_upgrade,
         maps::DatapathMaps,
         writer::Writer,
     },
@@ -168,6 +169,11 @@ impl Runtime {
                 endpoint,
             );
         }
+        // The earlier programs are detached now: what they added to an earlier conntrack
+        // table since the load moves over, and the table goes.
+        if let Err(e) = conntrack_upgrade::finish(&Self::pin_dir(&config)) {
+            tracing::error!(error = %e, "could not retire the earlier conntrack table; the next start tries again");
+        }
         let shared = Arc::new(Shared {
             explainer: RwLock::new(Explainer::default()),
             compiles: AtomicU64::new(0),
@@ -301,8 +307,13 @@ impl Runtime {
         }
     }
 
+    /// Where the kernel object's maps are pinned (`main` loads it with this directory).
+    fn pin_dir(config: &RuntimeConfig) -> PathBuf {
+        config.bpffs_dir.join("maps")
+    }
+
     fn map_pin(&self, name: &str) -> PathBuf {
-        self.config.bpffs_dir.join("maps").join(name)
+        Self::pin_dir(&self.config).join(name)
     }
 
     /// Connections in the pinned conntrack table (one syscall per entry).

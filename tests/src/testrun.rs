@@ -340,6 +340,22 @@ impl Datapath {
         m.get(key, 0).ok()
     }
 
+    /// Writes a conntrack entry as the programs (or an earlier agent's table) would have.
+    pub fn ct_insert(&mut self, key: &CtKey, value: CtValue) {
+        let mut m: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_CONNTRACK).unwrap()).unwrap();
+        m.insert(key, value, 0).unwrap();
+    }
+
+    pub fn remove_endpoint(&mut self, ip: &str) {
+        let mut m: HashMap<_, EndpointKey, EndpointInfo> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_ENDPOINTS).unwrap()).unwrap();
+        m.remove(&EndpointKey {
+            addr: addr(ip_of(ip)),
+        })
+        .unwrap();
+    }
+
     pub fn ct_len(&self) -> usize {
         let m: HashMap<_, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(MAP_CONNTRACK).unwrap()).unwrap();

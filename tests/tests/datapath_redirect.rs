@@ -3,20 +3,20 @@
 //! conntrack entry, same drop report as `weir_to_pod`), the MACs a router would write and a
 //! decremented TTL, and is redirected into the destination's namespace; everything the shortcut
 //! cannot take goes to the stack. Counters say which way each allowed packet went. The next hop
-//! is cached per destination under the config generation, and not used under another one or once
-//! it is older than the recheck interval.
+//! is cached per destination veth under the config generation, and not used under another one or
+//! once it is older than the recheck interval.
 //!
 //! The FIB lookup runs in the namespace of the thread that runs the test: each test builds one
 //! with the destination pod's host veth, its route and its permanent neighbour entry, as the CNI
 //! plugin leaves them. Root only.
 
-use aya::maps::HashMap;
+use aya::maps::{Array, HashMap};
 use weir_common::{
     CONFIG_REDIRECT_LOCAL, CONFIG_REVOKE_ESTABLISHED, COUNTER_PATH_REDIRECT_PEER,
     COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, DIR_INGRESS, EndpointInfo,
-    EndpointKey, LocalNextHop, MAP_ENDPOINTS, MAP_NEXTHOPS, NEXTHOP_RECHECK_NS, PROG_FROM_POD,
-    PROTO_TCP, REASON_ESTABLISHED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED, REASON_REVOKED,
-    REASON_RULE, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
+    EndpointKey, LocalNextHop, MAP_ENDPOINTS, MAP_NEXTHOPS, NEXTHOP_RECHECK_NS, NEXTHOP_SLOTS,
+    PROG_FROM_POD, PROTO_TCP, REASON_ESTABLISHED, REASON_NOT_ISOLATED, REASON_POLICY_DENIED,
+    REASON_REVOKED, REASON_RULE, SUBJECT_ISOLATED_INGRESS, VERDICT_DROP,
 };
 use weir_tests::packet::{ipv4_checksum_ok, with_ipv4_checksum};
 use weir_tests::{
@@ -116,6 +116,40 @@ fn a_local_destination_is_delivered_into_its_namespace_with_its_ingress_checked_
         assert_eq!(&out[..6], &POD_B_MAC);
         assert_eq!(out[14 + 7], frame6[14 + 7] - 1, "hop limit decremented");
         assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 2);
+    });
+}
+
+/// Once both sides of a connection are current, its conntrack entry names the destination's veth
+/// and the redirect delivers there without looking the destination up: an endpoint removed
+/// without a new generation is not seen; under the next generation (which the agent writes after
+/// every endpoint change) the packet takes the stack, as to any address that is no local pod.
+#[test]
+fn an_established_connection_is_delivered_to_the_veth_its_entry_names() {
+    with_host_veth("rd9", true, |dp, vb| {
+        let syn_frame = with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80));
+        assert_eq!(dp.run_out(PROG_FROM_POD, &syn_frame).0, TC_ACT_REDIRECT);
+        let ct = dp
+            .ct(&ct_key(POD_A, 40000, POD_B, 80, PROTO_TCP))
+            .expect("a conntrack entry");
+        assert_eq!(
+            (ct.egress_ifindex, ct.ingress_ifindex),
+            (TEST_RUN_IFINDEX, vb)
+        );
+
+        HashMap::<_, EndpointKey, EndpointInfo>::try_from(dp.ebpf.map_mut(MAP_ENDPOINTS).unwrap())
+            .unwrap()
+            .remove(&pod_b_key())
+            .unwrap();
+        let ack_frame = with_ipv4_checksum(ack(POD_A, 40000, POD_B, 80));
+        let (verdict, out) = dp.run_out(PROG_FROM_POD, &ack_frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[..6], &POD_B_MAC);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 2);
+
+        dp.config(2, CONFIG_REDIRECT_LOCAL);
+        assert_eq!(dp.from_pod(&ack_frame), OK);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_REDIRECT_PEER), 2);
+        assert_eq!(dp.counter_slot(COUNTER_PATH_STACK), 1);
     });
 }
 
@@ -240,8 +274,14 @@ fn without_the_flag_everything_goes_to_the_stack() {
     });
 }
 
-fn next_hops(dp: &mut Datapath) -> HashMap<&mut aya::maps::MapData, EndpointKey, LocalNextHop> {
-    HashMap::try_from(dp.ebpf.map_mut(MAP_NEXTHOPS).expect("the next hop cache")).unwrap()
+fn next_hops(dp: &mut Datapath) -> Array<&mut aya::maps::MapData, LocalNextHop> {
+    Array::try_from(dp.ebpf.map_mut(MAP_NEXTHOPS).expect("the next hop cache")).unwrap()
+}
+
+/// The cached hop towards the pod on the veth `veth`: its slot, if it holds that veth's.
+fn cached_hop(dp: &mut Datapath, veth: u32) -> Option<LocalNextHop> {
+    let hop = next_hops(dp).get(&(veth & (NEXTHOP_SLOTS - 1)), 0).unwrap();
+    (hop.ifindex == veth).then_some(hop)
 }
 
 fn pod_b_key() -> EndpointKey {
@@ -266,7 +306,7 @@ fn plant_hop(dp: &mut Datapath, vb: u32, generation: u32, checked_ns: u64) {
         macs,
         _pad: 0,
     };
-    next_hops(dp).insert(pod_b_key(), hop, 0).unwrap();
+    next_hops(dp).set(vb & (NEXTHOP_SLOTS - 1), hop, 0).unwrap();
 }
 
 /// The first packet to a local pod fills the next hop cache from the FIB; the next packets of the
@@ -276,7 +316,7 @@ fn the_next_hop_to_a_local_pod_is_cached_under_its_generation() {
     with_host_veth("rd6", true, |dp, vb| {
         let syn_frame = with_ipv4_checksum(syn(POD_A, 40000, POD_B, 80));
         assert_eq!(dp.run_out(PROG_FROM_POD, &syn_frame).0, TC_ACT_REDIRECT);
-        let hop = next_hops(dp).get(&pod_b_key(), 0).expect("a cached hop");
+        let hop = cached_hop(dp, vb).expect("a cached hop");
         assert_eq!(hop.ifindex, vb);
         assert_eq!(hop.generation, 1);
         assert_eq!(&hop.macs[..6], &POD_B_MAC);
@@ -324,7 +364,7 @@ fn a_cached_next_hop_is_dropped_on_a_generation_change_or_when_stale() {
         let (verdict, out) = dp.run_out(PROG_FROM_POD, &ack_frame);
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(&out[..6], &POD_B_MAC, "the FIB's MAC");
-        let hop = next_hops(dp).get(&pod_b_key(), 0).expect("refilled");
+        let hop = cached_hop(dp, vb).expect("refilled");
         assert_eq!(hop.generation, 2);
         assert_eq!(&hop.macs[..6], &POD_B_MAC);
 

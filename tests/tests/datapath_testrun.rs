@@ -10,7 +10,7 @@ use aya::programs::SchedClassifier;
 use weir_common::{
     CONFIG_EMIT_ALLOW_EVENTS, CONFIG_REVOKE_ESTABLISHED, COUNTER_EVENTS_LOST,
     COUNTER_EVENTS_THROTTLED, COUNTER_PATH_STACK, CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED,
-    CT_SEEN_REPLY, CtKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR,
+    CT_SEEN_REPLY, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR,
     IDENTITY_WORLD, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP, REASON_ESTABLISHED, REASON_LINK_LOCAL, REASON_MALFORMED, REASON_NOT_ISOLATED,
     REASON_POLICY_DENIED, REASON_RELATED, REASON_REVOKED, REASON_RULE, REASON_SPOOFED_SOURCE,
@@ -41,6 +41,100 @@ fn unknown_endpoint_drops() {
     );
     assert_eq!(events[0].direction, DIR_EGRESS);
     assert_eq!(events[1].direction, DIR_INGRESS);
+}
+
+/// An established packet whose side was checked under the current generation, on the veth it
+/// arrives on, is allowed on its conntrack entry alone: an endpoint removed without a new
+/// generation is not even looked up (the agent bumps the generation after every endpoint change,
+/// and then it is).
+#[test]
+fn an_established_packet_skips_the_endpoint_lookup_until_the_generation_changes() {
+    let mut dp = Datapath::with_pods();
+    assert_eq!(dp.from_pod(&syn(POD_A, 40000, REMOTE, 80)), OK);
+    let entry = dp
+        .ct(&ct_key(POD_A, 40000, REMOTE, 80, PROTO_TCP))
+        .expect("an entry");
+    assert_eq!(
+        entry.egress_ifindex, TEST_RUN_IFINDEX,
+        "the side's veth is recorded"
+    );
+    assert_eq!(
+        entry.ingress_ifindex, 0,
+        "the remote side is checked on its node"
+    );
+
+    dp.remove_endpoint(POD_A);
+    assert_eq!(dp.from_pod(&ack(POD_A, 40000, REMOTE, 80)), OK);
+    assert_eq!(dp.counter(REASON_ESTABLISHED), 1);
+    dp.config(2, 0);
+    assert_eq!(dp.from_pod(&ack(POD_A, 40000, REMOTE, 80)), SHOT);
+    assert_eq!(dp.counter(REASON_UNKNOWN_ENDPOINT), 1);
+}
+
+/// A packet with the tuple of another pod's established connection, arriving on a veth that is
+/// not the one its side was checked on, meets the source check: the fast path is no way around
+/// it.
+#[test]
+fn a_packet_of_anothers_established_connection_is_spoofed() {
+    let mut dp = Datapath::with_pods();
+    // A sits behind veth 7 and its connection's egress was checked there, under this generation.
+    dp.endpoint(POD_A, 7, ID_A);
+    let key = ct_key(POD_A, 40000, REMOTE, 80, PROTO_TCP);
+    dp.ct_insert(
+        &key,
+        CtValue {
+            egress_generation: 1,
+            flags: CT_EGRESS_ALLOWED,
+            egress_ifindex: 7,
+            ..CtValue::default()
+        },
+    );
+    // The test run's packets arrive on loopback, where B and C are.
+    assert_eq!(dp.from_pod(&ack(POD_A, 40000, REMOTE, 80)), SHOT);
+    assert_eq!(dp.counter(REASON_SPOOFED_SOURCE), 1);
+    assert_eq!(dp.counter(REASON_ESTABLISHED), 0);
+    assert_eq!(
+        dp.ct(&key).unwrap().egress_ifindex,
+        7,
+        "the entry is untouched"
+    );
+}
+
+/// An entry that records no veth for a side (one an earlier agent's table carried over) has that
+/// side checked again, by policy, on its next packet, which records the veth: from then on the
+/// side takes the fast path.
+#[test]
+fn an_entry_without_veths_is_checked_again_once_and_records_them() {
+    let mut dp = Datapath::with_pods();
+    dp.subject(ID_A, 1, SUBJECT_ISOLATED_EGRESS);
+    dp.allow(
+        ID_A,
+        1,
+        DIR_EGRESS,
+        ID_REMOTE,
+        Some(PROTO_TCP),
+        Ports::One(80),
+        5,
+    );
+    let key = ct_key(POD_A, 40000, REMOTE, 80, PROTO_TCP);
+    dp.ct_insert(
+        &key,
+        CtValue {
+            egress_generation: 1,
+            flags: CT_EGRESS_ALLOWED,
+            egress_rule: 5,
+            ..CtValue::default()
+        },
+    );
+    assert_eq!(dp.from_pod(&ack(POD_A, 40000, REMOTE, 80)), OK);
+    let entry = dp.ct(&key).unwrap();
+    assert_eq!(entry.egress_ifindex, TEST_RUN_IFINDEX);
+    assert_eq!((entry.egress_generation, entry.egress_rule), (1, 5));
+
+    // The side is current on its veth now: the endpoint is no longer looked up.
+    dp.remove_endpoint(POD_A);
+    assert_eq!(dp.from_pod(&ack(POD_A, 40000, REMOTE, 80)), OK);
+    assert_eq!(dp.counter(REASON_UNKNOWN_ENDPOINT), 0);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use weir_common::{
     MAP_IPCACHE, MAP_POLICY, MAP_PREFILTER, MAP_SUBJECTS, PROG_FROM_POD, PROG_TO_POD, PROG_XDP,
 };
 
-use super::object::EBPF_OBJECT;
+use super::{conntrack_upgrade, object::EBPF_OBJECT};
 
 /// Maps that hold enforcement state and are pinned so it survives the agent (the fragment map
 /// too: a datagram in flight while the agent restarts keeps its first fragment's verdict; and the
@@ -45,6 +45,8 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ConntrackUpgrade(#[from] conntrack_upgrade::UpgradeError),
     #[error("loading the kernel object (is bpffs mounted at the pin directory's parent?): {0}")]
     Object(#[source] aya::EbpfError),
     #[error("the kernel object has no program {0}")]
@@ -58,7 +60,8 @@ pub enum LoadError {
 }
 
 /// Loads the embedded object. With `pin_dir`, every map in `PINNED_MAPS` is pinned there, or
-/// adopted when a previous agent already pinned it; without, nothing is pinned (TestRun tests).
+/// adopted when a previous agent already pinned it (a conntrack table of the earlier layout is
+/// converted: see `conntrack_upgrade`); without, nothing is pinned (TestRun tests).
 /// Kernel-side logging is off.
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     load_object(EBPF_OBJECT, pin_dir, false)
@@ -97,7 +100,16 @@ pub fn load_object(
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    if let Some(dir) = pin_dir {
+        conntrack_upgrade::set_aside(dir)?;
+    }
     let mut ebpf = loader.load(object).map_err(LoadError::Object)?;
+    if let Some(dir) = pin_dir {
+        let copied = conntrack_upgrade::copy(dir)?;
+        if copied > 0 {
+            tracing::info!(copied, "conntrack entries copied from the earlier table");
+        }
+    }
     for name in PROGRAMS {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)

@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod attach;
 pub mod bpf_log;
+pub mod conntrack_upgrade;
 pub mod desired;
 pub mod events;
 pub mod loader;

@@ -42,7 +42,13 @@ pub const CT_SEEN_REPLY: u32 = 1 << 2;
 
 /// `WEIR_CONNTRACK` value. Each side (the source's egress, the destination's ingress) is checked
 /// by the hook of the endpoint on that side, which records the config generation it checked
-/// under; when the generation moves, that side is checked again (revocation).
+/// under and the endpoint's host veth; when the generation moves, that side is checked again
+/// (revocation).
+///
+/// The veth lets an established packet skip the endpoint lookup: the agent bumps the generation
+/// on every endpoint change, so a side current under this generation whose veth is the packet's
+/// was checked against the same endpoint (the source check included), and the other side's veth
+/// is where a redirect delivers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
@@ -59,9 +65,14 @@ pub struct CtValue {
     pub egress_rule: u32,
     /// Rule that allowed the ingress side (0 when not isolated).
     pub ingress_rule: u32,
+    /// The host veth of the source endpoint when its egress was checked (0 before).
+    pub egress_ifindex: u32,
+    /// The host veth of the destination endpoint when its ingress was checked (0 before, and for
+    /// a destination on another node).
+    pub ingress_ifindex: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 
 #[cfg(feature = "user")]
 mod pod_impls {

@@ -138,8 +138,78 @@ fn hook_report(key: &CtKey, hook_dir: u8, ifindex: u32) -> Report<'_> {
     }
 }
 
+/// The endpoint a hook enforces, as `WEIR_ENDPOINTS` has it.
+#[derive(Clone, Copy)]
+struct Endpoint {
+    ifindex: u32,
+    subject: u32,
+}
+
+/// The endpoint on this hook's side of `key`, or the drop verdict when there is none or (at
+/// `weir_from_pod`) the packet did not come from its veth.
+#[inline(always)]
+fn hook_endpoint(key: &CtKey, hook_dir: u8, ifindex: u32) -> Result<Endpoint, Verdict> {
+    let (ep_addr, peer_addr) = ends(key, hook_dir);
+    let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) else {
+        let r = Report {
+            key,
+            direction: hook_dir,
+            ifindex,
+            subject: 0,
+            subject_version: 0,
+            peer: resolve_peer(peer_addr).reported(),
+            rule: 0,
+        };
+        return Err(drop_packet(&r, REASON_UNKNOWN_ENDPOINT));
+    };
+    // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
+    let ep = unsafe {
+        Endpoint {
+            ifindex: (*ep).ifindex,
+            subject: (*ep).identity,
+        }
+    };
+    if hook_dir == DIR_EGRESS && ep.ifindex != ifindex {
+        let r = Report {
+            key,
+            direction: hook_dir,
+            ifindex,
+            subject: ep.subject,
+            subject_version: subject_policy(ep.subject).0,
+            peer: resolve_peer(peer_addr).reported(),
+            rule: 0,
+        };
+        return Err(drop_packet(&r, REASON_SPOOFED_SOURCE));
+    }
+    Ok(ep)
+}
+
+/// Whether the ICMP error `parsed` (whose own tuple is `key`) is about a tracked connection, in
+/// either direction, and goes back to whoever sent the quoted packet: an error addressed to
+/// anyone else (a pod quoting somebody else's connection to get past an isolated peer) is not
+/// related.
+#[inline(always)]
+fn is_related(ctx: &TcContext, parsed: &Parsed, key: &CtKey) -> bool {
+    let mut inner_slot = MaybeUninit::uninit();
+    let inner = KeyBuf::zeroed_in(&mut inner_slot);
+    if parse_ip(ctx, parsed.inner_off, parsed.v6, true, inner).is_err()
+        || !same_addr(&inner.key.saddr, &key.daddr)
+    {
+        return false;
+    }
+    let mut reversed = MaybeUninit::uninit();
+    WEIR_CONNTRACK.get_ptr(&inner.key).is_some()
+        || WEIR_CONNTRACK
+            .get_ptr(&KeyBuf::reverse_in(&mut reversed, &inner.key).key)
+            .is_some()
+}
+
 /// The verdict of a parsed packet (for a later fragment: with its first fragment's protocol and
 /// ports): endpoint, conntrack, policy. `ifindex` is the veth of the hook's endpoint (reported).
+///
+/// An established packet whose side of its connection was checked under the current generation,
+/// on this veth, is allowed on its conntrack entry alone; everything else meets the endpoint
+/// checks and, where conntrack does not settle it, the policy.
 #[inline(always)]
 pub fn decide(
     ctx: &TcContext,
@@ -155,57 +225,20 @@ pub fn decide(
     if parsed.class == Class::NotIp || parsed.class == Class::LinkLocal {
         return allow(REASON_LINK_LOCAL);
     }
-    let (ep_addr, peer_addr) = ends(key, hook_dir);
-    let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) else {
-        let r = Report {
-            key,
-            direction: hook_dir,
-            ifindex,
-            subject: 0,
-            subject_version: 0,
-            peer: resolve_peer(peer_addr).reported(),
-            rule: 0,
-        };
-        return drop_packet(&r, REASON_UNKNOWN_ENDPOINT);
-    };
-    // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
-    let (ep_ifindex, subject) = unsafe { ((*ep).ifindex, (*ep).identity) };
-    if hook_dir == DIR_EGRESS && ep_ifindex != ifindex {
-        let r = Report {
-            key,
-            direction: hook_dir,
-            ifindex,
-            subject,
-            subject_version: subject_policy(subject).0,
-            peer: resolve_peer(peer_addr).reported(),
-            rule: 0,
-        };
-        return drop_packet(&r, REASON_SPOOFED_SOURCE);
-    }
-    // A pod talking to its own address: not subject to policy.
-    if same_addr(&key.saddr, &key.daddr) {
-        return allow(REASON_NOT_ISOLATED);
-    }
+    let (_, peer_addr) = ends(key, hook_dir);
 
-    // An ICMP error about a tracked connection (in either direction) is related to it. It
-    // goes back to whoever sent the quoted packet: an error addressed to anyone else (a pod
-    // quoting somebody else's connection to get past an isolated peer) is not related.
+    // An ICMP error is related before it is anything else, once its sender is known to be the
+    // endpoint's. Not related, it is an ordinary packet (its ports are 0).
+    let mut checked = None;
     if parsed.class == Class::IcmpError {
-        let mut inner_slot = MaybeUninit::uninit();
-        let inner = KeyBuf::zeroed_in(&mut inner_slot);
-        if parse_ip(ctx, parsed.inner_off, parsed.v6, true, inner).is_ok()
-            && same_addr(&inner.key.saddr, &key.daddr)
-        {
-            let mut reversed = MaybeUninit::uninit();
-            let tracked = WEIR_CONNTRACK.get_ptr(&inner.key).is_some()
-                || WEIR_CONNTRACK
-                    .get_ptr(&KeyBuf::reverse_in(&mut reversed, &inner.key).key)
-                    .is_some();
-            if tracked {
-                return allow(REASON_RELATED);
-            }
+        let ep = match hook_endpoint(key, hook_dir, ifindex) {
+            Ok(ep) => ep,
+            Err(drop) => return drop,
+        };
+        if !same_addr(&key.saddr, &key.daddr) && is_related(ctx, parsed, key) {
+            return allow(REASON_RELATED);
         }
-        // Not about a tracked connection: an ordinary packet (its ports are 0).
+        checked = Some(ep);
     }
 
     // Forward entry first, then the reverse one. An echo request is looked up only as a
@@ -236,29 +269,44 @@ pub fn decide(
         _ => DIR_INGRESS,
     };
 
-    // Fast path: this side was allowed under the current generation.
+    // Fast path: this side was allowed under the current generation, on this veth. No entry has
+    // a pod's own address on both ends (those packets are never tracked), so one found here is
+    // not such a packet.
     if let Some(entry) = entry {
         // SAFETY: the pointer comes from a successful lookup of an LRU hash value; concurrent
         // writers race only on plain integer fields, which the next packet corrects.
         let ct = unsafe { &mut *entry };
-        let (flag, side_generation) = side_state(ct, side);
-        if ct.flags & flag != 0 && side_generation == generation {
+        let this = side_state(ct, side);
+        if this.current(ct, generation) && this.veth == ifindex {
             touch(ct, is_reply);
+            let other = side_state(ct, other_side(side));
             let mut verdict = allow(REASON_ESTABLISHED);
-            verdict.both_sides_current = ct.flags & CT_BOTH_SIDES == CT_BOTH_SIDES
-                && ct.egress_generation == generation
-                && ct.ingress_generation == generation;
+            if other.current(ct, generation) {
+                verdict.current_peer_veth = other.veth;
+            }
             return verdict;
         }
     }
 
+    let ep = match checked {
+        Some(ep) => ep,
+        None => match hook_endpoint(key, hook_dir, ifindex) {
+            Ok(ep) => ep,
+            Err(drop) => return drop,
+        },
+    };
+    // A pod talking to its own address: not subject to policy.
+    if same_addr(&key.saddr, &key.daddr) {
+        return allow(REASON_NOT_ISOLATED);
+    }
+
     let dport = if is_icmp(orig.proto) { 0 } else { orig.dport };
-    let eval = evaluate(subject, side, peer_addr, orig.proto, dport);
+    let eval = evaluate(ep.subject, side, peer_addr, orig.proto, dport);
     let report = Report {
         key,
         direction: side,
         ifindex,
-        subject,
+        subject: ep.subject,
         subject_version: eval.version,
         peer: eval.peer,
         rule: eval.rule,
@@ -273,7 +321,7 @@ pub fn decide(
             last_seen_ns: now(),
             ..CtValue::default()
         };
-        record(&mut value, side, generation, eval.rule);
+        record(&mut value, side, generation, eval.rule, ep.ifindex);
         if WEIR_CONNTRACK.insert(key, &value, BPF_ANY as u64).is_err() {
             return drop_packet(&report, REASON_INTERNAL);
         }
@@ -286,11 +334,11 @@ pub fn decide(
 
     // SAFETY: as above.
     let ct = unsafe { &mut *entry };
-    let (flag, _) = side_state(ct, side);
-    let checked = ct.flags & flag != 0;
-    // This side is checked for the first time, or again after a policy change.
+    let checked = ct.flags & side_state(ct, side).flag != 0;
+    // This side is checked for the first time, or again after a policy change (or on an entry
+    // from before the veths were recorded).
     if eval.allowed {
-        record(ct, side, generation, eval.rule);
+        record(ct, side, generation, eval.rule, ep.ifindex);
         touch(ct, is_reply);
         if checked {
             return allow(REASON_ESTABLISHED);
@@ -314,31 +362,64 @@ pub fn decide(
     allow(REASON_ESTABLISHED)
 }
 
-/// This side's flag and the generation it was checked under.
-#[inline(always)]
-fn side_state(ct: &CtValue, side: u8) -> (u32, u32) {
-    if side == DIR_EGRESS {
-        (CT_EGRESS_ALLOWED, ct.egress_generation)
-    } else {
-        (CT_INGRESS_ALLOWED, ct.ingress_generation)
+/// What a conntrack entry holds about one side of its connection.
+struct SideState {
+    /// The side's `CT_*_ALLOWED` flag.
+    flag: u32,
+    /// The generation it was checked under.
+    generation: u32,
+    /// The endpoint's host veth it was checked on.
+    veth: u32,
+}
+
+impl SideState {
+    /// Allowed under `generation`.
+    #[inline(always)]
+    fn current(&self, ct: &CtValue, generation: u32) -> bool {
+        ct.flags & self.flag != 0 && self.generation == generation
     }
 }
 
 #[inline(always)]
-fn record(ct: &mut CtValue, side: u8, generation: u32, rule: u32) {
+fn side_state(ct: &CtValue, side: u8) -> SideState {
+    if side == DIR_EGRESS {
+        SideState {
+            flag: CT_EGRESS_ALLOWED,
+            generation: ct.egress_generation,
+            veth: ct.egress_ifindex,
+        }
+    } else {
+        SideState {
+            flag: CT_INGRESS_ALLOWED,
+            generation: ct.ingress_generation,
+            veth: ct.ingress_ifindex,
+        }
+    }
+}
+
+#[inline(always)]
+fn other_side(side: u8) -> u8 {
+    if side == DIR_EGRESS {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    }
+}
+
+#[inline(always)]
+fn record(ct: &mut CtValue, side: u8, generation: u32, rule: u32, veth: u32) {
     if side == DIR_EGRESS {
         ct.flags |= CT_EGRESS_ALLOWED;
         ct.egress_generation = generation;
         ct.egress_rule = rule;
+        ct.egress_ifindex = veth;
     } else {
         ct.flags |= CT_INGRESS_ALLOWED;
         ct.ingress_generation = generation;
         ct.ingress_rule = rule;
+        ct.ingress_ifindex = veth;
     }
 }
-
-/// Both sides' allowed flags.
-const CT_BOTH_SIDES: u32 = CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED;
 
 /// How stale `CtValue::last_seen_ns` may get on an established flow. The entry is shared by both
 /// directions, which often run on different CPUs: writing it on every packet moves its cache line

@@ -12,8 +12,8 @@ use weir_common::{
     AddrKey, Config, CtKey, CtValue, DropBudget, DropKind, DropReported, EVENTS_BYTES,
     EndpointInfo, EndpointKey, FragKey, FragValue, IdentityValue, LocalNextHop,
     MAX_CIDR_IDENTITIES, MAX_CONNTRACK, MAX_DROP_KINDS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE,
-    MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, MAX_XDP_DENIALS, PolicyKey, PolicyValue,
-    PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig, XdpDenial,
+    MAX_POLICY_ENTRIES, MAX_PREFILTER, MAX_SUBJECTS, MAX_XDP_DENIALS, NEXTHOP_SLOTS, PolicyKey,
+    PolicyValue, PrefilterValue, REASON_COUNT, SubjectKey, SubjectPolicy, UplinkConfig, XdpDenial,
 };
 
 /// `WEIR_CONFIG[0]`: generation and flags.
@@ -67,8 +67,7 @@ pub static WEIR_UPLINK: Array<UplinkConfig> = Array::with_max_entries(1, 0);
 /// The next hop towards each local pod delivered to with `bpf_redirect_peer` (see
 /// `weir_common::nexthop`): a cache the programs fill, not pinned.
 #[map(name = "WEIR_NEXTHOPS")]
-pub static WEIR_NEXTHOPS: LruHashMap<EndpointKey, LocalNextHop> =
-    LruHashMap::with_max_entries(MAX_ENDPOINTS, 0);
+pub static WEIR_NEXTHOPS: Array<LocalNextHop> = Array::with_max_entries(NEXTHOP_SLOTS, 0);
 
 /// When each kind of XDP drop was last reported (see `weir_common::throttle`); not pinned.
 #[map(name = "WEIR_DROP_REPORTS")]

@@ -4,8 +4,10 @@
 //!   `decide` that `weir_to_pod` runs, on the same conntrack entry) and the packet goes with
 //!   `bpf_redirect_peer` straight into the destination's namespace, as a router would deliver it:
 //!   MACs from the FIB and neighbour table, TTL or hop limit decremented. The next hop is cached
-//!   per destination pod (`WEIR_NEXTHOPS`, valid under one config generation and for a second),
-//!   so an established flow's packets take it without a FIB lookup;
+//!   per destination veth (`WEIR_NEXTHOPS`, valid under one config generation and for a second),
+//!   so an established flow's packets take it without a FIB lookup. An established connection
+//!   whose both sides are current needs neither the destination's check nor its endpoint lookup:
+//!   its conntrack entry names the destination's veth;
 //! - to a pod of another node of the cluster (the ipcache knows its address): the packet goes with
 //!   `bpf_redirect_neigh` to the egress device of the node's route (the uplink, the overlay
 //!   device), towards the route's next hop, TTL decremented; the destination's ingress is checked
@@ -36,7 +38,7 @@ use weir_common::{
     CONFIG_REDIRECT_LOCAL, CONFIG_REDIRECT_REMOTE, COUNTER_PATH_REDIRECT_NEIGH,
     COUNTER_PATH_REDIRECT_PEER, COUNTER_PATH_STACK, CtKey, DIR_INGRESS, EndpointKey,
     IDENTITY_CLUSTER_SHIFT, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, LocalNextHop,
-    NEXTHOP_RECHECK_NS, REASON_ESTABLISHED,
+    NEXTHOP_RECHECK_NS, NEXTHOP_SLOTS, REASON_ESTABLISHED,
 };
 
 use crate::{
@@ -110,25 +112,24 @@ pub fn deliver(
     {
         return stack(ifindex);
     }
-    let dest = endpoint_key(&key.daddr);
-    if flags & CONFIG_REDIRECT_LOCAL != 0
-        && let Some(hop) = cached_hop(dest, generation)
-    {
-        return to_local_pod(ctx, ifindex, parsed, key, hop, egress);
+    if flags & CONFIG_REDIRECT_LOCAL != 0 && egress.current_peer_veth != 0 {
+        // Both sides current: the destination is the local pod behind that veth, and its ingress
+        // allowed this connection under this generation.
+        return to_local_pod(
+            ctx,
+            ifindex,
+            parsed,
+            key,
+            egress.current_peer_veth,
+            generation,
+            true,
+        );
     }
-    match WEIR_ENDPOINTS.get_ptr(dest) {
+    match WEIR_ENDPOINTS.get_ptr(endpoint_key(&key.daddr)) {
         Some(ep) if flags & CONFIG_REDIRECT_LOCAL != 0 => {
             // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
             let ep_ifindex = unsafe { (*ep).ifindex };
-            if ep_ifindex == ifindex {
-                // To itself, or to another address of the same pod: the stack turns it around.
-                return stack(ifindex);
-            }
-            let hop = next_hop(ctx, ifindex, parsed.v6, key, ep_ifindex);
-            if hop.is_null() {
-                return stack(ifindex);
-            }
-            to_local_pod(ctx, ifindex, parsed, key, hop, egress)
+            to_local_pod(ctx, ifindex, parsed, key, ep_ifindex, generation, false)
         }
         None if flags & CONFIG_REDIRECT_REMOTE != 0 && is_cluster_pod(&key.daddr) => {
             to_next_hop(ctx, ifindex, parsed, key)
@@ -256,8 +257,8 @@ fn store<const N: usize>(ctx: &TcContext, off: usize, bytes: &[u8; N]) -> bool {
     }
 }
 
-/// The address as the endpoint and next hop maps' key, in place (a copy would take 16 more bytes
-/// of the programs' short stack, live across both lookups).
+/// The address as the endpoint map's key, in place (a copy would take 16 more bytes of the
+/// programs' short stack).
 #[inline(always)]
 fn endpoint_key(addr: &[u8; 16]) -> &EndpointKey {
     // SAFETY: `EndpointKey` is `repr(C)` with the address as its only field: same size, same
@@ -271,28 +272,39 @@ fn coarse_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The cached next hop towards the local pod `dest`, if it was filled under `generation` (no
-/// endpoint changed since) and confirmed by the FIB within `NEXTHOP_RECHECK_NS`.
+/// The next hop cache's slot of the veth `ifindex` (see `NEXTHOP_SLOTS`).
+#[inline(always)]
+fn hop_slot(ifindex: u32) -> Option<*mut LocalNextHop> {
+    WEIR_NEXTHOPS.get_ptr_mut(ifindex & (NEXTHOP_SLOTS - 1))
+}
+
+/// The cached next hop towards the local pod on the veth `ep_ifindex`, if its slot holds that
+/// veth's, filled under `generation` (no endpoint changed since) and confirmed by the FIB within
+/// `NEXTHOP_RECHECK_NS`.
 ///
 /// The entry is read in place, not copied whole (the programs' stack is short; only its MACs go
-/// to the stack, right before the write). A refill by another CPU writes the same pod's hop; only
-/// an LRU eviction could reuse the memory for another pod in between, and then the frame carries
+/// to the stack, right before the write). A refill by another CPU writes the same veth's hop;
+/// only another veth of the same slot could overwrite it in between, and then the frame carries
 /// a wrong MAC into the right veth, which the pod's stack discards.
 #[inline(always)]
-fn cached_hop(dest: &EndpointKey, generation: u32) -> Option<*const LocalNextHop> {
-    let hop = WEIR_NEXTHOPS.get_ptr(dest)?;
+fn cached_hop(ep_ifindex: u32, generation: u32) -> Option<*const LocalNextHop> {
+    let hop = hop_slot(ep_ifindex)?;
     // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
-    let (hop_generation, checked_ns) = unsafe { ((*hop).generation, (*hop).checked_ns) };
-    if hop_generation != generation || coarse_now().wrapping_sub(checked_ns) >= NEXTHOP_RECHECK_NS {
+    let (hop_ifindex, hop_generation, checked_ns) =
+        unsafe { ((*hop).ifindex, (*hop).generation, (*hop).checked_ns) };
+    if hop_ifindex != ep_ifindex
+        || hop_generation != generation
+        || coarse_now().wrapping_sub(checked_ns) >= NEXTHOP_RECHECK_NS
+    {
         return None;
     }
     Some(hop)
 }
 
 /// The next hop towards the local pod on the veth `ep_ifindex` from the FIB, as a router receiving
-/// the packet on `ifindex` would route it, put into the cache and used from there; null if the
-/// route does not go to the pod's veth (or there is none, or no neighbour entry), or, rarely, if
-/// the cache could not take it (the packet then takes the stack).
+/// the packet on `ifindex` would route it, put into the cache under `generation` and used from
+/// there; null if the route does not go to the pod's veth (or there is none, or no neighbour
+/// entry).
 #[inline(always)]
 fn next_hop(
     ctx: &TcContext,
@@ -300,47 +312,41 @@ fn next_hop(
     v6: bool,
     key: &CtKey,
     ep_ifindex: u32,
+    generation: u32,
 ) -> *const LocalNextHop {
-    // Read before the lookup: the hop is the FIB's answer under this generation or a later one.
-    let generation = match WEIR_CONFIG.get(0) {
-        Some(c) => c.generation,
-        None => 0,
-    };
     let mut slot = MaybeUninit::uninit();
     let params = zeroed_params(&mut slot);
     let ret = fib_lookup(ctx, ifindex, v6, key, params);
     if ret != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ep_ifindex {
         return null();
     }
-    let mut hop = LocalNextHop {
-        checked_ns: coarse_now(),
-        generation,
-        ifindex: ep_ifindex,
-        macs: [0; 12],
-        _pad: 0,
-    };
-    hop.macs[..6].copy_from_slice(&params.dmac);
-    hop.macs[6..].copy_from_slice(&params.smac);
-    let dest = endpoint_key(&key.daddr);
-    if WEIR_NEXTHOPS.insert(dest, &hop, 0).is_err() {
+    let Some(hop) = hop_slot(ep_ifindex) else {
         return null();
-    }
-    WEIR_NEXTHOPS.get_ptr(dest).unwrap_or(null())
+    };
+    // SAFETY: the pointer comes from a successful lookup of an array slot; plain integers and
+    // bytes, written in place (see `cached_hop` for a concurrent reader).
+    let entry = unsafe { &mut *hop };
+    entry.checked_ns = coarse_now();
+    entry.generation = generation;
+    entry.ifindex = ep_ifindex;
+    entry.macs[..6].copy_from_slice(&params.dmac);
+    entry.macs[6..].copy_from_slice(&params.smac);
+    hop
 }
 
-/// A local destination pod behind the next hop `hop`: its ingress checked here, then
-/// `bpf_redirect_peer` into its namespace.
+/// A local destination pod on the veth `ep_ifindex`: its ingress checked here (unless
+/// `ingress_current`: allowed under `generation` already), then `bpf_redirect_peer` into its
+/// namespace, towards the next hop of the node's route.
 #[inline(always)]
 fn to_local_pod(
     ctx: &TcContext,
     ifindex: u32,
     parsed: &Parsed,
     key: &CtKey,
-    hop: *const LocalNextHop,
-    egress: &Verdict,
+    ep_ifindex: u32,
+    generation: u32,
+    ingress_current: bool,
 ) -> i32 {
-    // SAFETY: a pointer to a cache entry from a successful lookup; a plain integer.
-    let ep_ifindex = unsafe { (*hop).ifindex };
     if ep_ifindex == ifindex {
         // To itself, or to another address of the same pod: the stack turns it around.
         return stack(ifindex);
@@ -348,12 +354,21 @@ fn to_local_pod(
     let Some(ttl_check) = forwardable_ttl(parsed) else {
         return stack(ifindex);
     };
+    // Read before the lookup, so a hop filled now is the FIB's answer under this generation or a
+    // later one.
+    let hop = match cached_hop(ep_ifindex, generation) {
+        Some(hop) => hop,
+        None => next_hop(ctx, ifindex, parsed.v6, key, ep_ifindex, generation),
+    };
+    if hop.is_null() {
+        return stack(ifindex);
+    }
 
     // The destination's ingress, exactly as its `weir_to_pod` would check it (and report a drop:
     // its veth, its identity, ingress). On an established connection whose entry the egress check
     // found with both sides current, that check would find the same entry and allow it: it is
     // counted as such without the lookups again.
-    if egress.both_sides_current {
+    if ingress_current {
         count(REASON_ESTABLISHED as u32);
     } else {
         let verdict = decide(ctx, DIR_INGRESS, ep_ifindex, parsed, key);

@@ -19,10 +19,12 @@ use crate::{
 pub struct Verdict {
     pub action: i32,
     pub reason: u8,
-    /// An established connection whose conntrack entry has both sides (the source's egress and
-    /// the destination's ingress) allowed under the current generation: the other side's check
-    /// would find the same entry and allow it too, so the redirect need not run it again.
-    pub both_sides_current: bool,
+    /// For an established connection whose conntrack entry has both sides (the source's egress
+    /// and the destination's ingress) allowed under the current generation: the host veth of the
+    /// endpoint on the other side, which checked it on this node. Its check would find the same
+    /// entry and allow it too, so the redirect need not run it again, nor look up where that
+    /// endpoint is. 0 otherwise.
+    pub current_peer_veth: u32,
 }
 
 impl Verdict {
@@ -101,7 +103,7 @@ pub fn drop_packet(r: &Report<'_>, reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_SHOT as i32,
         reason,
-        both_sides_current: false,
+        current_peer_veth: 0,
     }
 }
 
@@ -112,7 +114,7 @@ pub fn allow(reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_OK as i32,
         reason,
-        both_sides_current: false,
+        current_peer_veth: 0,
     }
 }
 
@@ -124,6 +126,6 @@ pub fn allow_reported(r: &Report<'_>, reason: u8) -> Verdict {
     Verdict {
         action: TC_ACT_OK as i32,
         reason,
-        both_sides_current: false,
+        current_peer_veth: 0,
     }
 }
