@@ -1,6 +1,9 @@
 //! Restart safety (design guarantee 4): SIGKILL of the agent under steady traffic drops no
 //! established connection and opens no bypass; a new agent adopts the pinned maps and programs
-//! and reconciles before it changes anything. Root only; never skipped.
+//! and reconciles before it changes anything. The client is isolated for ingress, so a flow
+//! where only the server speaks lives on its conntrack entry alone: without it, the server's
+//! packets would meet the client's ingress policy as a new connection, and be dropped. Root
+//! only; never skipped.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,6 +20,7 @@ use weir_lab::lab::{self, Lab, LabSpec, Manifest};
 use weir_tests::netns::{self, spawn_in};
 
 const ECHO_PORT: u16 = 9000;
+const PUSH_PORT: u16 = 9001;
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -50,7 +54,14 @@ spec:
   podSelector: {matchLabels: {app: server}}
   ingress:
   - from: [{podSelector: {matchLabels: {app: client}}}]
-    ports: [{port: 80}, {port: 9000}]
+    ports: [{port: 80}, {port: 9000}, {port: 9001}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-isolated, namespace: rs}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Ingress]
 "#;
 
 /// Counters shared by the traffic threads.
@@ -59,6 +70,9 @@ struct Tally {
     /// Round trips on long-lived connections that succeeded / failed (reset, timeout).
     echoes: AtomicU64,
     echo_failures: AtomicU64,
+    /// Lines received on server-push connections / push connections that broke.
+    pushed: AtomicU64,
+    push_failures: AtomicU64,
     /// New connections from the client that succeeded / failed.
     requests: AtomicU64,
     request_failures: AtomicU64,
@@ -83,6 +97,49 @@ fn echo_server(pod_netns: String, ip: IpAddr) {
             });
         }
     });
+}
+
+/// A push server on PUSH_PORT inside a pod: a line every 5 ms to whoever connects, until the
+/// connection breaks.
+fn push_server(pod_netns: String, ip: IpAddr) {
+    spawn_in(netns::path(&pod_netns), move || {
+        let listener = TcpListener::bind((ip, PUSH_PORT)).expect("binding the push server");
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut stream = stream;
+                while writeln!(stream, "tick").is_ok() {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+    });
+}
+
+/// A long-lived connection on which only the server speaks, read until `stop`.
+fn pushed_to(
+    client_netns: String,
+    to: SocketAddr,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> JoinHandle<()> {
+    spawn_in(netns::path(&client_netns), move || {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .expect("connecting the push flow");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            line.clear();
+            if reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                tally.pushed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                tally.push_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    })
 }
 
 /// A long-lived connection doing a round trip every 5 ms until `stop`.
@@ -152,8 +209,10 @@ fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
     let pod_netns = |name: &str| lab.state().pods[&format!("rs/{name}")].netns.clone();
     let local = lab.pod_ip("rs/local").unwrap();
     let remote = lab.pod_ip("rs/remote").unwrap();
-    echo_server(pod_netns("local"), local);
-    echo_server(pod_netns("remote"), remote);
+    for (pod, ip) in [("local", local), ("remote", remote)] {
+        echo_server(pod_netns(pod), ip);
+        push_server(pod_netns(pod), ip);
+    }
     thread::sleep(Duration::from_millis(200));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,6 +227,12 @@ fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
                 tally.clone(),
             ));
         }
+        threads.push(pushed_to(
+            pod_netns("client"),
+            (server, PUSH_PORT).into(),
+            stop.clone(),
+            tally.clone(),
+        ));
         threads.push(requests(
             pod_netns("client"),
             (server, 80).into(),
@@ -192,6 +257,7 @@ fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
     let while_dead = tally.echoes.load(Ordering::Relaxed) - before_kill;
     lab.start_agent("node1")
         .expect("restart the agent of node1");
+    let pushed_at_restart = tally.pushed.load(Ordering::Relaxed);
     thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -208,6 +274,15 @@ fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
         get(&tally.echo_failures),
         0,
         "an established connection broke across the restart; agent log:\n{log}"
+    );
+    assert_eq!(
+        get(&tally.push_failures),
+        0,
+        "a connection where only the server speaks broke across the restart; agent log:\n{log}"
+    );
+    assert!(
+        get(&tally.pushed) > pushed_at_restart + 100,
+        "the server-push flows stalled after the restart"
     );
     assert_eq!(
         get(&tally.request_failures),

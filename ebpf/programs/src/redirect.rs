@@ -354,8 +354,8 @@ fn to_local_pod(
     let Some(ttl_check) = forwardable_ttl(parsed) else {
         return stack(ifindex);
     };
-    // Read before the lookup, so a hop filled now is the FIB's answer under this generation or a
-    // later one.
+    // `deliver` read `generation` before any FIB lookup here: a hop filled now is the FIB's answer
+    // under that generation or a later one.
     let hop = match cached_hop(ep_ifindex, generation) {
         Some(hop) => hop,
         None => next_hop(ctx, ifindex, parsed.v6, key, ep_ifindex, generation),
