@@ -13,7 +13,9 @@
 //! namespaces this benchmark creates and deletes. Weir's programs go onto the node's veths the
 //! way the agent attaches them (tc clsact, `datapath::attach`). The cases run in turn, several
 //! rounds over, so a slow spell of the machine spreads over all of them instead of landing on
-//! one; each case's latency pools its rounds' round trips, its throughput is the median round.
+//! one; each case's latency pools its rounds' round trips, its throughput is the median round,
+//! and its throughput ratio the median of its rounds' ratios to the baseline's run of the same
+//! round (a slow spell moves both).
 
 use std::{
     collections::BTreeMap,
@@ -512,6 +514,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     let spent = super::traffic_bpf_stats::weir_programs(&agent_node.node).since(before);
     drop(stats);
     drop(agent_node);
+    let by_round = throughput.clone();
     let rows: Vec<(Case, Samples, f64)> = cases
         .iter()
         .zip(latency)
@@ -534,14 +537,27 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     println!(
         "ratios against the same veths without enforcement (the map-writing cases: no enforcement; the agent's: weir uninstalled). Goals at 10,000 rules/policies through the stack: latency <= 1.10x, throughput >= 0.90x; with the redirect: latency p50 <= 1.0x, throughput >= 1.0x:"
     );
-    for (case, lat, tp) in rows.iter().filter(|(c, _, _)| !c.is_baseline()) {
-        let (_, base_lat, base_tp) = &rows[index(case.baseline())];
+    for (i, (case, lat, _)) in rows
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, _, _))| !c.is_baseline())
+    {
+        let base = index(case.baseline());
+        let (_, base_lat, _) = &rows[base];
+        let mut ratios: Vec<f64> = by_round[i]
+            .iter()
+            .zip(&by_round[base])
+            .map(|(gbit, base_gbit)| gbit / base_gbit)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x",
+            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x (rounds {:.2}-{:.2}x)",
             case.name(),
             lat.percentile(50.0).as_secs_f64() / base_lat.percentile(50.0).as_secs_f64(),
             lat.mean().as_secs_f64() / base_lat.mean().as_secs_f64(),
-            tp / base_tp
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
         );
     }
     // Every round trip of `udp_latency` plus its 1,000 warm-up ones.
