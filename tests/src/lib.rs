@@ -4,6 +4,7 @@
 
 pub mod applied;
 pub mod bench;
+pub mod bpf_syscall;
 pub mod cni_bench;
 pub mod cpu;
 pub mod kube_server;

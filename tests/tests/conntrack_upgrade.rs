@@ -17,6 +17,7 @@ use weir_common::{
     CT_EGRESS_ALLOWED, CT_INGRESS_ALLOWED, CT_SEEN_REPLY, CtKey, CtValue, MAP_CONNTRACK,
     MAX_CONNTRACK, PROTO_TCP,
 };
+use weir_tests::bpf_syscall::bpf;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -38,23 +39,6 @@ struct ObjPin {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a `repr(C)` head of `union bpf_attr` of the size passed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 /// A conntrack table as an agent pins it, with `value_size`-byte values, pinned at `path`.

@@ -115,60 +115,52 @@ fn push_server(pod_netns: String, ip: IpAddr) {
     });
 }
 
-/// A long-lived connection on which only the server speaks, read until `stop`.
-fn pushed_to(
-    client_netns: String,
-    to: SocketAddr,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-) -> JoinHandle<()> {
-    spawn_in(netns::path(&client_netns), move || {
-        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            .expect("connecting the push flow");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        while !stop.load(Ordering::Relaxed) {
-            line.clear();
-            if reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                tally.pushed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                tally.push_failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-    })
+/// Who speaks on a long-lived connection.
+#[derive(Clone, Copy)]
+enum Flow {
+    /// The client sends a line every 5 ms and reads it back from the echo server.
+    Echo,
+    /// Only the push server speaks, a line every 5 ms.
+    Push,
 }
 
-/// A long-lived connection doing a round trip every 5 ms until `stop`.
+/// A long-lived connection of `flow` until `stop`; it counts each line read, and ends at the
+/// first that does not come.
 fn long_lived(
     client_netns: String,
     to: SocketAddr,
+    flow: Flow,
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) -> JoinHandle<()> {
     spawn_in(netns::path(&client_netns), move || {
         let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            .expect("connecting the long-lived flow");
+            .expect("connecting a long-lived flow");
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         let mut writer = stream.try_clone().unwrap();
         let mut reader = BufReader::new(stream);
+        let (lines, failures) = match flow {
+            Flow::Echo => (&tally.echoes, &tally.echo_failures),
+            Flow::Push => (&tally.pushed, &tally.push_failures),
+        };
         let mut line = String::new();
         while !stop.load(Ordering::Relaxed) {
             line.clear();
-            let ok = writeln!(writer, "ping").is_ok()
-                && reader.read_line(&mut line).is_ok_and(|n| n > 0);
-            if ok {
-                tally.echoes.fetch_add(1, Ordering::Relaxed);
+            let sent = match flow {
+                Flow::Echo => writeln!(writer, "ping").is_ok(),
+                Flow::Push => true,
+            };
+            if sent && reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                lines.fetch_add(1, Ordering::Relaxed);
             } else {
-                tally.echo_failures.fetch_add(1, Ordering::Relaxed);
+                failures.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            thread::sleep(Duration::from_millis(5));
+            if let Flow::Echo = flow {
+                thread::sleep(Duration::from_millis(5));
+            }
         }
     })
 }
@@ -223,13 +215,15 @@ fn sigkill_of_the_agent_drops_nothing_and_opens_nothing() {
             threads.push(long_lived(
                 pod_netns("client"),
                 (server, ECHO_PORT).into(),
+                Flow::Echo,
                 stop.clone(),
                 tally.clone(),
             ));
         }
-        threads.push(pushed_to(
+        threads.push(long_lived(
             pod_netns("client"),
             (server, PUSH_PORT).into(),
+            Flow::Push,
             stop.clone(),
             tally.clone(),
         ));

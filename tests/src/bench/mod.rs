@@ -1,7 +1,6 @@
 //! Benchmarks (run by `cargo xtask bench`, never by the test suite). Each prints its baseline,
 //! measured in the same run, next to Weir, and the ratio.
 
-mod bpf_syscall;
 pub mod cni;
 pub mod cpu_wakeup;
 pub mod datapath;

@@ -10,7 +10,7 @@ use std::{
 
 use weir_agent::datapath::tc::{Hook, Tc};
 
-use super::bpf_syscall::bpf;
+use crate::bpf_syscall::bpf;
 use crate::netns::{Netns, spawn_in};
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;

@@ -20,7 +20,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use super::bpf_syscall::bpf;
+use crate::bpf_syscall::bpf;
 use crate::netns::{Netns, spawn_in};
 
 const BPF_PROG_LOAD: libc::c_long = 5;

@@ -1,11 +1,11 @@
-//! The raw `bpf(2)` call for the bench passes that need commands aya does not wrap (run-time
-//! statistics, live XDP frames).
+//! The raw `bpf(2)` call for what aya does not wrap: the benches' run-time statistics and live
+//! XDP frames, and the maps of an earlier layout the upgrade test pins.
 
 use std::io;
 
 /// Calls `bpf(cmd, attr, size_of::<T>())`; `T` must be the `repr(C)` head of `union bpf_attr`
 /// that `cmd` reads.
-pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `repr(C)` head of `union bpf_attr` of the size passed; the kernel reads
     // (and for test runs and info queries writes) only that many bytes.
     let ret = unsafe {
