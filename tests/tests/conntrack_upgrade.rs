@@ -230,6 +230,39 @@ fn a_table_of_the_earlier_layout_moves_into_the_current_one() {
     assert!(!dir.0.join(format!("{MAP_CONNTRACK}_EARLIER")).exists());
 }
 
+/// An agent stopped after pinning the earlier table aside but before unpinning it from the
+/// current name leaves it pinned twice: the next one takes the upgrade up again.
+#[test]
+fn an_upgrade_stopped_between_the_two_pins_is_taken_up_again() {
+    let dir = PinDir::new("ctresume");
+    let current = dir.0.join(MAP_CONNTRACK);
+    pin_table(&current, 32);
+    let earlier = MapData::from_pin(&current).unwrap();
+    earlier
+        .pin(dir.0.join(format!("{MAP_CONNTRACK}_EARLIER")))
+        .unwrap();
+    {
+        let mut map = Map::LruHashMap(earlier);
+        let mut table = HashMap::<_, CtKey, EarlierValue>::try_from(&mut map).unwrap();
+        table
+            .insert(
+                key(4, 40003),
+                earlier_value(1, (2, 0), CT_EGRESS_ALLOWED, (9, 0)),
+                0,
+            )
+            .unwrap();
+    }
+    let _ebpf = loader::load(Some(&dir.0)).expect("the object loads");
+    assert_eq!(
+        conntrack_upgrade::finish(&dir.0).unwrap(),
+        0,
+        "copied at the load"
+    );
+    let mut current_map = current_table(&dir.0);
+    let table = HashMap::<_, CtKey, CtValue>::try_from(&mut current_map).unwrap();
+    assert_eq!(table.get(&key(4, 40003), 0).unwrap().egress_rule, 9);
+}
+
 #[test]
 fn a_table_of_an_unknown_layout_is_an_error_that_says_what_to_do() {
     let dir = PinDir::new("ctunknown");

@@ -128,8 +128,10 @@ pub fn set_aside(pin_dir: &Path) -> Result<bool, UpgradeError> {
         });
     }
     // bpffs renames no pin (nor takes a name with a dot): the table is pinned a second time,
-    // then its first pin goes.
+    // then its first pin goes. An earlier pin already there is this same table, from an agent
+    // stopped between the two.
     let to = earlier_pin(pin_dir);
+    let _ = std::fs::remove_file(&to);
     let moved = earlier
         .pin(&to)
         .map_err(std::io::Error::other)
