@@ -15,7 +15,9 @@
 //! rounds over, so a slow spell of the machine spreads over all of them instead of landing on
 //! one; each case's latency pools its rounds' round trips, its throughput is the median round,
 //! and its throughput ratio the median of its rounds' ratios to the baseline's run of the same
-//! round (a slow spell moves both).
+//! round (a slow spell moves both). Beside throughput, the whole machine's CPU time per byte of
+//! the TCP run, compared the same way: where the sockets' copies bound a single stream, a cheaper
+//! path shows there and not in throughput.
 
 use std::{
     collections::BTreeMap,
@@ -48,7 +50,10 @@ use super::{
     stats::{Samples, us},
     traffic_agent::AgentNode,
 };
-use crate::netns::{Netns, spawn_in};
+use crate::{
+    cpu::CpuTime,
+    netns::{Netns, spawn_in},
+};
 
 const CLIENT: &str = "10.77.1.2";
 const SERVER: &str = "10.77.2.2";
@@ -175,8 +180,17 @@ fn udp_latency(pair: &Pair<'_>, iterations: usize) -> Vec<Duration> {
     .expect("latency client panicked")
 }
 
-fn tcp_throughput(pair: &Pair<'_>, secs: u64) -> f64 {
+/// One TCP run: its throughput, and the whole machine's CPU time per gigabyte it moved (both
+/// ends, the path between them and whatever else ran; on an otherwise idle machine, the cost of
+/// the path, which throughput alone hides where the sockets' copies bound it).
+struct TcpRun {
+    gbit: f64,
+    cpu_ms_per_gbyte: f64,
+}
+
+fn tcp_throughput(pair: &Pair<'_>, secs: u64) -> TcpRun {
     let server: SocketAddr = (pair.server_ip, TCP_PORT).into();
+    let busy_before = CpuTime::machine();
     in_netns(pair.client, move || {
         let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2))
             .expect("TCP connect failed: the path is blocked");
@@ -193,7 +207,23 @@ fn tcp_throughput(pair: &Pair<'_>, secs: u64) -> f64 {
         .results
         .recv_timeout(Duration::from_secs(10))
         .expect("server count");
-    bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
+    let busy = CpuTime::machine().since(busy_before).total();
+    TcpRun {
+        gbit: bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+        cpu_ms_per_gbyte: busy.as_secs_f64() * 1e3 / (bytes.max(1) as f64 / 1e9),
+    }
+}
+
+/// The median of the per-round ratios of `case`'s values to `base`'s (the same round's), with
+/// the smallest and the largest.
+fn paired_ratios(case: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    let mut ratios: Vec<f64> = case.iter().zip(base).map(|(c, b)| c / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+    )
 }
 
 /// The node's veths, which carry Weir's programs during its cases.
@@ -463,6 +493,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     );
     let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut tcp_cpu: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (i, case) in cases.iter().enumerate() {
             // Held for the case's measurement: Weir's programs come off when it drops.
@@ -491,7 +522,9 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
                 _ => &map_pair,
             };
             latency[i].extend(udp_latency(pair, iterations));
-            throughput[i].push(tcp_throughput(pair, secs));
+            let tcp = tcp_throughput(pair, secs);
+            throughput[i].push(tcp.gbit);
+            tcp_cpu[i].push(tcp.cpu_ms_per_gbyte);
             drop(weir_attached);
             if matches!(case, Case::Iptables(_)) {
                 iptables_flush(&t.node)?;
@@ -524,14 +557,17 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
             (*case, Samples::new(lat), gbit[gbit.len() / 2])
         })
         .collect();
-    for (case, lat, gbit) in &rows {
+    for (i, (case, lat, gbit)) in rows.iter().enumerate() {
+        let mut cpu = tcp_cpu[i].clone();
+        cpu.sort_by(f64::total_cmp);
         println!(
-            "  {:<30} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s",
+            "  {:<30} udp rr p50 {:>9} mean {:>9} p99 {:>9}   tcp {:>6.2} Gbit/s, machine CPU {:>4.0} ms/GB",
             case.name(),
             us(lat.percentile(50.0)),
             us(lat.mean()),
             us(lat.percentile(99.0)),
-            gbit
+            gbit,
+            cpu[cpu.len() / 2],
         );
     }
     println!(
@@ -544,20 +580,19 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     {
         let base = index(case.baseline());
         let (_, base_lat, _) = &rows[base];
-        let mut ratios: Vec<f64> = by_round[i]
-            .iter()
-            .zip(&by_round[base])
-            .map(|(gbit, base_gbit)| gbit / base_gbit)
-            .collect();
-        ratios.sort_by(f64::total_cmp);
+        let (gbit, gbit_low, gbit_high) = paired_ratios(&by_round[i], &by_round[base]);
+        let (cpu, cpu_low, cpu_high) = paired_ratios(&tcp_cpu[i], &tcp_cpu[base]);
         println!(
-            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x (rounds {:.2}-{:.2}x)",
+            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x (rounds {:.2}-{:.2}x)   CPU per byte {:.2}x (rounds {:.2}-{:.2}x)",
             case.name(),
             lat.percentile(50.0).as_secs_f64() / base_lat.percentile(50.0).as_secs_f64(),
             lat.mean().as_secs_f64() / base_lat.mean().as_secs_f64(),
-            ratios[ratios.len() / 2],
-            ratios[0],
-            ratios[ratios.len() - 1],
+            gbit,
+            gbit_low,
+            gbit_high,
+            cpu,
+            cpu_low,
+            cpu_high,
         );
     }
     // Every round trip of `udp_latency` plus its 1,000 warm-up ones.
