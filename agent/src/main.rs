@@ -162,8 +162,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     health.set_phase("loading the datapath");
 
-    let mut ebpf = loader::load_object(EBPF_OBJECT, Some(&bpffs_dir.join("maps")), args.bpf_log)
-        .context("loading the datapath")?;
+    let mut ebpf = loader::load_object(
+        EBPF_OBJECT,
+        Some(&loader::pin_dir(&bpffs_dir)),
+        args.bpf_log,
+    )
+    .context("loading the datapath")?;
     // Held for the agent's life: the task forwards the kernel's debug log.
     let _bpf_log = if args.bpf_log {
         tracing::warn!(

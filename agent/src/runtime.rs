@@ -30,7 +30,7 @@ use weir_policy::{
 use crate::{
     datapath::{
         attach::{Programs, attach_endpoint, is_attached, retire_legacy_tcx_links},
-        conntrack_upgrade,
+        conntrack_upgrade, loader,
         maps::DatapathMaps,
         writer::Writer,
     },
@@ -171,7 +171,7 @@ impl Runtime {
         }
         // The earlier programs are detached now: what they added to an earlier conntrack
         // table since the load moves over, and the table goes.
-        if let Err(e) = conntrack_upgrade::finish(&Self::pin_dir(&config)) {
+        if let Err(e) = conntrack_upgrade::finish(&loader::pin_dir(&config.bpffs_dir)) {
             tracing::error!(error = %e, "could not retire the earlier conntrack table; the next start tries again");
         }
         let shared = Arc::new(Shared {
@@ -307,13 +307,8 @@ impl Runtime {
         }
     }
 
-    /// Where the kernel object's maps are pinned (`main` loads it with this directory).
-    fn pin_dir(config: &RuntimeConfig) -> PathBuf {
-        config.bpffs_dir.join("maps")
-    }
-
     fn map_pin(&self, name: &str) -> PathBuf {
-        Self::pin_dir(&self.config).join(name)
+        loader::pin_dir(&self.config.bpffs_dir).join(name)
     }
 
     /// Connections in the pinned conntrack table (one syscall per entry).

@@ -121,9 +121,13 @@ fn key(last_octet: u8, sport: u16) -> CtKey {
     }
 }
 
-fn earlier_table(dir: &Path) -> Map {
-    let pin = dir.join(format!("{MAP_CONNTRACK}_EARLIER"));
-    Map::LruHashMap(MapData::from_pin(pin).expect("the earlier table, set aside"))
+/// Writes `entries` into the earlier-layout table pinned at `pin`.
+fn insert_earlier(pin: &Path, entries: &[(CtKey, EarlierValue)]) {
+    let mut map = Map::LruHashMap(MapData::from_pin(pin).expect("an earlier table"));
+    let mut table = HashMap::<_, CtKey, EarlierValue>::try_from(&mut map).unwrap();
+    for (key, value) in entries {
+        table.insert(key, value, 0).unwrap();
+    }
 }
 
 fn current_table(dir: &Path) -> Map {
@@ -134,25 +138,17 @@ fn current_table(dir: &Path) -> Map {
 fn a_table_of_the_earlier_layout_moves_into_the_current_one() {
     let dir = PinDir::new("ctup");
     pin_table(&dir.0.join(MAP_CONNTRACK), 32);
-    {
-        let mut map = Map::LruHashMap(MapData::from_pin(dir.0.join(MAP_CONNTRACK)).unwrap());
-        let mut table = HashMap::<_, CtKey, EarlierValue>::try_from(&mut map).unwrap();
-        let both = CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED | CT_SEEN_REPLY;
-        table
-            .insert(
-                key(1, 40000),
-                earlier_value(7 << 33, (7, 7), both, (3, 4)),
-                0,
-            )
-            .unwrap();
-        table
-            .insert(
+    let both = CT_EGRESS_ALLOWED | CT_INGRESS_ALLOWED | CT_SEEN_REPLY;
+    insert_earlier(
+        &dir.0.join(MAP_CONNTRACK),
+        &[
+            (key(1, 40000), earlier_value(7 << 33, (7, 7), both, (3, 4))),
+            (
                 key(2, 40001),
                 earlier_value(99, (6, 0), CT_EGRESS_ALLOWED, (5, 0)),
-                0,
-            )
-            .unwrap();
-    }
+            ),
+        ],
+    );
 
     // The load sets the earlier table aside, creates the current one and copies every entry.
     let ebpf = loader::load(Some(&dir.0)).expect("the object loads over an earlier table");
@@ -182,17 +178,13 @@ fn a_table_of_the_earlier_layout_moves_into_the_current_one() {
 
     // Until the new programs are attached, the earlier ones add connections to the earlier
     // table, and the new ones may already have checked a side of a copied entry.
-    {
-        let mut map = earlier_table(&dir.0);
-        let mut earlier = HashMap::<_, CtKey, EarlierValue>::try_from(&mut map).unwrap();
-        earlier
-            .insert(
-                key(3, 40002),
-                earlier_value(5, (7, 0), CT_EGRESS_ALLOWED, (8, 0)),
-                0,
-            )
-            .unwrap();
-    }
+    insert_earlier(
+        &conntrack_upgrade::earlier_pin(&dir.0),
+        &[(
+            key(3, 40002),
+            earlier_value(5, (7, 0), CT_EGRESS_ALLOWED, (8, 0)),
+        )],
+    );
     let checked = CtValue {
         egress_ifindex: 42,
         ..converted
@@ -214,7 +206,7 @@ fn a_table_of_the_earlier_layout_moves_into_the_current_one() {
         "an entry the new programs wrote is newer than the earlier table's"
     );
     assert!(
-        !dir.0.join(format!("{MAP_CONNTRACK}_EARLIER")).exists(),
+        !conntrack_upgrade::earlier_pin(&dir.0).exists(),
         "the earlier table's pin is gone"
     );
     assert_eq!(
@@ -227,7 +219,7 @@ fn a_table_of_the_earlier_layout_moves_into_the_current_one() {
     drop(ebpf);
     let _again = loader::load(Some(&dir.0)).expect("the object loads over its own table");
     assert!(current.get(&key(3, 40002), 0).is_ok());
-    assert!(!dir.0.join(format!("{MAP_CONNTRACK}_EARLIER")).exists());
+    assert!(!conntrack_upgrade::earlier_pin(&dir.0).exists());
 }
 
 /// An agent stopped after pinning the earlier table aside but before unpinning it from the
@@ -237,21 +229,17 @@ fn an_upgrade_stopped_between_the_two_pins_is_taken_up_again() {
     let dir = PinDir::new("ctresume");
     let current = dir.0.join(MAP_CONNTRACK);
     pin_table(&current, 32);
-    let earlier = MapData::from_pin(&current).unwrap();
-    earlier
-        .pin(dir.0.join(format!("{MAP_CONNTRACK}_EARLIER")))
+    MapData::from_pin(&current)
+        .unwrap()
+        .pin(conntrack_upgrade::earlier_pin(&dir.0))
         .unwrap();
-    {
-        let mut map = Map::LruHashMap(earlier);
-        let mut table = HashMap::<_, CtKey, EarlierValue>::try_from(&mut map).unwrap();
-        table
-            .insert(
-                key(4, 40003),
-                earlier_value(1, (2, 0), CT_EGRESS_ALLOWED, (9, 0)),
-                0,
-            )
-            .unwrap();
-    }
+    insert_earlier(
+        &current,
+        &[(
+            key(4, 40003),
+            earlier_value(1, (2, 0), CT_EGRESS_ALLOWED, (9, 0)),
+        )],
+    );
     let _ebpf = loader::load(Some(&dir.0)).expect("the object loads");
     assert_eq!(
         conntrack_upgrade::finish(&dir.0).unwrap(),

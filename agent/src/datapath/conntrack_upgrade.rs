@@ -96,7 +96,8 @@ fn current_pin(pin_dir: &Path) -> PathBuf {
     pin_dir.join(MAP_CONNTRACK)
 }
 
-fn earlier_pin(pin_dir: &Path) -> PathBuf {
+/// Where step 1 pins the earlier table.
+pub fn earlier_pin(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("{MAP_CONNTRACK}_EARLIER"))
 }
 

@@ -30,6 +30,11 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_COUNTERS,
 ];
 
+/// Where the agent pins the object's maps under its bpffs directory.
+pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("maps")
+}
+
 /// aya-log levels (`aya_log_common::Level`; 0 is below every level: nothing is logged).
 const LOG_LEVEL_OFF: u8 = 0;
 const LOG_LEVEL_DEBUG: u8 = 4;

@@ -121,12 +121,20 @@ fn ends(key: &CtKey, hook_dir: u8) -> (&[u8; 16], &[u8; 16]) {
 /// address is one) and the peer, so the drop is explained like any other.
 #[inline(always)]
 fn hook_report(key: &CtKey, hook_dir: u8, ifindex: u32) -> Report<'_> {
-    let (ep_addr, peer_addr) = ends(key, hook_dir);
+    let (ep_addr, _) = ends(key, hook_dir);
     let subject = match WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) {
         // SAFETY: the pointer comes from a successful lookup; the field is a plain integer.
         Some(ep) => unsafe { (*ep).identity },
         None => 0,
     };
+    subject_report(key, hook_dir, ifindex, subject)
+}
+
+/// The report of a drop at this hook before policy, with `subject` as the hook's endpoint (0 when
+/// the address is none) and the peer resolved.
+#[inline(always)]
+fn subject_report(key: &CtKey, hook_dir: u8, ifindex: u32, subject: u32) -> Report<'_> {
+    let (_, peer_addr) = ends(key, hook_dir);
     Report {
         key,
         direction: hook_dir,
@@ -149,17 +157,9 @@ struct Endpoint {
 /// `weir_from_pod`) the packet did not come from its veth.
 #[inline(always)]
 fn hook_endpoint(key: &CtKey, hook_dir: u8, ifindex: u32) -> Result<Endpoint, Verdict> {
-    let (ep_addr, peer_addr) = ends(key, hook_dir);
+    let (ep_addr, _) = ends(key, hook_dir);
     let Some(ep) = WEIR_ENDPOINTS.get_ptr(EndpointKey { addr: *ep_addr }) else {
-        let r = Report {
-            key,
-            direction: hook_dir,
-            ifindex,
-            subject: 0,
-            subject_version: 0,
-            peer: resolve_peer(peer_addr).reported(),
-            rule: 0,
-        };
+        let r = subject_report(key, hook_dir, ifindex, 0);
         return Err(drop_packet(&r, REASON_UNKNOWN_ENDPOINT));
     };
     // SAFETY: the pointer comes from a successful lookup; the fields are plain integers.
@@ -170,15 +170,7 @@ fn hook_endpoint(key: &CtKey, hook_dir: u8, ifindex: u32) -> Result<Endpoint, Ve
         }
     };
     if hook_dir == DIR_EGRESS && ep.ifindex != ifindex {
-        let r = Report {
-            key,
-            direction: hook_dir,
-            ifindex,
-            subject: ep.subject,
-            subject_version: subject_policy(ep.subject).0,
-            peer: resolve_peer(peer_addr).reported(),
-            rule: 0,
-        };
+        let r = subject_report(key, hook_dir, ifindex, ep.subject);
         return Err(drop_packet(&r, REASON_SPOOFED_SOURCE));
     }
     Ok(ep)
