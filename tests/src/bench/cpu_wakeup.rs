@@ -1,4 +1,4 @@
-//! Keeps the CPUs out of idle states deeper than polling while a benchmark runs.
+//! Keeps the CPUs out of idle states deeper than polling while a latency is measured.
 //!
 //! On a virtual machine with the haltpoll idle driver, a vCPU that halts takes tens of
 //! microseconds to wake. Whether a request/response round trip finds the other side's vCPU halted
@@ -6,6 +6,11 @@
 //! one run to the next, independently of the code under test. Holding a PM QoS request of 0 µs
 //! on `/dev/cpu_dma_latency` (the interface `tuned`'s latency-performance profile and cyclictest
 //! use) keeps every case on the polling side, baseline and Weir alike.
+//!
+//! A throughput run wants the opposite: a vCPU that polls while it waits keeps the host's core
+//! busy, which the other vCPU, doing the work, shares (a hyperthread sibling or the host's
+//! scheduler). A single TCP stream then swings with the host's placement, by more than the
+//! path's cost. So the hold can be released for such runs and taken again (`traffic`).
 
 use std::{fs::File, io::Write as _};
 
@@ -13,36 +18,57 @@ const PM_QOS_DEVICE: &str = "/dev/cpu_dma_latency";
 /// Set to leave the idle states alone (to measure as a default machine runs).
 const KEEP_IDLE_STATES_ENV: &str = "WEIR_BENCH_KEEP_IDLE_STATES";
 
-/// The PM QoS request; the kernel drops it when the file is closed.
-pub struct WakeupLatencyHold {
-    _request: File,
+/// The PM QoS request while it is held; the kernel drops it when the file is closed.
+pub struct IdleStates {
+    /// False where `WEIR_BENCH_KEEP_IDLE_STATES` is set or the device cannot be opened.
+    enabled: bool,
+    request: Option<File>,
 }
 
-/// Holds the request for as long as the returned value lives, and says so on stdout. Returns
-/// `None` (and says why) where the device is missing or `WEIR_BENCH_KEEP_IDLE_STATES` is set.
-pub fn hold_polling_idle() -> Option<WakeupLatencyHold> {
-    if std::env::var_os(KEEP_IDLE_STATES_ENV).is_some() {
-        println!("CPU idle states: left as configured ({KEEP_IDLE_STATES_ENV} is set)");
-        return None;
-    }
-    let request = File::options()
-        .write(true)
-        .open(PM_QOS_DEVICE)
-        .and_then(|mut file| {
-            file.write_all(&0i32.to_ne_bytes())?;
-            Ok(file)
-        });
-    match request {
-        Ok(file) => {
-            println!(
-                "CPU idle states: held at polling through {PM_QOS_DEVICE} for every case \
-                 (set {KEEP_IDLE_STATES_ENV}=1 to measure with them)"
-            );
-            Some(WakeupLatencyHold { _request: file })
+impl IdleStates {
+    /// Holds polling from now on, and says so on stdout; or says why it leaves the idle states
+    /// alone (`WEIR_BENCH_KEEP_IDLE_STATES` set, or the device missing).
+    pub fn hold_polling_from_now() -> Self {
+        let mut this = Self {
+            enabled: std::env::var_os(KEEP_IDLE_STATES_ENV).is_none(),
+            request: None,
+        };
+        if !this.enabled {
+            println!("CPU idle states: left as configured ({KEEP_IDLE_STATES_ENV} is set)");
+            return this;
         }
-        Err(e) => {
-            println!("CPU idle states: left as configured ({PM_QOS_DEVICE}: {e})");
-            None
+        match open_request() {
+            Ok(file) => {
+                println!(
+                    "CPU idle states: held at polling through {PM_QOS_DEVICE} while latencies \
+                     are measured (set {KEEP_IDLE_STATES_ENV}=1 to measure with them)"
+                );
+                this.request = Some(file);
+            }
+            Err(e) => {
+                println!("CPU idle states: left as configured ({PM_QOS_DEVICE}: {e})");
+                this.enabled = false;
+            }
+        }
+        this
+    }
+
+    /// Holds polling again (nothing where it is held already or left alone).
+    pub fn hold_polling(&mut self) {
+        if self.enabled && self.request.is_none() {
+            // Opened once already, so a failure now is unexpected; the run goes on unheld.
+            self.request = open_request().ok();
         }
     }
+
+    /// Lets the CPUs halt while they wait, as they do by default.
+    pub fn release(&mut self) {
+        self.request = None;
+    }
+}
+
+fn open_request() -> std::io::Result<File> {
+    let mut file = File::options().write(true).open(PM_QOS_DEVICE)?;
+    file.write_all(&0i32.to_ne_bytes())?;
+    Ok(file)
 }

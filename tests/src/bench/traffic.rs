@@ -47,6 +47,7 @@ use weir_common::{
 use weir_policy::output::RuleMatch;
 
 use super::{
+    cpu_wakeup::IdleStates,
     stats::{Samples, us},
     traffic_agent::AgentNode,
 };
@@ -178,6 +179,31 @@ fn udp_latency(pair: &Pair<'_>, iterations: usize) -> Vec<Duration> {
     })
     .join()
     .expect("latency client panicked")
+}
+
+/// Busy time of the whole machine, as a share of all its CPUs, below which it counts as quiet.
+const QUIET_SHARE: f64 = 0.03;
+/// The window that share is measured over.
+const QUIET_WINDOW: Duration = Duration::from_millis(300);
+/// How long a case waits for a quiet machine before it is measured anyway.
+const QUIET_WITHIN: Duration = Duration::from_secs(15);
+
+/// Waits until the machine is quiet: what setting a case up left running (the kernel freeing a
+/// replaced agent's maps and programs, the agent's last writes) would otherwise land on that
+/// case's measurement and not on its baseline's. How long it waited, or `None` if it never
+/// became quiet within `QUIET_WITHIN`.
+fn settle() -> Option<Duration> {
+    let started = Instant::now();
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    while started.elapsed() < QUIET_WITHIN {
+        let before = CpuTime::machine();
+        thread::sleep(QUIET_WINDOW);
+        let busy = CpuTime::machine().since(before).total();
+        if busy.as_secs_f64() <= QUIET_SHARE * cpus * QUIET_WINDOW.as_secs_f64() {
+            return Some(started.elapsed());
+        }
+    }
+    None
 }
 
 /// One TCP run: its throughput, and the whole machine's CPU time per gigabyte it moved (both
@@ -380,6 +406,19 @@ fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
 /// Rounds over the cases; `WEIR_TRAFFIC_ROUNDS` overrides it.
 const ROUNDS: usize = 3;
 
+/// Seconds of each TCP run; `WEIR_TRAFFIC_TCP_SECS` overrides it.
+const TCP_SECS: u64 = 3;
+
+/// How long each case's TCP stream runs: longer runs average out more of a single stream's
+/// swings, at the cost of a longer benchmark.
+pub fn tcp_secs() -> u64 {
+    std::env::var("WEIR_TRAFFIC_TCP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(TCP_SECS)
+}
+
 /// The rounds and the cases to run: every case, or with `WEIR_TRAFFIC_CASES=agent` only the real
 /// agent's (and their baseline), which is what a change of the datapath is judged by.
 fn selection() -> (usize, Vec<Case>) {
@@ -468,7 +507,9 @@ impl Case {
     }
 }
 
-pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
+/// Measures every selected case. `idle_states` is held at polling for the UDP round trips and
+/// released for the TCP runs (see `cpu_wakeup`); it is held again when this returns.
+pub fn run(iterations: usize, secs: u64, idle_states: &mut IdleStates) -> anyhow::Result<()> {
     anyhow::ensure!(
         Command::new("iptables-restore")
             .arg("--version")
@@ -494,6 +535,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut tcp_cpu: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut settle_waits: Vec<Option<Duration>> = Vec::new();
     for _ in 0..rounds {
         for (i, case) in cases.iter().enumerate() {
             // Held for the case's measurement: Weir's programs come off when it drops.
@@ -521,7 +563,10 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
                 Case::AgentUninstalled => &agent_pair,
                 _ => &map_pair,
             };
+            settle_waits.push(settle());
+            idle_states.hold_polling();
             latency[i].extend(udp_latency(pair, iterations));
+            idle_states.release();
             let tcp = tcp_throughput(pair, secs);
             throughput[i].push(tcp.gbit);
             tcp_cpu[i].push(tcp.cpu_ms_per_gbyte);
@@ -535,6 +580,7 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
     // kernel's run-time statistics of Weir's programs on (they add two clock reads per run, so
     // not during the measured rounds).
     agent_node.enforce(10_000, true)?;
+    idle_states.hold_polling();
     let stats = super::traffic_bpf_stats::Stats::enable()?;
     let before = super::traffic_bpf_stats::weir_programs(&agent_node.node);
     let stats_pair = Pair {
@@ -570,6 +616,16 @@ pub fn run(iterations: usize, secs: u64) -> anyhow::Result<()> {
             cpu[cpu.len() / 2],
         );
     }
+    let mut waits: Vec<Duration> = settle_waits.iter().flatten().copied().collect();
+    waits.sort();
+    println!(
+        "  (each case waited for a quiet machine before it was measured: median {} ms, longest {} ms; {} of {} never became quiet within {} s and were measured anyway)",
+        waits.get(waits.len() / 2).map_or(0, Duration::as_millis),
+        waits.last().map_or(0, Duration::as_millis),
+        settle_waits.len() - waits.len(),
+        settle_waits.len(),
+        QUIET_WITHIN.as_secs(),
+    );
     println!(
         "ratios against the same veths without enforcement (the map-writing cases: no enforcement; the agent's: weir uninstalled). Goals at 10,000 rules/policies through the stack: latency <= 1.10x, throughput >= 0.90x; with the redirect: latency p50 <= 1.0x, throughput >= 1.0x:"
     );

@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
     let all = which == "all";
     // Latency percentiles would otherwise depend on whether a vCPU happened to be halted.
-    let _wakeup_hold = bench::cpu_wakeup::hold_polling_idle();
+    let mut idle_states = bench::cpu_wakeup::IdleStates::hold_polling_from_now();
     let mut ran = false;
     if all || which == "datapath" {
         bench::datapath::run(1_000_000)?;
@@ -36,7 +36,8 @@ fn main() -> anyhow::Result<()> {
         ran = true;
     }
     if all || which == "traffic" {
-        bench::traffic::run(20_000, 3)?;
+        // Releases the hold for its TCP runs and takes it again.
+        bench::traffic::run(20_000, bench::traffic::tcp_secs(), &mut idle_states)?;
         ran = true;
     }
     if which == "scale" {
