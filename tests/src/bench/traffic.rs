@@ -18,6 +18,10 @@
 //! round (a slow spell moves both). Beside throughput, the whole machine's CPU time per byte of
 //! the TCP run, compared the same way: where the sockets' copies bound a single stream, a cheaper
 //! path shows there and not in throughput.
+//!
+//! Each case is measured once the machine is quiet again after setting it up. Its UDP round
+//! trips run with the CPUs held at polling idle, its TCP run with them free to halt (see
+//! `cpu_wakeup`: a polling vCPU beside a single stream made its rounds swing by ±20 %).
 
 use std::{
     collections::BTreeMap,
@@ -240,16 +244,35 @@ fn tcp_throughput(pair: &Pair<'_>, secs: u64) -> TcpRun {
     }
 }
 
-/// The median of the per-round ratios of `case`'s values to `base`'s (the same round's), with
-/// the smallest and the largest.
-fn paired_ratios(case: &[f64], base: &[f64]) -> (f64, f64, f64) {
-    let mut ratios: Vec<f64> = case.iter().zip(base).map(|(c, b)| c / b).collect();
-    ratios.sort_by(f64::total_cmp);
-    (
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1],
-    )
+/// The per-round ratios of `case`'s values to `base`'s (the same round's), sorted.
+struct PairedRatios(Vec<f64>);
+
+impl PairedRatios {
+    fn new(case: &[f64], base: &[f64]) -> Self {
+        let mut ratios: Vec<f64> = case.iter().zip(base).map(|(c, b)| c / b).collect();
+        ratios.sort_by(f64::total_cmp);
+        Self(ratios)
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        self.0[((self.0.len() - 1) as f64 * q).round() as usize]
+    }
+}
+
+impl std::fmt::Display for PairedRatios {
+    /// The median, the middle half and the whole range: a single stream's rounds swing, and the
+    /// middle half says whether a median above 1 is more than one lucky round.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2}x (middle half {:.2}-{:.2}x, rounds {:.2}-{:.2}x)",
+            self.quantile(0.5),
+            self.quantile(0.25),
+            self.quantile(0.75),
+            self.quantile(0.0),
+            self.quantile(1.0),
+        )
+    }
 }
 
 /// The node's veths, which carry Weir's programs during its cases.
@@ -407,7 +430,7 @@ fn iptables_flush(node: &Netns) -> anyhow::Result<()> {
 const ROUNDS: usize = 3;
 
 /// Seconds of each TCP run; `WEIR_TRAFFIC_TCP_SECS` overrides it.
-const TCP_SECS: u64 = 3;
+const TCP_SECS: u64 = 5;
 
 /// How long each case's TCP stream runs: longer runs average out more of a single stream's
 /// swings, at the cost of a longer benchmark.
@@ -636,19 +659,13 @@ pub fn run(iterations: usize, secs: u64, idle_states: &mut IdleStates) -> anyhow
     {
         let base = index(case.baseline());
         let (_, base_lat, _) = &rows[base];
-        let (gbit, gbit_low, gbit_high) = paired_ratios(&by_round[i], &by_round[base]);
-        let (cpu, cpu_low, cpu_high) = paired_ratios(&tcp_cpu[i], &tcp_cpu[base]);
         println!(
-            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {:.2}x (rounds {:.2}-{:.2}x)   CPU per byte {:.2}x (rounds {:.2}-{:.2}x)",
+            "  {:<30} latency p50 {:.2}x  mean {:.2}x   throughput {}   CPU per byte {}",
             case.name(),
             lat.percentile(50.0).as_secs_f64() / base_lat.percentile(50.0).as_secs_f64(),
             lat.mean().as_secs_f64() / base_lat.mean().as_secs_f64(),
-            gbit,
-            gbit_low,
-            gbit_high,
-            cpu,
-            cpu_low,
-            cpu_high,
+            PairedRatios::new(&by_round[i], &by_round[base]),
+            PairedRatios::new(&tcp_cpu[i], &tcp_cpu[base]),
         );
     }
     // Every round trip of `udp_latency` plus its 1,000 warm-up ones.
