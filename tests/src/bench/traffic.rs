@@ -254,8 +254,11 @@ impl PairedRatios {
         Self(ratios)
     }
 
+    /// Interpolated between the two nearest rounds, so that 3 rounds still have a middle half.
     fn quantile(&self, q: f64) -> f64 {
-        self.0[((self.0.len() - 1) as f64 * q).round() as usize]
+        let at = (self.0.len() - 1) as f64 * q;
+        let (below, above) = (self.0[at.floor() as usize], self.0[at.ceil() as usize]);
+        below + (above - below) * at.fract()
     }
 }
 
