@@ -6,6 +6,7 @@ use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Once,
     time::{Duration, Instant},
 };
 
@@ -19,6 +20,27 @@ use crate::{
 /// to read and compile.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The prefix of a test's directories and of its pins' directory: `<prefix><tag>-<pid>`.
+const DIRS_PREFIX: &str = "weir-test-";
+/// Where the tests' pins go.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Removes the directories and pins of test processes that were killed
+/// (`process::owner_is_gone`); bpffs removes a pin on unlink, so its directories go like any.
+fn remove_killed_tests_dirs() {
+    for parent in [std::env::temp_dir(), PathBuf::from(BPFFS)] {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(DIRS_PREFIX) && process::owner_is_gone(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// Per-test directories and pins of one node's agent.
 pub struct AgentDirs {
     pub root: PathBuf,
@@ -30,13 +52,15 @@ pub struct AgentDirs {
 
 impl AgentDirs {
     pub fn new(tag: &str, node: &str) -> Self {
-        let root = std::env::temp_dir().join(format!("weir-test-{tag}-{}", std::process::id()));
+        static SWEPT: Once = Once::new();
+        SWEPT.call_once(remove_killed_tests_dirs);
+        let root = std::env::temp_dir().join(format!("{DIRS_PREFIX}{tag}-{}", std::process::id()));
         let dirs = Self {
             manifests: root.join("manifests"),
             state: root.join(format!("state-{node}")),
             socket: root.join(format!("{node}.sock")),
             bpffs: PathBuf::from(format!(
-                "/sys/fs/bpf/weir-test-{tag}-{}/{node}",
+                "{BPFFS}/{DIRS_PREFIX}{tag}-{}/{node}",
                 std::process::id()
             )),
             root,

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Once;
 
 use anyhow::{Context as _, bail};
 use nix::sched::{CloneFlags, setns};
@@ -139,6 +140,9 @@ pub fn spawn_in<T: Send + 'static>(
     })
 }
 
+/// The prefix of the tests' namespaces, `wt-<tag>-<pid>`.
+const TEST_PREFIX: &str = "wt-";
+
 /// A test's network namespace at /run/netns/<name>, with `lo` up; deleted on drop (also when the
 /// test fails).
 pub struct Netns {
@@ -147,9 +151,18 @@ pub struct Netns {
 
 impl Netns {
     /// Creates a namespace named `wt-<tag>-<pid>` (unique per test process and tag); a leftover
-    /// of the same name (a killed run of the same pid) is replaced.
+    /// of the same name (a killed run of the same pid) is replaced. The first one a process
+    /// creates also deletes those of test processes that were killed.
     pub fn new(tag: &str) -> Self {
-        let name = format!("wt-{tag}-{}", std::process::id());
+        static SWEPT: Once = Once::new();
+        SWEPT.call_once(|| {
+            for name in list(TEST_PREFIX) {
+                if crate::process::owner_is_gone(&name) {
+                    delete(&name);
+                }
+            }
+        });
+        let name = format!("{TEST_PREFIX}{tag}-{}", std::process::id());
         add(&name).unwrap_or_else(|e| panic!("creating netns {name}: {e:#}"));
         Self { name }
     }

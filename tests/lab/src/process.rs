@@ -83,6 +83,17 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Whether `name` (a test's namespace or directory) ends in `-<pid>` of a process that is gone.
+/// A test's guards clean up on drop, also when it fails, but not when its process is killed
+/// (SIGKILL, or Ctrl-C, which no harness here catches); what such a process made carries its pid
+/// in its name. A name without a pid, or whose pid runs (its owner, or an unrelated process that
+/// reused the pid), is not a leftover: tests and benchmarks may run side by side.
+pub fn owner_is_gone(name: &str) -> bool {
+    name.rsplit_once('-')
+        .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        .is_some_and(|pid| pid > 0 && !alive(pid))
+}
+
 /// The command line of `pid`, arguments separated and ended by a space.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
