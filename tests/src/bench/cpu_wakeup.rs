@@ -7,10 +7,10 @@
 //! on `/dev/cpu_dma_latency` (the interface `tuned`'s latency-performance profile and cyclictest
 //! use) keeps every case on the polling side, baseline and Weir alike.
 //!
-//! A throughput run wants the opposite: a vCPU that polls while it waits keeps the host's core
-//! busy, which the other vCPU, doing the work, shares (a hyperthread sibling or the host's
-//! scheduler). A single TCP stream then swings with the host's placement, by more than the
-//! path's cost. So the hold can be released for such runs and taken again (`traffic`).
+//! A throughput run measures worse with it: a single TCP stream's rounds swung by ±20 % with the
+//! idle vCPU polling, and by a few percent without, more than the path's cost either way
+//! (probably because a polling vCPU keeps busy a host core that the working vCPU shares). So the
+//! hold can be released for such runs and taken again (`traffic`).
 
 use std::{fs::File, io::Write as _};
 

@@ -534,7 +534,7 @@ impl Case {
 }
 
 /// Measures every selected case. `idle_states` is held at polling for the UDP round trips and
-/// released for the TCP runs (see `cpu_wakeup`); it is held again when this returns.
+/// released for the TCP runs (see `cpu_wakeup`), and held again for the last pass.
 pub fn run(iterations: usize, secs: u64, idle_states: &mut IdleStates) -> anyhow::Result<()> {
     anyhow::ensure!(
         Command::new("iptables-restore")
