@@ -269,11 +269,11 @@ pub fn decide(
         // writers race only on plain integer fields, which the next packet corrects.
         let ct = unsafe { &mut *entry };
         let this = side_state(ct, side);
-        if this.current(ct, generation) && this.veth == ifindex {
+        if this.current(generation) && this.veth == ifindex {
             touch(ct, is_reply);
             let other = side_state(ct, other_side(side));
             let mut verdict = allow(REASON_ESTABLISHED);
-            if other.current(ct, generation) {
+            if other.current(generation) {
                 verdict.current_peer_veth = other.veth;
             }
             return verdict;
@@ -326,7 +326,7 @@ pub fn decide(
 
     // SAFETY: as above.
     let ct = unsafe { &mut *entry };
-    let checked = ct.flags & side_state(ct, side).flag != 0;
+    let checked = side_state(ct, side).allowed;
     // This side is checked for the first time, or again after a policy change (or on an entry
     // from before the veths were recorded).
     if eval.allowed {
@@ -356,8 +356,8 @@ pub fn decide(
 
 /// What a conntrack entry holds about one side of its connection.
 struct SideState {
-    /// The side's `CT_*_ALLOWED` flag.
-    flag: u32,
+    /// The side's `CT_*_ALLOWED` flag is set.
+    allowed: bool,
     /// The generation it was checked under.
     generation: u32,
     /// The endpoint's host veth it was checked on.
@@ -367,8 +367,8 @@ struct SideState {
 impl SideState {
     /// Allowed under `generation`.
     #[inline(always)]
-    fn current(&self, ct: &CtValue, generation: u32) -> bool {
-        ct.flags & self.flag != 0 && self.generation == generation
+    fn current(&self, generation: u32) -> bool {
+        self.allowed && self.generation == generation
     }
 }
 
@@ -376,13 +376,13 @@ impl SideState {
 fn side_state(ct: &CtValue, side: u8) -> SideState {
     if side == DIR_EGRESS {
         SideState {
-            flag: CT_EGRESS_ALLOWED,
+            allowed: ct.flags & CT_EGRESS_ALLOWED != 0,
             generation: ct.egress_generation,
             veth: ct.egress_ifindex,
         }
     } else {
         SideState {
-            flag: CT_INGRESS_ALLOWED,
+            allowed: ct.flags & CT_INGRESS_ALLOWED != 0,
             generation: ct.ingress_generation,
             veth: ct.ingress_ifindex,
         }

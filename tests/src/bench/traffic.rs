@@ -438,21 +438,21 @@ const TCP_SECS: u64 = 5;
 /// How long each case's TCP stream runs: longer runs average out more of a single stream's
 /// swings, at the cost of a longer benchmark.
 pub fn tcp_secs() -> u64 {
-    std::env::var("WEIR_TRAFFIC_TCP_SECS")
+    positive_from_env("WEIR_TRAFFIC_TCP_SECS").unwrap_or(TCP_SECS)
+}
+
+/// The positive whole number in the environment variable `name`, if it holds one.
+fn positive_from_env<T: std::str::FromStr + PartialOrd + Default>(name: &str) -> Option<T> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .filter(|&s| s > 0)
-        .unwrap_or(TCP_SECS)
+        .filter(|n| *n > T::default())
 }
 
 /// The rounds and the cases to run: every case, or with `WEIR_TRAFFIC_CASES=agent` only the real
 /// agent's (and their baseline), which is what a change of the datapath is judged by.
 fn selection() -> (usize, Vec<Case>) {
-    let rounds = std::env::var("WEIR_TRAFFIC_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(ROUNDS);
+    let rounds = positive_from_env("WEIR_TRAFFIC_ROUNDS").unwrap_or(ROUNDS);
     let agent_only = std::env::var("WEIR_TRAFFIC_CASES").is_ok_and(|v| v == "agent");
     let cases = CASES
         .into_iter()
